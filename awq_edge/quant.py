@@ -1,0 +1,96 @@
+"""Group-wise integer quantisation primitives: pure functions on tensors.
+
+A weight W [out, in] is split along `in` into groups of `group_size`
+columns. When `in` is not a multiple of the group size, the last group is
+ragged; it is padded with copies of its own last column so that its min/max
+(and so its scale and zero point) depend on real values only, the way a
+MatMulNBits block of ceil(K / block_size) blocks treats it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QConfig:
+    w_bit: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+
+    def __post_init__(self):
+        if self.w_bit not in (2, 3, 4, 8):
+            raise ValueError(f"w_bit must be 2, 3, 4 or 8, not {self.w_bit}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"group_size must be a positive multiple of 8, not {self.group_size}")
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, group_size], replicating the last column into any padding."""
+    out_f, in_f = w.shape
+    pad = n_groups(in_f, group_size) * group_size - in_f
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out_f, pad)], dim=1)
+    return w.reshape(out_f, -1, group_size)
+
+
+def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
+
+
+def group_qparams(wg: torch.Tensor, cfg: QConfig):
+    """Scales and integer zero points [out, n_groups] for grouped weights [out, n_groups, g]."""
+    if cfg.zero_point:
+        max_int = 2**cfg.w_bit - 1
+        w_max = wg.amax(dim=-1)
+        w_min = wg.amin(dim=-1)
+        scales = (w_max - w_min).clamp(min=1e-5) / max_int
+        zeros = (-torch.round(w_min / scales)).clamp(0, max_int)
+    else:
+        max_int = 2 ** (cfg.w_bit - 1) - 1
+        scales = wg.abs().amax(dim=-1).clamp(min=1e-5) / max_int
+        zeros = torch.full_like(scales, 2 ** (cfg.w_bit - 1))
+    return scales, zeros
+
+
+def quantize_groups(wg: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int) -> torch.Tensor:
+    """Unsigned integers in [0, 2^bits) with w ~= (q - zero) * scale."""
+    q = torch.round(wg / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)
+    return q.clamp(0, 2**w_bit - 1)
+
+
+def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    return (q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+
+
+def quantize(w: torch.Tensor, cfg: QConfig):
+    """W [out, in] -> (q uint8 [out, in], scales [out, n_groups], zeros uint8 [out, n_groups]).
+
+    The symmetric scheme is stored unsigned with a constant zero point of
+    2^(bits-1), which is what AutoAWQ kernels and MatMulNBits' default expect.
+    """
+    wg = to_groups(w.float(), cfg.group_size)
+    scales, zeros = group_qparams(wg, cfg)
+    # Checkpoints store fp16 scales: round first so the integers match them.
+    scales = scales.half().float()
+    q = quantize_groups(wg, scales, zeros, cfg.w_bit)
+    return from_groups(q, w.shape[1]).to(torch.uint8), scales, zeros.to(torch.uint8)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of `quantize`: float32 W [out, in]."""
+    in_f = q.shape[1]
+    qg = to_groups(q.float(), group_size)
+    return from_groups(dequantize_groups(qg, scales.float(), zeros.float()), in_f)
+
+
+def fake_quantize(w: torch.Tensor, cfg: QConfig) -> torch.Tensor:
+    """Quantise then dequantise, in w's dtype and shape."""
+    wg = to_groups(w.float(), cfg.group_size)
+    scales, zeros = group_qparams(wg, cfg)
+    q = quantize_groups(wg, scales, zeros, cfg.w_bit)
+    return from_groups(dequantize_groups(q, scales, zeros), w.shape[1]).to(w.dtype)
