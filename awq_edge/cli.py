@@ -9,6 +9,7 @@ from awq_edge.errors import AwqEdgeError
 # Each module defines register(subparsers), setting `func` on its parsers.
 COMMAND_MODULES = (
     "awq_edge.commands",
+    "awq_edge.devices",
 )
 
 
