@@ -1,0 +1,1 @@
+"""Run exported ONNX decoders: onnxruntime backend, sampling, streaming generation, chat."""

@@ -1,0 +1,34 @@
+"""Prefill + decode loop with stop tokens, and incremental detokenisation for streaming."""
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from awq_edge.runtime.sampling import Sampling, next_token
+
+
+def generate(decoder, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
+             seed: int = 0) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens."""
+    rng = np.random.default_rng(seed)
+    stops = set(stop_ids) | decoder.eos_ids
+    logits = decoder.extend(prompt_ids)
+    for i in range(max_new_tokens):
+        token = next_token(logits, sampling, rng)
+        if token in stops:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = decoder.forward([token])[-1]
+
+
+def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; holds back a piece while it ends in a partial UTF-8 character."""
+    ids, shown = [], ""
+    for t in tokens:
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(shown):]
+        shown = text

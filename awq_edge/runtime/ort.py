@@ -1,0 +1,89 @@
+"""onnxruntime backend: one decoder session holding its KV cache, fed prefill chunks or single tokens."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from awq_edge.errors import AwqEdgeError
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def read_genai_config(folder: Path) -> dict:
+    path = folder / "genai_config.json"
+    if not path.is_file():
+        hint = "it is a quantised checkpoint: " if (folder / "config.json").is_file() else ""
+        raise AwqEdgeError(
+            f"{folder} is not an exported ONNX folder ({hint}no genai_config.json)",
+            f"run `awq-edge export {folder} -o ONNX_DIR` and pass ONNX_DIR",
+        )
+    return json.loads(path.read_text())
+
+
+def read_export_info(folder: Path) -> dict:
+    path = folder / "awq_edge_export.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class OrtDecoder:
+    """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
+
+    def __init__(self, folder, threads: int = 0):
+        self.folder = Path(folder)
+        self.config = read_genai_config(self.folder)
+        dec = self.config["model"]["decoder"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        # onnxruntime fuses int4 DequantizeLinear + MatMul into MatMulNBits with int8
+        # activations unless told otherwise; keep the precision the export asked for.
+        level = read_export_info(self.folder).get("accuracy_level", 0)
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        try:
+            self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
+            raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {e}", "re-export it with `awq-edge export`")
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.n_layers = dec["num_hidden_layers"]
+        self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
+        self.cache_dtype = _NP[inputs["past_key_values.0.key"].type]
+        self.needs_positions = "position_ids" in inputs
+        self.kv_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+        self.output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+        self.eos_ids = set(np.atleast_1d(self.config["model"]["eos_token_id"]).tolist())
+        self.context_length = self.config["model"]["context_length"]
+        self.reset()
+
+    def reset(self):
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.cache_dtype)
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.kv_names]
+        self.tokens = []
+
+    def forward(self, ids) -> np.ndarray:
+        """Run new token ids through the model after the cached ones; float32 logits [len(ids), vocab]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        past, total = len(self.tokens), len(self.tokens) + ids.shape[1]
+        if total > self.context_length:
+            raise AwqEdgeError(f"{total} tokens exceed the model's context of {self.context_length}",
+                               "shorten the prompt or lower --max-new-tokens")
+        feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, total), np.int64))}
+        if self.needs_positions:
+            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.arange(past, total, dtype=np.int64)[None])
+        feed.update(zip(self.kv_names, self.cache))
+        outs = self.session.run_with_ort_values(self.output_names, feed)
+        self.cache = outs[1:]
+        self.tokens.extend(ids[0].tolist())
+        return outs[0].numpy()[0].astype(np.float32)
+
+    def extend(self, ids) -> np.ndarray:
+        """Feed a prompt, reusing the cache when it holds a prefix of it; logits of the last id [vocab]."""
+        ids = list(ids)
+        if not ids:
+            raise AwqEdgeError("the prompt is empty", "pass some text to the model")
+        if ids[: len(self.tokens)] != self.tokens or len(ids) == len(self.tokens):
+            self.reset()
+        return self.forward(ids[len(self.tokens):])[-1]

@@ -1,0 +1,114 @@
+"""Write an exported decoder folder atomically: model.onnx + external data, genai_config.json, tokenizer."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+
+from awq_edge.errors import AwqEdgeError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# Files a tokenizer or chat template may live in; whichever the checkpoint has are copied.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "generation_config.json",
+)
+
+
+def token_ids(value) -> list:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def genai_config(config: dict, generation: dict, model: onnx.ModelProto, d) -> dict:
+    """onnxruntime-genai's description of the decoder: I/O names, shapes of the cache, stop tokens."""
+    inputs = {i.name for i in model.graph.input}
+    eos = token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
+    bos = token_ids(generation.get("bos_token_id", config.get("bos_token_id")))
+    pad = token_ids(generation.get("pad_token_id", config.get("pad_token_id"))) or eos[:1]
+    io = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+          "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if "position_ids" in inputs:
+        io["position_ids"] = "position_ids"
+    return {
+        "model": {
+            "bos_token_id": bos[0] if bos else None,
+            "context_length": d.max_positions,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": d.head_dim,
+                "hidden_size": d.hidden,
+                "inputs": io,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": d.heads,
+                "num_hidden_layers": d.layers,
+                "num_key_value_heads": d.kv_heads,
+            },
+            "eos_token_id": eos if len(eos) != 1 else eos[0],
+            "pad_token_id": pad[0] if pad else 0,
+            "type": config["model_type"],
+            "vocab_size": d.vocab,
+        },
+        "search": {
+            "do_sample": False, "early_stopping": True, "length_penalty": 1.0, "max_length": d.max_positions,
+            "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+            "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+            "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def write_folder(out_dir: Path, model: onnx.ModelProto, genai: dict, source_dir: Path, extra: dict):
+    """Write everything into a temporary folder beside out_dir, check it, then move it into place."""
+    out_dir = Path(out_dir).absolute()
+    check_target(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+        (tmp / "awq_edge_export.json").write_text(json.dumps(extra, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp / name)
+        replace_dir(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AwqEdgeError(
+            f"could not write {out_dir}: {e.strerror or e}", "free disk space or choose a writable -o folder"
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_target(out_dir: Path):
+    """Refuse to replace a folder that is not empty and not an earlier export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AwqEdgeError(f"{out_dir} exists and is not a folder", "choose another -o path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "awq_edge_export.json").is_file():
+        raise AwqEdgeError(
+            f"{out_dir} is not empty and not an awq-edge export, so it is not overwritten",
+            "choose a new or empty -o folder",
+        )
+
+
+def replace_dir(new: Path, target: Path):
+    """Move `new` to `target`; an earlier export there is swapped out first and removed after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,272 @@
+"""export/: graph parity with PyTorch, lossless MatMulNBits import, target op sets, and bad input."""
+
+import errno
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from awq_edge.errors import AwqEdgeError
+from awq_edge.export import save
+from awq_edge.export.command import export
+from awq_edge.export.decoder import IR_VERSION, OPSET, ExportOptions
+from awq_edge.packing import from_matmul_nbits, to_awq_gemm
+from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.runtime.ort import OrtDecoder
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+# Ops TensorRT 10.3's ONNX parser (JetPack 6) handles, plus our plugin's MatMulNBits.
+TRT_OPS = {
+    "Gather", "MatMul", "Gemm", "Add", "Mul", "Sub", "Div", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "Sigmoid",
+    "Reshape", "Transpose", "Concat", "Slice", "Neg", "Unsqueeze", "Shape", "Range", "LessOrEqual", "Greater",
+    "And", "Where", "Softmax", "DequantizeLinear", "MatMulNBits",
+}
+
+
+def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tied=True, seed=0):
+    """A tiny random model quantised to 4 bits and saved as an AutoAWQ GEMM checkpoint.
+
+    Returns (the float model with the same dequantised weights, {linear name: (q, scales, zeros)}).
+    """
+    torch.manual_seed(seed)
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, tie_word_embeddings=tied, max_position_embeddings=256, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0,
+    )
+    model = model_cls(config).eval()
+    if family == "qwen2":  # random q/k/v biases, which Qwen2 has and a fresh model zeroes
+        for name, module in model.named_modules():
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.normal_(0, 0.5)
+    cfg = QConfig(4, group_size, zero_point=not symmetric)
+    tensors, ints = {}, {}
+    for key, value in model.state_dict().items():
+        name = key.rsplit(".", 1)[0]
+        if key.endswith("proj.weight"):
+            q, scales, zeros = quantize(value, cfg)
+            ints[name] = (q, scales, zeros)
+            tensors.update({f"{name}.{k}": v for k, v in to_awq_gemm(q, scales, zeros, group_size).items()})
+            model.get_submodule(name).weight.data = dequantize(q, scales, zeros, group_size)
+        elif not (tied and key == "lm_head.weight"):
+            tensors[key] = value.half()
+            value.copy_(value.half().float())
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "model.safetensors")
+    meta = config.to_dict()
+    meta["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                   "version": "gemm", "modules_to_not_convert": None}
+    (folder / "config.json").write_text(json.dumps(meta))
+    return model, ints
+
+
+def run_full(folder, ids):
+    """Logits [S, V] of the exported model for a prompt, through the runtime's cache-free first call."""
+    return OrtDecoder(folder).forward(ids)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ck") / "llama"
+    model, ints = write_checkpoint(folder)
+    return folder, model, ints
+
+
+PROMPT = [5, 17, 42, 99, 3, 200, 7, 64, 128, 11, 250, 31]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_fp32_export_logits_match_pytorch_with_same_dequantised_weights(tmp_path, family, target):
+    model, _ = write_checkpoint(tmp_path / "ck", family=family)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target=target))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    got = run_full(out, PROMPT)
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_fp16_export_logits_stay_close_to_pytorch(tmp_path, ckpt, target):
+    folder, model, _ = ckpt
+    out = export(folder, tmp_path / "onnx", ExportOptions(target=target, dtype="fp16"))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+def test_untied_lm_head_is_exported_from_its_own_weight(tmp_path):
+    model, _ = write_checkpoint(tmp_path / "ck", tied=False)
+    out = export(tmp_path / "ck", tmp_path / "onnx")
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def initializers(folder) -> dict:
+    model = onnx.load(str(folder / "model.onnx"))  # loads the external data beside it
+    return {t.name: onnx.numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matmul_nbits_holds_the_checkpoint_integers_scales_and_zero_points_bit_for_bit(tmp_path, symmetric):
+    _, ints = write_checkpoint(tmp_path / "ck", symmetric=symmetric)
+    out = export(tmp_path / "ck", tmp_path / "onnx")
+    w = initializers(out)
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        qkv = f"{p}.self_attn.qkv_proj"
+        b, s, z = (torch.from_numpy(w[f"{qkv}.{k}"]) for k in ("qweight", "scales", "qzeros"))
+        q, scales, zeros = from_matmul_nbits(b, s, z, k=128, block_size=32, bits=4)
+        parts = [ints[f"{p}.self_attn.{n}_proj"] for n in "qkv"]
+        assert torch.equal(q, torch.cat([x[0] for x in parts]))
+        assert torch.equal(scales, torch.cat([x[1] for x in parts]))
+        assert torch.equal(zeros, torch.cat([x[2] for x in parts]))
+        for name in (f"{p}.self_attn.o_proj", f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj", f"{p}.mlp.down_proj"):
+            q0, s0, z0 = ints[name]
+            b, s, z = (torch.from_numpy(w[f"{name}.{k}"]) for k in ("qweight", "scales", "qzeros"))
+            q, scales, zeros = from_matmul_nbits(b, s, z, k=q0.shape[1], block_size=32, bits=4)
+            assert torch.equal(q, q0) and torch.equal(scales, s0) and torch.equal(zeros, z0)
+
+
+def test_trt_native_int4_weights_are_the_checkpoint_integers_minus_eight(tmp_path):
+    model, ints = write_checkpoint(tmp_path / "ck", symmetric=True)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target="trt", trt_native=True))
+    w = initializers(out)
+    for name, (q, scales, _) in ints.items():
+        assert np.array_equal(w[f"{name}.qweight"].astype(np.int16), (q.short() - 8).t().numpy())
+        assert np.array_equal(w[f"{name}.scales"], scales.t().numpy())
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_trt_native_refuses_asymmetric_weights_naming_no_zero_point(tmp_path, ckpt):
+    with pytest.raises(AwqEdgeError, match="--no-zero-point"):
+        export(ckpt[0], tmp_path / "onnx", ExportOptions(target="trt", trt_native=True))
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_trt_target_uses_only_ops_tensorrt_parses(tmp_path, native):
+    write_checkpoint(tmp_path / "ck", symmetric=True)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target="trt", trt_native=native))
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    used = {n.op_type for n in model.graph.node}
+    assert used <= TRT_OPS, used - TRT_OPS
+    assert ("MatMulNBits" in used) != native and ("DequantizeLinear" in used) == native
+
+
+def test_ort_target_uses_fused_onnxruntime_ops(tmp_path, ckpt):
+    model = onnx.load(str(export(ckpt[0], tmp_path / "onnx") / "model.onnx"), load_external_data=False)
+    used = {n.op_type for n in model.graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization",
+            "SimplifiedLayerNormalization"} <= used
+
+
+def test_model_declares_ir_10_and_opset_21_with_weights_as_external_data(tmp_path, ckpt):
+    out = export(ckpt[0], tmp_path / "onnx")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert (model.ir_version, IR_VERSION) == (10, 10)
+    assert {o.domain: o.version for o in model.opset_import} == {"": OPSET, "com.microsoft": 1}
+    assert (out / save.DATA_FILE).stat().st_size > (out / save.MODEL_FILE).stat().st_size
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_key_value_heads"] == 2 and genai["model"]["eos_token_id"] == 0
+
+
+def test_sharded_hub_checkpoint_exports_like_a_single_file(tmp_path, ckpt):
+    folder = tmp_path / "hub"
+    shutil.copytree(ckpt[0], folder)
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / file)
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    a = run_full(export(ckpt[0], tmp_path / "a"), PROMPT)
+    b = run_full(export(folder, tmp_path / "b"), PROMPT)
+    assert np.array_equal(a, b)
+
+
+def test_folder_without_config_is_refused_as_not_a_checkpoint(tmp_path):
+    with pytest.raises(AwqEdgeError, match="not a quantised checkpoint"):
+        export(tmp_path, tmp_path / "onnx")
+
+
+def test_float_model_folder_is_refused_with_quantise_first_fix(tmp_path, ckpt):
+    folder = tmp_path / "float"
+    shutil.copytree(ckpt[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AwqEdgeError, match="awq-edge quantize"):
+        export(folder, tmp_path / "onnx")
+
+
+def test_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path, ckpt):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(ckpt[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AwqEdgeError, match="llama, mistral, qwen2"):
+        export(folder, tmp_path / "onnx")
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, ckpt):
+    folder = tmp_path / "bin"
+    shutil.copytree(ckpt[0], folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(AwqEdgeError, match="never loaded"):
+        export(folder, tmp_path / "onnx")
+
+
+def test_unwritable_output_path_fails_cleanly(tmp_path, ckpt):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(AwqEdgeError, match="could not write"):
+        export(ckpt[0], blocker / "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_full_disk_leaves_no_partial_folder_and_keeps_the_earlier_export(tmp_path, ckpt, monkeypatch):
+    out = export(ckpt[0], tmp_path / "onnx")
+    before = (out / save.DATA_FILE).read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(save.onnx, "save_model", no_space)
+    with pytest.raises(AwqEdgeError, match="No space left on device"):
+        export(ckpt[0], tmp_path / "onnx", ExportOptions(dtype="fp16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+    assert (out / save.DATA_FILE).read_bytes() == before
+
+
+def test_non_empty_folder_that_is_not_an_export_is_not_overwritten(tmp_path, ckpt):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(AwqEdgeError, match="not an awq-edge export"):
+        export(ckpt[0], tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_session_outputs_use_the_names_genai_expects(tmp_path, ckpt):
+    out = export(ckpt[0], tmp_path / "onnx")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]

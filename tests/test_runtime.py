@@ -1,0 +1,129 @@
+"""awq_edge.runtime: KV-cache decoding, sampling, stop tokens, streaming, onnxruntime-genai, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from awq_edge.cli import main
+from awq_edge.errors import AwqEdgeError
+from awq_edge.export.command import export
+from awq_edge.export.decoder import ExportOptions
+from awq_edge.runtime.generate import generate, stream_text
+from awq_edge.runtime.ort import OrtDecoder
+from awq_edge.runtime.sampling import Sampling, next_token, top_p_filter
+from test_export import PROMPT, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    model, _ = write_checkpoint(root / "ck")
+    return {t: export(root / "ck", root / t, ExportOptions(target=t)) for t in ("ort", "trt")}, model, root
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_prefill_then_cached_single_token_steps_match_one_full_forward(exported, target):
+    folders, model, _ = exported
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    d = OrtDecoder(folders[target])
+    steps = [d.forward(PROMPT[:5])] + [d.forward([t]) for t in PROMPT[5:]]
+    assert np.abs(np.concatenate(steps) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_greedy_generation_matches_pytorch_generate(exported):
+    folders, model, _ = exported
+    d = OrtDecoder(folders["ort"])
+    d.eos_ids = set()
+    ours = list(generate(d, PROMPT, 24))
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert ours == ref
+
+
+def test_generation_stops_before_a_stop_token(exported):
+    folders, _, _ = exported
+    d = OrtDecoder(folders["ort"])
+    d.eos_ids = set()
+    free = list(generate(d, PROMPT, 12))
+    stopped = list(generate(d, PROMPT, 12, stop_ids=[free[4]]))
+    assert stopped == free[: free.index(free[4])]
+
+
+def test_extend_reuses_the_cache_when_the_prompt_grows(exported):
+    folders, _, _ = exported
+    d = OrtDecoder(folders["ort"])
+    d.extend(PROMPT[:6])
+    calls = []
+    d.forward, forward = (lambda ids: calls.append(list(ids)) or forward(ids)), d.forward
+    logits = d.extend(PROMPT)
+    assert calls == [PROMPT[6:]]
+    assert np.allclose(logits, OrtDecoder(folders["ort"]).extend(PROMPT), atol=1e-5)
+
+
+def test_context_overflow_is_a_clear_error(exported):
+    d = OrtDecoder(exported[0]["ort"])
+    with pytest.raises(AwqEdgeError, match="exceed the model's context"):
+        d.forward(list(range(200)) + list(range(100)))
+
+
+def test_greedy_sampling_takes_the_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    assert next_token(logits, Sampling(), np.random.default_rng(0)) == 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.05, 0.5, 0.3, 0.15])
+    assert np.array_equal(top_p_filter(probs, 0.8) > 0, [False, True, True, False])
+    assert np.array_equal(top_p_filter(probs, 0.81) > 0, [False, True, True, True])
+
+
+def test_top_k_one_sampling_is_greedy_and_temperature_sampling_follows_the_distribution():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.7, 0.2, 0.1]))
+    assert {next_token(logits, Sampling(1.0, 1.0, 1), rng) for _ in range(50)} == {0}
+    counts = np.bincount([next_token(logits, Sampling(1.0), rng) for _ in range(4000)], minlength=3) / 4000
+    assert np.abs(counts - [0.7, 0.2, 0.1]).max() < 0.03
+    assert {next_token(logits, Sampling(1.0, top_p=0.6), rng) for _ in range(50)} == {0}
+
+
+def test_stream_text_never_emits_half_a_utf8_character():
+    class Bytes:  # a byte-level tokenizer: each id is one byte
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    pieces = list(stream_text(Bytes(), iter("añ€".encode())))
+    assert "".join(pieces) == "añ€" and all("\ufffd" not in p for p in pieces)
+
+
+def test_onnxruntime_genai_generates_the_same_greedy_tokens_from_the_export(exported):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    folder = exported[0]["ort"]
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(PROMPT)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    ours = list(generate(OrtDecoder(folder), PROMPT, 16))
+    assert len(theirs) >= 8 and theirs[: len(ours)] == ours
+
+
+def test_generate_on_a_quantised_checkpoint_says_to_export_first(exported, capsys):
+    _, _, root = exported
+    assert main(["generate", str(root / "ck"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "awq-edge export" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a quantised checkpoint" in err[0]
+    assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == "[]"
