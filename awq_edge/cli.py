@@ -10,6 +10,9 @@ from awq_edge.errors import AwqEdgeError
 COMMAND_MODULES = (
     "awq_edge.commands",
     "awq_edge.devices",
+    "awq_edge.engine_build",
+    "awq_edge.export.command",
+    "awq_edge.runtime.commands",
 )
 
 

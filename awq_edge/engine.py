@@ -1,0 +1,205 @@
+"""What a TensorRT engine build needs that TensorRT itself does not: ONNX checks, shapes, the manifest."""
+
+import dataclasses
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+
+from awq_edge.devices import DeviceProfile
+from awq_edge.errors import AwqEdgeError
+
+MODEL_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+_FP16_BYTES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    """One graph input: name, ONNX element type, dims (int or symbolic name)."""
+
+    name: str
+    elem_type: int
+    dims: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class KvLayout:
+    """The decoder's KV cache, read off its past_key_values inputs."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_value: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
+
+
+def load_graph(onnx_dir) -> onnx.ModelProto:
+    """The exported graph without its weights (external data stays on disk)."""
+    path = Path(onnx_dir) / MODEL_FILE
+    if not path.is_file():
+        raise AwqEdgeError(f"{path} does not exist",
+                           "pass the folder written by `awq-edge export QUANT_DIR -o ONNX_DIR --target trt`")
+    return onnx.load(str(path), load_external_data=False)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list:
+    initializers = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        t = vi.type.tensor_type
+        dims = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim)
+        out.append(GraphIO(vi.name, t.elem_type, dims))
+    return out
+
+
+def kv_layout(inputs) -> KvLayout:
+    """Layers, KV heads and head size from the past_key_values.{i}.key inputs [batch, heads, past, head_dim]."""
+    keys = [i for i in inputs if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+    if not keys:
+        raise AwqEdgeError("the ONNX graph has no past_key_values.*.key inputs",
+                           "export the decoder with its KV cache (`awq-edge export ... --target trt`)")
+    _, heads, _, head_dim = keys[0].dims
+    if not (isinstance(heads, int) and isinstance(head_dim, int)):
+        raise AwqEdgeError(f"{keys[0].name} has symbolic heads or head size {keys[0].dims}",
+                           "export with static KV head count and head size")
+    size = onnx.helper.tensor_dtype_to_np_dtype(keys[0].elem_type).itemsize
+    return KvLayout(len(keys), heads, head_dim, size)
+
+
+def check_precision(inputs, profile: DeviceProfile) -> None:
+    """The network is strongly typed, so the ONNX activation dtype is the engine's precision."""
+    want = {"fp16": onnx.TensorProto.FLOAT16}[profile.precision]
+    wrong = [i.name for i in inputs if i.name.startswith("past_key_values.") and i.elem_type != want]
+    if wrong:
+        raise AwqEdgeError(f"{wrong[0]} is not {profile.precision} but device {profile.name} runs {profile.precision}",
+                           "export with `--dtype fp16`")
+
+
+def max_context(profile: DeviceProfile, kv: KvLayout, model_max_positions=None) -> int:
+    """Longest context (prompt + generated) the engine accepts: the profile's, cut to the KV budget and the model."""
+    by_budget = profile.kv_cache_mib * 2**20 // (kv.bytes_per_token * profile.max_batch)
+    limits = [profile.max_seq_len, by_budget] + ([model_max_positions] if model_max_positions else [])
+    n = min(limits)
+    if n < 2:
+        raise AwqEdgeError(f"device {profile.name}'s KV budget of {profile.kv_cache_mib} MiB holds {by_budget} tokens",
+                           "raise kv_cache_mib in the device profile")
+    return n
+
+
+def _dim_ranges(max_seq: int, prefill: int, max_batch: int) -> dict:
+    """(min, opt, max) of each symbolic dim, for the prefill and the decode profile.
+
+    Prefill takes a prompt chunk of up to `prefill` tokens with room for the chunk
+    in the cache; decode takes one token with up to max_seq - 1 cached before it.
+    """
+    batch = (1, 1, max_batch)
+    return {
+        "prefill": {"batch_size": batch, "sequence_length": (1, prefill, prefill),
+                    "past_sequence_length": (0, 0, max_seq - prefill), "total_sequence_length": (1, prefill, max_seq)},
+        "decode": {"batch_size": batch, "sequence_length": (1, 1, 1),
+                   "past_sequence_length": (0, max_seq // 2, max_seq - 1),
+                   "total_sequence_length": (1, max_seq // 2 + 1, max_seq)},
+    }
+
+
+def optimization_profiles(inputs, max_seq: int, profile: DeviceProfile) -> dict:
+    """{"prefill"|"decode": {input name: (min shape, opt shape, max shape)}} for every graph input."""
+    prefill = min(profile.prefill_tokens, max_seq - 1)
+    out = {}
+    for phase, ranges in _dim_ranges(max_seq, prefill, profile.max_batch).items():
+        shapes = {}
+        for i in inputs:
+            unknown = [d for d in i.dims if isinstance(d, str) and d not in ranges]
+            if unknown or any(d == 0 for d in i.dims if isinstance(d, int)):
+                raise AwqEdgeError(f"input {i.name} has dims {i.dims}; only {sorted(ranges)} may be symbolic",
+                                   "re-export with `awq-edge export`, which names its dims so")
+            shapes[i.name] = tuple(tuple(ranges[d][k] if isinstance(d, str) else d for d in i.dims) for k in range(3))
+        out[phase] = shapes
+    return out
+
+
+def int4_nodes(model: onnx.ModelProto) -> dict:
+    """Counts of the two int4 forms: MatMulNBits (with/without zero points) and int4 DequantizeLinear."""
+    int4 = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    counts = {"matmul_nbits": 0, "matmul_nbits_zero_points": 0, "dq_int4": 0, "dq_int4_zero_points": 0}
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            counts["matmul_nbits"] += 1
+            counts["matmul_nbits_zero_points"] += len(n.input) > 3 and n.input[3] != ""
+        elif n.op_type == "DequantizeLinear" and types.get(n.input[0]) in int4:
+            counts["dq_int4"] += 1
+            counts["dq_int4_zero_points"] += len(n.input) > 2 and n.input[2] != ""
+    return counts
+
+
+def check_int4_path(counts: dict, profile: DeviceProfile, plugin_library) -> None:
+    """Refuse, before any TensorRT call, the int4 forms the chosen TensorRT cannot take."""
+    if counts["dq_int4_zero_points"]:
+        raise AwqEdgeError("int4 DequantizeLinear with zero points: TensorRT's int4 path is symmetric only",
+                           "re-quantise with `--no-zero-point`, or export MatMulNBits (without --trt-native)")
+    if not counts["matmul_nbits"]:
+        return
+    if profile.tensorrt == "tensorrt_rtx" and counts["matmul_nbits_zero_points"]:
+        raise AwqEdgeError(f"device {profile.name} builds with TensorRT-RTX, whose MatMulNBits import refuses zero points",
+                           "re-quantise with `--no-zero-point` and export with `--trt-native`")
+    if plugin_library is None:
+        raise AwqEdgeError(f"the ONNX has {counts['matmul_nbits']} MatMulNBits nodes and no plugin library was given",
+                           "build plugins/tensorrt (see docs/deploying-to-jetson.md) and pass --plugin "
+                           "libawq_edge_trt_plugin.so, or export with `--trt-native`")
+
+
+def model_max_positions(onnx_dir):
+    """The model's context length from the exporter's genai_config.json, if present."""
+    path = Path(onnx_dir) / "genai_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("model", {}).get("context_length")
+
+
+def model_hash(onnx_dir) -> str:
+    """sha256 over model.onnx and its external data files, in name order."""
+    h = hashlib.sha256()
+    folder = Path(onnx_dir)
+    for path in sorted(p for p in folder.iterdir() if p.name.startswith(MODEL_FILE) and p.is_file()):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(profile: DeviceProfile, *, trt_module: str, trt_version: str, onnx_dir, model_sha256: str,
+             kv: KvLayout, max_seq: int, profiles: dict, int4: dict, plugin_library, engine_bytes: int,
+             build_seconds: float) -> dict:
+    """The engine's record: where it runs, what built it, from what, and which shapes it takes."""
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "engine_file": ENGINE_FILE,
+        "device": profile.name,
+        "device_profile": {**dataclasses.asdict(profile), "aliases": list(profile.aliases)},
+        "compute_capability": profile.compute_capability,
+        "tensorrt": {"module": trt_module, "version": trt_version},
+        "model": {"onnx_dir": str(Path(onnx_dir).absolute()), "sha256": model_sha256, "int4_nodes": int4},
+        "kv_cache": {**dataclasses.asdict(kv), "max_seq_len": max_seq,
+                     "bytes": kv.bytes_per_token * max_seq * profile.max_batch},
+        # A list: the runtime selects TensorRT optimisation profiles by index.
+        "optimization_profiles": [{"name": phase, "shapes": {name: [list(s) for s in shapes] for name, shapes in p.items()}}
+                                  for phase, p in profiles.items()],
+        "plugin_library": None if plugin_library is None else Path(plugin_library).name,
+        "engine_bytes": engine_bytes,
+        "build_seconds": round(build_seconds, 3),
+        "built_on": platform.node(),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
