@@ -1,0 +1,135 @@
+"""ctypes binding of libawq_edge_kernels: repack MatMulNBits int4 weights and multiply by them on the GPU."""
+
+import ctypes
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from awq_edge.errors import AwqEdgeError
+
+LIB_ENV = "AWQ_EDGE_KERNELS_LIB"
+DEFAULT_LIB = Path(__file__).resolve().parent.parent / "plugins" / "build" / "libawq_edge_kernels.so"
+BLOCK_SIZES = (32, 64, 128)
+OK, INVALID_ARGUMENT, UNSUPPORTED, CUDA_ERROR = 0, 1, 2, 3
+_FIXES = {
+    INVALID_ARGUMENT: "pass contiguous CUDA tensors of the shapes, dtypes and alignment in awq_edge_kernels.h",
+    UNSUPPORTED: "run this layer through onnxruntime's MatMulNBits or PyTorch instead",
+    CUDA_ERROR: "check that the GPU works and that every tensor is on the current device",
+}
+
+_vp, _int, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+_SIGNATURES = {
+    "awqe_status_string": ([_int], ctypes.c_char_p),
+    "awqe_last_error": ([], ctypes.c_char_p),
+    "awqe_packed_weight_bytes": ([_int, _int, _int], _size),
+    "awqe_workspace_bytes": ([_int, _int, _int, _int], _size),
+    "awqe_repack_matmul_nbits": ([_vp, _vp, _vp, _int, _int, _int, _vp, _vp], _int),
+    "awqe_gemm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _vp], _int),
+    "awqe_gemm_f16_ex": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _int, _vp], _int),
+}
+
+
+class KernelError(AwqEdgeError):
+    """A failure status from the kernel library; `status` is its awqe_status code."""
+
+    def __init__(self, status: int, problem: str, fix: str):
+        super().__init__(problem, fix)
+        self.status = status
+
+
+@lru_cache(maxsize=None)
+def load_library(path: str | None = None) -> ctypes.CDLL:
+    """The kernel library at `path`, $AWQ_EDGE_KERNELS_LIB or plugins/build, with its C signatures declared."""
+    lib_path = Path(path or os.environ.get(LIB_ENV) or DEFAULT_LIB)
+    if not lib_path.is_file():
+        raise AwqEdgeError(
+            f"the CUDA kernel library {lib_path} does not exist",
+            f"run `make plugins` (needs nvcc and cmake), or set {LIB_ENV} to a built libawq_edge_kernels.so",
+        )
+    lib = ctypes.CDLL(str(lib_path))
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+def check(lib: ctypes.CDLL, status: int) -> None:
+    if status != OK:
+        detail = lib.awqe_last_error().decode()
+        raise KernelError(status, f"int4 kernel: {lib.awqe_status_string(status).decode()}: {detail}",
+                          _FIXES.get(status, "report this as a bug"))
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """W [n, k] of 4-bit values in blocks of `block_size` along k, in the kernels' layout (uint8 on a GPU)."""
+
+    data: torch.Tensor
+    n: int
+    k: int
+    block_size: int
+
+
+def _require(cond: bool, problem: str, fix: str) -> None:
+    if not cond:
+        raise AwqEdgeError(problem, fix)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def repack_matmul_nbits(b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, k: int,
+                        block_size: int) -> PackedInt4:
+    """MatMulNBits B uint8 [N, n_blocks, block_size/2], scales [N * n_blocks] and packed zero points (or None)."""
+    _require(b.is_cuda and b.dtype == torch.uint8 and b.dim() == 3 and b.is_contiguous(),
+             f"B must be a contiguous uint8 CUDA tensor [N, n_blocks, block_size/2], got {b.dtype} {tuple(b.shape)} "
+             f"on {b.device}", "export the weights with awq_edge.packing.to_matmul_nbits and move them to the GPU")
+    n, n_blocks = b.shape[0], -(-k // block_size)
+    _require(block_size in BLOCK_SIZES and tuple(b.shape) == (n, n_blocks, block_size // 2),
+             f"B has shape {tuple(b.shape)}, expected ({n}, {n_blocks}, {block_size // 2}) for K={k}, "
+             f"block_size={block_size}", f"use block_size in {BLOCK_SIZES} and the K the weights were packed with")
+    scales = scales.to(device=b.device, dtype=torch.float16).contiguous()
+    _require(scales.numel() == n * n_blocks, f"scales has {scales.numel()} values, expected {n * n_blocks}",
+             "pass one scale per row and block")
+    if zero_points is not None:
+        zero_points = zero_points.to(b.device).contiguous()
+        expected = n * -(-n_blocks // 2)
+        _require(zero_points.dtype == torch.uint8 and zero_points.numel() == expected,
+                 f"zero_points must be {expected} uint8 values (two per byte), got {zero_points.numel()} "
+                 f"{zero_points.dtype}", "pack zero points as awq_edge.packing.to_matmul_nbits does, or pass None")
+    lib = load_library()
+    packed = torch.empty(lib.awqe_packed_weight_bytes(n, k, block_size), dtype=torch.uint8, device=b.device)
+    with torch.cuda.device(b.device):
+        check(lib, lib.awqe_repack_matmul_nbits(b.data_ptr(), scales.data_ptr(), _ptr(zero_points), n, k,
+                                                block_size, packed.data_ptr(), _stream(b.device)))
+    return PackedInt4(packed, n, k, block_size)
+
+
+def gemm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         warps_per_tile: int = 0) -> torch.Tensor:
+    """y [..., n] = x [..., k] @ W^T (+ bias), fp16; `warps_per_tile` 0 lets the library choose (see the header)."""
+    _require(x.is_cuda and x.dtype == torch.float16 and x.shape[-1] == w.k,
+             f"x must be an fp16 CUDA tensor [..., {w.k}], got {x.dtype} {tuple(x.shape)} on {x.device}",
+             "cast activations to fp16 and move them to the weights' GPU")
+    x2 = x.reshape(-1, w.k).contiguous()
+    if bias is not None:
+        _require(bias.shape == (w.n,), f"bias has shape {tuple(bias.shape)}, expected ({w.n},)",
+                 "pass one bias value per output feature")
+        bias = bias.to(device=x.device, dtype=torch.float16).contiguous()
+    if out is None:
+        out = torch.empty(*x.shape[:-1], w.n, dtype=torch.float16, device=x.device)
+    _require(out.dtype == torch.float16 and out.is_contiguous() and out.numel() == x2.shape[0] * w.n,
+             f"out must be a contiguous fp16 tensor of {x2.shape[0] * w.n} values", "let gemm allocate it")
+    lib = load_library()
+    with torch.cuda.device(x.device):
+        check(lib, lib.awqe_gemm_f16_ex(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0],
+                                        w.n, w.k, w.block_size, None, 0, warps_per_tile, _stream(x.device)))
+    return out

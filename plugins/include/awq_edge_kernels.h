@@ -1,0 +1,68 @@
+/* awq-edge CUDA int4 kernels: y = x @ dequant(W)^T for MatMulNBits 4-bit weights, behind a C ABI.
+ *
+ * W [N, K] arrives in onnxruntime's com.microsoft MatMulNBits layout (4 bits, block_size 32/64/128 along K,
+ * fp16 scales, optional packed uint8 zero points, default 8) and is repacked once, device to device, into
+ * the kernels' own layout. Activations and outputs are fp16; accumulation is fp32.
+ *
+ * Every function validates its arguments before any CUDA call, reports failures through its status
+ * (detail in awqe_last_error(), per thread), and never prints or exits. All launches go on `stream`;
+ * nothing synchronises. Pointers are device pointers.
+ */
+#ifndef AWQ_EDGE_KERNELS_H
+#define AWQ_EDGE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#if defined(__GNUC__)
+#define AWQE_API __attribute__((visibility("default")))
+#else
+#define AWQE_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    AWQE_OK = 0,
+    AWQE_ERR_INVALID_ARGUMENT = 1, /* a null or misaligned pointer, a size out of range */
+    AWQE_ERR_UNSUPPORTED = 2,      /* valid MatMulNBits, but not handled here (K not a multiple of 8) */
+    AWQE_ERR_CUDA = 3              /* a CUDA call or launch failed */
+} awqe_status;
+
+AWQE_API const char* awqe_status_string(awqe_status s);
+/* Thread-local detail for the last failure of this thread ("" if none yet). */
+AWQE_API const char* awqe_last_error(void);
+
+/* Bytes of the repacked weight buffer (weights, then scales and zero points); 0 for invalid sizes. */
+AWQE_API size_t awqe_packed_weight_bytes(int N, int K, int block_size);
+
+/* B uint8 [N, ceil(K/block_size), block_size/2], scales fp16 [N * n_blocks],
+ * zero_points uint8 [N * ceil(n_blocks/2)] (two per byte, low nibble first) or NULL (= 8).
+ * `packed` (16-byte aligned, awqe_packed_weight_bytes long) receives the kernels' layout. */
+AWQE_API awqe_status awqe_repack_matmul_nbits(const uint8_t* B, const void* scales_f16, const uint8_t* zero_points_or_null,
+                                     int N, int K, int block_size, void* packed, cudaStream_t stream);
+
+/* 0: no workspace is needed for any M. */
+AWQE_API size_t awqe_workspace_bytes(int M, int N, int K, int block_size);
+
+/* y [M, N] = x [M, K] @ W^T (+ bias [N]). x and packed 16-byte aligned; K a multiple of 8.
+ * M = 0 does nothing. M <= 16 is one pass over the weights; larger M runs in slices of 16 rows. */
+AWQE_API awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
+                          int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream);
+
+/* awqe_gemm_f16 with the warps that share one 16-row tile chosen by the caller (1, 2, 4, 8 or 16;
+ * 0 = the built-in choice). For tuning and benchmarks; every choice computes the same sums, in a different
+ * fp32 order. */
+AWQE_API awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
+                             int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
+                             int warps_per_tile, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AWQ_EDGE_KERNELS_H */

@@ -1,0 +1,213 @@
+// y = x @ W^T for M up to 16 rows per pass: int4 weights dequantised in registers, fp16 tensor-core mma, fp32 sums.
+//
+// Batch-1 decoding reads every weight once per token, so the kernel is built around the weight stream:
+// each warp owns a 16-row tile and a share of its 64-value chunks, loads one 16-byte vector per lane per
+// chunk, turns the nibbles into mma A fragments with lop3 (no conversion instructions), and lets the
+// tensor cores do the multiply-adds, so the same instructions serve M = 1 to 8 (one mma n-tile) or
+// 9 to 16 (two). The batch rows are the mma's n dimension; rows beyond M read zeros.
+#include <cuda_fp16.h>
+
+#include "layout.cuh"
+
+namespace awqe {
+namespace {
+
+constexpr int kUnroll = 4;  // chunks whose loads a warp has in flight before it computes
+constexpr int kMaxWarps = 16;
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));  // (a & b) | c
+    return d;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {  // i is a compile-time constant after unrolling
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 as_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// One packed word -> the four A registers of one k-step, each (q - zero) exactly in fp16.
+// OR-ing a nibble into the mantissa of 1024.0 gives 1024 + q (low nibble) or 1024 + 16 q (high nibble), so
+// subtracting 1024 + zero, or scaling by 1/16 and subtracting 64 + zero, is exact.
+__device__ __forceinline__ void dequant(uint32_t q, __half2 zlo, __half2 zhi, uint32_t a[4]) {
+    const uint32_t lo = 0x000F000F, hi = 0x00F000F0, magic = 0x64006400;
+    const __half2 sixteenth = __float2half2_rn(1.f / 16.f);
+    const uint32_t q8 = q >> 8;
+    a[0] = as_u32(__hsub2(as_half2(lop3_and_or(q, lo, magic)), zlo));
+    a[1] = as_u32(__hfma2(as_half2(lop3_and_or(q, hi, magic)), sixteenth, zhi));
+    a[2] = as_u32(__hsub2(as_half2(lop3_and_or(q8, lo, magic)), zlo));
+    a[3] = as_u32(__hfma2(as_half2(lop3_and_or(q8, hi, magic)), sixteenth, zhi));
+}
+
+// c += A (16 x 16, row-major fragment) * B (16 x 8, col-major fragment), fp32 accumulators.
+__device__ __forceinline__ void mma_16x8x16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else  // Turing has only the k8 shape: two of them, over k 0..7 then 8..15 of the fragment
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[2]), "r"(a[3]), "r"(b1));
+#endif
+}
+
+// The weights are read once: stream them past L1 and mark them first to leave L2.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
+
+// A lane's 16 activations of one chunk (two 16-byte loads), zeros past K or for a batch row >= M.
+// K is a multiple of 8, so `left` (values left in the row from this lane's first) is too.
+__device__ __forceinline__ void load_x(uint4 out[2], const uint16_t* p, int left, bool row_ok) {
+    out[0] = out[1] = make_uint4(0, 0, 0, 0);
+    if (!row_ok || left <= 0) return;
+    out[0] = __ldg(reinterpret_cast<const uint4*>(p));
+    if (left > 8) out[1] = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+}
+
+// Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
+template <int MT, int BS>
+__global__ void __launch_bounds__(32 * kMaxWarps)
+gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, const uint2* __restrict__ params,
+            const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int M, int N, int K, int chunks,
+            int pblocks, int mslices) {
+    constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;  // values per block-scale application
+    constexpr int kUnits = kChunkK / kUnitK;            // per chunk
+    constexpr int kSteps = 4 / kUnits;                  // mma k-steps per unit
+    extern __shared__ float partial[];
+
+    const int tile = blockIdx.x / mslices, m0 = (blockIdx.x % mslices) * 8 * MT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const uint4* wt = weights + (size_t)tile * chunks * 32 + lane;
+    const uint2* pt = params + (size_t)tile * pblocks * 8 + g;
+    const uint16_t* xrow[MT];
+    bool row_ok[MT];
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+        const int m = m0 + 8 * j + g;
+        row_ok[j] = m < M;
+        xrow[j] = x + (size_t)(row_ok[j] ? m : 0) * K + 16 * t;
+    }
+
+    float acc[MT][4] = {};
+    for (int c0 = warp; c0 < chunks; c0 += nwarps * kUnroll) {
+        uint4 w[kUnroll], xv[kUnroll][MT][2];
+        uint2 p[kUnroll][kUnits];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int c = c0 + u * nwarps;
+            if (c >= chunks) continue;
+            w[u] = load_streaming(wt + (size_t)c * 32);
+#pragma unroll
+            for (int v = 0; v < kUnits; ++v) p[u][v] = __ldg(pt + (size_t)((c * kChunkK + v * kUnitK) / BS) * 8);
+#pragma unroll
+            for (int j = 0; j < MT; ++j)
+                load_x(xv[u][j], xrow[j] + c * kChunkK, K - c * kChunkK - 16 * t, row_ok[j]);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            if (c0 + u * nwarps >= chunks) continue;
+#pragma unroll
+            for (int v = 0; v < kUnits; ++v) {
+                const __half2 sc = as_half2(p[u][v].x), zc = as_half2(p[u][v].y);
+                const __half2 zlo = __low2half2(zc), zhi = __high2half2(zc);
+                float part[MT][4] = {};
+#pragma unroll
+                for (int st = 0; st < kSteps; ++st) {
+                    const int s = v * kSteps + st;
+                    uint32_t a[4];
+                    dequant(word(w[u], s), zlo, zhi, a);
+#pragma unroll
+                    for (int j = 0; j < MT; ++j)
+                        mma_16x8x16(part[j], a, word(xv[u][j][s >> 1], (2 * s) & 3),
+                                    word(xv[u][j][s >> 1], (2 * s + 1) & 3));
+                }
+                const float s_lo = __low2float(sc), s_hi = __high2float(sc);
+#pragma unroll
+                for (int j = 0; j < MT; ++j) {
+                    acc[j][0] += s_lo * part[j][0];
+                    acc[j][1] += s_lo * part[j][1];
+                    acc[j][2] += s_hi * part[j][2];
+                    acc[j][3] += s_hi * part[j][3];
+                }
+            }
+        }
+    }
+
+    if (nwarps > 1) {  // the warps of a tile split its chunks: sum their fragments through shared memory
+        float* mine = partial + (warp * 32 + lane) * (MT * 4);
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) mine[j * 4 + i] = acc[j][i];
+        __syncthreads();
+        if (warp != 0) return;
+        for (int o = 1; o < nwarps; ++o) {
+            const float* theirs = partial + (o * 32 + lane) * (MT * 4);
+#pragma unroll
+            for (int j = 0; j < MT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[j][i] += theirs[j * 4 + i];
+        }
+    }
+    // Accumulator fragment: element i is row g + 8 (i / 2) of the tile, batch row 2t + (i % 2) of the n-tile.
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = tile * kTileRows + g + 8 * (i >> 1), m = m0 + 8 * j + 2 * t + (i & 1);
+            if (n >= N || m >= M) continue;
+            float v = acc[j][i];
+            if (bias) v += __half2float(__ushort_as_half(bias[n]));
+            y[(size_t)m * N + n] = __half_as_ushort(__float2half_rn(v));
+        }
+}
+
+// Enough warps per tile for about 16 resident warps per SM, but at least 2 chunks per warp.
+int choose_warps(int blocks, int chunks, int sm_count) {
+    int w = 1;
+    while (w < kMaxWarps && (size_t)blocks * w < (size_t)sm_count * 16 && 4 * w <= chunks) w *= 2;
+    return w;
+}
+
+template <int MT, int BS>
+cudaError_t launch(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
+                   int warps, int sm_count, cudaStream_t stream) {
+    const Layout l = make_layout(N, K, BS);
+    const int mslices = (M + 8 * MT - 1) / (8 * MT);
+    const int blocks = l.tiles * mslices;
+    if (warps == 0) warps = choose_warps(blocks, l.chunks, sm_count);
+    const size_t smem = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
+    const uint4* w = static_cast<const uint4*>(packed);
+    const uint2* p = reinterpret_cast<const uint2*>(static_cast<const char*>(packed) + l.weight_bytes());
+    gemm_kernel<MT, BS><<<blocks, 32 * warps, smem, stream>>>(x, w, p, bias, y, M, N, K, l.chunks, l.pblocks,
+                                                              mslices);
+    return cudaGetLastError();
+}
+
+template <int MT>
+cudaError_t launch_bs(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
+                      int block_size, int warps, int sm_count, cudaStream_t stream) {
+    switch (block_size) {
+        case 32: return launch<MT, 32>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        case 64: return launch<MT, 64>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        default: return launch<MT, 128>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+    }
+}
+
+}  // namespace
+
+cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
+                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream) {
+    // One mma n-tile covers M <= 8; beyond, two n-tiles per pass, and larger M in slices of 16 rows whose
+    // blocks for one tile run side by side, so the weights' repeat reads come from L2.
+    if (M <= 8) return launch_bs<1>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+    return launch_bs<2>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+}
+
+}  // namespace awqe

@@ -1,0 +1,52 @@
+// The kernels' repacked weight layout, shared by the repack and GEMM kernels, and their launchers.
+//
+// W [N, K] is cut into tiles of 16 rows and chunks of 64 values along K (K padded to whole blocks, then to a
+// whole chunk). One chunk of one tile is 32 uint4 (512 bytes), one per lane of the warp that reads it, so a
+// warp's load is one coalesced 512-byte line of 16-byte vectors. Lane l = 4g + t holds rows g and g + 8 at
+// chunk-local k = 16t .. 16t + 15, as four uint32 words, word s for the mma k-step s (k = 16t + 4s .. + 3).
+// Within a word the nibbles are ordered so that one lop3 yields an mma A-fragment register directly:
+//   nibble 0, 4 -> row g,     k +0, +1  (A reg 0)    nibble 2, 6 -> row g,     k +2, +3  (A reg 2)
+//   nibble 1, 5 -> row g + 8, k +0, +1  (A reg 1)    nibble 3, 7 -> row g + 8, k +2, +3  (A reg 3)
+// The mma's logical k (2t, 2t+1, 2t+8, 2t+9) of step s is physical k 16t + 4s + (0, 1, 2, 3): the same
+// permutation on x, so a lane reads its 16 activations of a chunk as two 16-byte loads.
+// After all tiles' weights come the block parameters: per tile and block, 8 uint2 (one per g):
+//   .x = half2(scale[g], scale[g + 8]), .y = half2(1024 + zero[g], -(64 + zero[g + 8]))
+// the constants the dequantisation subtracts (see gemm.cu). Padding rows and blocks have scale 0.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace awqe {
+
+constexpr int kTileRows = 16;
+constexpr int kChunkK = 64;
+constexpr int kChunkBytes = 512;
+constexpr int kBlockParamBytes = 64;
+
+struct Layout {
+    int tiles;    // ceil(N / 16)
+    int blocks;   // MatMulNBits blocks per row, ceil(K / block_size)
+    int chunks;   // 64-value chunks per tile row, ceil(blocks * block_size / 64)
+    int pblocks;  // blocks with parameters per tile: every block a chunk touches, padding included
+    size_t weight_bytes() const { return (size_t)tiles * chunks * kChunkBytes; }
+    size_t bytes() const { return weight_bytes() + (size_t)tiles * pblocks * kBlockParamBytes; }
+};
+
+inline Layout make_layout(int N, int K, int block_size) {
+    Layout l;
+    l.tiles = (N + kTileRows - 1) / kTileRows;
+    l.blocks = (K + block_size - 1) / block_size;
+    l.chunks = (l.blocks * block_size + kChunkK - 1) / kChunkK;
+    l.pblocks = (l.chunks * kChunkK + block_size - 1) / block_size;
+    return l;
+}
+
+cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_t* zero_points, int N, int K,
+                          int block_size, void* packed, cudaStream_t stream);
+
+cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
+                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream);
+
+}  // namespace awqe
