@@ -13,7 +13,6 @@ TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
 FAMILIES = ("jetson", "rtx", "datacenter")
 INT4_MATMULS = ("plugin", "native")
 PRECISIONS = ("fp16",)
-WARPS_PER_TILE = (0, 1, 2, 4, 8, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +33,7 @@ class DeviceProfile:
     workspace_mib: int  # TensorRT builder workspace limit
     max_batch: int
     prefill_tokens: int  # longest prompt chunk the prefill profile takes at once
-    int4_matmul: str  # "plugin": our MatMulNBits plugin; "native": TensorRT's int4 DequantizeLinear + MatMul
-    warps_per_tile: int  # plugin kernel tile choice (awqe_gemm_f16_ex); 0 = the kernel's own choice
+    int4_matmul: str  # preferred int4 path: "plugin" (MatMulNBits, zero points) or "native" (symmetric int4 DQ)
 
     @property
     def sm(self) -> int:
@@ -63,7 +61,7 @@ def parse_profile(name: str, data: dict, where: str) -> DeviceProfile:
     missing = sorted(set(_FIELDS) - set(data) - {"name"})
     _check(not missing, where, f"missing key(s) {missing}", "add them; see devices/jetson-agx-orin-64gb.toml")
     for key, allowed in (("family", FAMILIES), ("tensorrt", TENSORRT_MODULES), ("precision", PRECISIONS),
-                         ("int4_matmul", INT4_MATMULS), ("warps_per_tile", WARPS_PER_TILE)):
+                         ("int4_matmul", INT4_MATMULS)):
         _check(data[key] in allowed, where, f"{key} = {data[key]!r} is not one of {list(allowed)}", f"set {key} to one of them")
     cc = data["compute_capability"]
     parts = cc.split(".") if isinstance(cc, str) else []
@@ -136,10 +134,23 @@ def format_table(profiles) -> str:
 
 
 def _devices_command(args) -> int:
-    print(format_table(load_profiles().values()))
+    if args.name is None:
+        print(format_table(load_profiles().values()))
+        return 0
+    fields = {**dataclasses.asdict(get_profile(args.name)), "sm": get_profile(args.name).sm}
+    if args.field is not None:
+        if args.field not in fields:
+            raise AwqEdgeError(f"device profiles have no field {args.field!r}", f"use one of {sorted(fields)}")
+        value = fields[args.field]
+        print(",".join(value) if isinstance(value, tuple) else value)
+        return 0
+    for key, value in fields.items():
+        print(f"{key} = {value!r}")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("devices", help="list the device profiles `awq-edge build --device` accepts")
+    p.add_argument("name", nargs="?", help="show one device (name, alias or .toml path)")
+    p.add_argument("--field", help="print only this field of the device, e.g. tensorrt (for scripts)")
     p.set_defaults(func=_devices_command)

@@ -53,7 +53,7 @@ def test_unknown_device_error_lists_the_known_ones():
     ({"kv_cache_mib": 1.5}, "kv_cache_mib = 1.5 is not an integer"),
     ({"prefill_tokens": 99999}, "prefill_tokens 99999 exceeds max_seq_len"),
     ({"tensorrt": "tensorrt_rtx"}, "TensorRT-RTX cannot build for compute capability 8.7"),
-    ({"warps_per_tile": 3}, "warps_per_tile = 3 is not one of"),
+    ({"int4_matmul": "gemv"}, "int4_matmul = 'gemv' is not one of"),
 ])
 def test_bad_profiles_are_refused_with_the_key_named(change, message):
     with pytest.raises(AwqEdgeError, match=message):
@@ -79,3 +79,14 @@ def test_devices_command_lists_every_profile(capsys):
     out = capsys.readouterr().out
     for name in TARGETS:
         assert name in out
+
+
+def test_devices_command_prints_one_field_of_an_alias_for_scripts(capsys):
+    assert main(["devices", "jetson-orin", "--field", "name"]) == 0
+    assert main(["devices", "rtx-4090", "--field", "int4_matmul"]) == 0
+    assert capsys.readouterr().out.split() == ["jetson-agx-orin-64gb", "native"]
+
+
+def test_devices_command_refuses_an_unknown_field(capsys):
+    assert main(["devices", "h100", "--field", "memory"]) == 2
+    assert "no field 'memory'" in capsys.readouterr().err
