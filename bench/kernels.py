@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (6144, 4096)]
 MS = [1, 4, 8, 16]
 GROUP = 128  # torch's int4 kernel is compared at the same group size
-WARP_SWEEP = [0, 2, 4, 8, 16]  # 0 = the library's own choice
+# (warps_per_tile, chunks_per_stage); 0 = the library's own choice
+SWEEP = {1: [(0, 0), (2, 4), (4, 4), (8, 4), (2, 8), (4, 8), (8, 8)], 16: [(0, 0), (2, 4), (4, 4), (8, 4)]}
 
 
 def build(arch: str) -> None:
@@ -63,6 +64,20 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     t = time_per_call(lambda i: dst.copy_(src), 1, min_calls=5)
     return 2 * src.numel() * 2 / t
+
+
+def read_bandwidth() -> float:
+    """Bytes read per second by a 1 GiB sum: what a kernel that only reads can reach."""
+    src = torch.randn(512 * 2**20, dtype=torch.float16, device="cuda")
+    return src.numel() * 2 / time_per_call(lambda i: src.sum(dtype=torch.float32), 1, min_calls=5)
+
+
+def launch_floor() -> float:
+    """Seconds per call of our kernel on a 16 x 64 weight: the fixed cost every call pays in a graph."""
+    b, scales, zp = random_matmul_nbits(16, 64, 64)
+    w = kernels.repack_matmul_nbits(b, scales, zp, 64, 64)
+    x, y = torch.randn(1, 64, dtype=torch.float16, device="cuda"), torch.empty(1, 16, dtype=torch.float16, device="cuda")
+    return time_per_call(lambda i: kernels.gemm(x, w, out=y), 1)
 
 
 def matmul_flops() -> float:
@@ -112,11 +127,12 @@ def time_shape(n: int, k: int, l2: int) -> dict:
     for m in MS:
         xs = [torch.randn(m, k, dtype=torch.float16, device="cuda") for _ in range(sets)]
         y = torch.empty(m, n, dtype=torch.float16, device="cuda")
-        by_warps = {warps: time_per_call(lambda i: kernels.gemm(xs[i], packed[i], out=y, warps_per_tile=warps), sets)
-                    for warps in (WARP_SWEEP if m in (1, 16) else [0])}
-        out["ours"][m] = by_warps[0]
-        if len(by_warps) > 1:
-            out["ours_warps"][m] = by_warps
+        by_shape = {f"{w}x{s}": time_per_call(
+            lambda i: kernels.gemm(xs[i], packed[i], out=y, warps_per_tile=w, chunks_per_stage=s), sets)
+            for w, s in SWEEP.get(m, [(0, 0)])}
+        out["ours"][m] = by_shape["0x0"]
+        if len(by_shape) > 1:
+            out["ours_warps"][m] = by_shape
     out["ours_sets"], out["ours_packed_bytes"] = sets, packed[0].data.numel()
     del packed
     # torch's tinygemm int4 kernel: bf16 activations, bf16 scales and zeros per group of 128
@@ -157,7 +173,7 @@ def main() -> None:
     copy_bw, tc_flops = copy_bandwidth(), matmul_flops()
     result = {"label": args.label, "device": props.name, "sm_count": props.multi_processor_count, "l2_bytes": l2,
               "torch": torch.__version__, "group_size": GROUP, "copy_bandwidth_Bps": copy_bw,
-              "f16_matmul_flops": tc_flops, "timing": "median per call over 20 CUDA-event-timed graph replays, "
+              "f16_matmul_flops": tc_flops, "read_bandwidth_Bps": read_bandwidth(), "launch_floor_s": launch_floor(), "timing": "median per call over 20 CUDA-event-timed graph replays, "
               "each of >= 32 calls cycling over weight sets totalling >= 2.5x L2", "shapes": []}
     gen = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
@@ -183,9 +199,12 @@ def main() -> None:
     result["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{props.name}: copy {copy_bw / 1e12:.2f} TB/s (read+write), fp16 matmul {tc_flops / 1e12:.0f} TFLOP/s")
+    print(f"\n{args.label} on {props.name}: copy {copy_bw / 1e12:.2f} TB/s (read+write), read "
+          f"{result['read_bandwidth_Bps'] / 1e12:.2f} TB/s, fp16 matmul {tc_flops / 1e12:.0f} TFLOP/s, "
+          f"launch floor {result['launch_floor_s'] * 1e6:.1f} us")
     print(f"{'N x K':>12} {'M':>3} {'floor us':>8} {'ours us':>8} {'GB/s':>6} {'%copy':>6} {'int4 us':>8} "
-          f"{'x int4':>6} {'f16 us':>8} {'x f16':>6}  warps sweep us (auto,2,4,8,16)")
+          f"{'x int4':>6} {'f16 us':>8} {'x f16':>6}  sweep us (warps x stage: " + ", ".join(
+              f"{w}x{s}" for w, s in SWEEP[1]) + ")")
     for shape in result["shapes"]:
         for r in shape["rows"]:
             sweep = " ".join(f"{t * 1e6:.1f}" for t in r["ours_by_warps_s"].values()) if r["ours_by_warps_s"] else ""

@@ -54,12 +54,13 @@ AWQE_API awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const 
                           int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
                           cudaStream_t stream);
 
-/* awqe_gemm_f16 with the warps that share one 16-row tile chosen by the caller (1, 2, 4, 8 or 16;
- * 0 = the built-in choice). For tuning and benchmarks; every choice computes the same sums, in a different
- * fp32 order. */
+/* awqe_gemm_f16 with its launch shape chosen by the caller, for tuning and benchmarks: warps_per_tile, the warps
+ * that share one 16-row tile (1, 2, 4 or 8), and chunks_per_stage, the 64-value chunks a warp loads before it
+ * computes (4 or 8; M > 8 always uses 4). 0 = the built-in choice. Every choice computes the same sums, in a
+ * different fp32 order. */
 AWQE_API awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
-                             int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
-                             int warps_per_tile, cudaStream_t stream);
+                                      int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
+                                      int warps_per_tile, int chunks_per_stage, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

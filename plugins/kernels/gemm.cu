@@ -4,7 +4,8 @@
 // each warp owns a 16-row tile and a share of its 64-value chunks, loads one 16-byte vector per lane per
 // chunk, turns the nibbles into mma A fragments with lop3 (no conversion instructions), and lets the
 // tensor cores do the multiply-adds, so the same instructions serve M = 1 to 8 (one mma n-tile) or
-// 9 to 16 (two). The batch rows are the mma's n dimension; rows beyond M read zeros.
+// 9 to 16 (two). The batch rows are the mma's n dimension; lanes of rows beyond M repeat row M - 1 and
+// their results are dropped.
 #include <cuda_fp16.h>
 
 #include "layout.cuh"
@@ -12,8 +13,7 @@
 namespace awqe {
 namespace {
 
-constexpr int kUnroll = 4;  // chunks whose loads a warp has in flight before it computes
-constexpr int kMaxWarps = 16;
+constexpr int kMaxWarps = 8;
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
@@ -60,84 +60,100 @@ __device__ __forceinline__ void mma_16x8x16(float c[4], const uint32_t a[4], uin
 // The weights are read once: stream them past L1 and mark them first to leave L2.
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
 
-// A lane's 16 activations of one chunk (two 16-byte loads), zeros past K or for a batch row >= M.
-// K is a multiple of 8, so `left` (values left in the row from this lane's first) is too.
-__device__ __forceinline__ void load_x(uint4 out[2], const uint16_t* p, int left, bool row_ok) {
-    out[0] = out[1] = make_uint4(0, 0, 0, 0);
-    if (!row_ok || left <= 0) return;
-    out[0] = __ldg(reinterpret_cast<const uint4*>(p));
-    if (left > 8) out[1] = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+// One chunk's activations for a lane: k = 8t .. 8t + 7 and 32 + 8t .. 32 + 8t + 7 (see layout.cuh).
+// kGuard: past K (only in a row's last chunks) they read as zeros; K is a multiple of 8, so each half is
+// wholly inside or wholly outside.
+template <bool kGuard>
+__device__ __forceinline__ void load_x(uint4 out[2], const uint16_t* p, int left) {
+    const uint4* v = reinterpret_cast<const uint4*>(p);
+    out[0] = !kGuard || left > 0 ? __ldg(v) : make_uint4(0, 0, 0, 0);
+    out[1] = !kGuard || left > 32 ? __ldg(v + 4) : make_uint4(0, 0, 0, 0);
+}
+
+// acc += the products of one chunk: kUnits block-scale applications of 4 / kUnits mma k-steps each.
+template <int MT, int kUnits>
+__device__ __forceinline__ void compute_chunk(float (&acc)[MT][4], uint4 w, const uint2 (&p)[kUnits],
+                                              const uint4 (&xv)[MT][2]) {
+    constexpr int kSteps = 4 / kUnits;
+#pragma unroll
+    for (int v = 0; v < kUnits; ++v) {
+        const __half2 zc = as_half2(p[v].y);
+        const __half2 zlo = __low2half2(zc), zhi = __high2half2(zc);
+        float part[MT][4] = {};
+#pragma unroll
+        for (int k = 0; k < kSteps; ++k) {
+            const int s = v * kSteps + k;
+            uint32_t a[4];
+            dequant(word(w, s), zlo, zhi, a);
+#pragma unroll
+            for (int j = 0; j < MT; ++j)
+                mma_16x8x16(part[j], a, word(xv[j][s >> 1], (2 * s) & 3), word(xv[j][s >> 1], (2 * s + 1) & 3));
+        }
+        const __half2 sc = as_half2(p[v].x);
+        const float s_lo = __low2float(sc), s_hi = __high2float(sc);
+#pragma unroll
+        for (int j = 0; j < MT; ++j) {
+            acc[j][0] += s_lo * part[j][0];
+            acc[j][1] += s_lo * part[j][1];
+            acc[j][2] += s_hi * part[j][2];
+            acc[j][3] += s_hi * part[j][3];
+        }
+    }
+}
+
+// One stage: the loads of STAGE consecutive chunks c .. c + STAGE - 1 are all issued before any is used, at
+// constant offsets from one base, so the warp has STAGE * 512 bytes in flight for the price of a few
+// address instructions. kGuard: chunks from `end` on are skipped, activations past K read as zeros.
+template <int MT, int BS, int STAGE, bool kGuard>
+__device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, const uint2* pt,
+                                          const uint16_t* const (&xrow)[MT], int c, int end, int K, int t) {
+    constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;  // values per block-scale application
+    constexpr int kUnits = kChunkK / kUnitK;
+    const uint4* wp = wt + c * 32;
+    const uint2* pp = pt + c * kChunkK / BS * 8;  // c is even, so exact for BS = 128 too
+    uint4 w[STAGE], xv[STAGE][MT][2];
+    uint2 p[STAGE][kUnits];
+#pragma unroll
+    for (int u = 0; u < STAGE; ++u) {
+        if (kGuard && c + u >= end) break;
+        w[u] = load_streaming(wp + u * 32);
+#pragma unroll
+        for (int v = 0; v < kUnits; ++v) p[u][v] = __ldg(pp + (u * kChunkK + v * kUnitK) / BS * 8);
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+            load_x<kGuard>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
+    }
+#pragma unroll
+    for (int u = 0; u < STAGE; ++u) {
+        if (kGuard && c + u >= end) break;
+        compute_chunk<MT, kUnits>(acc, w[u], p[u], xv[u]);
+    }
 }
 
 // Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
-template <int MT, int BS>
+// Warp w takes the chunks [w * per_warp, (w + 1) * per_warp) of the tile; per_warp is even.
+template <int MT, int BS, int STAGE>
 __global__ void __launch_bounds__(32 * kMaxWarps)
 gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, const uint2* __restrict__ params,
             const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int M, int N, int K, int chunks,
-            int pblocks, int mslices) {
-    constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;  // values per block-scale application
-    constexpr int kUnits = kChunkK / kUnitK;            // per chunk
-    constexpr int kSteps = 4 / kUnits;                  // mma k-steps per unit
+            int pblocks, int mslices, int per_warp) {
     extern __shared__ float partial[];
-
     const int tile = blockIdx.x / mslices, m0 = (blockIdx.x % mslices) * 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const uint4* wt = weights + (size_t)tile * chunks * 32 + lane;
     const uint2* pt = params + (size_t)tile * pblocks * 8 + g;
+    // Lanes of batch rows >= M read row M - 1: their products land in accumulator columns nobody writes.
     const uint16_t* xrow[MT];
-    bool row_ok[MT];
 #pragma unroll
-    for (int j = 0; j < MT; ++j) {
-        const int m = m0 + 8 * j + g;
-        row_ok[j] = m < M;
-        xrow[j] = x + (size_t)(row_ok[j] ? m : 0) * K + 16 * t;
-    }
+    for (int j = 0; j < MT; ++j) xrow[j] = x + (size_t)min(m0 + 8 * j + g, M - 1) * K + 8 * t;
 
     float acc[MT][4] = {};
-    for (int c0 = warp; c0 < chunks; c0 += nwarps * kUnroll) {
-        uint4 w[kUnroll], xv[kUnroll][MT][2];
-        uint2 p[kUnroll][kUnits];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int c = c0 + u * nwarps;
-            if (c >= chunks) continue;
-            w[u] = load_streaming(wt + (size_t)c * 32);
-#pragma unroll
-            for (int v = 0; v < kUnits; ++v) p[u][v] = __ldg(pt + (size_t)((c * kChunkK + v * kUnitK) / BS) * 8);
-#pragma unroll
-            for (int j = 0; j < MT; ++j)
-                load_x(xv[u][j], xrow[j] + c * kChunkK, K - c * kChunkK - 16 * t, row_ok[j]);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            if (c0 + u * nwarps >= chunks) continue;
-#pragma unroll
-            for (int v = 0; v < kUnits; ++v) {
-                const __half2 sc = as_half2(p[u][v].x), zc = as_half2(p[u][v].y);
-                const __half2 zlo = __low2half2(zc), zhi = __high2half2(zc);
-                float part[MT][4] = {};
-#pragma unroll
-                for (int st = 0; st < kSteps; ++st) {
-                    const int s = v * kSteps + st;
-                    uint32_t a[4];
-                    dequant(word(w[u], s), zlo, zhi, a);
-#pragma unroll
-                    for (int j = 0; j < MT; ++j)
-                        mma_16x8x16(part[j], a, word(xv[u][j][s >> 1], (2 * s) & 3),
-                                    word(xv[u][j][s >> 1], (2 * s + 1) & 3));
-                }
-                const float s_lo = __low2float(sc), s_hi = __high2float(sc);
-#pragma unroll
-                for (int j = 0; j < MT; ++j) {
-                    acc[j][0] += s_lo * part[j][0];
-                    acc[j][1] += s_lo * part[j][1];
-                    acc[j][2] += s_hi * part[j][2];
-                    acc[j][3] += s_hi * part[j][3];
-                }
-            }
-        }
-    }
+    const int begin = warp * per_warp, end = min(chunks, begin + per_warp);
+    const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
+    int c = begin;
+    for (; c + STAGE <= fast_end; c += STAGE) run_stage<MT, BS, STAGE, false>(acc, wt, pt, xrow, c, end, K, t);
+    for (; c < end; c += STAGE) run_stage<MT, BS, STAGE, true>(acc, wt, pt, xrow, c, end, K, t);
 
     if (nwarps > 1) {  // the warps of a tile split its chunks: sum their fragments through shared memory
         float* mine = partial + (warp * 32 + lane) * (MT * 4);
@@ -168,46 +184,52 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
         }
 }
 
-// Enough warps per tile for about 16 resident warps per SM, but at least 2 chunks per warp.
-int choose_warps(int blocks, int chunks, int sm_count) {
+// The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
+// blocks are resident at once, while every warp keeps at least one full stage of chunks.
+int choose_warps(int blocks, int chunks, int stage, int sm_count) {
     int w = 1;
-    while (w < kMaxWarps && (size_t)blocks * w < (size_t)sm_count * 16 && 4 * w <= chunks) w *= 2;
+    while (w < kMaxWarps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && stage * 2 * w <= chunks) w *= 2;
     return w;
 }
 
-template <int MT, int BS>
+template <int MT, int BS, int STAGE>
 cudaError_t launch(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
                    int warps, int sm_count, cudaStream_t stream) {
     const Layout l = make_layout(N, K, BS);
     const int mslices = (M + 8 * MT - 1) / (8 * MT);
     const int blocks = l.tiles * mslices;
-    if (warps == 0) warps = choose_warps(blocks, l.chunks, sm_count);
+    if (warps == 0) warps = choose_warps(blocks, l.chunks, STAGE, sm_count);
+    const int per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const size_t smem = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const uint4* w = static_cast<const uint4*>(packed);
     const uint2* p = reinterpret_cast<const uint2*>(static_cast<const char*>(packed) + l.weight_bytes());
-    gemm_kernel<MT, BS><<<blocks, 32 * warps, smem, stream>>>(x, w, p, bias, y, M, N, K, l.chunks, l.pblocks,
-                                                              mslices);
+    gemm_kernel<MT, BS, STAGE><<<blocks, 32 * warps, smem, stream>>>(x, w, p, bias, y, M, N, K, l.chunks,
+                                                                     l.pblocks, mslices, per_warp);
     return cudaGetLastError();
 }
 
-template <int MT>
+template <int MT, int STAGE>
 cudaError_t launch_bs(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
                       int block_size, int warps, int sm_count, cudaStream_t stream) {
     switch (block_size) {
-        case 32: return launch<MT, 32>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
-        case 64: return launch<MT, 64>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
-        default: return launch<MT, 128>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        case 32: return launch<MT, 32, STAGE>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        case 64: return launch<MT, 64, STAGE>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        default: return launch<MT, 128, STAGE>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
     }
 }
 
 }  // namespace
 
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream) {
-    // One mma n-tile covers M <= 8; beyond, two n-tiles per pass, and larger M in slices of 16 rows whose
-    // blocks for one tile run side by side, so the weights' repeat reads come from L2.
-    if (M <= 8) return launch_bs<1>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
-    return launch_bs<2>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+                        int K, int block_size, int warps_per_tile, int chunks_per_stage, int sm_count,
+                        cudaStream_t stream) {
+    // One mma n-tile covers M <= 8; beyond, two n-tiles per pass (their activations make 8-chunk stages too
+    // large for the registers), and larger M in slices of 16 rows whose blocks for one tile run side by
+    // side, so the weights' repeat reads come from L2.
+    if (M > 8) return launch_bs<2, 4>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+    if (chunks_per_stage == 4)
+        return launch_bs<1, 4>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+    return launch_bs<1, 8>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
 }
 
 }  // namespace awqe

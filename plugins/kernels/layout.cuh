@@ -2,13 +2,14 @@
 //
 // W [N, K] is cut into tiles of 16 rows and chunks of 64 values along K (K padded to whole blocks, then to a
 // whole chunk). One chunk of one tile is 32 uint4 (512 bytes), one per lane of the warp that reads it, so a
-// warp's load is one coalesced 512-byte line of 16-byte vectors. Lane l = 4g + t holds rows g and g + 8 at
-// chunk-local k = 16t .. 16t + 15, as four uint32 words, word s for the mma k-step s (k = 16t + 4s .. + 3).
+// warp's load is one coalesced 512-byte line of 16-byte vectors. Lane l = 4g + t holds rows g and g + 8, as
+// four uint32 words, word s for mma k-step s, at chunk-local k = 32 (s / 2) + 8t + 4 (s % 2) + 0..3.
 // Within a word the nibbles are ordered so that one lop3 yields an mma A-fragment register directly:
 //   nibble 0, 4 -> row g,     k +0, +1  (A reg 0)    nibble 2, 6 -> row g,     k +2, +3  (A reg 2)
 //   nibble 1, 5 -> row g + 8, k +0, +1  (A reg 1)    nibble 3, 7 -> row g + 8, k +2, +3  (A reg 3)
-// The mma's logical k (2t, 2t+1, 2t+8, 2t+9) of step s is physical k 16t + 4s + (0, 1, 2, 3): the same
-// permutation on x, so a lane reads its 16 activations of a chunk as two 16-byte loads.
+// So the mma's logical k (2t, 2t+1, 2t+8, 2t+9) of step s is that physical k + (0, 1, 2, 3). The same
+// permutation applies to x: a lane reads its activations of a chunk as two 16-byte loads (k 8t.. and
+// 32 + 8t..), and steps 0-1 cover k 0..31, steps 2-3 k 32..63, so no step straddles a block of 32.
 // After all tiles' weights come the block parameters: per tile and block, 8 uint2 (one per g):
 //   .x = half2(scale[g], scale[g + 8]), .y = half2(1024 + zero[g], -(64 + zero[g + 8]))
 // the constants the dequantisation subtracts (see gemm.cu). Padding rows and blocks have scale 0.
@@ -47,6 +48,7 @@ cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_
                           int block_size, void* packed, cudaStream_t stream);
 
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream);
+                        int K, int block_size, int warps_per_tile, int chunks_per_stage, int sm_count,
+                        cudaStream_t stream);
 
 }  // namespace awqe

@@ -19,7 +19,7 @@ __global__ void repack_weights(const uint8_t* __restrict__ B, uint32_t* __restri
         uint32_t word = 0;
         for (int i = 0; i < 8; ++i) {
             const int row = tile * kTileRows + g + 8 * (i & 1);
-            const int k = chunk * kChunkK + 16 * t + 4 * s + (i >> 2) + 2 * ((i >> 1) & 1);
+            const int k = chunk * kChunkK + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + (i >> 2) + 2 * ((i >> 1) & 1);
             // Padding is multiplied by x = 0 or ends in a row nobody writes; any 4-bit value does.
             uint32_t q = 8;
             if (row < N && k < padded_k) q = (B[(size_t)row * (padded_k / 2) + k / 2] >> (4 * (k & 1))) & 0xF;
