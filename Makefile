@@ -40,3 +40,65 @@ test: test-python
 
 clean:
 	rm -rf $(VENV) $(OUT) plugins/build
+
+# `make engine DEVICE=name [MODEL=...]`: quantise -> export -> TensorRT engine for one device profile
+# (`make engine` alone lists them). Each step reruns only when its input is newer than its output; where the
+# device's TensorRT is not importable it stops after the ONNX and prints the command to run on the device.
+DEVICE ?=
+AWQ_EDGE = $(PY) -m awq_edge.cli
+ENGINE_QUANT_ARGS ?= --n-samples $(DEMO_SAMPLES)
+TRT_PLUGIN_BUILD ?= plugins/tensorrt/build
+TRT_PLUGIN ?= $(TRT_PLUGIN_BUILD)/libawq_edge_trt_plugin.so
+MODEL_TAG = $(notdir $(MODEL))
+# Set by `engine` from the device profile for the sub-make that runs the steps.
+DEVICE_NAME ?=
+INT4 ?=
+TRT_MODULE ?=
+ifeq ($(INT4),native)
+# TensorRT's own int4 path (int4 DequantizeLinear + MatMul) takes symmetric weights only.
+ENGINE_QUANT_DIR ?= $(OUT)/$(MODEL_TAG)-awq-w4g$(GROUP)-sym
+ENGINE_QUANT_FLAGS = --no-zero-point
+ENGINE_ONNX_DIR ?= $(OUT)/$(MODEL_TAG)-w4g$(GROUP)-trt-native
+ENGINE_EXPORT_FLAGS = --trt-native
+ENGINE_PLUGIN_FLAG =
+else
+ENGINE_QUANT_DIR ?= $(QUANT_DIR)
+ENGINE_QUANT_FLAGS =
+ENGINE_ONNX_DIR ?= $(OUT)/$(MODEL_TAG)-w4g$(GROUP)-trt
+ENGINE_EXPORT_FLAGS =
+ENGINE_PLUGIN_FLAG = --plugin $(TRT_PLUGIN)
+endif
+ENGINE_DIR ?= $(OUT)/engines/$(DEVICE_NAME)/$(MODEL_TAG)-w4g$(GROUP)
+
+.PHONY: engine engine-steps
+
+engine: install
+ifeq ($(DEVICE),)
+	@$(AWQ_EDGE) devices
+	@echo "usage: make engine DEVICE=<device or alias above> [MODEL=smollm2-135m|HF folder]"
+else
+	@fields=$$($(AWQ_EDGE) devices $(DEVICE) --field name,int4_matmul,tensorrt) && set -- $$fields && \
+	$(MAKE) --no-print-directory engine-steps DEVICE_NAME=$$1 INT4=$$2 TRT_MODULE=$$3
+endif
+
+engine-steps: $(ENGINE_DIR)/model.engine
+
+$(ENGINE_QUANT_DIR)/model.safetensors:
+	$(AWQ_EDGE) quantize $(MODEL) -o $(ENGINE_QUANT_DIR) --group-size $(GROUP) $(ENGINE_QUANT_FLAGS) $(ENGINE_QUANT_ARGS)
+
+$(ENGINE_ONNX_DIR)/model.onnx: $(ENGINE_QUANT_DIR)/model.safetensors
+	$(AWQ_EDGE) export $(ENGINE_QUANT_DIR) -o $(ENGINE_ONNX_DIR) --target trt --dtype fp16 $(ENGINE_EXPORT_FLAGS)
+
+$(ENGINE_DIR)/model.engine: $(ENGINE_ONNX_DIR)/model.onnx
+	@if ! $(PY) -c "import $(TRT_MODULE)" 2>/dev/null; then \
+	  echo "awq-edge: $(TRT_MODULE) is not importable here, so no engine was built; the ONNX is ready in $(ENGINE_ONNX_DIR)."; \
+	  echo "  On the $(DEVICE_NAME) (docs/deploying-to-jetson.md), with that folder copied to the same path, run:"; \
+	  echo "  make engine DEVICE=$(DEVICE_NAME) ENGINE_ONNX_DIR=$(ENGINE_ONNX_DIR)"; \
+	  exit 0; \
+	fi; \
+	if [ "$(INT4)" = plugin ]; then \
+	  cmake -S plugins/tensorrt -B $(TRT_PLUGIN_BUILD) -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER=$(NVCC) && \
+	  cmake --build $(TRT_PLUGIN_BUILD) -j 2 && test -f $(TRT_PLUGIN) || \
+	  { echo "awq-edge: $(TRT_PLUGIN) was not built (TensorRT headers missing? set TENSORRT_ROOT)"; exit 2; }; \
+	fi; \
+	$(AWQ_EDGE) build $(ENGINE_ONNX_DIR) --device $(DEVICE_NAME) -o $(ENGINE_DIR) $(ENGINE_PLUGIN_FLAG)

@@ -139,10 +139,12 @@ def _devices_command(args) -> int:
         return 0
     fields = {**dataclasses.asdict(get_profile(args.name)), "sm": get_profile(args.name).sm}
     if args.field is not None:
-        if args.field not in fields:
-            raise AwqEdgeError(f"device profiles have no field {args.field!r}", f"use one of {sorted(fields)}")
-        value = fields[args.field]
-        print(",".join(value) if isinstance(value, tuple) else value)
+        values = []
+        for key in args.field.split(","):
+            if key not in fields:
+                raise AwqEdgeError(f"device profiles have no field {key!r}", f"use one of {sorted(fields)}")
+            values.append(",".join(fields[key]) if isinstance(fields[key], tuple) else str(fields[key]))
+        print(" ".join(values))
         return 0
     for key, value in fields.items():
         print(f"{key} = {value!r}")
@@ -152,5 +154,5 @@ def _devices_command(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("devices", help="list the device profiles `awq-edge build --device` accepts")
     p.add_argument("name", nargs="?", help="show one device (name, alias or .toml path)")
-    p.add_argument("--field", help="print only this field of the device, e.g. tensorrt (for scripts)")
+    p.add_argument("--field", help="print only these comma-separated fields, space-separated (for scripts)")
     p.set_defaults(func=_devices_command)

@@ -83,8 +83,8 @@ def test_devices_command_lists_every_profile(capsys):
 
 def test_devices_command_prints_one_field_of_an_alias_for_scripts(capsys):
     assert main(["devices", "jetson-orin", "--field", "name"]) == 0
-    assert main(["devices", "rtx-4090", "--field", "int4_matmul"]) == 0
-    assert capsys.readouterr().out.split() == ["jetson-agx-orin-64gb", "native"]
+    assert main(["devices", "rtx-4090", "--field", "int4_matmul,tensorrt,sm"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["jetson-agx-orin-64gb", "native tensorrt_rtx 89"]
 
 
 def test_devices_command_refuses_an_unknown_field(capsys):
