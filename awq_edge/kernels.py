@@ -28,7 +28,7 @@ _SIGNATURES = {
     "awqe_workspace_bytes": ([_int, _int, _int, _int], _size),
     "awqe_repack_matmul_nbits": ([_vp, _vp, _vp, _int, _int, _int, _vp, _vp], _int),
     "awqe_gemm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _vp], _int),
-    "awqe_gemm_f16_ex": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _int, _int, _vp], _int),
+    "awqe_gemm_f16_ex": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _int, _vp], _int),
 }
 
 
@@ -114,8 +114,8 @@ def repack_matmul_nbits(b: torch.Tensor, scales: torch.Tensor, zero_points: torc
 
 
 def gemm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         warps_per_tile: int = 0, chunks_per_stage: int = 0) -> torch.Tensor:
-    """y [..., n] = x [..., k] @ W^T (+ bias), fp16; launch-shape arguments 0 let the library choose (see the header)."""
+         warps_per_tile: int = 0) -> torch.Tensor:
+    """y [..., n] = x [..., k] @ W^T (+ bias), fp16; `warps_per_tile` 0 lets the library choose (see the header)."""
     _require(x.is_cuda and x.dtype == torch.float16 and x.shape[-1] == w.k,
              f"x must be an fp16 CUDA tensor [..., {w.k}], got {x.dtype} {tuple(x.shape)} on {x.device}",
              "cast activations to fp16 and move them to the weights' GPU")
@@ -131,6 +131,5 @@ def gemm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, out: 
     lib = load_library()
     with torch.cuda.device(x.device):
         check(lib, lib.awqe_gemm_f16_ex(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0],
-                                        w.n, w.k, w.block_size, None, 0, warps_per_tile, chunks_per_stage,
-                                        _stream(x.device)))
+                                        w.n, w.k, w.block_size, None, 0, warps_per_tile, _stream(x.device)))
     return out

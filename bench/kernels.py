@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (6144, 4096)]
 MS = [1, 4, 8, 16]
 GROUP = 128  # torch's int4 kernel is compared at the same group size
-# (warps_per_tile, chunks_per_stage); 0 = the library's own choice
-SWEEP = {1: [(0, 0), (2, 4), (4, 4), (8, 4), (2, 8), (4, 8), (8, 8)], 16: [(0, 0), (2, 4), (4, 4), (8, 4)]}
+PREFILL_MS = [64, 512]  # beyond the GEMV's range: slices of 16 rows, for comparison with cuBLAS only
+WARP_SWEEP = [0, 1, 2, 4, 8]  # warps per tile at M = 1 and 16; 0 = the library's own choice
 
 
 def build(arch: str) -> None:
@@ -76,7 +76,8 @@ def launch_floor() -> float:
     """Seconds per call of our kernel on a 16 x 64 weight: the fixed cost every call pays in a graph."""
     b, scales, zp = random_matmul_nbits(16, 64, 64)
     w = kernels.repack_matmul_nbits(b, scales, zp, 64, 64)
-    x, y = torch.randn(1, 64, dtype=torch.float16, device="cuda"), torch.empty(1, 16, dtype=torch.float16, device="cuda")
+    x = torch.randn(1, 64, dtype=torch.float16, device="cuda")
+    y = torch.empty(1, 16, dtype=torch.float16, device="cuda")
     return time_per_call(lambda i: kernels.gemm(x, w, out=y), 1)
 
 
@@ -127,12 +128,15 @@ def time_shape(n: int, k: int, l2: int) -> dict:
     for m in MS:
         xs = [torch.randn(m, k, dtype=torch.float16, device="cuda") for _ in range(sets)]
         y = torch.empty(m, n, dtype=torch.float16, device="cuda")
-        by_shape = {f"{w}x{s}": time_per_call(
-            lambda i: kernels.gemm(xs[i], packed[i], out=y, warps_per_tile=w, chunks_per_stage=s), sets)
-            for w, s in SWEEP.get(m, [(0, 0)])}
-        out["ours"][m] = by_shape["0x0"]
-        if len(by_shape) > 1:
-            out["ours_warps"][m] = by_shape
+        by_warps = {w: time_per_call(lambda i: kernels.gemm(xs[i], packed[i], out=y, warps_per_tile=w), sets)
+                    for w in (WARP_SWEEP if m in (1, 16) else [0])}
+        out["ours"][m] = by_warps[0]
+        if len(by_warps) > 1:
+            out["ours_warps"][m] = by_warps
+    for m in PREFILL_MS:
+        xs = [torch.randn(m, k, dtype=torch.float16, device="cuda") for _ in range(sets)]
+        y = torch.empty(m, n, dtype=torch.float16, device="cuda")
+        out["ours"][m] = time_per_call(lambda i: kernels.gemm(xs[i], packed[i], out=y), sets)
     out["ours_sets"], out["ours_packed_bytes"] = sets, packed[0].data.numel()
     del packed
     # torch's tinygemm int4 kernel: bf16 activations, bf16 scales and zeros per group of 128
@@ -150,13 +154,49 @@ def time_shape(n: int, k: int, l2: int) -> dict:
     # fp16 cuBLAS through F.linear
     sets = n_sets_for(2 * n * k, l2)
     w16 = [torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02 for _ in range(sets)]
-    for m in MS:
+    for m in MS + PREFILL_MS:
         xs = [torch.randn(m, k, dtype=torch.float16, device="cuda") for _ in range(sets)]
         out["cublas_f16"][m] = time_per_call(lambda i: F.linear(xs[i], w16[i]), sets)
     out["cublas_f16_sets"] = sets
     del w16
     torch.cuda.empty_cache()
     return out
+
+
+def summarize(n: int, k: int, timing: dict, copy_bw: float, tc_flops: float) -> list[dict]:
+    """Per M: the two floors, each kernel's time and bandwidth, and the ratios from this one run."""
+    nbytes = matmul_nbits_bytes(n, k, GROUP)
+    rows = []
+    for m in MS:
+        ours, int4, f16 = timing["ours"][m], timing["torch_int4"][m], timing["cublas_f16"][m]
+        rows.append({
+            "M": m, "floor_bytes_s": (nbytes + 2 * m * (n + k)) / copy_bw, "floor_flops_s": 2 * m * n * k / tc_flops,
+            "ours_s": ours, "ours_GBps": nbytes / ours / 1e9,
+            "ours_packed_GBps": timing["ours_packed_bytes"] / ours / 1e9, "ours_frac_of_copy": nbytes / ours / copy_bw,
+            "torch_int4_s": int4, "torch_int4_GBps": timing["torch_int4_bytes"] / int4 / 1e9,
+            "cublas_f16_s": f16, "cublas_f16_GBps": 2 * n * k / f16 / 1e9,
+            "speedup_vs_torch_int4": int4 / ours, "speedup_vs_cublas_f16": f16 / ours,
+            "ours_by_warps_s": timing["ours_warps"].get(m),
+        })
+    return rows
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['label']} on {result['device']}: copy {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s "
+          f"(read+write), read {result['read_bandwidth_Bps'] / 1e12:.2f} TB/s, fp16 matmul "
+          f"{result['f16_matmul_flops'] / 1e12:.0f} TFLOP/s, launch floor {result['launch_floor_s'] * 1e6:.1f} us")
+    print(f"{'N x K':>12} {'M':>3} {'floor us':>8} {'ours us':>8} {'GB/s':>6} {'%copy':>6} {'int4 us':>8} "
+          f"{'x int4':>6} {'f16 us':>8} {'x f16':>6}  us by warps per tile (auto, 1, 2, 4, 8)")
+    for s in result["shapes"]:
+        for r in s["rows"]:
+            sweep = " ".join(f"{t * 1e6:.1f}" for t in r["ours_by_warps_s"].values()) if r["ours_by_warps_s"] else ""
+            print(f"{s['N']:>6}x{s['K']:<5} {r['M']:>3} {r['floor_bytes_s'] * 1e6:8.1f} {r['ours_s'] * 1e6:8.1f} "
+                  f"{r['ours_GBps']:6.0f} {100 * r['ours_frac_of_copy']:5.0f}% {r['torch_int4_s'] * 1e6:8.1f} "
+                  f"{r['speedup_vs_torch_int4']:6.2f} {r['cublas_f16_s'] * 1e6:8.1f} {r['speedup_vs_cublas_f16']:6.2f}"
+                  f"  {sweep}")
+    print("prefill (slices of 16 rows) vs fp16 cuBLAS, us: " + "; ".join(
+        f"{s['N']}x{s['K']} M={m}: {p['ours_s'] * 1e6:.0f} vs {p['cublas_f16_s'] * 1e6:.0f}"
+        for s in result["shapes"] for m, p in s["prefill"].items()))
 
 
 def main() -> None:
@@ -171,46 +211,29 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     copy_bw, tc_flops = copy_bandwidth(), matmul_flops()
-    result = {"label": args.label, "device": props.name, "sm_count": props.multi_processor_count, "l2_bytes": l2,
-              "torch": torch.__version__, "group_size": GROUP, "copy_bandwidth_Bps": copy_bw,
-              "f16_matmul_flops": tc_flops, "read_bandwidth_Bps": read_bandwidth(), "launch_floor_s": launch_floor(), "timing": "median per call over 20 CUDA-event-timed graph replays, "
-              "each of >= 32 calls cycling over weight sets totalling >= 2.5x L2", "shapes": []}
+    result = {
+        "label": args.label, "device": props.name, "sm_count": props.multi_processor_count, "l2_bytes": l2,
+        "torch": torch.__version__, "group_size": GROUP, "copy_bandwidth_Bps": copy_bw, "f16_matmul_flops": tc_flops,
+        "read_bandwidth_Bps": read_bandwidth(), "launch_floor_s": launch_floor(),
+        "timing": "median per call over 20 CUDA-event-timed graph replays, each of >= 32 calls cycling over "
+                  "weight sets totalling >= 2.5x L2",
+        "shapes": [],
+    }
     gen = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
         errors = {bs: check_shape(n, k, bs, gen) for bs in kernels.BLOCK_SIZES}
         timing = time_shape(n, k, l2)
-        rows = []
-        for m in MS:
-            nbytes = matmul_nbits_bytes(n, k, GROUP)
-            ours, int4, f16 = timing["ours"][m], timing["torch_int4"][m], timing["cublas_f16"][m]
-            rows.append({
-                "M": m, "floor_bytes_s": (nbytes + 2 * m * (n + k)) / copy_bw, "floor_flops_s": 2 * m * n * k / tc_flops,
-                "ours_s": ours, "ours_GBps": nbytes / ours / 1e9,
-                "ours_packed_GBps": timing["ours_packed_bytes"] / ours / 1e9,
-                "ours_frac_of_copy": nbytes / ours / copy_bw,
-                "torch_int4_s": int4, "torch_int4_GBps": timing["torch_int4_bytes"] / int4 / 1e9,
-                "cublas_f16_s": f16, "cublas_f16_GBps": 2 * n * k / f16 / 1e9,
-                "speedup_vs_torch_int4": int4 / ours, "speedup_vs_cublas_f16": f16 / ours,
-                "ours_by_warps_s": timing["ours_warps"].get(m),
-            })
-        result["shapes"].append({"N": n, "K": k, "matmul_nbits_bytes": nbytes, "rel_error": errors, "rows": rows,
-                                 "sets": {key: timing[key] for key in timing if key.endswith("_sets")}})
+        result["shapes"].append({
+            "N": n, "K": k, "matmul_nbits_bytes": matmul_nbits_bytes(n, k, GROUP), "rel_error": errors,
+            "rows": summarize(n, k, timing, copy_bw, tc_flops),
+            "prefill": {m: {"ours_s": timing["ours"][m], "cublas_f16_s": timing["cublas_f16"][m]} for m in PREFILL_MS},
+            "sets": {key: timing[key] for key in timing if key.endswith("_sets")},
+        })
         print(f"{n}x{k} done, max rel error {max(max(e.values()) for e in errors.values()):.2e}", flush=True)
     result["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{args.label} on {props.name}: copy {copy_bw / 1e12:.2f} TB/s (read+write), read "
-          f"{result['read_bandwidth_Bps'] / 1e12:.2f} TB/s, fp16 matmul {tc_flops / 1e12:.0f} TFLOP/s, "
-          f"launch floor {result['launch_floor_s'] * 1e6:.1f} us")
-    print(f"{'N x K':>12} {'M':>3} {'floor us':>8} {'ours us':>8} {'GB/s':>6} {'%copy':>6} {'int4 us':>8} "
-          f"{'x int4':>6} {'f16 us':>8} {'x f16':>6}  sweep us (warps x stage: " + ", ".join(
-              f"{w}x{s}" for w, s in SWEEP[1]) + ")")
-    for shape in result["shapes"]:
-        for r in shape["rows"]:
-            sweep = " ".join(f"{t * 1e6:.1f}" for t in r["ours_by_warps_s"].values()) if r["ours_by_warps_s"] else ""
-            print(f"{shape['N']:>6}x{shape['K']:<5} {r['M']:>3} {r['floor_bytes_s'] * 1e6:8.1f} {r['ours_s'] * 1e6:8.1f} "
-                  f"{r['ours_GBps']:6.0f} {100 * r['ours_frac_of_copy']:5.0f}% {r['torch_int4_s'] * 1e6:8.1f} "
-                  f"{r['speedup_vs_torch_int4']:6.2f} {r['cublas_f16_s'] * 1e6:8.1f} {r['speedup_vs_cublas_f16']:6.2f}  {sweep}")
+    print_table(result)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an N
 
 # Fake device addresses: the argument checks must reject a call before any CUDA work touches them.
 ALIGNED = 0x10000
-GOOD_GEMM = dict(x=ALIGNED, packed=ALIGNED, bias=None, y=ALIGNED, M=1, N=64, K=576, block_size=64, warps=0, stage=0)
+GOOD_GEMM = dict(x=ALIGNED, packed=ALIGNED, bias=None, y=ALIGNED, M=1, N=64, K=576, block_size=64, warps=0)
 
 
 def call_gemm(lib, **overrides):
     a = {**GOOD_GEMM, **overrides}
     return lib.awqe_gemm_f16_ex(a["x"], a["packed"], a["bias"], a["y"], a["M"], a["N"], a["K"], a["block_size"],
-                                None, 0, a["warps"], a["stage"], None)
+                                None, 0, a["warps"], None)
 
 
 @needs_library
@@ -54,7 +54,6 @@ def test_packed_weight_bytes_counts_tiles_chunks_and_block_parameters(n, k, bloc
     (dict(y=None), kernels.INVALID_ARGUMENT, "y must"),
     (dict(bias=ALIGNED + 1), kernels.INVALID_ARGUMENT, "bias must"),
     (dict(warps=16), kernels.INVALID_ARGUMENT, "warps_per_tile"),
-    (dict(stage=2), kernels.INVALID_ARGUMENT, "chunks_per_stage"),
 ])
 def test_gemm_rejects_bad_arguments_before_any_cuda_call(override, status, fragment):
     lib = kernels.load_library()
@@ -132,17 +131,16 @@ def test_gemm_matches_float64_reference(n, k, block_size, zero_point):
 @needs_library
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 16])
-def test_gemm_agrees_with_reference_for_every_launch_shape(m):
+def test_gemm_agrees_with_reference_for_every_warp_split(m):
     gen = torch.Generator().manual_seed(m)
     dev = torch.device("cuda")
     b, scales, zp, w64 = random_layer(256, 4160, 128, True, dev, gen)  # 66 chunks: uneven splits and a K tail
     w = kernels.repack_matmul_nbits(b, scales, zp, 4160, 128)
     for warps in (1, 2, 4, 8):
-        for stage in (4, 8):
-            x = torch.randn(m, 4160, generator=gen).half().to(dev)
-            y = kernels.gemm(x, w, out=torch.full((m, 256), float("nan"), dtype=torch.float16, device=dev),
-                             warps_per_tile=warps, chunks_per_stage=stage)
-            assert torch.isfinite(y).all() and relative_error(y, x.double() @ w64.T) < 2e-3, f"{warps=} {stage=}"
+        x = torch.randn(m, 4160, generator=gen).half().to(dev)
+        y = kernels.gemm(x, w, out=torch.full((m, 256), float("nan"), dtype=torch.float16, device=dev),
+                         warps_per_tile=warps)
+        assert torch.isfinite(y).all() and relative_error(y, x.double() @ w64.T) < 2e-3, f"{warps=}"
 
 
 @needs_library

@@ -42,8 +42,9 @@ AWQE_API size_t awqe_packed_weight_bytes(int N, int K, int block_size);
 /* B uint8 [N, ceil(K/block_size), block_size/2], scales fp16 [N * n_blocks],
  * zero_points uint8 [N * ceil(n_blocks/2)] (two per byte, low nibble first) or NULL (= 8).
  * `packed` (16-byte aligned, awqe_packed_weight_bytes long) receives the kernels' layout. */
-AWQE_API awqe_status awqe_repack_matmul_nbits(const uint8_t* B, const void* scales_f16, const uint8_t* zero_points_or_null,
-                                     int N, int K, int block_size, void* packed, cudaStream_t stream);
+AWQE_API awqe_status awqe_repack_matmul_nbits(const uint8_t* B, const void* scales_f16,
+                                              const uint8_t* zero_points_or_null, int N, int K, int block_size,
+                                              void* packed, cudaStream_t stream);
 
 /* 0: no workspace is needed for any M. */
 AWQE_API size_t awqe_workspace_bytes(int M, int N, int K, int block_size);
@@ -51,16 +52,14 @@ AWQE_API size_t awqe_workspace_bytes(int M, int N, int K, int block_size);
 /* y [M, N] = x [M, K] @ W^T (+ bias [N]). x and packed 16-byte aligned; K a multiple of 8.
  * M = 0 does nothing. M <= 16 is one pass over the weights; larger M runs in slices of 16 rows. */
 AWQE_API awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
-                          int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
-                          cudaStream_t stream);
+                                   int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
+                                   cudaStream_t stream);
 
-/* awqe_gemm_f16 with its launch shape chosen by the caller, for tuning and benchmarks: warps_per_tile, the warps
- * that share one 16-row tile (1, 2, 4 or 8), and chunks_per_stage, the 64-value chunks a warp loads before it
- * computes (4 or 8; M > 8 always uses 4). 0 = the built-in choice. Every choice computes the same sums, in a
- * different fp32 order. */
+/* awqe_gemm_f16 with the warps that share one 16-row tile chosen by the caller (1, 2, 4 or 8; 0 = the built-in
+ * choice). For tuning and benchmarks; every choice computes the same sums, in a different fp32 order. */
 AWQE_API awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                                       int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
-                                      int warps_per_tile, int chunks_per_stage, cudaStream_t stream);
+                                      int warps_per_tile, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

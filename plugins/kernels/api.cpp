@@ -91,7 +91,7 @@ awqe_status awqe_repack_matmul_nbits(const uint8_t* B, const void* scales_f16, c
 
 awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                              int M, int N, int K, int block_size, void*, size_t, int warps_per_tile,
-                             int chunks_per_stage, cudaStream_t stream) {
+                             cudaStream_t stream) {
     if (awqe_status s = check_shape(N, K, block_size)) return s;
     if (M < 0) return fail(AWQE_ERR_INVALID_ARGUMENT, "M must not be negative, got %d", M);
     if (!x_f16 || !aligned(x_f16, 16))
@@ -105,15 +105,13 @@ awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* 
     if (warps_per_tile != 0 && warps_per_tile != 1 && warps_per_tile != 2 && warps_per_tile != 4 &&
         warps_per_tile != 8)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "warps_per_tile must be 0, 1, 2, 4 or 8, got %d", warps_per_tile);
-    if (chunks_per_stage != 0 && chunks_per_stage != 4 && chunks_per_stage != 8)
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "chunks_per_stage must be 0, 4 or 8, got %d", chunks_per_stage);
     if (M == 0) return AWQE_OK;
     int sms = 0;
     if (awqe_status s = sm_count(&sms)) return s;
     return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
                                          static_cast<const uint16_t*>(bias_f16_or_null),
-                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, warps_per_tile,
-                                         chunks_per_stage, sms, stream),
+                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, warps_per_tile, sms,
+                                         stream),
                        "gemm launch");
 }
 
@@ -121,7 +119,7 @@ awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bia
                           int N, int K, int block_size, void* workspace, size_t workspace_bytes,
                           cudaStream_t stream) {
     return awqe_gemm_f16_ex(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, block_size, workspace,
-                            workspace_bytes, 0, 0, stream);
+                            workspace_bytes, 0, stream);
 }
 
 }  // extern "C"

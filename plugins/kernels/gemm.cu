@@ -14,6 +14,9 @@ namespace awqe {
 namespace {
 
 constexpr int kMaxWarps = 8;
+// Chunks a warp loads before it computes: 4 x 512 bytes in flight per warp. Stages of 8 measured no
+// faster on the H100 (bench/NOTES.md, v3) and need 170 registers.
+constexpr int kStage = 4;
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
@@ -101,20 +104,20 @@ __device__ __forceinline__ void compute_chunk(float (&acc)[MT][4], uint4 w, cons
     }
 }
 
-// One stage: the loads of STAGE consecutive chunks c .. c + STAGE - 1 are all issued before any is used, at
-// constant offsets from one base, so the warp has STAGE * 512 bytes in flight for the price of a few
+// One stage: the loads of kStage consecutive chunks c .. c + kStage - 1 are all issued before any is used, at
+// constant offsets from one base, so the warp has kStage * 512 bytes in flight for the price of a few
 // address instructions. kGuard: chunks from `end` on are skipped, activations past K read as zeros.
-template <int MT, int BS, int STAGE, bool kGuard>
+template <int MT, int BS, bool kGuard>
 __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, const uint2* pt,
                                           const uint16_t* const (&xrow)[MT], int c, int end, int K, int t) {
     constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;  // values per block-scale application
     constexpr int kUnits = kChunkK / kUnitK;
     const uint4* wp = wt + c * 32;
     const uint2* pp = pt + c * kChunkK / BS * 8;  // c is even, so exact for BS = 128 too
-    uint4 w[STAGE], xv[STAGE][MT][2];
-    uint2 p[STAGE][kUnits];
+    uint4 w[kStage], xv[kStage][MT][2];
+    uint2 p[kStage][kUnits];
 #pragma unroll
-    for (int u = 0; u < STAGE; ++u) {
+    for (int u = 0; u < kStage; ++u) {
         if (kGuard && c + u >= end) break;
         w[u] = load_streaming(wp + u * 32);
 #pragma unroll
@@ -124,7 +127,7 @@ __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, 
             load_x<kGuard>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
     }
 #pragma unroll
-    for (int u = 0; u < STAGE; ++u) {
+    for (int u = 0; u < kStage; ++u) {
         if (kGuard && c + u >= end) break;
         compute_chunk<MT, kUnits>(acc, w[u], p[u], xv[u]);
     }
@@ -132,7 +135,7 @@ __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, 
 
 // Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
 // Warp w takes the chunks [w * per_warp, (w + 1) * per_warp) of the tile; per_warp is even.
-template <int MT, int BS, int STAGE>
+template <int MT, int BS>
 __global__ void __launch_bounds__(32 * kMaxWarps)
 gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, const uint2* __restrict__ params,
             const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int M, int N, int K, int chunks,
@@ -152,8 +155,8 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
     const int begin = warp * per_warp, end = min(chunks, begin + per_warp);
     const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
     int c = begin;
-    for (; c + STAGE <= fast_end; c += STAGE) run_stage<MT, BS, STAGE, false>(acc, wt, pt, xrow, c, end, K, t);
-    for (; c < end; c += STAGE) run_stage<MT, BS, STAGE, true>(acc, wt, pt, xrow, c, end, K, t);
+    for (; c + kStage <= fast_end; c += kStage) run_stage<MT, BS, false>(acc, wt, pt, xrow, c, end, K, t);
+    for (; c < end; c += kStage) run_stage<MT, BS, true>(acc, wt, pt, xrow, c, end, K, t);
 
     if (nwarps > 1) {  // the warps of a tile split its chunks: sum their fragments through shared memory
         float* mine = partial + (warp * 32 + lane) * (MT * 4);
@@ -186,50 +189,46 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
 // blocks are resident at once, while every warp keeps at least one full stage of chunks.
-int choose_warps(int blocks, int chunks, int stage, int sm_count) {
+int choose_warps(int blocks, int chunks, int sm_count) {
     int w = 1;
-    while (w < kMaxWarps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && stage * 2 * w <= chunks) w *= 2;
+    while (w < kMaxWarps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && kStage * 2 * w <= chunks) w *= 2;
     return w;
 }
 
-template <int MT, int BS, int STAGE>
+template <int MT, int BS>
 cudaError_t launch(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
                    int warps, int sm_count, cudaStream_t stream) {
     const Layout l = make_layout(N, K, BS);
     const int mslices = (M + 8 * MT - 1) / (8 * MT);
     const int blocks = l.tiles * mslices;
-    if (warps == 0) warps = choose_warps(blocks, l.chunks, STAGE, sm_count);
+    if (warps == 0) warps = choose_warps(blocks, l.chunks, sm_count);
     const int per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const size_t smem = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const uint4* w = static_cast<const uint4*>(packed);
     const uint2* p = reinterpret_cast<const uint2*>(static_cast<const char*>(packed) + l.weight_bytes());
-    gemm_kernel<MT, BS, STAGE><<<blocks, 32 * warps, smem, stream>>>(x, w, p, bias, y, M, N, K, l.chunks,
-                                                                     l.pblocks, mslices, per_warp);
+    gemm_kernel<MT, BS><<<blocks, 32 * warps, smem, stream>>>(x, w, p, bias, y, M, N, K, l.chunks, l.pblocks,
+                                                              mslices, per_warp);
     return cudaGetLastError();
 }
 
-template <int MT, int STAGE>
+template <int MT>
 cudaError_t launch_bs(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
                       int block_size, int warps, int sm_count, cudaStream_t stream) {
     switch (block_size) {
-        case 32: return launch<MT, 32, STAGE>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
-        case 64: return launch<MT, 64, STAGE>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
-        default: return launch<MT, 128, STAGE>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        case 32: return launch<MT, 32>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        case 64: return launch<MT, 64>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        default: return launch<MT, 128>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
     }
 }
 
 }  // namespace
 
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int chunks_per_stage, int sm_count,
-                        cudaStream_t stream) {
-    // One mma n-tile covers M <= 8; beyond, two n-tiles per pass (their activations make 8-chunk stages too
-    // large for the registers), and larger M in slices of 16 rows whose blocks for one tile run side by
-    // side, so the weights' repeat reads come from L2.
-    if (M > 8) return launch_bs<2, 4>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
-    if (chunks_per_stage == 4)
-        return launch_bs<1, 4>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
-    return launch_bs<1, 8>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream) {
+    // One mma n-tile covers M <= 8; beyond, two n-tiles per pass, and larger M in slices of 16 rows whose
+    // blocks for one tile run side by side, so the weights' repeat reads come from L2.
+    if (M <= 8) return launch_bs<1>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+    return launch_bs<2>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
 }
 
 }  // namespace awqe

@@ -48,7 +48,6 @@ cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_
                           int block_size, void* packed, cudaStream_t stream);
 
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int chunks_per_stage, int sm_count,
-                        cudaStream_t stream);
+                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream);
 
 }  // namespace awqe
