@@ -47,7 +47,7 @@ clean:
 DEVICE ?=
 AWQ_EDGE = $(PY) -m awq_edge.cli
 ENGINE_QUANT_ARGS ?= --n-samples $(DEMO_SAMPLES)
-TRT_PLUGIN_BUILD ?= plugins/tensorrt/build
+TRT_PLUGIN_BUILD ?= plugins/build/tensorrt
 TRT_PLUGIN ?= $(TRT_PLUGIN_BUILD)/libawq_edge_trt_plugin.so
 MODEL_TAG = $(notdir $(MODEL))
 # Set by `engine` from the device profile for the sub-make that runs the steps.
