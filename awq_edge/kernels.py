@@ -27,6 +27,7 @@ _SIGNATURES = {
     "awqe_packed_weight_bytes": ([_int, _int, _int], _size),
     "awqe_workspace_bytes": ([_int, _int, _int, _int], _size),
     "awqe_repack_matmul_nbits": ([_vp, _vp, _vp, _int, _int, _int, _vp, _vp], _int),
+    "awqe_dequantize_f16": ([_vp, _int, _int, _int, _vp, _vp], _int),
     "awqe_gemm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _vp], _int),
     "awqe_gemm_f16_ex": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _int, _vp], _int),
 }
@@ -132,4 +133,17 @@ def gemm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, out: 
     with torch.cuda.device(x.device):
         check(lib, lib.awqe_gemm_f16_ex(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0],
                                         w.n, w.k, w.block_size, None, 0, warps_per_tile, _stream(x.device)))
+    return out
+
+
+def dequantize(w: PackedInt4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense fp16 W [n, k] = (q - zero) * scale: for products whose M is too large for `gemm` to win."""
+    if out is None:
+        out = torch.empty(w.n, w.k, dtype=torch.float16, device=w.data.device)
+    _require(out.dtype == torch.float16 and out.is_contiguous() and out.numel() == w.n * w.k,
+             f"out must be a contiguous fp16 tensor of {w.n * w.k} values", "let dequantize allocate it")
+    lib = load_library()
+    with torch.cuda.device(w.data.device):
+        check(lib, lib.awqe_dequantize_f16(w.data.data_ptr(), w.n, w.k, w.block_size, out.data_ptr(),
+                                           _stream(w.data.device)))
     return out

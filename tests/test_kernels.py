@@ -144,6 +144,26 @@ def test_gemm_agrees_with_reference_for_every_warp_split(m):
 
 
 @needs_library
+def test_dequantize_rejects_bad_arguments_before_any_cuda_call():
+    lib = kernels.load_library()
+    assert lib.awqe_dequantize_f16(ALIGNED, 64, 576, 64, ALIGNED + 1, None) == kernels.INVALID_ARGUMENT
+    assert "w must" in lib.awqe_last_error().decode()
+    assert lib.awqe_dequantize_f16(ALIGNED, 64, 576, 96, ALIGNED, None) == kernels.INVALID_ARGUMENT
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("block_size", kernels.BLOCK_SIZES)
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_dequantize_gives_the_fp16_rounding_of_the_float64_weights(block_size, zero_point):
+    gen = torch.Generator().manual_seed(block_size + zero_point)
+    b, scales, zp, w64 = random_layer(200, 584, block_size, zero_point, torch.device("cuda"), gen)
+    w = kernels.repack_matmul_nbits(b, scales, zp, 584, block_size)
+    out = kernels.dequantize(w, out=torch.full((200, 584), float("nan"), dtype=torch.float16, device="cuda"))
+    assert torch.equal(out, w64.half())  # (q - zero) * scale is exact in fp32, so one rounding to fp16
+
+
+@needs_library
 @needs_gpu
 def test_gemm_reports_a_misaligned_activation_as_invalid_argument():
     gen = torch.Generator().manual_seed(0)

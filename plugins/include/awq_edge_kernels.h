@@ -46,6 +46,11 @@ AWQE_API awqe_status awqe_repack_matmul_nbits(const uint8_t* B, const void* scal
                                               const uint8_t* zero_points_or_null, int N, int K, int block_size,
                                               void* packed, cudaStream_t stream);
 
+/* W [N, K] = (q - zero) * scale as dense fp16 (2-byte aligned, N * K values), from the packed layout: for callers
+ * that run large-M products (prefill) through a dense GEMM, where that beats awqe_gemm_f16's slices of 16. */
+AWQE_API awqe_status awqe_dequantize_f16(const void* packed, int N, int K, int block_size, void* w_f16,
+                                         cudaStream_t stream);
+
 /* 0: no workspace is needed for any M. */
 AWQE_API size_t awqe_workspace_bytes(int M, int N, int K, int block_size);
 

@@ -89,6 +89,15 @@ awqe_status awqe_repack_matmul_nbits(const uint8_t* B, const void* scales_f16, c
                        "repack launch");
 }
 
+awqe_status awqe_dequantize_f16(const void* packed, int N, int K, int block_size, void* w_f16, cudaStream_t stream) {
+    if (awqe_status s = check_shape(N, K, block_size)) return s;
+    if (!packed || !aligned(packed, 16))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "packed must be a non-null, 16-byte aligned buffer");
+    if (!w_f16 || !aligned(w_f16, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "w must be a non-null, 2-byte aligned fp16 array");
+    return cuda_status(awqe::launch_dequantize(packed, N, K, block_size, w_f16, stream), "dequantize launch");
+}
+
 awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                              int M, int N, int K, int block_size, void*, size_t, int warps_per_tile,
                              cudaStream_t stream) {

@@ -47,6 +47,8 @@ inline Layout make_layout(int N, int K, int block_size) {
 cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_t* zero_points, int N, int K,
                           int block_size, void* packed, cudaStream_t stream);
 
+cudaError_t launch_dequantize(const void* packed, int N, int K, int block_size, void* w, cudaStream_t stream);
+
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
                         int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream);
 

@@ -1,4 +1,5 @@
-// One-time repack, device to device, of MatMulNBits tensors into the layout of layout.cuh.
+// One-time repack, device to device, of MatMulNBits tensors into the layout of layout.cuh, and its inverse
+// to dense fp16 weights for callers that hand large-M products to a dense GEMM.
 #include <cuda_fp16.h>
 
 #include "layout.cuh"
@@ -54,6 +55,30 @@ __global__ void repack_params(const uint16_t* __restrict__ scales, const uint8_t
     }
 }
 
+// One thread per packed word: its eight weights (q - zero) * scale, written to W [N, K] where they exist.
+__global__ void dequantize_weights(const uint32_t* __restrict__ packed, const uint2* __restrict__ params,
+                                   __half* __restrict__ w, int N, int K, int block_size, Layout l) {
+    const size_t words = (size_t)l.tiles * l.chunks * 128;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
+        const int s = i & 3, lane = (i >> 2) & 31;
+        const int chunk = (i >> 7) % l.chunks, tile = (i >> 7) / l.chunks;
+        const int g = lane >> 2, t = lane & 3;
+        const uint32_t word = packed[i];
+        for (int n = 0; n < 8; ++n) {
+            const int row = tile * kTileRows + g + 8 * (n & 1);
+            const int k = chunk * kChunkK + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + (n >> 2) + 2 * ((n >> 1) & 1);
+            if (row >= N || k >= K) continue;
+            const uint2 p = params[((size_t)tile * l.pblocks + k / block_size) * 8 + g];
+            const __half2 sc = *reinterpret_cast<const __half2*>(&p.x), zc = *reinterpret_cast<const __half2*>(&p.y);
+            // Undo the constants repack_params stored: .y = (1024 + zero[g], -(64 + zero[g + 8])).
+            const float zero = (n & 1) ? -__high2float(zc) - 64.f : __low2float(zc) - 1024.f;
+            const float scale = (n & 1) ? __high2float(sc) : __low2float(sc);
+            const float q = (word >> (4 * n)) & 0xF;
+            w[(size_t)row * K + k] = __float2half_rn((q - zero) * scale);
+        }
+    }
+}
+
 unsigned grid_for(size_t items, int threads) {
     const size_t blocks = (items + threads - 1) / threads;
     return (unsigned)(blocks < 65535 ? blocks : 65535);
@@ -72,6 +97,14 @@ cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_
     uint2* params = reinterpret_cast<uint2*>(static_cast<char*>(packed) + l.weight_bytes());
     repack_params<<<grid_for((size_t)l.tiles * l.pblocks * 8, threads), threads, 0, stream>>>(scales, zero_points,
                                                                                                params, N, l);
+    return cudaGetLastError();
+}
+
+cudaError_t launch_dequantize(const void* packed, int N, int K, int block_size, void* w, cudaStream_t stream) {
+    const Layout l = make_layout(N, K, block_size);
+    const uint2* params = reinterpret_cast<const uint2*>(static_cast<const char*>(packed) + l.weight_bytes());
+    dequantize_weights<<<grid_for((size_t)l.tiles * l.chunks * 128, 256), 256, 0, stream>>>(
+        static_cast<const uint32_t*>(packed), params, static_cast<__half*>(w), N, K, block_size, l);
     return cudaGetLastError();
 }
 
