@@ -8,16 +8,16 @@ from awq_edge.export.save import genai_config, write_folder
 from awq_edge.export.source import Checkpoint
 
 
-def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions()) -> Path:
+def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_float: bool = False) -> Path:
     """Build the decoder graph from the checkpoint and write the folder; returns its path."""
-    ck = Checkpoint(quant_dir)
+    ck = Checkpoint(quant_dir, allow_float)
     model = build_decoder(ck, opts)
     gen_path = ck.folder / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     genai = genai_config(ck.config, generation, model, dims_of(ck.config))
     extra = {
         "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
-        "accuracy_level": opts.accuracy_level, "group_size": ck.group_size, "model_type": ck.config["model_type"],
+        "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits, "group_size": ck.group_size, "model_type": ck.config["model_type"],
     }
     out = Path(out_dir)
     write_folder(out, model, genai, ck.folder, extra)
@@ -26,7 +26,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions()) -> Path:
 
 def run(args) -> int:
     opts = ExportOptions(target=args.target, dtype=args.dtype, trt_native=args.trt_native,
-                         accuracy_level=4 if args.int8_activations else 0)
+                         accuracy_level=4 if args.int8_activations else 0, head_bits=args.head_bits)
     out = export(args.quant_dir, args.output, opts)
     print(f"wrote {out}")
     return 0
@@ -44,4 +44,7 @@ def register(subparsers):
                    help="with --target trt: int4 DequantizeLinear + MatMul (symmetric checkpoints only)")
     p.add_argument("--int8-activations", action="store_true",
                    help="MatMulNBits accuracy_level 4: int8 activations, faster on CPU, slightly less exact")
+    p.add_argument("--head-bits", type=int, choices=(8, 4), default=0,
+                   help="with --target ort: round the float lm_head (and tied embeddings) to 8 or 4 bits, "
+                        "smaller and faster on CPU; the only option that changes the checkpoint's numbers")
     p.set_defaults(func=run)

@@ -7,6 +7,7 @@ import torch
 from onnx import TensorProto, helper
 
 from awq_edge.errors import AwqEdgeError
+from awq_edge.quant import QConfig, quantize
 from awq_edge.export import ops
 from awq_edge.export.source import Checkpoint, FloatLinear, QuantLinear
 
@@ -25,6 +26,7 @@ class ExportOptions:
     dtype: str = "fp32"
     trt_native: bool = False  # trt only: int4 DequantizeLinear + MatMul instead of MatMulNBits
     accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 activations (faster on CPU)
+    head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def project(g: ops.Graph, x: str, name: str, lin, opts: ExportOptions) -> str:
             )
         y = ops.dequantize_matmul(g, x, name, lin.q, lin.scales, lin.group_size)
     else:
-        y = ops.matmul_nbits(g, x, name, lin.q, lin.scales, lin.zeros, lin.group_size, opts.accuracy_level)
+        weights = ops.nbits_weights(g, name, lin.q, lin.scales, lin.zeros, lin.group_size)
+        y = ops.matmul_nbits(g, x, name, weights, lin.shape[1], lin.shape[0], lin.group_size, opts.accuracy_level)
     return ops.add_bias(g, y, name, lin.bias)
 
 
@@ -168,8 +171,44 @@ def rename_output(g: ops.Graph, old: str, new: str):
                 node.input[j] = new
 
 
-def lm_head(g, ck, d, x, opts):
-    """Logits [B, S, V]; tied embeddings reuse the embedding table through Gemm(transB)."""
+def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
+    """MatMulNBits weights of the lm_head rounded to opts.head_bits (RTN, zero points, the checkpoint's group).
+
+    The float head is the largest tensor a small model reads per token; this
+    is the one place the export changes the checkpoint's numbers, so it is opt-in.
+    """
+    if not opts.head_bits:
+        return None
+    if opts.target != "ort" or opts.head_bits not in (4, 8):
+        raise AwqEdgeError(f"--head-bits {opts.head_bits} with --target {opts.target}",
+                           "use --head-bits 8 or 4 with --target ort, or drop it")
+    if "lm_head.qweight" in ck:
+        raise AwqEdgeError("the checkpoint's lm_head is already 4-bit", "export without --head-bits")
+    group = ck.group_size or 64
+    if d.hidden % group:
+        raise AwqEdgeError(f"hidden size {d.hidden} is not a multiple of the group size {group}",
+                           "export without --head-bits")
+    name = "lm_head.weight" if "lm_head.weight" in ck and not d.tied else "model.embed_tokens.weight"
+    q, scales, zeros = quantize(ck.float_tensor(name), QConfig(opts.head_bits, group, zero_point=True))
+    return ops.nbits_weights(g, "lm_head", q, scales, zeros, group, opts.head_bits), group
+
+
+def embeddings(g: ops.Graph, ck: Checkpoint, d: Dims, head, opts: ExportOptions) -> str:
+    """Token embeddings [B, S, H]; tied to a quantised head, they are gathered from its integer table."""
+    if head is not None and d.tied:
+        weights, group = head
+        return ops.gather_block_quantized(g, "input_ids", "/model/embed_tokens", weights, d.vocab, group,
+                                          opts.head_bits)
+    g.weight("model.embed_tokens.weight", ck.float_tensor("model.embed_tokens.weight"))
+    return g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+
+
+def lm_head(g, ck, d, x, head, opts):
+    """Logits [B, S, V]; a tied float head reuses the embedding table through Gemm(transB)."""
+    if head is not None:
+        weights, group = head
+        return ops.matmul_nbits(g, x, "lm_head", weights, d.hidden, d.vocab, group, opts.accuracy_level,
+                                opts.head_bits)
     if "lm_head.qweight" in ck or ("lm_head.weight" in ck and not d.tied):
         return project(g, x, "lm_head", ck.linear("lm_head"), opts)
     flat = ops.reshape(g, x, [-1, d.hidden], "/lm_head/flat")
@@ -208,8 +247,8 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
     g = ops.Graph(opts.dtype)
     io_spec(g, d, opts)
     cos, sin = rope_tables(ck.config, d)
-    g.weight("model.embed_tokens.weight", ck.float_tensor("model.embed_tokens.weight"))
-    h = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+    head = quantized_head(g, ck, d, opts)
+    h = embeddings(g, ck, d, head, opts)
 
     if opts.target == "ort":
         cos_c, sin_c = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
@@ -249,7 +288,7 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
         m = mlp(g, ck, x, i, opts)
         nxt = f"model.layers.{i + 1}.input_layernorm" if i + 1 < d.layers else "model.norm"
         x, residual = skip_norm(m, residual, nxt)
-    rename_output(g, lm_head(g, ck, d, x, opts), "logits")
+    rename_output(g, lm_head(g, ck, d, x, head, opts), "logits")
 
     graph = helper.make_graph(g.nodes, "awq_edge_decoder", g.inputs, g.outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(ops.MS, 1)]

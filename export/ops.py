@@ -63,20 +63,27 @@ def scalar(g: Graph, value: float) -> str:
     return key
 
 
-def matmul_nbits(g: Graph, x: str, base: str, q, scales, zeros, block_size: int, accuracy_level: int) -> str:
-    """com.microsoft MatMulNBits: x [..., K] @ W^T for a 4-bit W [N, K] with per-block zero points."""
-    n, k = q.shape
-    t = to_matmul_nbits(q, scales, zeros, block_size, bits=4)
-    inputs = [
-        x,
-        g.const(f"{base}.qweight", t["B"]),
-        g.weight(f"{base}.scales", t["scales"]),
-        g.const(f"{base}.qzeros", t["zero_points"]),
-    ]
+def nbits_weights(g: Graph, base: str, q, scales, zeros, block_size: int, bits: int = 4):
+    """MatMulNBits' B, scales and zero-point initializers for W [N, K] = q (same integers, no re-rounding)."""
+    t = to_matmul_nbits(q, scales, zeros, block_size, bits=bits)
+    return (g.const(f"{base}.qweight", t["B"]), g.weight(f"{base}.scales", t["scales"]),
+            g.const(f"{base}.qzeros", t["zero_points"]))
+
+
+def matmul_nbits(g: Graph, x: str, base: str, weights, k: int, n: int, block_size: int, accuracy_level: int,
+                 bits: int = 4) -> str:
+    """com.microsoft MatMulNBits: x [..., K] @ W^T for W [N, K] given as `nbits_weights`."""
     return g.node(
-        "MatMulNBits", inputs, f"{base}/MatMulNBits", domain=MS,
-        K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level,
+        "MatMulNBits", [x, *weights], f"{base}/MatMulNBits", domain=MS,
+        K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
     )
+
+
+def gather_block_quantized(g: Graph, ids: str, base: str, weights, rows: int, block_size: int, bits: int) -> str:
+    """Embedding lookup straight from MatMulNBits weights [V, H] (tied embeddings share the lm_head's)."""
+    b, scales, zeros = (reshape(g, w, [rows, -1], f"{base}/{i}") for i, w in enumerate(weights))
+    return g.node("GatherBlockQuantized", [b, ids, scales, zeros], f"{base}/GatherBlockQuantized", domain=MS,
+                  gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
 
 
 def dequantize_matmul(g: Graph, x: str, base: str, q, scales, block_size: int) -> str:

@@ -43,14 +43,17 @@ class FloatLinear:
 
 
 class Checkpoint:
-    """Lazy view of a quantised checkpoint: its config and its tensors by name."""
+    """Lazy view of a quantised checkpoint: its config and its tensors by name.
 
-    def __init__(self, folder):
+    allow_float also accepts a plain float Hugging Face folder (the float
+    baseline an int4 export is compared with).
+    """
+
+    def __init__(self, folder, allow_float: bool = False):
         self.folder = Path(folder)
-        self.config = read_config(self.folder)
-        qc = self.config["quantization_config"]
-        self.group_size = int(qc["group_size"])
-        self.zero_point = bool(qc.get("zero_point", True))
+        self.config = read_config(self.folder, allow_float)
+        qc = self.config.get("quantization_config", {})
+        self.group_size = int(qc.get("group_size", 0))
         self._files = tensor_files(self.folder)
 
     def __contains__(self, name: str) -> bool:
@@ -77,7 +80,7 @@ class Checkpoint:
         raise AwqEdgeError(f"{self.folder} has neither {name}.qweight nor {name}.weight", "re-create the checkpoint")
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, allow_float: bool = False) -> dict:
     """config.json of a 4-bit AWQ GEMM checkpoint of a supported architecture, or a clear error."""
     path = folder / "config.json"
     if not folder.is_dir() or not path.is_file():
@@ -90,7 +93,9 @@ def read_config(folder: Path) -> dict:
     except json.JSONDecodeError as e:
         raise AwqEdgeError(f"{path} is not valid JSON ({e})", "re-create the checkpoint with `awq-edge quantize`")
     qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "awq":
+    if qc is None and allow_float:
+        qc = {}
+    elif not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "awq":
         raise AwqEdgeError(
             f"{folder} is not an AWQ checkpoint (config.json has no quantization_config with quant_method 'awq')",
             "quantise it first with `awq-edge quantize MODEL -o DIR` and export DIR",

@@ -270,3 +270,22 @@ def test_session_outputs_use_the_names_genai_expects(tmp_path, ckpt):
     out = export(ckpt[0], tmp_path / "onnx")
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_bits_export_equals_pytorch_with_that_head_rounded(tmp_path, tied, bits):
+    model, _ = write_checkpoint(tmp_path / "ck", tied=tied)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(head_bits=bits))
+    q, scales, zeros = quantize(model.lm_head.weight.data, QConfig(bits, 32, zero_point=True))
+    model.lm_head.weight.data = dequantize(q, scales, zeros, 32)  # tied: the embeddings too
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+    used = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert ("GatherBlockQuantized" in used) == tied and "Gemm" not in used
+
+
+def test_head_bits_is_refused_for_tensorrt(tmp_path, ckpt):
+    with pytest.raises(AwqEdgeError, match="--head-bits 8 with --target trt"):
+        export(ckpt[0], tmp_path / "onnx", ExportOptions(target="trt", head_bits=8))
