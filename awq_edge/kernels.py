@@ -41,10 +41,15 @@ class KernelError(AwqEdgeError):
         self.status = status
 
 
+def library_path() -> Path:
+    """$AWQ_EDGE_KERNELS_LIB, else the library `make plugins` builds in plugins/build."""
+    return Path(os.environ.get(LIB_ENV) or DEFAULT_LIB)
+
+
 @lru_cache(maxsize=None)
 def load_library(path: str | None = None) -> ctypes.CDLL:
-    """The kernel library at `path`, $AWQ_EDGE_KERNELS_LIB or plugins/build, with its C signatures declared."""
-    lib_path = Path(path or os.environ.get(LIB_ENV) or DEFAULT_LIB)
+    """The kernel library at `path` (default: `library_path()`), with its C signatures declared."""
+    lib_path = Path(path) if path else library_path()
     if not lib_path.is_file():
         raise AwqEdgeError(
             f"the CUDA kernel library {lib_path} does not exist",

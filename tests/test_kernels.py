@@ -8,8 +8,8 @@ from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import to_matmul_nbits
 from awq_edge.quant import QConfig, dequantize, quantize
 
-needs_library = pytest.mark.skipif(not kernels.DEFAULT_LIB.is_file(),
-                                   reason=f"{kernels.DEFAULT_LIB} not built (run `make plugins`)")
+needs_library = pytest.mark.skipif(not kernels.library_path().is_file(),
+                                   reason=f"{kernels.library_path()} not built (run `make plugins`)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 # Fake device addresses: the argument checks must reject a call before any CUDA work touches them.
