@@ -1,4 +1,7 @@
-"""Engine build benchmark: TensorRT engine size and build time for each device -> bench/results/engine.json."""
+"""Engine build benchmark: TensorRT engine size and build time per device -> bench/results/engine.json.
+
+Run as `python -P bench/engine.py ONNX_DIR` (-P: bench/onnx.py must not shadow the onnx package).
+"""
 
 import argparse
 import json
