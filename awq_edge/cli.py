@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    # Our own bars show per-layer progress; transformers' per-tensor loading bars are noise.
+    hf_logging.disable_progress_bar()
     try:
         result = args.func(args)
     except AwqEdgeError as e:

@@ -43,16 +43,19 @@ def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def group_qparams(wg: torch.Tensor, cfg: QConfig):
-    """Scales and integer zero points [out, n_groups] for grouped weights [out, n_groups, g]."""
+    """Scales and integer zero points [out, n_groups] for grouped weights [out, n_groups, g].
+
+    Scales are rounded to fp16, as checkpoints store them, so the search sees what is deployed.
+    """
     if cfg.zero_point:
         max_int = 2**cfg.w_bit - 1
         w_max = wg.amax(dim=-1)
         w_min = wg.amin(dim=-1)
-        scales = (w_max - w_min).clamp(min=1e-5) / max_int
+        scales = ((w_max - w_min).clamp(min=1e-5) / max_int).half().float()
         zeros = (-torch.round(w_min / scales)).clamp(0, max_int)
     else:
         max_int = 2 ** (cfg.w_bit - 1) - 1
-        scales = wg.abs().amax(dim=-1).clamp(min=1e-5) / max_int
+        scales = (wg.abs().amax(dim=-1).clamp(min=1e-5) / max_int).half().float()
         zeros = torch.full_like(scales, 2 ** (cfg.w_bit - 1))
     return scales, zeros
 
@@ -75,8 +78,6 @@ def quantize(w: torch.Tensor, cfg: QConfig):
     """
     wg = to_groups(w.float(), cfg.group_size)
     scales, zeros = group_qparams(wg, cfg)
-    # Checkpoints store fp16 scales: round first so the integers match them.
-    scales = scales.half().float()
     q = quantize_groups(wg, scales, zeros, cfg.w_bit)
     return from_groups(q, w.shape[1]).to(torch.uint8), scales, zeros.to(torch.uint8)
 

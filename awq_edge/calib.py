@@ -1,0 +1,83 @@
+"""Calibration text: the user's file, or offline text that every Python install carries."""
+
+import ast
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from awq_edge.errors import AwqEdgeError
+
+BUILTIN = "builtin"
+
+
+def builtin_texts(n_chars: int) -> list:
+    """Docstrings of the Python standard library, read with ast (nothing is imported).
+
+    English prose about many subjects, present on every machine that runs us,
+    so calibration needs no download. Files are visited in a fixed shuffled
+    order so the text is spread over the library, not its first modules.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not ({"test", "tests", "idlelib", "site-packages"} & set(p.parts)))
+    random.Random(0).shuffle(files)
+    texts, total = [], 0
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    texts.append(doc)
+                    total += len(doc)
+        if total >= n_chars:
+            break
+    return texts
+
+
+def read_texts(path: Path) -> list:
+    """Plain text (one document) or JSON lines with a "text" field."""
+    if not path.is_file():
+        raise AwqEdgeError(f"calibration file {path} not found", "pass an existing text or .jsonl file to --calib")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AwqEdgeError(f"{path}:{i} is not a JSON object with a \"text\" field", "write one {\"text\": ...} object per line") from None
+    else:
+        texts = [raw]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise AwqEdgeError(f"calibration file {path} has no text", "pass a file with at least a few thousand words")
+    return texts
+
+
+def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int) -> torch.Tensor:
+    """[n, seqlen] token ids: the text joined, tokenised, cut into blocks, n spread evenly over it."""
+    if n_samples < 1 or seqlen < 2:
+        raise AwqEdgeError(f"n_samples={n_samples}, seqlen={seqlen}", "use --n-samples >= 1 and --seqlen >= 2")
+    need = n_samples * seqlen
+    texts = builtin_texts(need * 6) if source == BUILTIN else read_texts(Path(source))
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n_blocks = ids.numel() // seqlen
+    if n_blocks == 0:
+        raise AwqEdgeError(
+            f"calibration text has {ids.numel()} tokens, fewer than one block of {seqlen}",
+            "give more text or a smaller --seqlen",
+        )
+    blocks = ids[: n_blocks * seqlen].view(n_blocks, seqlen)
+    if n_blocks < n_samples:
+        print(f"calibration: only {n_blocks} blocks of {seqlen} tokens in the text (asked for {n_samples})", flush=True)
+        return blocks
+    pick = torch.linspace(0, n_blocks - 1, n_samples).round().long()
+    return blocks[pick]

@@ -1,0 +1,122 @@
+"""The quantiser's subcommands: `awq-edge quantize` and `awq-edge eval`."""
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from awq_edge import calib
+from awq_edge.arch import get_adapter
+from awq_edge.checkpoint import check_awq_shapes, load_quantized_model, save_quantized
+from awq_edge.errors import AwqEdgeError
+from awq_edge.eval import perplexity, text_tokens
+from awq_edge.model import load_config, load_float_model, resolve_model_dir
+from awq_edge.quant import QConfig
+from awq_edge.quantize import METHODS, quantize_model
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AwqEdgeError("--device cuda asked for, but torch sees no CUDA GPU", "use --device cpu or a CUDA build of torch")
+    return name
+
+
+def decoder_linear_shapes(model, adapter) -> dict:
+    layers = adapter.layers(model)
+    return {f"{adapter.layers_path}.{i}.{n}": (m.out_features, m.in_features)
+            for i, layer in enumerate(layers) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def run_quantize(args) -> int:
+    cfg = QConfig(args.w_bit, args.group_size, not args.no_zero_point)
+    if cfg.w_bit != 4:
+        raise AwqEdgeError(f"--w-bit {cfg.w_bit}: the AutoAWQ checkpoint holds 4-bit weights only",
+                           "use --w-bit 4 (other widths are evaluated by bench/quality.py)")
+    device = pick_device(args.device)
+    path = resolve_model_dir(args.model)
+    adapter = get_adapter(load_config(path).model_type)
+    model, tokenizer = load_float_model(path)
+    shapes = decoder_linear_shapes(model, adapter)
+    check_awq_shapes(shapes, cfg.group_size)
+    if args.keep_8bit < 0 or args.keep_8bit > len(shapes):
+        raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} out of range", f"use 0..{len(shapes)}")
+    source = args.calib or calib.BUILTIN
+    calibrate = args.method == "awq" or args.sensitivity or args.keep_8bit
+    if calibrate:
+        ids = calib.calibration_blocks(tokenizer, source, args.n_samples, args.seqlen)
+    else:
+        ids = torch.zeros(1, 2, dtype=torch.long)  # RTN alone needs only the layers' call arguments
+    print(f"{args.method} w{cfg.w_bit} g{cfg.group_size} zero_point={cfg.zero_point} on {path} "
+          f"({len(shapes)} linears; calibration: {source}, {tuple(ids.shape)} tokens) on {device}", flush=True)
+    result = quantize_model(model, adapter, cfg, args.method, ids, keep_8bit=args.keep_8bit, device=device)
+    meta = {"method": args.method, "group_size": cfg.group_size, "symmetric": not cfg.zero_point,
+            "source_model": str(args.model), "calibration": source if calibrate else None,
+            "n_samples": int(ids.shape[0]) if calibrate else 0, "seqlen": args.seqlen,
+            "quantize_seconds": result.report["seconds"]}
+    out = save_quantized(model, tokenizer, result, Path(args.output), meta)
+    if args.sensitivity or args.keep_8bit:
+        report = {"sensitivity": result.report["sensitivity"], "alphas": result.report["alphas"],
+                  "int8_modules": result.report.get("int8_modules", [])}
+        (out / "sensitivity.json").write_text(json.dumps(report, indent=2) + "\n")
+        worst = sorted(report["sensitivity"].items(), key=lambda kv: kv[1], reverse=True)[:10]
+        print("most sensitive linears (relative output error at 4 bits):")
+        for name, err in worst:
+            print(f"  {err:.3e}  {name}{'  -> 8 bit' if name in report['int8_modules'] else ''}")
+    print(f"wrote {out} in {result.report['seconds']} s, peak RSS {peak_rss_mb():.0f} MB", flush=True)
+    return 0
+
+
+def run_eval(args) -> int:
+    device = pick_device(args.device)
+    path = Path(args.model)
+    if (path / "config.json").is_file() and "quantization_config" in json.loads((path / "config.json").read_text()):
+        model, tokenizer = load_quantized_model(path)
+    else:
+        path = resolve_model_dir(args.model)
+        model, tokenizer = load_float_model(path)
+    model.to(device)
+    text = Path(args.text) if args.text else None
+    if text is None:
+        raise AwqEdgeError("no evaluation text given", "pass --text FILE (e.g. WikiText-2 test.txt)")
+    ids = text_tokens(tokenizer, text, args.max_tokens)
+    t0 = time.perf_counter()
+    res = perplexity(model, tokenizer, ids, args.seqlen, device=device)
+    res.update({"model": str(args.model), "text": str(text), "seconds": round(time.perf_counter() - t0, 1)})
+    print(json.dumps(res) if args.json else f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
+          f"(seqlen {res['seqlen']}, {res['windows']} windows) in {res['seconds']} s")
+    return 0
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quantize", help="quantise a model's linears to 4 bits (AWQ or RTN)")
+    q.add_argument("model", help="builtin model name (smollm2-135m) or a local Hugging Face folder")
+    q.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    q.add_argument("--method", choices=METHODS, default="awq")
+    q.add_argument("--w-bit", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--no-zero-point", action="store_true", help="symmetric weights (needed by TensorRT's native int4)")
+    q.add_argument("--calib", help="calibration text (plain text or .jsonl with a text field); default: builtin")
+    q.add_argument("--n-samples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--sensitivity", action="store_true", help="report each linear's output error")
+    q.add_argument("--keep-8bit", type=int, default=0, metavar="N", help="keep the N most sensitive linears at 8 bits")
+    q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    q.set_defaults(func=run_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a float or quantised model on a text file")
+    e.add_argument("model", help="builtin model name, Hugging Face folder, or quantised checkpoint")
+    e.add_argument("--text", help="UTF-8 text file")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=run_eval)

