@@ -17,6 +17,7 @@ _INSTALL_HINT = {
                 "(`sudo apt install python3-libnvinfer`), see docs/deploying-to-jetson.md",
     "tensorrt_rtx": "`pip install tensorrt-rtx==1.7.1.116` (builds RTX engines on any x86-64 Linux, GPU or not)",
 }
+KERNELS_LIBRARY = "libawq_edge_kernels.so"
 # CUdevice_attribute values of CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR (cuda.h).
 _CC_MAJOR, _CC_MINOR = 75, 76
 
@@ -44,7 +45,7 @@ def current_compute_capability():
     return f"{major.value}.{minor.value}"
 
 
-def _check_rtx_plugin_loader(trt) -> None:
+def _check_rtx_plugin_loader() -> None:
     # TensorRT-RTX's MatMulNBits importer dlopens "libtensorrt_rtx.so", which the wheel ships only as
     # ".so.1"; without it the parser aborts the whole process (std::terminate), so check first.
     try:
@@ -105,7 +106,7 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
     builder = trt.Builder(logger)
     if plugin_library is not None:
         if profile.tensorrt == "tensorrt_rtx" and int4["matmul_nbits"]:
-            _check_rtx_plugin_loader(trt)
+            _check_rtx_plugin_loader()
         builder.get_plugin_registry().load_library(str(Path(plugin_library).absolute()))
     # The parser owns the weights the network points at: keep it alive until the engine is serialized.
     network, _parser = _parse(trt, builder, logger, onnx_dir)
@@ -134,7 +135,7 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
                              model_sha256=engine.model_hash(onnx_dir), kv=kv, max_seq=max_seq, profiles=shapes,
                              int4=int4, plugin_library=plugin_library, engine_bytes=serialized.nbytes,
                              build_seconds=seconds)
-    _write_engine_dir(out_dir, bytes(serialized), record)
+    _write_engine_dir(out_dir, bytes(serialized), record, _plugin_files(plugin_library))
     if cache_path is not None:
         _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return record
@@ -147,7 +148,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_engine_dir(out_dir: Path, plan: bytes, record: dict) -> None:
+def _plugin_files(plugin_library) -> list:
+    """The plugin and the kernels library it loads through its $ORIGIN rpath, to ship beside the engine."""
+    if plugin_library is None:
+        return []
+    plugin = Path(plugin_library)
+    kernels = plugin.parent / KERNELS_LIBRARY
+    return [plugin] + ([kernels] if kernels.is_file() else [])
+
+
+def _write_engine_dir(out_dir: Path, plan: bytes, record: dict, libraries=()) -> None:
     """Fill a temporary folder beside out_dir, then swap it in; a failed build leaves the old engine."""
     out_dir = out_dir.absolute()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -158,6 +168,8 @@ def _write_engine_dir(out_dir: Path, plan: bytes, record: dict) -> None:
     try:
         (tmp / engine.ENGINE_FILE).write_bytes(plan)
         (tmp / engine.MANIFEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for library in libraries:
+            shutil.copy2(library, tmp / library.name)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

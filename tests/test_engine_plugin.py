@@ -40,6 +40,8 @@ def test_tensorrt_rtx_builds_an_engine_with_our_plugin_for_its_matmul_nbits_node
     plan = (out / engine.ENGINE_FILE).read_bytes()
     # Each of the three plugin layers is serialized with our getFieldsToSerialize names.
     assert plan.count(b"has_zero_points") >= 3 and b"MatMulNBits" in plan
+    # The folder ships the plugin and the kernels it links, so it deploys as one piece.
+    assert (out / PLUGIN.name).is_file() and (out / "libawq_edge_kernels.so").is_file()
 
 
 @pytest.mark.gpu
