@@ -48,9 +48,29 @@ int64_t rowsOf(Dims const& dims) noexcept
     return rows;
 }
 
-bool isBytes(DataType type) noexcept
+//! Weight and zero-point inputs: bytes, or int32 holding one byte each, which is what onnx-tensorrt makes of
+//! uint8 initializers (WeightsContext: "Cast UINT8 weights to INT32").
+bool isByteValues(DataType type) noexcept
 {
-    return type == DataType::kINT8 || type == DataType::kUINT8;
+    return type == DataType::kINT8 || type == DataType::kUINT8 || type == DataType::kINT32;
+}
+
+//! Device bytes of an input: itself, or its int32 values narrowed into `scratch` (the low byte of each,
+//! little-endian, by one strided copy).
+uint8_t const* bytesOf(PluginTensorDesc const& desc, void const* data, size_t count, void*& scratch,
+    cudaStream_t stream) noexcept
+{
+    if (desc.type != DataType::kINT32)
+    {
+        return static_cast<uint8_t const*>(data);
+    }
+    if (cudaMalloc(&scratch, count) != cudaSuccess
+        || cudaMemcpy2DAsync(scratch, 1, data, sizeof(int32_t), 1, count, cudaMemcpyDeviceToDevice, stream)
+            != cudaSuccess)
+    {
+        return nullptr;
+    }
+    return static_cast<uint8_t const*>(scratch);
 }
 
 //! ONNX fallback imports pass no zero-point flag: then a fourth input is the zero points.
@@ -167,11 +187,11 @@ bool MatMulNBitsPlugin::supportsFormatCombination(
     {
         return false;
     }
-    // The kernels take fp16 activations, scales and bias, and the weights and zero points as raw bytes.
+    // The kernels take fp16 activations, scales and bias, and the weights and zero points as byte values.
     int32_t const zeroPoints = zeroPointsFor(mParams, nbInputs);
     if (pos == kINPUT_B || (zeroPoints && pos == kINPUT_ZERO_POINTS))
     {
-        return isBytes(desc.type);
+        return isByteValues(desc.type);
     }
     return desc.type == DataType::kHALF;
 }
@@ -200,33 +220,54 @@ int32_t MatMulNBitsPlugin::onShapeChange(
     return (a.nbDims >= 1 && a.d[a.nbDims - 1] == mParams.K) ? 0 : -1;
 }
 
-bool MatMulNBitsPlugin::ensurePacked(void const* const* inputs, cudaStream_t stream) noexcept
+bool MatMulNBitsPlugin::ensurePacked(
+    PluginTensorDesc const* inputDesc, void const* const* inputs, cudaStream_t stream) noexcept
 {
     if (mPacked != nullptr)
     {
         return true;
     }
     // B, scales and zero points are engine constants, so packing them once per instance is exact.
+    size_t const blocks = (mParams.K + mParams.blockSize - 1) / mParams.blockSize;
+    size_t const bBytes = static_cast<size_t>(mParams.N) * blocks * (mParams.blockSize / 2);
+    size_t const zpBytes = static_cast<size_t>(mParams.N) * ((blocks + 1) / 2);
+    void* scratchB = nullptr;
+    void* scratchZp = nullptr;
+    uint8_t const* b = bytesOf(inputDesc[kINPUT_B], inputs[kINPUT_B], bBytes, scratchB, stream);
+    uint8_t const* zp = mParams.hasZeroPoints
+        ? bytesOf(inputDesc[kINPUT_ZERO_POINTS], inputs[kINPUT_ZERO_POINTS], zpBytes, scratchZp, stream)
+        : nullptr;
+    bool ok = b != nullptr && (zp != nullptr || !mParams.hasZeroPoints);
+    if (!ok)
+    {
+        logError("narrowing int32 weights to bytes failed");
+    }
     size_t const bytes = awqe_packed_weight_bytes(mParams.N, mParams.K, mParams.blockSize);
-    cudaError_t const err = cudaMalloc(&mPacked, bytes);
-    if (err != cudaSuccess)
+    if (ok && cudaMalloc(&mPacked, bytes) != cudaSuccess)
     {
         mPacked = nullptr;
-        logError(std::string("cudaMalloc of the packed weights failed: ") + cudaGetErrorString(err));
-        return false;
+        ok = false;
+        logError("cudaMalloc of " + std::to_string(bytes) + " bytes for the packed weights failed");
     }
-    auto const* zeroPoints
-        = mParams.hasZeroPoints ? static_cast<uint8_t const*>(inputs[kINPUT_ZERO_POINTS]) : nullptr;
-    awqe_status const status = awqe_repack_matmul_nbits(static_cast<uint8_t const*>(inputs[kINPUT_B]),
-        inputs[kINPUT_SCALES], zeroPoints, mParams.N, mParams.K, mParams.blockSize, mPacked, stream);
-    if (status != AWQE_OK)
+    if (ok)
     {
-        logError(std::string("repack failed: ") + awqe_status_string(status) + ": " + awqe_last_error());
-        cudaFree(mPacked);
-        mPacked = nullptr;
-        return false;
+        awqe_status const status = awqe_repack_matmul_nbits(
+            b, inputs[kINPUT_SCALES], zp, mParams.N, mParams.K, mParams.blockSize, mPacked, stream);
+        if (status != AWQE_OK)
+        {
+            logError(std::string("repack failed: ") + awqe_status_string(status) + ": " + awqe_last_error());
+            cudaFree(mPacked);
+            mPacked = nullptr;
+            ok = false;
+        }
     }
-    return true;
+    if (scratchB != nullptr || scratchZp != nullptr)
+    {
+        cudaStreamSynchronize(stream); // the repack reads the scratch bytes
+        cudaFree(scratchB);
+        cudaFree(scratchZp);
+    }
+    return ok;
 }
 
 int32_t MatMulNBitsPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
@@ -237,7 +278,7 @@ int32_t MatMulNBitsPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
     {
         return 0;
     }
-    if (rows > INT_MAX || !ensurePacked(inputs, stream))
+    if (rows > INT_MAX || !ensurePacked(inputDesc, inputs, stream))
     {
         return -1;
     }

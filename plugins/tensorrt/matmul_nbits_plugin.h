@@ -4,9 +4,10 @@
  * (awq_edge_kernels.h), which holds every CUDA detail. Uses only interfaces present in TensorRT 10.3
  * (JetPack 6) and newer, and no TensorRT library symbol: it links against the kernels and the CUDA runtime only.
  *
- * Inputs, in ONNX order: A fp16 [..., K]; B [N, n_blocks, block_size/2] bytes (uint8 from an ONNX fallback
- * import, int8 from TensorRT-RTX's importer); scales fp16 (N * n_blocks values, any shape); zero points bytes
- * [N * ceil(n_blocks/2)] if present; bias fp16 [N] if present. Output: fp16 [..., N].
+ * Inputs, in ONNX order: A fp16 [..., K]; B [N, n_blocks, block_size/2] bytes; scales fp16 (N * n_blocks values,
+ * any shape); zero points bytes [N * ceil(n_blocks/2)] if present; bias fp16 [N] if present. Output: fp16 [..., N].
+ * "Bytes" arrive as int8 from TensorRT-RTX's importer and as int32, one byte value each, from the ONNX fallback
+ * import of TensorRT 10.x, which widens uint8 initializers.
  */
 #ifndef AWQ_EDGE_MATMUL_NBITS_PLUGIN_H
 #define AWQ_EDGE_MATMUL_NBITS_PLUGIN_H
@@ -75,7 +76,7 @@ public:
 
 private:
     bool resolveInputs(int32_t nbInputs) noexcept;
-    bool ensurePacked(void const* const* inputs, cudaStream_t stream) noexcept;
+    bool ensurePacked(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, cudaStream_t stream) noexcept;
 
     MatMulNBitsParams mParams;
     std::vector<nvinfer1::PluginField> mSerialized;

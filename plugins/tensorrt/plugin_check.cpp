@@ -55,6 +55,8 @@ private:
 template <typename T>
 void* toDevice(std::vector<T> const& host)
 {
+    if (host.empty())
+        return nullptr;
     void* ptr = nullptr;
     CHECK_CUDA(cudaMalloc(&ptr, host.size() * sizeof(T) + 16));
     CHECK_CUDA(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
@@ -73,6 +75,7 @@ Dims dims2(int64_t a, int64_t b)
 struct Case
 {
     int K, N, blockSize, zeroPoints, bias;
+    bool widened; // B and zero points as int32, one byte value each, as onnx-tensorrt imports uint8 initializers
     std::vector<int> rows; // M for successive enqueues on one attached plugin
 };
 
@@ -125,8 +128,9 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
     in[0].desc.dims = dims2(-1, c.K);
     in[0].desc.type = DataType::kHALF;
     in[0].max = dims2(maxRows, c.K);
+    DataType const byteType = c.widened ? DataType::kINT32 : DataType::kUINT8;
     for (int i = 1; i < nbInputs; ++i)
-        in[i].desc.type = (i == 1 || (c.zeroPoints && i == 3)) ? DataType::kUINT8 : DataType::kHALF;
+        in[i].desc.type = (i == 1 || (c.zeroPoints && i == 3)) ? byteType : DataType::kHALF;
     auto* build = static_cast<IPluginV3OneBuild*>(built->getCapabilityInterface(PluginCapabilityType::kBUILD));
     if (build->configurePlugin(in.data(), nbInputs, out.data(), 1) != 0)
         return false;
@@ -139,9 +143,10 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
         runtimePlugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME))->attachToContext(nullptr);
     auto* runtime = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
 
-    std::vector<void*> inputs{nullptr, toDevice(B), toDevice(scales)};
+    std::vector<int32_t> wideB(B.begin(), B.end()), wideZp(zp.begin(), zp.end());
+    std::vector<void*> inputs{nullptr, c.widened ? toDevice(wideB) : toDevice(B), toDevice(scales)};
     if (c.zeroPoints)
-        inputs.push_back(toDevice(zp));
+        inputs.push_back(c.widened ? toDevice(wideZp) : toDevice(zp));
     if (c.bias)
         inputs.push_back(toDevice(bias));
     void* workspace = nullptr;
@@ -158,6 +163,8 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
         void* y = nullptr;
         CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(m) * c.N * sizeof(__half) + 16));
         std::vector<PluginTensorDesc> desc(nbInputs), outDesc(1);
+        for (int i = 0; i < nbInputs; ++i)
+            desc[i].type = in[i].desc.type;
         desc[0].dims = dims2(m, c.K);
         outDesc[0].dims = dims2(m, c.N);
         if (runtime->onShapeChange(desc.data(), nbInputs, outDesc.data(), 1) != 0
@@ -177,8 +184,9 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
                 scale = std::max(scale, std::fabs(ref));
             }
         bool const pass = worst <= 2e-3 * scale + 2e-3;
-        std::printf("K=%d N=%d block=%d zero_points=%d bias=%d M=%d: max |err| %.3g of max |y| %.3g %s\n", c.K, c.N,
-            c.blockSize, c.zeroPoints, c.bias, m, worst, scale, pass ? "ok" : "MISMATCH");
+        std::printf("K=%d N=%d block=%d zero_points=%d bias=%d %s M=%d: max |err| %.3g of max |y| %.3g %s\n", c.K,
+            c.N, c.blockSize, c.zeroPoints, c.bias, c.widened ? "int32" : "bytes", m, worst, scale,
+            pass ? "ok" : "MISMATCH");
         ok = ok && pass;
         cudaFree(y);
         cudaFree(inputs[0]);
@@ -208,9 +216,11 @@ int main()
     auto& creator = *static_cast<IPluginCreatorV3One*>(creators[0]);
     std::printf("creator %s v%s\n", creator.getPluginName(), creator.getPluginVersion());
     std::mt19937 rng(0);
-    // SmolLM2's q_proj (K=576 = 9 blocks of 64, an odd count), its down_proj, group 128, and the RTX flags path.
-    std::vector<Case> cases{{576, 576, 64, 1, 0, {1, 5, 16, 37, 64}}, {1536, 576, 64, 1, 0, {1, 17}},
-        {576, 1536, 64, 0, 0, {1, 33}}, {1024, 256, 128, 1, 0, {1, 64}}, {576, 192, 32, 1, 1, {3, 20}}};
+    // SmolLM2's q_proj (K=576 = 9 blocks of 64, an odd count), its down_proj, group 128, the RTX flags path,
+    // and the int32-widened weights of TensorRT's ONNX fallback import.
+    std::vector<Case> cases{{576, 576, 64, 1, 0, false, {1, 5, 16, 37, 64}}, {1536, 576, 64, 1, 0, false, {1, 17}},
+        {576, 1536, 64, 0, 0, false, {1, 33}}, {1024, 256, 128, 1, 0, false, {1, 64}},
+        {576, 192, 32, 1, 1, false, {3, 20}}, {576, 576, 64, 1, 0, true, {1, 40}}, {576, 192, 64, 0, 0, true, {7}}};
     bool ok = true;
     for (Case const& c : cases)
         ok = runCase(creator, c, rng) && ok;
