@@ -156,8 +156,8 @@ def check_int4_path(counts: dict, profile: DeviceProfile, plugin_library) -> Non
                            "re-quantise with `--no-zero-point` and export with `--trt-native`")
     if plugin_library is None:
         raise AwqEdgeError(f"the ONNX has {counts['matmul_nbits']} MatMulNBits nodes and no plugin library was given",
-                           "build plugins/tensorrt (see docs/deploying-to-jetson.md) and pass --plugin "
-                           "libawq_edge_trt_plugin.so, or export with `--trt-native`")
+                           "pass --plugin plugins/build/tensorrt/libawq_edge_trt_plugin.so (built as "
+                           "docs/deploying-to-jetson.md says), or export with `--trt-native`")
 
 
 def model_max_positions(onnx_dir):

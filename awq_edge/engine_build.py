@@ -18,6 +18,9 @@ _INSTALL_HINT = {
     "tensorrt_rtx": "`pip install tensorrt-rtx==1.7.1.116` (builds RTX engines on any x86-64 Linux, GPU or not)",
 }
 KERNELS_LIBRARY = "libawq_edge_kernels.so"
+PLUGIN_NAME = "MatMulNBits"
+PLUGIN_BUILD_HINT = ("cmake -S plugins/tensorrt -B plugins/build/tensorrt && cmake --build plugins/build/tensorrt "
+                     "(needs TensorRT's headers; docs/deploying-to-jetson.md)")
 # CUdevice_attribute values of CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR (cuda.h).
 _CC_MAJOR, _CC_MINOR = 75, 76
 
@@ -58,6 +61,14 @@ def _check_rtx_plugin_loader() -> None:
                            "export LD_LIBRARY_PATH=~/.cache/awq-edge/lib:$LD_LIBRARY_PATH")
 
 
+def _load_plugin(registry, path: Path) -> None:
+    # A registry refuses a library whose creator it already holds (a second build in one process with a
+    # shared registry); that refusal is fine.
+    if registry.load_library(str(path.absolute())) is None and registry.get_creator(PLUGIN_NAME, "1", "") is None:
+        raise AwqEdgeError(f"TensorRT could not load the plugin library {path} (its messages are above)",
+                           f"keep {KERNELS_LIBRARY} beside it, and rebuild it for this TensorRT: {PLUGIN_BUILD_HINT}")
+
+
 def _target(trt, config, profile: DeviceProfile) -> None:
     """Aim the build at the profile's GPU: named ahead of time on TensorRT-RTX, the local GPU otherwise."""
     if profile.tensorrt == "tensorrt_rtx":
@@ -95,7 +106,7 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
     int4 = engine.int4_nodes(model)
     engine.check_int4_path(int4, profile, plugin_library)
     if plugin_library is not None and not Path(plugin_library).is_file():
-        raise AwqEdgeError(f"plugin library {plugin_library} does not exist", "build it with `make -C plugins/tensorrt`")
+        raise AwqEdgeError(f"plugin library {plugin_library} does not exist", f"build it: {PLUGIN_BUILD_HINT}")
     max_seq = engine.max_context(profile, kv, engine.model_max_positions(onnx_dir))
     shapes = engine.optimization_profiles(inputs, max_seq, profile)
     if out_dir.exists() and not (out_dir / engine.MANIFEST_FILE).is_file():
@@ -107,7 +118,7 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
     if plugin_library is not None:
         if profile.tensorrt == "tensorrt_rtx" and int4["matmul_nbits"]:
             _check_rtx_plugin_loader()
-        builder.get_plugin_registry().load_library(str(Path(plugin_library).absolute()))
+        _load_plugin(builder.get_plugin_registry(), Path(plugin_library))
     # The parser owns the weights the network points at: keep it alive until the engine is serialized.
     network, _parser = _parse(trt, builder, logger, onnx_dir)
     config = builder.create_builder_config()

@@ -151,3 +151,12 @@ def test_rtx_parser_hands_matmul_nbits_to_the_plugin_creator_named_matmul_nbits(
     # Activations fp16, the packed weights as 8-bit bytes, the scales fp16: the plugin's input formats.
     for layer in seen["plugin_layers"]:
         assert layer["inputs"] == ["DataType.HALF", "DataType.INT8", "DataType.HALF"]
+
+
+def test_a_library_tensorrt_cannot_load_is_one_clear_error(tmp_path):
+    d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"))
+    bad = tmp_path / "libawq_edge_trt_plugin.so"
+    bad.write_bytes(b"not a shared library")
+    with pytest.raises(AwqEdgeError, match="could not load the plugin library"):
+        engine_build.build(d, "rtx-4090", tmp_path / "engine", plugin_library=bad)
+    assert not (tmp_path / "engine").exists()
