@@ -17,7 +17,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
     genai = genai_config(ck.config, generation, model, dims_of(ck.config))
     extra = {
         "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
-        "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits, "group_size": ck.group_size, "model_type": ck.config["model_type"],
+        "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
+        "head_group": opts.head_group, "group_size": ck.group_size, "model_type": ck.config["model_type"],
     }
     out = Path(out_dir)
     write_folder(out, model, genai, ck.folder, extra)
@@ -26,7 +27,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
 
 def run(args) -> int:
     opts = ExportOptions(target=args.target, dtype=args.dtype, trt_native=args.trt_native,
-                         accuracy_level=4 if args.int8_activations else 0, head_bits=args.head_bits)
+                         accuracy_level=4 if args.int8_activations else 0, head_bits=args.head_bits,
+                         head_group=args.head_group)
     out = export(args.quant_dir, args.output, opts)
     print(f"wrote {out}")
     return 0
@@ -47,4 +49,5 @@ def register(subparsers):
     p.add_argument("--head-bits", type=int, choices=(8, 4), default=0,
                    help="with --target ort: round the float lm_head (and tied embeddings) to 8 or 4 bits, "
                         "smaller and faster on CPU; the only option that changes the checkpoint's numbers")
+    p.add_argument("--head-group", type=int, default=32, help="group size for --head-bits (default 32)")
     p.set_defaults(func=run)

@@ -27,6 +27,7 @@ class ExportOptions:
     trt_native: bool = False  # trt only: int4 DequantizeLinear + MatMul instead of MatMulNBits
     accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 activations (faster on CPU)
     head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits
+    head_group: int = 32  # group size for head_bits: one matrix, so finer scales cost little
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def rename_output(g: ops.Graph, old: str, new: str):
 
 
 def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
-    """MatMulNBits weights of the lm_head rounded to opts.head_bits (RTN, zero points, the checkpoint's group).
+    """MatMulNBits weights of the lm_head rounded to opts.head_bits (RTN, zero points, opts.head_group).
 
     The float head is the largest tensor a small model reads per token; this
     is the one place the export changes the checkpoint's numbers, so it is opt-in.
@@ -184,10 +185,10 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
                            "use --head-bits 8 or 4 with --target ort, or drop it")
     if "lm_head.qweight" in ck:
         raise AwqEdgeError("the checkpoint's lm_head is already 4-bit", "export without --head-bits")
-    group = ck.group_size or 64
-    if d.hidden % group:
-        raise AwqEdgeError(f"hidden size {d.hidden} is not a multiple of the group size {group}",
-                           "export without --head-bits")
+    group = opts.head_group
+    if group not in (16, 32, 64, 128, 256) or d.hidden % group:
+        raise AwqEdgeError(f"--head-group {group} is not a power of two in 16..256 dividing hidden size {d.hidden}",
+                           "pick --head-group 32 or 64, or export without --head-bits")
     name = "lm_head.weight" if "lm_head.weight" in ck and not d.tied else "model.embed_tokens.weight"
     q, scales, zeros = quantize(ck.float_tensor(name), QConfig(opts.head_bits, group, zero_point=True))
     return ops.nbits_weights(g, "lm_head", q, scales, zeros, group, opts.head_bits), group

@@ -277,7 +277,7 @@ def test_session_outputs_use_the_names_genai_expects(tmp_path, ckpt):
 def test_head_bits_export_equals_pytorch_with_that_head_rounded(tmp_path, tied, bits):
     model, _ = write_checkpoint(tmp_path / "ck", tied=tied)
     out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(head_bits=bits))
-    q, scales, zeros = quantize(model.lm_head.weight.data, QConfig(bits, 32, zero_point=True))
+    q, scales, zeros = quantize(model.lm_head.weight.data, QConfig(bits, 32, zero_point=True))  # head_group 32
     model.lm_head.weight.data = dequantize(q, scales, zeros, 32)  # tied: the embeddings too
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()

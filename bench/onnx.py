@@ -1,0 +1,223 @@
+"""ONNX export on SmolLM2: parity with PyTorch, WikiText-2 perplexity, CPU decode speed and size, vs onnxruntime-genai's builder.
+
+Writes bench/results/onnx.json. Every model is evaluated by the
+same perplexity code (awq_edge.eval) and timed by the same decode loop
+(awq_edge.runtime.ort.OrtDecoder; PyTorch by the equivalent KV-cache loop),
+round-robin over the models within one run so that load on the machine hits
+all of them alike.
+Usage: python bench/onnx.py --quant-dir AWQ_W4G64_DIR [--work /tmp/onnx-bench] [--eval-tokens 16384]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the onnx package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from awq_edge.checkpoint import load_quantized_model
+from awq_edge.eval import perplexity, text_tokens
+from awq_edge.export.command import export
+from awq_edge.export.decoder import ExportOptions
+from awq_edge.model import load_float_model, resolve_model_dir
+from awq_edge.runtime.generate import generate
+from awq_edge.runtime.ort import OrtDecoder
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a neural network is in two sentences.",
+    "Give me three tips for learning a new language.",
+    "How do I boil an egg?",
+)
+
+
+class OnnxLM:
+    """A decoder ONNX (ours or the builder's) as `model(input_ids=...).logits`, for awq_edge.eval."""
+
+    def __init__(self, folder: Path):
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.kv_shape = (dec["num_key_value_heads"], 0, dec["head_size"])
+
+    def __call__(self, input_ids, use_cache=False):
+        ids = input_ids.numpy().astype(np.int64)
+        b, s = ids.shape
+        feed = {}
+        for i in self.session.get_inputs():
+            if i.name == "input_ids":
+                feed[i.name] = ids
+            elif i.name == "attention_mask":
+                feed[i.name] = np.ones_like(ids)
+            elif i.name == "position_ids":
+                feed[i.name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+            else:  # an empty KV cache
+                dtype = np.float16 if i.type == "tensor(float16)" else np.float32
+                feed[i.name] = np.zeros((b, *self.kv_shape), dtype)
+        logits = self.session.run(["logits"], feed)[0]
+        return SimpleNamespace(logits=torch.from_numpy(logits.astype(np.float32)))
+
+
+def onnx_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+def ort_decode(folder: Path, prompt: list, n_new: int) -> dict:
+    """Prefill seconds and decode tokens/s of the greedy loop, never stopping early."""
+    d = OrtDecoder(folder)
+    d.eos_ids = set()
+    t0 = time.perf_counter()
+    logits = d.extend(prompt)
+    t1 = time.perf_counter()
+    token = int(np.argmax(logits))
+    for _ in range(n_new):
+        token = int(np.argmax(d.forward([token])[-1]))
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_tok_s": n_new / (t2 - t1)}
+
+
+@torch.no_grad()
+def torch_greedy(model, prompt: list, n_new: int, timed: bool = False):
+    """The same loop in PyTorch with its KV cache: (new tokens, timings)."""
+    t0 = time.perf_counter()
+    out = model(torch.tensor([prompt]), use_cache=True)
+    t1 = time.perf_counter()
+    tokens, cache = [int(out.logits[0, -1].argmax())], out.past_key_values
+    for _ in range(n_new - 1 if not timed else n_new):
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tokens.append(int(out.logits[0, -1].argmax()))
+    t2 = time.perf_counter()
+    return tokens[:n_new], {"prefill_s": t1 - t0, "decode_tok_s": n_new / (t2 - t1)}
+
+
+def parity(folder: Path, qmodel, ids: list) -> dict:
+    """Max |logit difference| per position between the fp32 export and the PyTorch quantised model."""
+    got = OnnxLM(folder)(torch.tensor([ids])).logits[0]
+    with torch.no_grad():
+        ref = qmodel(torch.tensor([ids])).logits[0].float()
+    per_pos = (got - ref).abs().amax(dim=-1)
+    return {"positions": len(ids), "max_abs_diff_per_position": [round(float(x), 6) for x in per_pos],
+            "max_abs_diff": float(per_pos.max()), "max_abs_logit": float(ref.abs().max()),
+            "relative": float(per_pos.max() / ref.abs().max())}
+
+
+def greedy_agreement(folder: Path, qmodel, tokenizer, n_new: int) -> list:
+    rows = []
+    for text in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        d = OrtDecoder(folder)
+        d.eos_ids = set()
+        ours = list(generate(d, list(ids), n_new))
+        ref, _ = torch_greedy(qmodel, list(ids), n_new)
+        rows.append({"prompt": text, "identical": ours == ref, "first_difference": next(
+            (i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None), "text": tokenizer.decode(ours)})
+    return rows
+
+
+def run_peer_builder(hf_dir: Path, out: Path, precision: str) -> float:
+    if (out / "model.onnx").is_file():
+        return float("nan")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                    "-p", precision, "-e", "cpu"], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quant-dir", required=True, help="AWQ w4 g64 checkpoint of --model (awq-edge quantize)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--work", default="/tmp/awq-edge-onnx-bench", help="where the ONNX folders are written")
+    ap.add_argument("--wikitext", default=str(SHARED))
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx"))
+    args = ap.parse_args()
+    wt = Path(args.wikitext)
+    if not (wt / "test.txt").is_file():
+        print(f"skip: WikiText-2 not found at {wt} (pass --wikitext DIR)")
+        return 0
+    work, quant_dir = Path(args.work), Path(args.quant_dir)
+    hf_dir = resolve_model_dir(args.model)
+    results = {"model": args.model, "quant_dir": str(quant_dir), "quantization": json.loads(
+        (quant_dir / "config.json").read_text())["quantization_config"], "host": platform.platform(),
+        "cpu_threads": torch.get_num_threads(), "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__}}
+
+    def save():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps(results, indent=2) + "\n")
+
+    folders, build_s = {}, {}
+    for name, opts, src, allow_float in (
+        ("ours_int4", ExportOptions(), quant_dir, False),
+        ("ours_int4_int8act", ExportOptions(accuracy_level=4), quant_dir, False),
+        ("ours_int4_int8act_head8", ExportOptions(accuracy_level=4, head_bits=8), quant_dir, False),
+        ("ours_int4_int8act_head4", ExportOptions(accuracy_level=4, head_bits=4), quant_dir, False),
+        ("ours_fp32", ExportOptions(), hf_dir, True),
+    ):
+        t0 = time.perf_counter()
+        folders[name] = export(src, work / name, opts, allow_float=allow_float)
+        build_s[name] = round(time.perf_counter() - t0, 1)
+    for name, precision in (("peer_int4", "int4"), ("peer_fp32", "fp32")):
+        folders[name] = work / name
+        build_s[name] = round(run_peer_builder(hf_dir, folders[name], precision), 1)
+    results["export_seconds"] = build_s
+    float_bytes = (hf_dir / "model.safetensors").stat().st_size
+    results["size_bytes"] = {"float_fp16_safetensors": float_bytes, **{k: onnx_size(v) for k, v in folders.items()}}
+    save()
+
+    qmodel, tokenizer = load_quantized_model(quant_dir)
+    fmodel, _ = load_float_model(hf_dir)
+    text_ids = text_tokens(tokenizer, wt / "test.txt", args.eval_tokens)
+    results["parity"] = parity(folders["ours_int4"], qmodel, text_ids[: args.prompt_tokens].tolist())
+    results["greedy_64"] = greedy_agreement(folders["ours_int4"], qmodel, tokenizer, 64)
+    save()
+
+    ppl = {}
+    for name, model in [("pytorch_float", fmodel), ("pytorch_awq", qmodel)] + [(k, OnnxLM(v)) for k, v in folders.items()]:
+        ppl[name] = perplexity(model, tokenizer, text_ids, args.seqlen, batch_size=1, progress=False)
+        print(name, ppl[name], flush=True)
+    ref = ppl["pytorch_awq"]["ppl"]
+    results["wikitext2_test_ppl"] = {k: {**v, "vs_pytorch_awq": v["ppl"] / ref - 1} for k, v in ppl.items()}
+    save()
+
+    prompt = text_tokens(tokenizer, wt / "valid.txt", args.prompt_tokens).tolist()
+    runs = {k: [] for k in ["pytorch_float", *folders]}
+    for _ in range(args.repeats):
+        for name in runs:
+            if name == "pytorch_float":
+                runs[name].append(torch_greedy(fmodel, prompt, args.new_tokens, timed=True)[1])
+            else:
+                runs[name].append(ort_decode(folders[name], prompt, args.new_tokens))
+    speed = {k: {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in v),
+                 "prefill_s": statistics.median(r["prefill_s"] for r in v),
+                 "runs_decode_tok_s": [round(r["decode_tok_s"], 2) for r in v]} for k, v in runs.items()}
+    base = speed["pytorch_float"]["decode_tok_s"]
+    for v in speed.values():
+        v["vs_pytorch_float"] = v["decode_tok_s"] / base
+    results["decode"] = {"batch": 1, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+                         "repeats": args.repeats, "median": speed}
+    save()
+    print(json.dumps({k: results[k] for k in ("size_bytes", "decode")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
