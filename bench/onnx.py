@@ -31,7 +31,7 @@ from awq_edge.export.command import export
 from awq_edge.export.decoder import ExportOptions
 from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.runtime.generate import generate
-from awq_edge.runtime.ort import OrtDecoder
+from awq_edge.runtime.ort import OrtDecoder, session_options
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -48,7 +48,8 @@ class OnnxLM:
     """A decoder ONNX (ours or the builder's) as `model(input_ids=...).logits`, for awq_edge.eval."""
 
     def __init__(self, folder: Path):
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(folder),
+                                           providers=["CPUExecutionProvider"])
         dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.kv_shape = (dec["num_key_value_heads"], 0, dec["head_size"])
 
@@ -128,18 +129,19 @@ def greedy_agreement(folder: Path, qmodel, tokenizer, n_new: int) -> list:
     return rows
 
 
-def run_peer_builder(hf_dir: Path, out: Path, precision: str) -> float:
+def run_peer_builder(hf_dir: Path, out: Path, precision: str, extra: tuple) -> float:
     if (out / "model.onnx").is_file():
         return float("nan")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                    "-p", precision, "-e", "cpu"], check=True, stdout=subprocess.DEVNULL)
+                    "-p", precision, "-e", "cpu", *extra], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quant-dir", required=True, help="AWQ w4 g64 checkpoint of --model (awq-edge quantize)")
+    ap.add_argument("--sym-quant-dir", help="a symmetric (--no-zero-point) checkpoint, to check --trt-native on it")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", default="/tmp/awq-edge-onnx-bench", help="where the ONNX folders are written")
     ap.add_argument("--wikitext", default=str(SHARED))
@@ -175,9 +177,12 @@ def main() -> int:
         t0 = time.perf_counter()
         folders[name] = export(src, work / name, opts, allow_float=allow_float)
         build_s[name] = round(time.perf_counter() - t0, 1)
-    for name, precision in (("peer_int4", "int4"), ("peer_fp32", "fp32")):
+    # The builder's defaults (int4: symmetric RTN, blocks of 32, int8 activations, 4-bit head) and, for a
+    # like-for-like group, blocks of 64 as in our checkpoint.
+    for name, precision, extra in (("peer_int4", "int4", ()), ("peer_int4_g64", "int4", ("--extra_options", "block_size=64")),
+                                   ("peer_fp32", "fp32", ())):
         folders[name] = work / name
-        build_s[name] = round(run_peer_builder(hf_dir, folders[name], precision), 1)
+        build_s[name] = round(run_peer_builder(hf_dir, folders[name], precision, extra), 1)
     results["export_seconds"] = build_s
     float_bytes = (hf_dir / "model.safetensors").stat().st_size
     results["size_bytes"] = {"float_fp16_safetensors": float_bytes, **{k: onnx_size(v) for k, v in folders.items()}}
@@ -188,6 +193,13 @@ def main() -> int:
     text_ids = text_tokens(tokenizer, wt / "test.txt", args.eval_tokens)
     results["parity"] = parity(folders["ours_int4"], qmodel, text_ids[: args.prompt_tokens].tolist())
     results["greedy_64"] = greedy_agreement(folders["ours_int4"], qmodel, tokenizer, 64)
+    trt = export(quant_dir, work / "ours_trt", ExportOptions(target="trt"))
+    results["parity_trt_matmulnbits"] = parity(trt, qmodel, text_ids[: args.prompt_tokens].tolist())
+    if args.sym_quant_dir:
+        sym_model, _ = load_quantized_model(Path(args.sym_quant_dir))
+        native = export(args.sym_quant_dir, work / "ours_trt_native", ExportOptions(target="trt", trt_native=True))
+        results["parity_trt_native_symmetric"] = parity(native, sym_model, text_ids[: args.prompt_tokens].tolist())
+        del sym_model
     save()
 
     ppl = {}

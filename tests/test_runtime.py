@@ -16,10 +16,27 @@ from awq_edge.runtime.sampling import Sampling, next_token, top_p_filter
 from test_export import PROMPT, write_checkpoint
 
 
+def save_byte_tokenizer(folder):
+    """A 256-token byte-level tokenizer with a chat template, matching the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(folder)
+    return fast
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("rt")
     model, _ = write_checkpoint(root / "ck")
+    save_byte_tokenizer(root / "ck")
     return {t: export(root / "ck", root / t, ExportOptions(target=t)) for t in ("ort", "trt")}, model, root
 
 
@@ -127,3 +144,34 @@ def test_export_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a quantised checkpoint" in err[0]
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == "[]"
+
+
+def expected_reply(folder, text, n):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    return tok.decode(list(generate(OrtDecoder(folder), list(ids), n)), skip_special_tokens=True)
+
+
+def test_generate_command_streams_the_greedy_reply(exported, capsys):
+    folder = exported[0]["ort"]
+    assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected_reply(folder, "hi", 8) + "\n"
+
+
+def test_chat_command_answers_each_turn_and_reset_forgets_the_conversation(exported, capsys, monkeypatch):
+    folder = exported[0]["ort"]
+    lines = iter(["hi", "/reset", "", "yo"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", str(folder), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out == expected_reply(folder, "hi", 6) + "\n" + expected_reply(folder, "yo", 6) + "\n"

@@ -23,8 +23,8 @@ def generate(decoder, prompt_ids, max_new_tokens: int, sampling: Sampling = Samp
 
 
 def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
-    """Text pieces as tokens arrive; holds back a piece while it ends in a partial UTF-8 character."""
-    ids, shown = [], ""
+    """Text pieces as tokens arrive; a piece ending in a partial UTF-8 character waits for the next token."""
+    ids, shown, text = [], "", ""
     for t in tokens:
         ids.append(t)
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -32,3 +32,5 @@ def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
             continue
         yield text[len(shown):]
         shown = text
+    if text != shown:  # generation ended inside a character: show what there is
+        yield text[len(shown):]

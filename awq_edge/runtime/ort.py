@@ -27,6 +27,17 @@ def read_export_info(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def session_options(folder: Path, threads: int = 0) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    # onnxruntime fuses int4 DequantizeLinear + MatMul into MatMulNBits with int8
+    # activations unless told otherwise; keep the precision the export asked for.
+    level = read_export_info(folder).get("accuracy_level", 0)
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    return opts
+
+
 class OrtDecoder:
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
@@ -34,13 +45,7 @@ class OrtDecoder:
         self.folder = Path(folder)
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        # onnxruntime fuses int4 DequantizeLinear + MatMul into MatMulNBits with int8
-        # activations unless told otherwise; keep the precision the export asked for.
-        level = read_export_info(self.folder).get("accuracy_level", 0)
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        opts = session_options(self.folder, threads)
         try:
             self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
                                                 providers=["CPUExecutionProvider"])
