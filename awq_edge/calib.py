@@ -11,6 +11,8 @@ import torch
 from awq_edge.errors import AwqEdgeError
 
 BUILTIN = "builtin"
+SAMPLED = "sampled"
+SOURCES_HELP = f"{BUILTIN!r} (Python's own documentation), {SAMPLED!r} (text the model writes), or a .txt/.jsonl file"
 
 
 def builtin_texts(n_chars: int) -> list:
@@ -40,6 +42,27 @@ def builtin_texts(n_chars: int) -> list:
     return texts
 
 
+@torch.no_grad()
+def sampled_blocks(model, tokenizer, n_samples: int, seqlen: int, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+    """[n, seqlen] tokens the model itself writes, each from a random first token (as in LLM-QAT).
+
+    Data-free: the activations seen are the model's own distribution, with no
+    domain chosen for it. Sampled at temperature 1 and never stopped early.
+    """
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    g = torch.Generator().manual_seed(seed)
+    first = vocab[torch.randint(len(vocab), (n_samples, 1), generator=g)]
+    torch.manual_seed(seed)
+    blocks = []
+    for batch in first.split(32):
+        out = model.generate(input_ids=batch.to(device), attention_mask=torch.ones_like(batch, device=device),
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id)
+        blocks.append(out[:, :seqlen].cpu())
+    return torch.cat(blocks)
+
+
 def read_texts(path: Path) -> list:
     """Plain text (one document) or JSON lines with a "text" field."""
     if not path.is_file():
@@ -62,10 +85,12 @@ def read_texts(path: Path) -> list:
     return texts
 
 
-def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int) -> torch.Tensor:
-    """[n, seqlen] token ids: the text joined, tokenised, cut into blocks, n spread evenly over it."""
+def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int, model=None, device: str = "cpu") -> torch.Tensor:
+    """[n, seqlen] token ids: sampled from the model, or text joined, tokenised, cut into blocks, n spread evenly over it."""
     if n_samples < 1 or seqlen < 2:
         raise AwqEdgeError(f"n_samples={n_samples}, seqlen={seqlen}", "use --n-samples >= 1 and --seqlen >= 2")
+    if source == SAMPLED:
+        return sampled_blocks(model, tokenizer, n_samples, seqlen, device)
     need = n_samples * seqlen
     texts = builtin_texts(need * 6) if source == BUILTIN else read_texts(Path(source))
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]

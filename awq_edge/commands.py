@@ -49,10 +49,11 @@ def run_quantize(args) -> int:
     check_awq_shapes(shapes, cfg.group_size)
     if args.keep_8bit < 0 or args.keep_8bit > len(shapes):
         raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} out of range", f"use 0..{len(shapes)}")
-    source = args.calib or calib.BUILTIN
+    source = args.calib or calib.SAMPLED
     calibrate = args.method == "awq" or args.sensitivity or args.keep_8bit
     if calibrate:
-        ids = calib.calibration_blocks(tokenizer, source, args.n_samples, args.seqlen)
+        ids = calib.calibration_blocks(tokenizer, source, args.n_samples, args.seqlen, model.to(device), device)
+        model.to("cpu")
     else:
         ids = torch.zeros(1, 2, dtype=torch.long)  # RTN alone needs only the layers' call arguments
     print(f"{args.method} w{cfg.w_bit} g{cfg.group_size} zero_point={cfg.zero_point} on {path} "
@@ -104,7 +105,7 @@ def register(sub) -> None:
     q.add_argument("--w-bit", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--no-zero-point", action="store_true", help="symmetric weights (needed by TensorRT's native int4)")
-    q.add_argument("--calib", help="calibration text (plain text or .jsonl with a text field); default: builtin")
+    q.add_argument("--calib", help=f"calibration source: {calib.SOURCES_HELP}; default: {calib.SAMPLED}")
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--sensitivity", action="store_true", help="report each linear's output error")

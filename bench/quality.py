@@ -36,7 +36,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--configs", default="4:64,3:64,4:128,3:128", help="w_bit:group pairs")
-    ap.add_argument("--sample-sweep", default="8,32", help="extra AWQ w4g64 builtin runs with these n_samples")
+    ap.add_argument("--sources", default="sampled,builtin,wikitext2-valid", help="calibration sources to compare")
+    ap.add_argument("--sample-sweep", default="8,32", help="extra AWQ w4g64 runs on the first source with these n_samples")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     args = ap.parse_args()
     wt = Path(args.wikitext)
@@ -48,8 +49,11 @@ def main() -> int:
     base, tok = load_float_model(path)
     adapter = get_adapter(base.config.model_type)
     test_ids = text_tokens(tok, wt / "test.txt", args.eval_tokens)
-    sources = {"builtin": calib.BUILTIN, "wikitext2-valid": str(wt / "valid.txt")}
-    calib_ids = {k: calib.calibration_blocks(tok, v, args.n_samples, args.seqlen) for k, v in sources.items()}
+    sources = {"sampled": calib.SAMPLED, "builtin": calib.BUILTIN, "wikitext2-valid": str(wt / "valid.txt")}
+    sources = {k: v for k, v in sources.items() if k in args.sources.split(",")}
+    base.to(args.device)
+    calib_ids = {k: calib.calibration_blocks(tok, v, args.n_samples, args.seqlen, base, args.device) for k, v in sources.items()}
+    base.to("cpu")
 
     def evaluate(model):
         model.to(args.device)
@@ -78,7 +82,7 @@ def main() -> int:
         w_bit, group = (int(v) for v in spec.split(":"))
         cfg = QConfig(w_bit, group, True)
         m = copy.deepcopy(base)
-        record("rtn", cfg, None, 0, m, quantize_model(m, adapter, cfg, "rtn", calib_ids["builtin"][:1], device=args.device, progress=False).report)
+        record("rtn", cfg, None, 0, m, quantize_model(m, adapter, cfg, "rtn", test_ids[:2].view(1, 2), device=args.device, progress=False).report)
         for name, ids in calib_ids.items():
             m = copy.deepcopy(base)
             rep = quantize_model(m, adapter, cfg, "awq", ids, device=args.device, progress=False).report
@@ -86,9 +90,10 @@ def main() -> int:
     for n in [int(v) for v in args.sample_sweep.split(",") if v]:
         cfg = QConfig(4, 64, True)
         m = copy.deepcopy(base)
-        ids = calibration = calib.calibration_blocks(tok, calib.BUILTIN, n, args.seqlen)
+        first = next(iter(calib_ids))
+        ids = calib_ids[first][:n]
         rep = quantize_model(m, adapter, cfg, "awq", ids, device=args.device, progress=False).report
-        record("awq", cfg, "builtin", int(calibration.shape[0]), m, rep)
+        record("awq", cfg, first, int(ids.shape[0]), m, rep)
 
     float_ppl = rows[0]["ppl"]
     for row in rows:

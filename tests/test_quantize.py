@@ -107,3 +107,21 @@ def test_ragged_group_is_refused_by_the_checkpoint_before_writing(tmp_path):
     with pytest.raises(AwqEdgeError, match="group-size"):
         save_quantized(model, _Tok(), res, tmp_path / "ck", {"method": "rtn", "group_size": 32, "symmetric": False})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sampled_calibration_is_model_text_of_the_asked_shape():
+    from awq_edge.calib import sampled_blocks
+    from conftest import save_tiny_tokenizer
+    from transformers import AutoTokenizer
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        save_tiny_tokenizer(Path(d))
+        tok = AutoTokenizer.from_pretrained(d)
+    model = tiny_model("llama")
+    a = sampled_blocks(model, tok, 3, 20)
+    b = sampled_blocks(model, tok, 3, 20)
+    assert a.shape == (3, 20) and torch.equal(a, b)  # seeded: a run can be repeated
+    assert not set(a[:, 0].tolist()) & set(tok.all_special_ids)
+    assert len(set(a[:, 1:].flatten().tolist())) > 20  # sampled, not a repeated argmax
