@@ -155,6 +155,7 @@ def attention_plain(g, ck, d, x, i, cos, sin, mask, opts):
 
 
 def mlp(g, ck, x, i, opts):
+    """down(SiLU(gate(x)) * up(x))."""
     p = f"model.layers.{i}.mlp"
     gate = project(g, x, f"{p}.gate_proj", ck.linear(f"{p}.gate_proj"), opts)
     up = project(g, x, f"{p}.up_proj", ck.linear(f"{p}.up_proj"), opts)
@@ -236,6 +237,56 @@ def io_spec(g: ops.Graph, d: Dims, opts: ExportOptions):
             g.outputs.append(ops.value_info(f"present.{i}.{kind}", g.elem, kv_out))
 
 
+def ort_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
+    """(attention, norm, skip-norm) builders with onnxruntime's fused ops; GQA reads lengths off the mask."""
+    cos, sin = rope_tables(ck.config, d)
+    cos_c, sin_c = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+    base = "/model/attn_mask"
+    seqlens = g.node("Sub", [g.node("ReduceSum", ["attention_mask", ops.int64(g, [1])], f"{base}/ReduceSum",
+                                    keepdims=0), ops.int64(g, 1)], f"{base}/Sub")
+    seqlens = g.node("Cast", [seqlens], f"{base}/SeqlensK", to=TensorProto.INT32)
+    total = g.node("Gather", [g.node("Shape", ["attention_mask"], f"{base}/Shape"), ops.int64(g, 1)],
+                   f"{base}/Gather", axis=0)
+    total = g.node("Cast", [total], f"{base}/TotalSeqLen", to=TensorProto.INT32)
+
+    def attend(x, i):
+        return attention_ort(g, ck, d, x, i, cos_c, sin_c, (seqlens, total), opts)
+
+    def norm(x, name):
+        return ops.simplified_layer_norm(g, x, name, ck.float_tensor(f"{name}.weight"), d.eps)
+
+    def skip_norm(x, skip, name):
+        return ops.skip_simplified_layer_norm(g, x, skip, name, ck.float_tensor(f"{name}.weight"), d.eps)
+
+    return attend, norm, skip_norm
+
+
+def trt_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
+    """(attention, norm, skip-norm) builders from basic ops; RoPE by position_ids, one shared causal mask."""
+    cos, sin = rope_tables(ck.config, d)
+    tables = [g.weight(n, torch.cat([t, t], dim=-1)) for n, t in (("cos_table", cos), ("sin_table", sin))]
+    cos_p, sin_p = (
+        g.node("Unsqueeze", [g.node("Gather", [t, "position_ids"], f"/model/rope/{n}"), ops.int64(g, [2])],
+               f"/model/rope/{n}4d")
+        for t, n in zip(tables, ("cos", "sin"))
+    )
+    seq_len = g.node("Gather", [g.node("Shape", ["input_ids"], "/model/mask/InShape"), ops.int64(g, 1)],
+                     "/model/mask/S", axis=0)
+    mask = ops.causal_mask(g, "attention_mask", seq_len, d.window)
+
+    def attend(x, i):
+        return attention_plain(g, ck, d, x, i, cos_p, sin_p, mask, opts)
+
+    def norm(x, name):
+        return ops.rms_norm(g, x, name, ck.float_tensor(f"{name}.weight"), d.eps)
+
+    def skip_norm(x, skip, name):
+        summed = g.node("Add", [x, skip], f"/{name}/Residual")
+        return norm(summed, name), summed
+
+    return attend, norm, skip_norm
+
+
 def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
     """The whole decoder: embeddings, layers with KV cache, final norm, lm_head."""
     if opts.target not in TARGETS:
@@ -247,40 +298,10 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
         raise AwqEdgeError(f"{d.heads} heads do not divide into {d.kv_heads} KV heads", "check config.json")
     g = ops.Graph(opts.dtype)
     io_spec(g, d, opts)
-    cos, sin = rope_tables(ck.config, d)
     head = quantized_head(g, ck, d, opts)
     h = embeddings(g, ck, d, head, opts)
 
-    if opts.target == "ort":
-        cos_c, sin_c = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
-        base = "/model/attn_mask"
-        seqlens = g.node("Sub", [g.node("ReduceSum", ["attention_mask", ops.int64(g, [1])], f"{base}/ReduceSum",
-                                        keepdims=0), ops.int64(g, 1)], f"{base}/Sub")
-        seqlens = g.node("Cast", [seqlens], f"{base}/SeqlensK", to=TensorProto.INT32)
-        total = g.node("Gather", [g.node("Shape", ["attention_mask"], f"{base}/Shape"), ops.int64(g, 1)],
-                       f"{base}/Gather", axis=0)
-        total = g.node("Cast", [total], f"{base}/TotalSeqLen", to=TensorProto.INT32)
-        attend = lambda x, i: attention_ort(g, ck, d, x, i, cos_c, sin_c, (seqlens, total), opts)
-        norm = lambda x, name: ops.simplified_layer_norm(g, x, name, ck.float_tensor(f"{name}.weight"), d.eps)
-        skip_norm = lambda x, skip, name: ops.skip_simplified_layer_norm(
-            g, x, skip, name, ck.float_tensor(f"{name}.weight"), d.eps)
-    else:
-        tables = [g.weight(n, torch.cat([t, t], dim=-1)) for n, t in (("cos_table", cos), ("sin_table", sin))]
-        cos_p, sin_p = (
-            g.node("Unsqueeze", [g.node("Gather", [t, "position_ids"], f"/model/rope/{n}"), ops.int64(g, [2])],
-                   f"/model/rope/{n}4d")
-            for t, n in zip(tables, ("cos", "sin"))
-        )
-        seq_len = g.node("Gather", [g.node("Shape", ["input_ids"], "/model/mask/InShape"), ops.int64(g, 1)],
-                         "/model/mask/S", axis=0)
-        mask = ops.causal_mask(g, "attention_mask", seq_len, d.window)
-        attend = lambda x, i: attention_plain(g, ck, d, x, i, cos_p, sin_p, mask, opts)
-        norm = lambda x, name: ops.rms_norm(g, x, name, ck.float_tensor(f"{name}.weight"), d.eps)
-
-        def skip_norm(x, skip, name):
-            summed = g.node("Add", [x, skip], f"/{name}/Residual")
-            return norm(summed, name), summed
-
+    attend, norm, skip_norm = (ort_blocks if opts.target == "ort" else trt_blocks)(g, ck, d, opts)
     residual = h
     x = norm(h, "model.layers.0.input_layernorm")
     for i in range(d.layers):
@@ -293,5 +314,4 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
 
     graph = helper.make_graph(g.nodes, "awq_edge_decoder", g.inputs, g.outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(ops.MS, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="awq-edge")
-    return model
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="awq-edge")

@@ -33,7 +33,7 @@ TRT_OPS = {
 }
 
 
-def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tied=True, seed=0):
+def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tied=True, seed=0, **config_overrides):
     """A tiny random model quantised to 4 bits and saved as an AutoAWQ GEMM checkpoint.
 
     Returns (the float model with the same dequantised weights, {linear name: (q, scales, zeros)}).
@@ -43,7 +43,7 @@ def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tie
     config = config_cls(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, tie_word_embeddings=tied, max_position_embeddings=256, initializer_range=0.3,
-        bos_token_id=1, eos_token_id=0, pad_token_id=0,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0, **config_overrides,
     )
     model = model_cls(config).eval()
     if family == "qwen2":  # random q/k/v biases, which Qwen2 has and a fresh model zeroes
@@ -95,6 +95,18 @@ def test_fp32_export_logits_match_pytorch_with_same_dequantised_weights(tmp_path
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
     got = run_full(out, PROMPT)
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_mistral_sliding_window_matches_pytorch_in_prefill_and_cached_steps(tmp_path, target):
+    model, _ = write_checkpoint(tmp_path / "ck", family="mistral", sliding_window=4)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target=target))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    decoder = OrtDecoder(out)
+    steps = np.concatenate([decoder.forward(PROMPT[:3])] + [decoder.forward([t]) for t in PROMPT[3:]])
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+    assert np.abs(steps - ref).max() < 1e-4 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("target", ["ort", "trt"])
