@@ -7,6 +7,8 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from awq_edge.errors import AwqEdgeError
 
@@ -42,8 +44,20 @@ def builtin_texts(n_chars: int) -> list:
     return texts
 
 
+class _Progress(LogitsProcessor):
+    """Counts generated tokens on a progress bar; leaves the scores alone."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores):
+        self.bar.update(input_ids.shape[0])
+        return scores
+
+
 @torch.no_grad()
-def sampled_blocks(model, tokenizer, n_samples: int, seqlen: int, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+def sampled_blocks(model, tokenizer, n_samples: int, seqlen: int, device: str = "cpu", seed: int = 0,
+                   progress: bool = True) -> torch.Tensor:
     """[n, seqlen] tokens the model itself writes, each from a random first token (as in LLM-QAT).
 
     Data-free: the activations seen are the model's own distribution, with no
@@ -55,11 +69,13 @@ def sampled_blocks(model, tokenizer, n_samples: int, seqlen: int, device: str = 
     first = vocab[torch.randint(len(vocab), (n_samples, 1), generator=g)]
     torch.manual_seed(seed)
     blocks = []
-    for batch in first.split(32):
-        out = model.generate(input_ids=batch.to(device), attention_mask=torch.ones_like(batch, device=device),
-                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id)
-        blocks.append(out[:, :seqlen].cpu())
+    with tqdm(total=n_samples * (seqlen - 1), desc="calibration: sampling text", unit="tok", disable=not progress) as bar:
+        for batch in first.split(32):
+            out = model.generate(input_ids=batch.to(device), attention_mask=torch.ones_like(batch, device=device),
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                 pad_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([_Progress(bar)]))
+            blocks.append(out[:, :seqlen].cpu())
     return torch.cat(blocks)
 
 
