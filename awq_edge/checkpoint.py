@@ -34,7 +34,7 @@ def check_awq_shapes(shapes: dict, group_size: int) -> None:
 
 
 def _group_hint(in_f: int) -> str:
-    fits = [g for g in (128, 64, 32) if in_f % g == 0]
+    fits = [g for g in (128, 64, 32, 16) if in_f % g == 0]
     return f"use --group-size {fits[0]}" if fits else f"use a group size that divides {in_f}"
 
 
@@ -143,7 +143,7 @@ def load_quantized_model(path: Path, dtype=torch.float32):
     tensors = load_quantized_tensors(path)
     state = {k: v.to(dtype) for k, v in tensors["other"].items()}
     for name, (q, scales, zeros) in tensors["quantized"].items():
-        if q.shape[1] // group_size != scales.shape[1] or scales.shape[1] != n_groups(q.shape[1], group_size):
+        if scales.shape[1] != n_groups(q.shape[1], group_size):
             raise AwqEdgeError(f"{name}: scales do not match group size {group_size}", "re-create the checkpoint")
         state[f"{name}.weight"] = dequantize(q, scales, zeros, group_size).to(dtype)
     hf_config = load_config(path)

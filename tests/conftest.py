@@ -40,15 +40,19 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-def save_tiny_tokenizer(path: Path, vocab_size: int = 256) -> None:
-    """A real word-level fast tokenizer over words w0..wN, enough for the loaders and the CLI."""
+def tiny_tokenizer(vocab_size: int = 256):
+    """A real word-level fast tokenizer over words w3..wN, enough for the loaders and the CLI."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 256) -> None:
+    tiny_tokenizer(vocab_size).save_pretrained(path)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]

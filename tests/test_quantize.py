@@ -8,18 +8,12 @@ from safetensors.torch import load_file
 
 from awq_edge.arch import get_adapter
 from awq_edge.awq import search_scale
+from awq_edge.calib import sampled_blocks
 from awq_edge.checkpoint import load_quantized_model, save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.quant import QConfig, fake_quantize
 from awq_edge.quantize import quantize_model
-from conftest import ARCHS, tiny_model
-
-
-class _Tok:
-    """Stands in for a tokenizer where only save_pretrained is used."""
-
-    def save_pretrained(self, path):
-        (path / "tokenizer_config.json").write_text("{}")
+from conftest import ARCHS, tiny_model, tiny_tokenizer
 
 
 def _calib(n=4, t=32, seed=0):
@@ -58,14 +52,15 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model = tiny_model("llama")
     cfg = QConfig(4, 32, True)
     res = quantize_model(model, get_adapter("llama"), cfg, "awq", _calib(), progress=False)
-    out = save_quantized(model, _Tok(), res, tmp_path / "ckpt", {"method": "awq", "group_size": 32, "symmetric": False})
+    out = save_quantized(model, tiny_tokenizer(), res, tmp_path / "ckpt", {"method": "awq", "group_size": 32, "symmetric": False})
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                              "version": "gemm", "modules_to_not_convert": None}
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (128, 64 // 8)
     assert "model.layers.0.mlp.down_proj.weight" not in tensors
-    reloaded, _ = _load_without_tokenizer(out)
+    reloaded, tokenizer = load_quantized_model(out)
+    assert tokenizer.convert_tokens_to_ids("w7") == 7
     ids = _calib(2, 16, seed=3)
     with torch.no_grad():
         a = model(input_ids=ids).logits
@@ -76,17 +71,6 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     assert (a - b).abs().max().item() < 5e-3
 
 
-def _load_without_tokenizer(path):
-    import awq_edge.checkpoint as ck
-
-    orig = ck.load_tokenizer
-    ck.load_tokenizer = lambda p: None
-    try:
-        return load_quantized_model(path)
-    finally:
-        ck.load_tokenizer = orig
-
-
 def test_keep_8bit_moves_the_most_sensitive_linears_to_8_bits(tmp_path):
     model = tiny_model("llama")
     res = quantize_model(model, get_adapter("llama"), QConfig(4, 32, True), "awq", _calib(), keep_8bit=2, progress=False)
@@ -94,7 +78,7 @@ def test_keep_8bit_moves_the_most_sensitive_linears_to_8_bits(tmp_path):
     assert res.report["int8_modules"] == worst
     assert all(res.linears[n].bits == 8 for n in worst)
     assert sum(ql.bits == 8 for ql in res.linears.values()) == 2
-    out = save_quantized(model, _Tok(), res, tmp_path / "ck", {"method": "awq", "group_size": 32, "symmetric": False})
+    out = save_quantized(model, tiny_tokenizer(), res, tmp_path / "ck", {"method": "awq", "group_size": 32, "symmetric": False})
     config = json.loads((out / "config.json").read_text())
     assert sorted(config["quantization_config"]["modules_to_not_convert"]) == sorted(worst)
     tensors = load_file(out / "model.safetensors")
@@ -105,20 +89,12 @@ def test_ragged_group_is_refused_by_the_checkpoint_before_writing(tmp_path):
     model = tiny_model("llama", hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3)
     res = quantize_model(model, get_adapter("llama"), QConfig(4, 32, True), "rtn", _calib(), progress=False)
     with pytest.raises(AwqEdgeError, match="group-size"):
-        save_quantized(model, _Tok(), res, tmp_path / "ck", {"method": "rtn", "group_size": 32, "symmetric": False})
+        save_quantized(model, tiny_tokenizer(), res, tmp_path / "ck", {"method": "rtn", "group_size": 32, "symmetric": False})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_sampled_calibration_is_model_text_of_the_asked_shape():
-    from awq_edge.calib import sampled_blocks
-    from conftest import save_tiny_tokenizer
-    from transformers import AutoTokenizer
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        save_tiny_tokenizer(Path(d))
-        tok = AutoTokenizer.from_pretrained(d)
+    tok = tiny_tokenizer()
     model = tiny_model("llama")
     a = sampled_blocks(model, tok, 3, 20)
     b = sampled_blocks(model, tok, 3, 20)
