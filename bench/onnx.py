@@ -139,9 +139,37 @@ def run_peer_builder(hf_dir: Path, out: Path, precision: str, extra: tuple):
     return round(time.perf_counter() - t0, 1)
 
 
+def markdown(r: dict) -> str:
+    """The JSON's headline numbers as tables."""
+    ppl, speed, size = r["wikitext2_test_ppl"], r["decode"]["median"], r["size_bytes"]
+    first = next(iter(ppl.values()))
+    lines = [
+        f"# ONNX export on {r['model']} ({r['host']}, onnxruntime {r['versions']['onnxruntime']})", "",
+        f"Quantised checkpoint: {r['quantization']}.",
+        f"WikiText-2 test perplexity over {first['tokens']} tokens in windows of {first['seqlen']}; decode at batch 1, "
+        f"{r['decode']['new_tokens']} new tokens after a {r['decode']['prompt_tokens']}-token prompt, median of "
+        f"{r['decode']['repeats']}, all models round-robin in one run.", "",
+        "| model | ppl | vs PyTorch AWQ | decode tok/s | vs PyTorch float | size MB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ppl:
+        s = speed.get(name, {})
+        mb = size.get(name, size["float_fp16_safetensors"] if name == "pytorch_float" else None)
+        lines.append(f"| {name} | {ppl[name]['ppl']:.3f} | {100 * ppl[name]['vs_pytorch_awq']:+.2f}% | "
+                     f"{s.get('decode_tok_s', float('nan')):.1f} | {s.get('vs_pytorch_float', float('nan')):.2f}x | "
+                     f"{'' if mb is None else f'{mb / 1e6:.1f}'} |")
+    p = r["parity"]
+    lines += ["", f"Parity (fp32 export vs PyTorch with the same dequantised weights, {p['positions']} positions): "
+              f"max |logit diff| {p['max_abs_diff']:.2e} ({p['relative']:.1e} of the largest logit); TensorRT-target "
+              f"graph {r['parity_trt_matmulnbits']['max_abs_diff']:.2e}.",
+              f"Greedy 64 tokens identical to PyTorch: {sum(g['identical'] for g in r['greedy_64'])} of "
+              f"{len(r['greedy_64'])} prompts."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quant-dir", required=True, help="AWQ w4 g64 checkpoint of --model (awq-edge quantize)")
+    ap.add_argument("--quant-dir", help="AWQ w4 g64 checkpoint of --model (awq-edge quantize)")
     ap.add_argument("--sym-quant-dir", help="a symmetric (--no-zero-point) checkpoint, to check --trt-native on it")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", default="/tmp/awq-edge-onnx-bench", help="where the ONNX folders are written")
@@ -152,20 +180,33 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx"))
+    ap.add_argument("--models", help="comma-separated subset of the ONNX models and pytorch_float to evaluate "
+                    "(default: all); ours_int4 and pytorch_awq always run, as the references")
+    ap.add_argument("--markdown-only", action="store_true", help="only re-render OUT.md from OUT.json")
     args = ap.parse_args()
+    if args.markdown_only:
+        Path(args.out + ".md").write_text(markdown(json.loads(Path(args.out + ".json").read_text())))
+        return 0
+    if not args.quant_dir:
+        ap.error("--quant-dir is required (an AWQ checkpoint of --model, from `awq-edge quantize`)")
     wt = Path(args.wikitext)
     if not (wt / "test.txt").is_file():
         print(f"skip: WikiText-2 not found at {wt} (pass --wikitext DIR)")
         return 0
     work, quant_dir = Path(args.work), Path(args.quant_dir)
     hf_dir = resolve_model_dir(args.model)
-    results = {"model": args.model, "quant_dir": str(quant_dir), "quantization": json.loads(
-        (quant_dir / "config.json").read_text())["quantization_config"], "host": platform.platform(),
-        "cpu_threads": torch.get_num_threads(), "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__}}
+    quant_config = json.loads((quant_dir / "config.json").read_text())
+    results = {"model": args.model, "quant_dir": str(quant_dir), "quantization": quant_config["quantization_config"],
+               "quantiser": quant_config.get("awq_edge"), "host": platform.platform(),
+               "cpu_threads": torch.get_num_threads(),
+               "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__}}
 
     def save():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def wanted(name):
+        return not args.models or name in ("ours_int4", *args.models.split(","))
 
     folders, build_s = {}, {}
     for name, opts, src, allow_float in (
@@ -175,6 +216,8 @@ def main() -> int:
         ("ours_int4_int8act_head4", ExportOptions(accuracy_level=4, head_bits=4), quant_dir, False),
         ("ours_fp32", ExportOptions(), hf_dir, True),
     ):
+        if not wanted(name):
+            continue
         t0 = time.perf_counter()
         folders[name] = export(src, work / name, opts, allow_float=allow_float)
         build_s[name] = round(time.perf_counter() - t0, 1)
@@ -182,6 +225,8 @@ def main() -> int:
     # like-for-like group, blocks of 64 as in our checkpoint.
     for name, precision, extra in (("peer_int4", "int4", ()), ("peer_int4_g64", "int4", ("--extra_options", "block_size=64")),
                                    ("peer_fp32", "fp32", ())):
+        if not wanted(name):
+            continue
         folders[name] = work / name
         build_s[name] = run_peer_builder(hf_dir, folders[name], precision, extra)
     results["export_seconds"] = build_s
@@ -204,7 +249,8 @@ def main() -> int:
     save()
 
     ppl = {}
-    for name, model in [("pytorch_float", fmodel), ("pytorch_awq", qmodel)] + [(k, OnnxLM(v)) for k, v in folders.items()]:
+    torch_models = [("pytorch_float", fmodel)] if wanted("pytorch_float") else []
+    for name, model in torch_models + [("pytorch_awq", qmodel)] + [(k, OnnxLM(v)) for k, v in folders.items()]:
         ppl[name] = perplexity(model, tokenizer, text_ids, args.seqlen, batch_size=1, progress=False)
         print(name, ppl[name], flush=True)
     ref = ppl["pytorch_awq"]["ppl"]
@@ -228,7 +274,8 @@ def main() -> int:
     results["decode"] = {"batch": 1, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
                          "repeats": args.repeats, "median": speed}
     save()
-    print(json.dumps({k: results[k] for k in ("size_bytes", "decode")}, indent=1))
+    Path(args.out + ".md").write_text(markdown(results))
+    print(markdown(results))
     return 0
 
 
