@@ -24,11 +24,11 @@ class Graph:
         self._count[base] = n + 1
         return base if n == 0 else f"{base}_{n}"
 
-    def node(self, op: str, inputs, base: str, n_out: int = 1, domain: str = "", **attrs):
+    def node(self, op: str, inputs, base: str, domain: str = "", **attrs) -> str:
         name = self.name(base)
-        outs = [f"{name}/out{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, domain=domain or None, **attrs))
-        return outs[0] if n_out == 1 else outs
+        self.nodes.append(helper.make_node(op, list(inputs), [f"{name}/out0"], name=name, domain=domain or None,
+                                           **attrs))
+        return f"{name}/out0"
 
     def const(self, base: str, array) -> str:
         if isinstance(array, torch.Tensor):
@@ -46,21 +46,23 @@ class Graph:
         self.initializers.append(helper.make_tensor(name, elem, dims, data, raw=True))
         return name
 
+    def shared(self, key: str, array: np.ndarray) -> str:
+        """A small constant stored once under `key`, however many nodes read it."""
+        if key not in self._count:
+            self.const(key, array)
+        return key
+
 
 def int64(g: Graph, values) -> str:
+    """An int64 constant (a scalar for a plain int, a 1-D tensor for a list)."""
     kind = "s" if np.ndim(values) == 0 else "v"
-    key = f"const/i64/{kind}/" + "_".join(str(v) for v in np.atleast_1d(values))
-    if key not in g._count:
-        g.const(key, np.array(values, dtype=np.int64))
-    return key
+    return g.shared(f"const/i64/{kind}/" + "_".join(str(v) for v in np.atleast_1d(values)),
+                    np.array(values, dtype=np.int64))
 
 
 def scalar(g: Graph, value: float) -> str:
-    """A float constant of the activation dtype, shared by name."""
-    key = f"const/{g.np_dtype.__name__}/{value!r}"
-    if key not in g._count:
-        g.const(key, np.array(value, dtype=g.np_dtype))
-    return key
+    """A float constant of the activation dtype."""
+    return g.shared(f"const/{g.np_dtype.__name__}/{value!r}", np.array(value, dtype=g.np_dtype))
 
 
 def nbits_weights(g: Graph, base: str, q, scales, zeros, block_size: int, bits: int = 4):
