@@ -7,7 +7,9 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from awq_edge.devices import DeviceProfile
 from awq_edge.errors import AwqEdgeError
@@ -158,6 +160,41 @@ def check_int4_path(counts: dict, profile: DeviceProfile, plugin_library) -> Non
         raise AwqEdgeError(f"the ONNX has {counts['matmul_nbits']} MatMulNBits nodes and no plugin library was given",
                            "pass --plugin plugins/build/tensorrt/libawq_edge_trt_plugin.so (built as "
                            "docs/deploying-to-jetson.md says), or export with `--trt-native`")
+
+
+def weights_as_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """MatMulNBits weights moved from initializers into node attributes, for full TensorRT; changes `model`.
+
+    TensorRT's ONNX importer hands a plugin node's attributes to the plugin creator at build time, where the
+    plugin packs them once into the kernels' layout and the engine stores them packed; as initializers they
+    would reach the plugin only at run time, widened from uint8 to int32. uint8 travels as int8 (the same
+    bytes), because plugin fields have no uint8 type. Needs the weights loaded (onnx.load with external data).
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    moved = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a, b, scales, zero_points, g_idx, bias = list(node.input) + [""] * (6 - len(node.input))
+        if g_idx or any(n and n not in inits for n in (b, scales, zero_points)):
+            raise AwqEdgeError(f"MatMulNBits node {node.name} has g_idx or weights computed in the graph",
+                               "export with `awq-edge export --target trt`, which writes plain initializers")
+        fields = [("weights", b, np.int8), ("scales", scales, np.float16), ("zero_points", zero_points, np.int8)]
+        for field, name, dtype in fields:
+            if name:
+                values = onnx.numpy_helper.to_array(inits[name]).reshape(-1)
+                node.attribute.append(onnx.helper.make_attribute(
+                    field, onnx.numpy_helper.from_array(values.view(dtype) if values.dtype.itemsize == 1 else
+                                                        values.astype(dtype), field)))
+                moved.add(name)
+        node.attribute.append(onnx.helper.make_attribute("has_bias", int(bool(bias))))
+        del node.input[:]
+        node.input.extend([a] + ([bias] if bias else []))
+    still_used = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in moved or t.name in still_used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
 
 
 def model_max_positions(onnx_dir):

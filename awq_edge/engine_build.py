@@ -8,6 +8,8 @@ import shutil
 import time
 from pathlib import Path
 
+import onnx
+
 from awq_edge import engine
 from awq_edge.devices import DeviceProfile, get_profile
 from awq_edge.errors import AwqEdgeError
@@ -85,10 +87,24 @@ def _default_timing_cache(profile: DeviceProfile, trt) -> Path:
     return Path.home() / ".cache" / "awq-edge" / f"timing-{profile.name}-{profile.tensorrt}-{trt.__version__}.cache"
 
 
-def _parse(trt, builder, logger, onnx_dir):
+def _write_fields_model(onnx_dir: Path, scratch: Path) -> Path:
+    """The ONNX with MatMulNBits weights as attributes (engine.weights_as_fields), in a scratch folder."""
+    model = engine.weights_as_fields(onnx.load(str(onnx_dir / engine.MODEL_FILE)))
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / engine.MODEL_FILE
+    try:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{engine.MODEL_FILE}.data", size_threshold=1024)
+    except ValueError as e:  # protobuf's 2 GB limit, which attributes (never external here) count against
+        raise AwqEdgeError(f"the MatMulNBits weights do not fit one ONNX protobuf as attributes ({e})",
+                           "models this large need the plugin to take external weights; not supported yet")
+    return path
+
+
+def _parse(trt, builder, logger, onnx_path: Path, onnx_dir):
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(Path(onnx_dir) / engine.MODEL_FILE)):
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise AwqEdgeError(f"TensorRT's ONNX parser refused {onnx_dir}: {errors}",
                            "export with `awq-edge export --target trt --dtype fp16` and the same TensorRT version")
@@ -113,17 +129,31 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
         raise AwqEdgeError(f"{out_dir} exists and is not an engine folder", "choose another -o, or remove it")
 
     trt = import_tensorrt(profile)
+    scratch = out_dir.absolute().parent / f".{out_dir.name}.onnx-{os.getpid()}"
+    try:
+        return _build(trt, profile, onnx_dir, out_dir, scratch, plugin_library, timing_cache, verbose,
+                      kv=kv, int4=int4, max_seq=max_seq, shapes=shapes)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(trt, profile, onnx_dir, out_dir, scratch, plugin_library, timing_cache, verbose, *, kv, int4, max_seq,
+           shapes) -> dict:
+    """The TensorRT half of `build`, once the ONNX is checked and the shapes are known."""
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if plugin_library is not None:
         if profile.tensorrt == "tensorrt_rtx" and int4["matmul_nbits"]:
             _check_rtx_plugin_loader()
         _load_plugin(builder.get_plugin_registry(), Path(plugin_library))
-    # The parser owns the weights the network points at: keep it alive until the engine is serialized.
-    network, _parser = _parse(trt, builder, logger, onnx_dir)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, profile.workspace_mib * 2**20)
     _target(trt, config, profile)
+    onnx_path = onnx_dir / engine.MODEL_FILE
+    if profile.tensorrt == "tensorrt" and int4["matmul_nbits"]:
+        onnx_path = _write_fields_model(onnx_dir, scratch)
+    # The parser owns the weights the network points at: keep it alive until the engine is serialized.
+    network, _parser = _parse(trt, builder, logger, onnx_path, onnx_dir)
     for phase_shapes in shapes.values():
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in phase_shapes.items():

@@ -210,3 +210,33 @@ def test_build_cli_prints_one_error_line_and_exits_2(tmp_path, capsys):
     assert main(["build", str(d), "--device", "rtx-4090", "-o", str(tmp_path / "engine")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "symmetric only" in err[0] and "--no-zero-point" in err[0]
+
+
+def test_weights_move_into_matmul_nbits_attributes_byte_for_byte():
+    model = tiny_decoder("nbits", zero_points=True)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    engine.weights_as_fields(model)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 3
+    for n in nodes:
+        base = n.name or n.output[0]
+        attrs = {a.name: a for a in n.attribute}
+        assert len(n.input) == 1 and attrs["has_bias"].i == 0
+        weights = numpy_helper.to_array(attrs["weights"].t)
+        assert weights.dtype == np.int8 and attrs["scales"].t.data_type == TensorProto.FLOAT16
+        original = [v for k, v in before.items() if k.endswith(".B") and v.size == weights.size]
+        assert any(np.array_equal(weights.view(np.uint8), o.reshape(-1)) for o in original), base
+        assert numpy_helper.to_array(attrs["zero_points"].t).dtype == np.int8
+    left = {t.name for t in model.graph.initializer}
+    assert not any(name.endswith((".B", ".scales", ".zp")) for name in left) and "embed" in left
+
+
+def test_fields_model_is_written_with_its_other_weights_external(tmp_path):
+    d = tmp_path / "onnx"
+    d.mkdir()
+    onnx.save_model(tiny_decoder("nbits"), str(d / engine.MODEL_FILE), save_as_external_data=True,
+                    location=f"{engine.MODEL_FILE}.data", size_threshold=0)
+    path = engine_build._write_fields_model(d, tmp_path / "scratch")
+    model = onnx.load(str(path))
+    assert all(len(n.input) == 1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert (tmp_path / "scratch" / f"{engine.MODEL_FILE}.data").is_file()

@@ -78,6 +78,55 @@ int32_t zeroPointsFor(MatMulNBitsParams const& p, int32_t nbInputs) noexcept
 {
     return p.hasZeroPoints >= 0 ? p.hasZeroPoints : static_cast<int32_t>(nbInputs > kINPUT_ZERO_POINTS);
 }
+//! Weights handed over as fields (host memory, at build time): checked, packed on the GPU, and brought back,
+//! so the engine stores them in the kernels' layout. Null on failure, with the reason logged.
+std::shared_ptr<std::vector<uint8_t> const> packFields(MatMulNBitsParams const& p, PluginField const& weights,
+    PluginField const* scales, PluginField const* zeroPoints, std::string const& node) noexcept
+{
+    size_t const blocks = (p.K + p.blockSize - 1) / p.blockSize;
+    size_t const bBytes = static_cast<size_t>(p.N) * blocks * (p.blockSize / 2);
+    size_t const nScales = static_cast<size_t>(p.N) * blocks;
+    size_t const zpBytes = static_cast<size_t>(p.N) * ((blocks + 1) / 2);
+    if (static_cast<size_t>(weights.length) != bBytes || scales == nullptr
+        || static_cast<size_t>(scales->length) != nScales
+        || (zeroPoints != nullptr && static_cast<size_t>(zeroPoints->length) != zpBytes))
+    {
+        logError(node + ": weights, scales or zero_points fields do not match K, N and block_size");
+        return nullptr;
+    }
+    size_t const bytes = awqe_packed_weight_bytes(p.N, p.K, p.blockSize);
+    auto packed = std::make_shared<std::vector<uint8_t>>(bytes);
+    void* dB = nullptr;
+    void* dScales = nullptr;
+    void* dZp = nullptr;
+    void* dPacked = nullptr;
+    bool ok = cudaMalloc(&dB, bBytes) == cudaSuccess && cudaMalloc(&dScales, nScales * 2) == cudaSuccess
+        && cudaMalloc(&dPacked, bytes) == cudaSuccess
+        && (zeroPoints == nullptr || cudaMalloc(&dZp, zpBytes) == cudaSuccess)
+        && cudaMemcpy(dB, weights.data, bBytes, cudaMemcpyHostToDevice) == cudaSuccess
+        && cudaMemcpy(dScales, scales->data, nScales * 2, cudaMemcpyHostToDevice) == cudaSuccess
+        && (zeroPoints == nullptr || cudaMemcpy(dZp, zeroPoints->data, zpBytes, cudaMemcpyHostToDevice) == cudaSuccess);
+    if (!ok)
+    {
+        logError(node + ": copying the weights to the GPU for packing failed");
+    }
+    else
+    {
+        awqe_status const status = awqe_repack_matmul_nbits(static_cast<uint8_t const*>(dB), dScales,
+            static_cast<uint8_t const*>(dZp), p.N, p.K, p.blockSize, dPacked, nullptr);
+        ok = status == AWQE_OK
+            && cudaMemcpy(packed->data(), dPacked, bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
+        if (!ok)
+        {
+            logError(node + ": packing failed: " + awqe_status_string(status) + ": " + awqe_last_error());
+        }
+    }
+    cudaFree(dB);
+    cudaFree(dScales);
+    cudaFree(dZp);
+    cudaFree(dPacked);
+    return ok ? packed : nullptr;
+}
 } // namespace
 
 MatMulNBitsPlugin::MatMulNBitsPlugin(MatMulNBitsParams const& params)
@@ -127,6 +176,16 @@ char const* MatMulNBitsPlugin::getPluginNamespace() const noexcept
 
 bool MatMulNBitsPlugin::resolveInputs(int32_t nbInputs) noexcept
 {
+    if (mParams.packed)
+    {
+        if (nbInputs != 1 + mParams.hasBias)
+        {
+            logError("expected " + std::to_string(1 + mParams.hasBias) + " inputs (A" + (mParams.hasBias ? ", bias" : "")
+                + ") with weights given as fields, got " + std::to_string(nbInputs));
+            return false;
+        }
+        return true;
+    }
     int32_t const zeroPoints = zeroPointsFor(mParams, nbInputs);
     int32_t const expected = 3 + zeroPoints + mParams.hasBias;
     if (nbInputs != expected)
@@ -189,7 +248,7 @@ bool MatMulNBitsPlugin::supportsFormatCombination(
     }
     // The kernels take fp16 activations, scales and bias, and the weights and zero points as byte values.
     int32_t const zeroPoints = zeroPointsFor(mParams, nbInputs);
-    if (pos == kINPUT_B || (zeroPoints && pos == kINPUT_ZERO_POINTS))
+    if (!mParams.packed && (pos == kINPUT_B || (zeroPoints && pos == kINPUT_ZERO_POINTS)))
     {
         return isByteValues(desc.type);
     }
@@ -225,6 +284,19 @@ bool MatMulNBitsPlugin::ensurePacked(
 {
     if (mPacked != nullptr)
     {
+        return true;
+    }
+    if (mParams.packed)
+    {
+        size_t const bytes = mParams.packed->size();
+        if (cudaMalloc(&mPacked, bytes) != cudaSuccess
+            || cudaMemcpyAsync(mPacked, mParams.packed->data(), bytes, cudaMemcpyHostToDevice, stream) != cudaSuccess)
+        {
+            logError("uploading " + std::to_string(bytes) + " bytes of packed weights failed");
+            cudaFree(mPacked);
+            mPacked = nullptr;
+            return false;
+        }
         return true;
     }
     // B, scales and zero points are engine constants, so packing them once per instance is exact.
@@ -283,7 +355,8 @@ int32_t MatMulNBitsPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTens
         return -1;
     }
     int const m = static_cast<int>(rows);
-    void const* bias = mParams.hasBias ? inputs[kINPUT_SCALES + 1 + mParams.hasZeroPoints] : nullptr;
+    int32_t const biasInput = mParams.packed ? 1 : kINPUT_SCALES + 1 + mParams.hasZeroPoints;
+    void const* bias = mParams.hasBias ? inputs[biasInput] : nullptr;
     awqe_status const status = awqe_gemm_f16(inputs[kINPUT_A], mPacked, bias, outputs[0], m, mParams.N, mParams.K,
         mParams.blockSize, workspace, awqe_workspace_bytes(m, mParams.N, mParams.K, mParams.blockSize), stream);
     if (status != AWQE_OK)
@@ -309,6 +382,11 @@ PluginFieldCollection const* MatMulNBitsPlugin::getFieldsToSerialize() noexcept
         PluginField("has_zero_points", &mParams.hasZeroPoints, PluginFieldType::kINT32, 1),
         PluginField("has_bias", &mParams.hasBias, PluginFieldType::kINT32, 1),
     };
+    if (mParams.packed)
+    {
+        mSerialized.emplace_back("packed", mParams.packed->data(), PluginFieldType::kINT8,
+            static_cast<int32_t>(mParams.packed->size()));
+    }
     mSerializedCollection.nbFields = static_cast<int32_t>(mSerialized.size());
     mSerializedCollection.fields = mSerialized.data();
     return &mSerializedCollection;
@@ -317,10 +395,13 @@ PluginFieldCollection const* MatMulNBitsPlugin::getFieldsToSerialize() noexcept
 MatMulNBitsPluginCreator::MatMulNBitsPluginCreator()
 {
     // The ONNX fallback importer copies exactly these attributes of the node into fields.
-    for (char const* name : {"K", "N", "bits", "block_size", "accuracy_level"})
+    for (char const* name : {"K", "N", "bits", "block_size", "accuracy_level", "has_bias"})
     {
         mFields.emplace_back(name, nullptr, PluginFieldType::kINT32, 1);
     }
+    mFields.emplace_back("weights", nullptr, PluginFieldType::kINT8, 0);
+    mFields.emplace_back("scales", nullptr, PluginFieldType::kFLOAT16, 0);
+    mFields.emplace_back("zero_points", nullptr, PluginFieldType::kINT8, 0);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
@@ -330,17 +411,35 @@ IPluginV3* MatMulNBitsPluginCreator::createPlugin(
 {
     MatMulNBitsParams p;
     int32_t isUint4 = 1;
+    PluginField const* weights = nullptr;
+    PluginField const* scales = nullptr;
+    PluginField const* zeroPoints = nullptr;
+    PluginField const* packed = nullptr;
     // Names from the ONNX attributes (K, N), from TensorRT-RTX's importer (k, n, has_zeros, is_uint4),
-    // and from getFieldsToSerialize (has_zero_points); accuracy_level is accepted and unused (fp16 activations).
+    // and from getFieldsToSerialize (has_zero_points, packed); accuracy_level is accepted and unused.
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
     {
         PluginField const& f = fc->fields[i];
-        if (f.type != PluginFieldType::kINT32 || f.length < 1 || f.data == nullptr)
+        if (f.data == nullptr || f.length < 1)
         {
             continue;
         }
-        int32_t const v = *static_cast<int32_t const*>(f.data);
         std::string const key = f.name;
+        if (f.type != PluginFieldType::kINT32)
+        {
+            PluginFieldType const want = key == "scales" ? PluginFieldType::kFLOAT16 : PluginFieldType::kINT8;
+            PluginField const** slot = key == "weights" ? &weights
+                : key == "scales"                       ? &scales
+                : key == "zero_points"                  ? &zeroPoints
+                : key == "packed"                       ? &packed
+                                                        : nullptr;
+            if (slot != nullptr && f.type == want)
+            {
+                *slot = &f;
+            }
+            continue;
+        }
+        int32_t const v = *static_cast<int32_t const*>(f.data);
         if (key == "K" || key == "k") p.K = v;
         else if (key == "N" || key == "n") p.N = v;
         else if (key == "bits") p.bits = v;
@@ -355,11 +454,30 @@ IPluginV3* MatMulNBitsPluginCreator::createPlugin(
         logError(node + ": only unsigned 4-bit weights are supported (bits = " + std::to_string(p.bits) + ")");
         return nullptr;
     }
-    if (awqe_packed_weight_bytes(p.N, p.K, p.blockSize) == 0)
+    size_t const packedBytes = awqe_packed_weight_bytes(p.N, p.K, p.blockSize);
+    if (packedBytes == 0)
     {
         logError(node + ": unsupported sizes K = " + std::to_string(p.K) + ", N = " + std::to_string(p.N)
             + ", block_size = " + std::to_string(p.blockSize));
         return nullptr;
+    }
+    if (packed != nullptr)
+    {
+        if (static_cast<size_t>(packed->length) != packedBytes)
+        {
+            logError(node + ": serialized packed weights have the wrong size");
+            return nullptr;
+        }
+        auto const* bytes = static_cast<uint8_t const*>(packed->data);
+        p.packed = std::make_shared<std::vector<uint8_t> const>(bytes, bytes + packedBytes);
+    }
+    else if (weights != nullptr)
+    {
+        p.packed = packFields(p, *weights, scales, zeroPoints, node);
+        if (!p.packed)
+        {
+            return nullptr;
+        }
     }
     return new (std::nothrow) MatMulNBitsPlugin(p);
 }

@@ -7,7 +7,10 @@
  * Inputs, in ONNX order: A fp16 [..., K]; B [N, n_blocks, block_size/2] bytes; scales fp16 (N * n_blocks values,
  * any shape); zero points bytes [N * ceil(n_blocks/2)] if present; bias fp16 [N] if present. Output: fp16 [..., N].
  * "Bytes" arrive as int8 from TensorRT-RTX's importer and as int32, one byte value each, from the ONNX fallback
- * import of TensorRT 10.x, which widens uint8 initializers.
+ * import of TensorRT 10.x, which widens uint8 initializers; such tensor weights are packed on the first enqueue.
+ * `awq-edge build` instead moves them into the node's attributes ("weights", "scales", "zero_points"), which
+ * the fallback import hands to the creator as fields: they are packed once at build time and serialized packed,
+ * and the inputs are A (and bias).
  */
 #ifndef AWQ_EDGE_MATMUL_NBITS_PLUGIN_H
 #define AWQ_EDGE_MATMUL_NBITS_PLUGIN_H
@@ -15,6 +18,7 @@
 #include <NvInferRuntime.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace awq_edge
@@ -30,6 +34,9 @@ struct MatMulNBitsParams
     //! -1 until known: ONNX fallback imports pass no flag, so the input count decides.
     int32_t hasZeroPoints{-1};
     int32_t hasBias{0};
+    //! The weights in the kernels' layout, when they came as fields (awq-edge build moves them there) and were
+    //! packed at build time; then A (and bias) are the only inputs. Shared by clones, never changed.
+    std::shared_ptr<std::vector<uint8_t> const> packed;
 };
 
 class MatMulNBitsPlugin : public nvinfer1::IPluginV3,

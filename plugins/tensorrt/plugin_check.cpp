@@ -76,6 +76,7 @@ struct Case
 {
     int K, N, blockSize, zeroPoints, bias;
     bool widened; // B and zero points as int32, one byte value each, as onnx-tensorrt imports uint8 initializers
+    bool asFields; // weights as creator fields, packed at build time, as `awq-edge build` hands them over
     std::vector<int> rows; // M for successive enqueues on one attached plugin
 };
 
@@ -112,7 +113,15 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
         PluginField("block_size", &c.blockSize, PluginFieldType::kINT32, 1)};
     int const bits = 4;
     fields.emplace_back("bits", &bits, PluginFieldType::kINT32, 1);
-    if (c.bias) // only TensorRT-RTX's importer passes flags; the ONNX fallback path infers zero points
+    if (c.asFields)
+    {
+        fields.emplace_back("weights", B.data(), PluginFieldType::kINT8, static_cast<int32_t>(B.size()));
+        fields.emplace_back("scales", scales.data(), PluginFieldType::kFLOAT16, static_cast<int32_t>(scales.size()));
+        if (c.zeroPoints)
+            fields.emplace_back("zero_points", zp.data(), PluginFieldType::kINT8, static_cast<int32_t>(zp.size()));
+        fields.emplace_back("has_bias", &c.bias, PluginFieldType::kINT32, 1);
+    }
+    else if (c.bias) // only TensorRT-RTX's importer passes flags; the ONNX fallback path infers zero points
     {
         fields.emplace_back("has_zeros", &c.zeroPoints, PluginFieldType::kINT32, 1);
         fields.emplace_back("has_bias", &c.bias, PluginFieldType::kINT32, 1);
@@ -121,7 +130,7 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
     IPluginV3* built = creator.createPlugin("check", &fc, TensorRTPhase::kBUILD);
     if (built == nullptr)
         return false;
-    int const nbInputs = 3 + c.zeroPoints + c.bias;
+    int const nbInputs = c.asFields ? 1 + c.bias : 3 + c.zeroPoints + c.bias;
     int const maxRows = 64;
 
     std::vector<DynamicPluginTensorDesc> in(nbInputs), out(1);
@@ -130,7 +139,7 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
     in[0].max = dims2(maxRows, c.K);
     DataType const byteType = c.widened ? DataType::kINT32 : DataType::kUINT8;
     for (int i = 1; i < nbInputs; ++i)
-        in[i].desc.type = (i == 1 || (c.zeroPoints && i == 3)) ? byteType : DataType::kHALF;
+        in[i].desc.type = (!c.asFields && (i == 1 || (c.zeroPoints && i == 3))) ? byteType : DataType::kHALF;
     auto* build = static_cast<IPluginV3OneBuild*>(built->getCapabilityInterface(PluginCapabilityType::kBUILD));
     if (build->configurePlugin(in.data(), nbInputs, out.data(), 1) != 0)
         return false;
@@ -144,9 +153,14 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
     auto* runtime = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
 
     std::vector<int32_t> wideB(B.begin(), B.end()), wideZp(zp.begin(), zp.end());
-    std::vector<void*> inputs{nullptr, c.widened ? toDevice(wideB) : toDevice(B), toDevice(scales)};
-    if (c.zeroPoints)
-        inputs.push_back(c.widened ? toDevice(wideZp) : toDevice(zp));
+    std::vector<void*> inputs{nullptr};
+    if (!c.asFields)
+    {
+        inputs.push_back(c.widened ? toDevice(wideB) : toDevice(B));
+        inputs.push_back(toDevice(scales));
+        if (c.zeroPoints)
+            inputs.push_back(c.widened ? toDevice(wideZp) : toDevice(zp));
+    }
     if (c.bias)
         inputs.push_back(toDevice(bias));
     void* workspace = nullptr;
@@ -185,8 +199,8 @@ bool runCase(IPluginCreatorV3One& creator, Case const& c, std::mt19937& rng)
             }
         bool const pass = worst <= 2e-3 * scale + 2e-3;
         std::printf("K=%d N=%d block=%d zero_points=%d bias=%d %s M=%d: max |err| %.3g of max |y| %.3g %s\n", c.K,
-            c.N, c.blockSize, c.zeroPoints, c.bias, c.widened ? "int32" : "bytes", m, worst, scale,
-            pass ? "ok" : "MISMATCH");
+            c.N, c.blockSize, c.zeroPoints, c.bias, c.asFields ? "fields" : c.widened ? "int32" : "bytes", m, worst,
+            scale, pass ? "ok" : "MISMATCH");
         ok = ok && pass;
         cudaFree(y);
         cudaFree(inputs[0]);
@@ -217,10 +231,13 @@ int main()
     std::printf("creator %s v%s\n", creator.getPluginName(), creator.getPluginVersion());
     std::mt19937 rng(0);
     // SmolLM2's q_proj (K=576 = 9 blocks of 64, an odd count), its down_proj, group 128, the RTX flags path,
-    // and the int32-widened weights of TensorRT's ONNX fallback import.
-    std::vector<Case> cases{{576, 576, 64, 1, 0, false, {1, 5, 16, 37, 64}}, {1536, 576, 64, 1, 0, false, {1, 17}},
-        {576, 1536, 64, 0, 0, false, {1, 33}}, {1024, 256, 128, 1, 0, false, {1, 64}},
-        {576, 192, 32, 1, 1, false, {3, 20}}, {576, 576, 64, 1, 0, true, {1, 40}}, {576, 192, 64, 0, 0, true, {7}}};
+    // the int32-widened weights of TensorRT's ONNX fallback import, and weights as fields packed at build time.
+    std::vector<Case> cases{{576, 576, 64, 1, 0, false, false, {1, 5, 16, 37, 64}},
+        {1536, 576, 64, 1, 0, false, false, {1, 17}}, {576, 1536, 64, 0, 0, false, false, {1, 33}},
+        {1024, 256, 128, 1, 0, false, false, {1, 64}}, {576, 192, 32, 1, 1, false, false, {3, 20}},
+        {576, 576, 64, 1, 0, true, false, {1, 40}}, {576, 192, 64, 0, 0, true, false, {7}},
+        {576, 576, 64, 1, 0, false, true, {1, 16, 50}}, {1536, 576, 64, 0, 0, false, true, {2}},
+        {576, 192, 32, 1, 1, false, true, {1, 9}}};
     bool ok = true;
     for (Case const& c : cases)
         ok = runCase(creator, c, rng) && ok;
