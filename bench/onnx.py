@@ -145,7 +145,7 @@ def markdown(r: dict) -> str:
     first = next(iter(ppl.values()))
     lines = [
         f"# ONNX export on {r['model']} ({r['host']}, onnxruntime {r['versions']['onnxruntime']})", "",
-        f"Quantised checkpoint: {r['quantization']}.",
+        f"Quantised checkpoint: {r['quantization']}; quantiser: {r.get('quantiser', 'not recorded')}.",
         f"WikiText-2 test perplexity over {first['tokens']} tokens in windows of {first['seqlen']}; decode at batch 1, "
         f"{r['decode']['new_tokens']} new tokens after a {r['decode']['prompt_tokens']}-token prompt, median of "
         f"{r['decode']['repeats']}, all models round-robin in one run.", "",
@@ -159,11 +159,15 @@ def markdown(r: dict) -> str:
                      f"{s.get('decode_tok_s', float('nan')):.1f} | {s.get('vs_pytorch_float', float('nan')):.2f}x | "
                      f"{'' if mb is None else f'{mb / 1e6:.1f}'} |")
     p = r["parity"]
-    lines += ["", f"Parity (fp32 export vs PyTorch with the same dequantised weights, {p['positions']} positions): "
-              f"max |logit diff| {p['max_abs_diff']:.2e} ({p['relative']:.1e} of the largest logit); TensorRT-target "
-              f"graph {r['parity_trt_matmulnbits']['max_abs_diff']:.2e}.",
-              f"Greedy 64 tokens identical to PyTorch: {sum(g['identical'] for g in r['greedy_64'])} of "
-              f"{len(r['greedy_64'])} prompts."]
+    lines += ["", f"Parity with PyTorch on the same dequantised weights, {p['positions']} positions, max |logit "
+              f"diff| (relative to the largest logit): ort fp32 {p['max_abs_diff']:.2e} ({p['relative']:.1e})"]
+    for key, label in (("parity_trt_matmulnbits", "trt fp32"), ("parity_trt_fp16", "trt fp16"),
+                       ("parity_trt_native_symmetric", "trt --trt-native fp32 (symmetric RTN checkpoint)")):
+        if key in r:
+            lines[-1] += f"; {label} {r[key]['max_abs_diff']:.2e} ({r[key]['relative']:.1e})"
+    lines[-1] += "."
+    lines.append(f"Greedy 64 tokens identical to PyTorch: {sum(g['identical'] for g in r['greedy_64'])} of "
+                 f"{len(r['greedy_64'])} prompts.")
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +245,8 @@ def main() -> int:
     results["greedy_64"] = greedy_agreement(folders["ours_int4"], qmodel, tokenizer, 64)
     trt = export(quant_dir, work / "ours_trt", ExportOptions(target="trt"))
     results["parity_trt_matmulnbits"] = parity(trt, qmodel, text_ids[: args.prompt_tokens].tolist())
+    trt16 = export(quant_dir, work / "ours_trt_fp16", ExportOptions(target="trt", dtype="fp16"))
+    results["parity_trt_fp16"] = parity(trt16, qmodel, text_ids[: args.prompt_tokens].tolist())
     if args.sym_quant_dir:
         sym_model, _ = load_quantized_model(Path(args.sym_quant_dir))
         native = export(args.sym_quant_dir, work / "ours_trt_native", ExportOptions(target="trt", trt_native=True))
