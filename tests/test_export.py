@@ -301,3 +301,21 @@ def test_head_bits_export_equals_pytorch_with_that_head_rounded(tmp_path, tied, 
 def test_head_bits_is_refused_for_tensorrt(tmp_path, ckpt):
     with pytest.raises(AwqEdgeError, match="--head-bits 8 with --target trt"):
         export(ckpt[0], tmp_path / "onnx", ExportOptions(target="trt", head_bits=8))
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_scaled_rope_llama3_matches_pytorch(tmp_path, target):
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model, _ = write_checkpoint(tmp_path / "ck", rope_parameters=rope)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target=target))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_rope_that_depends_on_sequence_length_is_refused(tmp_path):
+    write_checkpoint(tmp_path / "ck", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(AwqEdgeError, match="changes with sequence length"):
+        export(tmp_path / "ck", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
