@@ -9,6 +9,8 @@ import torch
 # AutoAWQ packs eight 4-bit values per int32; nibble i holds column AWQ_ORDER[i]
 # of each group of eight (awq/modules/linear/gemm.py, from_linear).
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# Column c of a group of eight sits in nibble AWQ_REVERSE[c].
+AWQ_REVERSE = tuple(AWQ_ORDER.index(c) for c in range(8))
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
@@ -24,10 +26,8 @@ def pack_awq_int32(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_awq_int32(p: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_awq_int32`: int32 [rows, cols / 8] -> uint8 [rows, cols]."""
-    nibbles = (p.unsqueeze(-1) >> _SHIFTS) & 0xF
-    out = torch.empty_like(nibbles)
-    out[:, :, list(AWQ_ORDER)] = nibbles
-    return out.reshape(p.shape[0], -1).to(torch.uint8)
+    nibbles = ((p.unsqueeze(-1) >> _SHIFTS) & 0xF).to(torch.uint8)
+    return nibbles[..., list(AWQ_REVERSE)].reshape(p.shape[0], -1)
 
 
 def to_awq_gemm(q, scales, zeros, group_size: int) -> dict:
@@ -64,8 +64,7 @@ def to_matmul_nbits(q, scales, zeros, block_size: int, bits: int) -> dict:
     n, k = q.shape
     nb = -(-k // block_size)
     pad = nb * block_size - k
-    zero_cols = zeros.repeat_interleave(block_size, dim=1)[:, k:]
-    qp = torch.cat([q, zero_cols], dim=1) if pad else q
+    qp = torch.cat([q, zeros[:, -1:].expand(n, pad)], dim=1) if pad else q
     if bits == 4:
         pairs = qp.reshape(n, nb, block_size // 2, 2).to(torch.uint8)
         b = pairs[..., 0] | (pairs[..., 1] << 4)
