@@ -1,6 +1,6 @@
 """What the AWQ search needs to know of an architecture, as data."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ class Adapter:
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + weight)
     no_clip: tuple = ("q_proj", "k_proj", "qkv_proj")  # attention-score error is not seen by the clip loss
     layers_path: str = "model.layers"
-    extra: dict = field(default_factory=dict)
 
     def layers(self, model) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
