@@ -43,14 +43,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize_cpu.json"))
     args = ap.parse_args()
-    rows = [run_one(args.model, 0, "rtn", 64, args.threads)]
-    print(json.dumps(rows[-1]), flush=True)
-    for n in (int(v) for v in args.n_samples.split(",")):
-        rows.append(run_one(args.model, n, "awq", 64, args.threads))
-        print(json.dumps(rows[-1]), flush=True)
     env = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+           "command": " ".join(["python"] + sys.argv),
            "note": "wall includes loading the model and sampling the calibration text; quantize_seconds is the layer loop"}
-    Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    rows = []
+    settings = [(0, "rtn")] + [(int(v), "awq") for v in args.n_samples.split(",")]
+    for n, method in settings:
+        rows.append(run_one(args.model, n, method, 64, args.threads))
+        print(json.dumps(rows[-1]), flush=True)
+        # Written after every row, so a run stopped early keeps what it measured.
+        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     return 0
 
 
