@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 
 from awq_edge.errors import AwqEdgeError
+from awq_edge.runtime.decoder import PrefixCachedDecoder
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -38,7 +39,7 @@ def session_options(folder: Path, threads: int = 0) -> ort.SessionOptions:
     return opts
 
 
-class OrtDecoder:
+class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
     def __init__(self, folder, threads: int = 0):
@@ -83,12 +84,3 @@ class OrtDecoder:
         self.cache = outs[1:]
         self.tokens.extend(ids[0].tolist())
         return outs[0].numpy()[0].astype(np.float32)
-
-    def extend(self, ids) -> np.ndarray:
-        """Feed a prompt, reusing the cache when it holds a prefix of it; logits of the last id [vocab]."""
-        ids = list(ids)
-        if not ids:
-            raise AwqEdgeError("the prompt is empty", "pass some text to the model")
-        if ids[: len(self.tokens)] != self.tokens or len(ids) == len(self.tokens):
-            self.reset()
-        return self.forward(ids[len(self.tokens):])[-1]

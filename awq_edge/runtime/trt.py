@@ -8,6 +8,7 @@ import numpy as np
 
 from awq_edge.engine import ENGINE_FILE, MANIFEST_FILE
 from awq_edge.errors import AwqEdgeError
+from awq_edge.runtime.decoder import PrefixCachedDecoder
 from awq_edge.runtime.ort import read_genai_config
 
 
@@ -41,7 +42,7 @@ def prefill_chunks(manifest: dict, n_past: int, n_new: int) -> list:
     return chunks
 
 
-class TrtDecoder:
+class TrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an engine folder; `tokens` are the ids its KV cache holds."""
 
     def __init__(self, engine_dir, onnx_dir=None, plugin_library=None):
@@ -136,12 +137,3 @@ class TrtDecoder:
             logits.append(self._step(ids[start:start + n]))
             start += n
         return np.concatenate(logits)
-
-    def extend(self, ids) -> np.ndarray:
-        """Feed a prompt, reusing the cache when it holds a prefix of it; logits of the last id [vocab]."""
-        ids = list(ids)
-        if not ids:
-            raise AwqEdgeError("the prompt is empty", "pass some text to the model")
-        if ids[: len(self.tokens)] != self.tokens or len(ids) == len(self.tokens):
-            self.reset()
-        return self.forward(ids[len(self.tokens):])[-1]
