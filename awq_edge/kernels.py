@@ -30,6 +30,12 @@ _SIGNATURES = {
     "awqe_dequantize_f16": ([_vp, _int, _int, _int, _vp, _vp], _int),
     "awqe_gemm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _vp], _int),
     "awqe_gemm_f16_ex": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp, _size, _int, _vp], _int),
+    "awqe_rmsnorm_f16": ([_vp, _vp, _vp, _int, _int, ctypes.c_float, _vp], _int),
+    "awqe_rope_kv_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp], _int),
+    "awqe_attention_workspace_bytes": ([_int, _int, _int], _size),
+    "awqe_attention_decode_f16": ([_vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float, _vp, _size,
+                                   _vp], _int),
+    "awqe_silu_mul_f16": ([_vp, _vp, _int, _int, _vp], _int),
 }
 
 
@@ -151,4 +157,79 @@ def dequantize(w: PackedInt4, out: torch.Tensor | None = None) -> torch.Tensor:
     with torch.cuda.device(w.data.device):
         check(lib, lib.awqe_dequantize_f16(w.data.data_ptr(), w.n, w.k, w.block_size, out.data_ptr(),
                                            _stream(w.data.device)))
+    return out
+
+
+# ---- The other kernels of a decoder step. Thin wrappers: shapes are the caller's (awq_edge.runtime.cuda);
+# the library checks sizes, pointers and alignment, and these check what the library cannot see. ----
+
+
+def _f16(*tensors):
+    for t in tensors:
+        _require(t.is_cuda and t.dtype == torch.float16 and t.is_contiguous(),
+                 f"expected a contiguous fp16 CUDA tensor, got {t.dtype} {tuple(t.shape)} on {t.device}",
+                 "keep decoder activations and caches in fp16 on the GPU")
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """out [rows, dim] = w * fp16(x * rsqrt(mean(x^2) + eps))."""
+    _f16(x, w, out)
+    dim = x.shape[-1]
+    _require(w.numel() == dim and out.shape == x.shape, "rmsnorm: w must be [dim] and out the shape of x",
+             "pass the norm weight of this hidden size")
+    lib = load_library()
+    check(lib, lib.awqe_rmsnorm_f16(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps,
+                                    _stream(x.device)))
+    return out
+
+
+def rope_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_out: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k of qkv [M, (H + 2 KV) * D] at `positions` (int32 [M]); k, v into the caches [KV, L, D]."""
+    _f16(qkv, q_out, k_cache, v_cache)
+    n_kv, max_len, d = k_cache.shape
+    m, n_heads = q_out.shape[0], q_out.shape[1]
+    _require(positions.dtype == torch.int32 and positions.numel() == m and positions.is_cuda,
+             "rope_kv: positions must be int32 [M] on the GPU", "pass the decoder's position buffer")
+    _require(cos.dtype == torch.float32 and cos.shape == (max_len, d // 2) and sin.shape == cos.shape
+             and cos.is_contiguous() and sin.is_contiguous(),
+             f"rope_kv: cos/sin must be fp32 [{max_len}, {d // 2}]", "slice the rope tables to the cache length")
+    _require(qkv.numel() == m * (n_heads + 2 * n_kv) * d and v_cache.shape == k_cache.shape,
+             "rope_kv: qkv, q_out and caches disagree in shape", "pass [M, (H + 2 KV) * D] and [KV, L, D]")
+    lib = load_library()
+    check(lib, lib.awqe_rope_kv_f16(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                    q_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), m, n_heads, n_kv, d,
+                                    max_len, _stream(qkv.device)))
+    return q_out
+
+
+def attention_workspace(n_heads: int, head_dim: int, max_len: int, device) -> torch.Tensor:
+    lib = load_library()
+    n = lib.awqe_attention_workspace_bytes(n_heads, head_dim, max_len)
+    return torch.empty(-(-n // 8), dtype=torch.float64, device=device)  # 8-byte aligned
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+                     out: torch.Tensor, workspace: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """out [H, D] for one query q [H, D] over cache positions 0 .. position[0] (int32 on the GPU)."""
+    _f16(q, k_cache, v_cache, out)
+    n_kv, max_len, d = k_cache.shape
+    n_heads = q.numel() // d
+    _require(position.dtype == torch.int32 and position.is_cuda and out.numel() == q.numel(),
+             "attention: position must be int32 on the GPU and out the size of q", "pass the decoder's buffers")
+    lib = load_library()
+    check(lib, lib.awqe_attention_decode_f16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                             position.data_ptr(), out.data_ptr(), n_heads, n_kv, d, max_len, window,
+                                             scale, workspace.data_ptr(), workspace.numel() * 8, _stream(q.device)))
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, I] = fp16(silu(gate)) * up for gate_up [M, 2 I]."""
+    _f16(gate_up, out)
+    inter = out.shape[-1]
+    m = out.numel() // inter
+    _require(gate_up.numel() == 2 * m * inter, "silu_mul: gate_up must be [M, 2 * inter]", "fuse gate and up rows")
+    lib = load_library()
+    check(lib, lib.awqe_silu_mul_f16(gate_up.data_ptr(), out.data_ptr(), m, inter, _stream(out.device)))
     return out

@@ -75,7 +75,7 @@ def test_extend_reuses_the_cache_when_the_prompt_grows(exported):
     d = OrtDecoder(folders["ort"])
     d.extend(PROMPT[:6])
     calls = []
-    d.forward, forward = (lambda ids: calls.append(list(ids)) or forward(ids)), d.forward
+    d.forward, forward = (lambda ids, **kw: calls.append(list(ids)) or forward(ids, **kw)), d.forward
     logits = d.extend(PROMPT)
     assert calls == [PROMPT[6:]]
     assert np.allclose(logits, OrtDecoder(folders["ort"]).extend(PROMPT), atol=1e-5)

@@ -1,4 +1,7 @@
-"""`awq-edge generate` (one prompt, for scripts) and `awq-edge chat` (interactive) over an ONNX export."""
+"""`awq-edge generate` (one prompt, for scripts) and `awq-edge chat` (interactive).
+
+Backends: `ort` (default) runs an ONNX export with onnxruntime; `cuda` runs a quantised checkpoint on the GPU
+with awq-edge's kernels; `trt` runs an engine from `awq-edge build`."""
 
 import sys
 from pathlib import Path
@@ -9,11 +12,26 @@ from awq_edge.runtime.ort import OrtDecoder
 from awq_edge.runtime.sampling import Sampling
 
 
-def load(folder):
+BACKENDS = ("ort", "cuda", "trt")
+
+
+def open_decoder(folder, backend: str = "ort"):
+    if backend == "cuda":
+        from awq_edge.runtime.cuda import CudaDecoder
+
+        return CudaDecoder.from_checkpoint(Path(folder))
+    if backend == "trt":
+        from awq_edge.runtime.trt import TrtDecoder
+
+        return TrtDecoder(Path(folder))
+    return OrtDecoder(Path(folder))
+
+
+def load(folder, backend: str = "ort"):
     """The decoder and the tokenizer saved beside it (local files only, no remote code)."""
     from transformers import AutoTokenizer
 
-    decoder = OrtDecoder(Path(folder))
+    decoder = open_decoder(folder, backend)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -48,16 +66,16 @@ def reply(decoder, tokenizer, ids, args, out) -> str:
 
 
 def run_generate(args) -> int:
-    decoder, tokenizer = load(args.onnx_dir)
+    decoder, tokenizer = load(args.model_dir, args.backend)
     ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
     reply(decoder, tokenizer, ids, args, sys.stdout)
     return 0
 
 
 def run_chat(args) -> int:
-    decoder, tokenizer = load(args.onnx_dir)
+    decoder, tokenizer = load(args.model_dir, args.backend)
     if not tokenizer.chat_template:
-        raise AwqEdgeError(f"{args.onnx_dir} has no chat template", "use `awq-edge generate --raw` for a base model")
+        raise AwqEdgeError(f"{args.model_dir} has no chat template", "use `awq-edge generate --raw` for a base model")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print("awq-edge chat: type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -80,7 +98,11 @@ def run_chat(args) -> int:
 
 
 def add_sampling_args(p):
-    p.add_argument("onnx_dir", help="folder written by `awq-edge export`")
+    p.add_argument("model_dir", help="ONNX folder from `awq-edge export` (--backend ort), quantised checkpoint from "
+                                     "`awq-edge quantize` (--backend cuda), or engine folder (--backend trt)")
+    p.add_argument("--backend", choices=BACKENDS, default="ort",
+                   help="ort: onnxruntime on the CPU (default); cuda: awq-edge's int4 kernels on an NVIDIA GPU; "
+                        "trt: a TensorRT engine")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

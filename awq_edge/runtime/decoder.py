@@ -6,7 +6,8 @@ from awq_edge.errors import AwqEdgeError
 
 
 class PrefixCachedDecoder:
-    """Base for decoders with `tokens` (ids in the KV cache), `reset()` and `forward(ids)` -> logits [n, vocab]."""
+    """Base for decoders with `tokens` (ids in the KV cache), `reset()` and `forward(ids, last_only)` -> logits
+    [n, vocab] (at least the last row when last_only). A decoder may add `greedy_step(token) -> id`."""
 
     def extend(self, ids) -> np.ndarray:
         """Feed a prompt, reusing the cache when it holds a prefix of it; logits of the last id [vocab]."""
@@ -15,4 +16,4 @@ class PrefixCachedDecoder:
             raise AwqEdgeError("the prompt is empty", "pass some text to the model")
         if ids[: len(self.tokens)] != self.tokens or len(ids) == len(self.tokens):
             self.reset()
-        return self.forward(ids[len(self.tokens):])[-1]
+        return self.forward(ids[len(self.tokens):], last_only=True)[-1]

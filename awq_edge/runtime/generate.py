@@ -12,14 +12,15 @@ def generate(decoder, prompt_ids, max_new_tokens: int, sampling: Sampling = Samp
     """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens."""
     rng = np.random.default_rng(seed)
     stops = set(stop_ids) | decoder.eos_ids
-    logits = decoder.extend(prompt_ids)
+    # Greedy on a decoder that can pick the argmax itself: no logits travel to the host.
+    on_device = sampling.temperature == 0 and hasattr(decoder, "greedy_step")
+    token = next_token(decoder.extend(prompt_ids), sampling, rng)
     for i in range(max_new_tokens):
-        token = next_token(logits, sampling, rng)
         if token in stops:
             return
         yield token
         if i + 1 < max_new_tokens:
-            logits = decoder.forward([token])[-1]
+            token = decoder.greedy_step(token) if on_device else next_token(decoder.forward([token])[-1], sampling, rng)
 
 
 def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:

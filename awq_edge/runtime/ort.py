@@ -68,8 +68,9 @@ class OrtDecoder(PrefixCachedDecoder):
         self.cache = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.kv_names]
         self.tokens = []
 
-    def forward(self, ids) -> np.ndarray:
-        """Run new token ids through the model after the cached ones; float32 logits [len(ids), vocab]."""
+    def forward(self, ids, last_only: bool = False) -> np.ndarray:
+        """Run new token ids through the model after the cached ones; float32 logits [len(ids), vocab]
+        (the graph computes every position; last_only is accepted for the common decoder interface)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         past, total = len(self.tokens), len(self.tokens) + ids.shape[1]
         if total > self.context_length:

@@ -124,8 +124,9 @@ class TrtDecoder(PrefixCachedDecoder):
         self.tokens.extend(ids)
         return out["logits"][0].float().cpu().numpy()
 
-    def forward(self, ids) -> np.ndarray:
-        """Run new token ids after the cached ones, in prefill chunks the engine takes; float32 logits [len(ids), vocab]."""
+    def forward(self, ids, last_only: bool = False) -> np.ndarray:
+        """Run new token ids after the cached ones, in prefill chunks the engine takes; float32 logits [len(ids), vocab]
+        (every position; last_only is accepted for the common decoder interface)."""
         ids = [int(i) for i in ids]
         if len(self.tokens) + len(ids) > self.context_length:
             raise AwqEdgeError(f"{len(self.tokens) + len(ids)} tokens exceed the engine's context of "

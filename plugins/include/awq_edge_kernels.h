@@ -66,6 +66,37 @@ AWQE_API awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, con
                                       int M, int N, int K, int block_size, void* workspace, size_t workspace_bytes,
                                       int warps_per_tile, cudaStream_t stream);
 
+/* ---- The rest of a Llama-family decoder step (fp16 tensors, fp32 arithmetic) ----
+ * Positions live in device memory (int32), so a captured CUDA graph replays every decode step unchanged.
+ * KV caches are [n_kv, max_len, head_dim] per layer; n_heads a multiple of n_kv (grouped-query attention). */
+
+/* y [rows, dim] = w * fp16(x * rsqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm in fp16; dim even,
+ * x, w and y 4-byte aligned; y may not alias x. */
+AWQE_API awqe_status awqe_rmsnorm_f16(const void* x, const void* w, void* y, int rows, int dim, float eps,
+                                      cudaStream_t stream);
+
+/* For M new tokens: qkv [M, (n_heads + 2 n_kv) * head_dim] (q heads, then k heads, then v heads) -> q_out
+ * [M, n_heads, head_dim] and k rotated by the half-split (Llama/NeoX) rotary embedding, k and v written into
+ * the caches at positions[m]. cos, sin: fp32 [max_len, head_dim / 2] with any rope scaling folded in.
+ * head_dim even, at most 1024. Positions outside [0, max_len) are skipped on the device. */
+AWQE_API awqe_status awqe_rope_kv_f16(const void* qkv, const int32_t* positions, const float* cos,
+                                      const float* sin, void* q_out, void* k_cache, void* v_cache, int M,
+                                      int n_heads, int n_kv, int head_dim, int max_len, cudaStream_t stream);
+
+/* Bytes of the workspace awqe_attention_decode_f16 needs (fp32 partials per head and 32-position split). */
+AWQE_API size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int max_len);
+
+/* One query token: out [n_heads, head_dim] = softmax(scale * q k^T) v over cache positions 0 .. *position
+ * (the new token's own position, already written), or its last `window` positions when window > 0.
+ * head_dim 32, 64, 96, 128 or 256; q, caches 4-byte aligned; workspace 8-byte aligned. */
+AWQE_API awqe_status awqe_attention_decode_f16(const void* q, const void* k_cache, const void* v_cache,
+                                               const int32_t* position, void* out, int n_heads, int n_kv,
+                                               int head_dim, int max_len, int window, float scale, void* workspace,
+                                               size_t workspace_bytes, cudaStream_t stream);
+
+/* out [M, inter] = fp16(silu(gate)) * up for gate_up [M, 2 * inter] = [gate | up]; inter even. */
+AWQE_API awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

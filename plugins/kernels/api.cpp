@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "awq_edge_kernels.h"
+#include "decode.cuh"
 #include "layout.cuh"
 
 namespace {
@@ -129,6 +130,68 @@ awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bia
                           cudaStream_t stream) {
     return awqe_gemm_f16_ex(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, block_size, workspace,
                             workspace_bytes, 0, stream);
+}
+
+awqe_status awqe_rmsnorm_f16(const void* x, const void* w, void* y, int rows, int dim, float eps,
+                             cudaStream_t stream) {
+    if (rows < 0 || dim < 2 || dim % 2)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rmsnorm needs rows >= 0 and an even dim >= 2, got %d x %d", rows, dim);
+    if (!(eps >= 0.f)) return fail(AWQE_ERR_INVALID_ARGUMENT, "eps must be >= 0");
+    if (!x || !w || !y || !aligned(x, 4) || !aligned(w, 4) || !aligned(y, 4))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "x, w and y must be non-null and 4-byte aligned");
+    if (x == y) return fail(AWQE_ERR_INVALID_ARGUMENT, "y must not alias x");
+    if (rows == 0) return AWQE_OK;
+    return cuda_status(awqe::launch_rmsnorm(x, w, y, rows, dim, eps, stream), "rmsnorm launch");
+}
+
+awqe_status awqe_rope_kv_f16(const void* qkv, const int32_t* positions, const float* cos, const float* sin,
+                             void* q_out, void* k_cache, void* v_cache, int M, int n_heads, int n_kv, int head_dim,
+                             int max_len, cudaStream_t stream) {
+    if (M < 0 || n_heads < 1 || n_kv < 1 || n_heads % n_kv || max_len < 1)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rope_kv: need M >= 0, n_heads a multiple of n_kv >= 1, max_len >= 1 "
+                    "(got M=%d n_heads=%d n_kv=%d max_len=%d)", M, n_heads, n_kv, max_len);
+    if (head_dim < 2 || head_dim % 2 || head_dim > 1024)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rope_kv: head_dim must be even and at most 1024, got %d", head_dim);
+    if (!qkv || !positions || !cos || !sin || !q_out || !k_cache || !v_cache)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rope_kv: a pointer is null");
+    if (M == 0) return AWQE_OK;
+    return cuda_status(awqe::launch_rope_kv(qkv, positions, cos, sin, q_out, k_cache, v_cache, M, n_heads, n_kv,
+                                            head_dim, max_len, stream),
+                       "rope_kv launch");
+}
+
+size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int max_len) {
+    if (n_heads < 1 || head_dim < 1 || max_len < 1) return 0;
+    return awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
+}
+
+awqe_status awqe_attention_decode_f16(const void* q, const void* k_cache, const void* v_cache,
+                                      const int32_t* position, void* out, int n_heads, int n_kv, int head_dim,
+                                      int max_len, int window, float scale, void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream) {
+    if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256)
+        return fail(AWQE_ERR_UNSUPPORTED, "attention: head_dim must be 32, 64, 96, 128 or 256, got %d", head_dim);
+    if (n_heads < 1 || n_kv < 1 || n_heads % n_kv || max_len < 1 || window < 0)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: need n_heads a multiple of n_kv >= 1, max_len >= 1, "
+                    "window >= 0 (got n_heads=%d n_kv=%d max_len=%d window=%d)", n_heads, n_kv, max_len, window);
+    if (!q || !k_cache || !v_cache || !position || !out || !aligned(q, 4) || !aligned(k_cache, 4) ||
+        !aligned(v_cache, 4) || !aligned(out, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: q, caches (4-byte aligned), position and out must be set");
+    const size_t need = awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
+    if (!workspace || !aligned(workspace, 8) || workspace_bytes < need)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: workspace must be 8-byte aligned and hold %zu bytes", need);
+    return cuda_status(awqe::launch_attention_decode(q, k_cache, v_cache, position, out, n_heads, n_kv, head_dim,
+                                                     max_len, window, scale, workspace, stream),
+                       "attention launch");
+}
+
+awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream) {
+    if (M < 0 || inter < 2 || inter % 2)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "silu_mul: need M >= 0 and an even inter >= 2, got %d x %d", M, inter);
+    if (!gate_up || !out || !aligned(gate_up, 4) || !aligned(out, 4))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "silu_mul: gate_up and out must be non-null and 4-byte aligned");
+    if (M == 0) return AWQE_OK;
+    return cuda_status(awqe::launch_silu_mul(gate_up, out, M, inter, stream), "silu_mul launch");
 }
 
 }  // extern "C"

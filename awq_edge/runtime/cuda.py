@@ -1,0 +1,351 @@
+"""CUDA backend: a batch-1 Llama-family decoder on awq-edge's int4 kernels, with a static KV cache and CUDA graphs.
+
+The checkpoint's 4-bit linears are repacked once into the kernels' layout, q/k/v and gate/up fused into one
+GEMV each. A decode step is RMSNorm, fused QKV GEMV, rotary embedding + cache write, split attention over the
+cache, O GEMV (the residual add rides on its bias), RMSNorm, gate/up GEMV, SiLU*up, down GEMV (+ residual):
+nine launches per layer, positions read from device memory, so one captured CUDA graph replays every step.
+Prefill runs the same layers on all prompt rows, with PyTorch's scaled_dot_product_attention over the cache.
+
+`TorchOps` computes the same step with plain PyTorch: the reference the kernels are tested against, and what
+runs the decoder structure on a CPU in the tests.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from awq_edge.errors import AwqEdgeError
+from awq_edge.export.decoder import Dims, dims_of, fuse_rows, rope_tables
+from awq_edge.export.source import Checkpoint, FloatLinear, QuantLinear
+from awq_edge.packing import to_matmul_nbits
+from awq_edge.quant import dequantize
+from awq_edge.runtime.decoder import PrefixCachedDecoder
+
+DEFAULT_MAX_LEN = 4096
+
+
+@dataclass
+class Linear:
+    """y = x W^T (+ bias): `packed` int4 for the kernels, or a dense `weight` [n, k]."""
+
+    n: int
+    k: int
+    packed: object = None  # awq_edge.kernels.PackedInt4
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes one product reads from the weights (what a decode step streams)."""
+        t = self.packed.data if self.packed is not None else self.weight
+        return t.numel() * t.element_size() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+
+
+@dataclass
+class Weights:
+    dims: Dims
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list
+    norm: torch.Tensor
+    lm_head: Linear
+    cos: torch.Tensor  # fp32 [max_len, head_dim / 2]
+    sin: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.cos.shape[0]
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes a decode step reads: every linear, the norms, one embedding row."""
+        n = sum(lin.nbytes() for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
+        n += sum(L.input_norm.nbytes + L.post_norm.nbytes for L in self.layers) + self.norm.nbytes
+        return n + self.lm_head.nbytes() + self.embed[0].nbytes
+
+
+def _as_float(lin) -> FloatLinear:
+    if isinstance(lin, FloatLinear):
+        return lin
+    return FloatLinear(dequantize(lin.q, lin.scales, lin.zeros, lin.group_size), lin.bias)
+
+
+def _fused(ck: Checkpoint, names) -> QuantLinear | FloatLinear:
+    parts = [ck.linear(n) for n in names]
+    if len(parts) == 1:
+        return parts[0]
+    merged = fuse_rows(parts)
+    return merged if merged is not None else fuse_rows([_as_float(p) for p in parts])
+
+
+def _place(lin, device, dtype, packed: bool) -> Linear:
+    n, k = lin.shape
+    bias = None if lin.bias is None else lin.bias.to(device=device, dtype=dtype)
+    if packed and isinstance(lin, QuantLinear):
+        from awq_edge import kernels
+
+        if lin.group_size not in kernels.BLOCK_SIZES or k % 8:
+            raise AwqEdgeError(
+                f"a {n}x{k} linear with group size {lin.group_size} does not fit the CUDA kernels "
+                f"(group size 32, 64 or 128, in_features a multiple of 8)",
+                "re-quantise with `awq-edge quantize --group-size 128`, or use the ONNX backend",
+            )
+        nb = to_matmul_nbits(lin.q, lin.scales.half(), lin.zeros, lin.group_size, 4)
+        w = kernels.repack_matmul_nbits(nb["B"].to(device), nb["scales"].to(device), nb["zero_points"].to(device), k,
+                                        lin.group_size)
+        return Linear(n, k, packed=w, bias=bias)
+    return Linear(n, k, weight=_as_float(lin).weight.to(device=device, dtype=dtype), bias=bias)
+
+
+def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True, max_len: int | None = None) -> Weights:
+    """A quantised checkpoint (ours or AutoAWQ GEMM, Llama family) on `device`; packed=False keeps dense weights."""
+    ck = Checkpoint(Path(folder))
+    d = dims_of(ck.config)
+    max_len = min(max_len or DEFAULT_MAX_LEN, d.max_positions)
+    cos, sin = rope_tables(ck.config, d)
+    vec = lambda name: ck.float_tensor(name).to(device=device, dtype=dtype).contiguous()  # noqa: E731
+    place = lambda lin: _place(lin, device, dtype, packed)  # noqa: E731
+    layers = []
+    for i in range(d.layers):
+        p = f"model.layers.{i}"
+        layers.append(Layer(
+            vec(f"{p}.input_layernorm.weight"), vec(f"{p}.post_attention_layernorm.weight"),
+            place(_fused(ck, [f"{p}.self_attn.{x}_proj" for x in "qkv"])),
+            place(ck.linear(f"{p}.self_attn.o_proj")),
+            place(_fused(ck, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])),
+            place(ck.linear(f"{p}.mlp.down_proj")),
+        ))
+    embed = vec("model.embed_tokens.weight")
+    if "lm_head.qweight" in ck or ("lm_head.weight" in ck and not d.tied):
+        head = place(ck.linear("lm_head"))
+    else:
+        head = Linear(d.vocab, d.hidden, weight=embed)
+    return Weights(d, embed, layers, vec("model.norm.weight"), head, cos[:max_len].to(device).contiguous(),
+                   sin[:max_len].to(device).contiguous())
+
+
+class TorchOps:
+    """The decoder step's operations in plain PyTorch (any device, any float dtype)."""
+
+    def rmsnorm(self, x, w, eps):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def linear(self, x, lin: Linear, residual=None):
+        if lin.weight is None:
+            raise AwqEdgeError("TorchOps needs dense weights", "load the weights with packed=False")
+        y = F.linear(x, lin.weight, lin.bias)
+        return y if residual is None else y + residual
+
+    def rope_kv(self, qkv, positions, cos, sin, k_cache, v_cache, n_heads):
+        n_kv, _, d = k_cache.shape
+        t = qkv.view(qkv.shape[0], n_heads + 2 * n_kv, d)
+        pos = positions.long()
+        c, s = cos[pos][:, None], sin[pos][:, None]
+
+        def rotate(x):
+            x1, x2 = x.float().split(d // 2, dim=-1)
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+        k_cache[:, pos] = rotate(t[:, n_heads:n_heads + n_kv]).transpose(0, 1)
+        v_cache[:, pos] = t[:, n_heads + n_kv:].transpose(0, 1)
+        return rotate(t[:, :n_heads])
+
+    def attention_decode(self, q, k_cache, v_cache, position, scale, window):
+        n_kv, _, d = k_cache.shape
+        length = int(position[0]) + 1
+        lo = max(0, length - window) if window else 0
+        k, v = k_cache[:, lo:length].float(), v_cache[:, lo:length].float()
+        qg = q.reshape(n_kv, -1, d).float()
+        p = (torch.einsum("kgd,ktd->kgt", qg, k) * scale).softmax(-1)
+        return torch.einsum("kgt,ktd->kgd", p, v).reshape(1, -1).to(q.dtype)
+
+    def silu_mul(self, gate_up):
+        g, u = gate_up.chunk(2, dim=-1)
+        return F.silu(g) * u
+
+
+class CudaOps(TorchOps):
+    """The same operations on awq-edge's CUDA kernels; dense (fp16 fallback) linears go through cuBLAS."""
+
+    def __init__(self, weights: Weights, dense_rows: int = 64):
+        from awq_edge import kernels
+
+        self.k = kernels
+        d = weights.dims
+        self.workspace = kernels.attention_workspace(d.heads, d.head_dim, weights.max_len, weights.embed.device)
+        self.dense_rows = dense_rows  # prefill: from this many rows on, dequantise to fp16 and use cuBLAS
+        self._scratch = None
+
+    def rmsnorm(self, x, w, eps):
+        return self.k.rmsnorm(x, w, eps, torch.empty_like(x))
+
+    def linear(self, x, lin: Linear, residual=None):
+        if lin.packed is None:
+            return super().linear(x, lin, residual)
+        rows = x.shape[0]
+        if rows >= self.dense_rows:
+            need = lin.n * lin.k
+            if self._scratch is None or self._scratch.numel() < need:
+                self._scratch = torch.empty(need, dtype=torch.float16, device=x.device)
+            w = self.k.dequantize(lin.packed, self._scratch[:need]).view(lin.n, lin.k)
+            y = F.linear(x, w, lin.bias)
+        elif rows == 1 and residual is not None and lin.bias is None:
+            return self.k.gemm(x, lin.packed, bias=residual.view(-1))  # the residual add as the GEMV's bias
+        else:
+            y = self.k.gemm(x, lin.packed, bias=lin.bias)
+        return y if residual is None else y + residual
+
+    def rope_kv(self, qkv, positions, cos, sin, k_cache, v_cache, n_heads):
+        q = torch.empty(qkv.shape[0], n_heads, k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
+        return self.k.rope_kv(qkv, positions, cos, sin, q, k_cache, v_cache)
+
+    def attention_decode(self, q, k_cache, v_cache, position, scale, window):
+        out = torch.empty(1, q.numel(), dtype=q.dtype, device=q.device)
+        return self.k.attention_decode(q, k_cache, v_cache, position, out, self.workspace, scale, window)
+
+    def silu_mul(self, gate_up):
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
+        return self.k.silu_mul(gate_up, out)
+
+
+def _prefill_attention(q, k_cache, v_cache, past: int, scale: float, window: int):
+    """q [M, H, D] of positions past .. past + M - 1 against the cache rows 0 .. past + M - 1, causal."""
+    m, n_heads, d = q.shape
+    n_kv, total = k_cache.shape[0], past + m
+    qq = q.transpose(0, 1).unsqueeze(0)
+    k, v = k_cache[:, :total].unsqueeze(0), v_cache[:, :total].unsqueeze(0)
+    if past == 0 and not window:
+        mask, causal = None, True
+    else:
+        i = torch.arange(past, total, device=q.device)[:, None]
+        j = torch.arange(total, device=q.device)[None]
+        mask, causal = (j <= i) & ((j > i - window) if window else True), False
+    out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                         enable_gqa=n_kv != n_heads)
+    return out[0].transpose(0, 1).reshape(m, n_heads * d)
+
+
+class CudaDecoder(PrefixCachedDecoder):
+    """Batch-1 decoder with a static KV cache; `tokens` are the ids its cache holds.
+
+    forward(ids) returns float32 logits [len(ids), vocab]; greedy_step(token) feeds one token and returns the
+    argmax id without copying the logits to the host. With use_graphs, single-token steps replay one CUDA graph.
+    """
+
+    def __init__(self, weights: Weights, ops=None, eos_ids=(), use_graphs: bool | None = None):
+        self.w = weights
+        device = weights.embed.device
+        self.ops = ops if ops is not None else CudaOps(weights)
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        d = weights.dims
+        self.context_length = weights.max_len
+        self.scale = d.head_dim ** -0.5
+        shape = (d.kv_heads, weights.max_len, d.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
+        self.v_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
+        self.ids = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.int32, device=device)
+        self.eos_ids = set(eos_ids)
+        self.graph = None
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, folder, max_len: int | None = None, use_graphs: bool = True):
+        if not torch.cuda.is_available():
+            raise AwqEdgeError("no CUDA GPU is visible: the cuda backend runs on an NVIDIA GPU",
+                               "run on a machine with a GPU, or export with `awq-edge export` and use the default "
+                               "onnxruntime backend")
+        config = json.loads((Path(folder) / "config.json").read_text()) if (Path(folder) / "config.json").is_file() else {}
+        weights = load_weights(folder, "cuda", torch.float16, packed=True, max_len=max_len)
+        eos = np.atleast_1d(config.get("eos_token_id") if config.get("eos_token_id") is not None else []).tolist()
+        return cls(weights, eos_ids=eos, use_graphs=use_graphs)
+
+    def reset(self):
+        self.tokens = []  # cache rows past len(tokens) are never read
+
+    def _hidden(self, ids, positions, past):
+        """Final hidden states [M, hidden] for ids [M] at positions (int32 [M]); past: host count, or None in a
+        single-token step (attention then reads the position from the device)."""
+        w, ops, d = self.w, self.ops, self.w.dims
+        h = F.embedding(ids, w.embed)
+        for i, L in enumerate(w.layers):
+            qkv = ops.linear(ops.rmsnorm(h, L.input_norm, d.eps), L.qkv)
+            q = ops.rope_kv(qkv, positions, w.cos, w.sin, self.k_cache[i], self.v_cache[i], d.heads)
+            if ids.shape[0] == 1:
+                a = ops.attention_decode(q, self.k_cache[i], self.v_cache[i], positions, self.scale, d.window)
+            else:
+                a = _prefill_attention(q, self.k_cache[i], self.v_cache[i], past, self.scale, d.window)
+            h = ops.linear(a, L.o, residual=h)
+            act = ops.silu_mul(ops.linear(ops.rmsnorm(h, L.post_norm, d.eps), L.gate_up))
+            h = ops.linear(act, L.down, residual=h)
+        return h
+
+    def _logits(self, h):
+        return self.ops.linear(self.ops.rmsnorm(h, self.w.norm, self.w.dims.eps), self.w.lm_head).float()
+
+    def _step(self):
+        """One token from the static buffers: logits fp32 [1, vocab] and their argmax."""
+        logits = self._logits(self._hidden(self.ids, self.pos, None))
+        return logits, logits.argmax(-1)
+
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, workspaces; writes what the replay writes
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_out = self._step()
+
+    def _check_room(self, n: int):
+        total = len(self.tokens) + n
+        if total > self.context_length:
+            raise AwqEdgeError(f"{total} tokens exceed the decoder's context of {self.context_length}",
+                               "shorten the prompt or lower --max-new-tokens")
+
+    def _one(self, token: int):
+        self._check_room(1)
+        self.ids.fill_(int(token))
+        self.pos.fill_(len(self.tokens))
+        if self.use_graphs:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.graph_out
+        else:
+            out = self._step()
+        self.tokens.append(int(token))
+        return out
+
+    @torch.inference_mode()
+    def forward(self, ids, last_only: bool = False) -> np.ndarray:
+        ids = [int(t) for t in ids]
+        if len(ids) == 1:
+            return self._one(ids[0])[0].cpu().numpy()
+        self._check_room(len(ids))
+        past, device = len(self.tokens), self.w.embed.device
+        idt = torch.tensor(ids, dtype=torch.long, device=device)
+        positions = torch.arange(past, past + len(ids), dtype=torch.int32, device=device)
+        h = self._hidden(idt, positions, past)
+        logits = self._logits(h[-1:] if last_only else h)
+        self.tokens.extend(ids)
+        return logits.cpu().numpy()
+
+    @torch.inference_mode()
+    def greedy_step(self, token: int) -> int:
+        """Feed one token; the most likely next id (only 4 bytes come back to the host)."""
+        return int(self._one(token)[1].item())

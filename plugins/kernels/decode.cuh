@@ -1,0 +1,25 @@
+// Launchers of the decoder-step kernels (decode.cu); arguments are checked by the C ABI (api.cpp).
+#pragma once
+
+#include <cstddef>
+#include <cuda_runtime_api.h>
+
+namespace awqe {
+
+constexpr int kSplitKeys = 32;  // cache positions per attention block (4 warps x 8)
+
+size_t attention_workspace_bytes(int n_heads, int head_dim, int max_len);
+
+cudaError_t launch_rmsnorm(const void* x, const void* w, void* y, int rows, int dim, float eps, cudaStream_t stream);
+
+cudaError_t launch_rope_kv(const void* qkv, const int* positions, const float* cos_t, const float* sin_t, void* q_out,
+                           void* k_cache, void* v_cache, int M, int n_heads, int n_kv, int head_dim, int max_len,
+                           cudaStream_t stream);
+
+cudaError_t launch_attention_decode(const void* q, const void* k_cache, const void* v_cache, const int* position,
+                                    void* out, int n_heads, int n_kv, int head_dim, int max_len, int window,
+                                    float scale, void* workspace, cudaStream_t stream);
+
+cudaError_t launch_silu_mul(const void* gate_up, void* out, int M, int inter, cudaStream_t stream);
+
+}  // namespace awqe

@@ -1,0 +1,221 @@
+"""The CUDA backend: decoder structure against transformers on the CPU (TorchOps), kernels and graphs on a GPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from awq_edge import kernels
+from awq_edge.cli import main
+from awq_edge.errors import AwqEdgeError
+from awq_edge.runtime.cuda import CudaDecoder, CudaOps, TorchOps, load_weights
+from awq_edge.runtime.generate import generate
+from test_export import PROMPT, write_checkpoint
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+needs_library = pytest.mark.skipif(not kernels.library_path().is_file(),
+                                   reason=f"{kernels.library_path()} not built (run `make plugins`)")
+
+
+def torch_decoder(folder, dtype=torch.float32, device="cpu", max_len=None):
+    weights = load_weights(folder, device, dtype, packed=False, max_len=max_len)
+    return CudaDecoder(weights, ops=TorchOps(), eos_ids=[0], use_graphs=False)
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+CASES = {
+    "llama": dict(family="llama"),
+    "mistral_window": dict(family="mistral", sliding_window=5),  # the window is shorter than the prompt
+    "qwen2_bias": dict(family="qwen2"),
+    "untied": dict(family="llama", tied=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prefill_and_cached_steps_match_transformers_on_the_same_weights(tmp_path, case):
+    model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
+    ref = hf_logits(model, PROMPT)
+    dec = torch_decoder(tmp_path / "ck")
+    np.testing.assert_allclose(dec.forward(PROMPT), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    dec.reset()
+    steps = [dec.forward(PROMPT[:5])[-1]] + [dec.forward([t])[-1] for t in PROMPT[5:]]
+    np.testing.assert_allclose(np.stack(steps), ref[4:], rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_greedy_generation_matches_transformers_generate(tmp_path):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    dec = torch_decoder(tmp_path / "ck")
+    dec.eos_ids = set()
+    assert list(generate(dec, PROMPT, 12)) == theirs
+
+
+def test_a_float_linear_among_int4_ones_is_fused_as_dense(tmp_path):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.1.self_attn.k_proj"  # an 8-bit fallback is stored as a float weight
+    for k in ("qweight", "qzeros", "scales"):
+        del tensors[f"{name}.{k}"]
+    tensors[f"{name}.weight"] = model.get_submodule(name).weight.data.half()
+    model.get_submodule(name).weight.data = tensors[f"{name}.weight"].float()  # what the checkpoint now holds
+    save_file(tensors, path)
+    weights = load_weights(tmp_path / "ck", "cpu", torch.float32, packed=False)
+    assert weights.layers[1].qkv.weight.shape == (128 + 2 * 64, 128)
+    ref = hf_logits(model, PROMPT)
+    np.testing.assert_allclose(torch_decoder(tmp_path / "ck").forward(PROMPT), ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_extend_reuses_the_cache_and_overflow_is_a_clear_error(tmp_path):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    dec = torch_decoder(tmp_path / "ck", max_len=16)
+    dec.extend(PROMPT[:6])
+    last = dec.extend(PROMPT)
+    assert dec.tokens == PROMPT
+    np.testing.assert_allclose(last, hf_logits(model, PROMPT)[-1], atol=1e-3)
+    with pytest.raises(AwqEdgeError, match="exceed the decoder's context of 16"):
+        dec.forward(list(range(5)))
+
+
+def test_a_group_size_the_kernels_lack_is_refused_with_a_requantise_fix(tmp_path):
+    write_checkpoint(tmp_path / "ck", group_size=16)
+    with pytest.raises(AwqEdgeError, match="group-size 128"):
+        load_weights(tmp_path / "ck", "cpu", torch.float16, packed=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_backend_without_a_gpu_fails_in_one_line(tmp_path, capsys):
+    write_checkpoint(tmp_path / "ck")
+    assert main(["generate", str(tmp_path / "ck"), "--backend", "cuda", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+# ---- On a GPU: every kernel against TorchOps in float32, on fresh random data with poisoned outputs ----
+
+def gpu_case(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("rows, dim", [(1, 576), (1, 4096), (7, 576), (3, 5120)])
+def test_rmsnorm_kernel_matches_reference(rows, dim):
+    g = gpu_case(rows * dim)
+    x = (torch.randn(rows, dim, device="cuda", generator=g) * 3).half()
+    w = (torch.rand(dim, device="cuda", generator=g) + 0.5).half()
+    out = torch.full_like(x, float("nan"))
+    kernels.rmsnorm(x, w, 1e-5, out)
+    ref = TorchOps().rmsnorm(x.float(), w.float(), 1e-5)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max().item() < 1e-2 * max(1.0, ref.abs().max().item())
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("m, heads, kv, d", [(1, 9, 3, 64), (5, 32, 8, 128), (3, 4, 4, 256)])
+def test_rope_kv_kernel_rotates_q_k_and_writes_the_cache_at_each_position(m, heads, kv, d):
+    g = gpu_case(m + heads + d)
+    max_len = 40
+    qkv = torch.randn(m, (heads + 2 * kv) * d, device="cuda", generator=g).half()
+    angles = torch.outer(torch.arange(max_len, device="cuda").float(), torch.rand(d // 2, device="cuda", generator=g))
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    positions = torch.randperm(max_len, device="cuda", generator=g)[:m].int()
+    kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
+    vc = kc.clone()
+    q = torch.full((m, heads, d), float("nan"), device="cuda", dtype=torch.half)
+    kernels.rope_kv(qkv, positions, cos, sin, q, kc, vc)
+    kr, vr = torch.zeros(kv, max_len, d, device="cuda"), torch.zeros(kv, max_len, d, device="cuda")
+    qr = TorchOps().rope_kv(qkv.float(), positions, cos, sin, kr, vr, heads)
+    p = positions.long()
+    assert (q.float() - qr).abs().max().item() < 1e-2
+    assert (kc[:, p].float() - kr[:, p]).abs().max().item() < 1e-2
+    assert torch.equal(vc[:, p].float(), vr[:, p])
+    untouched = torch.ones(max_len, dtype=torch.bool, device="cuda")
+    untouched[p] = False
+    assert torch.isnan(kc[:, untouched]).all() and torch.isnan(vc[:, untouched]).all()
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (9, 3, 64), (6, 2, 96), (32, 8, 128), (8, 8, 256)])
+@pytest.mark.parametrize("length, window", [(1, 0), (31, 0), (32, 0), (33, 0), (300, 0), (300, 70), (64, 64)])
+def test_attention_decode_kernel_matches_reference_and_reads_only_the_live_positions(heads, kv, d, length, window):
+    g = gpu_case(length * 7 + d + window)
+    max_len = 320
+    kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
+    vc = kc.clone()
+    kc[:, :length] = (torch.randn(kv, length, d, device="cuda", generator=g) * 2).half()
+    vc[:, :length] = torch.randn(kv, length, d, device="cuda", generator=g).half()
+    q = (torch.randn(1, heads, d, device="cuda", generator=g) * 2).half()
+    pos = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
+    out = torch.full((1, heads * d), float("nan"), device="cuda", dtype=torch.half)
+    ws = kernels.attention_workspace(heads, d, max_len, "cuda")
+    kernels.attention_decode(q, kc, vc, pos, out, ws, d ** -0.5, window)
+    ref = TorchOps().attention_decode(q.float(), kc.float(), vc.float(), pos, d ** -0.5, window)
+    assert torch.isfinite(out).all(), "a NaN-poisoned position past the length or outside the window was read"
+    assert (out.float() - ref).abs().max().item() < 2e-3 * max(1.0, ref.abs().max().item())
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("m, inter", [(1, 1536), (6, 14336)])
+def test_silu_mul_kernel_matches_reference(m, inter):
+    g = gpu_case(m + inter)
+    gu = (torch.randn(m, 2 * inter, device="cuda", generator=g) * 3).half()
+    out = torch.full((m, inter), float("nan"), device="cuda", dtype=torch.half)
+    kernels.silu_mul(gu, out)
+    ref = TorchOps().silu_mul(gu.float())
+    assert (out.float() - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("case", ["llama", "mistral_window", "qwen2_bias"])
+def test_cuda_decoder_matches_transformers_and_graph_replay_equals_eager(tmp_path, case):
+    model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
+    ref = hf_logits(model, PROMPT)
+    tol = 2e-2 * np.abs(ref).max()
+    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
+    runs = {}
+    for graphs in (False, True):
+        dec = CudaDecoder(weights, CudaOps(weights), use_graphs=graphs)
+        np.testing.assert_allclose(dec.forward(PROMPT), ref, atol=tol)  # prefill rows < dense_rows: int4 GEMM
+        dec.reset()
+        steps = [dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]]
+        np.testing.assert_allclose(np.stack(steps), ref[3:], atol=tol)
+        dec.reset()
+        runs[graphs] = list(generate(dec, PROMPT, 24))
+    assert runs[True] == runs[False]
+
+
+@needs_library
+@needs_gpu
+def test_cuda_prefill_through_dequantised_cublas_matches_the_int4_gemm(tmp_path):
+    write_checkpoint(tmp_path / "ck")
+    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
+    a = CudaDecoder(weights, CudaOps(weights, dense_rows=1 << 30)).forward(PROMPT)
+    b = CudaDecoder(weights, CudaOps(weights, dense_rows=2)).forward(PROMPT)
+    np.testing.assert_allclose(a, b, atol=5e-3 * np.abs(a).max())
+
+
+@needs_library
+@needs_gpu
+def test_generate_command_runs_the_cuda_backend(tmp_path, capsys):
+    from conftest import save_tiny_tokenizer
+
+    write_checkpoint(tmp_path / "ck")
+    save_tiny_tokenizer(tmp_path / "ck")
+    assert main(["generate", str(tmp_path / "ck"), "--backend", "cuda", "--raw", "--prompt", "w5 w9 w12",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    json.loads((tmp_path / "ck" / "config.json").read_text())  # nothing rewritten
