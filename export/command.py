@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from awq_edge.calib import SOURCES_HELP
 from awq_edge.export.decoder import ExportOptions, build_decoder, dims_of
 from awq_edge.export.save import genai_config, write_folder
 from awq_edge.export.source import Checkpoint
@@ -18,7 +19,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
     extra = {
         "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
         "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
-        "head_group": opts.head_group, "group_size": ck.group_size, "model_type": ck.config["model_type"],
+        "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
+        "group_size": ck.group_size, "model_type": ck.config["model_type"],
     }
     out = Path(out_dir)
     write_folder(out, model, genai, ck.folder, extra)
@@ -28,7 +30,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
 def run(args) -> int:
     opts = ExportOptions(target=args.target, dtype=args.dtype, trt_native=args.trt_native,
                          accuracy_level=4 if args.int8_activations else 0, head_bits=args.head_bits,
-                         head_group=args.head_group)
+                         head_group=args.head_group, head_calib=args.head_calib or "",
+                         head_symmetric=args.head_symmetric)
     out = export(args.quant_dir, args.output, opts)
     print(f"wrote {out}")
     return 0
@@ -50,4 +53,9 @@ def register(subparsers):
                    help="with --target ort: round the float lm_head (and tied embeddings) to 8 or 4 bits, "
                         "smaller and faster on CPU; the only option that changes the checkpoint's numbers")
     p.add_argument("--head-group", type=int, default=32, help="group size for --head-bits (default 32)")
+    p.add_argument("--head-calib", metavar="SOURCE",
+                   help="with --head-bits: choose the head's scales to minimise the logit error on the final norm's "
+                        f"activations over this calibration text ({SOURCES_HELP}) instead of rounding to nearest")
+    p.add_argument("--head-symmetric", action="store_true",
+                   help="with --head-bits: symmetric head, no zero points stored (smaller)")
     p.set_defaults(func=run)

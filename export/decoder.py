@@ -2,12 +2,14 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
 from awq_edge.errors import AwqEdgeError
 from awq_edge.quant import QConfig, quantize
+from awq_edge.export import head as head_quant
 from awq_edge.export import ops
 from awq_edge.export.source import Checkpoint, FloatLinear, QuantLinear
 
@@ -28,6 +30,9 @@ class ExportOptions:
     accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 activations (faster on CPU)
     head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits
     head_group: int = 32  # group size for head_bits: one matrix, so finer scales cost little
+    head_calib: str = ""  # head_bits: "" rounds to nearest; "builtin" or a text file: scales searched on its activations
+    head_symmetric: bool = False  # head_bits: no zero points (stored implicitly, smaller)
+    rope_in_graph: bool = True  # ort only: RoPE tables computed at session load instead of stored (2 MB for 8k)
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,35 @@ def dims_of(config: dict) -> Dims:
 
 def rope_tables(config: dict, d: Dims):
     """cos, sin [max_positions, head_dim / 2] in float32, with any attention scaling folded in."""
+    inv_freq, scaling = rope_frequencies(config, d)
+    angles = torch.outer(torch.arange(d.max_positions, dtype=torch.float64), inv_freq)
+    return (angles.cos() * scaling).float(), (angles.sin() * scaling).float()
+
+
+def rope_tables_in_graph(g: ops.Graph, config: dict, d: Dims):
+    """The same tables as `rope_tables`, computed by the graph from the frequencies (in float64).
+
+    Every input is a constant, so onnxruntime folds them once when the session
+    loads: the tables cost no time per step and no bytes in the file.
+    """
+    inv_freq, scaling = rope_frequencies(config, d)
+    base = "/model/rope"
+    limits = [g.scalar(f"{base}.{n}", v, np.float64) for n, v in (("start", 0), ("limit", d.max_positions),
+                                                                   ("delta", 1))]
+    positions = g.node("Range", limits, f"{base}/Positions")
+    angles = g.node("Mul", [g.node("Unsqueeze", [positions, ops.int64(g, [1])], f"{base}/Column"),
+                            g.const(f"{base}.inv_freq", inv_freq.numpy().reshape(1, -1))], f"{base}/Angles")
+    tables = []
+    for fn in ("Cos", "Sin"):
+        t = g.node(fn, [angles], f"{base}/{fn}")
+        if scaling != 1.0:
+            t = g.node("Mul", [t, g.scalar(f"{base}.scaling", scaling, np.float64)], f"{base}/{fn}Scaled")
+        tables.append(g.node("Cast", [t], f"{base}/{fn}Cast", to=g.elem))
+    return tables
+
+
+def rope_frequencies(config: dict, d: Dims):
+    """RoPE inverse frequencies [head_dim / 2] (float64) and the attention scaling of the rope type."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -82,8 +116,7 @@ def rope_tables(config: dict, d: Dims):
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
         inv_freq = inv_freq.double()
-    angles = torch.outer(torch.arange(d.max_positions, dtype=torch.float64), inv_freq)
-    return (angles.cos() * scaling).float(), (angles.sin() * scaling).float()
+    return inv_freq, float(scaling)
 
 
 def fuse_rows(linears):
@@ -191,8 +224,15 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
         raise AwqEdgeError(f"--head-group {group} is not a power of two in 16..256 dividing hidden size {d.hidden}",
                            "pick --head-group 32 or 64, or export without --head-bits")
     name = "lm_head.weight" if "lm_head.weight" in ck and not d.tied else "model.embed_tokens.weight"
-    q, scales, zeros = quantize(ck.float_tensor(name), QConfig(opts.head_bits, group, zero_point=True))
-    return ops.nbits_weights(g, "lm_head", q, scales, zeros, group, opts.head_bits), group
+    w = ck.float_tensor(name)
+    if opts.head_calib:
+        moments = head_quant.final_norm_moments(ck.folder, opts.head_calib)
+        q, scales, zeros = head_quant.quantize_weighted(w, moments, opts.head_bits, group, opts.head_symmetric)
+    else:
+        q, scales, zeros = quantize(w, QConfig(opts.head_bits, group, zero_point=not opts.head_symmetric))
+    weights = ops.nbits_weights(g, "lm_head", q, scales, zeros, group, opts.head_bits,
+                                implicit_zeros=opts.head_symmetric)
+    return weights, group
 
 
 def embeddings(g: ops.Graph, ck: Checkpoint, d: Dims, head, opts: ExportOptions) -> str:
@@ -239,8 +279,11 @@ def io_spec(g: ops.Graph, d: Dims, opts: ExportOptions):
 
 def ort_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
     """(attention, norm, skip-norm) builders with onnxruntime's fused ops; GQA reads lengths off the mask."""
-    cos, sin = rope_tables(ck.config, d)
-    cos_c, sin_c = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+    if opts.rope_in_graph:
+        cos_c, sin_c = rope_tables_in_graph(g, ck.config, d)
+    else:
+        cos, sin = rope_tables(ck.config, d)
+        cos_c, sin_c = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
     base = "/model/attn_mask"
     seqlens = g.node("Sub", [g.node("ReduceSum", ["attention_mask", ops.int64(g, [1])], f"{base}/ReduceSum",
                                     keepdims=0), ops.int64(g, 1)], f"{base}/Sub")

@@ -41,6 +41,12 @@ class Graph:
         """A float initializer in the graph's activation dtype."""
         return self.const(base, tensor.to(self.torch_dtype))
 
+    def scalar(self, base: str, value, dtype) -> str:
+        """A 0-d initializer (const() would store a scalar with shape [1])."""
+        name = self.name(base)
+        self.initializers.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+        return name
+
     def raw(self, base: str, elem: int, dims, data: bytes) -> str:
         name = self.name(base)
         self.initializers.append(helper.make_tensor(name, elem, dims, data, raw=True))
@@ -65,11 +71,19 @@ def scalar(g: Graph, value: float) -> str:
     return g.shared(f"const/{g.np_dtype.__name__}/{value!r}", np.array(value, dtype=g.np_dtype))
 
 
-def nbits_weights(g: Graph, base: str, q, scales, zeros, block_size: int, bits: int = 4):
-    """MatMulNBits' B, scales and zero-point initializers for W [N, K] = q (same integers, no re-rounding)."""
+def nbits_weights(g: Graph, base: str, q, scales, zeros, block_size: int, bits: int = 4,
+                  implicit_zeros: bool = False):
+    """MatMulNBits' B, scales and zero-point initializers for W [N, K] = q (same integers, no re-rounding).
+
+    implicit_zeros: every zero point is 2^(bits-1), the ops' default, so none is stored (B and scales only).
+    """
     t = to_matmul_nbits(q, scales, zeros, block_size, bits=bits)
-    return (g.const(f"{base}.qweight", t["B"]), g.weight(f"{base}.scales", t["scales"]),
-            g.const(f"{base}.qzeros", t["zero_points"]))
+    b, s = g.const(f"{base}.qweight", t["B"]), g.weight(f"{base}.scales", t["scales"])
+    if implicit_zeros:
+        if not bool((zeros == 2 ** (bits - 1)).all()):
+            raise ValueError(f"{base}: implicit zero points need every zero point to be {2 ** (bits - 1)}")
+        return b, s
+    return b, s, g.const(f"{base}.qzeros", t["zero_points"])
 
 
 def matmul_nbits(g: Graph, x: str, base: str, weights, k: int, n: int, block_size: int, accuracy_level: int,
@@ -83,8 +97,8 @@ def matmul_nbits(g: Graph, x: str, base: str, weights, k: int, n: int, block_siz
 
 def gather_block_quantized(g: Graph, ids: str, base: str, weights, rows: int, block_size: int, bits: int) -> str:
     """Embedding lookup straight from MatMulNBits weights [V, H] (tied embeddings share the lm_head's)."""
-    b, scales, zeros = (reshape(g, w, [rows, -1], f"{base}/{i}") for i, w in enumerate(weights))
-    return g.node("GatherBlockQuantized", [b, ids, scales, zeros], f"{base}/GatherBlockQuantized", domain=MS,
+    b, *quant = (reshape(g, w, [rows, -1], f"{base}/{i}") for i, w in enumerate(weights))
+    return g.node("GatherBlockQuantized", [b, ids, *quant], f"{base}/GatherBlockQuantized", domain=MS,
                   gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
 
 

@@ -319,3 +319,96 @@ def test_rope_that_depends_on_sequence_length_is_refused(tmp_path):
     with pytest.raises(AwqEdgeError, match="changes with sequence length"):
         export(tmp_path / "ck", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_head_stores_no_zero_points_and_equals_pytorch_with_that_head(tmp_path, tied, bits):
+    model, _ = write_checkpoint(tmp_path / "ck", tied=tied)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(head_bits=bits, head_symmetric=True))
+    q, scales, zeros = quantize(model.lm_head.weight.data, QConfig(bits, 32, zero_point=False))
+    model.lm_head.weight.data = dequantize(q, scales, zeros, 32)  # tied: the embeddings too
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+    names = {t.name for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    assert "lm_head.qweight" in names and "lm_head.qzeros" not in names
+
+
+def write_calibration_text(path, n_words=6000, seed=0):
+    """Words of the tiny tokenizer (w3..w255), enough for 16 blocks of 512 tokens."""
+    rng = np.random.default_rng(seed)
+    path.write_text(" ".join(f"w{i}" for i in rng.integers(3, 256, n_words * 2)))
+    return path
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_head_calib_export_equals_pytorch_with_the_head_searched_on_real_activations(tmp_path, symmetric):
+    """--head-calib: the export's head is the activation-weighted search's, computed from this model's final norm."""
+    from conftest import save_tiny_tokenizer
+
+    from awq_edge.calib import calibration_blocks
+    from awq_edge.export.head import final_norm_moments, quantize_weighted
+    from awq_edge.model import load_tokenizer
+
+    model, _ = write_checkpoint(tmp_path / "ck")
+    save_tiny_tokenizer(tmp_path / "ck")
+    text = write_calibration_text(tmp_path / "calib.txt")
+    out = export(tmp_path / "ck", tmp_path / "onnx",
+                 ExportOptions(head_bits=4, head_calib=str(text), head_symmetric=symmetric))
+    # The moments independently: the float model's last hidden state is the final norm's output.
+    blocks = calibration_blocks(load_tokenizer(tmp_path / "ck"), str(text), 16, 512)
+    with torch.no_grad():
+        x = model.model(input_ids=blocks).last_hidden_state.reshape(-1, 128).double()
+    moments = x.pow(2).mean(0).float()
+    assert torch.allclose(final_norm_moments(tmp_path / "ck", str(text)), moments, rtol=1e-4)
+    w = model.lm_head.weight.data.clone()
+    q, scales, zeros = quantize_weighted(w, moments, 4, 32, symmetric)
+    model.lm_head.weight.data = dequantize(q, scales, zeros, 32)
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
+    info = json.loads((out / "awq_edge_export.json").read_text())
+    assert info["head_calib"] == str(text) and info["head_symmetric"] == symmetric
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weighted_head_search_has_less_weighted_error_than_round_to_nearest(symmetric):
+    from awq_edge.export.head import quantize_weighted
+
+    torch.manual_seed(0)
+    w = torch.randn(512, 128)
+    w[:, 5] *= 8  # a large-weight channel that the activations barely read
+    moments = torch.rand(128) * 0.1
+    moments[[7, 40]] = 50.0  # two outlier channels, as after a real final norm
+
+    def weighted_error(q, scales, zeros):
+        return ((dequantize(q, scales, zeros, 32) - w).pow(2) * moments).sum(-1)
+
+    q, scales, zeros = quantize_weighted(w, moments, 4, 32, symmetric)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scales.shape == (512, 4)
+    if symmetric:
+        assert bool((zeros == 8).all())
+    searched = weighted_error(q, scales, zeros)
+    rtn = weighted_error(*quantize(w, QConfig(4, 32, zero_point=not symmetric)))
+    assert searched.sum() < 0.8 * rtn.sum()
+    if symmetric:  # round-to-nearest is a point of the symmetric grid, so no row can be worse
+        assert bool((searched <= rtn * (1 + 1e-5)).all())
+
+
+def test_head_calib_without_a_tokenizer_is_refused_clearly(tmp_path, ckpt):
+    with pytest.raises(AwqEdgeError, match="--head-calib needs the checkpoint's tokenizer"):
+        export(ckpt[0], tmp_path / "onnx", ExportOptions(head_bits=4, head_calib="builtin"))
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_rope_tables_computed_in_the_graph_equal_the_stored_ones(tmp_path, ckpt, dtype):
+    computed = export(ckpt[0], tmp_path / "computed", ExportOptions(dtype=dtype))
+    stored = export(ckpt[0], tmp_path / "stored", ExportOptions(dtype=dtype, rope_in_graph=False))
+    names = {t.name for t in onnx.load(str(computed / "model.onnx"), load_external_data=False).graph.initializer}
+    assert "cos_cache" not in names and "sin_cache" not in names
+    assert np.array_equal(run_full(computed, PROMPT), run_full(stored, PROMPT))
+    size = {f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model.onnx")) for f in (computed, stored)}
+    table_bytes = 2 * 256 * 16 * (4 if dtype == "fp32" else 2)  # cos + sin, max_positions x head_dim / 2
+    assert size[stored] - size[computed] > table_bytes - 1024
