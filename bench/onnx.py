@@ -158,6 +158,20 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {ppl[name]['ppl']:.3f} | {100 * ppl[name]['vs_pytorch_awq']:+.2f}% | "
                      f"{s.get('decode_tok_s', float('nan')):.1f} | {s.get('vs_pytorch_float', float('nan')):.2f}x | "
                      f"{'' if mb is None else f'{mb / 1e6:.1f}'} |")
+    peer = "peer_int4"
+    if peer in speed and peer in ppl:
+        lines += ["", f"Against {peer} in the same run (decode: median over rounds of ours / peer within the round, "
+                  "then the ratio of the medians):", "",
+                  "| model | ppl vs peer | decode vs peer, per round | decode vs peer, medians | size vs peer |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name in ppl:
+            if not name.startswith("ours_int4_int8act") or name not in speed:
+                continue
+            rounds = [a / b for a, b in zip(speed[name]["runs_decode_tok_s"], speed[peer]["runs_decode_tok_s"])]
+            lines.append(f"| {name} | {100 * (ppl[name]['ppl'] / ppl[peer]['ppl'] - 1):+.1f}% | "
+                         f"{statistics.median(rounds):.3f}x | "
+                         f"{speed[name]['decode_tok_s'] / speed[peer]['decode_tok_s']:.3f}x | "
+                         f"{size[name] / size[peer]:.3f}x ({(size[name] - size[peer]) / 1e6:+.2f} MB) |")
     p = r["parity"]
     lines += ["", f"Parity with PyTorch on the same dequantised weights, {p['positions']} positions, max |logit "
               f"diff| (relative to the largest logit): ort fp32 {p['max_abs_diff']:.2e} ({p['relative']:.1e})"]
@@ -218,6 +232,13 @@ def main() -> int:
         ("ours_int4_int8act", ExportOptions(accuracy_level=4), quant_dir, False),
         ("ours_int4_int8act_head8", ExportOptions(accuracy_level=4, head_bits=8), quant_dir, False),
         ("ours_int4_int8act_head4", ExportOptions(accuracy_level=4, head_bits=4), quant_dir, False),
+        # The head's scales searched on the final norm's activations over the builtin calibration text
+        # (the same text the checkpoint was calibrated on; never WikiText-2), symmetric: no zero points.
+        ("ours_int4_int8act_head4sym_calib", ExportOptions(accuracy_level=4, head_bits=4, head_calib="builtin",
+                                                           head_symmetric=True), quant_dir, False),
+        ("ours_int4_int8act_head4sym_g64_calib", ExportOptions(accuracy_level=4, head_bits=4, head_group=64,
+                                                               head_calib="builtin", head_symmetric=True),
+         quant_dir, False),
         ("ours_fp32", ExportOptions(), hf_dir, True),
     ):
         if not wanted(name):
