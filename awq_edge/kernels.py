@@ -33,8 +33,10 @@ _SIGNATURES = {
     "awqe_rmsnorm_f16": ([_vp, _vp, _vp, _int, _int, ctypes.c_float, _vp], _int),
     "awqe_rope_kv_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp], _int),
     "awqe_attention_workspace_bytes": ([_int, _int, _int], _size),
-    "awqe_attention_decode_f16": ([_vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float, _vp, _size,
-                                   _vp], _int),
+    "awqe_decode_attention_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
+                                   _vp, _size, _vp], _int),
+    "awqe_gemm_gated_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp], _int),
+    "awqe_set_programmatic_launch": ([_int], None),
     "awqe_silu_mul_f16": ([_vp, _vp, _int, _int, _vp], _int),
 }
 
@@ -204,28 +206,57 @@ def rope_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: 
 
 
 def attention_workspace(n_heads: int, head_dim: int, max_len: int, device) -> torch.Tensor:
+    """Zeroed workspace for decode_attention (its ticket counters must start at zero; the kernel resets them)."""
     lib = load_library()
     n = lib.awqe_attention_workspace_bytes(n_heads, head_dim, max_len)
-    return torch.empty(-(-n // 8), dtype=torch.float64, device=device)  # 8-byte aligned
+    return torch.zeros(-(-n // 8), dtype=torch.float64, device=device)  # 8-byte aligned
 
 
-def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
-                     out: torch.Tensor, workspace: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
-    """out [H, D] for one query q [H, D] over cache positions 0 .. position[0] (int32 on the GPU)."""
-    _f16(q, k_cache, v_cache, out)
+def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor,
+                     scale: float, window: int = 0) -> torch.Tensor:
+    """One decode step: rotate q and k of qkv [1, (H + 2 KV) * D] at position[0] (int32 on the GPU), write k and v
+    into the caches [KV, L, D], and out [1, H * D] = attention over positions 0 .. position[0]."""
+    _f16(qkv, k_cache, v_cache, out)
     n_kv, max_len, d = k_cache.shape
-    n_heads = q.numel() // d
-    _require(position.dtype == torch.int32 and position.is_cuda and out.numel() == q.numel(),
-             "attention: position must be int32 on the GPU and out the size of q", "pass the decoder's buffers")
+    n_heads = out.numel() // d
+    _require(position.dtype == torch.int32 and position.is_cuda and qkv.numel() == (n_heads + 2 * n_kv) * d,
+             "attention: position must be int32 on the GPU and qkv hold one token's q, k and v",
+             "pass the decoder's buffers")
+    _require(cos.dtype == torch.float32 and cos.shape == (max_len, d // 2) and sin.shape == cos.shape
+             and cos.is_contiguous() and sin.is_contiguous(),
+             f"attention: cos/sin must be fp32 [{max_len}, {d // 2}]", "slice the rope tables to the cache length")
     lib = load_library()
-    check(lib, lib.awqe_attention_decode_f16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                             position.data_ptr(), out.data_ptr(), n_heads, n_kv, d, max_len, window,
-                                             scale, workspace.data_ptr(), workspace.numel() * 8, _stream(q.device)))
+    check(lib, lib.awqe_decode_attention_f16(qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                             k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv, d,
+                                             max_len, window, scale, workspace.data_ptr(), workspace.numel() * 8,
+                                             _stream(qkv.device)))
     return out
 
 
+def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., n/2] = fp16(silu(gate)) * up for W whose rows alternate gate/up in blocks of 8
+    (awq_edge.runtime.cuda.interleave_gate_up)."""
+    _require(x.is_cuda and x.dtype == torch.float16 and x.shape[-1] == w.k,
+             f"x must be an fp16 CUDA tensor [..., {w.k}], got {x.dtype} {tuple(x.shape)} on {x.device}",
+             "cast activations to fp16 and move them to the weights' GPU")
+    x2 = x.reshape(-1, w.k).contiguous()
+    if bias is not None:
+        bias = bias.to(device=x.device, dtype=torch.float16).contiguous()
+    out = torch.empty(*x.shape[:-1], w.n // 2, dtype=torch.float16, device=x.device)
+    lib = load_library()
+    check(lib, lib.awqe_gemm_gated_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0], w.n,
+                                       w.k, w.block_size, _stream(x.device)))
+    return out
+
+
+def set_programmatic_launch(enable: bool) -> None:
+    """Programmatic dependent launch on sm_90+ (default on); off for A/B timing."""
+    load_library().awqe_set_programmatic_launch(int(enable))
+
+
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [M, I] = fp16(silu(gate)) * up for gate_up [M, 2 I]."""
+    """out [M, I] = fp16(silu(gate)) * up for gate_up [M, 2 I] alternating gate/up columns in blocks of 8."""
     _f16(gate_up, out)
     inter = out.shape[-1]
     m = out.numel() // inter

@@ -34,6 +34,7 @@ from awq_edge.export.decoder import Dims  # noqa: E402
 from awq_edge.runtime.cuda import CudaDecoder, CudaOps, Layer, Linear, Weights, load_weights  # noqa: E402
 
 GROUP = 128
+SAVE = lambda: None  # noqa: E731  (main() sets it: write the results so far)
 SHAPES = {  # the configs of the public models, as transformers LlamaConfig fields
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
@@ -133,6 +134,9 @@ class TinyGemmOps(CudaOps):
         y = torch.ops.aten._weight_int4pack_mm(x.bfloat16(), packed, GROUP, sz).half()
         return y if residual is None else y + residual
 
+    def gate_up_act(self, x, lin):
+        return self.silu_mul(self.linear(x, lin))
+
 
 def sync_time(fn):
     torch.cuda.synchronize()
@@ -224,27 +228,30 @@ def free():
     torch.cuda.empty_cache()
 
 
-def bench_random(name: str, args, copy_bw: float) -> dict:
+def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
     shape = SHAPES[name]
     prompt = torch.randint(0, shape["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     max_len = args.prompt + args.new
     weights = random_weights(shape, max_len)
-    res = {"shape": shape}
+    res["shape"] = shape
     res["bytes_per_step"] = step_bytes(weights, args.prompt + args.new / 2)
     res["bandwidth_limit_tok_s"] = copy_bw / res["bytes_per_step"]["total"]
     res["ours"] = time_ours(weights, prompt, args.new, args.repeats)
     print(name, "ours", res["ours"], flush=True)
+    if args.breakdown:
+        res["breakdown_us"] = breakdown_of(weights, args.prompt + args.new // 2)
+        print(name, "breakdown us/layer", {k: round(v, 2) for k, v in res["breakdown_us"].items()}, flush=True)
+    SAVE()
     if "torch_int4" in args.variants:
         res["torch_int4"] = time_ours(weights, prompt, args.new, args.repeats, TinyGemmOps(weights))
         print(name, "torch_int4", res["torch_int4"], flush=True)
     del weights
     free()
-    res.update(bench_hf(name, hf_random(shape), prompt, args))
+    bench_hf(name, hf_random(shape), prompt, args, res)
     return res
 
 
-def bench_hf(name, model, prompt, args) -> dict:
-    res = {}
+def bench_hf(name, model, prompt, args, res: dict) -> dict:
     for compiled in ([False, True] if args.hf_compile else [False]):
         key = "hf_fp16_static_compiled" if compiled else "hf_fp16_static_eager"
         if key.replace("_static", "") in args.variants or "hf" in args.variants:
@@ -252,6 +259,7 @@ def bench_hf(name, model, prompt, args) -> dict:
             res[key] = time_hf(model, prompt, args.new, args.repeats, compiled)
             res[key]["wall_s"] = time.perf_counter() - t
             print(name, key, res[key], flush=True)
+            SAVE()
     del model
     free()
     return res
@@ -301,16 +309,17 @@ def greedy_parity(ckpt: Path, weights: Weights, n_tokens: int) -> dict:
             "prompts": len(PARITY_PROMPTS)}
 
 
-def bench_smollm2(args, copy_bw: float) -> dict:
+def bench_smollm2(args, copy_bw: float, res: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     weights = load_weights(args.smollm2_ckpt, "cuda", torch.float16, packed=True, max_len=args.prompt + args.new)
     prompt = torch.randint(0, weights.dims.vocab, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    res = {"checkpoint": json.loads((Path(args.smollm2_ckpt) / "config.json").read_text())["quantization_config"]}
+    res["checkpoint"] = json.loads((Path(args.smollm2_ckpt) / "config.json").read_text())["quantization_config"]
     res["bytes_per_step"] = step_bytes(weights, args.prompt + args.new / 2)
     res["bandwidth_limit_tok_s"] = copy_bw / res["bytes_per_step"]["total"]
     if args.parity:
         res["parity"] = greedy_parity(Path(args.smollm2_ckpt), weights, args.parity)
+        SAVE()
     res["ours"] = time_ours(weights, prompt, args.new, args.repeats)
     print("smollm2 ours", res["ours"], flush=True)
     del weights
@@ -321,7 +330,7 @@ def bench_smollm2(args, copy_bw: float) -> dict:
         from awq_edge.checkpoint import load_quantized_model
 
         model = load_quantized_model(Path(args.smollm2_ckpt), dtype=torch.float16)[0].cuda().eval()
-    res.update(bench_hf("smollm2", model, prompt, args))
+    bench_hf("smollm2", model, prompt, args, res)
     return res
 
 
@@ -349,20 +358,16 @@ def graph_time(fn, reps: int = 20) -> float:
 
 
 @torch.inference_mode()
-def breakdown(name: str, context: int) -> dict:
+def breakdown_of(w: Weights, context: int) -> dict:
     """Microseconds per layer of each operation of a decode step (graphs of all layers' calls, weights from
     HBM), beside the whole step: where the time goes."""
-    shape = SHAPES[name]
-    w = random_weights(shape, context + 1)
     dec = CudaDecoder(w, CudaOps(w))
     ops, d = dec.ops, w.dims
     dec.pos.fill_(context)
     h = torch.randn(1, d.hidden, dtype=torch.float16, device="cuda")
     x = torch.randn(1, d.hidden, dtype=torch.float16, device="cuda")
     qkv = torch.randn(1, w.layers[0].qkv.n, dtype=torch.float16, device="cuda")
-    q = torch.randn(1, d.heads, d.head_dim, dtype=torch.float16, device="cuda")
     a = torch.randn(1, d.heads * d.head_dim, dtype=torch.float16, device="cuda")
-    gu = torch.randn(1, w.layers[0].gate_up.n, dtype=torch.float16, device="cuda")
     act = torch.randn(1, w.layers[0].down.k, dtype=torch.float16, device="cuda")
     for kc, vc in zip(dec.k_cache, dec.v_cache):
         kc.normal_()
@@ -371,21 +376,23 @@ def breakdown(name: str, context: int) -> dict:
     parts = {
         "rmsnorm": lambda: [ops.rmsnorm(h, l.input_norm, d.eps) for l in L],
         "qkv_gemv": lambda: [ops.linear(x, l.qkv) for l in L],
-        "rope_kv": lambda: [ops.rope_kv(qkv, dec.pos, w.cos, w.sin, dec.k_cache[i], dec.v_cache[i], d.heads)
-                            for i in range(n)],
-        "attention": lambda: [ops.attention_decode(q, dec.k_cache[i], dec.v_cache[i], dec.pos, dec.scale, 0)
-                              for i in range(n)],
+        "attention": lambda: [ops.decode_attention(qkv, dec.pos, w.cos, w.sin, dec.k_cache[i], dec.v_cache[i],
+                                                   d.heads, dec.scale, 0) for i in range(n)],
         "o_gemv_residual": lambda: [ops.linear(a, l.o, residual=h) for l in L],
-        "gate_up_gemv": lambda: [ops.linear(x, l.gate_up) for l in L],
-        "silu_mul": lambda: [ops.silu_mul(gu) for l in L],
+        "rmsnorm_2": lambda: [ops.rmsnorm(h, l.post_norm, d.eps) for l in L],
+        "gate_up_gemv_silu": lambda: [ops.gate_up_act(x, l.gate_up) for l in L],
         "down_gemv_residual": lambda: [ops.linear(act, l.down, residual=h) for l in L],
     }
     res = {k: graph_time(f) / n * 1e6 for k, f in parts.items()}
     res["sum_per_layer"] = sum(res.values())
     res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(h)) * 1e6
     res["full_step_us"] = graph_time(dec._step) * 1e6
+    kernels.set_programmatic_launch(False)
+    res["full_step_no_pdl_us"] = graph_time(dec._step) * 1e6
+    kernels.set_programmatic_launch(True)
     res["context"] = context
-    print(name, "breakdown us/layer", {k: round(v, 2) for k, v in res.items()}, flush=True)
+    del dec
+    free()
     return res
 
 
@@ -416,20 +423,25 @@ def main():
 
     result["transformers"] = transformers.__version__
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s", flush=True)
-    for name in args.models.split(","):
-        if name == "smollm2":
-            if not args.smollm2_ckpt:
-                continue
-            result["models"][name] = bench_smollm2(args, copy_bw)
-        else:
-            result["models"][name] = bench_random(name, args, copy_bw)
-        m = result["models"][name]
-        if args.breakdown and name in SHAPES:
-            m["breakdown_us"] = breakdown(name, args.prompt + args.new // 2)
-        for key in [k for k in m if isinstance(m[k], dict) and "tok_s" in m[k]]:
-            m[key]["frac_of_bandwidth_limit"] = m[key]["tok_s"] / m["bandwidth_limit_tok_s"]
+    global SAVE
+
+    def save():  # after every variant, so a run cut short keeps what it measured
+        for m in result["models"].values():
+            for key in [k for k in m if isinstance(m[k], dict) and "tok_s" in m[k]]:
+                m[key]["frac_of_bandwidth_limit"] = m[key]["tok_s"] / m["bandwidth_limit_tok_s"]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
+
+    SAVE = save
+    for name in args.models.split(","):
+        if name == "smollm2" and not args.smollm2_ckpt:
+            continue
+        res = result["models"][name] = {}
+        if name == "smollm2":
+            bench_smollm2(args, copy_bw, res)
+        else:
+            bench_random(name, args, copy_bw, res)
+        save()
         free()
     print(json.dumps({n: {k: (v["tok_s"] if isinstance(v, dict) and "tok_s" in v else None)
                           for k, v in m.items()} | {"limit": m["bandwidth_limit_tok_s"]}

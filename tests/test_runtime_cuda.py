@@ -10,6 +10,8 @@ from awq_edge import kernels
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
 from awq_edge.runtime.cuda import CudaDecoder, CudaOps, TorchOps, load_weights
+from awq_edge.packing import to_matmul_nbits
+from awq_edge.quant import QConfig, dequantize, quantize
 from awq_edge.runtime.generate import generate
 from test_export import PROMPT, write_checkpoint
 
@@ -149,21 +151,28 @@ def test_rope_kv_kernel_rotates_q_k_and_writes_the_cache_at_each_position(m, hea
 @needs_gpu
 @pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (9, 3, 64), (6, 2, 96), (32, 8, 128), (8, 8, 256)])
 @pytest.mark.parametrize("length, window", [(1, 0), (31, 0), (32, 0), (33, 0), (300, 0), (300, 70), (64, 64)])
-def test_attention_decode_kernel_matches_reference_and_reads_only_the_live_positions(heads, kv, d, length, window):
+def test_decode_attention_kernel_matches_reference_and_reads_only_the_live_positions(heads, kv, d, length, window):
     g = gpu_case(length * 7 + d + window)
     max_len = 320
     kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
     vc = kc.clone()
-    kc[:, :length] = (torch.randn(kv, length, d, device="cuda", generator=g) * 2).half()
-    vc[:, :length] = torch.randn(kv, length, d, device="cuda", generator=g).half()
-    q = (torch.randn(1, heads, d, device="cuda", generator=g) * 2).half()
+    kc[:, : length - 1] = (torch.randn(kv, length - 1, d, device="cuda", generator=g) * 2).half()
+    vc[:, : length - 1] = torch.randn(kv, length - 1, d, device="cuda", generator=g).half()
+    kr, vr = kc.float(), vc.float()
+    qkv = (torch.randn(1, (heads + 2 * kv) * d, device="cuda", generator=g) * 2).half()
+    angles = torch.outer(torch.arange(max_len, device="cuda").float(), torch.rand(d // 2, device="cuda", generator=g))
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
     pos = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
     out = torch.full((1, heads * d), float("nan"), device="cuda", dtype=torch.half)
     ws = kernels.attention_workspace(heads, d, max_len, "cuda")
-    kernels.attention_decode(q, kc, vc, pos, out, ws, d ** -0.5, window)
-    ref = TorchOps().attention_decode(q.float(), kc.float(), vc.float(), pos, d ** -0.5, window)
+    for step in range(2):  # twice: the merge's ticket counters must be back at zero after the first call
+        kernels.decode_attention(qkv, pos, cos, sin, kc, vc, out, ws, d ** -0.5, window)
+    ref = TorchOps().decode_attention(qkv.float(), pos, cos, sin, kr, vr, heads, d ** -0.5, window)
     assert torch.isfinite(out).all(), "a NaN-poisoned position past the length or outside the window was read"
     assert (out.float() - ref).abs().max().item() < 2e-3 * max(1.0, ref.abs().max().item())
+    assert (kc[:, length - 1].float() - kr[:, length - 1]).abs().max().item() < 1e-2  # the new k, rotated
+    assert torch.equal(vc[:, length - 1].float(), vr[:, length - 1])
+    assert torch.isnan(kc[:, length:]).all()
 
 
 @needs_library
@@ -176,6 +185,28 @@ def test_silu_mul_kernel_matches_reference(m, inter):
     kernels.silu_mul(gu, out)
     ref = TorchOps().silu_mul(gu.float())
     assert (out.float() - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 20])
+def test_gated_gemm_equals_gemm_then_silu_gate(m):
+    from awq_edge.export.source import QuantLinear
+    from awq_edge.runtime.cuda import interleave_gate_up
+
+    gen = torch.Generator().manual_seed(m)
+    inter, k = 1536, 576
+    q, scales, zeros = quantize(torch.randn(2 * inter, k, generator=gen), QConfig(4, 64, True))
+    lin = interleave_gate_up(QuantLinear(q, scales, zeros, 64, torch.randn(2 * inter, generator=gen)))
+    nb = to_matmul_nbits(lin.q, lin.scales.half(), lin.zeros, 64, 4)
+    w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), k, 64)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    bias = lin.bias.half().cuda()
+    y = kernels.gemm_gated(x, w, bias)
+    ref = TorchOps().silu_mul(x.double() @ dequantize(lin.q, lin.scales, lin.zeros, 64).double().cuda().T
+                              + bias.double())
+    assert torch.isfinite(y).all() and y.shape == (m, inter)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
 
 
 @needs_library

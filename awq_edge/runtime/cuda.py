@@ -1,9 +1,11 @@
 """CUDA backend: a batch-1 Llama-family decoder on awq-edge's int4 kernels, with a static KV cache and CUDA graphs.
 
 The checkpoint's 4-bit linears are repacked once into the kernels' layout, q/k/v and gate/up fused into one
-GEMV each. A decode step is RMSNorm, fused QKV GEMV, rotary embedding + cache write, split attention over the
-cache, O GEMV (the residual add rides on its bias), RMSNorm, gate/up GEMV, SiLU*up, down GEMV (+ residual):
-nine launches per layer, positions read from device memory, so one captured CUDA graph replays every step.
+GEMV each. A decode step is RMSNorm, fused QKV GEMV, attention (rotary embedding, cache write, split attention
+over the cache and the merge of the splits in one kernel), O GEMV (the residual add rides on its bias),
+RMSNorm, gate/up GEMV with the SiLU gate in its epilogue, down GEMV (+ residual): seven launches per layer,
+each overlapping the previous one's tail on Hopper (programmatic dependent launch), positions read from device
+memory, so one captured CUDA graph replays every step.
 Prefill runs the same layers on all prompt rows, with PyTorch's scaled_dot_product_attention over the cache.
 
 `TorchOps` computes the same step with plain PyTorch: the reference the kernels are tested against, and what
@@ -89,6 +91,19 @@ def _fused(ck: Checkpoint, names) -> QuantLinear | FloatLinear:
     return merged if merged is not None else fuse_rows([_as_float(p) for p in parts])
 
 
+def interleave_gate_up(lin):
+    """Rows [gate; up] reordered as 8 gate rows, the 8 up rows of the same outputs, and so on: the layout in which
+    the gated GEMM finds both halves of an output in one 16-row tile."""
+    n = lin.shape[0] // 2
+    if n % 8:
+        raise AwqEdgeError(f"intermediate size {n} is not a multiple of 8", "use the ONNX backend for this model")
+    order = torch.arange(2 * n).view(2, n // 8, 8).transpose(0, 1).reshape(-1)
+    pick = lambda t: None if t is None else t[order].contiguous()  # noqa: E731
+    if isinstance(lin, QuantLinear):
+        return QuantLinear(pick(lin.q), pick(lin.scales), pick(lin.zeros), lin.group_size, pick(lin.bias))
+    return FloatLinear(pick(lin.weight), pick(lin.bias))
+
+
 def _place(lin, device, dtype, packed: bool) -> Linear:
     n, k = lin.shape
     bias = None if lin.bias is None else lin.bias.to(device=device, dtype=dtype)
@@ -123,7 +138,7 @@ def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True
             vec(f"{p}.input_layernorm.weight"), vec(f"{p}.post_attention_layernorm.weight"),
             place(_fused(ck, [f"{p}.self_attn.{x}_proj" for x in "qkv"])),
             place(ck.linear(f"{p}.self_attn.o_proj")),
-            place(_fused(ck, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])),
+            place(interleave_gate_up(_fused(ck, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))),
             place(ck.linear(f"{p}.mlp.down_proj")),
         ))
     embed = vec("model.embed_tokens.weight")
@@ -171,9 +186,24 @@ class TorchOps:
         p = (torch.einsum("kgd,ktd->kgt", qg, k) * scale).softmax(-1)
         return torch.einsum("kgt,ktd->kgd", p, v).reshape(1, -1).to(q.dtype)
 
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window):
+        """One token: rotary embedding, cache write, attention over positions 0 .. position[0]; [1, H * D]."""
+        q = self.rope_kv(qkv, position, cos, sin, k_cache, v_cache, n_heads)
+        return self.attention_decode(q, k_cache, v_cache, position, scale, window)
+
     def silu_mul(self, gate_up):
-        g, u = gate_up.chunk(2, dim=-1)
-        return F.silu(g) * u
+        """gate_up's columns alternate between 8 gate and 8 up columns (interleave_gate_up)."""
+        m, n = gate_up.shape
+        pairs = gate_up.view(m, n // 16, 2, 8)
+        return (F.silu(pairs[:, :, 0]) * pairs[:, :, 1]).reshape(m, n // 2)
+
+    def gate_up_act(self, x, lin: Linear):
+        return self.silu_mul(self.linear(x, lin))
+
+    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False):
+        """linear(rmsnorm(x)), or its SiLU-gated activation."""
+        y = self.rmsnorm(x, norm_weight, eps)
+        return self.gate_up_act(y, lin) if gated else self.linear(y, lin)
 
 
 class CudaOps(TorchOps):
@@ -211,9 +241,14 @@ class CudaOps(TorchOps):
         q = torch.empty(qkv.shape[0], n_heads, k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
         return self.k.rope_kv(qkv, positions, cos, sin, q, k_cache, v_cache)
 
-    def attention_decode(self, q, k_cache, v_cache, position, scale, window):
-        out = torch.empty(1, q.numel(), dtype=q.dtype, device=q.device)
-        return self.k.attention_decode(q, k_cache, v_cache, position, out, self.workspace, scale, window)
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window):
+        out = torch.empty(1, n_heads * k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
+        return self.k.decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, self.workspace, scale, window)
+
+    def gate_up_act(self, x, lin: Linear):
+        if lin.packed is not None and x.shape[0] < self.dense_rows:
+            return self.k.gemm_gated(x, lin.packed, lin.bias)  # the SiLU gate in the GEMM's epilogue
+        return self.silu_mul(self.linear(x, lin))
 
     def silu_mul(self, gate_up):
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
@@ -281,15 +316,15 @@ class CudaDecoder(PrefixCachedDecoder):
         w, ops, d = self.w, self.ops, self.w.dims
         h = F.embedding(ids, w.embed)
         for i, L in enumerate(w.layers):
-            qkv = ops.linear(ops.rmsnorm(h, L.input_norm, d.eps), L.qkv)
-            q = ops.rope_kv(qkv, positions, w.cos, w.sin, self.k_cache[i], self.v_cache[i], d.heads)
+            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv)
+            kc, vc = self.k_cache[i], self.v_cache[i]
             if ids.shape[0] == 1:
-                a = ops.attention_decode(q, self.k_cache[i], self.v_cache[i], positions, self.scale, d.window)
+                a = ops.decode_attention(qkv, positions, w.cos, w.sin, kc, vc, d.heads, self.scale, d.window)
             else:
-                a = _prefill_attention(q, self.k_cache[i], self.v_cache[i], past, self.scale, d.window)
+                q = ops.rope_kv(qkv, positions, w.cos, w.sin, kc, vc, d.heads)
+                a = _prefill_attention(q, kc, vc, past, self.scale, d.window)
             h = ops.linear(a, L.o, residual=h)
-            act = ops.silu_mul(ops.linear(ops.rmsnorm(h, L.post_norm, d.eps), L.gate_up))
-            h = ops.linear(act, L.down, residual=h)
+            h = ops.linear(ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True), L.down, residual=h)
         return h
 
     def _logits(self, h):

@@ -83,19 +83,33 @@ AWQE_API awqe_status awqe_rope_kv_f16(const void* qkv, const int32_t* positions,
                                       const float* sin, void* q_out, void* k_cache, void* v_cache, int M,
                                       int n_heads, int n_kv, int head_dim, int max_len, cudaStream_t stream);
 
-/* Bytes of the workspace awqe_attention_decode_f16 needs (fp32 partials per head and 32-position split). */
+/* Bytes of the workspace awqe_decode_attention_f16 needs (fp32 partials per head and 32-position split, one
+ * ticket counter per head). Zero it once before the first call; the kernel leaves its counters at zero. */
 AWQE_API size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int max_len);
 
-/* One query token: out [n_heads, head_dim] = softmax(scale * q k^T) v over cache positions 0 .. *position
- * (the new token's own position, already written), or its last `window` positions when window > 0.
- * head_dim 32, 64, 96, 128 or 256; q, caches 4-byte aligned; workspace 8-byte aligned. */
-AWQE_API awqe_status awqe_attention_decode_f16(const void* q, const void* k_cache, const void* v_cache,
-                                               const int32_t* position, void* out, int n_heads, int n_kv,
-                                               int head_dim, int max_len, int window, float scale, void* workspace,
-                                               size_t workspace_bytes, cudaStream_t stream);
+/* One decode step's attention for the token at *position (int32 on the device, < max_len <= 16384): rotates its
+ * q and k from qkv [(n_heads + 2 n_kv) * head_dim] (as awqe_rope_kv_f16), writes k and v into the caches, and
+ * out [n_heads, head_dim] = softmax(scale * q k^T) v over cache positions 0 .. *position, or the last `window`
+ * of them when window > 0. head_dim 32, 64, 96, 128 or 256; qkv and caches 4-byte aligned; workspace 8-byte
+ * aligned. */
+AWQE_API awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, const float* cos,
+                                               const float* sin, void* k_cache, void* v_cache, void* out, int n_heads,
+                                               int n_kv, int head_dim, int max_len, int window, float scale,
+                                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-/* out [M, inter] = fp16(silu(gate)) * up for gate_up [M, 2 * inter] = [gate | up]; inter even. */
+/* out [M, inter] = fp16(silu(gate)) * up for gate_up [M, 2 * inter] whose columns alternate in blocks of 8
+ * between gate and up (the layout of awqe_gemm_gated_f16's weights); inter a multiple of 8. */
 AWQE_API awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream);
+
+/* The gate/up projection and the SiLU gate in one pass: W [N, K] holds gate and up rows alternating in blocks of
+ * 8 (N a multiple of 16); y [M, N / 2] = fp16(silu(gate)) * up, with gate = x W_gate^T (+ bias), up likewise,
+ * each rounded to fp16 first. Other requirements as awqe_gemm_f16. */
+AWQE_API awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
+                                         void* y_f16, int M, int N, int K, int block_size, cudaStream_t stream);
+
+/* Kernels of this library launch with programmatic dependent launch on compute capability 9.0 and newer, so each
+ * overlaps the tail of the kernel before it (also inside CUDA graphs). 0 turns that off, 1 back on (default). */
+AWQE_API void awqe_set_programmatic_launch(int enable);
 
 #ifdef __cplusplus
 }

@@ -6,6 +6,7 @@
 #include "awq_edge_kernels.h"
 #include "decode.cuh"
 #include "layout.cuh"
+#include "pdl.cuh"
 
 namespace {
 
@@ -54,7 +55,25 @@ awqe_status sm_count(int* out) {
     return AWQE_OK;
 }
 
+// Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
+std::atomic<int> g_pdl_switch{1};
+std::atomic<int> g_pdl_capable[64];  // 0 unknown, 1 no, 2 yes
+
 }  // namespace
+
+bool awqe::pdl_enabled() {
+    if (!g_pdl_switch.load(std::memory_order_relaxed)) return false;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    int known = g_pdl_capable[dev].load(std::memory_order_relaxed);
+    if (known == 0) {
+        int major = 0;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+        known = major >= 9 ? 2 : 1;
+        g_pdl_capable[dev].store(known, std::memory_order_relaxed);
+    }
+    return known == 2;
+}
 
 extern "C" {
 
@@ -121,9 +140,33 @@ awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* 
     return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
                                          static_cast<const uint16_t*>(bias_f16_or_null),
                                          static_cast<uint16_t*>(y_f16), M, N, K, block_size, warps_per_tile, sms,
-                                         stream),
+                                         0, stream),
                        "gemm launch");
 }
+
+awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
+                                int M, int N, int K, int block_size, cudaStream_t stream) {
+    if (awqe_status s = check_shape(N, K, block_size)) return s;
+    if (N % 16) return fail(AWQE_ERR_INVALID_ARGUMENT, "gated gemm: N must be a multiple of 16, got %d", N);
+    if (M < 0) return fail(AWQE_ERR_INVALID_ARGUMENT, "M must not be negative, got %d", M);
+    if (!x_f16 || !aligned(x_f16, 16))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "x must be a non-null, 16-byte aligned fp16 array");
+    if (!packed || !aligned(packed, 16))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "packed must be a non-null, 16-byte aligned buffer");
+    if (!y_f16 || !aligned(y_f16, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "y must be a non-null, 2-byte aligned fp16 array");
+    if (bias_f16_or_null && !aligned(bias_f16_or_null, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "bias must be 2-byte aligned");
+    if (M == 0) return AWQE_OK;
+    int sms = 0;
+    if (awqe_status s = sm_count(&sms)) return s;
+    return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
+                                         static_cast<const uint16_t*>(bias_f16_or_null),
+                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, 0, sms, 1, stream),
+                       "gated gemm launch");
+}
+
+void awqe_set_programmatic_launch(int enable) { g_pdl_switch.store(enable ? 1 : 0, std::memory_order_relaxed); }
 
 awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16, int M,
                           int N, int K, int block_size, void* workspace, size_t workspace_bytes,
@@ -165,8 +208,8 @@ size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int max_len) {
     return awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
 }
 
-awqe_status awqe_attention_decode_f16(const void* q, const void* k_cache, const void* v_cache,
-                                      const int32_t* position, void* out, int n_heads, int n_kv, int head_dim,
+awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, const float* cos, const float* sin,
+                                      void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
                                       int max_len, int window, float scale, void* workspace, size_t workspace_bytes,
                                       cudaStream_t stream) {
     if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256)
@@ -174,22 +217,26 @@ awqe_status awqe_attention_decode_f16(const void* q, const void* k_cache, const 
     if (n_heads < 1 || n_kv < 1 || n_heads % n_kv || max_len < 1 || window < 0)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: need n_heads a multiple of n_kv >= 1, max_len >= 1, "
                     "window >= 0 (got n_heads=%d n_kv=%d max_len=%d window=%d)", n_heads, n_kv, max_len, window);
-    if (!q || !k_cache || !v_cache || !position || !out || !aligned(q, 4) || !aligned(k_cache, 4) ||
-        !aligned(v_cache, 4) || !aligned(out, 2))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: q, caches (4-byte aligned), position and out must be set");
+    if (max_len > awqe::kMaxSplits * awqe::kSplitKeys)
+        return fail(AWQE_ERR_UNSUPPORTED, "attention: max_len %d is beyond %d positions", max_len,
+                    awqe::kMaxSplits * awqe::kSplitKeys);
+    if (!qkv || !position || !cos || !sin || !k_cache || !v_cache || !out || !aligned(qkv, 4) ||
+        !aligned(k_cache, 4) || !aligned(v_cache, 4) || !aligned(out, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: a pointer is null, or qkv/caches are not 4-byte aligned");
     const size_t need = awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
     if (!workspace || !aligned(workspace, 8) || workspace_bytes < need)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: workspace must be 8-byte aligned and hold %zu bytes", need);
-    return cuda_status(awqe::launch_attention_decode(q, k_cache, v_cache, position, out, n_heads, n_kv, head_dim,
-                                                     max_len, window, scale, workspace, stream),
+    return cuda_status(awqe::launch_decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, n_heads, n_kv,
+                                                     head_dim, max_len, window, scale, workspace, stream),
                        "attention launch");
 }
 
 awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream) {
-    if (M < 0 || inter < 2 || inter % 2)
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "silu_mul: need M >= 0 and an even inter >= 2, got %d x %d", M, inter);
-    if (!gate_up || !out || !aligned(gate_up, 4) || !aligned(out, 4))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "silu_mul: gate_up and out must be non-null and 4-byte aligned");
+    if (M < 0 || inter < 8 || inter % 8)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "silu_mul: need M >= 0 and inter a multiple of 8, got %d x %d", M,
+                    inter);
+    if (!gate_up || !out || !aligned(gate_up, 2) || !aligned(out, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "silu_mul: gate_up and out must be non-null and 2-byte aligned");
     if (M == 0) return AWQE_OK;
     return cuda_status(awqe::launch_silu_mul(gate_up, out, M, inter, stream), "silu_mul launch");
 }

@@ -7,6 +7,7 @@
 #include <cfloat>
 
 #include "decode.cuh"
+#include "pdl.cuh"
 
 namespace awqe {
 namespace {
@@ -28,6 +29,8 @@ __global__ void __launch_bounds__(kNormThreads)
 rmsnorm_kernel(const __half2* __restrict__ x, const __half2* __restrict__ w, __half2* __restrict__ y, int dim2,
                float eps) {
     __shared__ float partial[kNormThreads / 32];
+    pdl_launch_dependents();
+    pdl_wait();
     const __half2* xr = x + (size_t)blockIdx.x * dim2;
     __half2* yr = y + (size_t)blockIdx.x * dim2;
     float ss = 0.f;
@@ -55,6 +58,8 @@ __global__ void rope_kv_kernel(const __half* __restrict__ qkv, const int* __rest
                                const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                __half* __restrict__ q_out, __half* __restrict__ k_cache,
                                __half* __restrict__ v_cache, int n_heads, int n_kv, int D, int max_len) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int m = blockIdx.x, head = blockIdx.y, i = threadIdx.x, half_d = D / 2;
     const int pos = positions[m];
     if (pos < 0 || pos >= max_len) return;  // the host checks positions; never write outside the cache
@@ -74,15 +79,19 @@ __global__ void rope_kv_kernel(const __half* __restrict__ qkv, const int* __rest
     dst[i + half_d] = __float2half_rn(x2 * c + x1 * s);
 }
 
-// ---- Decode attention: one query token, keys/values 0 .. position (or the last `window` of them) ----
-// Pass 1: block (head, split) covers kSplitKeys positions; each of its 4 warps takes 8 of them at once (loads
+// ---- Decode attention, with the new token's rotary embedding and cache write fused in ----
+// Block (head, split) covers kSplitKeys cache positions; each of its 4 warps takes 8 of them at once (loads
 // first, then 8 independent butterfly sums), keeps an online softmax, and the block merges its warps into one
-// partial (max, sum, unnormalised output). Pass 2: per head, merge the partials of the splits in use.
+// partial (max, sum, unnormalised output). The new token's k and v come from qkv (rotated here; the split holding
+// it keeps them in shared memory, and the first q head of each kv group writes them to the cache), so no block
+// reads a cache row another block of this launch writes. The last block of a head to finish (a ticket counter
+// that it resets) merges the splits' partials.
 
 constexpr int kAttnWarps = 4;
 constexpr int kKeysPerWarp = kSplitKeys / kAttnWarps;
+constexpr int kAttnThreads = 32 * kAttnWarps;
 
-// A lane's E consecutive values of one cache row, as float (half2 loads when E is even).
+// A lane's E consecutive values of one row, as float (half2 loads when E is even).
 template <int E>
 __device__ __forceinline__ void load_row(const __half* p, float (&out)[E]) {
     if constexpr (E % 2 == 0) {
@@ -98,42 +107,112 @@ __device__ __forceinline__ void load_row(const __half* p, float (&out)[E]) {
     }
 }
 
+// Half-split rotary embedding of one head held E values per lane: lane l's partner values sit in lane l ^ 16.
+// Results are rounded to fp16, as the model's rotated q and k are.
+template <int E>
+__device__ __forceinline__ void rotate_head(const __half* src, const float* cos_row, const float* sin_row, int lane,
+                                            float (&out)[E]) {
+    float own[E];
+    load_row<E>(src + lane * E, own);
+    const int i0 = (lane & 15) * E;
+    const float sign = lane < 16 ? -1.f : 1.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const float partner = __shfl_xor_sync(0xffffffffu, own[e], 16);
+        out[e] = h2f(__float2half_rn(own[e] * cos_row[i0 + e] + sign * partner * sin_row[i0 + e]));
+    }
+}
+
+__device__ __forceinline__ float block_reduce(float v, float* scratch, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();  // scratch may still be read from an earlier reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = scratch[0];
+#pragma unroll
+    for (int w = 1; w < kAttnWarps; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
+    return v;
+}
+
 template <int E>  // E = head_dim / 32 values per lane
-__global__ void __launch_bounds__(32 * kAttnWarps)
-attention_split_kernel(const __half* __restrict__ q, const __half* __restrict__ k_cache,
-                       const __half* __restrict__ v_cache, const int* __restrict__ position, float* __restrict__ ws_o,
-                       float2* __restrict__ ws_ml, int n_heads, int n_kv, int max_len, int window, int max_splits,
-                       float scale) {
+__global__ void __launch_bounds__(kAttnThreads)
+decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ position,
+                        const float* __restrict__ cos_t, const float* __restrict__ sin_t, __half* __restrict__ k_cache,
+                        __half* __restrict__ v_cache, __half* __restrict__ out, float* __restrict__ ws_o,
+                        float2* __restrict__ ws_ml, unsigned* __restrict__ tickets, int n_heads, int n_kv,
+                        int max_len, int window, int max_splits, float scale) {
     constexpr int D = 32 * E;
+    pdl_launch_dependents();
+    pdl_wait();
     const int head = blockIdx.x, split = blockIdx.y;
-    const int length = min(position[0] + 1, max_len);
+    const int pos = position[0];
+    if (pos < 0 || pos >= max_len) return;  // the host checks positions; never touch memory outside the cache
+    const int length = pos + 1;
     const int n_splits = (length + kSplitKeys - 1) / kSplitKeys;
     if (split >= n_splits) return;
     const int lo = window > 0 ? max(0, length - window) : 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int kvh = head / (n_heads / n_kv);
-    const __half* kb = k_cache + (size_t)kvh * max_len * D + lane * E;
-    const __half* vb = v_cache + (size_t)kvh * max_len * D + lane * E;
+    const int group = n_heads / n_kv, kvh = head / group;
+    const float* cos_row = cos_t + (size_t)pos * (D / 2);
+    const float* sin_row = sin_t + (size_t)pos * (D / 2);
 
     float qv[E];
+    rotate_head<E>(qkv + (size_t)head * D, cos_row, sin_row, lane, qv);
 #pragma unroll
-    for (int e = 0; e < E; ++e) qv[e] = h2f(q[(size_t)head * D + lane * E + e]) * scale;
+    for (int e = 0; e < E; ++e) qv[e] *= scale;
 
+    __shared__ __align__(16) __half new_k[D], new_v[D];
+    const bool holds_new = split == n_splits - 1;  // the new token is the last position
+    if (holds_new && warp == 0) {
+        float kk[E];
+        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, cos_row, sin_row, lane, kk);
+        const __half* vsrc = qkv + (size_t)(n_heads + n_kv + kvh) * D + lane * E;
+        __half* kdst = k_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
+        __half* vdst = v_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            new_k[lane * E + e] = __float2half_rn(kk[e]);
+            new_v[lane * E + e] = vsrc[e];
+            if (head % group == 0) {
+                kdst[e] = new_k[lane * E + e];
+                vdst[e] = vsrc[e];
+            }
+        }
+    }
+    __syncthreads();
+
+    const __half* kb = k_cache + (size_t)kvh * max_len * D + lane * E;
+    const __half* vb = v_cache + (size_t)kvh * max_len * D + lane * E;
+    // Every k and v row of the warp's keys is requested before any is used: one memory latency, not two per key.
     const int first = split * kSplitKeys + warp * kKeysPerWarp;
-    float s[kKeysPerWarp];
+    float kk[kKeysPerWarp][E], vv[kKeysPerWarp][E];
 #pragma unroll
     for (int j = 0; j < kKeysPerWarp; ++j) {
         const int t = first + j;
-        float dot = 0.f;
-        if (t >= lo && t < length) {
-            float kk[E];
-            load_row<E>(kb + (size_t)t * D, kk);
+        const bool live = t >= lo && t < length;
+        const bool fresh = t == pos || !live;  // rows not in use read shared memory, then count as zeros
+        load_row<E>(fresh ? new_k + lane * E : kb + (size_t)t * D, kk[j]);
+        load_row<E>(fresh ? new_v + lane * E : vb + (size_t)t * D, vv[j]);
 #pragma unroll
-            for (int e = 0; e < E; ++e) dot += qv[e] * kk[e];
+        for (int e = 0; e < E; ++e) {
+            kk[j][e] = live ? kk[j][e] : 0.f;  // a select: garbage (NaN) times a zero weight would still be NaN
+            vv[j][e] = live ? vv[j][e] : 0.f;
         }
+    }
+    float s[kKeysPerWarp];
+    float m = -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < kKeysPerWarp; ++j) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot += qv[e] * kk[j][e];
         s[j] = dot;
     }
-    float m = -FLT_MAX;
 #pragma unroll
     for (int j = 0; j < kKeysPerWarp; ++j) {
         s[j] = warp_sum(s[j]);
@@ -145,18 +224,17 @@ attention_split_kernel(const __half* __restrict__ q, const __half* __restrict__ 
     if (m > -FLT_MAX) {
 #pragma unroll
         for (int j = 0; j < kKeysPerWarp; ++j) {
-            const int t = first + j;
-            if (t < lo || t >= length) continue;
-            const float p = __expf(s[j] - m);
+            const float p = s[j] > -FLT_MAX ? __expf(s[j] - m) : 0.f;
             l += p;
-            float vv[E];
-            load_row<E>(vb + (size_t)t * D, vv);
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[e] += p * vv[e];
+            for (int e = 0; e < E; ++e) acc[e] += p * vv[j][e];
         }
     }
 
-    __shared__ float sm_m[kAttnWarps], sm_l[kAttnWarps], sm_o[kAttnWarps][D];
+    // Merge the warps: block max bm, sum bl, unnormalised output o[d].
+    __shared__ float sm_m[kAttnWarps], sm_l[kAttnWarps], sm_o[kAttnWarps][D], scratch[kAttnWarps];
+    __shared__ float sm_w[kMaxSplits];
+    __shared__ bool last;
     if (lane == 0) {
         sm_m[warp] = m;
         sm_l[warp] = l;
@@ -164,105 +242,112 @@ attention_split_kernel(const __half* __restrict__ q, const __half* __restrict__ 
 #pragma unroll
     for (int e = 0; e < E; ++e) sm_o[warp][lane * E + e] = acc[e];
     __syncthreads();
-    float bm = -FLT_MAX;
+    float bm = -FLT_MAX, bl = 0.f;
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) bm = fmaxf(bm, sm_m[w]);
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w)
+        if (sm_m[w] > -FLT_MAX) bl += __expf(sm_m[w] - bm) * sm_l[w];
     const size_t slot = (size_t)head * max_splits + split;
-    for (int d = threadIdx.x; d < D; d += 32 * kAttnWarps) {
+    for (int d = threadIdx.x; d < D; d += kAttnThreads) {
         float o = 0.f;
 #pragma unroll
         for (int w = 0; w < kAttnWarps; ++w)
             if (sm_m[w] > -FLT_MAX) o += __expf(sm_m[w] - bm) * sm_o[w][d];
-        ws_o[slot * D + d] = o;
+        if (n_splits == 1)
+            out[(size_t)head * D + d] = __float2half_rn(o / bl);
+        else
+            ws_o[slot * D + d] = o;
     }
-    if (threadIdx.x == 0) {
-        float bl = 0.f;
-#pragma unroll
-        for (int w = 0; w < kAttnWarps; ++w)
-            if (sm_m[w] > -FLT_MAX) bl += __expf(sm_m[w] - bm) * sm_l[w];
-        ws_ml[slot] = make_float2(bm, bl);
-    }
-}
+    if (n_splits == 1) return;
+    if (threadIdx.x == 0) ws_ml[slot] = make_float2(bm, bl);
 
-__global__ void attention_combine_kernel(const float* __restrict__ ws_o, const float2* __restrict__ ws_ml,
-                                         const int* __restrict__ position, __half* __restrict__ out, int D,
-                                         int max_len, int max_splits) {
-    const int head = blockIdx.x;
-    const int length = min(position[0] + 1, max_len);
-    const int n_splits = (length + kSplitKeys - 1) / kSplitKeys;
+    // The last block of this head to get here merges every split (threadFenceReduction pattern).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&tickets[head], 1u) == (unsigned)(n_splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
     const float2* ml = ws_ml + (size_t)head * max_splits;
     float gm = -FLT_MAX;
-    for (int s = 0; s < n_splits; ++s) gm = fmaxf(gm, ml[s].x);
-    float denom = 0.f;
-    for (int s = 0; s < n_splits; ++s)
-        if (ml[s].x > -FLT_MAX) denom += __expf(ml[s].x - gm) * ml[s].y;
-    const float inv = 1.f / denom;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int sp = threadIdx.x; sp < n_splits; sp += kAttnThreads) gm = fmaxf(gm, __ldcg(&ml[sp]).x);
+    gm = block_reduce(gm, scratch, true);
+    float den = 0.f;
+    for (int sp = threadIdx.x; sp < n_splits; sp += kAttnThreads) {
+        const float2 v = __ldcg(&ml[sp]);
+        const float wgt = v.x > -FLT_MAX ? __expf(v.x - gm) : 0.f;
+        sm_w[sp] = wgt;
+        den += wgt * v.y;
+    }
+    den = block_reduce(den, scratch, false);  // its barriers also publish sm_w
+    const float inv = 1.f / den;
+    const float* wo = ws_o + (size_t)head * max_splits * D;
+    for (int d = threadIdx.x; d < D; d += kAttnThreads) {
         float o = 0.f;
-        for (int s = 0; s < n_splits; ++s)
-            if (ml[s].x > -FLT_MAX) o += __expf(ml[s].x - gm) * ws_o[((size_t)head * max_splits + s) * D + d];
+#pragma unroll 16
+        for (int sp = 0; sp < n_splits; ++sp) o += sm_w[sp] * __ldcg(wo + (size_t)sp * D + d);
         out[(size_t)head * D + d] = __float2half_rn(o * inv);
     }
+    if (threadIdx.x == 0) tickets[head] = 0;  // ready for the next step
 }
 
-// ---- SiLU-gated activation: out = fp16(silu(gate)) * up, gate_up rows = [gate | up] ----
+// ---- SiLU-gated activation for prefill: out = fp16(silu(gate)) * up, gate_up rows alternating in blocks of 8
+// (8 gate columns, then the 8 up columns of the same outputs), the layout the gated GEMM reads ----
 
-__global__ void silu_mul_kernel(const __half2* __restrict__ gate_up, __half2* __restrict__ out, int inter2,
-                                size_t total2) {
+__global__ void silu_mul_kernel(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter,
+                                size_t total) {
+    pdl_launch_dependents();
+    pdl_wait();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total2) return;
-    const size_t row = i / inter2, col = i % inter2;
-    const __half2* r = gate_up + row * 2 * inter2;
-    const float2 g = __half22float2(r[col]);
-    const __half2 act = __floats2half2_rn(g.x / (1.f + __expf(-g.x)), g.y / (1.f + __expf(-g.y)));
-    out[i] = __hmul2(act, r[inter2 + col]);
+    if (i >= total) return;
+    const size_t row = i / inter, col = i % inter;
+    const __half* r = gate_up + row * 2 * inter + (col / 8) * 16 + col % 8;
+    const float g = h2f(r[0]);
+    out[i] = __hmul(__float2half_rn(g / (1.f + __expf(-g))), r[8]);
 }
 
 template <int E>
-cudaError_t launch_attention_e(const void* q, const void* k_cache, const void* v_cache, const int* position,
-                               void* out, int n_heads, int n_kv, int max_len, int window, float scale,
-                               void* workspace, cudaStream_t stream) {
+cudaError_t launch_attention_e(const void* qkv, const int* position, const float* cos_t, const float* sin_t,
+                               void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int max_len, int window,
+                               float scale, void* workspace, cudaStream_t stream) {
     const int max_splits = (max_len + kSplitKeys - 1) / kSplitKeys;
     float* ws_o = static_cast<float*>(workspace);
     float2* ws_ml = reinterpret_cast<float2*>(ws_o + (size_t)n_heads * max_splits * 32 * E);
-    attention_split_kernel<E><<<dim3(n_heads, max_splits), 32 * kAttnWarps, 0, stream>>>(
-        static_cast<const __half*>(q), static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache),
-        position, ws_o, ws_ml, n_heads, n_kv, max_len, window, max_splits, scale);
-    if (cudaError_t e = cudaGetLastError()) return e;
-    attention_combine_kernel<<<n_heads, 32 * E < 128 ? 32 * E : 128, 0, stream>>>(
-        ws_o, ws_ml, position, static_cast<__half*>(out), 32 * E, max_len, max_splits);
-    return cudaGetLastError();
+    unsigned* tickets = reinterpret_cast<unsigned*>(ws_ml + (size_t)n_heads * max_splits);
+    return launch_pdl(decode_attention_kernel<E>, dim3(n_heads, max_splits), dim3(kAttnThreads), 0, stream,
+                      static_cast<const __half*>(qkv), position, cos_t, sin_t, static_cast<__half*>(k_cache),
+                      static_cast<__half*>(v_cache), static_cast<__half*>(out), ws_o, ws_ml, tickets, n_heads, n_kv,
+                      max_len, window, max_splits, scale);
 }
 
 }  // namespace
 
 size_t attention_workspace_bytes(int n_heads, int head_dim, int max_len) {
     const size_t splits = (size_t)(max_len + kSplitKeys - 1) / kSplitKeys;
-    return (size_t)n_heads * splits * (head_dim * sizeof(float) + sizeof(float2));
+    return (size_t)n_heads * splits * (head_dim * sizeof(float) + sizeof(float2)) + (size_t)n_heads * sizeof(unsigned);
 }
 
 cudaError_t launch_rmsnorm(const void* x, const void* w, void* y, int rows, int dim, float eps, cudaStream_t stream) {
-    rmsnorm_kernel<<<rows, kNormThreads, 0, stream>>>(static_cast<const __half2*>(x), static_cast<const __half2*>(w),
-                                                      static_cast<__half2*>(y), dim / 2, eps);
-    return cudaGetLastError();
+    return launch_pdl(rmsnorm_kernel, dim3(rows), dim3(kNormThreads), 0, stream, static_cast<const __half2*>(x),
+                      static_cast<const __half2*>(w), static_cast<__half2*>(y), dim / 2, eps);
 }
 
 cudaError_t launch_rope_kv(const void* qkv, const int* positions, const float* cos_t, const float* sin_t, void* q_out,
                            void* k_cache, void* v_cache, int M, int n_heads, int n_kv, int head_dim, int max_len,
                            cudaStream_t stream) {
-    rope_kv_kernel<<<dim3(M, n_heads + 2 * n_kv), head_dim / 2, 0, stream>>>(
-        static_cast<const __half*>(qkv), positions, cos_t, sin_t, static_cast<__half*>(q_out),
-        static_cast<__half*>(k_cache), static_cast<__half*>(v_cache), n_heads, n_kv, head_dim, max_len);
-    return cudaGetLastError();
+    return launch_pdl(rope_kv_kernel, dim3(M, n_heads + 2 * n_kv), dim3(head_dim / 2), 0, stream,
+                      static_cast<const __half*>(qkv), positions, cos_t, sin_t, static_cast<__half*>(q_out),
+                      static_cast<__half*>(k_cache), static_cast<__half*>(v_cache), n_heads, n_kv, head_dim, max_len);
 }
 
-cudaError_t launch_attention_decode(const void* q, const void* k_cache, const void* v_cache, const int* position,
-                                    void* out, int n_heads, int n_kv, int head_dim, int max_len, int window,
-                                    float scale, void* workspace, cudaStream_t stream) {
-#define AWQE_ATTENTION_CASE(E)                                                                                \
-    case 32 * E:                                                                                               \
-        return launch_attention_e<E>(q, k_cache, v_cache, position, out, n_heads, n_kv, max_len, window, scale, \
-                                     workspace, stream);
+cudaError_t launch_decode_attention(const void* qkv, const int* position, const float* cos_t, const float* sin_t,
+                                    void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
+                                    int max_len, int window, float scale, void* workspace, cudaStream_t stream) {
+#define AWQE_ATTENTION_CASE(E)                                                                                     \
+    case 32 * E:                                                                                                    \
+        return launch_attention_e<E>(qkv, position, cos_t, sin_t, k_cache, v_cache, out, n_heads, n_kv, max_len,    \
+                                     window, scale, workspace, stream);
     switch (head_dim) {
         AWQE_ATTENTION_CASE(1)
         AWQE_ATTENTION_CASE(2)
@@ -275,11 +360,10 @@ cudaError_t launch_attention_decode(const void* q, const void* k_cache, const vo
 }
 
 cudaError_t launch_silu_mul(const void* gate_up, void* out, int M, int inter, cudaStream_t stream) {
-    const size_t total2 = (size_t)M * inter / 2;
+    const size_t total = (size_t)M * inter;
     const int threads = 256;
-    silu_mul_kernel<<<(unsigned)((total2 + threads - 1) / threads), threads, 0, stream>>>(
-        static_cast<const __half2*>(gate_up), static_cast<__half2*>(out), inter / 2, total2);
-    return cudaGetLastError();
+    return launch_pdl(silu_mul_kernel, dim3((unsigned)((total + threads - 1) / threads)), dim3(threads), 0, stream,
+                      static_cast<const __half*>(gate_up), static_cast<__half*>(out), inter, total);
 }
 
 }  // namespace awqe

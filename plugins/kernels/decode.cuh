@@ -7,6 +7,7 @@
 namespace awqe {
 
 constexpr int kSplitKeys = 32;  // cache positions per attention block (4 warps x 8)
+constexpr int kMaxSplits = 512;  // so the cache holds at most 16384 positions
 
 size_t attention_workspace_bytes(int n_heads, int head_dim, int max_len);
 
@@ -16,9 +17,9 @@ cudaError_t launch_rope_kv(const void* qkv, const int* positions, const float* c
                            void* k_cache, void* v_cache, int M, int n_heads, int n_kv, int head_dim, int max_len,
                            cudaStream_t stream);
 
-cudaError_t launch_attention_decode(const void* q, const void* k_cache, const void* v_cache, const int* position,
-                                    void* out, int n_heads, int n_kv, int head_dim, int max_len, int window,
-                                    float scale, void* workspace, cudaStream_t stream);
+cudaError_t launch_decode_attention(const void* qkv, const int* position, const float* cos_t, const float* sin_t,
+                                    void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
+                                    int max_len, int window, float scale, void* workspace, cudaStream_t stream);
 
 cudaError_t launch_silu_mul(const void* gate_up, void* out, int M, int inter, cudaStream_t stream);
 

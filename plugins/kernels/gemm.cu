@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include "layout.cuh"
+#include "pdl.cuh"
 
 namespace awqe {
 namespace {
@@ -139,7 +140,7 @@ template <int MT, int BS>
 __global__ void __launch_bounds__(32 * kMaxWarps)
 gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, const uint2* __restrict__ params,
             const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int M, int N, int K, int chunks,
-            int pblocks, int mslices, int per_warp) {
+            int pblocks, int mslices, int per_warp, int gated) {
     extern __shared__ float partial[];
     const int tile = blockIdx.x / mslices, m0 = (blockIdx.x % mslices) * 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -153,6 +154,13 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
 
     float acc[MT][4] = {};
     const int begin = warp * per_warp, end = min(chunks, begin + per_warp);
+    // The weights are constants: start pulling the first stage towards L2 before waiting for the kernel that
+    // writes x (programmatic dependent launch, see pdl.cuh).
+#pragma unroll
+    for (int u = 0; u < kStage; ++u)
+        if (begin + u < end) asm volatile("prefetch.global.L2 [%0];" ::"l"(wt + (begin + u) * 32));
+    pdl_launch_dependents();
+    pdl_wait();
     const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
     int c = begin;
     for (; c + kStage <= fast_end; c += kStage) run_stage<MT, BS, false>(acc, wt, pt, xrow, c, end, K, t);
@@ -175,6 +183,25 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
         }
     }
     // Accumulator fragment: element i is row g + 8 (i / 2) of the tile, batch row 2t + (i % 2) of the n-tile.
+    if (gated) {  // rows g (gate) and g + 8 (up) of a tile are one output: fp16(silu(gate)) * up, as PyTorch rounds
+        const int n = tile * (kTileRows / 2) + g, n_out = N / 2;
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int m = m0 + 8 * j + 2 * t + i;
+                if (n >= n_out || m >= M) continue;
+                float gv = acc[j][i], uv = acc[j][i + 2];
+                if (bias) {
+                    gv += __half2float(__ushort_as_half(bias[tile * kTileRows + g]));
+                    uv += __half2float(__ushort_as_half(bias[tile * kTileRows + g + 8]));
+                }
+                const float gate = __half2float(__float2half_rn(gv));
+                const __half act = __float2half_rn(gate / (1.f + __expf(-gate)));
+                y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
+            }
+        return;
+    }
 #pragma unroll
     for (int j = 0; j < MT; ++j)
 #pragma unroll
@@ -197,7 +224,7 @@ int choose_warps(int blocks, int chunks, int sm_count) {
 
 template <int MT, int BS>
 cudaError_t launch(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
-                   int warps, int sm_count, cudaStream_t stream) {
+                   int warps, int sm_count, int gated, cudaStream_t stream) {
     const Layout l = make_layout(N, K, BS);
     const int mslices = (M + 8 * MT - 1) / (8 * MT);
     const int blocks = l.tiles * mslices;
@@ -206,29 +233,28 @@ cudaError_t launch(const uint16_t* x, const void* packed, const uint16_t* bias, 
     const size_t smem = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const uint4* w = static_cast<const uint4*>(packed);
     const uint2* p = reinterpret_cast<const uint2*>(static_cast<const char*>(packed) + l.weight_bytes());
-    gemm_kernel<MT, BS><<<blocks, 32 * warps, smem, stream>>>(x, w, p, bias, y, M, N, K, l.chunks, l.pblocks,
-                                                              mslices, per_warp);
-    return cudaGetLastError();
+    return launch_pdl(gemm_kernel<MT, BS>, dim3(blocks), dim3(32 * warps), smem, stream, x, w, p, bias, y, M, N, K,
+                      l.chunks, l.pblocks, mslices, per_warp, gated);
 }
 
 template <int MT>
 cudaError_t launch_bs(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
-                      int block_size, int warps, int sm_count, cudaStream_t stream) {
+                      int block_size, int warps, int sm_count, int gated, cudaStream_t stream) {
     switch (block_size) {
-        case 32: return launch<MT, 32>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
-        case 64: return launch<MT, 64>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
-        default: return launch<MT, 128>(x, packed, bias, y, M, N, K, warps, sm_count, stream);
+        case 32: return launch<MT, 32>(x, packed, bias, y, M, N, K, warps, sm_count, gated, stream);
+        case 64: return launch<MT, 64>(x, packed, bias, y, M, N, K, warps, sm_count, gated, stream);
+        default: return launch<MT, 128>(x, packed, bias, y, M, N, K, warps, sm_count, gated, stream);
     }
 }
 
 }  // namespace
 
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream) {
+                        int K, int block_size, int warps_per_tile, int sm_count, int gated, cudaStream_t stream) {
     // One mma n-tile covers M <= 8; beyond, two n-tiles per pass, and larger M in slices of 16 rows whose
     // blocks for one tile run side by side, so the weights' repeat reads come from L2.
-    if (M <= 8) return launch_bs<1>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
-    return launch_bs<2>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, stream);
+    if (M <= 8) return launch_bs<1>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, gated, stream);
+    return launch_bs<2>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, gated, stream);
 }
 
 }  // namespace awqe

@@ -49,7 +49,8 @@ cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_
 
 cudaError_t launch_dequantize(const void* packed, int N, int K, int block_size, void* w, cudaStream_t stream);
 
+// gated: W's rows alternate in blocks of 8 between gate and up rows (N/2 of each); y [M, N/2] = fp16(silu(gate)) * up.
 cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int sm_count, cudaStream_t stream);
+                        int K, int block_size, int warps_per_tile, int sm_count, int gated, cudaStream_t stream);
 
 }  // namespace awqe
