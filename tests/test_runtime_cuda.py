@@ -250,3 +250,18 @@ def test_generate_command_runs_the_cuda_backend(tmp_path, capsys):
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.endswith("\n")
     json.loads((tmp_path / "ck" / "config.json").read_text())  # nothing rewritten
+
+
+@needs_library
+@needs_gpu
+def test_pipelined_greedy_stops_cleanly_and_the_cache_holds_exactly_the_fed_tokens(tmp_path):
+    write_checkpoint(tmp_path / "ck")
+    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
+    dec = CudaDecoder(weights, CudaOps(weights))
+    ref = list(generate(dec, PROMPT, 16))
+    k = ref.index(ref[6])  # stop at the first occurrence of this id
+    assert list(generate(dec, PROMPT, 16, stop_ids=[ref[k]])) == ref[:k]
+    assert dec.tokens == PROMPT + ref[:k]  # the step queued past the stop left no trace in `tokens`
+    cont = PROMPT + ref[: k + 1]
+    fresh = CudaDecoder(weights, CudaOps(weights), use_graphs=False)
+    np.testing.assert_allclose(dec.extend(cont), fresh.extend(cont), atol=1e-2 * np.abs(fresh.extend(cont)).max())

@@ -330,12 +330,18 @@ class CudaDecoder(PrefixCachedDecoder):
     def _logits(self, h):
         return self.ops.linear(self.ops.rmsnorm(h, self.w.norm, self.w.dims.eps), self.w.lm_head).float()
 
-    def _step(self):
-        """One token from the static buffers: logits fp32 [1, vocab] and their argmax."""
+    def _step(self, advance: bool = False):
+        """One token from the static buffers: logits fp32 [1, vocab] and their argmax; with advance, the argmax
+        becomes the next input and the position moves on, on the device (greedy steps need no host in between)."""
         logits = self._logits(self._hidden(self.ids, self.pos, None))
-        return logits, logits.argmax(-1)
+        best = logits.argmax(-1)
+        if advance:
+            self.ids.copy_(best)
+            self.pos.add_(1)
+        return logits, best
 
     def _capture(self):
+        ids, pos = self.ids.clone(), self.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: cuBLAS handles, workspaces; writes what the replay writes
@@ -344,7 +350,11 @@ class CudaDecoder(PrefixCachedDecoder):
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.graph_out = self._step()
+            self.graph_out = self._step(advance=True)
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self._host = torch.zeros(2, dtype=torch.long, pin_memory=True)  # the last two steps' argmax, for the host
+        self._done = [torch.cuda.Event(), torch.cuda.Event()]
 
     def _check_room(self, n: int):
         total = len(self.tokens) + n
@@ -384,3 +394,39 @@ class CudaDecoder(PrefixCachedDecoder):
     def greedy_step(self, token: int) -> int:
         """Feed one token; the most likely next id (only 4 bytes come back to the host)."""
         return int(self._one(token)[1].item())
+
+    @torch.inference_mode()
+    def greedy_tokens(self, token: int, n: int):
+        """Feed `token`, then each argmax in turn: yields the n ids that follow. With graphs, step i + 1 is queued
+        before step i's id is read, so the GPU never waits for the host; a step run past the consumer's stop only
+        writes a cache row beyond `tokens`, which nothing reads."""
+        room = self.context_length - len(self.tokens)
+        if not self.use_graphs or n <= 0 or room <= 0:
+            for _ in range(n):
+                token = self.greedy_step(token)
+                yield token
+            return
+        self.ids.fill_(int(token))
+        self.pos.fill_(len(self.tokens))
+        if self.graph is None:
+            self._capture()
+        steps = min(n, room)
+
+        def launch(i):
+            self.graph.replay()
+            self._host[i % 2].copy_(self.graph_out[1][0], non_blocking=True)
+            self._done[i % 2].record()
+
+        launch(0)
+        fed = int(token)
+        for i in range(steps):
+            if i + 1 < steps:
+                launch(i + 1)  # reads the ids and position step i leaves on the device
+            self._done[i % 2].synchronize()
+            out = int(self._host[i % 2])
+            self.tokens.append(fed)
+            fed = out
+            yield out
+        for _ in range(n - steps):  # past the context: the same error as a single step there
+            fed = self.greedy_step(fed)
+            yield fed

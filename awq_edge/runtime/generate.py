@@ -1,6 +1,7 @@
 """Prefill + decode loop with stop tokens, and incremental detokenisation for streaming."""
 
 from collections.abc import Iterator
+from contextlib import closing
 
 import numpy as np
 
@@ -12,15 +13,24 @@ def generate(decoder, prompt_ids, max_new_tokens: int, sampling: Sampling = Samp
     """Yield new token ids one at a time; stops after a stop id (not yielded) or max_new_tokens."""
     rng = np.random.default_rng(seed)
     stops = set(stop_ids) | decoder.eos_ids
-    # Greedy on a decoder that can pick the argmax itself: no logits travel to the host.
-    on_device = sampling.temperature == 0 and hasattr(decoder, "greedy_step")
     token = next_token(decoder.extend(prompt_ids), sampling, rng)
+    if sampling.temperature == 0 and hasattr(decoder, "greedy_tokens"):
+        # Greedy on a decoder that picks the argmax itself: no logits travel to the host, steps queue ahead.
+        if max_new_tokens <= 0 or token in stops:
+            return
+        yield token
+        with closing(decoder.greedy_tokens(token, max_new_tokens - 1)) as following:
+            for token in following:
+                if token in stops:
+                    return
+                yield token
+        return
     for i in range(max_new_tokens):
         if token in stops:
             return
         yield token
         if i + 1 < max_new_tokens:
-            token = decoder.greedy_step(token) if on_device else next_token(decoder.forward([token])[-1], sampling, rng)
+            token = next_token(decoder.forward([token])[-1], sampling, rng)
 
 
 def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:

@@ -161,6 +161,24 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
     const float* cos_row = cos_t + (size_t)pos * (D / 2);
     const float* sin_row = sin_t + (size_t)pos * (D / 2);
 
+    // The cache rows of the warp's keys are requested first (every k and v row before any is used: one memory
+    // latency, not two per key); rows not in use count as zeros; the new token's row comes from shared memory.
+    const __half* kb = k_cache + (size_t)kvh * max_len * D + lane * E;
+    const __half* vb = v_cache + (size_t)kvh * max_len * D + lane * E;
+    const int first = split * kSplitKeys + warp * kKeysPerWarp;
+    float kk[kKeysPerWarp][E], vv[kKeysPerWarp][E];
+#pragma unroll
+    for (int j = 0; j < kKeysPerWarp; ++j) {
+        const int t = first + j;
+        if (t >= lo && t < pos) {
+            load_row<E>(kb + (size_t)t * D, kk[j]);
+            load_row<E>(vb + (size_t)t * D, vv[j]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) kk[j][e] = vv[j][e] = 0.f;
+        }
+    }
+
     float qv[E];
     rotate_head<E>(qkv + (size_t)head * D, cos_row, sin_row, lane, qv);
 #pragma unroll
@@ -169,14 +187,14 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
     __shared__ __align__(16) __half new_k[D], new_v[D];
     const bool holds_new = split == n_splits - 1;  // the new token is the last position
     if (holds_new && warp == 0) {
-        float kk[E];
-        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, cos_row, sin_row, lane, kk);
+        float nk[E];
+        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, cos_row, sin_row, lane, nk);
         const __half* vsrc = qkv + (size_t)(n_heads + n_kv + kvh) * D + lane * E;
         __half* kdst = k_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
         __half* vdst = v_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-            new_k[lane * E + e] = __float2half_rn(kk[e]);
+            new_k[lane * E + e] = __float2half_rn(nk[e]);
             new_v[lane * E + e] = vsrc[e];
             if (head % group == 0) {
                 kdst[e] = new_k[lane * E + e];
@@ -185,25 +203,13 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
         }
     }
     __syncthreads();
-
-    const __half* kb = k_cache + (size_t)kvh * max_len * D + lane * E;
-    const __half* vb = v_cache + (size_t)kvh * max_len * D + lane * E;
-    // Every k and v row of the warp's keys is requested before any is used: one memory latency, not two per key.
-    const int first = split * kSplitKeys + warp * kKeysPerWarp;
-    float kk[kKeysPerWarp][E], vv[kKeysPerWarp][E];
 #pragma unroll
-    for (int j = 0; j < kKeysPerWarp; ++j) {
-        const int t = first + j;
-        const bool live = t >= lo && t < length;
-        const bool fresh = t == pos || !live;  // rows not in use read shared memory, then count as zeros
-        load_row<E>(fresh ? new_k + lane * E : kb + (size_t)t * D, kk[j]);
-        load_row<E>(fresh ? new_v + lane * E : vb + (size_t)t * D, vv[j]);
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            kk[j][e] = live ? kk[j][e] : 0.f;  // a select: garbage (NaN) times a zero weight would still be NaN
-            vv[j][e] = live ? vv[j][e] : 0.f;
+    for (int j = 0; j < kKeysPerWarp; ++j)  // constant indices keep kk and vv in registers
+        if (first + j == pos) {
+            load_row<E>(new_k + lane * E, kk[j]);
+            load_row<E>(new_v + lane * E, vv[j]);
         }
-    }
+
     float s[kKeysPerWarp];
     float m = -FLT_MAX;
 #pragma unroll

@@ -16,8 +16,14 @@ namespace {
 
 constexpr int kMaxWarps = 8;
 // Chunks a warp loads before it computes: 4 x 512 bytes in flight per warp. Stages of 8 measured no
-// faster on the H100 (bench/NOTES.md, v3) and need 170 registers.
-constexpr int kStage = 4;
+// faster on the H100 (bench/NOTES.md, v3 and decode r6: 6-12% slower in the decode step) and need 170
+// registers; -DAWQE_STAGE=8 builds them for such comparisons.
+#ifndef AWQE_STAGE
+#define AWQE_STAGE 4
+#endif
+constexpr int kStage = AWQE_STAGE;
+// Chunks per warp prefetched to L2 while the previous kernel finishes (8 KB a warp).
+constexpr int kPrefetchChunks = 16;
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
@@ -154,11 +160,11 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
 
     float acc[MT][4] = {};
     const int begin = warp * per_warp, end = min(chunks, begin + per_warp);
-    // The weights are constants: start pulling the first stage towards L2 before waiting for the kernel that
-    // writes x (programmatic dependent launch, see pdl.cuh).
-#pragma unroll
-    for (int u = 0; u < kStage; ++u)
-        if (begin + u < end) asm volatile("prefetch.global.L2 [%0];" ::"l"(wt + (begin + u) * 32));
+    // The weights are constants: pull the warp's first chunks towards L2 before waiting for the kernel that
+    // writes x (programmatic dependent launch, see pdl.cuh), so a latency-bound predecessor (attention, a norm)
+    // overlaps this kernel's weight stream.
+    for (int u = begin; u < min(end, begin + kPrefetchChunks); ++u)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(wt + u * 32));
     pdl_launch_dependents();
     pdl_wait();
     const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
