@@ -70,12 +70,6 @@ class Weights:
     def max_len(self) -> int:
         return self.cos.shape[0]
 
-    def bytes_per_token(self) -> int:
-        """Weight bytes a decode step reads: every linear, the norms, one embedding row."""
-        n = sum(lin.nbytes() for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
-        n += sum(L.input_norm.nbytes + L.post_norm.nbytes for L in self.layers) + self.norm.nbytes
-        return n + self.lm_head.nbytes() + self.embed[0].nbytes
-
 
 def _as_float(lin) -> FloatLinear:
     if isinstance(lin, FloatLinear):
@@ -276,7 +270,8 @@ class CudaDecoder(PrefixCachedDecoder):
     """Batch-1 decoder with a static KV cache; `tokens` are the ids its cache holds.
 
     forward(ids) returns float32 logits [len(ids), vocab]; greedy_step(token) feeds one token and returns the
-    argmax id without copying the logits to the host. With use_graphs, single-token steps replay one CUDA graph.
+    argmax id without copying the logits to the host, greedy_tokens(token, n) runs n such steps queued ahead of
+    the host. With use_graphs, single-token steps replay one CUDA graph.
     """
 
     def __init__(self, weights: Weights, ops=None, eos_ids=(), use_graphs: bool | None = None):

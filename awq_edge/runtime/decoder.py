@@ -7,7 +7,8 @@ from awq_edge.errors import AwqEdgeError
 
 class PrefixCachedDecoder:
     """Base for decoders with `tokens` (ids in the KV cache), `reset()` and `forward(ids, last_only)` -> logits
-    [n, vocab] (at least the last row when last_only). A decoder may add `greedy_step(token) -> id`."""
+    [n, vocab] (at least the last row when last_only). A decoder may add
+    `greedy_tokens(token, n)`: feed token, then each argmax, yielding the n ids that follow (see generate)."""
 
     def extend(self, ids) -> np.ndarray:
         """Feed a prompt, reusing the cache when it holds a prefix of it; logits of the last id [vocab]."""
