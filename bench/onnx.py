@@ -213,6 +213,75 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_decode(results: dict, folders: dict, prompt: list, args, fmodel=None, save=lambda: None):
+    """Round-robin decode timing (order alternating every round), then the token-interleaved one, into results."""
+    runs = {k: [] for k in (["pytorch_float"] if fmodel is not None else []) + list(folders)}
+    for i in range(args.repeats):
+        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:  # alternate the order against drifting load
+            if name == "pytorch_float":
+                runs[name].append(torch_greedy(fmodel, prompt, args.new_tokens, timed=True)[1])
+            else:
+                runs[name].append(ort_decode(folders[name], prompt, args.new_tokens))
+    speed = {k: {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in v),
+                 "prefill_s": statistics.median(r["prefill_s"] for r in v),
+                 "runs_decode_tok_s": [round(r["decode_tok_s"], 2) for r in v]} for k, v in runs.items()}
+    base = speed.get("pytorch_float", {}).get("decode_tok_s", float("nan"))
+    for v in speed.values():
+        v["vs_pytorch_float"] = v["decode_tok_s"] / base
+    results["decode"] = {"batch": 1, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+                         "repeats": args.repeats, "median": speed}
+    save()
+    inter = [interleaved_decode(folders, prompt, args.new_tokens) for _ in range(args.repeats)]
+    results["decode_interleaved"] = {
+        "repeats": args.repeats,
+        "median": {k: {"decode_tok_s": statistics.median(r[k] for r in inter),
+                       "runs_decode_tok_s": [round(r[k], 2) for r in inter]} for k in folders},
+    }
+    save()
+
+
+def decode_only(args) -> int:
+    """Re-time ONNX folders already in --work (no export, no perplexity): OUT.json / OUT.md."""
+    from awq_edge.model import load_tokenizer
+
+    folders = {name: Path(args.work) / name for name in args.models.split(",")}
+    missing = [str(f) for f in folders.values() if not (f / "model.onnx").is_file()]
+    if missing:
+        print(f"no exported model in {', '.join(missing)}: run the full benchmark first")
+        return 2
+    tokenizer = load_tokenizer(resolve_model_dir(args.model))
+    prompt = text_tokens(tokenizer, Path(args.wikitext) / "valid.txt", args.prompt_tokens).tolist()
+    results = {"model": args.model, "host": platform.platform(), "versions": {"onnxruntime": ort.__version__},
+               "work": args.work, "size_bytes": {k: onnx_size(v) for k, v in folders.items()},
+               "export_options": {k: json.loads((v / "awq_edge_export.json").read_text())
+                                  for k, v in folders.items() if (v / "awq_edge_export.json").is_file()}}
+
+    def save():
+        Path(args.out + ".json").write_text(json.dumps(results, indent=2) + "\n")
+
+    time_decode(results, folders, prompt, args, save=save)
+    speed, inter = results["decode"]["median"], results["decode_interleaved"]["median"]
+    peer = "peer_int4"
+    lines = [f"# Decode-only re-timing on {args.model} ({results['host']}, onnxruntime {ort.__version__})", "",
+             f"Batch 1, {args.new_tokens} new tokens after a {len(prompt)}-token prompt, {args.repeats} rounds, "
+             "round-robin with the order alternating each round, then all models stepped in turn one token at a "
+             "time. Folders from " + args.work + ".", "",
+             "| model | decode tok/s (round-robin) | vs peer, per round | vs peer, medians | "
+             "decode tok/s (token-interleaved) | vs peer, interleaved | size MB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in folders:
+        rounds = [a / b for a, b in zip(speed[name]["runs_decode_tok_s"], speed[peer]["runs_decode_tok_s"])] \
+            if peer in speed else [float("nan")]
+        ref, ref_i = speed.get(peer, {}).get("decode_tok_s", float("nan")), inter.get(peer, {}).get(
+            "decode_tok_s", float("nan"))
+        lines.append(f"| {name} | {speed[name]['decode_tok_s']:.1f} | {statistics.median(rounds):.3f}x | "
+                     f"{speed[name]['decode_tok_s'] / ref:.3f}x | {inter[name]['decode_tok_s']:.1f} | "
+                     f"{inter[name]['decode_tok_s'] / ref_i:.3f}x | {results['size_bytes'][name] / 1e6:.2f} |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quant-dir", help="AWQ w4 g64 checkpoint of --model (awq-edge quantize)")
@@ -229,10 +298,16 @@ def main() -> int:
     ap.add_argument("--models", help="comma-separated subset of the ONNX models and pytorch_float to evaluate "
                     "(default: all); ours_int4 and pytorch_awq always run, as the references")
     ap.add_argument("--markdown-only", action="store_true", help="only re-render OUT.md from OUT.json")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only re-time the ONNX folders named by --models that a full run left in --work")
     args = ap.parse_args()
     if args.markdown_only:
         Path(args.out + ".md").write_text(markdown(json.loads(Path(args.out + ".json").read_text())))
         return 0
+    if args.decode_only:
+        if not args.models:
+            ap.error("--decode-only needs --models (folder names under --work, e.g. ours_...,peer_int4)")
+        return decode_only(args)
     if not args.quant_dir:
         ap.error("--quant-dir is required (an AWQ checkpoint of --model, from `awq-edge quantize`)")
     wt = Path(args.wikitext)
@@ -313,29 +388,7 @@ def main() -> int:
     save()
 
     prompt = text_tokens(tokenizer, wt / "valid.txt", args.prompt_tokens).tolist()
-    runs = {k: [] for k in ["pytorch_float", *folders]}
-    for i in range(args.repeats):
-        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:  # alternate the order against drifting load
-            if name == "pytorch_float":
-                runs[name].append(torch_greedy(fmodel, prompt, args.new_tokens, timed=True)[1])
-            else:
-                runs[name].append(ort_decode(folders[name], prompt, args.new_tokens))
-    speed = {k: {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in v),
-                 "prefill_s": statistics.median(r["prefill_s"] for r in v),
-                 "runs_decode_tok_s": [round(r["decode_tok_s"], 2) for r in v]} for k, v in runs.items()}
-    base = speed["pytorch_float"]["decode_tok_s"]
-    for v in speed.values():
-        v["vs_pytorch_float"] = v["decode_tok_s"] / base
-    results["decode"] = {"batch": 1, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-                         "repeats": args.repeats, "median": speed}
-    save()
-    inter = [interleaved_decode(folders, prompt, args.new_tokens) for _ in range(args.repeats)]
-    results["decode_interleaved"] = {
-        "repeats": args.repeats,
-        "median": {k: {"decode_tok_s": statistics.median(r[k] for r in inter),
-                       "runs_decode_tok_s": [round(r[k], 2) for r in inter]} for k in folders},
-    }
-    save()
+    time_decode(results, folders, prompt, args, fmodel, save)
     Path(args.out + ".md").write_text(markdown(results))
     print(markdown(results))
     return 0
