@@ -94,12 +94,18 @@ def interleaved_decode(folders: dict, prompt: list, n_new: int) -> dict:
 
     The machine's load changes within a second; interleaving at the token
     (about 10 ms) rather than the model (about 1.5 s) gives every model the
-    same load. Each model's time is the sum of its own steps (forward + argmax).
+    same load. Each model's time is the sum of its own steps (forward + argmax). The sessions here do not
+    spin their idle worker threads (onnxruntime's default), which would otherwise take the cores from
+    whichever model runs next.
     """
     decoders = {}
     for name, folder in folders.items():
         decoders[name] = OrtDecoder(folder)
         decoders[name].eos_ids = set()
+        opts = session_options(folder)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        decoders[name].session = ort.InferenceSession(str(folder / "model.onnx"), opts,
+                                                      providers=["CPUExecutionProvider"])
     token = {name: int(np.argmax(d.extend(prompt))) for name, d in decoders.items()}
     spent = dict.fromkeys(decoders, 0.0)
     names = list(decoders)
