@@ -213,6 +213,9 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
     is the one place the export changes the checkpoint's numbers, so it is opt-in.
     """
     if not opts.head_bits:
+        if opts.head_calib or opts.head_symmetric:
+            raise AwqEdgeError("--head-calib and --head-symmetric apply to a rounded head only",
+                               "add --head-bits 4 (or 8), or drop them")
         return None
     if opts.target != "ort" or opts.head_bits not in (4, 8):
         raise AwqEdgeError(f"--head-bits {opts.head_bits} with --target {opts.target}",

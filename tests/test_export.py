@@ -412,3 +412,9 @@ def test_rope_tables_computed_in_the_graph_equal_the_stored_ones(tmp_path, ckpt,
     size = {f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model.onnx")) for f in (computed, stored)}
     table_bytes = 2 * 256 * 16 * (4 if dtype == "fp32" else 2)  # cos + sin, max_positions x head_dim / 2
     assert size[stored] - size[computed] > table_bytes - 1024
+
+
+def test_head_options_without_head_bits_are_refused(tmp_path, ckpt):
+    with pytest.raises(AwqEdgeError, match="add --head-bits 4"):
+        export(ckpt[0], tmp_path / "onnx", ExportOptions(head_symmetric=True))
+    assert not (tmp_path / "onnx").exists()
