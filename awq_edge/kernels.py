@@ -127,17 +127,22 @@ def repack_matmul_nbits(b: torch.Tensor, scales: torch.Tensor, zero_points: torc
     return PackedInt4(packed, n, k, block_size)
 
 
-def gemm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         warps_per_tile: int = 0) -> torch.Tensor:
-    """y [..., n] = x [..., k] @ W^T (+ bias), fp16; `warps_per_tile` 0 lets the library choose (see the header)."""
+def _gemm_inputs(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None):
+    """x as contiguous rows [M, k] and the bias as contiguous fp16 on x's GPU, both checked against W."""
     _require(x.is_cuda and x.dtype == torch.float16 and x.shape[-1] == w.k,
              f"x must be an fp16 CUDA tensor [..., {w.k}], got {x.dtype} {tuple(x.shape)} on {x.device}",
              "cast activations to fp16 and move them to the weights' GPU")
-    x2 = x.reshape(-1, w.k).contiguous()
     if bias is not None:
         _require(bias.shape == (w.n,), f"bias has shape {tuple(bias.shape)}, expected ({w.n},)",
                  "pass one bias value per output feature")
         bias = bias.to(device=x.device, dtype=torch.float16).contiguous()
+    return x.reshape(-1, w.k).contiguous(), bias
+
+
+def gemm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         warps_per_tile: int = 0) -> torch.Tensor:
+    """y [..., n] = x [..., k] @ W^T (+ bias), fp16; `warps_per_tile` 0 lets the library choose (see the header)."""
+    x2, bias = _gemm_inputs(x, w, bias)
     if out is None:
         out = torch.empty(*x.shape[:-1], w.n, dtype=torch.float16, device=x.device)
     _require(out.dtype == torch.float16 and out.is_contiguous() and out.numel() == x2.shape[0] * w.n,
@@ -173,6 +178,12 @@ def _f16(*tensors):
                  "keep decoder activations and caches in fp16 on the GPU")
 
 
+def _require_rope_tables(what: str, cos: torch.Tensor, sin: torch.Tensor, max_len: int, d: int) -> None:
+    _require(cos.dtype == torch.float32 and cos.shape == (max_len, d // 2) and sin.shape == cos.shape
+             and cos.is_contiguous() and sin.is_contiguous(),
+             f"{what}: cos/sin must be fp32 [{max_len}, {d // 2}]", "slice the rope tables to the cache length")
+
+
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
     """out [rows, dim] = w * fp16(x * rsqrt(mean(x^2) + eps))."""
     _f16(x, w, out)
@@ -193,9 +204,7 @@ def rope_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: 
     m, n_heads = q_out.shape[0], q_out.shape[1]
     _require(positions.dtype == torch.int32 and positions.numel() == m and positions.is_cuda,
              "rope_kv: positions must be int32 [M] on the GPU", "pass the decoder's position buffer")
-    _require(cos.dtype == torch.float32 and cos.shape == (max_len, d // 2) and sin.shape == cos.shape
-             and cos.is_contiguous() and sin.is_contiguous(),
-             f"rope_kv: cos/sin must be fp32 [{max_len}, {d // 2}]", "slice the rope tables to the cache length")
+    _require_rope_tables("rope_kv", cos, sin, max_len, d)
     _require(qkv.numel() == m * (n_heads + 2 * n_kv) * d and v_cache.shape == k_cache.shape,
              "rope_kv: qkv, q_out and caches disagree in shape", "pass [M, (H + 2 KV) * D] and [KV, L, D]")
     lib = load_library()
@@ -223,9 +232,7 @@ def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tenso
     _require(position.dtype == torch.int32 and position.is_cuda and qkv.numel() == (n_heads + 2 * n_kv) * d,
              "attention: position must be int32 on the GPU and qkv hold one token's q, k and v",
              "pass the decoder's buffers")
-    _require(cos.dtype == torch.float32 and cos.shape == (max_len, d // 2) and sin.shape == cos.shape
-             and cos.is_contiguous() and sin.is_contiguous(),
-             f"attention: cos/sin must be fp32 [{max_len}, {d // 2}]", "slice the rope tables to the cache length")
+    _require_rope_tables("attention", cos, sin, max_len, d)
     lib = load_library()
     check(lib, lib.awqe_decode_attention_f16(qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                              k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv, d,
@@ -237,12 +244,7 @@ def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tenso
 def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., n/2] = fp16(silu(gate)) * up for W whose rows alternate gate/up in blocks of 8
     (awq_edge.runtime.cuda.interleave_gate_up)."""
-    _require(x.is_cuda and x.dtype == torch.float16 and x.shape[-1] == w.k,
-             f"x must be an fp16 CUDA tensor [..., {w.k}], got {x.dtype} {tuple(x.shape)} on {x.device}",
-             "cast activations to fp16 and move them to the weights' GPU")
-    x2 = x.reshape(-1, w.k).contiguous()
-    if bias is not None:
-        bias = bias.to(device=x.device, dtype=torch.float16).contiguous()
+    x2, bias = _gemm_inputs(x, w, bias)
     out = torch.empty(*x.shape[:-1], w.n // 2, dtype=torch.float16, device=x.device)
     lib = load_library()
     check(lib, lib.awqe_gemm_gated_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0], w.n,

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from awq_edge import kernels  # noqa: E402
+from bench.kernels import matmul_nbits_bytes  # noqa: E402
 from awq_edge.export.decoder import Dims  # noqa: E402
 from awq_edge.runtime.cuda import CudaDecoder, CudaOps, Layer, Linear, Weights, load_weights  # noqa: E402
 
@@ -70,11 +71,6 @@ def copy_bandwidth() -> float:
     return 2 * 512 * 2**20 * 2 / statistics.median(times)
 
 
-def matmul_nbits_bytes(n: int, k: int, bs: int = GROUP) -> int:
-    nb = math.ceil(k / bs)
-    return n * nb * bs // 2 + n * nb * 2 + n * math.ceil(nb / 2)
-
-
 def dims_of_shape(s: dict) -> Dims:
     return Dims(s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"],
                 s["hidden_size"] // s["num_attention_heads"], s["vocab_size"], s["rms_norm_eps"],
@@ -105,9 +101,9 @@ def random_weights(shape: dict, max_len: int) -> Weights:
 def step_bytes(w: Weights, mean_context: float) -> dict:
     """Bytes one decode step must read: int4 linears in MatMulNBits form (the least any int4 format needs)."""
     d = w.dims
-    lin = sum(matmul_nbits_bytes(x.n, x.k) if x.packed is not None else x.nbytes()
+    lin = sum(matmul_nbits_bytes(x.n, x.k, GROUP) if x.packed is not None else x.nbytes()
               for L in w.layers for x in (L.qkv, L.o, L.gate_up, L.down))
-    head = matmul_nbits_bytes(w.lm_head.n, w.lm_head.k) if w.lm_head.packed is not None else w.lm_head.nbytes()
+    head = matmul_nbits_bytes(w.lm_head.n, w.lm_head.k, GROUP) if w.lm_head.packed is not None else w.lm_head.nbytes()
     small = sum(L.input_norm.nbytes + L.post_norm.nbytes for L in w.layers) + w.norm.nbytes + w.embed[0].nbytes
     kv = 2 * d.layers * d.kv_heads * d.head_dim * 2 * mean_context
     return {"linears": lin, "lm_head": head, "norms_embedding": small, "kv_cache": kv,

@@ -297,10 +297,9 @@ class CudaDecoder(PrefixCachedDecoder):
             raise AwqEdgeError("no CUDA GPU is visible: the cuda backend runs on an NVIDIA GPU",
                                "run on a machine with a GPU, or export with `awq-edge export` and use the default "
                                "onnxruntime backend")
-        config = json.loads((Path(folder) / "config.json").read_text()) if (Path(folder) / "config.json").is_file() else {}
-        weights = load_weights(folder, "cuda", torch.float16, packed=True, max_len=max_len)
-        eos = np.atleast_1d(config.get("eos_token_id") if config.get("eos_token_id") is not None else []).tolist()
-        return cls(weights, eos_ids=eos, use_graphs=use_graphs)
+        weights = load_weights(folder, "cuda", torch.float16, packed=True, max_len=max_len)  # checks config.json
+        eos = json.loads((Path(folder) / "config.json").read_text()).get("eos_token_id")
+        return cls(weights, eos_ids=[] if eos is None else np.atleast_1d(eos).tolist(), use_graphs=use_graphs)
 
     def reset(self):
         self.tokens = []  # cache rows past len(tokens) are never read
@@ -357,13 +356,17 @@ class CudaDecoder(PrefixCachedDecoder):
             raise AwqEdgeError(f"{total} tokens exceed the decoder's context of {self.context_length}",
                                "shorten the prompt or lower --max-new-tokens")
 
-    def _one(self, token: int):
-        self._check_room(1)
+    def _arm(self, token: int):
+        """Set the step's input buffers to `token` after the cached ones; capture the graph on first use."""
         self.ids.fill_(int(token))
         self.pos.fill_(len(self.tokens))
+        if self.use_graphs and self.graph is None:
+            self._capture()
+
+    def _one(self, token: int):
+        self._check_room(1)
+        self._arm(token)
         if self.use_graphs:
-            if self.graph is None:
-                self._capture()
             self.graph.replay()
             out = self.graph_out
         else:
@@ -401,10 +404,7 @@ class CudaDecoder(PrefixCachedDecoder):
                 token = self.greedy_step(token)
                 yield token
             return
-        self.ids.fill_(int(token))
-        self.pos.fill_(len(self.tokens))
-        if self.graph is None:
-            self._capture()
+        self._arm(token)
         steps = min(n, room)
 
         def launch(i):

@@ -55,6 +55,33 @@ awqe_status sm_count(int* out) {
     return AWQE_OK;
 }
 
+// The checks and launch both GEMM entry points share; gated adds its own shape rule.
+awqe_status run_gemm(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16, int M, int N,
+                     int K, int block_size, int warps_per_tile, int gated, cudaStream_t stream) {
+    if (awqe_status s = check_shape(N, K, block_size)) return s;
+    if (gated && N % 16) return fail(AWQE_ERR_INVALID_ARGUMENT, "gated gemm: N must be a multiple of 16, got %d", N);
+    if (M < 0) return fail(AWQE_ERR_INVALID_ARGUMENT, "M must not be negative, got %d", M);
+    if (!x_f16 || !aligned(x_f16, 16))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "x must be a non-null, 16-byte aligned fp16 array");
+    if (!packed || !aligned(packed, 16))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "packed must be a non-null, 16-byte aligned buffer");
+    if (!y_f16 || !aligned(y_f16, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "y must be a non-null, 2-byte aligned fp16 array");
+    if (bias_f16_or_null && !aligned(bias_f16_or_null, 2))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "bias must be 2-byte aligned");
+    if (warps_per_tile != 0 && warps_per_tile != 1 && warps_per_tile != 2 && warps_per_tile != 4 &&
+        warps_per_tile != 8)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "warps_per_tile must be 0, 1, 2, 4 or 8, got %d", warps_per_tile);
+    if (M == 0) return AWQE_OK;
+    int sms = 0;
+    if (awqe_status s = sm_count(&sms)) return s;
+    return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
+                                         static_cast<const uint16_t*>(bias_f16_or_null),
+                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, warps_per_tile, sms,
+                                         gated, stream),
+                       gated ? "gated gemm launch" : "gemm launch");
+}
+
 // Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
 std::atomic<int> g_pdl_switch{1};
 std::atomic<int> g_pdl_capable[64];  // 0 unknown, 1 no, 2 yes
@@ -121,49 +148,12 @@ awqe_status awqe_dequantize_f16(const void* packed, int N, int K, int block_size
 awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                              int M, int N, int K, int block_size, void*, size_t, int warps_per_tile,
                              cudaStream_t stream) {
-    if (awqe_status s = check_shape(N, K, block_size)) return s;
-    if (M < 0) return fail(AWQE_ERR_INVALID_ARGUMENT, "M must not be negative, got %d", M);
-    if (!x_f16 || !aligned(x_f16, 16))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "x must be a non-null, 16-byte aligned fp16 array");
-    if (!packed || !aligned(packed, 16))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "packed must be a non-null, 16-byte aligned buffer");
-    if (!y_f16 || !aligned(y_f16, 2))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "y must be a non-null, 2-byte aligned fp16 array");
-    if (bias_f16_or_null && !aligned(bias_f16_or_null, 2))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "bias must be 2-byte aligned");
-    if (warps_per_tile != 0 && warps_per_tile != 1 && warps_per_tile != 2 && warps_per_tile != 4 &&
-        warps_per_tile != 8)
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "warps_per_tile must be 0, 1, 2, 4 or 8, got %d", warps_per_tile);
-    if (M == 0) return AWQE_OK;
-    int sms = 0;
-    if (awqe_status s = sm_count(&sms)) return s;
-    return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
-                                         static_cast<const uint16_t*>(bias_f16_or_null),
-                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, warps_per_tile, sms,
-                                         0, stream),
-                       "gemm launch");
+    return run_gemm(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, block_size, warps_per_tile, 0, stream);
 }
 
 awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                                 int M, int N, int K, int block_size, cudaStream_t stream) {
-    if (awqe_status s = check_shape(N, K, block_size)) return s;
-    if (N % 16) return fail(AWQE_ERR_INVALID_ARGUMENT, "gated gemm: N must be a multiple of 16, got %d", N);
-    if (M < 0) return fail(AWQE_ERR_INVALID_ARGUMENT, "M must not be negative, got %d", M);
-    if (!x_f16 || !aligned(x_f16, 16))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "x must be a non-null, 16-byte aligned fp16 array");
-    if (!packed || !aligned(packed, 16))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "packed must be a non-null, 16-byte aligned buffer");
-    if (!y_f16 || !aligned(y_f16, 2))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "y must be a non-null, 2-byte aligned fp16 array");
-    if (bias_f16_or_null && !aligned(bias_f16_or_null, 2))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "bias must be 2-byte aligned");
-    if (M == 0) return AWQE_OK;
-    int sms = 0;
-    if (awqe_status s = sm_count(&sms)) return s;
-    return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
-                                         static_cast<const uint16_t*>(bias_f16_or_null),
-                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, 0, sms, 1, stream),
-                       "gated gemm launch");
+    return run_gemm(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, block_size, 0, 1, stream);
 }
 
 void awqe_set_programmatic_launch(int enable) { g_pdl_switch.store(enable ? 1 : 0, std::memory_order_relaxed); }
