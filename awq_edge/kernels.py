@@ -36,6 +36,8 @@ _SIGNATURES = {
     "awqe_decode_attention_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
                                    _vp, _size, _vp], _int),
     "awqe_gemm_gated_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp], _int),
+    "awqe_gemm_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp, ctypes.c_float, _vp, _vp, _vp],
+                           _int),
     "awqe_set_programmatic_launch": ([_int], None),
     "awqe_silu_mul_f16": ([_vp, _vp, _int, _int, _vp], _int),
 }
@@ -250,6 +252,39 @@ def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None)
     check(lib, lib.awqe_gemm_gated_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0], w.n,
                                        w.k, w.block_size, _stream(x.device)))
     return out
+
+
+def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, gated: bool = False,
+              rms_input: torch.Tensor | None = None, eps: float = 0.0, norm_weight: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, norm_out: torch.Tensor | None = None):
+    """The product with RMSNorms folded in (see awqe_gemm_norm_f16): y = rsqrt(mean(rms_input^2) + eps) *
+    (x @ W^T) + bias, where x = norm weight * rms_input was pre-scaled (by the previous call's norm_out); gated
+    adds the SiLU gate of gemm_gated. With norm_weight, also norm_out = fp16(norm_weight * y). Returns y, or
+    (y, norm_out) when norm_weight is given."""
+    x2, bias = _gemm_inputs(x, w, bias)
+    m, n_out = x2.shape[0], w.n // 2 if gated else w.n
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n_out, dtype=torch.float16, device=x.device)
+    _require(out.dtype == torch.float16 and out.is_contiguous() and out.numel() == m * n_out,
+             f"out must be a contiguous fp16 tensor of {m * n_out} values", "let gemm_norm allocate it")
+    if rms_input is not None:
+        _f16(rms_input)
+        _require(rms_input.numel() == m * w.k, f"rms_input must hold [{m}, {w.k}] values",
+                 "pass the un-normalised hidden state the pre-scaled x came from")
+    if norm_weight is not None:
+        _f16(norm_weight)
+        _require(not gated and norm_weight.numel() == w.n, f"norm_weight must be [{w.n}] (and not gated)",
+                 "pass the next RMSNorm's weight")
+        if norm_out is None:
+            norm_out = torch.empty_like(out)
+        _f16(norm_out)
+        _require(norm_out.shape == out.shape, "norm_out must have y's shape", "let gemm_norm allocate it")
+    lib = load_library()
+    with torch.cuda.device(x.device):
+        check(lib, lib.awqe_gemm_norm_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), m, w.n, w.k,
+                                          w.block_size, int(gated), _ptr(rms_input), eps, _ptr(norm_weight),
+                                          _ptr(norm_out) if norm_weight is not None else None, _stream(x.device)))
+    return out if norm_weight is None else (out, norm_out)
 
 
 def set_programmatic_launch(enable: bool) -> None:

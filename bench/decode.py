@@ -114,7 +114,7 @@ class TinyGemmOps(CudaOps):
     """CudaOps with torch's int4 kernel in every int4 linear (random weights: for timing only)."""
 
     def __init__(self, weights):
-        super().__init__(weights)
+        super().__init__(weights, fold_norms=False)  # RMSNorm as its own kernel: the folds need our GEMV
         self.w4 = {}
         for L in weights.layers:
             for lin in (L.qkv, L.o, L.gate_up, L.down):
@@ -222,6 +222,10 @@ def free():
     torch.cuda.empty_cache()
 
 
+def _rounded(d: dict) -> dict:
+    return {k: _rounded(v) if isinstance(v, dict) else round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
+
+
 def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
     shape = SHAPES[name]
     prompt = torch.randint(0, shape["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -232,9 +236,13 @@ def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
     res["bandwidth_limit_tok_s"] = copy_bw / res["bytes_per_step"]["total"]
     res["ours"] = time_ours(weights, prompt, args.new, args.repeats)
     print(name, "ours", res["ours"], flush=True)
+    if "ours_unfolded" in args.variants:  # the same runtime with RMSNorm as a kernel of its own (r6's step)
+        res["ours_unfolded"] = time_ours(weights, prompt, args.new, args.repeats,
+                                         CudaOps(weights, fold_norms=False))
+        print(name, "ours_unfolded", res["ours_unfolded"], flush=True)
     if args.breakdown:
         res["breakdown_us"] = breakdown_of(weights, args.prompt + args.new // 2)
-        print(name, "breakdown us/layer", {k: round(v, 2) for k, v in res["breakdown_us"].items()}, flush=True)
+        print(name, "breakdown us/layer", _rounded(res["breakdown_us"]), flush=True)
     SAVE()
     if "torch_int4" in args.variants:
         res["torch_int4"] = time_ours(weights, prompt, args.new, args.repeats, TinyGemmOps(weights))
@@ -367,23 +375,35 @@ def breakdown_of(w: Weights, context: int) -> dict:
         kc.normal_()
         vc.normal_()
     L, n = w.layers, len(w.layers)
-    parts = {
-        "rmsnorm": lambda: [ops.rmsnorm(h, l.input_norm, d.eps) for l in L],
-        "qkv_gemv": lambda: [ops.linear(x, l.qkv) for l in L],
+    nxt = [l.input_norm for l in L[1:]] + [w.norm]
+    parts = {  # the step's operations as the decoder calls them (norms folded into the GEMVs beside them)
+        "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=x) for l in L],
         "attention": lambda: [ops.decode_attention(qkv, dec.pos, w.cos, w.sin, dec.k_cache[i], dec.v_cache[i],
                                                    d.heads, dec.scale, 0) for i in range(n)],
+        "o_gemv_residual_norm": lambda: [ops.residual_linear(a, l.o, h, next_norm=l.post_norm) for l in L],
+        "gate_up_gemv_silu_norm": lambda: [ops.norm_linear(h, l.post_norm, d.eps, l.gate_up, gated=True,
+                                                           prescaled=x) for l in L],
+        "down_gemv_residual_norm": lambda: [ops.residual_linear(act, l.down, h, next_norm=nxt[i])
+                                            for i, l in enumerate(L)],
+    }
+    unfolded = {  # the same without the folds: RMSNorm as a kernel, plain GEMVs (r6's step)
+        "rmsnorm": lambda: [ops.rmsnorm(h, l.input_norm, d.eps) for l in L],
+        "qkv_gemv": lambda: [ops.linear(x, l.qkv) for l in L],
         "o_gemv_residual": lambda: [ops.linear(a, l.o, residual=h) for l in L],
-        "rmsnorm_2": lambda: [ops.rmsnorm(h, l.post_norm, d.eps) for l in L],
         "gate_up_gemv_silu": lambda: [ops.gate_up_act(x, l.gate_up) for l in L],
         "down_gemv_residual": lambda: [ops.linear(act, l.down, residual=h) for l in L],
     }
     res = {k: graph_time(f) / n * 1e6 for k, f in parts.items()}
     res["sum_per_layer"] = sum(res.values())
+    res["unfolded"] = {k: graph_time(f) / n * 1e6 for k, f in unfolded.items()}
     res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(h)) * 1e6
     res["full_step_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(False)
     res["full_step_no_pdl_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(True)
+    ops.fold_norms = False
+    res["full_step_unfolded_us"] = graph_time(dec._step) * 1e6
+    ops.fold_norms = True
     res["context"] = context
     del dec
     free()
@@ -394,7 +414,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2")
     ap.add_argument("--variants", default="ours,torch_int4,hf",
-                    help="comma list of: ours (always run), torch_int4, hf")
+                    help="comma list of: ours (always run), ours_unfolded, torch_int4, hf")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' compiled static-cache forward")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
@@ -404,6 +424,7 @@ def main():
                                             "checkpoint dequantised to fp16, the same shapes)")
     ap.add_argument("--parity", type=int, default=64, help="greedy tokens per parity prompt (0 = skip)")
     ap.add_argument("--breakdown", action="store_true", help="per-operation times of a decode step (random shapes)")
+    ap.add_argument("--label", default="", help="a note stored with the results (the library's build flags)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decode.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -416,6 +437,8 @@ def main():
     import transformers
 
     result["transformers"] = transformers.__version__
+    result["kernels_library"] = str(kernels.library_path())
+    result["label"] = args.label
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     global SAVE
 

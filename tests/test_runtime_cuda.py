@@ -20,9 +20,9 @@ needs_library = pytest.mark.skipif(not kernels.library_path().is_file(),
                                    reason=f"{kernels.library_path()} not built (run `make plugins`)")
 
 
-def torch_decoder(folder, dtype=torch.float32, device="cpu", max_len=None):
+def torch_decoder(folder, dtype=torch.float32, device="cpu", max_len=None, fold_norms=False):
     weights = load_weights(folder, device, dtype, packed=False, max_len=max_len)
-    return CudaDecoder(weights, ops=TorchOps(), eos_ids=[0], use_graphs=False)
+    return CudaDecoder(weights, ops=TorchOps(fold_norms), eos_ids=[0], use_graphs=False)
 
 
 def hf_logits(model, ids):
@@ -38,11 +38,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["norms", "folded_norms"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefill_and_cached_steps_match_transformers_on_the_same_weights(tmp_path, case):
+def test_prefill_and_cached_steps_match_transformers_on_the_same_weights(tmp_path, case, fold):
     model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
     ref = hf_logits(model, PROMPT)
-    dec = torch_decoder(tmp_path / "ck")
+    dec = torch_decoder(tmp_path / "ck", fold_norms=fold)
     np.testing.assert_allclose(dec.forward(PROMPT), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     dec.reset()
     steps = [dec.forward(PROMPT[:5])[-1]] + [dec.forward([t])[-1] for t in PROMPT[5:]]
@@ -110,7 +111,7 @@ def gpu_case(seed):
 
 @needs_library
 @needs_gpu
-@pytest.mark.parametrize("rows, dim", [(1, 576), (1, 4096), (7, 576), (3, 5120)])
+@pytest.mark.parametrize("rows, dim", [(1, 576), (1, 4096), (7, 576), (3, 5120), (2, 10240)])  # 10240: two passes
 def test_rmsnorm_kernel_matches_reference(rows, dim):
     g = gpu_case(rows * dim)
     x = (torch.randn(rows, dim, device="cuda", generator=g) * 3).half()
@@ -207,6 +208,69 @@ def test_gated_gemm_equals_gemm_then_silu_gate(m):
                               + bias.double())
     assert torch.isfinite(y).all() and y.shape == (m, inter)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("m, gated, bias, block", [(1, False, False, 128), (1, True, True, 64), (3, False, True, 32),
+                                                   (16, True, False, 128), (20, False, False, 64)])
+def test_gemm_with_folded_norms_matches_float64(m, gated, bias, block):
+    """y = rsqrt(mean(h^2) + eps) * ((gamma * h) W^T) + b (gated: then the SiLU gate), and gamma' * y beside it."""
+    gen = torch.Generator().manual_seed(m * 7 + block)
+    n, k, eps = 2 * 1536 if gated else 1000, 4096 if m == 1 else 576 + 8, 1e-5  # k = 584: a partial last chunk
+    q, scales, zeros = quantize(torch.randn(n, k, generator=gen), QConfig(4, block, True))
+    nb = to_matmul_nbits(q, scales.half(), zeros, block, 4)
+    w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), k, block)
+    wd = dequantize(q, scales, zeros, block).double().cuda()
+    h = (torch.randn(m, k, generator=gen) * 3).half().cuda()
+    gamma = (torch.rand(k, generator=gen) + 0.5).half().cuda()
+    b = torch.randn(n, generator=gen).half().cuda() if bias else None
+    x = gamma * h  # what the product before would have written as norm_out
+    rstd = torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + eps)
+    ref = (x.double() @ wd.T) * rstd + (b.double() if bias else 0)
+    if gated:
+        ref = TorchOps().silu_mul(ref)
+        y = kernels.gemm_norm(x, w, b, gated=True, rms_input=h, eps=eps)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
+        return
+    nxt = (torch.rand(n, generator=gen) + 0.5).half().cuda()
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+    norm_out = torch.full_like(out, float("nan"))
+    y, g = kernels.gemm_norm(x, w, b, rms_input=h, eps=eps, norm_weight=nxt, out=out, norm_out=norm_out)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+    assert torch.equal(g, nxt * y)  # exactly fp16(gamma' * y), as PyTorch rounds
+    plain = kernels.gemm_norm(h, w, b)  # no folds: the plain product
+    ref_plain = h.double() @ wd.T + (b.double() if bias else 0)
+    assert ((plain.double() - ref_plain).norm() / ref_plain.norm()).item() < 2e-3
+
+
+@needs_library
+@needs_gpu
+def test_gemm_norm_refuses_norm_out_with_the_gated_epilogue():
+    q, scales, zeros = quantize(torch.randn(32, 128), QConfig(4, 128, True))
+    nb = to_matmul_nbits(q, scales.half(), zeros, 128, 4)
+    w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), 128, 128)
+    x = torch.randn(1, 128).half().cuda()
+    with pytest.raises(AwqEdgeError, match="not gated"):
+        kernels.gemm_norm(x, w, gated=True, norm_weight=torch.ones(32).half().cuda())
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("case", ["llama", "qwen2_bias", "untied"])
+def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_folding(tmp_path, case):
+    write_checkpoint(tmp_path / "ck", **CASES[case])
+    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
+    dense = load_weights(tmp_path / "ck", "cuda", torch.float32, packed=False, max_len=64)
+    out = {}
+    for name, dec in {"folded": CudaDecoder(weights, CudaOps(weights, fold_norms=True), use_graphs=True),
+                      "unfolded": CudaDecoder(weights, CudaOps(weights, fold_norms=False), use_graphs=True),
+                      "torch_folded": CudaDecoder(dense, TorchOps(fold_norms=True), use_graphs=False)}.items():
+        out[name] = np.stack([dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]])
+    scale = np.abs(out["unfolded"]).max()
+    np.testing.assert_allclose(out["folded"], out["unfolded"], atol=1e-2 * scale)
+    np.testing.assert_allclose(out["folded"], out["torch_folded"], atol=1e-2 * scale)
 
 
 @needs_library

@@ -145,7 +145,16 @@ def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True
 
 
 class TorchOps:
-    """The decoder step's operations in plain PyTorch (any device, any float dtype)."""
+    """The decoder step's operations in plain PyTorch (any device, any float dtype).
+
+    fold_norms: single-token steps fold each RMSNorm into the products beside it, as CudaOps does: the product
+    before a norm also returns gamma * h (`residual_linear`), and the product after it computes
+    rsqrt(mean(h^2) + eps) * (W (gamma * h)) (`norm_linear` with `prescaled`), the same function up to fp16
+    rounding (gamma is applied before 1/rms instead of after). Off: transformers' order exactly.
+    """
+
+    def __init__(self, fold_norms: bool = False):
+        self.fold_norms = fold_norms
 
     def rmsnorm(self, x, w, eps):
         xf = x.float()
@@ -194,18 +203,33 @@ class TorchOps:
     def gate_up_act(self, x, lin: Linear):
         return self.silu_mul(self.linear(x, lin))
 
-    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False):
-        """linear(rmsnorm(x)), or its SiLU-gated activation."""
-        y = self.rmsnorm(x, norm_weight, eps)
-        return self.gate_up_act(y, lin) if gated else self.linear(y, lin)
+    def residual_linear(self, x, lin: Linear, residual, next_norm=None):
+        """(linear(x) + residual, and next_norm * that as the next norm_linear's `prescaled`, or None)."""
+        h = self.linear(x, lin, residual=residual)
+        fold = self.fold_norms and next_norm is not None and h.shape[0] == 1
+        return h, (next_norm * h if fold else None)
+
+    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None):
+        """linear(rmsnorm(x)), or its SiLU-gated activation; from `prescaled` = norm_weight * x when given."""
+        if prescaled is None or lin.weight is None:
+            y = self.rmsnorm(x, norm_weight, eps)
+            return self.gate_up_act(y, lin) if gated else self.linear(y, lin)
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = F.linear(prescaled.float(), lin.weight.float()) * rstd
+        if lin.bias is not None:
+            y = y + lin.bias.float()
+        y = y.to(x.dtype)
+        return self.silu_mul(y) if gated else y
 
 
 class CudaOps(TorchOps):
     """The same operations on awq-edge's CUDA kernels; dense (fp16 fallback) linears go through cuBLAS."""
 
-    def __init__(self, weights: Weights, dense_rows: int = 64):
+    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True):
         from awq_edge import kernels
 
+        super().__init__(fold_norms)
         self.k = kernels
         d = weights.dims
         self.workspace = kernels.attention_workspace(d.heads, d.head_dim, weights.max_len, weights.embed.device)
@@ -230,6 +254,17 @@ class CudaOps(TorchOps):
         else:
             y = self.k.gemm(x, lin.packed, bias=lin.bias)
         return y if residual is None else y + residual
+
+    def residual_linear(self, x, lin: Linear, residual, next_norm=None):
+        if (self.fold_norms and next_norm is not None and x.shape[0] == 1 and lin.packed is not None
+                and lin.bias is None):  # residual as the GEMV's bias, gamma * h from its epilogue
+            return self.k.gemm_norm(x, lin.packed, bias=residual.view(-1), norm_weight=next_norm)
+        return self.linear(x, lin, residual=residual), None
+
+    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None):
+        if prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows:
+            return super().norm_linear(x, norm_weight, eps, lin, gated)
+        return self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=gated, rms_input=x, eps=eps)
 
     def rope_kv(self, qkv, positions, cos, sin, k_cache, v_cache, n_heads):
         q = torch.empty(qkv.shape[0], n_heads, k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
@@ -309,16 +344,19 @@ class CudaDecoder(PrefixCachedDecoder):
         single-token step (attention then reads the position from the device)."""
         w, ops, d = self.w, self.ops, self.w.dims
         h = F.embedding(ids, w.embed)
+        g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
         for i, L in enumerate(w.layers):
-            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv)
+            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
             kc, vc = self.k_cache[i], self.v_cache[i]
             if ids.shape[0] == 1:
                 a = ops.decode_attention(qkv, positions, w.cos, w.sin, kc, vc, d.heads, self.scale, d.window)
             else:
                 q = ops.rope_kv(qkv, positions, w.cos, w.sin, kc, vc, d.heads)
                 a = _prefill_attention(q, kc, vc, past, self.scale, d.window)
-            h = ops.linear(a, L.o, residual=h)
-            h = ops.linear(ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True), L.down, residual=h)
+            h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
+            act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g)
+            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
+            h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
         return h
 
     def _logits(self, h):

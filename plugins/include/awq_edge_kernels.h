@@ -91,7 +91,9 @@ AWQE_API size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int ma
  * q and k from qkv [(n_heads + 2 n_kv) * head_dim] (as awqe_rope_kv_f16), writes k and v into the caches, and
  * out [n_heads, head_dim] = softmax(scale * q k^T) v over cache positions 0 .. *position, or the last `window`
  * of them when window > 0. head_dim 32, 64, 96, 128 or 256; qkv and caches 4-byte aligned; workspace 8-byte
- * aligned. */
+ * aligned. With programmatic dependent launch (sm_90+) the kernel reads *position, the cache rows before it and
+ * cos/sin before the kernel launched just before it on the stream has finished (only qkv is waited for): write
+ * those earlier than that kernel (a decoder step writes them in earlier steps). */
 AWQE_API awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, const float* cos,
                                                const float* sin, void* k_cache, void* v_cache, void* out, int n_heads,
                                                int n_kv, int head_dim, int max_len, int window, float scale,
@@ -106,6 +108,19 @@ AWQE_API awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, in
  * each rounded to fp16 first. Other requirements as awqe_gemm_f16. */
 AWQE_API awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
                                          void* y_f16, int M, int N, int K, int block_size, cudaStream_t stream);
+
+/* The decode step's RMSNorms folded into the products on both sides, so no norm kernel runs between them:
+ * y [M, N] = rsqrt(mean(h^2) + eps) * (x @ W^T) (+ bias), with h = rms_input [M, K] and x = norm weight * h (fp16)
+ * written by the product before (norm_out below); with gated, then the SiLU gate of awqe_gemm_gated_f16.
+ * rms_input NULL: no norm on the input. norm_weight [N] non-NULL (not with gated): also
+ * norm_out [M, N] = fp16(norm_weight * y), the pre-scaled x of the next folded norm (y's own values rounded).
+ * Equals awqe_rmsnorm_f16 then awqe_gemm_f16 up to fp16 rounding: the norm weight is applied before 1/rms, not
+ * after. rms_input 16-byte aligned; norm_weight and norm_out 2-byte aligned, norm_out not y. Otherwise as
+ * awqe_gemm_f16. */
+AWQE_API awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
+                                        void* y_f16, int M, int N, int K, int block_size, int gated,
+                                        const void* rms_input_or_null, float eps, const void* norm_weight_or_null,
+                                        void* norm_out_or_null, cudaStream_t stream);
 
 /* Kernels of this library launch with programmatic dependent launch on compute capability 9.0 and newer, so each
  * overlaps the tail of the kernel before it (also inside CUDA graphs). 0 turns that off, 1 back on (default). */

@@ -37,49 +37,69 @@ awqe_status check_shape(int N, int K, int block_size) {
     return AWQE_OK;
 }
 
-// Multiprocessor counts per device, read once: the launch heuristic needs them on every call.
+// Multiprocessor count and compute capability per device, read once: every GEMM launch needs them.
 std::atomic<int> g_sm_count[64];
+std::atomic<int> g_cc_major[64];
 
-awqe_status sm_count(int* out) {
+awqe_status device_info(awqe::Device* out) {
     int dev = 0;
     if (awqe_status s = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return s;
     if (dev < 0 || dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", dev);
-    int n = g_sm_count[dev].load(std::memory_order_relaxed);
-    if (n == 0) {
+    int n = g_sm_count[dev].load(std::memory_order_relaxed), major = g_cc_major[dev].load(std::memory_order_relaxed);
+    if (n == 0 || major == 0) {
         if (awqe_status s = cuda_status(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev),
                                         "cudaDeviceGetAttribute(multiProcessorCount)"))
             return s;
+        if (awqe_status s = cuda_status(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                                        "cudaDeviceGetAttribute(computeCapabilityMajor)"))
+            return s;
         g_sm_count[dev].store(n, std::memory_order_relaxed);
+        g_cc_major[dev].store(major, std::memory_order_relaxed);
     }
-    *out = n;
+    *out = awqe::Device{n, major};
     return AWQE_OK;
 }
 
-// The checks and launch both GEMM entry points share; gated adds its own shape rule.
-awqe_status run_gemm(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16, int M, int N,
-                     int K, int block_size, int warps_per_tile, int gated, cudaStream_t stream) {
+// The checks and launch every GEMM entry point shares; gated and the norm folds add their own rules.
+awqe_status run_gemm(awqe::GemmFold f, int block_size, int warps_per_tile, cudaStream_t stream) {
+    const int M = f.M, N = f.N, K = f.K;
     if (awqe_status s = check_shape(N, K, block_size)) return s;
-    if (gated && N % 16) return fail(AWQE_ERR_INVALID_ARGUMENT, "gated gemm: N must be a multiple of 16, got %d", N);
+    if (f.gated && N % 16) return fail(AWQE_ERR_INVALID_ARGUMENT, "gated gemm: N must be a multiple of 16, got %d", N);
     if (M < 0) return fail(AWQE_ERR_INVALID_ARGUMENT, "M must not be negative, got %d", M);
-    if (!x_f16 || !aligned(x_f16, 16))
+    if (!f.x || !aligned(f.x, 16))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "x must be a non-null, 16-byte aligned fp16 array");
-    if (!packed || !aligned(packed, 16))
+    if (!f.packed || !aligned(f.packed, 16))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "packed must be a non-null, 16-byte aligned buffer");
-    if (!y_f16 || !aligned(y_f16, 2))
+    if (!f.y || !aligned(f.y, 2))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "y must be a non-null, 2-byte aligned fp16 array");
-    if (bias_f16_or_null && !aligned(bias_f16_or_null, 2))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "bias must be 2-byte aligned");
+    if (f.bias && !aligned(f.bias, 2)) return fail(AWQE_ERR_INVALID_ARGUMENT, "bias must be 2-byte aligned");
+    if (f.rms_x && !aligned(f.rms_x, 16))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rms_input must be a 16-byte aligned fp16 array");
+    if (f.rms_x && !(f.eps >= 0.f)) return fail(AWQE_ERR_INVALID_ARGUMENT, "eps must be >= 0");
+    if (!f.norm_w != !f.y_norm)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_weight and norm_out must both be given or both be null");
+    if (f.norm_w && f.gated)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_out is not available with the gated epilogue");
+    if (f.norm_w && (!aligned(f.norm_w, 2) || !aligned(f.y_norm, 2) || f.y_norm == f.y))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_weight and norm_out must be 2-byte aligned, norm_out not y");
     if (warps_per_tile != 0 && warps_per_tile != 1 && warps_per_tile != 2 && warps_per_tile != 4 &&
         warps_per_tile != 8)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "warps_per_tile must be 0, 1, 2, 4 or 8, got %d", warps_per_tile);
     if (M == 0) return AWQE_OK;
-    int sms = 0;
-    if (awqe_status s = sm_count(&sms)) return s;
-    return cuda_status(awqe::launch_gemm(static_cast<const uint16_t*>(x_f16), packed,
-                                         static_cast<const uint16_t*>(bias_f16_or_null),
-                                         static_cast<uint16_t*>(y_f16), M, N, K, block_size, warps_per_tile, sms,
-                                         gated, stream),
-                       gated ? "gated gemm launch" : "gemm launch");
+    awqe::Device dev{};
+    if (awqe_status s = device_info(&dev)) return s;
+    return cuda_status(awqe::launch_gemm(f, block_size, warps_per_tile, dev, stream),
+                       f.gated ? "gated gemm launch" : "gemm launch");
+}
+
+awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* y, int M, int N, int K, int gated) {
+    awqe::GemmFold f{};
+    f.x = static_cast<const uint16_t*>(x);
+    f.packed = packed;
+    f.bias = static_cast<const uint16_t*>(bias);
+    f.y = static_cast<uint16_t*>(y);
+    f.M = M, f.N = N, f.K = K, f.gated = gated;
+    return f;
 }
 
 // Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
@@ -148,12 +168,24 @@ awqe_status awqe_dequantize_f16(const void* packed, int N, int K, int block_size
 awqe_status awqe_gemm_f16_ex(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                              int M, int N, int K, int block_size, void*, size_t, int warps_per_tile,
                              cudaStream_t stream) {
-    return run_gemm(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, block_size, warps_per_tile, 0, stream);
+    return run_gemm(plain(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, 0), block_size, warps_per_tile, stream);
 }
 
 awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                                 int M, int N, int K, int block_size, cudaStream_t stream) {
-    return run_gemm(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, block_size, 0, 1, stream);
+    return run_gemm(plain(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, 1), block_size, 0, stream);
+}
+
+awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
+                               int M, int N, int K, int block_size, int gated, const void* rms_input_or_null,
+                               float eps, const void* norm_weight_or_null, void* norm_out_or_null,
+                               cudaStream_t stream) {
+    awqe::GemmFold f = plain(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, gated ? 1 : 0);
+    f.rms_x = static_cast<const uint16_t*>(rms_input_or_null);
+    f.eps = eps;
+    f.norm_w = static_cast<const uint16_t*>(norm_weight_or_null);
+    f.y_norm = static_cast<uint16_t*>(norm_out_or_null);
+    return run_gemm(f, block_size, 0, stream);
 }
 
 void awqe_set_programmatic_launch(int enable) { g_pdl_switch.store(enable ? 1 : 0, std::memory_order_relaxed); }

@@ -24,19 +24,32 @@ __device__ __forceinline__ float h2f(__half h) { return __half2float(h); }
 // ---- RMSNorm: y = w * fp16(x * rsqrt(mean(x^2) + eps)), the sum in fp32 (transformers' LlamaRMSNorm order) ----
 
 constexpr int kNormThreads = 256;
+constexpr int kNormHeld = 16;  // half2 a thread keeps in registers: rows up to 8192 values are read once
 
 __global__ void __launch_bounds__(kNormThreads)
-rmsnorm_kernel(const __half2* __restrict__ x, const __half2* __restrict__ w, __half2* __restrict__ y, int dim2,
+rmsnorm_kernel(const __half2* x, const __half2* __restrict__ w, __half2* __restrict__ y, int dim2,
                float eps) {
     __shared__ float partial[kNormThreads / 32];
     pdl_launch_dependents();
     pdl_wait();
-    const __half2* xr = x + (size_t)blockIdx.x * dim2;
+    const __half2* xr = x + (size_t)blockIdx.x * dim2;  // written by the kernel before: plain loads (pdl.cuh)
     __half2* yr = y + (size_t)blockIdx.x * dim2;
+    const bool held = dim2 <= kNormThreads * kNormHeld;
+    float2 v[kNormHeld];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < dim2; i += kNormThreads) {
-        const float2 v = __half22float2(xr[i]);
-        ss += v.x * v.x + v.y * v.y;
+    if (held) {  // every load issued before any is used: one memory latency
+#pragma unroll
+        for (int j = 0; j < kNormHeld; ++j) {
+            const int i = threadIdx.x + j * kNormThreads;
+            v[j] = i < dim2 ? __half22float2(xr[i]) : make_float2(0.f, 0.f);
+        }
+#pragma unroll
+        for (int j = 0; j < kNormHeld; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y;
+    } else {
+        for (int i = threadIdx.x; i < dim2; i += kNormThreads) {
+            const float2 u = __half22float2(xr[i]);
+            ss += u.x * u.x + u.y * u.y;
+        }
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
@@ -45,16 +58,24 @@ rmsnorm_kernel(const __half2* __restrict__ x, const __half2* __restrict__ w, __h
 #pragma unroll
     for (int i = 0; i < kNormThreads / 32; ++i) total += partial[i];
     const float r = rsqrtf(total / (2 * dim2) + eps);
+    if (held) {
+#pragma unroll
+        for (int j = 0; j < kNormHeld; ++j) {
+            const int i = threadIdx.x + j * kNormThreads;
+            if (i < dim2) yr[i] = __hmul2(w[i], __floats2half2_rn(v[j].x * r, v[j].y * r));
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < dim2; i += kNormThreads) {
-        const float2 v = __half22float2(xr[i]);
-        yr[i] = __hmul2(w[i], __floats2half2_rn(v.x * r, v.y * r));
+        const float2 u = __half22float2(xr[i]);
+        yr[i] = __hmul2(w[i], __floats2half2_rn(u.x * r, u.y * r));
     }
 }
 
 // ---- Rotary embedding (half-split, as Llama/NeoX) and the cache write ----
 // Block (m, head) over q heads, then k heads, then v heads; thread i < D/2 rotates the pair (i, i + D/2).
 
-__global__ void rope_kv_kernel(const __half* __restrict__ qkv, const int* __restrict__ positions,
+__global__ void rope_kv_kernel(const __half* qkv, const int* positions,
                                const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                __half* __restrict__ q_out, __half* __restrict__ k_cache,
                                __half* __restrict__ v_cache, int n_heads, int n_kv, int D, int max_len) {
@@ -107,48 +128,47 @@ __device__ __forceinline__ void load_row(const __half* p, float (&out)[E]) {
     }
 }
 
-// Half-split rotary embedding of one head held E values per lane: lane l's partner values sit in lane l ^ 16.
-// Results are rounded to fp16, as the model's rotated q and k are.
+// Half-split rotary embedding of one head held E values per lane: lane l's partner values sit in lane l ^ 16;
+// c and sn are the lane's cos and sin values (load_rope). Results are rounded to fp16, as the model's rotated q
+// and k are.
 template <int E>
-__device__ __forceinline__ void rotate_head(const __half* src, const float* cos_row, const float* sin_row, int lane,
+__device__ __forceinline__ void rotate_head(const __half* src, const float (&c)[E], const float (&sn)[E], int lane,
                                             float (&out)[E]) {
     float own[E];
     load_row<E>(src + lane * E, own);
-    const int i0 = (lane & 15) * E;
     const float sign = lane < 16 ? -1.f : 1.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
         const float partner = __shfl_xor_sync(0xffffffffu, own[e], 16);
-        out[e] = h2f(__float2half_rn(own[e] * cos_row[i0 + e] + sign * partner * sin_row[i0 + e]));
+        out[e] = h2f(__float2half_rn(own[e] * c[e] + sign * partner * sn[e]));
     }
 }
 
-__device__ __forceinline__ float block_reduce(float v, float* scratch, bool is_max) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+template <int E>
+__device__ __forceinline__ void load_rope(const float* cos_row, const float* sin_row, int lane, float (&c)[E],
+                                          float (&sn)[E]) {
+    const int i0 = (lane & 15) * E;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float other = __shfl_xor_sync(0xffffffffu, v, o);
-        v = is_max ? fmaxf(v, other) : v + other;
+    for (int e = 0; e < E; ++e) {
+        c[e] = __ldg(cos_row + i0 + e);
+        sn[e] = __ldg(sin_row + i0 + e);
     }
-    __syncthreads();  // scratch may still be read from an earlier reduction
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = scratch[0];
-#pragma unroll
-    for (int w = 1; w < kAttnWarps; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
-    return v;
 }
 
 template <int E>  // E = head_dim / 32 values per lane
 __global__ void __launch_bounds__(kAttnThreads)
-decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ position,
+decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
                         const float* __restrict__ cos_t, const float* __restrict__ sin_t, __half* __restrict__ k_cache,
                         __half* __restrict__ v_cache, __half* __restrict__ out, float* __restrict__ ws_o,
                         float2* __restrict__ ws_ml, unsigned* __restrict__ tickets, int n_heads, int n_kv,
                         int max_len, int window, int max_splits, float scale) {
     constexpr int D = 32 * E;
     pdl_launch_dependents();
+#ifdef AWQE_ATTN_WAIT_FIRST
     pdl_wait();
+#endif
+    // Until pdl_wait this block reads only what earlier steps wrote: the position, the cache rows before it, the
+    // rope tables. So the cache rows' memory latency overlaps the qkv product still running before this kernel.
     const int head = blockIdx.x, split = blockIdx.y;
     const int pos = position[0];
     if (pos < 0 || pos >= max_len) return;  // the host checks positions; never touch memory outside the cache
@@ -158,8 +178,8 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
     const int lo = window > 0 ? max(0, length - window) : 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = n_heads / n_kv, kvh = head / group;
-    const float* cos_row = cos_t + (size_t)pos * (D / 2);
-    const float* sin_row = sin_t + (size_t)pos * (D / 2);
+    float rc[E], rs[E];
+    load_rope<E>(cos_t + (size_t)pos * (D / 2), sin_t + (size_t)pos * (D / 2), lane, rc, rs);
 
     // The cache rows of the warp's keys are requested first (every k and v row before any is used: one memory
     // latency, not two per key); rows not in use count as zeros; the new token's row comes from shared memory.
@@ -178,9 +198,10 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
             for (int e = 0; e < E; ++e) kk[j][e] = vv[j][e] = 0.f;
         }
     }
+    pdl_wait();  // qkv is written from here on
 
     float qv[E];
-    rotate_head<E>(qkv + (size_t)head * D, cos_row, sin_row, lane, qv);
+    rotate_head<E>(qkv + (size_t)head * D, rc, rs, lane, qv);
 #pragma unroll
     for (int e = 0; e < E; ++e) qv[e] *= scale;
 
@@ -188,7 +209,7 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
     const bool holds_new = split == n_splits - 1;  // the new token is the last position
     if (holds_new && warp == 0) {
         float nk[E];
-        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, cos_row, sin_row, lane, nk);
+        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, rc, rs, lane, nk);
         const __half* vsrc = qkv + (size_t)(n_heads + n_kv + kvh) * D + lane * E;
         __half* kdst = k_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
         __half* vdst = v_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
@@ -238,8 +259,7 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
     }
 
     // Merge the warps: block max bm, sum bl, unnormalised output o[d].
-    __shared__ float sm_m[kAttnWarps], sm_l[kAttnWarps], sm_o[kAttnWarps][D], scratch[kAttnWarps];
-    __shared__ float sm_w[kMaxSplits];
+    __shared__ float sm_m[kAttnWarps], sm_l[kAttnWarps], sm_o[kAttnWarps][D];
     __shared__ bool last;
     if (lane == 0) {
         sm_m[warp] = m;
@@ -275,25 +295,47 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // Every split's (max, sum) and output, kMergeBatch splits per round of loads (one memory latency per round,
+    // not one per quantity), merged with a running max; thread d owns output values d, d + kAttnThreads, ...
+    constexpr int kDims = (D + kAttnThreads - 1) / kAttnThreads, kMergeBatch = 16;
     const float2* ml = ws_ml + (size_t)head * max_splits;
-    float gm = -FLT_MAX;
-    for (int sp = threadIdx.x; sp < n_splits; sp += kAttnThreads) gm = fmaxf(gm, __ldcg(&ml[sp]).x);
-    gm = block_reduce(gm, scratch, true);
-    float den = 0.f;
-    for (int sp = threadIdx.x; sp < n_splits; sp += kAttnThreads) {
-        const float2 v = __ldcg(&ml[sp]);
-        const float wgt = v.x > -FLT_MAX ? __expf(v.x - gm) : 0.f;
-        sm_w[sp] = wgt;
-        den += wgt * v.y;
-    }
-    den = block_reduce(den, scratch, false);  // its barriers also publish sm_w
-    const float inv = 1.f / den;
     const float* wo = ws_o + (size_t)head * max_splits * D;
-    for (int d = threadIdx.x; d < D; d += kAttnThreads) {
-        float o = 0.f;
-#pragma unroll 16
-        for (int sp = 0; sp < n_splits; ++sp) o += sm_w[sp] * __ldcg(wo + (size_t)sp * D + d);
-        out[(size_t)head * D + d] = __float2half_rn(o * inv);
+    float run_m = -FLT_MAX, run_l = 0.f, run_o[kDims] = {};
+    for (int s0 = 0; s0 < n_splits; s0 += kMergeBatch) {
+        float2 part[kMergeBatch];
+        float po[kMergeBatch][kDims];
+#pragma unroll
+        for (int i = 0; i < kMergeBatch; ++i) {
+            const int sp = s0 + i;
+            part[i] = sp < n_splits ? __ldcg(&ml[sp]) : make_float2(-FLT_MAX, 0.f);
+#pragma unroll
+            for (int q = 0; q < kDims; ++q) {
+                const int d = threadIdx.x + q * kAttnThreads;
+                po[i][q] = sp < n_splits && d < D ? __ldcg(wo + (size_t)sp * D + d) : 0.f;
+            }
+        }
+        float bm = run_m;
+#pragma unroll
+        for (int i = 0; i < kMergeBatch; ++i) bm = fmaxf(bm, part[i].x);
+        if (bm == -FLT_MAX) continue;  // no key in these splits yet (all outside the window)
+        const float c = run_m > -FLT_MAX ? __expf(run_m - bm) : 0.f;
+        run_l *= c;
+#pragma unroll
+        for (int q = 0; q < kDims; ++q) run_o[q] *= c;
+#pragma unroll
+        for (int i = 0; i < kMergeBatch; ++i) {
+            const float wgt = part[i].x > -FLT_MAX ? __expf(part[i].x - bm) : 0.f;
+            run_l += wgt * part[i].y;
+#pragma unroll
+            for (int q = 0; q < kDims; ++q) run_o[q] += wgt * po[i][q];
+        }
+        run_m = bm;
+    }
+    const float inv = 1.f / run_l;
+#pragma unroll
+    for (int q = 0; q < kDims; ++q) {
+        const int d = threadIdx.x + q * kAttnThreads;
+        if (d < D) out[(size_t)head * D + d] = __float2half_rn(run_o[q] * inv);
     }
     if (threadIdx.x == 0) tickets[head] = 0;  // ready for the next step
 }
@@ -301,7 +343,7 @@ decode_attention_kernel(const __half* __restrict__ qkv, const int* __restrict__ 
 // ---- SiLU-gated activation for prefill: out = fp16(silu(gate)) * up, gate_up rows alternating in blocks of 8
 // (8 gate columns, then the 8 up columns of the same outputs), the layout the gated GEMM reads ----
 
-__global__ void silu_mul_kernel(const __half* __restrict__ gate_up, __half* __restrict__ out, int inter,
+__global__ void silu_mul_kernel(const __half* gate_up, __half* __restrict__ out, int inter,
                                 size_t total) {
     pdl_launch_dependents();
     pdl_wait();

@@ -22,8 +22,18 @@ constexpr int kMaxWarps = 8;
 #define AWQE_STAGE 4
 #endif
 constexpr int kStage = AWQE_STAGE;
-// Chunks per warp prefetched to L2 while the previous kernel finishes (8 KB a warp).
-constexpr int kPrefetchChunks = 16;
+// The weight stream: cp.async into shared memory from sm_80 on (v5); -DAWQE_REGISTER_STREAM builds v4's
+// register stages for every architecture, for A/B timing.
+#if defined(AWQE_REGISTER_STREAM)
+constexpr bool kAsyncBuild = false;
+#else
+constexpr bool kAsyncBuild = true;
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(AWQE_REGISTER_STREAM)
+#define AWQE_ASYNC_STREAM 1
+#endif
+// Chunks per warp prefetched to L2 while the previous kernel finishes (8 KB a warp; the path without cp.async).
+[[maybe_unused]] constexpr int kPrefetchChunks = 16;
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
@@ -67,17 +77,17 @@ __device__ __forceinline__ void mma_16x8x16(float c[4], const uint32_t a[4], uin
 #endif
 }
 
-// The weights are read once: stream them past L1 and mark them first to leave L2.
-__device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
+// The weights are read once: stream them past L1 and mark them first to leave L2 (the path without cp.async).
+[[maybe_unused]] __device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
 
-// One chunk's activations for a lane: k = 8t .. 8t + 7 and 32 + 8t .. 32 + 8t + 7 (see layout.cuh).
+// One chunk's activations for a lane (plain loads: x is written by the kernel before, see pdl.cuh): k = 8t .. 8t + 7 and 32 + 8t .. 32 + 8t + 7 (see layout.cuh).
 // kGuard: past K (only in a row's last chunks) they read as zeros; K is a multiple of 8, so each half is
 // wholly inside or wholly outside.
 template <bool kGuard>
 __device__ __forceinline__ void load_x(uint4 out[2], const uint16_t* p, int left) {
     const uint4* v = reinterpret_cast<const uint4*>(p);
-    out[0] = !kGuard || left > 0 ? __ldg(v) : make_uint4(0, 0, 0, 0);
-    out[1] = !kGuard || left > 32 ? __ldg(v + 4) : make_uint4(0, 0, 0, 0);
+    out[0] = !kGuard || left > 0 ? v[0] : make_uint4(0, 0, 0, 0);
+    out[1] = !kGuard || left > 32 ? v[4] : make_uint4(0, 0, 0, 0);
 }
 
 // acc += the products of one chunk: kUnits block-scale applications of 4 / kUnits mma k-steps each.
@@ -111,9 +121,134 @@ __device__ __forceinline__ void compute_chunk(float (&acc)[MT][4], uint4 w, cons
     }
 }
 
-// One stage: the loads of kStage consecutive chunks c .. c + kStage - 1 are all issued before any is used, at
-// constant offsets from one base, so the warp has kStage * 512 bytes in flight for the price of a few
-// address instructions. kGuard: chunks from `end` on are skipped, activations past K read as zeros.
+// ---- Weight stream, sm_80 and newer: cp.async into a ring of shared-memory stages ----
+// Each warp owns a ring of kDepth stages (kStage chunks of weights and their block parameters). Lanes copy their
+// own 16-byte vectors with cp.async, so the bytes in flight per warp are kDepth - 1 to kDepth stages, not the
+// registers a warp can spare (v4 held one stage in registers). The first kDepth stages are issued before the PDL
+// wait (weights are constants), so a GEMV after a latency-bound kernel has its first bytes on chip already.
+// A lane only ever reads back what it copied itself, so cp.async.wait_group is the only synchronisation.
+
+[[maybe_unused]] __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
+
+[[maybe_unused]] __device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// A stage's block parameters: kStage * kChunkK / BS blocks of 8 uint2 (64 bytes) each, contiguous per tile.
+template <int BS>
+__host__ __device__ constexpr int stage_param_vectors() { return kStage * kChunkK / BS * 4; }
+// uint4 per stage slot: the weights (32 per chunk), then the parameters rounded up to whole warps of 32.
+template <int BS>
+__host__ __device__ constexpr int stage_vectors() { return kStage * 32 + (stage_param_vectors<BS>() + 31) / 32 * 32; }
+
+// Copy stage `c .. c + kStage - 1` (chunk indices of the tile) into `slot`. kGuard: chunks from `end` on skipped.
+template <int BS, bool kGuard>
+__device__ __forceinline__ void issue_stage(uint4* slot, const uint4* wt, const uint4* ptile, int c, int end,
+                                            int lane) {
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+        cp_async16(slot + u * 32 + lane, wt + (c + u) * 32);
+    }
+    constexpr int kParams = stage_param_vectors<BS>();
+    const uint4* pp = ptile + c * kChunkK / BS * 4;  // c is even, so whole blocks for BS = 128 too
+#pragma unroll
+    for (int i = lane; i < kParams; i += 32) {
+        if (kGuard && c + i / 4 * BS / kChunkK >= end) break;  // block i / 4 starts in chunk c + (i / 4) * BS / 64
+        cp_async16(slot + kStage * 32 + i, pp + i);
+    }
+}
+
+// acc += the products of the stage in `slot`; x loaded here (L1/L2 hits). kGuard as in run_stage.
+template <int MT, int BS, bool kGuard>
+__device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, const uint16_t* const (&xrow)[MT],
+                                              int c, int end, int K, int lane) {
+    constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;
+    constexpr int kUnits = kChunkK / kUnitK;
+    const int g = lane >> 2, t = lane & 3;
+    const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + g;
+    uint4 xv[kStage][MT][2];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+            load_x<kGuard>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+        uint2 p[kUnits];
+#pragma unroll
+        for (int v = 0; v < kUnits; ++v) p[v] = params[(u * kChunkK + v * kUnitK) / BS * 8];
+        compute_chunk<MT, kUnits>(acc, slot[u * 32 + lane], p, xv[u]);
+    }
+}
+
+// The warp's chunks [begin, end) through its ring of kDepth stages: issue(s) copies stage s into its slot.
+template <int BS, int kDepth>
+struct AsyncStream {
+    uint4* ring;
+    const uint4* wt;
+    const uint4* ptile;
+    int begin, end, lane, stages;
+
+    __device__ __forceinline__ AsyncStream(uint4* ring_, const uint4* wt_, const uint4* ptile_, int begin_, int end_,
+                                           int lane_)
+        : ring(ring_), wt(wt_), ptile(ptile_), begin(begin_), end(end_), lane(lane_),
+          stages(end_ > begin_ ? (end_ - begin_ + kStage - 1) / kStage : 0) {}
+
+    __device__ __forceinline__ const uint4* slot(int s) const { return ring + (s % kDepth) * stage_vectors<BS>(); }
+
+    __device__ __forceinline__ void issue(int s) {
+        const int c = begin + s * kStage;
+        uint4* dst = ring + (s % kDepth) * stage_vectors<BS>();
+        if (s < stages) {
+            if (c + kStage <= end) issue_stage<BS, false>(dst, wt, ptile, c, end, lane);
+            else issue_stage<BS, true>(dst, wt, ptile, c, end, lane);
+        }
+        cp_async_commit();  // empty groups past the end keep the group count uniform
+    }
+
+    // Before the PDL wait: the first kDepth stages, a slot each (weights are constants). For the small products
+    // (o: 2 stages a warp) that is all of them, so their weights arrive while attention runs.
+    __device__ __forceinline__ void prologue() {
+#pragma unroll
+        for (int s = 0; s < kDepth; ++s) issue(s);
+    }
+
+    // After it: each stage is computed once it has landed, then its slot refilled with the stage kDepth ahead,
+    // so kDepth - 1 stages stay in flight. fast_end: chunks whose activations all lie inside K.
+    template <int MT>
+    __device__ __forceinline__ void run(float (&acc)[MT][4], const uint16_t* const (&xrow)[MT], int fast_end, int K) {
+        for (int s = 0; s < stages; ++s) {
+            cp_async_wait<kDepth - 1>();  // stage s's group: kDepth + s committed, the newest kDepth - 1 may pend
+            const int c = begin + s * kStage;
+            if (c + kStage <= fast_end) compute_stage<MT, BS, false>(acc, slot(s), xrow, c, end, K, lane);
+            else compute_stage<MT, BS, true>(acc, slot(s), xrow, c, end, K, lane);
+            issue(s + kDepth);  // into the slot just consumed (this lane read it back into registers above)
+        }
+        cp_async_wait<0>();
+    }
+};
+
+// ---- Weight stream before sm_80 (no cp.async): each stage's loads in registers, issued before use ----
+// kStage * 512 bytes in flight per warp for the price of a few address instructions. kGuard: chunks from `end`
+// on are skipped, activations past K read as zeros.
 template <int MT, int BS, bool kGuard>
 __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, const uint2* pt,
                                           const uint16_t* const (&xrow)[MT], int c, int end, int K, int t) {
@@ -140,37 +275,108 @@ __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, 
     }
 }
 
-// Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
-// Warp w takes the chunks [w * per_warp, (w + 1) * per_warp) of the tile; per_warp is even.
 template <int MT, int BS>
-__global__ void __launch_bounds__(32 * kMaxWarps)
-gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, const uint2* __restrict__ params,
-            const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, int M, int N, int K, int chunks,
-            int pblocks, int mslices, int per_warp, int gated) {
-    extern __shared__ float partial[];
-    const int tile = blockIdx.x / mslices, m0 = (blockIdx.x % mslices) * 8 * MT;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const uint4* wt = weights + (size_t)tile * chunks * 32 + lane;
-    const uint2* pt = params + (size_t)tile * pblocks * 8 + g;
-    // Lanes of batch rows >= M read row M - 1: their products land in accumulator columns nobody writes.
-    const uint16_t* xrow[MT];
-#pragma unroll
-    for (int j = 0; j < MT; ++j) xrow[j] = x + (size_t)min(m0 + 8 * j + g, M - 1) * K + 8 * t;
-
-    float acc[MT][4] = {};
-    const int begin = warp * per_warp, end = min(chunks, begin + per_warp);
-    // The weights are constants: pull the warp's first chunks towards L2 before waiting for the kernel that
-    // writes x (programmatic dependent launch, see pdl.cuh), so a latency-bound predecessor (attention, a norm)
-    // overlaps this kernel's weight stream.
-    for (int u = begin; u < min(end, begin + kPrefetchChunks); ++u)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(wt + u * 32));
-    pdl_launch_dependents();
-    pdl_wait();
-    const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
+__device__ __forceinline__ void stream_registers(float (&acc)[MT][4], const uint4* wt, const uint2* pt,
+                                                 const uint16_t* const (&xrow)[MT], int begin, int end, int fast_end,
+                                                 int K, int t) {
     int c = begin;
     for (; c + kStage <= fast_end; c += kStage) run_stage<MT, BS, false>(acc, wt, pt, xrow, c, end, K, t);
     for (; c < end; c += kStage) run_stage<MT, BS, true>(acc, wt, pt, xrow, c, end, K, t);
+}
+
+struct GemmArgs {
+    const uint16_t* x;
+    const uint4* weights;
+    const uint2* params;
+    const uint16_t* bias;
+    uint16_t* y;
+    int M, N, K, chunks, pblocks, mslices, per_warp, gated;
+    // Optional RMSNorm folds (decode): rms_x set means x = w ⊙ h was pre-scaled and rms_x = h, so the sums are
+    // multiplied by rsqrt(mean(h^2) + eps) per batch row; norm_w set also writes y_norm = fp16(norm_w ⊙ y).
+    const uint16_t* rms_x;
+    float eps;
+    const uint16_t* norm_w;
+    uint16_t* y_norm;
+};
+
+// rsqrt(mean(h^2) + eps) of the batch rows this lane's accumulator columns hold (2t and 2t + 1 of each n-tile).
+// h is read 16 vectors per lane at a time: 4096 values in one round trip to L2 (r7 read 4 at a time: +1-2 us).
+constexpr int kRmsBatch = 16;
+template <int MT>
+__device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
+    const int t = lane & 3;
+    const int rows = min(8 * MT, a.M - m0), vecs = a.K / 8;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) rs[j][0] = rs[j][1] = 1.f;
+    for (int r = 0; r < rows; ++r) {
+        const uint4* h = reinterpret_cast<const uint4*>(a.rms_x + (size_t)(m0 + r) * a.K);
+        float ss = 0.f;
+        for (int i0 = lane; i0 < vecs; i0 += 32 * kRmsBatch) {  // kRmsBatch loads in flight: one L2 latency
+            uint4 v[kRmsBatch];
+#pragma unroll
+            for (int b = 0; b < kRmsBatch; ++b)
+                v[b] = i0 + 32 * b < vecs ? h[i0 + 32 * b] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int b = 0; b < kRmsBatch; ++b)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(as_half2(word(v[b], e)));
+                    ss += f.x * f.x + f.y * f.y;
+                }
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float r_std = rsqrtf(ss / a.K + a.eps);
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                if (r == 8 * j + 2 * t + i) rs[j][i] = r_std;
+    }
+}
+
+// Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
+// Warp w takes the chunks [w * per_warp, (w + 1) * per_warp) of the tile; per_warp is even.
+// Dynamic shared memory: each warp's ring of kDepth stages (sm_80+), then the cross-warp partial sums.
+template <int MT, int BS, int kDepth>
+__global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs a) {
+    extern __shared__ uint4 smem[];
+    const int tile = blockIdx.x / a.mslices, m0 = (blockIdx.x % a.mslices) * 8 * MT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int M = a.M, N = a.N, K = a.K;
+    const uint4* wt = a.weights + (size_t)tile * a.chunks * 32 + lane;
+    // Lanes of batch rows >= M read row M - 1: their products land in accumulator columns nobody writes.
+    const uint16_t* xrow[MT];
+#pragma unroll
+    for (int j = 0; j < MT; ++j) xrow[j] = a.x + (size_t)min(m0 + 8 * j + g, M - 1) * K + 8 * t;
+
+    float acc[MT][4] = {};
+    const int begin = warp * a.per_warp, end = min(a.chunks, begin + a.per_warp);
+    const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
+#if defined(AWQE_ASYNC_STREAM)
+    AsyncStream<BS, kDepth> stream(smem + warp * kDepth * stage_vectors<BS>(), wt,
+                                   reinterpret_cast<const uint4*>(a.params + (size_t)tile * a.pblocks * 8), begin, end,
+                                   lane);
+    stream.prologue();
+    float* partial = reinterpret_cast<float*>(smem + nwarps * kDepth * stage_vectors<BS>());
+#else
+    // Pull the warp's first chunks towards L2 before waiting for the kernel that writes x (see pdl.cuh).
+    for (int u = begin; u < min(end, begin + kPrefetchChunks); ++u)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(wt + u * 32));
+    float* partial = reinterpret_cast<float*>(smem);
+#endif
+    pdl_launch_dependents();
+    pdl_wait();
+    // The folded RMSNorm's 1/rms per batch row, for the warp that writes the outputs; its loads of h (L2) overlap
+    // the weight stages already in flight.
+    float rs[MT][2];
+    if (a.rms_x && warp == 0) row_rstd<MT>(rs, a, m0, lane);
+#if defined(AWQE_ASYNC_STREAM)
+    stream.template run<MT>(acc, xrow, fast_end, K);
+#else
+    stream_registers<MT, BS>(acc, wt, a.params + (size_t)tile * a.pblocks * 8 + g, xrow, begin, end, fast_end, K, t);
+#endif
 
     if (nwarps > 1) {  // the warps of a tile split its chunks: sum their fragments through shared memory
         float* mine = partial + (warp * 32 + lane) * (MT * 4);
@@ -188,8 +394,14 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
                 for (int i = 0; i < 4; ++i) acc[j][i] += theirs[j * 4 + i];
         }
     }
+    if (a.rms_x) {  // the folded RMSNorm: scale each batch row's sums by its rsqrt(mean(h^2) + eps)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[j][i] *= rs[j][i & 1];
+    }
     // Accumulator fragment: element i is row g + 8 (i / 2) of the tile, batch row 2t + (i % 2) of the n-tile.
-    if (gated) {  // rows g (gate) and g + 8 (up) of a tile are one output: fp16(silu(gate)) * up, as PyTorch rounds
+    if (a.gated) {  // rows g (gate) and g + 8 (up) of a tile are one output: fp16(silu(gate)) * up, as PyTorch rounds
         const int n = tile * (kTileRows / 2) + g, n_out = N / 2;
 #pragma unroll
         for (int j = 0; j < MT; ++j)
@@ -198,13 +410,13 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
                 const int m = m0 + 8 * j + 2 * t + i;
                 if (n >= n_out || m >= M) continue;
                 float gv = acc[j][i], uv = acc[j][i + 2];
-                if (bias) {
-                    gv += __half2float(__ushort_as_half(bias[tile * kTileRows + g]));
-                    uv += __half2float(__ushort_as_half(bias[tile * kTileRows + g + 8]));
+                if (a.bias) {
+                    gv += __half2float(__ushort_as_half(a.bias[tile * kTileRows + g]));
+                    uv += __half2float(__ushort_as_half(a.bias[tile * kTileRows + g + 8]));
                 }
                 const float gate = __half2float(__float2half_rn(gv));
                 const __half act = __float2half_rn(gate / (1.f + __expf(-gate)));
-                y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
+                a.y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
             }
         return;
     }
@@ -215,8 +427,10 @@ gemm_kernel(const uint16_t* __restrict__ x, const uint4* __restrict__ weights, c
             const int n = tile * kTileRows + g + 8 * (i >> 1), m = m0 + 8 * j + 2 * t + (i & 1);
             if (n >= N || m >= M) continue;
             float v = acc[j][i];
-            if (bias) v += __half2float(__ushort_as_half(bias[n]));
-            y[(size_t)m * N + n] = __half_as_ushort(__float2half_rn(v));
+            if (a.bias) v += __half2float(__ushort_as_half(a.bias[n]));
+            const __half out = __float2half_rn(v);
+            a.y[(size_t)m * N + n] = __half_as_ushort(out);
+            if (a.norm_w) a.y_norm[(size_t)m * N + n] = __half_as_ushort(__hmul(__ushort_as_half(a.norm_w[n]), out));
         }
 }
 
@@ -228,39 +442,58 @@ int choose_warps(int blocks, int chunks, int sm_count) {
     return w;
 }
 
+// Ring depth per warp (sm_80+): blocks of one or two warps (the large shapes, ~10-16 warps per SM) keep kDeep
+// stages in flight each; blocks of 4-8 warps have more warps per SM, so 2 each are as many bytes and keep a
+// block's shared memory at 40 KB (within the 48 KB every architecture gives without opting in).
+#ifndef AWQE_DEPTH
+#define AWQE_DEPTH 3
+#endif
+constexpr int kDeep = AWQE_DEPTH, kShallow = 2;
+
+template <int MT, int BS, int kDepth>
+cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStream_t stream) {
+    const size_t partial = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
+    const size_t ring = async_copy ? (size_t)warps * kDepth * stage_vectors<BS>() * sizeof(uint4) : 0;
+    return launch_pdl(gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps), ring + partial, stream, a);
+}
+
 template <int MT, int BS>
-cudaError_t launch(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
-                   int warps, int sm_count, int gated, cudaStream_t stream) {
-    const Layout l = make_layout(N, K, BS);
-    const int mslices = (M + 8 * MT - 1) / (8 * MT);
-    const int blocks = l.tiles * mslices;
-    if (warps == 0) warps = choose_warps(blocks, l.chunks, sm_count);
-    const int per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
-    const size_t smem = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
-    const uint4* w = static_cast<const uint4*>(packed);
-    const uint2* p = reinterpret_cast<const uint2*>(static_cast<const char*>(packed) + l.weight_bytes());
-    return launch_pdl(gemm_kernel<MT, BS>, dim3(blocks), dim3(32 * warps), smem, stream, x, w, p, bias, y, M, N, K,
-                      l.chunks, l.pblocks, mslices, per_warp, gated);
+cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaStream_t stream) {
+    const Layout l = make_layout(f.N, f.K, BS);
+    GemmArgs a;
+    a.x = f.x;
+    a.weights = static_cast<const uint4*>(f.packed);
+    a.params = reinterpret_cast<const uint2*>(static_cast<const char*>(f.packed) + l.weight_bytes());
+    a.bias = f.bias;
+    a.y = f.y;
+    a.M = f.M, a.N = f.N, a.K = f.K, a.chunks = l.chunks, a.pblocks = l.pblocks, a.gated = f.gated;
+    a.mslices = (f.M + 8 * MT - 1) / (8 * MT);
+    a.rms_x = f.rms_x, a.eps = f.eps, a.norm_w = f.norm_w, a.y_norm = f.y_norm;
+    const int blocks = l.tiles * a.mslices;
+    if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count);
+    a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
+    const bool async_copy = kAsyncBuild && dev.major >= 8;
+    if (warps <= 2) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, stream);
+    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, stream);
 }
 
 template <int MT>
-cudaError_t launch_bs(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N, int K,
-                      int block_size, int warps, int sm_count, int gated, cudaStream_t stream) {
+cudaError_t launch_mt(const GemmFold& f, int block_size, int warps, const Device& dev, cudaStream_t stream) {
     switch (block_size) {
-        case 32: return launch<MT, 32>(x, packed, bias, y, M, N, K, warps, sm_count, gated, stream);
-        case 64: return launch<MT, 64>(x, packed, bias, y, M, N, K, warps, sm_count, gated, stream);
-        default: return launch<MT, 128>(x, packed, bias, y, M, N, K, warps, sm_count, gated, stream);
+        case 32: return launch_shape<MT, 32>(f, warps, dev, stream);
+        case 64: return launch_shape<MT, 64>(f, warps, dev, stream);
+        default: return launch_shape<MT, 128>(f, warps, dev, stream);
     }
 }
 
 }  // namespace
 
-cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int sm_count, int gated, cudaStream_t stream) {
+cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev,
+                        cudaStream_t stream) {
     // One mma n-tile covers M <= 8; beyond, two n-tiles per pass, and larger M in slices of 16 rows whose
     // blocks for one tile run side by side, so the weights' repeat reads come from L2.
-    if (M <= 8) return launch_bs<1>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, gated, stream);
-    return launch_bs<2>(x, packed, bias, y, M, N, K, block_size, warps_per_tile, sm_count, gated, stream);
+    if (f.M <= 8) return launch_mt<1>(f, block_size, warps_per_tile, dev, stream);
+    return launch_mt<2>(f, block_size, warps_per_tile, dev, stream);
 }
 
 }  // namespace awqe

@@ -49,8 +49,29 @@ cudaError_t launch_repack(const uint8_t* B, const uint16_t* scales, const uint8_
 
 cudaError_t launch_dequantize(const void* packed, int N, int K, int block_size, void* w, cudaStream_t stream);
 
-// gated: W's rows alternate in blocks of 8 between gate and up rows (N/2 of each); y [M, N/2] = fp16(silu(gate)) * up.
-cudaError_t launch_gemm(const uint16_t* x, const void* packed, const uint16_t* bias, uint16_t* y, int M, int N,
-                        int K, int block_size, int warps_per_tile, int sm_count, int gated, cudaStream_t stream);
+struct Device {
+    int sm_count;
+    int major;  // compute capability
+};
+
+// One product y [M, N] = x [M, K] @ W^T (+ bias) and what its epilogue may fold in.
+struct GemmFold {
+    const uint16_t* x;
+    const void* packed;
+    const uint16_t* bias;  // or null
+    uint16_t* y;
+    int M, N, K;
+    // W's rows alternate in blocks of 8 between gate and up rows (N/2 of each); y [M, N/2] = fp16(silu(gate)) * up.
+    int gated;
+    // x = gamma * h pre-scaled by the caller and rms_x = h [M, K]: the sums are scaled by rsqrt(mean(h^2) + eps),
+    // an RMSNorm folded into the product (before bias and gate). Null: none.
+    const uint16_t* rms_x;
+    float eps;
+    // Also y_norm [M, N] = fp16(norm_w * y), the next RMSNorm's pre-scaled input. Null: none (not with gated).
+    const uint16_t* norm_w;
+    uint16_t* y_norm;
+};
+
+cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev, cudaStream_t stream);
 
 }  // namespace awqe

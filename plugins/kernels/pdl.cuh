@@ -3,6 +3,9 @@
 // pdl_wait() before it reads anything a predecessor wrote and before it writes anything (a predecessor may still
 // read it); only constant data (weights) may be touched earlier. Without the launch attribute, or before sm_90,
 // both calls do nothing and launches serialise as usual.
+// What a predecessor wrote must be read with plain loads: never __ldg or a `const T* __restrict__` pointer, whose
+// non-coherent (.nc) loads ptxas treats as constant and may move above griddepcontrol.wait (seen in the SASS of
+// decode_attention: a qkv load hoisted above the wait gave wrong results in CUDA graphs, bench/NOTES.md r7).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call for the decode work (bench/NOTES.md): build the kernel library once per variant, run the GPU
+# tests on the default build, then bench/decode.py with each library, one after the other in the same call.
+# Usage on the GPU machine, from the repository root:
+#   OUT=dir [BUILDS="default= register=-DAWQE_REGISTER_STREAM"] bash bench/device_decode.sh
+set -uo pipefail
+OUT=${OUT:?set OUT to a results folder}
+ARCH=${ARCH:-90-real}
+BUILDS=${BUILDS:-"default= register=-DAWQE_REGISTER_STREAM"}
+MODELS=${MODELS:-llama2-7b,llama3-8b}
+[ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
+export PYTHONPATH=$PWD
+for b in $BUILDS; do
+  name=${b%%=*} flags=${b#*=}
+  ( cmake -S plugins -B /tmp/awqe-$name -DCMAKE_CUDA_ARCHITECTURES=$ARCH "-DCMAKE_CUDA_FLAGS=$flags" >/dev/null &&
+    cmake --build /tmp/awqe-$name -j 8 2>&1 | grep -iE "error|spill" ) &
+done
+wait
+export AWQ_EDGE_KERNELS_LIB=/tmp/awqe-default/libawq_edge_kernels.so
+if [ "${TESTS:-1}" = 1 ]; then
+  python -m pytest -q -x tests/test_kernels.py tests/test_runtime_cuda.py 2>&1 | tail -4 | tee "$OUT/tests.txt"
+fi
+if [ "${SANITIZE:-0}" = 1 ]; then
+  timeout 240 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x \
+    tests/test_kernels.py tests/test_runtime_cuda.py -k "float64 or warp_split or attention or folded" 2>&1 |
+    tail -4 | tee "$OUT/memcheck.txt"
+fi
+for b in $BUILDS; do
+  name=${b%%=*} flags=${b#*=}
+  AWQ_EDGE_KERNELS_LIB=/tmp/awqe-$name/libawq_edge_kernels.so python -P bench/decode.py --models "$MODELS" \
+    --variants ${VARIANTS:-ours,ours_unfolded} ${BENCH_ARGS:---breakdown} --out "$OUT/decode_$name.json" \
+    --label "$name build: CMAKE_CUDA_FLAGS='$flags'" 2>&1 | grep -v Warning | grep -v '^ ' | grep -v '^[{}]'
+done
