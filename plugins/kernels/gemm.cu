@@ -80,15 +80,27 @@ __device__ __forceinline__ void mma_16x8x16(float c[4], const uint32_t a[4], uin
 // The weights are read once: stream them past L1 and mark them first to leave L2 (the path without cp.async).
 [[maybe_unused]] __device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
 
-// One chunk's activations for a lane (plain loads: x is written by the kernel before, see pdl.cuh): k = 8t .. 8t + 7 and 32 + 8t .. 32 + 8t + 7 (see layout.cuh).
+// One chunk's activations for a lane: k = 8t .. 8t + 7 and 32 + 8t .. 32 + 8t + 7 (see layout.cuh).
+// kReadOnly: through __ldg, for kernels launched without PDL (M > 8: each lane reads 4 x-vectors a chunk, and the
+// read-only path keeps M = 16 at v4's speed, 30-45% faster than plain loads at the large shapes). With PDL, x is
+// written while the kernel runs, so plain loads (ptxas may move __ldg above the wait, see pdl.cuh).
 // kGuard: past K (only in a row's last chunks) they read as zeros; K is a multiple of 8, so each half is
 // wholly inside or wholly outside.
-template <bool kGuard>
+template <bool kGuard, bool kReadOnly>
 __device__ __forceinline__ void load_x(uint4 out[2], const uint16_t* p, int left) {
     const uint4* v = reinterpret_cast<const uint4*>(p);
-    out[0] = !kGuard || left > 0 ? v[0] : make_uint4(0, 0, 0, 0);
-    out[1] = !kGuard || left > 32 ? v[4] : make_uint4(0, 0, 0, 0);
+    if constexpr (kReadOnly) {
+        out[0] = !kGuard || left > 0 ? __ldg(v) : make_uint4(0, 0, 0, 0);
+        out[1] = !kGuard || left > 32 ? __ldg(v + 4) : make_uint4(0, 0, 0, 0);
+    } else {
+        out[0] = !kGuard || left > 0 ? v[0] : make_uint4(0, 0, 0, 0);
+        out[1] = !kGuard || left > 32 ? v[4] : make_uint4(0, 0, 0, 0);
+    }
 }
+
+// Batch rows M <= 8 (one mma n-tile, MT = 1) is the decode GEMV: launched with PDL. M > 8 is not.
+template <int MT>
+constexpr bool kProgrammatic = MT == 1;
 
 // acc += the products of one chunk: kUnits block-scale applications of 4 / kUnits mma k-steps each.
 template <int MT, int kUnits>
@@ -187,7 +199,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* 
         if (kGuard && c + u >= end) break;
 #pragma unroll
         for (int j = 0; j < MT; ++j)
-            load_x<kGuard>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
+            load_x<kGuard, !kProgrammatic<MT>>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
     }
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
@@ -266,7 +278,7 @@ __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, 
         for (int v = 0; v < kUnits; ++v) p[u][v] = __ldg(pp + (u * kChunkK + v * kUnitK) / BS * 8);
 #pragma unroll
         for (int j = 0; j < MT; ++j)
-            load_x<kGuard>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
+            load_x<kGuard, !kProgrammatic<MT>>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
     }
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
@@ -300,10 +312,11 @@ struct GemmArgs {
 };
 
 // rsqrt(mean(h^2) + eps) of the batch rows this lane's accumulator columns hold (2t and 2t + 1 of each n-tile).
-// h is read 16 vectors per lane at a time: 4096 values in one round trip to L2 (r7 read 4 at a time: +1-2 us).
-constexpr int kRmsBatch = 16;
+// h is read 16 vectors per lane at a time (8 for MT = 2, whose registers are capped): 4096 values in one round
+// trip to L2 (4 at a time cost the decode GEMVs 1-2 us each).
 template <int MT>
 __device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
+    constexpr int kRmsBatch = 16 / MT;
     const int t = lane & 3;
     const int rows = min(8 * MT, a.M - m0), vecs = a.K / 8;
 #pragma unroll
@@ -338,6 +351,8 @@ __device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, 
 // Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
 // Warp w takes the chunks [w * per_warp, (w + 1) * per_warp) of the tile; per_warp is even.
 // Dynamic shared memory: each warp's ring of kDepth stages (sm_80+), then the cross-warp partial sums.
+// Registers: as many as the kernel asks (~100 for MT = 1, ~167 for MT = 2; the default heuristic chose 80 for
+// MT = 1 and spilled), so MT = 2 runs at most 4 warps a tile by default (choose_warps).
 template <int MT, int BS, int kDepth>
 __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs a) {
     extern __shared__ uint4 smem[];
@@ -436,9 +451,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs 
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
 // blocks are resident at once, while every warp keeps at least one full stage of chunks.
-int choose_warps(int blocks, int chunks, int sm_count) {
+int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
     int w = 1;
-    while (w < kMaxWarps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && kStage * 2 * w <= chunks) w *= 2;
+    while (w < max_warps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && kStage * 2 * w <= chunks) w *= 2;
     return w;
 }
 
@@ -454,7 +469,8 @@ template <int MT, int BS, int kDepth>
 cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStream_t stream) {
     const size_t partial = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const size_t ring = async_copy ? (size_t)warps * kDepth * stage_vectors<BS>() * sizeof(uint4) : 0;
-    return launch_pdl(gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps), ring + partial, stream, a);
+    return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps),
+                         ring + partial, stream, a);
 }
 
 template <int MT, int BS>
@@ -470,7 +486,7 @@ cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaSt
     a.mslices = (f.M + 8 * MT - 1) / (8 * MT);
     a.rms_x = f.rms_x, a.eps = f.eps, a.norm_w = f.norm_w, a.y_norm = f.y_norm;
     const int blocks = l.tiles * a.mslices;
-    if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count);
+    if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const bool async_copy = kAsyncBuild && dev.major >= 8;
     if (warps <= 2) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, stream);

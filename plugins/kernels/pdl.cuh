@@ -31,9 +31,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // off with awqe_set_programmatic_launch(0) (kept for A/B timing).
 bool pdl_enabled();
 
+// programmatic: launch with the attribute (where enabled); false gives a plain launch, which starts only once the
+// kernel before it has finished and flushed, so the kernel may read its predecessor's output through __ldg.
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
+cudaError_t launch_kernel(bool programmatic, void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
@@ -43,8 +45,14 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
-    config.numAttrs = pdl_enabled() ? 1 : 0;
+    config.numAttrs = programmatic && pdl_enabled() ? 1 : 0;
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+    return launch_kernel(true, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace awqe
