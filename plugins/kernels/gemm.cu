@@ -185,6 +185,19 @@ __device__ __forceinline__ void issue_stage(uint4* slot, const uint4* wt, const 
     }
 }
 
+// The activations of chunks c .. c + kStage - 1 (those before `end`) for this lane, all loads issued together.
+template <int MT, bool kGuard>
+__device__ __forceinline__ void load_stage_x(uint4 (&xv)[kStage][MT][2], const uint16_t* const (&xrow)[MT], int c,
+                                             int end, int K, int t) {
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+            load_x<kGuard, !kProgrammatic<MT>>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
+    }
+}
+
 // acc += the products of the stage in `slot`; x loaded here (L1/L2 hits). kGuard as in run_stage.
 template <int MT, int BS, bool kGuard>
 __device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, const uint16_t* const (&xrow)[MT],
@@ -194,13 +207,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* 
     const int g = lane >> 2, t = lane & 3;
     const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + g;
     uint4 xv[kStage][MT][2];
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-        if (kGuard && c + u >= end) break;
-#pragma unroll
-        for (int j = 0; j < MT; ++j)
-            load_x<kGuard, !kProgrammatic<MT>>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
-    }
+    load_stage_x<MT, kGuard>(xv, xrow, c, end, K, t);
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
         if (kGuard && c + u >= end) break;
@@ -276,10 +283,8 @@ __device__ __forceinline__ void run_stage(float (&acc)[MT][4], const uint4* wt, 
         w[u] = load_streaming(wp + u * 32);
 #pragma unroll
         for (int v = 0; v < kUnits; ++v) p[u][v] = __ldg(pp + (u * kChunkK + v * kUnitK) / BS * 8);
-#pragma unroll
-        for (int j = 0; j < MT; ++j)
-            load_x<kGuard, !kProgrammatic<MT>>(xv[u][j], xrow[j] + (c + u) * kChunkK, K - (c + u) * kChunkK - 8 * t);
     }
+    load_stage_x<MT, kGuard>(xv, xrow, c, end, K, t);
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
         if (kGuard && c + u >= end) break;
