@@ -375,8 +375,10 @@ def breakdown_of(w: Weights, context: int) -> dict:
         kc.normal_()
         vc.normal_()
     L, n = w.layers, len(w.layers)
-    nxt = [l.input_norm for l in L[1:]] + [w.norm]
-    parts = {  # the step's operations as the decoder calls them (norms folded into the GEMVs beside them)
+    nxt = [l.input_norm for l in L[1:]] + [None]  # the last down GEMV writes no gamma * h (the final norm is a kernel)
+    # The step's operations as the decoder calls them, norms folded into the GEMVs beside them (layer 0's input norm
+    # is a kernel in the real step; here every qkv GEMV is timed folded).
+    parts = {
         "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=x) for l in L],
         "attention": lambda: [ops.decode_attention(qkv, dec.pos, w.cos, w.sin, dec.k_cache[i], dec.v_cache[i],
                                                    d.heads, dec.scale, 0) for i in range(n)],
@@ -390,6 +392,7 @@ def breakdown_of(w: Weights, context: int) -> dict:
         "rmsnorm": lambda: [ops.rmsnorm(h, l.input_norm, d.eps) for l in L],
         "qkv_gemv": lambda: [ops.linear(x, l.qkv) for l in L],
         "o_gemv_residual": lambda: [ops.linear(a, l.o, residual=h) for l in L],
+        "rmsnorm_2": lambda: [ops.rmsnorm(h, l.post_norm, d.eps) for l in L],
         "gate_up_gemv_silu": lambda: [ops.gate_up_act(x, l.gate_up) for l in L],
         "down_gemv_residual": lambda: [ops.linear(act, l.down, residual=h) for l in L],
     }

@@ -16,9 +16,15 @@ for b in $BUILDS; do
     cmake --build /tmp/awqe-$name -j 8 2>&1 | grep -iE "error|spill" ) &
 done
 wait
+for b in $BUILDS; do
+  [ -f /tmp/awqe-${b%%=*}/libawq_edge_kernels.so ] || { echo "build ${b%%=*} failed"; exit 1; }
+done
 export AWQ_EDGE_KERNELS_LIB=/tmp/awqe-default/libawq_edge_kernels.so
 if [ "${TESTS:-1}" = 1 ]; then
-  python -m pytest -q -x tests/test_kernels.py tests/test_runtime_cuda.py 2>&1 | tail -4 | tee "$OUT/tests.txt"
+  python -m pytest -q -x tests/test_kernels.py tests/test_runtime_cuda.py > "$OUT/tests.txt" 2>&1
+  status=$?
+  tail -4 "$OUT/tests.txt"
+  [ $status = 0 ] || { echo "GPU tests failed: no benchmark"; exit 1; }
 fi
 if [ "${SANITIZE:-0}" = 1 ]; then
   timeout 240 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x \

@@ -62,6 +62,24 @@ def test_gemm_rejects_bad_arguments_before_any_cuda_call(override, status, fragm
 
 
 @needs_library
+@pytest.mark.parametrize("override, fragment", [
+    (dict(norm_w=ALIGNED), "both be given"),
+    (dict(norm_w=ALIGNED, norm_out=ALIGNED + 64, gated=1), "gated"),
+    (dict(rms=ALIGNED + 8), "rms_input must"),
+    (dict(rms=ALIGNED, eps=-1.0), "eps must"),
+    (dict(norm_w=ALIGNED, norm_out=ALIGNED), "norm_out not y"),
+    (dict(gated=1, N=24), "multiple of 16"),
+])
+def test_gemm_norm_rejects_bad_folds_before_any_cuda_call(override, fragment):
+    a = {**GOOD_GEMM, "gated": 0, "rms": None, "eps": 1e-5, "norm_w": None, "norm_out": None, **override}
+    lib = kernels.load_library()
+    status = lib.awqe_gemm_norm_f16(a["x"], a["packed"], a["bias"], a["y"], a["M"], a["N"], a["K"], a["block_size"],
+                                    a["gated"], a["rms"], a["eps"], a["norm_w"], a["norm_out"], None)
+    assert status == kernels.INVALID_ARGUMENT
+    assert fragment in lib.awqe_last_error().decode()
+
+
+@needs_library
 def test_gemm_with_no_rows_succeeds_without_touching_memory():
     assert call_gemm(kernels.load_library(), M=0) == kernels.OK
 

@@ -151,10 +151,11 @@ def test_rope_kv_kernel_rotates_q_k_and_writes_the_cache_at_each_position(m, hea
 @needs_library
 @needs_gpu
 @pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (9, 3, 64), (6, 2, 96), (32, 8, 128), (8, 8, 256)])
-@pytest.mark.parametrize("length, window", [(1, 0), (31, 0), (32, 0), (33, 0), (300, 0), (300, 70), (64, 64)])
+@pytest.mark.parametrize("length, window", [(1, 0), (31, 0), (32, 0), (33, 0), (300, 0), (300, 70), (64, 64),
+                                            (1000, 0), (1000, 100), (2049, 0)])  # > 16 splits: merged in rounds
 def test_decode_attention_kernel_matches_reference_and_reads_only_the_live_positions(heads, kv, d, length, window):
     g = gpu_case(length * 7 + d + window)
-    max_len = 320
+    max_len = max(320, length + 24)
     kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
     vc = kc.clone()
     kc[:, : length - 1] = (torch.randn(kv, length - 1, d, device="cuda", generator=g) * 2).half()
@@ -259,8 +260,17 @@ def test_gemm_norm_refuses_norm_out_with_the_gated_epilogue():
 @needs_library
 @needs_gpu
 @pytest.mark.parametrize("case", ["llama", "qwen2_bias", "untied"])
-def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_folding(tmp_path, case):
+def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_folding(tmp_path, case, monkeypatch):
     write_checkpoint(tmp_path / "ck", **CASES[case])
+    calls = {"rms_input": 0, "norm_weight": 0}
+    real = kernels.gemm_norm
+
+    def counting(*args, **kw):
+        for key in calls:
+            calls[key] += kw.get(key) is not None
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "gemm_norm", counting)
     weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
     dense = load_weights(tmp_path / "ck", "cuda", torch.float32, packed=False, max_len=64)
     out = {}
@@ -268,6 +278,7 @@ def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_
                       "unfolded": CudaDecoder(weights, CudaOps(weights, fold_norms=False), use_graphs=True),
                       "torch_folded": CudaDecoder(dense, TorchOps(fold_norms=True), use_graphs=False)}.items():
         out[name] = np.stack([dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]])
+    assert calls["rms_input"] > 0 and calls["norm_weight"] > 0  # the folded decoder did fold
     scale = np.abs(out["unfolded"]).max()
     np.testing.assert_allclose(out["folded"], out["unfolded"], atol=1e-2 * scale)
     np.testing.assert_allclose(out["folded"], out["torch_folded"], atol=1e-2 * scale)

@@ -147,10 +147,11 @@ def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True
 class TorchOps:
     """The decoder step's operations in plain PyTorch (any device, any float dtype).
 
-    fold_norms: single-token steps fold each RMSNorm into the products beside it, as CudaOps does: the product
-    before a norm also returns gamma * h (`residual_linear`), and the product after it computes
-    rsqrt(mean(h^2) + eps) * (W (gamma * h)) (`norm_linear` with `prescaled`), the same function up to fp16
-    rounding (gamma is applied before 1/rms instead of after). Off: transformers' order exactly.
+    fold_norms: single-token steps fold each RMSNorm into the products beside it: the product before a norm also
+    returns gamma * h (`residual_linear`), and the product after it computes rsqrt(mean(h^2) + eps) * (W (gamma * h))
+    (`norm_linear` with `prescaled`), the same function up to fp16 rounding (gamma is applied before 1/rms instead
+    of after). CudaOps folds the same way where its int4 GEMV can (packed weights, no bias on the product before
+    the norm) and here every linear folds. Off: transformers' order exactly.
     """
 
     def __init__(self, fold_norms: bool = False):

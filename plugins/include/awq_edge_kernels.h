@@ -92,8 +92,9 @@ AWQE_API size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int ma
  * out [n_heads, head_dim] = softmax(scale * q k^T) v over cache positions 0 .. *position, or the last `window`
  * of them when window > 0. head_dim 32, 64, 96, 128 or 256; qkv and caches 4-byte aligned; workspace 8-byte
  * aligned. With programmatic dependent launch (sm_90+) the kernel reads *position, the cache rows before it and
- * cos/sin before the kernel launched just before it on the stream has finished (only qkv is waited for): write
- * those earlier than that kernel (a decoder step writes them in earlier steps). */
+ * cos/sin before the kernels launched before it on the stream have finished (only qkv is waited for), and every
+ * kernel of this library lets its successor start early: write those before the last operation on the stream
+ * that this library did not launch (a decoder step writes them in earlier steps, past a torch op). */
 AWQE_API awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, const float* cos,
                                                const float* sin, void* k_cache, void* v_cache, void* out, int n_heads,
                                                int n_kv, int head_dim, int max_len, int window, float scale,
@@ -115,15 +116,16 @@ AWQE_API awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, 
  * rms_input NULL: no norm on the input. norm_weight [N] non-NULL (not with gated): also
  * norm_out [M, N] = fp16(norm_weight * y), the pre-scaled x of the next folded norm (y's own values rounded).
  * Equals awqe_rmsnorm_f16 then awqe_gemm_f16 up to fp16 rounding: the norm weight is applied before 1/rms, not
- * after. rms_input 16-byte aligned; norm_weight and norm_out 2-byte aligned, norm_out not y. Otherwise as
- * awqe_gemm_f16. */
+ * after. rms_input 16-byte aligned, eps >= 0; norm_weight and norm_out 2-byte aligned, norm_out not y; y and
+ * norm_out may not overlap x or rms_input. Otherwise as awqe_gemm_f16. */
 AWQE_API awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
                                         void* y_f16, int M, int N, int K, int block_size, int gated,
                                         const void* rms_input_or_null, float eps, const void* norm_weight_or_null,
                                         void* norm_out_or_null, cudaStream_t stream);
 
 /* Kernels of this library launch with programmatic dependent launch on compute capability 9.0 and newer, so each
- * overlaps the tail of the kernel before it (also inside CUDA graphs). 0 turns that off, 1 back on (default). */
+ * overlaps the tail of the kernel before it (also inside CUDA graphs); GEMMs with M > 8 launch plainly. 0 turns
+ * that off, 1 back on (default). */
 AWQE_API void awqe_set_programmatic_launch(int enable);
 
 #ifdef __cplusplus

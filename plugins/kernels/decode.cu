@@ -164,17 +164,20 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
                         int max_len, int window, int max_splits, float scale) {
     constexpr int D = 32 * E;
     pdl_launch_dependents();
-#ifdef AWQE_ATTN_WAIT_FIRST
+#ifdef AWQE_ATTN_WAIT_FIRST  // diagnostic build: every read after the wait (bench/NOTES.md, r7b)
     pdl_wait();
 #endif
     // Until pdl_wait this block reads only what earlier steps wrote: the position, the cache rows before it, the
     // rope tables. So the cache rows' memory latency overlaps the qkv product still running before this kernel.
     const int head = blockIdx.x, split = blockIdx.y;
     const int pos = position[0];
-    if (pos < 0 || pos >= max_len) return;  // the host checks positions; never touch memory outside the cache
+    if (pos < 0 || pos >= max_len) {  // the host checks positions; never touch memory outside the cache
+        pdl_wait();  // but complete after the kernel before, as always, so the chain of waits stays ordered
+        return;
+    }
     const int length = pos + 1;
     const int n_splits = (length + kSplitKeys - 1) / kSplitKeys;
-    if (split >= n_splits) return;
+    if (split >= n_splits) return;  // the active splits wait
     const int lo = window > 0 ? max(0, length - window) : 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = n_heads / n_kv, kvh = head / group;

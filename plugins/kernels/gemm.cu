@@ -22,6 +22,7 @@ constexpr int kMaxWarps = 8;
 #define AWQE_STAGE 4
 #endif
 constexpr int kStage = AWQE_STAGE;
+static_assert(kStage % 2 == 0, "stages start at even chunks: whole blocks of 128 (layout.cuh)");
 // The weight stream: cp.async into shared memory from sm_80 on (v5); -DAWQE_REGISTER_STREAM builds v4's
 // register stages for every architecture, for A/B timing.
 #if defined(AWQE_REGISTER_STREAM)
@@ -138,7 +139,8 @@ __device__ __forceinline__ void compute_chunk(float (&acc)[MT][4], uint4 w, cons
 // own 16-byte vectors with cp.async, so the bytes in flight per warp are kDepth - 1 to kDepth stages, not the
 // registers a warp can spare (v4 held one stage in registers). The first kDepth stages are issued before the PDL
 // wait (weights are constants), so a GEMV after a latency-bound kernel has its first bytes on chip already.
-// A lane only ever reads back what it copied itself, so cp.async.wait_group is the only synchronisation.
+// A lane reads back its own weight vectors, but the block parameters (one 16-byte vector serves lanes of two
+// values of g) cross lanes: a __syncwarp after each stage lands and before its slot is refilled.
 
 [[maybe_unused]] __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -256,10 +258,12 @@ struct AsyncStream {
     __device__ __forceinline__ void run(float (&acc)[MT][4], const uint16_t* const (&xrow)[MT], int fast_end, int K) {
         for (int s = 0; s < stages; ++s) {
             cp_async_wait<kDepth - 1>();  // stage s's group: kDepth + s committed, the newest kDepth - 1 may pend
+            __syncwarp();  // block parameters are read by lanes other than the one that copied them
             const int c = begin + s * kStage;
             if (c + kStage <= fast_end) compute_stage<MT, BS, false>(acc, slot(s), xrow, c, end, K, lane);
             else compute_stage<MT, BS, true>(acc, slot(s), xrow, c, end, K, lane);
-            issue(s + kDepth);  // into the slot just consumed (this lane read it back into registers above)
+            __syncwarp();  // every lane has read the slot before any lane refills it
+            issue(s + kDepth);
         }
         cp_async_wait<0>();
     }
@@ -464,7 +468,8 @@ int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
 
 // Ring depth per warp (sm_80+): blocks of one or two warps (the large shapes, ~10-16 warps per SM) keep kDeep
 // stages in flight each; blocks of 4-8 warps have more warps per SM, so 2 each are as many bytes and keep a
-// block's shared memory at 40 KB (within the 48 KB every architecture gives without opting in).
+// block's shared memory at 44 KB with the cross-warp sums (48 KB for M > 8 at 8 warps): within what every
+// architecture gives without opting in. Larger builds (-DAWQE_STAGE=8) opt in at launch.
 #ifndef AWQE_DEPTH
 #define AWQE_DEPTH 3
 #endif
@@ -474,6 +479,11 @@ template <int MT, int BS, int kDepth>
 cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStream_t stream) {
     const size_t partial = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const size_t ring = async_copy ? (size_t)warps * kDepth * stage_vectors<BS>() * sizeof(uint4) : 0;
+    if (ring + partial > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(ring + partial));
+        if (e != cudaSuccess) return e;
+    }
     return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps),
                          ring + partial, stream, a);
 }
