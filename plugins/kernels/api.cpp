@@ -104,22 +104,12 @@ awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* 
 
 // Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
 std::atomic<int> g_pdl_switch{1};
-std::atomic<int> g_pdl_capable[64];  // 0 unknown, 1 no, 2 yes
 
 }  // namespace
 
 bool awqe::pdl_enabled() {
-    if (!g_pdl_switch.load(std::memory_order_relaxed)) return false;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-    int known = g_pdl_capable[dev].load(std::memory_order_relaxed);
-    if (known == 0) {
-        int major = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-        known = major >= 9 ? 2 : 1;
-        g_pdl_capable[dev].store(known, std::memory_order_relaxed);
-    }
-    return known == 2;
+    awqe::Device dev{};
+    return g_pdl_switch.load(std::memory_order_relaxed) && device_info(&dev) == AWQE_OK && dev.major >= 9;
 }
 
 extern "C" {

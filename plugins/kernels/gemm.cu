@@ -233,14 +233,13 @@ struct AsyncStream {
         : ring(ring_), wt(wt_), ptile(ptile_), begin(begin_), end(end_), lane(lane_),
           stages(end_ > begin_ ? (end_ - begin_ + kStage - 1) / kStage : 0) {}
 
-    __device__ __forceinline__ const uint4* slot(int s) const { return ring + (s % kDepth) * stage_vectors<BS>(); }
+    __device__ __forceinline__ uint4* slot(int s) const { return ring + (s % kDepth) * stage_vectors<BS>(); }
 
     __device__ __forceinline__ void issue(int s) {
         const int c = begin + s * kStage;
-        uint4* dst = ring + (s % kDepth) * stage_vectors<BS>();
         if (s < stages) {
-            if (c + kStage <= end) issue_stage<BS, false>(dst, wt, ptile, c, end, lane);
-            else issue_stage<BS, true>(dst, wt, ptile, c, end, lane);
+            if (c + kStage <= end) issue_stage<BS, false>(slot(s), wt, ptile, c, end, lane);
+            else issue_stage<BS, true>(slot(s), wt, ptile, c, end, lane);
         }
         cp_async_commit();  // empty groups past the end keep the group count uniform
     }
@@ -305,24 +304,17 @@ __device__ __forceinline__ void stream_registers(float (&acc)[MT][4], const uint
     for (; c < end; c += kStage) run_stage<MT, BS, true>(acc, wt, pt, xrow, c, end, K, t);
 }
 
-struct GemmArgs {
-    const uint16_t* x;
+// The product as the caller asked for it (layout.cuh: x, bias, y, M, N, K, gated and the norm folds), and what the
+// launcher derives from the layout.
+struct GemmArgs : GemmFold {
     const uint4* weights;
     const uint2* params;
-    const uint16_t* bias;
-    uint16_t* y;
-    int M, N, K, chunks, pblocks, mslices, per_warp, gated;
-    // Optional RMSNorm folds (decode): rms_x set means x = w ⊙ h was pre-scaled and rms_x = h, so the sums are
-    // multiplied by rsqrt(mean(h^2) + eps) per batch row; norm_w set also writes y_norm = fp16(norm_w ⊙ y).
-    const uint16_t* rms_x;
-    float eps;
-    const uint16_t* norm_w;
-    uint16_t* y_norm;
+    int chunks, pblocks, mslices, per_warp;
 };
 
 // rsqrt(mean(h^2) + eps) of the batch rows this lane's accumulator columns hold (2t and 2t + 1 of each n-tile).
-// h is read 16 vectors per lane at a time (8 for MT = 2, whose registers are capped): 4096 values in one round
-// trip to L2 (4 at a time cost the decode GEMVs 1-2 us each).
+// h is read 16 vectors per lane at a time (8 for MT = 2, which holds twice the accumulators): 4096 values in one
+// round trip to L2 (4 at a time cost the decode GEMVs 1-2 us each).
 template <int MT>
 __device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
     constexpr int kRmsBatch = 16 / MT;
@@ -491,15 +483,11 @@ cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStrea
 template <int MT, int BS>
 cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaStream_t stream) {
     const Layout l = make_layout(f.N, f.K, BS);
-    GemmArgs a;
-    a.x = f.x;
+    GemmArgs a{f};
     a.weights = static_cast<const uint4*>(f.packed);
     a.params = reinterpret_cast<const uint2*>(static_cast<const char*>(f.packed) + l.weight_bytes());
-    a.bias = f.bias;
-    a.y = f.y;
-    a.M = f.M, a.N = f.N, a.K = f.K, a.chunks = l.chunks, a.pblocks = l.pblocks, a.gated = f.gated;
+    a.chunks = l.chunks, a.pblocks = l.pblocks;
     a.mslices = (f.M + 8 * MT - 1) / (8 * MT);
-    a.rms_x = f.rms_x, a.eps = f.eps, a.norm_w = f.norm_w, a.y_norm = f.y_norm;
     const int blocks = l.tiles * a.mslices;
     if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
