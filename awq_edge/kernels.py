@@ -245,13 +245,8 @@ def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tenso
 
 def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., n/2] = fp16(silu(gate)) * up for W whose rows alternate gate/up in blocks of 8
-    (awq_edge.runtime.cuda.interleave_gate_up)."""
-    x2, bias = _gemm_inputs(x, w, bias)
-    out = torch.empty(*x.shape[:-1], w.n // 2, dtype=torch.float16, device=x.device)
-    lib = load_library()
-    check(lib, lib.awqe_gemm_gated_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), x2.shape[0], w.n,
-                                       w.k, w.block_size, _stream(x.device)))
-    return out
+    (awq_edge.runtime.cuda.interleave_gate_up): gemm_norm with the gate and no norm folded in."""
+    return gemm_norm(x, w, bias, gated=True)
 
 
 def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, gated: bool = False,

@@ -274,11 +274,9 @@ def greedy_parity(ckpt: Path, weights: Weights, n_tokens: int) -> dict:
 
     dec = CudaDecoder(weights, CudaOps(weights))
     rows = []
-    refs = {}
     for dtype in (torch.float16, torch.float32):
         model, tok = load_quantized_model(ckpt, dtype=dtype)
         model = model.cuda().eval()
-        refs[str(dtype)] = (model, tok)
         for p in PARITY_PROMPTS:
             ids = list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False))
@@ -304,7 +302,6 @@ def greedy_parity(ckpt: Path, weights: Weights, n_tokens: int) -> dict:
             rows.append(row)
             print("parity", {k: v for k, v in row.items() if k != "text_ours"}, flush=True)
         del model
-        refs.clear()
         free()
     return {"rows": rows, "identical_fp16": sum(r["identical"] for r in rows if r["reference"] == "float16"),
             "identical_fp32": sum(r["identical"] for r in rows if r["reference"] == "float32"),
@@ -417,7 +414,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2")
     ap.add_argument("--variants", default="ours,torch_int4,hf",
-                    help="comma list of: ours (always run), ours_unfolded, torch_int4, hf")
+                    help="comma list of: ours (always run), ours_unfolded and torch_int4 (random-weight models "
+                         "only), hf")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' compiled static-cache forward")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

@@ -1,11 +1,12 @@
 """CUDA backend: a batch-1 Llama-family decoder on awq-edge's int4 kernels, with a static KV cache and CUDA graphs.
 
 The checkpoint's 4-bit linears are repacked once into the kernels' layout, q/k/v and gate/up fused into one
-GEMV each. A decode step is RMSNorm, fused QKV GEMV, attention (rotary embedding, cache write, split attention
-over the cache and the merge of the splits in one kernel), O GEMV (the residual add rides on its bias),
-RMSNorm, gate/up GEMV with the SiLU gate in its epilogue, down GEMV (+ residual): seven launches per layer,
-each overlapping the previous one's tail on Hopper (programmatic dependent launch), positions read from device
-memory, so one captured CUDA graph replays every step.
+GEMV each. A decode step is the fused QKV GEMV (the input RMSNorm folded in), attention (rotary embedding, cache
+write, split attention over the cache and the merge of the splits in one kernel), the O GEMV (the residual add
+rides on its bias; it also writes gamma * h for the next norm), the gate/up GEMV (norm folded, SiLU gate in its
+epilogue), the down GEMV (+ residual, gamma * h): five launches per layer (layer 0's input norm is a kernel of
+its own), each overlapping the previous one's tail on Hopper (programmatic dependent launch), positions read from
+device memory, so one captured CUDA graph replays every step.
 Prefill runs the same layers on all prompt rows, with PyTorch's scaled_dot_product_attention over the cache.
 
 `TorchOps` computes the same step with plain PyTorch: the reference the kernels are tested against, and what
@@ -157,9 +158,13 @@ class TorchOps:
     def __init__(self, fold_norms: bool = False):
         self.fold_norms = fold_norms
 
+    @staticmethod
+    def _rstd(x, eps):
+        """rsqrt(mean(x^2) + eps) per row, in fp32."""
+        return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
     def rmsnorm(self, x, w, eps):
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return w * (x.float() * self._rstd(x, eps)).to(x.dtype)
 
     def linear(self, x, lin: Linear, residual=None):
         if lin.weight is None:
@@ -215,9 +220,7 @@ class TorchOps:
         if prescaled is None or lin.weight is None:
             y = self.rmsnorm(x, norm_weight, eps)
             return self.gate_up_act(y, lin) if gated else self.linear(y, lin)
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = F.linear(prescaled.float(), lin.weight.float()) * rstd
+        y = F.linear(prescaled.float(), lin.weight.float()) * self._rstd(x, eps)
         if lin.bias is not None:
             y = y + lin.bias.float()
         y = y.to(x.dtype)
