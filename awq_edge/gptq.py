@@ -1,0 +1,97 @@
+"""GPTQ weight rounding (Frantar et al., 2022): pure functions on tensors, in the format of `quant.quantize`."""
+
+import torch
+
+from awq_edge.errors import AwqEdgeError
+from awq_edge.quant import QConfig, dequantize_groups, group_qparams, n_groups, quantize_groups, to_groups
+
+
+class HessianAccumulator:
+    """H = 2/n * sum over tokens of x x^T, accumulated in float32 over micro-batches of x [..., in]."""
+
+    def __init__(self):
+        self.xtx = None
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.xtx is None:
+            self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        self.xtx.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if not self.n:
+            raise AwqEdgeError("the GPTQ Hessian has seen no calibration tokens", "call add() with the linear's inputs")
+        return self.xtx * (2 / self.n)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 3) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping x10 on each failure."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = H.diagonal().mean()
+    for attempt in range(retries + 1):
+        d = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+    raise AwqEdgeError(f"the GPTQ Hessian is not positive definite even with damping {d:g}",
+                       "check the calibration activations for NaN or Inf, or pass a larger damp")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = 0.01,
+                  act_order: bool = False):
+    """W [out, in], H [in, in] -> (q uint8 [out, in], scales [out, n_groups], zeros uint8 [out, n_groups]).
+
+    Columns are rounded one at a time; each rounding error is spread over the
+    columns not yet rounded so that x W^T moves least (H = 2/n X^T X). Without
+    act_order a group's scale and zero point come from its weights as updated
+    when the loop reaches its first column; with act_order (largest H_ii
+    first) they are fixed from the original weights beforehand ("static
+    groups"), so groups stay contiguous in the stored layout either way.
+    """
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    out_f, in_f = W.shape
+    gs = cfg.group_size
+    dead = H.diagonal() == 0  # an input that is always zero: its weights are free, zero keeps them small
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.empty(out_f, n_groups(in_f, gs), dtype=torch.float32, device=W.device)
+    zeros = torch.empty_like(scales)
+    perm = None
+    if act_order:
+        scales, zeros = group_qparams(to_groups(W, gs), cfg)
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    group_of = (perm if act_order else torch.arange(in_f)).div(gs, rounding_mode="floor").tolist()
+    Hinv = inverse_hessian_cholesky(H, damp)
+
+    # A block is whole groups, so a group's qparams see every update made before its first column.
+    block = max(block_size // gs, 1) * gs
+    Q = torch.empty_like(W)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            c, g = i1 + i, group_of[i1 + i]
+            if not act_order and c % gs == 0:
+                s, z = group_qparams(W1[:, i:i + gs].unsqueeze(1), cfg)  # min/max of real columns only
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            s, z = scales[:, g], zeros[:, g]
+            q = quantize_groups(W1[:, i:i + 1], s, z, cfg.w_bit)
+            Q[:, c] = q[:, 0]
+            E1[:, i] = (W1[:, i] - dequantize_groups(q, s, z)[:, 0]) / Hinv[c, c]
+            W1[:, i + 1:] -= E1[:, i:i + 1] * Hinv[c, c + 1:i2]
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(torch.uint8), scales, zeros.to(torch.uint8)
