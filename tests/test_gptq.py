@@ -112,3 +112,10 @@ def test_a_hessian_with_nan_raises_a_clear_error():
     x[0, 3] = float("nan")
     with pytest.raises(AwqEdgeError, match="not positive definite"):
         gptq_quantize(torch.randn(8, 32), hessian(x), QConfig(4, 32, True))
+
+
+def test_a_hessian_that_default_damping_cannot_fix_is_retried_with_ten_times_more():
+    H = torch.eye(64)
+    H[5, 5] = -0.05  # 0.01 * mean(diag) = 0.0098 leaves it negative; 0.098 makes it positive
+    q, s, z = gptq_quantize(torch.randn(8, 64), H, QConfig(4, 32, True))
+    assert bool(torch.isfinite(dequantize(q, s, z, 32)).all())
