@@ -5,6 +5,11 @@ x, try s = mean|x|^alpha for alpha on a grid in [0, 1), quantise W * s, and
 keep the alpha whose block output (x / s through the quantised block) is
 closest in MSE to the float output. Then, per linear, shrink each group's
 max |w| on a grid and keep the range with the least output error.
+
+One addition to the paper: the calibration tokens are split into a search
+part and a held-out part, and a scale or a clipping bound is kept only where
+it beats plain round-to-nearest on the held-out part too, so the search
+cannot overfit its own text into a loss against RTN.
 """
 
 import torch
@@ -14,65 +19,86 @@ from awq_edge.quant import QConfig, dequantize_groups, fake_quantize, group_qpar
 
 
 @torch.no_grad()
-def search_scale(call_block, x: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20):
-    """Best per-input-channel scales for `linears`, which all read x [..., in].
+def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20):
+    """Best per-input-channel scales for `linears`, which all read an activation with channel means x_mean [in].
 
-    call_block(x) runs the inspected module; the linears' weights are
-    temporarily replaced by quantised candidates and restored on return.
-    Returns (scales [in], best alpha, loss per alpha).
+    `chunks` yields (call_block, x, held_out) per slice of the calibration
+    tokens, with the linears at their float weights: call_block(x) runs the
+    inspected module. Every alpha is scored on every chunk (the linears'
+    weights are swapped for quantised candidates and restored), so only one
+    chunk's activations are ever in memory. The alpha is chosen on the search
+    chunks; it is kept only if it also beats round-to-nearest (alpha = 0,
+    s = 1) on the held-out chunks, so AWQ is never worse than RTN on text the
+    search did not see. Returns (scales [in], alpha, losses [n_grid, 2]: mean
+    squared error on search and held-out tokens).
     """
-    x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
-    reference = call_block(x)
-    originals = [lin.weight.data.clone() for lin in linears]
-    losses, best = [], (float("inf"), None, None)
+    x_mean = x_mean.float()
+    candidates = []
+    for i in range(n_grid):
+        s = x_mean.pow(i / n_grid).clamp(min=1e-4)
+        candidates.append(s / (s.max() * s.min()).sqrt())
+    originals = [lin.weight.data for lin in linears]
+    sse = torch.zeros(n_grid, 2, dtype=torch.float64, device=x_mean.device)
+    counts = [0, 0]
     try:
-        for i in range(n_grid):
-            alpha = i / n_grid
-            s = x_mean.pow(alpha).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
+        for call_block, x, held_out in chunks:
+            reference = call_block(x).float()
+            counts[held_out] += reference.numel()
+            for i, s in enumerate(candidates):
+                for lin, w in zip(linears, originals):
+                    lin.weight.data = (fake_quantize(w.float() * s, cfg) / s).to(w.dtype)
+                sse[i, int(held_out)] += (call_block(x).float() - reference).pow(2).sum().double()
             for lin, w in zip(linears, originals):
-                lin.weight.data = (fake_quantize(w.float() * s, cfg) / s).to(w.dtype)
-            loss = (call_block(x) - reference).float().pow(2).mean().item()
-            losses.append(loss)
-            if loss < best[0]:
-                best = (loss, alpha, s.clone())
+                lin.weight.data = w
     finally:
         for lin, w in zip(linears, originals):
             lin.weight.data = w
-    if best[2] is None:
-        raise FloatingPointError(f"scale search produced no finite loss: {losses}")
-    return best[2], best[1], losses
+    losses = (sse / torch.tensor([max(counts[0], 1), max(counts[1], 1)], dtype=torch.float64, device=sse.device)).cpu()
+    if not torch.isfinite(losses[:, 0]).any():
+        raise FloatingPointError(f"scale search produced no finite loss: {losses[:, 0].tolist()}")
+    best = int(torch.nan_to_num(losses[:, 0], nan=float("inf")).argmin())
+    if counts[1] and not losses[best, 1] < losses[0, 1]:
+        best = 0
+    return candidates[best], best / n_grid, losses
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, cfg: QConfig, n_grid: int = 20, max_shrink: float = 0.5,
-                n_tokens: int = 512, rows_per_batch: int = 256) -> torch.Tensor:
-    """Per-group clipping bound [out, n_groups] minimising the error of x @ W_q^T, group by group."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, cfg: QConfig, x_held_out: torch.Tensor | None = None,
+                n_grid: int = 20, max_shrink: float = 0.5, rows_per_batch: int = 256) -> torch.Tensor:
+    """Per-group clipping bound [out, n_groups] minimising the error of x @ W_q^T, group by group.
+
+    With x_held_out, a shrunk bound is kept only where it also lowers that
+    group's error on the held-out tokens; elsewhere the group keeps its full
+    range (plain round-to-nearest).
+    """
     g = cfg.group_size
     in_f = w.shape[1]
-    x = x.reshape(-1, in_f).float()
-    x = x[:: max(1, x.shape[0] // n_tokens)]
     pad = -(-in_f // g) * g - in_f
-    xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, g).transpose(0, 1)  # groups, tokens, g
-    xg_t = xg.transpose(1, 2)  # groups, g, tokens
+
+    def grouped(t):  # groups, g, tokens
+        t = torch.nn.functional.pad(t.reshape(-1, in_f).float(), (0, pad))
+        return t.reshape(t.shape[0], -1, g).permute(1, 2, 0)
+
+    parts = [grouped(x)] + ([grouped(x_held_out)] if x_held_out is not None and x_held_out.numel() else [])
     best_all = []
     for w_rows in w.float().split(rows_per_batch):
         wg = to_groups(w_rows, g)  # rows, groups, g
-        ref = torch.bmm(wg.transpose(0, 1), xg_t)  # groups, rows, tokens: each group's share of x @ W^T
+        refs = [torch.bmm(wg.transpose(0, 1), xg) for xg in parts]  # groups, rows, tokens
         max0 = wg.abs().amax(dim=-1)  # rows, groups
-        best_max = max0.clone()
-        best_err = torch.full_like(max0, float("inf"))
+        errs = []
         for i in range(int(max_shrink * n_grid)):
-            bound = (max0 * (1 - i / n_grid)).unsqueeze(-1)
-            cw = torch.max(torch.min(wg, bound), -bound)
+            bound = max0 * (1 - i / n_grid)
+            cw = torch.max(torch.min(wg, bound.unsqueeze(-1)), -bound.unsqueeze(-1))
             scales, zeros = group_qparams(cw, cfg)
-            qw = dequantize_groups(quantize_groups(cw, scales, zeros, cfg.w_bit), scales, zeros)
-            out = torch.bmm(qw.transpose(0, 1), xg_t)
-            err = (out - ref).pow(2).mean(dim=-1).transpose(0, 1)  # rows, groups
-            better = err < best_err
-            best_err[better] = err[better]
-            best_max[better] = bound.squeeze(-1)[better]
-        best_all.append(best_max)
+            qw = dequantize_groups(quantize_groups(cw, scales, zeros, cfg.w_bit), scales, zeros).transpose(0, 1)
+            errs.append(torch.stack([(torch.bmm(qw, xg) - ref).pow(2).mean(dim=-1).transpose(0, 1)
+                                     for xg, ref in zip(parts, refs)]))  # parts, rows, groups
+        errs = torch.stack(errs)  # steps, parts, rows, groups
+        step = errs[:, 0].argmin(dim=0)  # rows, groups
+        if len(parts) > 1:
+            held = errs[:, 1].gather(0, step.unsqueeze(0))[0]
+            step = torch.where(held < errs[0, 1], step, torch.zeros_like(step))
+        best_all.append(max0 * (1 - step.float() / n_grid))
     return torch.cat(best_all)
 
 

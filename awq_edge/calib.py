@@ -12,9 +12,12 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from awq_edge.errors import AwqEdgeError
 
+MIXED = "mixed"
 BUILTIN = "builtin"
 SAMPLED = "sampled"
-SOURCES_HELP = f"{BUILTIN!r} (Python's own documentation), {SAMPLED!r} (text the model writes), or a .txt/.jsonl file"
+SOURCES_HELP = (f"{MIXED!r} (prose, dialogue, code and several languages shipped with awq-edge, topped up with "
+                f"Python's documentation), {BUILTIN!r} (Python's documentation only), {SAMPLED!r} (text the model "
+                "writes), or a .txt/.jsonl file")
 
 
 def builtin_texts(n_chars: int) -> list:
@@ -101,6 +104,21 @@ def read_texts(path: Path) -> list:
     return texts
 
 
+def mixed_texts(n_chars: int) -> list:
+    """The shipped multi-domain documents, topped up with stdlib docstrings to n_chars, in a fixed shuffled order.
+
+    Shuffled so that every block of tokens, the held-out ones included, mixes domains.
+    """
+    from awq_edge.calib_text import mixed_documents
+
+    docs = [d for domain in mixed_documents().values() for d in domain]
+    short = n_chars - sum(map(len, docs))
+    if short > 0:
+        docs += builtin_texts(short)
+    random.Random(0).shuffle(docs)
+    return docs
+
+
 def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int, model=None, device: str = "cpu") -> torch.Tensor:
     """[n, seqlen] token ids: sampled from the model, or text joined, tokenised, cut into blocks, n spread evenly over it."""
     if n_samples < 1 or seqlen < 2:
@@ -108,7 +126,8 @@ def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int, mode
     if source == SAMPLED:
         return sampled_blocks(model, tokenizer, n_samples, seqlen, device)
     need = n_samples * seqlen
-    texts = builtin_texts(need * 6) if source == BUILTIN else read_texts(Path(source))
+    readers = {MIXED: mixed_texts, BUILTIN: builtin_texts}
+    texts = readers[source](need * 6) if source in readers else read_texts(Path(source))
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
     n_blocks = ids.numel() // seqlen
     if n_blocks == 0:

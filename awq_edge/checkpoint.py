@@ -57,24 +57,12 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
-    """Write the checkpoint to a temporary folder beside out_dir, then rename it into place."""
-    out_dir = Path(out_dir)
-    group_size = meta["group_size"]
-    tensors = {}
-    int4 = {n: ql for n, ql in result.linears.items() if ql.bits == 4}
-    check_awq_shapes({n: tuple(ql.q.shape) for n, ql in int4.items()}, group_size)
-    int8 = sorted(n for n, ql in result.linears.items() if ql.bits != 4)
-    skip = {f"{n}.weight" for n in int4}
-    if model.config.tie_word_embeddings:
-        skip.add("lm_head.weight")
-    for key, value in model.state_dict().items():
-        if key not in skip:
-            tensors[key] = value.detach().to(torch.float16).contiguous()
-    for name, ql in int4.items():
-        for k, v in to_awq_gemm(ql.q, ql.scales, ql.zeros, group_size).items():
-            tensors[f"{name}.{k}"] = v
-    config = model.config.to_dict()
+SHARD_BYTES = 2 * 2**30
+
+
+def awq_config(config: dict, group_size: int, int8: list, meta: dict) -> dict:
+    """config.json of the checkpoint: the model's config with AutoAWQ's quantization_config."""
+    config = dict(config)
     config.pop("_name_or_path", None)
     config["dtype"] = "float16"
     config["quantization_config"] = {
@@ -83,21 +71,93 @@ def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
         "group_size": group_size,
         "zero_point": True,
         "version": "gemm",
-        "modules_to_not_convert": int8 or None,
+        "modules_to_not_convert": sorted(int8) or None,
     }
-    config["awq_edge"] = {**meta, "int8_modules": int8}
-    tmp = _atomic_dir(out_dir)
-    try:
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    config["awq_edge"] = {**meta, "int8_modules": sorted(int8)}
+    return config
+
+
+class CheckpointWriter:
+    """A checkpoint written tensor by tensor as it is produced, so memory never holds the whole model.
+
+    Tensors go to safetensors shards of about 2 GiB in a temporary folder
+    beside out_dir; `commit` names them (one `model.safetensors`, or shards and
+    an index as save_pretrained writes them) and renames the folder into place.
+    Leaving the `with` block without a commit removes everything written.
+    """
+
+    def __init__(self, out_dir: Path, group_size: int | None = None, shard_bytes: int = SHARD_BYTES):
+        self.out_dir, self.group_size, self.shard_bytes = Path(out_dir), group_size, shard_bytes
+        self.tmp = _atomic_dir(self.out_dir)
+        self.pending, self.pending_bytes, self.shards, self.int8 = {}, 0, [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def linear(self, name: str, ql) -> None:
+        """A quantised linear: AutoAWQ GEMM tensors at 4 bits, its dequantised fp16 weight otherwise."""
+        if ql.bits == 4:
+            check_awq_shapes({name: tuple(ql.q.shape)}, self.group_size)
+            for k, v in to_awq_gemm(ql.q, ql.scales, ql.zeros, self.group_size).items():
+                self.tensor(f"{name}.{k}", v)
+        else:
+            self.int8.append(name)
+            self.tensor(f"{name}.weight", ql.dequantize())
+
+    def tensor(self, name: str, t: torch.Tensor) -> None:
+        t = (t.to(torch.float16) if t.is_floating_point() and t.dtype != torch.float16 else t).contiguous()
+        self.pending[name] = t
+        self.pending_bytes += t.numel() * t.element_size()
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            path = self.tmp / f".shard-{len(self.shards):05d}"
+            save_file(self.pending, path, metadata={"format": "pt"})
+            self.shards.append((path, list(self.pending), self.pending_bytes))
+            self.pending, self.pending_bytes = {}, 0
+
+    def commit(self, config: dict, tokenizer, generation_config=None) -> Path:
+        self._flush()
+        n = len(self.shards)
+        names = [WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        weight_map = {}
+        for (path, keys, _), name in zip(self.shards, names):
+            path.rename(self.tmp / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": sum(b for _, _, b in self.shards)}, "weight_map": weight_map}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if generation_config is not None:
+            generation_config.save_pretrained(self.tmp)
+        tokenizer.save_pretrained(self.tmp)
+        _replace_dir(self.tmp, self.out_dir)
+        self.tmp = None
+        return self.out_dir
+
+
+def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
+    """Write an in-memory quantised model (quantize_model's result) as a checkpoint folder."""
+    group_size = meta["group_size"]
+    int4 = {n: ql for n, ql in result.linears.items() if ql.bits == 4}
+    check_awq_shapes({n: tuple(ql.q.shape) for n, ql in int4.items()}, group_size)
+    skip = {f"{n}.weight" for n in result.linears}
+    if model.config.tie_word_embeddings:
+        skip.add("lm_head.weight")
+    with CheckpointWriter(out_dir, group_size) as writer:
+        for key, value in model.state_dict().items():
+            if key not in skip:
+                writer.tensor(key, value.detach())
+        for name, ql in result.linears.items():
+            writer.linear(name, ql)
+        config = awq_config(model.config.to_dict(), group_size, writer.int8, meta)
+        return writer.commit(config, tokenizer, getattr(model, "generation_config", None))
 
 
 def read_quant_config(path: Path) -> dict:

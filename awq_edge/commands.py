@@ -1,78 +1,40 @@
 """The quantiser's subcommands: `awq-edge quantize` and `awq-edge eval`."""
 
 import json
-import resource
-import sys
 import time
 from pathlib import Path
 
-import torch
 
 from awq_edge import calib
-from awq_edge.arch import get_adapter
-from awq_edge.checkpoint import check_awq_shapes, load_quantized_model, save_quantized
+from awq_edge.api import pick_device
+from awq_edge.checkpoint import load_quantized_model
 from awq_edge.errors import AwqEdgeError
 from awq_edge.eval import perplexity, text_tokens
-from awq_edge.model import load_config, load_float_model, resolve_model_dir
-from awq_edge.quant import QConfig
-from awq_edge.quantize import METHODS, quantize_model
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AwqEdgeError("--device cuda asked for, but torch sees no CUDA GPU", "use --device cpu or a CUDA build of torch")
-    return name
-
-
-def decoder_linear_shapes(model, adapter) -> dict:
-    layers = adapter.layers(model)
-    return {f"{adapter.layers_path}.{i}.{n}": (m.out_features, m.in_features)
-            for i, layer in enumerate(layers) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+from awq_edge.model import load_float_model, resolve_model_dir
+from awq_edge.quantize import METHODS
 
 
 def run_quantize(args) -> int:
-    cfg = QConfig(args.w_bit, args.group_size, not args.no_zero_point)
-    if cfg.w_bit != 4:
-        raise AwqEdgeError(f"--w-bit {cfg.w_bit}: the AutoAWQ checkpoint holds 4-bit weights only",
-                           "use --w-bit 4 (other widths are evaluated by bench/quality.py)")
-    device = pick_device(args.device)
-    path = resolve_model_dir(args.model)
-    adapter = get_adapter(load_config(path).model_type)
-    model, tokenizer = load_float_model(path)
-    shapes = decoder_linear_shapes(model, adapter)
-    check_awq_shapes(shapes, cfg.group_size)
-    if args.keep_8bit < 0 or args.keep_8bit > len(shapes):
-        raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} out of range", f"use 0..{len(shapes)}")
-    source = args.calib or calib.SAMPLED
-    calibrate = args.method == "awq" or args.sensitivity or args.keep_8bit
-    if calibrate:
-        ids = calib.calibration_blocks(tokenizer, source, args.n_samples, args.seqlen, model.to(device), device)
-        model.to("cpu")
-    else:
-        ids = torch.zeros(1, 2, dtype=torch.long)  # RTN alone needs only the layers' call arguments
-    print(f"{args.method} w{cfg.w_bit} g{cfg.group_size} zero_point={cfg.zero_point} on {path} "
-          f"({len(shapes)} linears; calibration: {source}, {tuple(ids.shape)} tokens) on {device}", flush=True)
-    result = quantize_model(model, adapter, cfg, args.method, ids, keep_8bit=args.keep_8bit, device=device)
-    meta = {"method": args.method, "group_size": cfg.group_size, "symmetric": not cfg.zero_point,
-            "source_model": str(args.model), "calibration": source if calibrate else None,
-            "n_samples": int(ids.shape[0]) if calibrate else 0, "seqlen": args.seqlen,
-            "quantize_seconds": result.report["seconds"]}
-    out = save_quantized(model, tokenizer, result, Path(args.output), meta)
+    from awq_edge.api import quantize
+
+    qm = quantize(args.model, method=args.method, w_bit=args.w_bit, group_size=args.group_size,
+                  zero_point=not args.no_zero_point, calib_source=args.calib, n_samples=args.n_samples,
+                  seqlen=args.seqlen, keep_8bit=args.keep_8bit, device=args.device,
+                  max_gpu_memory=args.max_gpu_memory, output=args.output)
+    out, report = qm.path, qm.report
     if args.sensitivity or args.keep_8bit:
-        report = {"sensitivity": result.report["sensitivity"], "alphas": result.report["alphas"],
-                  "int8_modules": result.report.get("int8_modules", [])}
-        (out / "sensitivity.json").write_text(json.dumps(report, indent=2) + "\n")
-        worst = sorted(report["sensitivity"].items(), key=lambda kv: kv[1], reverse=True)[:10]
-        print("most sensitive linears (relative output error at 4 bits):")
+        sens = {"sensitivity": report["sensitivity"], "alphas": report["alphas"],
+                "int8_modules": report.get("int8_modules", [])}
+        (out / "sensitivity.json").write_text(json.dumps(sens, indent=2) + "\n")
+        worst = sorted(sens["sensitivity"].items(), key=lambda kv: kv[1], reverse=True)[:10]
+        print("most sensitive linears (relative output error at 4 bits on held-out tokens):")
         for name, err in worst:
-            print(f"  {err:.3e}  {name}{'  -> 8 bit' if name in report['int8_modules'] else ''}")
-    print(f"wrote {out} in {result.report['seconds']} s, peak RSS {peak_rss_mb():.0f} MB", flush=True)
+            print(f"  {err:.3e}  {name}{'  -> 8 bit' if name in sens['int8_modules'] else ''}")
+    if args.method in ("awq", "awq-gptq") and report["scale_groups"]:
+        print(f"AWQ kept {report['scales_kept']}/{report['scale_groups']} scale groups and "
+              f"{report['clip_kept'][0]}/{report['clip_kept'][1]} clipped weight groups that beat "
+              f"round-to-nearest on {report['n_held_out']} held-out samples")
+    print(f"wrote {out}", flush=True)
     return 0
 
 
@@ -103,14 +65,18 @@ def register(sub) -> None:
     q.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     q.add_argument("--method", choices=METHODS, default="awq")
     q.add_argument("--w-bit", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--group-size", type=int, default=None,
+                   help="default: 128 if it divides every linear's input width, else 64, else 32")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric weights (needed by TensorRT's native int4)")
-    q.add_argument("--calib", help=f"calibration source: {calib.SOURCES_HELP}; default: {calib.SAMPLED}")
+    q.add_argument("--calib", help=f"calibration source: {calib.SOURCES_HELP}; default: {calib.MIXED}")
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--sensitivity", action="store_true", help="report each linear's output error")
     q.add_argument("--keep-8bit", type=int, default=0, metavar="N", help="keep the N most sensitive linears at 8 bits")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    q.add_argument("--max-gpu-memory", type=float, metavar="GIB",
+                   help="bound the layer loop's GPU memory (default: 90%% of what is free); activations move to "
+                        "host memory and chunks shrink to fit")
     q.set_defaults(func=run_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a float or quantised model on a text file")

@@ -21,12 +21,12 @@ def pack_awq_int32(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"AutoAWQ packing needs a multiple of 8 columns, got {cols}")
     x = x.to(torch.int32).reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
     # Summing disjoint nibbles is an OR; int32 wraps, which is the bit pattern we want.
-    return (x << _SHIFTS).sum(dim=-1, dtype=torch.int32)
+    return (x << _SHIFTS.to(x.device)).sum(dim=-1, dtype=torch.int32)
 
 
 def unpack_awq_int32(p: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_awq_int32`: int32 [rows, cols / 8] -> uint8 [rows, cols]."""
-    nibbles = ((p.unsqueeze(-1) >> _SHIFTS) & 0xF).to(torch.uint8)
+    nibbles = ((p.unsqueeze(-1) >> _SHIFTS.to(p.device)) & 0xF).to(torch.uint8)
     return nibbles[..., list(AWQ_REVERSE)].reshape(p.shape[0], -1)
 
 

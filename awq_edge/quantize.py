@@ -1,6 +1,14 @@
-"""Quantise a model's decoder linears layer by layer: AWQ (scale and clip search) or round-to-nearest."""
+"""Quantise a model's decoder linears layer by layer: AWQ, GPTQ, AWQ scales with GPTQ rounding, or round-to-nearest.
 
+Memory is bounded by one decoder layer and one chunk of calibration samples:
+the calibration activations (each layer's float input and output) are kept in
+the layer's dtype on the GPU or, when the budget is short, in host memory;
+every search runs chunk by chunk and accumulates its loss.
+"""
+
+import heapq
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -9,9 +17,15 @@ from tqdm import tqdm
 
 from awq_edge.arch import Adapter, fold_scale
 from awq_edge.awq import apply_clip, search_clip, search_scale
-from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.gptq import HessianAccumulator, gptq_quantize
+from awq_edge.layers import LoadedModel, _StopForward
+from awq_edge.quant import QConfig, dequantize, quantize, to_groups
 
-METHODS = ("awq", "rtn")
+METHODS = ("awq", "rtn", "gptq", "awq-gptq")
+SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
+GPTQ_ROUNDED = ("gptq", "awq-gptq")
+SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
+CHUNK_TOKENS = 8192  # larger chunks buy no speed on a GPU and cost memory
 
 
 @dataclass
@@ -28,49 +42,43 @@ class QuantizedLinear:
 
 @dataclass
 class QuantResult:
-    linears: dict  # full module name -> QuantizedLinear
+    linears: dict  # full module name -> QuantizedLinear (empty when a sink took them)
     report: dict = field(default_factory=dict)
 
 
-class _StopForward(Exception):
-    pass
+@dataclass(frozen=True)
+class MemoryPlan:
+    chunk_samples: int
+    store: str  # where the calibration activations live between layers
+
+    def describe(self, n_tokens: int, hidden: int, bytes_per: int) -> str:
+        gib = 2 * n_tokens * hidden * bytes_per / 2**30
+        return f"activations {gib:.1f} GiB on {self.store}, {self.chunk_samples} samples a chunk"
 
 
-@torch.no_grad()
-def record_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor):
-    """The first layer's input and every layer's keyword arguments (masks, rotary tables).
+def plan_memory(config, n_samples: int, seqlen: int, device: str, budget_bytes: int | None,
+                bytes_per: int = 4) -> MemoryPlan:
+    """Chunk size and activation storage that fit `budget_bytes` of accelerator memory.
 
-    Runs the model with each decoder layer swapped for a recorder that passes
-    its input through, so per-layer arguments (e.g. Gemma 3's sliding-window
-    masks) come from the model's own forward, not from our reimplementation.
+    Counted: the layer's weights twice (the searches keep the float originals),
+    one chunk's working set (the MLP's three intermediate activations and a few
+    hidden-size buffers per token), and, if they fit, the layer's input and
+    output activations for all samples.
     """
-    calls = []
-
-    class Recorder(nn.Module):
-        def __init__(self, real):
-            super().__init__()
-            self.real = real
-            self.attention_type = getattr(real, "attention_type", None)
-
-        def forward(self, hidden_states, *args, **kwargs):
-            calls.append((hidden_states, args, kwargs))
-            if len(calls) == len(layers):
-                raise _StopForward
-            return hidden_states
-
-    originals = list(layers)
-    for i, layer in enumerate(originals):
-        layers[i] = Recorder(layer)
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    if len(calls) != len(layers):
-        raise RuntimeError(f"recorded {len(calls)} decoder layer calls, expected {len(layers)}")
-    return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
+    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    layer_bytes = (hidden * (heads * head_dim + 2 * kv) + heads * head_dim * hidden + 3 * hidden * inter) * bytes_per
+    per_token = (3 * inter + 8 * hidden) * bytes_per
+    chunk = max(1, min(n_samples, CHUNK_TOKENS // seqlen))
+    if not device.startswith("cuda") or budget_bytes is None:
+        return MemoryPlan(chunk, device)
+    fixed = 2 * layer_bytes + inter * inter * bytes_per  # + a GPTQ Hessian of the widest input
+    chunk = max(1, min(chunk, (budget_bytes - fixed) // 2 // (per_token * seqlen)))
+    activations = 2 * n_samples * seqlen * hidden * bytes_per
+    store = device if fixed + activations + chunk * seqlen * per_token <= budget_bytes else "cpu"
+    return MemoryPlan(chunk, store)
 
 
 def _to(obj, device):
@@ -88,22 +96,9 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@torch.no_grad()
-def _capture(layer: nn.Module, x, args, kwargs, linear_names, inspect_names):
-    """Run the layer once: its output, each linear's input, each inspected module's call arguments."""
-    feats, calls, hooks = {}, {}, []
-    for name in linear_names:
-        hooks.append(layer.get_submodule(name).register_forward_hook(
-            lambda m, inp, out, name=name: feats.__setitem__(name, inp[0])))
-    for name in inspect_names:
-        hooks.append(layer.get_submodule(name).register_forward_pre_hook(
-            lambda m, a, kw, name=name: calls.__setitem__(name, (a, dict(kw))), with_kwargs=True))
-    try:
-        out = _first(layer(x, *args, **kwargs))
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, feats, calls
+def _hidden(call):
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _caller(module: nn.Module, call):
@@ -115,77 +110,235 @@ def _caller(module: nn.Module, call):
     return lambda x: _first(module(hidden_states=x, **kwargs))
 
 
-def relative_error(x: torch.Tensor, w_ref: torch.Tensor, w_q: torch.Tensor, n_tokens: int = 4096) -> float:
-    """||x W_q^T - x W^T||^2 / ||x W^T||^2 on a token subsample."""
+@torch.no_grad()
+def _call_of(layer: nn.Module, module: nn.Module, x, args, kwargs):
+    """The (args, kwargs) `module` is called with when `layer` runs on x; the layer stops there."""
+    seen = []
+
+    def stop(m, a, kw):
+        seen.append((a, dict(kw)))
+        raise _StopForward
+
+    hook = module.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        layer(x, *args, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+class _InputStats:
+    """Per linear: mean |x| per input channel (search part), token samples of each part, GPTQ Hessians."""
+
+    def __init__(self, linears: dict, rows_every: list, hessians: bool):
+        self.linears, self.rows_every = linears, rows_every
+        self.abs_sum = {}
+        self.count = {}
+        self.rows = {n: ([], []) for n in linears}
+        self.hessian = {n: HessianAccumulator() for n in linears} if hessians else {}
+        self.part = 0
+
+    @contextmanager
+    def watching(self, part: int):
+        self.part = part
+        hooks = [m.register_forward_hook(lambda m, inp, out, n=n: self._see(n, inp[0]))
+                 for n, m in self.linears.items()]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _see(self, name, x):
+        x = x.reshape(-1, x.shape[-1])
+        if self.part == 0:
+            self.abs_sum[name] = self.abs_sum.get(name, 0) + x.abs().float().sum(0)
+            self.count[name] = self.count.get(name, 0) + x.shape[0]
+        self.rows[name][self.part].append(x[:: self.rows_every[self.part]].float())
+        if name in self.hessian:
+            self.hessian[name].add(x)
+
+    def x_mean(self, name):
+        return self.abs_sum[name] / self.count[name]
+
+    def sample(self, name, part):
+        rows = self.rows[name][part]
+        return torch.cat(rows) if rows else None
+
+
+def group_absmax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    return to_groups(w.float(), group_size).abs().amax(-1)
+
+
+def relative_error(x: torch.Tensor, w_ref: torch.Tensor, w_q: torch.Tensor) -> float:
+    """||x W_q^T - x W^T||^2 / ||x W^T||^2."""
     x = x.reshape(-1, x.shape[-1]).float()
-    x = x[:: max(1, x.shape[0] // n_tokens)]
     ref = x @ w_ref.float().t()
     return ((x @ w_q.float().t() - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-20)).item()
 
 
+@contextmanager
+def _tf32(device: str):
+    """TF32 matmuls on the GPU: fp32 range (Gemma's activations overflow fp16) at tensor-core speed."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _Collect:
+    """The default sink: results stay in memory (the Python API, the quality benchmark, tests)."""
+
+    def __init__(self):
+        self.linears, self.tensors = {}, {}
+
+    def linear(self, name, ql):
+        self.linears[name] = ql
+
+    def tensor(self, name, t):
+        self.tensors[name] = t
+
+
+def split_samples(n_samples: int) -> int:
+    """How many of n calibration samples are held out to validate the search: a quarter, none of one."""
+    return n_samples // 4 if n_samples >= 2 else 0
+
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, adapter: Adapter, cfg: QConfig, method: str, calib_ids: torch.Tensor,
-                   keep_8bit: int = 0, device: str = "cpu", progress: bool = True) -> QuantResult:
-    """Quantise every linear of every decoder layer in place (weights become their dequantised values).
+def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, *, keep_8bit: int = 0,
+                    device: str = "cpu", budget_bytes: int | None = None, sink=None, progress: bool = True,
+                    log=print) -> QuantResult:
+    """Quantise every decoder linear of `source` (layers.FileModel or LoadedModel), one layer at a time.
 
     Each layer's input is the previous float layer's output, as in llm-awq.
-    With keep_8bit = N, the N linears with the largest 4-bit output error are
-    quantised at 8 bits instead.
+    The last quarter of the calibration samples is held out: AWQ's scales and
+    clipping bounds are kept only where they beat round-to-nearest there.
+    With keep_8bit = N, the N linears with the largest 4-bit output error on
+    the held-out tokens are quantised at 8 bits instead. `sink` receives
+    every quantised linear and every other layer tensor (folded norms,
+    biases) as soon as its layer is done.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
     t0 = time.perf_counter()
-    layers = adapter.layers(model)
-    x, layer_calls = record_layer_calls(model, layers, calib_ids)
-    x = x.to(device)
-    result = QuantResult(linears={}, report={"alphas": {}, "sensitivity": {}})
-    reference_weights = {}
-    for i in tqdm(range(len(layers)), desc=f"{method} w{cfg.w_bit} g{cfg.group_size}", disable=not progress, unit="layer"):
-        layer = layers[i].to(device)
-        args, kwargs = _to(layer_calls[i], device)
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        groups = adapter.groups(layer, model.config) if method == "awq" else []
-        inspect = sorted({g.inspect for g in groups})
-        out, feats, calls = _capture(layer, x, args, kwargs, list(linears), inspect)
+    sink = sink or _Collect()
+    adapter: Adapter = source.adapter
+    n, seqlen = calib_ids.shape
+    n_held = split_samples(n)
+    plan = plan_memory(source.config, n, seqlen, device, budget_bytes)
+    chunks = [c for part in (calib_ids[: n - n_held], calib_ids[n - n_held:]) for c in part.split(plan.chunk_samples)
+              if len(c)]
+    held_out = [j >= -(-(n - n_held) // plan.chunk_samples) for j in range(len(chunks))]
+    rows_every = [max(1, (n - n_held) * seqlen // SAMPLE_ROWS), max(1, n_held * seqlen // SAMPLE_ROWS)]
+    log(f"calibration: {n - n_held} samples to search, {n_held} held out; "
+        f"{plan.describe(n * seqlen, source.config.hidden_size, 4)}")
 
-        if method == "awq":
-            found = []
-            for g in groups:
-                fn = _caller(layer.get_submodule(g.inspect), calls[g.inspect])
-                s, alpha, _ = search_scale(fn, feats[g.linears[0]], [linears[n] for n in g.linears], cfg)
-                found.append((g, s))
-                result.report["alphas"][f"{i}.{g.prev}"] = alpha
-            for g, s in found:
-                fold_scale(layer, g, s, adapter.norm_offset)
-                scaled = feats[g.linears[0]] / s.to(feats[g.linears[0]].dtype)
-                for n in g.linears:
-                    feats[n] = scaled
-        ref = {n: lin.weight.detach().clone() for n, lin in linears.items()}
-        if method == "awq":
-            for n, lin in linears.items():
-                if not n.endswith(adapter.no_clip):
-                    apply_clip(lin, search_clip(lin.weight, feats[n], cfg), cfg.group_size)
+    xs, calls = [], []
+    for c in chunks:
+        x, layer_calls = source.record(c)
+        xs.append(x.to(plan.store))
+        calls.append(_to(layer_calls, device))
+    result = QuantResult(linears={}, report={"alphas": {}, "sensitivity": {}, "scales_kept": 0, "scale_groups": 0,
+                                             "clip_kept": [0, 0], "memory_plan": plan.__dict__, "n_held_out": n_held})
+    worst = []  # heap of (error, name, QuantizedLinear, float weight): the keep_8bit candidates so far
+    with _tf32(device):
+        for i in tqdm(range(source.n_layers), desc=f"{method} w{cfg.w_bit} g{cfg.group_size}", disable=not progress,
+                      unit="layer"):
+            layer = source.layer(i, device, torch.float32)
+            prefix = f"{adapter.layers_path}.{i}."
+            linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            stats = _InputStats(linears, rows_every, hessians=method in GPTQ_ROUNDED)
+            outs = []
+            for j, x in enumerate(xs):
+                args, kwargs = calls[j][i]
+                with stats.watching(int(held_out[j])):
+                    outs.append(_first(layer(x.to(device), *args, **kwargs)).to(plan.store))
 
-        for n, lin in linears.items():
-            full = f"{adapter.layers_path}.{i}.{n}"
-            ql = QuantizedLinear(*quantize(lin.weight.data, cfg), bits=cfg.w_bit, group_size=cfg.group_size)
-            w_hat = ql.dequantize().to(lin.weight.dtype)
-            result.report["sensitivity"][full] = relative_error(feats[n], ref[n], w_hat)
-            lin.weight.data = w_hat
-            result.linears[full] = ql
-            if keep_8bit:
-                reference_weights[full] = ref[n].cpu()
-        x = out
-        layers[i] = layer.to("cpu")
-        del feats, calls, ref
+            scales = {}
+            if method in SCALED:
+                for g in adapter.groups(layer, source.config):
+                    module = layer.get_submodule(g.inspect)
 
+                    def chunk_calls(module=module):
+                        for j, x in enumerate(xs):
+                            call = _call_of(layer, module, x.to(device), *calls[j][i])
+                            yield _caller(module, call), _hidden(call), held_out[j]
+
+                    s, alpha, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]),
+                                               [linears[name] for name in g.linears], cfg)
+                    result.report["alphas"][f"{i}.{g.prev}"] = alpha
+                    result.report["scale_groups"] += 1
+                    result.report["scales_kept"] += alpha > 0
+                    if alpha > 0:
+                        fold_scale(layer, g, s, adapter.norm_offset)
+                        for name in g.linears:
+                            scales[name] = s
+            samples = {name: [stats.sample(name, p) for p in (0, 1)] for name in linears}
+            for name, s in scales.items():
+                samples[name] = [r / s if r is not None else None for r in samples[name]]
+            ref = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+            if method == "awq":
+                for name, lin in linears.items():
+                    if not name.endswith(adapter.no_clip):
+                        bound = search_clip(lin.weight, samples[name][0], cfg, samples[name][1])
+                        result.report["clip_kept"][0] += int((bound < group_absmax(lin.weight, cfg.group_size)).sum())
+                        result.report["clip_kept"][1] += bound.numel()
+                        apply_clip(lin, bound, cfg.group_size)
+
+            for name, lin in linears.items():
+                if method in GPTQ_ROUNDED:
+                    H = stats.hessian[name].hessian
+                    if name in scales:
+                        H = H / torch.outer(scales[name], scales[name])
+                    q, sc, zp = gptq_quantize(lin.weight.data.float(), H, cfg)
+                else:
+                    q, sc, zp = quantize(lin.weight.data, cfg)
+                ql = QuantizedLinear(q.cpu(), sc.cpu(), zp.cpu(), bits=cfg.w_bit, group_size=cfg.group_size)
+                w_hat = ql.dequantize().to(lin.weight.device, lin.weight.dtype)
+                check = samples[name][1] if samples[name][1] is not None else samples[name][0]
+                err = relative_error(check, ref[name], w_hat)
+                result.report["sensitivity"][prefix + name] = err
+                lin.weight.data = w_hat
+                if keep_8bit:
+                    heapq.heappush(worst, (err, prefix + name, ql, ref[name].cpu()))
+                    if len(worst) > keep_8bit:
+                        _, evicted, ql, _ = heapq.heappop(worst)
+                        sink.linear(evicted, ql)
+                else:
+                    sink.linear(prefix + name, ql)
+            quantised = {f"{name}.weight" for name in linears}
+            for name, t in layer.state_dict().items():
+                if name not in quantised:
+                    sink.tensor(prefix + name, t.detach().cpu())
+            xs = outs
+            source.release(i, layer)
+            del stats, samples, ref
+
+    cfg8 = QConfig(8, cfg.group_size, cfg.zero_point)
+    for _, name, _, weight in sorted(worst, reverse=True):
+        ql = QuantizedLinear(*quantize(weight, cfg8), bits=8, group_size=cfg.group_size)
+        if isinstance(source, LoadedModel):
+            lin = source.model.get_submodule(name)
+            lin.weight.data = ql.dequantize().to(lin.weight.dtype)
+        sink.linear(name, ql)
     if keep_8bit:
-        cfg8 = QConfig(8, cfg.group_size, cfg.zero_point)
-        worst = sorted(result.report["sensitivity"], key=result.report["sensitivity"].get, reverse=True)[:keep_8bit]
-        for full in worst:
-            ql = QuantizedLinear(*quantize(reference_weights[full], cfg8), bits=8, group_size=cfg.group_size)
-            model.get_submodule(full).weight.data = ql.dequantize().to(model.get_submodule(full).weight.dtype)
-            result.linears[full] = ql
-        result.report["int8_modules"] = worst
+        result.report["int8_modules"] = [name for _, name, _, _ in sorted(worst, reverse=True)]
+    if isinstance(sink, _Collect):
+        result.linears = sink.linears
     result.report["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, adapter: Adapter, cfg: QConfig, method: str, calib_ids: torch.Tensor,
+                   keep_8bit: int = 0, device: str = "cpu", progress: bool = True, **kwargs) -> QuantResult:
+    """Quantise a model in memory in place (its linears become their dequantised values)."""
+    return quantize_layers(LoadedModel(model, adapter), cfg, method, calib_ids, keep_8bit=keep_8bit, device=device,
+                           progress=progress, log=lambda *a: None if not progress else print(*a), **kwargs)

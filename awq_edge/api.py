@@ -1,0 +1,251 @@
+"""The quantiser's Python API, on which `awq-edge quantize` is built: quantize() -> QuantizedModel.save()/.export()."""
+
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from awq_edge import calib
+from awq_edge.arch import get_adapter
+from awq_edge.checkpoint import CheckpointWriter, _replace_dir, awq_config, check_awq_shapes, save_quantized
+from awq_edge.errors import AwqEdgeError
+from awq_edge.layers import FileModel
+from awq_edge.model import load_config, load_tokenizer, resolve_model_dir
+from awq_edge.quant import QConfig
+from awq_edge.quantize import METHODS, quantize_layers, quantize_model
+
+GROUP_SIZES = (128, 64, 32)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AwqEdgeError(f"--device {name} asked for, but torch sees no CUDA GPU",
+                           "use --device cpu, or install a CUDA build of torch")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise AwqEdgeError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def pick_group_size(shapes: dict) -> int:
+    """The largest of 128, 64, 32 that divides every quantised linear's input width."""
+    for g in GROUP_SIZES:
+        if all(in_f % g == 0 for _, in_f in shapes.values()):
+            return g
+    odd = next(f"{n} ({in_f})" for n, (_, in_f) in shapes.items() if in_f % 32)
+    raise AwqEdgeError(f"no group size of {GROUP_SIZES} divides every linear's input width, e.g. {odd}",
+                       "pass --group-size with a multiple of 8 that divides them")
+
+
+def linear_shapes(layers, prefix: str) -> dict:
+    return {f"{prefix}.{i}.{n}": (m.out_features, m.in_features)
+            for i, layer in enumerate(layers) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+class Phases:
+    """Wall time, peak GPU memory allocated and peak host RSS of each phase, printed as it ends."""
+
+    def __init__(self, device: str, log=print):
+        self.device, self.log, self.rows = device, log, []
+
+    @contextmanager
+    def __call__(self, name: str):
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+        row = {"phase": name, "seconds": round(time.perf_counter() - t0, 1),
+               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+        self.rows.append(row)
+        gpu = f", peak GPU {row['peak_gpu_gib']:.2f} GiB" if cuda else ""
+        self.log(f"[{name}] {row['seconds']} s{gpu}, peak RSS so far {row['peak_rss_gib']:.2f} GiB")
+
+    def summary(self) -> str:
+        total = sum(r["seconds"] for r in self.rows)
+        gpu = max((r["peak_gpu_gib"] or 0 for r in self.rows), default=0)
+        rss = max(r["peak_rss_gib"] for r in self.rows)
+        return " | ".join(f"{r['phase']} {r['seconds']} s" for r in self.rows) + \
+            f" | total {total:.1f} s, peak GPU {gpu:.2f} GiB, peak RSS {rss:.2f} GiB"
+
+
+class QuantizedModel:
+    """A quantised model: a checkpoint folder (AutoAWQ GEMM layout) or, for a model passed in memory, the model."""
+
+    def __init__(self, report: dict, phases: list, path: Path | None = None, temporary: bool = False,
+                 model=None, tokenizer=None, result=None, meta=None):
+        self.report, self.phases, self.path, self._temporary = report, phases, path, temporary
+        self._model, self._tokenizer, self._result, self._meta = model, tokenizer, result, meta
+
+    def save(self, out_dir) -> Path:
+        """Write (or move) the AutoAWQ checkpoint folder to out_dir; vLLM, TGI and transformers load it."""
+        out_dir = Path(out_dir)
+        if self._model is not None:
+            self.path = save_quantized(self._model, self._tokenizer, self._result, out_dir, self._meta)
+        elif self._temporary:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+            shutil.move(str(self.path), staged / "ck")
+            _replace_dir(staged / "ck", out_dir)
+            shutil.rmtree(staged, ignore_errors=True)
+            self.path, self._temporary = out_dir, False
+        elif self.path.resolve() != out_dir.resolve():
+            shutil.copytree(self.path, out_dir, dirs_exist_ok=False)
+            self.path = out_dir
+        return self.path
+
+    def export(self, out_dir, target: str = "ort", **options) -> Path:
+        """Lower the checkpoint to an ONNX folder (awq_edge.export.decoder.ExportOptions fields as keywords)."""
+        from awq_edge.export.command import export
+        from awq_edge.export.decoder import ExportOptions
+
+        if self.path is None:
+            raise AwqEdgeError("this model has not been saved", "call .save(dir) before .export(...)")
+        return export(self.path, out_dir, ExportOptions(target=target, **options))
+
+    def __del__(self):
+        if getattr(self, "_temporary", False) and self.path is not None:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, group_size: int | None = None,
+             zero_point: bool = True, calib_source: str | None = None, n_samples: int = 128, seqlen: int = 512,
+             keep_8bit: int = 0, device: str = "auto", max_gpu_memory: float | None = None, output=None,
+             progress: bool = True, log=print) -> QuantizedModel:
+    """Quantise a model's decoder linears to 4 bits.
+
+    model: a builtin name (`smollm2-135m`), a Hugging Face folder (read layer by
+    layer from its safetensors; the whole model is never in memory), or a
+    transformers model already loaded (then pass its tokenizer; it is quantised
+    in place). group_size None picks the largest of 128, 64, 32 that divides
+    every linear. calib_source: 'mixed' (default), 'builtin', 'sampled' or a
+    text/.jsonl file. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
+    output: write the checkpoint there as the layers finish (the CLI's path);
+    otherwise `.save(dir)` writes it later.
+    """
+    if method not in METHODS:
+        raise AwqEdgeError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    if w_bit != 4:
+        raise AwqEdgeError(f"w_bit {w_bit}: the AutoAWQ checkpoint holds 4-bit weights only", "use w_bit=4")
+    device = pick_device(device)
+    source = calib_source or calib.MIXED
+    calibrate = method != "rtn" or keep_8bit > 0
+    phases = Phases(device, log)
+    budget = int(max_gpu_memory * 2**30) if max_gpu_memory else None
+    if budget is None and device.startswith("cuda"):
+        budget = int(0.9 * torch.cuda.mem_get_info(torch.device(device))[0])
+
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise AwqEdgeError("a model passed in memory needs its tokenizer", "pass tokenizer=...")
+        adapter = get_adapter(model.config.model_type)
+        shapes = linear_shapes(adapter.layers(model), adapter.layers_path)
+        cfg = _config(w_bit, group_size, zero_point, shapes, log)
+        with phases("calibration"):
+            ids = _calibration(tokenizer, source, n_samples, seqlen, model, device) if calibrate else _no_calibration()
+        with phases("layers"):
+            result = quantize_model(model, adapter, cfg, method, ids, keep_8bit=keep_8bit, device=device,
+                                    progress=progress, budget_bytes=budget)
+        meta = _meta(method, cfg, str(getattr(model.config, "_name_or_path", "")), source, calibrate, ids, seqlen,
+                     result, phases)
+        qm = QuantizedModel(result.report, phases.rows, model=model, tokenizer=tokenizer, result=result, meta=meta)
+        if output is not None:
+            qm.save(output)
+        return qm
+
+    temporary = output is None
+    if temporary:
+        out = Path(tempfile.mkdtemp(prefix="awq-edge-")) / "checkpoint"
+    else:
+        out = Path(output)
+    try:
+        writer = CheckpointWriter(out)  # refuses a bad output folder before any work
+        with phases("load"):
+            path = resolve_model_dir(str(model))
+            tokenizer = load_tokenizer(path)
+            adapter = get_adapter(load_config(path).model_type)
+            fm = FileModel(path, adapter)
+            shapes = linear_shapes(adapter.layers(fm._skeleton), adapter.layers_path)
+            cfg = _config(w_bit, group_size, zero_point, shapes, log)
+            if keep_8bit < 0 or keep_8bit > len(shapes):
+                raise AwqEdgeError(f"keep_8bit {keep_8bit} out of range", f"use 0..{len(shapes)}")
+        writer.group_size = cfg.group_size
+        with writer:
+            with phases("calibration"):
+                if calibrate and source == calib.SAMPLED:
+                    from awq_edge.model import load_float_model
+
+                    float_model, _ = load_float_model(path)
+                    ids = _calibration(tokenizer, source, n_samples, seqlen, float_model, device)
+                    del float_model
+                else:
+                    ids = _calibration(tokenizer, source, n_samples, seqlen, None, device) if calibrate \
+                        else _no_calibration()
+            log(f"{method} w{cfg.w_bit} g{cfg.group_size} zero_point={cfg.zero_point} on {path} ({len(shapes)} "
+                f"linears; calibration: {source if calibrate else 'none'}, {tuple(ids.shape)} tokens) on {device}")
+            with phases("layers"):
+                result = quantize_layers(fm, cfg, method, ids, keep_8bit=keep_8bit, device=device,
+                                         budget_bytes=budget, sink=writer, progress=progress, log=log)
+            with phases("save"):
+                for name, t in fm.outside_layers().items():
+                    writer.tensor(name, t)
+                meta = _meta(method, cfg, str(model), source, calibrate, ids, seqlen, result, phases)
+                config = awq_config(fm.config.to_dict(), cfg.group_size, writer.int8, meta)
+                writer.commit(config, tokenizer, _generation_config(path))
+    except BaseException:
+        writer = locals().get("writer")
+        if writer is not None:
+            writer.__exit__()
+        if temporary:
+            shutil.rmtree(out.parent, ignore_errors=True)
+        raise
+    log(f"summary: {phases.summary()}")
+    return QuantizedModel(result.report, phases.rows, path=out, temporary=temporary)
+
+
+def _config(w_bit, group_size, zero_point, shapes, log) -> QConfig:
+    if group_size is None:
+        group_size = pick_group_size(shapes)
+        log(f"group size {group_size}: the largest of {GROUP_SIZES} that divides every linear's input width")
+    if group_size <= 0 or group_size % 8:
+        raise AwqEdgeError(f"group size {group_size} is not a positive multiple of 8", "use 128, 64 or 32")
+    check_awq_shapes(shapes, group_size)
+    return QConfig(w_bit, group_size, zero_point)
+
+
+def _calibration(tokenizer, source, n_samples, seqlen, model, device):
+    if model is not None:
+        model.to(device)
+    try:
+        return calib.calibration_blocks(tokenizer, source, n_samples, seqlen, model, device)
+    finally:
+        if model is not None:
+            model.to("cpu")
+
+
+def _no_calibration():
+    return torch.zeros(1, 2, dtype=torch.long)  # RTN alone needs only the layers' call arguments
+
+
+def _generation_config(path: Path):
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else None
+
+
+def _meta(method, cfg, name, source, calibrate, ids, seqlen, result, phases) -> dict:
+    return {"method": method, "group_size": cfg.group_size, "symmetric": not cfg.zero_point, "source_model": name,
+            "calibration": source if calibrate else None, "n_samples": int(ids.shape[0]) if calibrate else 0,
+            "seqlen": seqlen, "quantize_seconds": result.report["seconds"],
+            "n_held_out": result.report["n_held_out"],
+            "scales_kept": f"{result.report['scales_kept']}/{result.report['scale_groups']}",
+            "clip_kept": "{}/{}".format(*result.report["clip_kept"])}

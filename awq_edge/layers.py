@@ -1,0 +1,172 @@
+"""A float model as the quantiser sees it: its decoder layers one at a time, and the parts around them.
+
+`FileModel` reads a Hugging Face folder's safetensors layer by layer, so the
+whole model is never in host or GPU memory at once: only the embeddings, the
+final norm and the rotary tables are resident (the head is never loaded).
+`LoadedModel` wraps an nn.Module already in memory (the Python API, tests,
+the quality benchmark). Both record the decoder layers' call arguments from the
+model's own forward, so masks and rotary tables are the model's, not ours.
+"""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from awq_edge.errors import AwqEdgeError
+from awq_edge.model import load_config
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: keeps its input and arguments, passes the input on."""
+
+    def __init__(self, calls: list, n_layers: int, attention_type=None):
+        super().__init__()
+        self.calls, self.n_layers, self.attention_type = calls, n_layers, attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        if len(self.calls) == self.n_layers:
+            raise _StopForward
+        return hidden_states
+
+
+@torch.no_grad()
+def _record(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor):
+    """(first layer input, [(args, kwargs)] of every layer) for one batch of token ids."""
+    calls = []
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(calls, len(originals), getattr(layer, "attention_type", None))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if len(calls) != len(originals):
+        raise RuntimeError(f"recorded {len(calls)} decoder layer calls, expected {len(originals)}")
+    return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
+
+
+class LoadedModel:
+    """A transformers model in memory; quantised layers are written back into it."""
+
+    def __init__(self, model: nn.Module, adapter):
+        self.model, self.adapter, self.config = model, adapter, model.config
+        self.layers = adapter.layers(model)
+        self.n_layers = len(self.layers)
+
+    def record(self, input_ids: torch.Tensor):
+        device = next(self.model.parameters()).device
+        return _record(self.model, self.layers, input_ids.to(device))
+
+    def layer(self, i: int, device, dtype) -> nn.Module:
+        return self.layers[i].to(device)
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        self.layers[i] = layer.to("cpu")
+
+
+class FileModel:
+    """A Hugging Face folder read tensor by tensor from its safetensors files."""
+
+    def __init__(self, path: Path, adapter, dtype=torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.path, self.adapter, self.dtype = Path(path), adapter, dtype
+        self.config = load_config(self.path)
+        self.files = _tensor_files(self.path)
+        self.n_layers = self.config.num_hidden_layers
+        # Build the model without decoder layers (embeddings, final norm, rotary tables: small), then put
+        # recorders where the layers go; the layers themselves are built one at a time on the meta device.
+        with _without_layers(self.config):
+            self.shell = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.shell.eval()
+        self.layers = adapter.layers(self.shell)
+        self.layers.extend(nn.Identity() for _ in range(self.n_layers))
+        keys = [k for k in self.shell.state_dict() if not k.startswith("lm_head.")]
+        self.shell.load_state_dict(self._read(keys), strict=False, assign=True)
+        if not self.config.tie_word_embeddings:
+            self.shell.get_output_embeddings().to("meta")  # never run: recording stops at the last layer
+        with torch.device("meta"):
+            self._skeleton = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self._layer_types = [getattr(layer, "attention_type", None) for layer in adapter.layers(self._skeleton)]
+        for i, t in enumerate(self._layer_types):
+            self.layers[i].attention_type = t
+
+    def _read(self, keys, device="cpu") -> dict:
+        missing = [k for k in keys if k not in self.files]
+        if missing:
+            raise AwqEdgeError(
+                f"{self.path} lacks tensors its config needs: {', '.join(missing[:4])}"
+                f"{' ...' if len(missing) > 4 else ''}",
+                "re-download or re-save the model folder (save_pretrained writes every tensor)",
+            )
+        out = {}
+        by_file = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for k in names:
+                    out[k] = f.get_tensor(k).to(self.dtype)
+        return out
+
+    def record(self, input_ids: torch.Tensor):
+        return _record(self.shell, self.layers, input_ids)
+
+    def layer(self, i: int, device, dtype=None) -> nn.Module:
+        layer = self.adapter.layers(self._skeleton)[i]
+        prefix = f"{self.adapter.layers_path}.{i}."
+        names = list(layer.state_dict())
+        state = self._read([prefix + n for n in names], device)
+        layer = layer.to_empty(device=device)
+        layer.load_state_dict({n: state[prefix + n] for n in names}, assign=True)
+        return layer.eval()
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        self.adapter.layers(self._skeleton)[i] = layer.to("meta")
+
+    def outside_layers(self) -> dict:
+        """Every tensor that is not part of a decoder layer, as the checkpoint stores it."""
+        prefix = f"{self.adapter.layers_path}."
+        keys = [k for k in self.files if not k.startswith(prefix)]
+        if self.config.tie_word_embeddings:
+            keys = [k for k in keys if k != "lm_head.weight"]
+        return self._read(keys)
+
+
+@contextmanager
+def _without_layers(config):
+    """The config, briefly describing a model with no decoder layers."""
+    n = config.num_hidden_layers
+    config.num_hidden_layers = 0
+    try:
+        yield config
+    finally:
+        config.num_hidden_layers = n
+
+
+def _tensor_files(path: Path) -> dict:
+    """Tensor name -> safetensors file (a single file or sharded with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AwqEdgeError(f"{index} is not a safetensors index ({e})", "re-save the model folder") from None
+        return {name: path / file for name, file in weight_map.items()}
+    files = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            files.update({name: file for name in f.keys()})
+    return files
