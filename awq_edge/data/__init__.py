@@ -1,0 +1,1 @@
+"""Data files shipped with awq-edge (calibration text)."""
