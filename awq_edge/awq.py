@@ -17,6 +17,8 @@ from torch import nn
 
 from awq_edge.quant import QConfig, dequantize_groups, fake_quantize, group_qparams, quantize_groups, to_groups
 
+CANDIDATE_CACHE_BYTES = 256 * 2**20
+
 
 @torch.no_grad()
 def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20):
@@ -38,15 +40,26 @@ def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_gr
         s = x_mean.pow(i / n_grid).clamp(min=1e-4)
         candidates.append(s / (s.max() * s.min()).sqrt())
     originals = [lin.weight.data for lin in linears]
+    # Small models reuse each candidate's weights across chunks; large ones recompute them (cheap on a GPU).
+    cache = {} if n_grid * sum(w.numel() for w in originals) * 4 <= CANDIDATE_CACHE_BYTES else None
+
+    def candidate(i):
+        if cache is not None and i in cache:
+            return cache[i]
+        ws = [(fake_quantize(w.float() * candidates[i], cfg) / candidates[i]).to(w.dtype) for w in originals]
+        if cache is not None:
+            cache[i] = ws
+        return ws
+
     sse = torch.zeros(n_grid, 2, dtype=torch.float64, device=x_mean.device)
     counts = [0, 0]
     try:
         for call_block, x, held_out in chunks:
             reference = call_block(x).float()
             counts[held_out] += reference.numel()
-            for i, s in enumerate(candidates):
-                for lin, w in zip(linears, originals):
-                    lin.weight.data = (fake_quantize(w.float() * s, cfg) / s).to(w.dtype)
+            for i in range(n_grid):
+                for lin, w in zip(linears, candidate(i)):
+                    lin.weight.data = w
                 sse[i, int(held_out)] += (call_block(x).float() - reference).pow(2).sum().double()
             for lin, w in zip(linears, originals):
                 lin.weight.data = w
@@ -79,26 +92,34 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, cfg: QConfig, x_held_out: torc
         t = torch.nn.functional.pad(t.reshape(-1, in_f).float(), (0, pad))
         return t.reshape(t.shape[0], -1, g).permute(1, 2, 0)
 
-    parts = [grouped(x)] + ([grouped(x_held_out)] if x_held_out is not None and x_held_out.numel() else [])
+    xg = grouped(x)
+    xv = grouped(x_held_out) if x_held_out is not None and x_held_out.numel() else None
+
+    def quantised(wg, bound):
+        cw = torch.max(torch.min(wg, bound.unsqueeze(-1)), -bound.unsqueeze(-1))
+        scales, zeros = group_qparams(cw, cfg)
+        return dequantize_groups(quantize_groups(cw, scales, zeros, cfg.w_bit), scales, zeros).transpose(0, 1)
+
+    def error(qw, xs, ref):  # rows, groups
+        return (torch.bmm(qw, xs) - ref).pow(2).mean(dim=-1).transpose(0, 1)
+
     best_all = []
     for w_rows in w.float().split(rows_per_batch):
         wg = to_groups(w_rows, g)  # rows, groups, g
-        refs = [torch.bmm(wg.transpose(0, 1), xg) for xg in parts]  # groups, rows, tokens
+        ref = torch.bmm(wg.transpose(0, 1), xg)  # groups, rows, tokens: each group's share of x @ W^T
         max0 = wg.abs().amax(dim=-1)  # rows, groups
-        errs = []
+        best_max, best_err = max0.clone(), torch.full_like(max0, float("inf"))
         for i in range(int(max_shrink * n_grid)):
             bound = max0 * (1 - i / n_grid)
-            cw = torch.max(torch.min(wg, bound.unsqueeze(-1)), -bound.unsqueeze(-1))
-            scales, zeros = group_qparams(cw, cfg)
-            qw = dequantize_groups(quantize_groups(cw, scales, zeros, cfg.w_bit), scales, zeros).transpose(0, 1)
-            errs.append(torch.stack([(torch.bmm(qw, xg) - ref).pow(2).mean(dim=-1).transpose(0, 1)
-                                     for xg, ref in zip(parts, refs)]))  # parts, rows, groups
-        errs = torch.stack(errs)  # steps, parts, rows, groups
-        step = errs[:, 0].argmin(dim=0)  # rows, groups
-        if len(parts) > 1:
-            held = errs[:, 1].gather(0, step.unsqueeze(0))[0]
-            step = torch.where(held < errs[0, 1], step, torch.zeros_like(step))
-        best_all.append(max0 * (1 - step.float() / n_grid))
+            err = error(quantised(wg, bound), xg, ref)
+            better = err < best_err
+            best_err[better] = err[better]
+            best_max[better] = bound[better]
+        if xv is not None:  # keep a shrunk bound only where it also wins on the held-out tokens
+            ref_v = torch.bmm(wg.transpose(0, 1), xv)
+            keep = error(quantised(wg, best_max), xv, ref_v) < error(quantised(wg, max0), xv, ref_v)
+            best_max = torch.where(keep, best_max, max0)
+        best_all.append(best_max)
     return torch.cat(best_all)
 
 
