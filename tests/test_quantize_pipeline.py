@@ -1,0 +1,137 @@
+"""The quantiser's pipeline: layers streamed from files equal the in-memory model, and the CLI runs end to end on the GPU."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from awq_edge import cli
+from awq_edge.api import pick_group_size, quantize
+from awq_edge.arch import get_adapter
+from awq_edge.checkpoint import CheckpointWriter, load_quantized_model
+from awq_edge.layers import FileModel, LoadedModel
+from awq_edge.quant import QConfig
+from awq_edge.quantize import MemoryPlan, plan_memory, quantize_model
+from conftest import ARCHS, save_tiny_tokenizer, tiny_model, tiny_tokenizer
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def _folder(path, model_type="llama", **overrides):
+    model = tiny_model(model_type, **overrides)
+    model.save_pretrained(path)
+    save_tiny_tokenizer(path)
+    return path, model
+
+
+def _text(path, n_words=6000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(3, 256, (n_words,), generator=g)))
+    return path
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_file_model_layers_reproduce_the_loaded_model_exactly(tmp_path, model_type):
+    folder, model = _folder(tmp_path / "m", model_type)
+    adapter = get_adapter(model.config.model_type)
+    fm, lm = FileModel(folder, adapter), LoadedModel(model, adapter)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    (x1, calls1), (x2, calls2) = fm.record(ids), lm.record(ids)
+    for i in range(fm.n_layers):
+        a = fm.layer(i, "cpu")(x1, *calls1[i][0], **calls1[i][1])
+        b = lm.layer(i, "cpu", None)(x2, *calls2[i][0], **calls2[i][1])
+        x1, x2 = (t[0] if isinstance(t, tuple) else t for t in (a, b))
+        assert torch.equal(x1, x2)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, method):
+    folder, model = _folder(tmp_path / "m")
+    text = _text(tmp_path / "calib.txt")
+    common = dict(method=method, group_size=32, calib_source=str(text), n_samples=8, seqlen=32, device="cpu",
+                  progress=False, log=lambda *a: None)
+    streamed = quantize(str(folder), output=tmp_path / "a", **common)
+    in_memory = quantize(model, tokenizer=tiny_tokenizer(), **common)
+    in_memory.save(tmp_path / "b")
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert streamed.report["scale_groups"] == in_memory.report["scale_groups"]
+
+
+def test_writer_shards_and_reloads(tmp_path):
+    folder, model = _folder(tmp_path / "m")
+    adapter = get_adapter("llama")
+    res = quantize_model(model, adapter, QConfig(4, 32, True), "rtn", torch.zeros(1, 2, dtype=torch.long), progress=False)
+    with CheckpointWriter(tmp_path / "ck", 32, shard_bytes=20_000) as w:
+        for k, v in model.state_dict().items():
+            if k[: -len(".weight")] not in res.linears:
+                w.tensor(k, v)
+        for name, ql in res.linears.items():
+            w.linear(name, ql)
+        config = {**model.config.to_dict(), "quantization_config": {"quant_method": "awq", "bits": 4,
+                                                                    "group_size": 32, "version": "gemm"}}
+        w.commit(config, tiny_tokenizer())
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    reloaded, _ = load_quantized_model(tmp_path / "ck")
+    for name, ql in res.linears.items():
+        assert torch.equal(reloaded.get_submodule(name).weight, ql.dequantize())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_writer_left_without_commit_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "ck", 32) as w:
+            w.tensor("a", torch.zeros(4))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_group_size_default_is_the_largest_that_divides_every_linear():
+    assert pick_group_size({"a": (8, 256), "b": (8, 4096)}) == 128
+    assert pick_group_size({"a": (8, 576), "b": (8, 1536)}) == 64
+    assert pick_group_size({"a": (8, 96)}) == 32
+
+
+def test_memory_plan_moves_activations_to_the_host_when_the_budget_is_short():
+    from transformers import LlamaConfig
+
+    c = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    roomy = plan_memory(c, 128, 512, "cuda", 12 * 2**30)
+    tight = plan_memory(c, 128, 512, "cuda", 6 * 2**30)
+    assert roomy == MemoryPlan(16, "cuda")
+    assert tight.store == "cpu" and 1 <= tight.chunk_samples <= 16
+    assert plan_memory(c, 128, 512, "cpu", None) == MemoryPlan(16, "cpu")
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["awq", "rtn", "gptq", "awq-gptq"])
+def test_quantize_eval_export_run_end_to_end_on_the_gpu(tmp_path, method):
+    folder, model = _folder(tmp_path / "m")
+    text = _text(tmp_path / "t.txt")
+    q, onnx = tmp_path / "q", tmp_path / "onnx"
+    assert cli.main(["quantize", str(folder), "-o", str(q), "--method", method, "--device", "cuda",
+                     "--calib", str(text), "--n-samples", "8", "--seqlen", "64"]) == 0
+    assert cli.main(["eval", str(q), "--text", str(text), "--seqlen", "32", "--device", "cuda"]) == 0
+    assert cli.main(["export", str(q), "-o", str(onnx)]) == 0
+    assert (onnx / "model.onnx").is_file()
+    # The GPU's searches round differently (TF32) and may pick other grid points: its error must match the CPU's.
+    cpu = quantize(str(folder), method=method, group_size=32, calib_source=str(text), n_samples=8, seqlen=64,
+                   device="cpu", progress=False, log=lambda *a: None)
+    cpu.save(tmp_path / "q_cpu")
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+    a = load_quantized_model(q)[0](input_ids=ids).logits
+    b = load_quantized_model(tmp_path / "q_cpu")[0](input_ids=ids).logits
+    ref = model(input_ids=ids).logits
+    assert (a - ref).pow(2).mean() < 1.5 * (b - ref).pow(2).mean() + 1e-6
