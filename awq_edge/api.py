@@ -47,6 +47,17 @@ def linear_shapes(layers, prefix: str) -> dict:
             for i, layer in enumerate(layers) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory; VmHWM starts afresh at exec, where ru_maxrss keeps the parent's."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class Phases:
     """Wall time, peak GPU memory allocated and peak host RSS of each phase, printed as it ends."""
 
@@ -65,7 +76,7 @@ class Phases:
             torch.cuda.synchronize()
         row = {"phase": name, "seconds": round(time.perf_counter() - t0, 1),
                "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+               "peak_rss_gib": round(peak_rss_gib(), 2)}
         self.rows.append(row)
         gpu = f", peak GPU {row['peak_gpu_gib']:.2f} GiB" if cuda else ""
         self.log(f"[{name}] {row['seconds']} s{gpu}, peak RSS so far {row['peak_rss_gib']:.2f} GiB")

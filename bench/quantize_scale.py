@@ -3,7 +3,7 @@
 Each model goes through the CLI a user types, default settings (AWQ, 128 x 512
 mixed calibration, group size picked automatically), from a safetensors folder
 to a saved checkpoint. The per-phase lines the CLI prints (wall time, peak GPU
-memory allocated) are collected; peak host RSS is the child process's.
+memory allocated, the CLI's own peak RSS from /proc VmHWM) are collected.
 Writes bench/results/quantize_scale.json.
 Usage: python -P bench/quantize_scale.py --tokenizer DIR --work DIR [--models llama2-7b,llama3-8b]
        [--smollm2 DIR --wikitext DIR]
@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -83,7 +82,6 @@ def write_random_model(name: str, folder: Path, tokenizer: Path) -> None:
 def run_cli(args: list, log: Path) -> dict:
     """Run `awq-edge ARGS`, keep its output, and parse the per-phase lines and the summary."""
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "awq_edge.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                               cwd=ROOT)
@@ -95,10 +93,9 @@ def run_cli(args: list, log: Path) -> dict:
                "peak_rss_gib_so_far": float(m[3])}
               for m in re.findall(r"^\[(\w+)\] ([\d.]+) s(?:, peak GPU ([\d.]+) GiB)?, peak RSS so far ([\d.]+) GiB",
                                   text, re.M)]
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"command": "awq-edge " + " ".join(args), "wall_seconds": round(wall, 1), "phases": phases,
             "peak_gpu_gib": max((p["peak_gpu_gib"] or 0 for p in phases), default=None),
-            "peak_rss_gib": round(max(peak_rss, before) / 2**20, 2) if peak_rss > before else None,
+            "peak_rss_gib": max((p["peak_rss_gib_so_far"] for p in phases), default=None),
             "log_tail": [line for line in text.replace("\r", "\n").splitlines() if line.strip()
                          and "it/s" not in line and "layer/s" not in line][-8:]}
 
@@ -128,7 +125,10 @@ def main() -> int:
     for name in [m for m in args.models.split(",") if m]:
         folder = work / name
         t0 = time.perf_counter()
-        write_random_model(name, folder, Path(args.tokenizer))
+        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way).
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); import quantize_scale as q; "
+                        f"q.write_random_model({name!r}, q.Path({str(folder)!r}), q.Path({args.tokenizer!r}))"],
+                       check=True, cwd=ROOT)
         print(f"{name}: random fp16 folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
         row = {"model": name, "weights": "random fp16", **run_cli(
             ["quantize", str(folder), "-o", str(work / f"{name}-awq"), *extra], work / f"{name}.log")}
