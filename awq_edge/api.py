@@ -185,7 +185,7 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
             tokenizer = load_tokenizer(path)
             adapter = get_adapter(load_config(path).model_type)
             fm = FileModel(path, adapter)
-            shapes = linear_shapes(adapter.layers(fm._skeleton), adapter.layers_path)
+            shapes = linear_shapes(fm.decoder_layers, adapter.layers_path)
             cfg = _config(w_bit, group_size, zero_point, shapes, log)
             if keep_8bit < 0 or keep_8bit > len(shapes):
                 raise AwqEdgeError(f"keep_8bit {keep_8bit} out of range", f"use 0..{len(shapes)}")

@@ -8,8 +8,8 @@ the quality benchmark). Both record the decoder layers' call arguments from the
 model's own forward, so masks and rotary tables are the model's, not ours.
 """
 
+import copy
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,24 +86,29 @@ class FileModel:
         self.config = load_config(self.path)
         self.files = _tensor_files(self.path)
         self.n_layers = self.config.num_hidden_layers
-        # Build the model without decoder layers (embeddings, final norm, rotary tables: small), then put
-        # recorders where the layers go; the layers themselves are built one at a time on the meta device.
-        with _without_layers(self.config):
-            self.shell = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        self.shell.eval()
-        self.layers = adapter.layers(self.shell)
-        self.layers.extend(nn.Identity() for _ in range(self.n_layers))
-        keys = [k for k in self.shell.state_dict() if not k.startswith("lm_head.")]
-        self.shell.load_state_dict(self._read(keys), strict=False, assign=True)
-        if not self.config.tie_word_embeddings:
-            self.shell.get_output_embeddings().to("meta")  # never run: recording stops at the last layer
+        # The model is built on the meta device (no memory), then only what the recording runs is made real:
+        # the embeddings and final norm from the files, and buffers (rotary tables) from a copy of the model
+        # with no layers and a one-row vocabulary, computed by transformers itself.
         with torch.device("meta"):
-            self._skeleton = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        self._layer_types = [getattr(layer, "attention_type", None) for layer in adapter.layers(self._skeleton)]
-        for i, t in enumerate(self._layer_types):
-            self.layers[i].attention_type = t
+            self.shell = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.layers = adapter.layers(self.shell)
+        self.decoder_layers = list(self.layers)  # on the meta device until `layer(i)` loads one
+        for i, layer in enumerate(self.decoder_layers):
+            self.layers[i] = nn.Identity()
+            self.layers[i].attention_type = getattr(layer, "attention_type", None)
+        self.shell.eval()
+        head = self.shell.get_output_embeddings()
+        keys = [k for k, v in self.shell.state_dict().items() if not any(v is p for p in head.parameters())]
+        buffers = _computed_buffers(self.config, dtype)
+        params = self._read([k for k in keys if k not in buffers])
+        self.shell.load_state_dict({**params, **{k: buffers[k] for k in keys if k in buffers}}, strict=False,
+                                   assign=True)
+        for name, b in self.shell.named_buffers():
+            if b.is_meta and name in buffers:
+                self.shell.get_submodule(name.rpartition(".")[0]).register_buffer(
+                    name.rpartition(".")[2], buffers[name], persistent=False)
 
-    def _read(self, keys, device="cpu") -> dict:
+    def _read(self, keys, device="cpu", cast: bool = True) -> dict:
         missing = [k for k in keys if k not in self.files]
         if missing:
             raise AwqEdgeError(
@@ -118,14 +123,14 @@ class FileModel:
         for file, names in by_file.items():
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for k in names:
-                    out[k] = f.get_tensor(k).to(self.dtype)
+                    out[k] = f.get_tensor(k).to(self.dtype) if cast else f.get_tensor(k)
         return out
 
     def record(self, input_ids: torch.Tensor):
         return _record(self.shell, self.layers, input_ids)
 
     def layer(self, i: int, device, dtype=None) -> nn.Module:
-        layer = self.adapter.layers(self._skeleton)[i]
+        layer = self.decoder_layers[i]
         prefix = f"{self.adapter.layers_path}.{i}."
         names = list(layer.state_dict())
         state = self._read([prefix + n for n in names], device)
@@ -134,26 +139,27 @@ class FileModel:
         return layer.eval()
 
     def release(self, i: int, layer: nn.Module) -> None:
-        self.adapter.layers(self._skeleton)[i] = layer.to("meta")
+        self.decoder_layers[i] = layer.to("meta")
 
     def outside_layers(self) -> dict:
-        """Every tensor that is not part of a decoder layer, as the checkpoint stores it."""
+        """Every tensor that is not part of a decoder layer, in the dtype its file holds."""
         prefix = f"{self.adapter.layers_path}."
         keys = [k for k in self.files if not k.startswith(prefix)]
         if self.config.tie_word_embeddings:
             keys = [k for k in keys if k != "lm_head.weight"]
-        return self._read(keys)
+        return self._read(keys, cast=False)
 
 
-@contextmanager
-def _without_layers(config):
-    """The config, briefly describing a model with no decoder layers."""
-    n = config.num_hidden_layers
-    config.num_hidden_layers = 0
-    try:
-        yield config
-    finally:
-        config.num_hidden_layers = n
+def _computed_buffers(config, dtype) -> dict:
+    """The buffers transformers computes at construction (rotary inverse frequencies), from a layerless copy."""
+    from transformers import AutoModelForCausalLM
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 0
+    small.vocab_size = (getattr(config, "pad_token_id", None) or 0) + 1
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(small, dtype=dtype)
+    return dict(model.named_buffers())
 
 
 def _tensor_files(path: Path) -> dict:

@@ -25,7 +25,7 @@ METHODS = ("awq", "rtn", "gptq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
 GPTQ_ROUNDED = ("gptq", "awq-gptq")
 SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
-CHUNK_TOKENS = 8192  # larger chunks buy no speed on a GPU and cost memory
+CHUNK_TOKENS = 4096  # larger chunks buy little speed on a GPU and cost memory (8192: 12.2 GiB peak at 8B)
 
 
 @dataclass
@@ -57,27 +57,31 @@ class MemoryPlan:
 
 
 def plan_memory(config, n_samples: int, seqlen: int, device: str, budget_bytes: int | None,
-                bytes_per: int = 4) -> MemoryPlan:
+                bytes_per: int = 4, hessians: bool = False) -> MemoryPlan:
     """Chunk size and activation storage that fit `budget_bytes` of accelerator memory.
 
-    Counted: the layer's weights twice (the searches keep the float originals),
-    one chunk's working set (the MLP's three intermediate activations and a few
+    Counted: the layer's weights twice (the searches keep the float
+    originals), five copies of the largest group's weights (a candidate's
+    fake-quantisation temporaries), GPTQ's Hessians, one chunk's working set
+    (the MLP's intermediates, the block's output and reference, a few
     hidden-size buffers per token), and, if they fit, the layer's input and
-    output activations for all samples.
+    output activations for all samples. Checked against the measured peak at
+    Llama-3-8B shapes (bench/results/quantize_scale.json).
     """
     hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    layer_bytes = (hidden * (heads * head_dim + 2 * kv) + heads * head_dim * hidden + 3 * hidden * inter) * bytes_per
-    per_token = (3 * inter + 8 * hidden) * bytes_per
+    mlp = 2 * hidden * inter
+    layer = hidden * (heads * head_dim + 2 * kv) + heads * head_dim * hidden + 3 * hidden * inter
+    fixed = (2 * layer + 5 * mlp + (hidden ** 2 + inter ** 2 if hessians else 0)) * bytes_per
+    per_sample = seqlen * (6 * inter + 12 * hidden) * bytes_per
     chunk = max(1, min(n_samples, CHUNK_TOKENS // seqlen))
     if not device.startswith("cuda") or budget_bytes is None:
         return MemoryPlan(chunk, device)
-    fixed = 2 * layer_bytes + inter * inter * bytes_per  # + a GPTQ Hessian of the widest input
-    chunk = max(1, min(chunk, (budget_bytes - fixed) // 2 // (per_token * seqlen)))
+    chunk = max(1, min(chunk, (budget_bytes - fixed) // 2 // per_sample))
     activations = 2 * n_samples * seqlen * hidden * bytes_per
-    store = device if fixed + activations + chunk * seqlen * per_token <= budget_bytes else "cpu"
+    store = device if fixed + activations + chunk * per_sample <= budget_bytes else "cpu"
     return MemoryPlan(chunk, store)
 
 
@@ -232,7 +236,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
     adapter: Adapter = source.adapter
     n, seqlen = calib_ids.shape
     n_held = split_samples(n)
-    plan = plan_memory(source.config, n, seqlen, device, budget_bytes)
+    plan = plan_memory(source.config, n, seqlen, device, budget_bytes, hessians=method in GPTQ_ROUNDED)
     chunks = [c for part in (calib_ids[: n - n_held], calib_ids[n - n_held:]) for c in part.split(plan.chunk_samples)
               if len(c)]
     held_out = [j >= -(-(n - n_held) // plan.chunk_samples) for j in range(len(chunks))]

@@ -12,7 +12,7 @@ from awq_edge.arch import get_adapter
 from awq_edge.checkpoint import CheckpointWriter, load_quantized_model
 from awq_edge.layers import FileModel, LoadedModel
 from awq_edge.quant import QConfig
-from awq_edge.quantize import MemoryPlan, plan_memory, quantize_model
+from awq_edge.quantize import CHUNK_TOKENS, MemoryPlan, plan_memory, quantize_model
 from conftest import ARCHS, save_tiny_tokenizer, tiny_model, tiny_tokenizer
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -108,21 +108,23 @@ def test_memory_plan_moves_activations_to_the_host_when_the_budget_is_short():
     from transformers import LlamaConfig
 
     c = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
-    roomy = plan_memory(c, 128, 512, "cuda", 12 * 2**30)
+    roomy = plan_memory(c, 128, 512, "cuda", 16 * 2**30)
     tight = plan_memory(c, 128, 512, "cuda", 6 * 2**30)
-    assert roomy == MemoryPlan(16, "cuda")
-    assert tight.store == "cpu" and 1 <= tight.chunk_samples <= 16
-    assert plan_memory(c, 128, 512, "cpu", None) == MemoryPlan(16, "cpu")
+    full = CHUNK_TOKENS // 512
+    assert roomy == MemoryPlan(full, "cuda")
+    assert tight.store == "cpu" and 1 <= tight.chunk_samples <= full
+    assert plan_memory(c, 128, 512, "cpu", None) == MemoryPlan(full, "cpu")
 
 
 @needs_gpu
-@pytest.mark.parametrize("method", ["awq", "rtn", "gptq", "awq-gptq"])
-def test_quantize_eval_export_run_end_to_end_on_the_gpu(tmp_path, method):
+@pytest.mark.parametrize("method,budget", [("awq", []), ("rtn", []), ("gptq", []), ("awq-gptq", []),
+                                           ("awq", ["--max-gpu-memory", "0.001"])])
+def test_quantize_eval_export_run_end_to_end_on_the_gpu(tmp_path, method, budget):
     folder, model = _folder(tmp_path / "m")
     text = _text(tmp_path / "t.txt")
     q, onnx = tmp_path / "q", tmp_path / "onnx"
     assert cli.main(["quantize", str(folder), "-o", str(q), "--method", method, "--device", "cuda",
-                     "--calib", str(text), "--n-samples", "8", "--seqlen", "64"]) == 0
+                     "--calib", str(text), "--n-samples", "8", "--seqlen", "64", *budget]) == 0
     assert cli.main(["eval", str(q), "--text", str(text), "--seqlen", "32", "--device", "cuda"]) == 0
     assert cli.main(["export", str(q), "-o", str(onnx)]) == 0
     assert (onnx / "model.onnx").is_file()
