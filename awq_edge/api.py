@@ -207,8 +207,9 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
                 result = quantize_layers(fm, cfg, method, ids, keep_8bit=keep_8bit, device=device,
                                          budget_bytes=budget, sink=writer, progress=progress, log=log)
             with phases("save"):
-                for name, t in fm.outside_layers().items():
-                    writer.tensor(name, t)
+                fm.close()  # the float embeddings are no longer needed: never hold them twice
+                for name in fm.outside_names():
+                    writer.tensor(name, fm.read(name))
                 meta = _meta(method, cfg, str(model), source, calibrate, ids, seqlen, result, phases)
                 config = awq_config(fm.config.to_dict(), cfg.group_size, writer.int8, meta)
                 writer.commit(config, tokenizer, _generation_config(path))

@@ -21,7 +21,7 @@ CANDIDATE_CACHE_BYTES = 256 * 2**20
 
 
 @torch.no_grad()
-def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20):
+def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20, guard: bool = True):
     """Best per-input-channel scales for `linears`, which all read an activation with channel means x_mean [in].
 
     `chunks` yields (call_block, x, held_out) per slice of the calibration
@@ -70,7 +70,7 @@ def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_gr
     if not torch.isfinite(losses[:, 0]).any():
         raise FloatingPointError(f"scale search produced no finite loss: {losses[:, 0].tolist()}")
     best = int(torch.nan_to_num(losses[:, 0], nan=float("inf")).argmin())
-    if counts[1] and not losses[best, 1] < losses[0, 1]:
+    if guard and counts[1] and not losses[best, 1] < losses[0, 1]:
         best = 0
     return candidates[best], best / n_grid, losses
 

@@ -57,7 +57,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-SHARD_BYTES = 2 * 2**30
+SHARD_BYTES = 2**30  # what the writer holds in host memory before a shard goes to disk
 
 
 def awq_config(config: dict, group_size: int, int8: list, meta: dict) -> dict:
@@ -80,7 +80,7 @@ def awq_config(config: dict, group_size: int, int8: list, meta: dict) -> dict:
 class CheckpointWriter:
     """A checkpoint written tensor by tensor as it is produced, so memory never holds the whole model.
 
-    Tensors go to safetensors shards of about 2 GiB in a temporary folder
+    Tensors go to safetensors shards of about 1 GiB in a temporary folder
     beside out_dir; `commit` names them (one `model.safetensors`, or shards and
     an index as save_pretrained writes them) and renames the folder into place.
     Leaving the `with` block without a commit removes everything written.

@@ -141,13 +141,19 @@ class FileModel:
     def release(self, i: int, layer: nn.Module) -> None:
         self.decoder_layers[i] = layer.to("meta")
 
-    def outside_layers(self) -> dict:
-        """Every tensor that is not part of a decoder layer, in the dtype its file holds."""
+    def outside_names(self) -> list:
+        """Every tensor that is not part of a decoder layer (a tied head is not stored)."""
         prefix = f"{self.adapter.layers_path}."
         keys = [k for k in self.files if not k.startswith(prefix)]
-        if self.config.tie_word_embeddings:
-            keys = [k for k in keys if k != "lm_head.weight"]
-        return self._read(keys, cast=False)
+        return [k for k in keys if not (self.config.tie_word_embeddings and k == "lm_head.weight")]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in the dtype its file holds."""
+        return self._read([name], cast=False)[name]
+
+    def close(self) -> None:
+        """Drop the resident float parts (embeddings, norms); recording no longer works."""
+        self.shell = self.layers = None
 
 
 def _computed_buffers(config, dtype) -> dict:

@@ -210,20 +210,21 @@ class _Collect:
         self.tensors[name] = t
 
 
-def split_samples(n_samples: int) -> int:
-    """How many of n calibration samples are held out to validate the search: a quarter, none of one."""
-    return n_samples // 4 if n_samples >= 2 else 0
+def split_samples(n_samples: int, held_out: float = 0.25) -> int:
+    """How many of n calibration samples are held out to validate the search (none of a single sample)."""
+    return int(n_samples * held_out) if n_samples >= 2 else 0
 
 
 @torch.no_grad()
 def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, *, keep_8bit: int = 0,
                     device: str = "cpu", budget_bytes: int | None = None, sink=None, progress: bool = True,
-                    log=print) -> QuantResult:
+                    held_out: float = 0.25, guard: bool = True, log=print) -> QuantResult:
     """Quantise every decoder linear of `source` (layers.FileModel or LoadedModel), one layer at a time.
 
     Each layer's input is the previous float layer's output, as in llm-awq.
-    The last quarter of the calibration samples is held out: AWQ's scales and
-    clipping bounds are kept only where they beat round-to-nearest there.
+    The last `held_out` fraction of the calibration samples is held out: AWQ's
+    scales and clipping bounds are kept only where they beat round-to-nearest
+    there (guard=False measures on them but keeps every choice, as llm-awq would).
     With keep_8bit = N, the N linears with the largest 4-bit output error on
     the held-out tokens are quantised at 8 bits instead. `sink` receives
     every quantised linear and every other layer tensor (folded norms,
@@ -235,11 +236,11 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
     sink = sink or _Collect()
     adapter: Adapter = source.adapter
     n, seqlen = calib_ids.shape
-    n_held = split_samples(n)
+    n_held = split_samples(n, held_out)
     plan = plan_memory(source.config, n, seqlen, device, budget_bytes, hessians=method in GPTQ_ROUNDED)
     chunks = [c for part in (calib_ids[: n - n_held], calib_ids[n - n_held:]) for c in part.split(plan.chunk_samples)
               if len(c)]
-    held_out = [j >= -(-(n - n_held) // plan.chunk_samples) for j in range(len(chunks))]
+    is_held = [j >= -(-(n - n_held) // plan.chunk_samples) for j in range(len(chunks))]
     rows_every = [max(1, (n - n_held) * seqlen // SAMPLE_ROWS), max(1, n_held * seqlen // SAMPLE_ROWS)]
     log(f"calibration: {n - n_held} samples to search, {n_held} held out; "
         f"{plan.describe(n * seqlen, source.config.hidden_size, 4)}")
@@ -262,7 +263,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             outs = []
             for j, x in enumerate(xs):
                 args, kwargs = calls[j][i]
-                with stats.watching(int(held_out[j])):
+                with stats.watching(int(is_held[j])):
                     outs.append(_first(layer(x.to(device), *args, **kwargs)).to(plan.store))
 
             scales = {}
@@ -273,10 +274,10 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
                     def chunk_calls(module=module):
                         for j, x in enumerate(xs):
                             call = _call_of(layer, module, x.to(device), *calls[j][i])
-                            yield _caller(module, call), _hidden(call), held_out[j]
+                            yield _caller(module, call), _hidden(call), is_held[j]
 
                     s, alpha, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]),
-                                               [linears[name] for name in g.linears], cfg)
+                                               [linears[name] for name in g.linears], cfg, guard=guard)
                     result.report["alphas"][f"{i}.{g.prev}"] = alpha
                     result.report["scale_groups"] += 1
                     result.report["scales_kept"] += alpha > 0
@@ -291,7 +292,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             if method == "awq":
                 for name, lin in linears.items():
                     if not name.endswith(adapter.no_clip):
-                        bound = search_clip(lin.weight, samples[name][0], cfg, samples[name][1])
+                        bound = search_clip(lin.weight, samples[name][0], cfg, samples[name][1] if guard else None)
                         result.report["clip_kept"][0] += int((bound < group_absmax(lin.weight, cfg.group_size)).sum())
                         result.report["clip_kept"][1] += bound.numel()
                         apply_clip(lin, bound, cfg.group_size)

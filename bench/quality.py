@@ -1,15 +1,20 @@
-"""WikiText-2 perplexity of float, RTN and AWQ SmolLM2 at several widths, groups and calibrations.
+"""WikiText-2 test perplexity of float, RTN, AWQ and GPTQ rows, and the per-layer error behind them.
 
-Writes bench/results/quality.json and quality.md. Every quantised row is
-evaluated in memory from the dequantised weights that the checkpoint holds.
-Usage: python bench/quality.py [--model smollm2-135m] [--device cuda] [--n-samples 128]
+Each row is `method:bits:group[:calibration:n_samples[:noguard]]`, quantised in
+memory from the float model (the quantiser's own code: quantize_model) and
+evaluated on WikiText-2 test, which no calibration source contains. Every
+quantised row with calibration also reports each linear's relative output
+error on the held-out quarter of its calibration samples; the per-layer table
+sums them. `noguard` keeps every AWQ choice (llm-awq's behaviour) instead of
+only those that beat round-to-nearest on the held-out samples.
+Writes OUT.json and OUT.md (default bench/results/quality).
+Usage: python -P bench/quality.py [--model smollm2-135m|FOLDER] [--device cuda] [--rows ...] [--eval-tokens N]
 """
 
 import argparse
 import copy
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,6 +30,17 @@ from awq_edge.quantize import quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
+DEFAULT_ROWS = ("rtn:4:64:mixed:128,awq:4:64:mixed:128,awq:4:64:mixed:128:noguard,gptq:4:64:mixed:128,"
+                "awq:4:64:mixed:16,rtn:4:128:mixed:128,awq:4:128:mixed:128,awq:4:128:mixed:128:noguard,"
+                "gptq:4:128:mixed:128,awq:4:128:mixed:16")
+
+
+def parse_row(spec: str) -> dict:
+    parts = spec.split(":")
+    row = {"method": parts[0], "w_bit": int(parts[1]), "group_size": int(parts[2]),
+           "calibration": parts[3] if len(parts) > 3 else None, "n_samples": int(parts[4]) if len(parts) > 4 else 0,
+           "guard": not (len(parts) > 5 and parts[5] == "noguard")}
+    return row
 
 
 def main() -> int:
@@ -32,12 +48,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--wikitext", default=str(SHARED))
-    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=65536)
-    ap.add_argument("--configs", default="4:64,3:64,4:128,3:128", help="w_bit:group pairs")
-    ap.add_argument("--sources", default="sampled,builtin,wikitext2-valid", help="calibration sources to compare")
-    ap.add_argument("--sample-sweep", default="8,32", help="extra AWQ w4g64 runs on the first source with these n_samples")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     args = ap.parse_args()
     wt = Path(args.wikitext)
@@ -49,11 +62,25 @@ def main() -> int:
     base, tok = load_float_model(path)
     adapter = get_adapter(base.config.model_type)
     test_ids = text_tokens(tok, wt / "test.txt", args.eval_tokens)
-    sources = {"sampled": calib.SAMPLED, "builtin": calib.BUILTIN, "wikitext2-valid": str(wt / "valid.txt")}
-    sources = {k: v for k, v in sources.items() if k in args.sources.split(",")}
-    base.to(args.device)
-    calib_ids = {k: calib.calibration_blocks(tok, v, args.n_samples, args.seqlen, base, args.device) for k, v in sources.items()}
-    base.to("cpu")
+    sources = {"mixed": calib.MIXED, "builtin": calib.BUILTIN, "sampled": calib.SAMPLED,
+               "wikitext2-valid": str(wt / "valid.txt")}
+    specs = [parse_row(s) for s in args.rows.split(",") if s]
+    calib_ids = {}
+    for spec in specs:
+        key = (spec["calibration"], spec["n_samples"])
+        if spec["calibration"] and key not in calib_ids:
+            big = max(s["n_samples"] for s in specs if s["calibration"] == spec["calibration"])
+            if (spec["calibration"], big) not in calib_ids:
+                base.to(args.device)
+                calib_ids[(spec["calibration"], big)] = calib.calibration_blocks(
+                    tok, sources[spec["calibration"]], big, args.seqlen, base, args.device)
+                base.to("cpu")
+            # Fewer samples are the same text's first blocks, with their own held-out quarter.
+            calib_ids[key] = calib_ids[(spec["calibration"], big)][: spec["n_samples"]]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, layer_errors = [], {}
 
     def evaluate(model):
         model.to(args.device)
@@ -61,62 +88,69 @@ def main() -> int:
         model.to("cpu")
         return r
 
-    rows = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).with_suffix(".rows.jsonl").unlink(missing_ok=True)
+    def write():
+        float_ppl = rows[0]["ppl"]
+        for row in rows[1:]:
+            rtn = next((r for r in rows if r["method"] == "rtn" and r["w_bit"] == row["w_bit"]
+                        and r["group_size"] == row["group_size"]), None)
+            if rtn and row is not rtn and rtn["ppl"] != float_ppl:
+                row["gap_closed_vs_rtn"] = round((rtn["ppl"] - row["ppl"]) / (rtn["ppl"] - float_ppl), 4)
+        env = {"model": args.model, "device": args.device,
+               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+               "torch": torch.__version__, "python": platform.python_version(), "seqlen": args.seqlen,
+               "eval_text": "wikitext-2 test.txt", "eval_tokens": rows[0]["eval_tokens"],
+               "command": " ".join(["python"] + sys.argv)}
+        out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "layer_errors": layer_errors},
+                                                       indent=2) + "\n")
+        lines = [f"WikiText-2 test perplexity, {rows[0]['eval_tokens']} tokens, seqlen {args.seqlen}; {args.model} on "
+                 f"{args.device}. Calibration never includes WikiText-2 test.", "",
+                 "| method | bits | group | calibration | samples | guard | ppl | RTN's gap closed | scales kept "
+                 "| clip groups kept | quantise s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['w_bit']} | {r['group_size'] or '-'} | {r['calibration'] or '-'} "
+                         f"| {r['n_samples'] or '-'} | {r.get('guard', '-')} | {r['ppl']:.3f} "
+                         f"| {r.get('gap_closed_vs_rtn', '-')} | {r.get('scales_kept', '-')} "
+                         f"| {r.get('clip_kept', '-')} | {r.get('quantize_seconds', '-')} |")
+        if layer_errors:
+            names = list(layer_errors)
+            n_layers = len(next(iter(layer_errors.values())))
+            lines += ["", "Per layer: sum over its linears of the relative output error "
+                      "||x W_q - x W|| ^2 / ||x W||^2 on each row's held-out calibration samples.", "",
+                      "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for i in range(n_layers):
+                lines.append(f"| {i} | " + " | ".join(f"{layer_errors[n][i]:.4f}" for n in names) + " |")
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
-    def record(method, cfg, source, n, model, report):
+    t = time.perf_counter()
+    r = evaluate(base)
+    rows.append({"method": "float", "w_bit": 16, "group_size": None, "calibration": None, "n_samples": 0,
+                 "ppl": round(r["ppl"], 4), "eval_tokens": r["tokens"], "eval_seconds": round(time.perf_counter() - t, 1)})
+    print(json.dumps(rows[-1]), flush=True)
+    for spec in specs:
+        cfg = QConfig(spec["w_bit"], spec["group_size"], True)
+        ids = calib_ids.get((spec["calibration"], spec["n_samples"]), torch.zeros(1, 2, dtype=torch.long))
+        m = copy.deepcopy(base)
+        res = quantize_model(m, adapter, cfg, spec["method"], ids, device=args.device, progress=False,
+                             guard=spec["guard"])
         t = time.perf_counter()
-        r = evaluate(model)
-        row = {"method": method, "w_bit": cfg.w_bit if cfg else 16, "group_size": cfg.group_size if cfg else None,
-               "calibration": source, "n_samples": n, "ppl": round(r["ppl"], 4), "eval_tokens": r["tokens"],
-               "quantize_seconds": report.get("seconds") if report else None,
-               "eval_seconds": round(time.perf_counter() - t, 1)}
+        r = evaluate(m)
+        rep = res.report
+        row = {**spec, "ppl": round(r["ppl"], 4), "eval_tokens": r["tokens"], "quantize_seconds": rep["seconds"],
+               "eval_seconds": round(time.perf_counter() - t, 1),
+               "scales_kept": f"{rep['scales_kept']}/{rep['scale_groups']}" if rep["scale_groups"] else None,
+               "clip_kept": "{}/{}".format(*rep["clip_kept"]) if rep["clip_kept"][1] else None}
         rows.append(row)
+        if spec["calibration"]:
+            n_layers = len(adapter.layers(m))
+            per_layer = [0.0] * n_layers
+            for name, err in rep["sensitivity"].items():
+                per_layer[int(name[len(adapter.layers_path) + 1:].split(".")[0])] += err
+            label = f"{spec['method']} g{spec['group_size']} n{spec['n_samples']}{'' if spec['guard'] else ' noguard'}"
+            layer_errors[label] = [round(e, 5) for e in per_layer]
         print(json.dumps(row), flush=True)
-        with open(Path(args.out).with_suffix(".rows.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    record("float", None, None, 0, base, None)
-    for spec in args.configs.split(","):
-        w_bit, group = (int(v) for v in spec.split(":"))
-        cfg = QConfig(w_bit, group, True)
-        m = copy.deepcopy(base)
-        record("rtn", cfg, None, 0, m, quantize_model(m, adapter, cfg, "rtn", test_ids[:2].view(1, 2), device=args.device, progress=False).report)
-        for name, ids in calib_ids.items():
-            m = copy.deepcopy(base)
-            rep = quantize_model(m, adapter, cfg, "awq", ids, device=args.device, progress=False).report
-            record("awq", cfg, name, int(ids.shape[0]), m, rep)
-    for n in [int(v) for v in args.sample_sweep.split(",") if v]:
-        cfg = QConfig(4, 64, True)
-        m = copy.deepcopy(base)
-        first = next(iter(calib_ids))
-        ids = calib_ids[first][:n]
-        rep = quantize_model(m, adapter, cfg, "awq", ids, device=args.device, progress=False).report
-        record("awq", cfg, first, int(ids.shape[0]), m, rep)
-
-    float_ppl = rows[0]["ppl"]
-    for row in rows:
-        if row["method"] != "awq":
-            continue
-        rtn = next(r for r in rows if r["method"] == "rtn" and r["w_bit"] == row["w_bit"] and r["group_size"] == row["group_size"])
-        row["gap_closed_vs_rtn"] = round((rtn["ppl"] - row["ppl"]) / (rtn["ppl"] - float_ppl), 4)
-    env = {"model": args.model, "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-           "torch": torch.__version__, "python": platform.python_version(), "seqlen": args.seqlen,
-           "eval_text": "wikitext-2 test.txt", "n_samples": args.n_samples,
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-           "command": " ".join(["python"] + sys.argv)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    lines = [f"WikiText-2 test perplexity, {rows[0]['eval_tokens']} tokens, seqlen {args.seqlen}; {args.model} on {args.device}",
-             "", "| method | bits | group | calibration | samples | ppl | gap to float closed vs RTN | quantise s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['w_bit']} | {r['group_size'] or '-'} | {r['calibration'] or '-'} | {r['n_samples'] or '-'} "
-                     f"| {r['ppl']:.3f} | {r.get('gap_closed_vs_rtn', '-')} | {r['quantize_seconds'] or '-'} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write()
+    write()
+    print(out.with_suffix(".md").read_text())
     return 0
 
 
