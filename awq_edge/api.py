@@ -195,7 +195,8 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
                 if calibrate and source == calib.SAMPLED:
                     from awq_edge.model import load_float_model
 
-                    float_model, _ = load_float_model(path)
+                    # Sampling runs the whole model: in fp16 on a GPU (16 GB at 8B), in fp32 on the CPU.
+                    float_model, _ = load_float_model(path, torch.float16 if device.startswith("cuda") else torch.float32)
                     ids = _calibration(tokenizer, source, n_samples, seqlen, float_model, device)
                     del float_model
                 else:
