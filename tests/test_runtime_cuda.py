@@ -35,6 +35,11 @@ CASES = {
     "mistral_window": dict(family="mistral", sliding_window=5),  # the window is shorter than the prompt
     "qwen2_bias": dict(family="qwen2"),
     "untied": dict(family="llama", tied=False),
+    "qwen3_qk_norms": dict(family="qwen3"),
+    "phi3_fused": dict(family="phi3"),
+    "gemma_gelu": dict(family="gemma"),
+    "gemma2_softcaps": dict(family="gemma2"),
+    "gemma3_local_global": dict(family="gemma3_text", tied=False),
 }
 
 
@@ -50,8 +55,9 @@ def test_prefill_and_cached_steps_match_transformers_on_the_same_weights(tmp_pat
     np.testing.assert_allclose(np.stack(steps), ref[4:], rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
-def test_greedy_generation_matches_transformers_generate(tmp_path):
-    model, _ = write_checkpoint(tmp_path / "ck")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_generation_matches_transformers_generate(tmp_path, case):
+    model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
     with torch.no_grad():
         theirs = model.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, len(PROMPT):].tolist()

@@ -92,7 +92,7 @@ def normalised(config: dict) -> dict:
     keep = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         return AutoConfig.for_model(**keep).to_dict()
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # transformers' config validators raise several types; each means the same here
         raise AwqEdgeError(f"transformers cannot read this {config.get('model_type')} config.json ({e})",
                            "re-create the checkpoint with `awq-edge quantize`") from None
 
