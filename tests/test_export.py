@@ -40,7 +40,7 @@ NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]
 TRT_OPS = {
     "Gather", "MatMul", "Gemm", "Add", "Mul", "Sub", "Div", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "Sigmoid",
     "Reshape", "Transpose", "Concat", "Slice", "Neg", "Unsqueeze", "Shape", "Range", "LessOrEqual", "Greater",
-    "And", "Where", "Softmax", "DequantizeLinear", "MatMulNBits",
+    "And", "Where", "Softmax", "DequantizeLinear", "MatMulNBits", "Split", "Tanh", "Erf",
 }
 
 
@@ -148,9 +148,11 @@ def test_mistral_sliding_window_matches_pytorch_in_prefill_and_cached_steps(tmp_
     assert np.abs(steps - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("family", ["llama"] + NEW_FAMILIES)
 @pytest.mark.parametrize("target", ["ort", "trt"])
-def test_fp16_export_logits_stay_close_to_pytorch(tmp_path, ckpt, target):
-    folder, model, _ = ckpt
+def test_fp16_export_logits_stay_close_to_pytorch(tmp_path, family, target):
+    folder = tmp_path / "ck"
+    model, _ = write_checkpoint(folder, family=family)
     out = export(folder, tmp_path / "onnx", ExportOptions(target=target, dtype="fp16"))
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
@@ -209,10 +211,14 @@ def test_trt_native_refuses_asymmetric_weights_naming_no_zero_point(tmp_path, ck
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("native", [False, True])
-def test_trt_target_uses_only_ops_tensorrt_parses(tmp_path, native):
-    write_checkpoint(tmp_path / "ck", symmetric=True)
+def test_trt_target_uses_only_ops_tensorrt_parses(tmp_path, native, family):
+    model, _ = write_checkpoint(tmp_path / "ck", family=family, symmetric=True)
     out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target="trt", trt_native=native))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     used = {n.op_type for n in model.graph.node}
     assert used <= TRT_OPS, used - TRT_OPS
