@@ -327,17 +327,29 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
     h = embeddings(g, ck, spec, head, opts)
 
     attend, norm, skip_norm = (ort_blocks if opts.target == "ort" else trt_blocks)(g, ck, spec, opts)
-    residual = h
+    residual, out_norm = h, norm
+    if f.attn_out_norm and g.elem != TensorProto.FLOAT:
+        # Gemma 2/3's residual stream outgrows fp16 (Gemma-3-270M's reaches 1.0e5): the block outputs' norms and
+        # the residual adds run in float32; the products still read the graph's dtype.
+        residual = g.node("Cast", [h], "/model/embed_tokens/CastFloat", to=TensorProto.FLOAT)
+
+        def out_norm(x, name):
+            return ops.rms_norm(g, x, name, ck.norm(name), d.eps, float_out=True)
+
+        def skip_norm(x, skip, name):
+            summed = g.node("Add", [x, skip], f"/{name}/Residual")
+            return ops.rms_norm(g, summed, name, ck.norm(name), d.eps), summed
+
     x = norm(h, f"{spec.layer(0)}.{f.attn_norm}")
     for i in range(d.layers):
         p = spec.layer(i)
         a = attend(x, i)
         if f.attn_out_norm:
-            a = norm(a, f"{p}.{f.attn_out_norm}")
+            a = out_norm(a, f"{p}.{f.attn_out_norm}")
         x, residual = skip_norm(a, residual, f"{p}.{f.mlp_norm}")
         m = mlp(g, ck, spec, x, i, opts)
         if f.mlp_out_norm:
-            m = norm(m, f"{p}.{f.mlp_out_norm}")
+            m = out_norm(m, f"{p}.{f.mlp_out_norm}")
         nxt = f"{spec.layer(i + 1)}.{f.attn_norm}" if i + 1 < d.layers else f.final_norm
         x, residual = skip_norm(m, residual, nxt)
     rename_output(g, lm_head(g, ck, spec, x, head, opts), "logits")

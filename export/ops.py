@@ -146,14 +146,17 @@ def skip_simplified_layer_norm(g: Graph, x: str, skip: str, base: str, weight, e
     return normed, summed
 
 
-def rms_norm(g: Graph, x: str, base: str, weight, eps: float) -> str:
-    """RMSNorm from basic ops (for parsers without the fused op), with the mean of squares in fp32."""
+def rms_norm(g: Graph, x: str, base: str, weight, eps: float, float_out: bool = False) -> str:
+    """RMSNorm from basic ops (for parsers without the fused op), with the mean of squares in fp32; x may be of
+    the graph's dtype or float32. float_out: the output (and the weight) stay float32."""
     xf = g.node("Cast", [x], f"{base}/Cast", to=TensorProto.FLOAT) if g.elem != TensorProto.FLOAT else x
     sq = g.node("Mul", [xf, xf], f"{base}/Square")
     mean = g.node("ReduceMean", [sq, int64(g, [-1])], f"{base}/ReduceMean", keepdims=1)
     eps_c = g.const(f"{base}.eps", np.array(eps, dtype=np.float32))
     inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [mean, eps_c], f"{base}/AddEps")], f"{base}/Sqrt")], f"{base}/Reciprocal")
     y = g.node("Mul", [xf, inv], f"{base}/Normalize")
+    if float_out:
+        return g.node("Mul", [y, g.const(f"{base}.weight", weight.float())], f"{base}/Scale")
     if g.elem != TensorProto.FLOAT:
         y = g.node("Cast", [y], f"{base}/CastBack", to=g.elem)
     return g.node("Mul", [y, g.weight(f"{base}.weight", weight)], f"{base}/Scale")

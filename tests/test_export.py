@@ -88,6 +88,22 @@ def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tie
     return model, ints
 
 
+def blow_up_residual(folder, model):
+    """Set layer 0's last norm (Gemma 2/3's post_feedforward_layernorm) to 1 + 6e4, so that the residual stream
+    passes fp16's range as Gemma-3-270M's does (1.0e5), in the checkpoint and in `model` alike; returns the
+    stream's max |h|."""
+    from safetensors.torch import load_file
+
+    name = "model.layers.0.post_feedforward_layernorm.weight"
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = torch.full_like(tensors[name], 6e4)
+    save_file(tensors, folder / "model.safetensors")
+    model.get_submodule(name.rsplit(".", 1)[0]).weight.data = tensors[name].float()
+    with torch.no_grad():
+        states = model(torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+    return max(float(h.abs().max()) for h in states)
+
+
 def run_full(folder, ids):
     """Logits [S, V] of the exported model for a prompt, through the runtime's cache-free first call."""
     return OrtDecoder(folder).forward(ids)
@@ -157,6 +173,18 @@ def test_fp16_export_logits_stay_close_to_pytorch(tmp_path, family, target):
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
     assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_fp16_export_keeps_a_residual_stream_beyond_fp16_range_in_fp32(tmp_path, family, target):
+    model, _ = write_checkpoint(tmp_path / "ck", family=family)
+    assert blow_up_residual(tmp_path / "ck", model) > 65504
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target=target, dtype="fp16"))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    for got in prefill_and_steps(out):
+        assert np.isfinite(got).all() and np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
 
 
 def test_untied_lm_head_is_exported_from_its_own_weight(tmp_path):

@@ -66,6 +66,19 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, case):
     assert list(generate(dec, PROMPT, 12)) == theirs
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_fp16_decoder_keeps_a_residual_stream_beyond_fp16_range_in_fp32(tmp_path, family):
+    from test_export import blow_up_residual
+
+    model, _ = write_checkpoint(tmp_path / "ck", family=family)
+    assert blow_up_residual(tmp_path / "ck", model) > 65504
+    ref = hf_logits(model, PROMPT)
+    dec = torch_decoder(tmp_path / "ck", dtype=torch.float16)
+    steps = [dec.forward(PROMPT[:5])[-1]] + [dec.forward([t])[-1] for t in PROMPT[5:]]
+    assert np.isfinite(steps).all()
+    np.testing.assert_allclose(np.stack(steps), ref[4:], rtol=0, atol=1e-2 * np.abs(ref).max())
+
+
 def test_a_float_linear_among_int4_ones_is_fused_as_dense(tmp_path):
     model, _ = write_checkpoint(tmp_path / "ck")
     from safetensors.torch import load_file, save_file

@@ -401,6 +401,10 @@ class CudaDecoder(PrefixCachedDecoder):
         self.scale = feats.query_scale or d.head_dim ** -0.5
         # transformers multiplies by sqrt(hidden) rounded to the activations' dtype
         self.embed_scale = torch.tensor(feats.embed_scale, dtype=weights.embed.dtype, device=device)
+        # Gemma 2/3's residual stream outgrows fp16 (Gemma-3-270M's reaches 1.0e5 by layer 14): it is kept in
+        # float32 there, the products still read fp16. The Llama block keeps its folded fp16 stream.
+        sandwich = any(L.attn_out_norm is not None for L in weights.layers)
+        self.stream_dtype = torch.float32 if sandwich else weights.embed.dtype
         shape = (d.kv_heads, weights.max_len, d.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
         self.v_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
@@ -430,35 +434,47 @@ class CudaDecoder(PrefixCachedDecoder):
         h = F.embedding(ids, w.embed)
         if feats.embed_scale != 1.0:
             h = h * self.embed_scale
+        h = h.to(self.stream_dtype)
         g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
         for i, L in enumerate(w.layers):
-            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
-            if L.q_norm is not None:
-                qkv = ops.qk_norm(qkv, L.q_norm, L.k_norm, d.heads, d.kv_heads, d.eps)
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            cos, sin = (w.cos, w.sin) if L.cos is None else (L.cos, L.sin)
-            window = d.window if L.window is None else L.window
-            if ids.shape[0] == 1:
-                a = ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window,
-                                         feats.attn_softcap)
-            else:
-                q = ops.rope_kv(qkv, positions, cos, sin, kc, vc, d.heads)
-                a = _prefill_attention(q, kc, vc, past, self.scale, window, feats.attn_softcap)
             if L.attn_out_norm is None:
+                qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
+                a = self._attend(i, L, qkv, positions, past)
                 h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
-            else:  # Gemma 2/3: the block's output is normalised before the residual add, so no norm folds
-                h, g = h + ops.rmsnorm(ops.linear(a, L.o), L.attn_out_norm, d.eps), None
-            act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
-                                  activation=feats.activation)
-            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
-            if L.mlp_out_norm is None:
+                act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
+                                      activation=feats.activation)
+                nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
                 h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
-            else:
-                h, g = h + ops.rmsnorm(ops.linear(act, L.down), L.mlp_out_norm, d.eps), None
+            else:  # Gemma 2/3: each block's output is normalised before the residual add, so no norm folds
+                a = self._attend(i, L, ops.linear(self._norm(h, L.input_norm), L.qkv), positions, past)
+                h = h + self._norm(ops.linear(a, L.o), L.attn_out_norm, self.stream_dtype)
+                act = ops.gate_up_act(self._norm(h, L.post_norm), L.gate_up, feats.activation)
+                h = h + self._norm(ops.linear(act, L.down), L.mlp_out_norm, self.stream_dtype)
         return h
 
+    def _attend(self, i, L: Layer, qkv, positions, past):
+        """Attention of layer i from its qkv product: q/k norms, rotary embedding, cache write, attention."""
+        w, ops, d, feats = self.w, self.ops, self.w.dims, self.w.features
+        if L.q_norm is not None:
+            qkv = ops.qk_norm(qkv, L.q_norm, L.k_norm, d.heads, d.kv_heads, d.eps)
+        kc, vc = self.k_cache[i], self.v_cache[i]
+        cos, sin = (w.cos, w.sin) if L.cos is None else (L.cos, L.sin)
+        window = d.window if L.window is None else L.window
+        if past is None:
+            return ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window, feats.attn_softcap)
+        q = ops.rope_kv(qkv, positions, cos, sin, kc, vc, d.heads)
+        return _prefill_attention(q, kc, vc, past, self.scale, window, feats.attn_softcap)
+
+    def _norm(self, h, weight, dtype=None):
+        """RMSNorm of h as the input of a product (the weights' dtype), or in `dtype`; a float32 residual stream
+        is normalised in PyTorch, in float32."""
+        if h.dtype == weight.dtype and dtype in (None, h.dtype):
+            return self.ops.rmsnorm(h, weight, self.w.dims.eps)
+        y = TorchOps.rmsnorm(self.ops, h.float(), weight.float(), self.w.dims.eps)
+        return y.to(dtype or weight.dtype)
+
     def _logits(self, h):
-        logits = self.ops.linear(self.ops.rmsnorm(h, self.w.norm, self.w.dims.eps), self.w.lm_head).float()
+        logits = self.ops.linear(self._norm(h, self.w.norm), self.w.lm_head).float()
         cap = self.w.features.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
