@@ -96,7 +96,8 @@ def qk_normed(g, ck, spec: Spec, q, k, i, norm, base):
     """Qwen3/Gemma 3: RMSNorm over each head of q and k (x [B, S, heads * D] -> same shape), before RoPE."""
     d, p = spec.dims, spec.layer(i)
     out = []
-    for x, n, heads, name in ((q, spec.family.qk_norms[0], d.heads, "q"), (k, spec.family.qk_norms[1], d.kv_heads, "k")):
+    q_norm, k_norm = spec.family.qk_norms
+    for x, n, heads, name in ((q, q_norm, d.heads, "q"), (k, k_norm, d.kv_heads, "k")):
         per_head = ops.reshape(g, x, [0, 0, heads, d.head_dim], f"{base}/{name}_norm")
         out.append(ops.reshape(g, norm(per_head, f"{p}.{n}"), [0, 0, heads * d.head_dim], f"{base}/{name}_normed"))
     return out
@@ -313,6 +314,20 @@ def trt_blocks(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions):
     return attend, norm, skip_norm
 
 
+def float32_residual_blocks(g: ops.Graph, ck: Checkpoint, d: Dims):
+    """(block-output norm, skip-norm) builders for an fp16 graph whose residual stream stays float32: Gemma 2/3's
+    outgrows fp16 (Gemma-3-270M's reaches 1.0e5). The products still read the graph's dtype."""
+
+    def out_norm(x, name):
+        return ops.rms_norm(g, x, name, ck.norm(name), d.eps, float_out=True)
+
+    def skip_norm(x, skip, name):
+        summed = g.node("Add", [x, skip], f"/{name}/Residual")
+        return ops.rms_norm(g, summed, name, ck.norm(name), d.eps), summed
+
+    return out_norm, skip_norm
+
+
 def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
     """The whole decoder: embeddings, layers with KV cache, final norm, lm_head."""
     if opts.target not in TARGETS:
@@ -329,17 +344,8 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
     attend, norm, skip_norm = (ort_blocks if opts.target == "ort" else trt_blocks)(g, ck, spec, opts)
     residual, out_norm = h, norm
     if f.attn_out_norm and g.elem != TensorProto.FLOAT:
-        # Gemma 2/3's residual stream outgrows fp16 (Gemma-3-270M's reaches 1.0e5): the block outputs' norms and
-        # the residual adds run in float32; the products still read the graph's dtype.
         residual = g.node("Cast", [h], "/model/embed_tokens/CastFloat", to=TensorProto.FLOAT)
-
-        def out_norm(x, name):
-            return ops.rms_norm(g, x, name, ck.norm(name), d.eps, float_out=True)
-
-        def skip_norm(x, skip, name):
-            summed = g.node("Add", [x, skip], f"/{name}/Residual")
-            return ops.rms_norm(g, summed, name, ck.norm(name), d.eps), summed
-
+        out_norm, skip_norm = float32_residual_blocks(g, ck, d)
     x = norm(h, f"{spec.layer(0)}.{f.attn_norm}")
     for i in range(d.layers):
         p = spec.layer(i)

@@ -69,7 +69,8 @@ def gguf_517_form(src, dst):
     tok["normalizer"] = {"type": "Sequence", "normalizers": []}
     tok["model"]["byte_fallback"] = True
     tok["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
         {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
     (dst / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     config = json.loads((dst / "tokenizer_config.json").read_text())

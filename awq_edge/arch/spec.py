@@ -60,7 +60,8 @@ def describe(config: dict) -> Spec:
     config = normalised(config)
     missing = [k for k in REQUIRED_CONFIG if k not in config]
     if missing:
-        raise AwqEdgeError(f"config.json lacks {', '.join(missing)}", "re-create the checkpoint with `awq-edge quantize`")
+        raise AwqEdgeError(f"config.json lacks {', '.join(missing)}",
+                           "re-create the checkpoint with `awq-edge quantize`")
     d = dims_of(config)
     if d.heads % d.kv_heads:
         raise AwqEdgeError(f"{d.heads} heads do not divide into {d.kv_heads} KV heads", "check config.json")

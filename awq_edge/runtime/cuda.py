@@ -461,7 +461,8 @@ class CudaDecoder(PrefixCachedDecoder):
         cos, sin = (w.cos, w.sin) if L.cos is None else (L.cos, L.sin)
         window = d.window if L.window is None else L.window
         if past is None:
-            return ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window, feats.attn_softcap)
+            return ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window,
+                                        feats.attn_softcap)
         q = ops.rope_kv(qkv, positions, cos, sin, kc, vc, d.heads)
         return _prefill_attention(q, kc, vc, past, self.scale, window, feats.attn_softcap)
 
