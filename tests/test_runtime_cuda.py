@@ -108,6 +108,19 @@ def test_extend_reuses_the_cache_and_overflow_is_a_clear_error(tmp_path):
         dec.forward(list(range(5)))
 
 
+def test_phi3_longrope_is_refused_by_the_export_and_the_cuda_backend_alike(tmp_path):
+    from awq_edge.export.command import export
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16, "long_factor": [2.0] * 16,
+            "original_max_position_embeddings": 64}
+    write_checkpoint(tmp_path / "ck", family="phi3", rope_parameters=rope)
+    for stage in (lambda: export(tmp_path / "ck", tmp_path / "onnx"),
+                  lambda: load_weights(tmp_path / "ck", "cpu", torch.float32, packed=False)):
+        with pytest.raises(AwqEdgeError, match="rope type 'longrope' changes with sequence length"):
+            stage()
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_a_group_size_the_kernels_lack_is_refused_with_a_requantise_fix(tmp_path):
     write_checkpoint(tmp_path / "ck", group_size=16)
     with pytest.raises(AwqEdgeError, match="group-size 128"):
