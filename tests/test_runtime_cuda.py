@@ -135,6 +135,69 @@ def test_cuda_backend_without_a_gpu_fails_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "no CUDA GPU" in err[0]
 
 
+class EmulatedKernels:
+    """awq_edge.kernels' functions in PyTorch on the CPU, holding to their fp16 contract; a "packed" weight is the
+    dense fp16 W [n, k]. Lets CudaOps' choices around the kernels run without a GPU."""
+
+    @staticmethod
+    def _f16(*tensors):
+        assert all(t.dtype == torch.float16 for t in tensors if t is not None), "a kernel was handed non-fp16 data"
+
+    def rmsnorm(self, x, w, eps, out):
+        self._f16(x, w, out)
+        return out.copy_(TorchOps().rmsnorm(x, w, eps))
+
+    def dequantize(self, w, out):
+        return out.copy_(w.reshape(-1))
+
+    def gemm(self, x, w, bias=None):
+        self._f16(x, bias)
+        return self.gemm_norm(x, w, bias)
+
+    def gemm_norm(self, x, w, bias=None, gated=False, rms_input=None, eps=0.0, norm_weight=None):
+        self._f16(x, bias, rms_input, norm_weight)
+        y = torch.nn.functional.linear(x.float(), w.float())
+        if rms_input is not None:
+            y = y * TorchOps._rstd(rms_input, eps)
+        y = (y if bias is None else y + bias.float()).half()
+        y = TorchOps().silu_mul(y) if gated else y
+        return y if norm_weight is None else (y, norm_weight * y)
+
+    def gemm_gated(self, x, w, bias=None):
+        return self.gemm_norm(x, w, bias, gated=True)
+
+    def silu_mul(self, gate_up, out):
+        return out.copy_(TorchOps().silu_mul(gate_up))
+
+    def rope_kv(self, qkv, positions, cos, sin, q_out, k_cache, v_cache):
+        self._f16(qkv, k_cache, v_cache)
+        return q_out.copy_(TorchOps().rope_kv(qkv, positions, cos, sin, k_cache, v_cache, q_out.shape[1]))
+
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, out, workspace, scale, window):
+        self._f16(qkv, k_cache, v_cache, out)
+        n_heads = out.numel() // k_cache.shape[2]
+        return out.copy_(TorchOps().decode_attention(qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tmp_path, case, monkeypatch):
+    from awq_edge.runtime.cuda import Linear
+
+    model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
+    ref = hf_logits(model, PROMPT)
+    weights = load_weights(tmp_path / "ck", "cpu", torch.float16, packed=False, max_len=64)
+    as_packed = lambda lin: Linear(lin.n, lin.k, packed=lin.weight, bias=lin.bias)  # noqa: E731
+    for L in weights.layers:
+        L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
+    monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
+    for fold in (True, False):
+        ops = CudaOps(weights, fold_norms=fold)
+        ops.k = EmulatedKernels()
+        dec = CudaDecoder(weights, ops, use_graphs=False)
+        steps = [dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]]
+        np.testing.assert_allclose(np.stack(steps), ref[3:], rtol=0, atol=2e-2 * np.abs(ref).max())
+
+
 # ---- On a GPU: every kernel against TorchOps in float32, on fresh random data with poisoned outputs ----
 
 def gpu_case(seed):
