@@ -73,7 +73,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class Features:
-    """What a family adds to the Llama block outside the layers' weights (see awq_edge.arch.Spec)."""
+    """What a family adds to the Llama block outside the layers' weights (see awq_edge.arch.Spec); defaults to none,
+    so Weights built from bare shapes (bench/decode.py's random models) need no Spec."""
 
     activation: str = "silu"
     query_scale: float | None = None  # None: head_dim^-0.5
