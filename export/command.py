@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 from awq_edge.calib import SOURCES_HELP
-from awq_edge.export.decoder import ExportOptions, build_decoder, dims_of
+from awq_edge.arch.weights import Checkpoint
+from awq_edge.export.decoder import ExportOptions, build_decoder
 from awq_edge.export.save import genai_config, write_folder
-from awq_edge.export.source import Checkpoint
 
 
 def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_float: bool = False) -> Path:
@@ -15,7 +15,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
     model = build_decoder(ck, opts)
     gen_path = ck.folder / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    genai = genai_config(ck.config, generation, model, dims_of(ck.config))
+    genai = genai_config(ck.config, generation, model, ck.spec.dims)
     extra = {
         "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
         "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,

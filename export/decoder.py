@@ -1,4 +1,4 @@
-"""Assemble a Llama-family decoder with KV cache as one ONNX graph from a quantised checkpoint."""
+"""Assemble a decoder with KV cache as one ONNX graph from a quantised checkpoint, as its family's Spec describes."""
 
 from dataclasses import dataclass
 
@@ -7,19 +7,18 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from awq_edge.arch import Dims, Spec, rope_tables
+from awq_edge.arch.weights import Checkpoint, FloatLinear, fuse_rows
 from awq_edge.errors import AwqEdgeError
 from awq_edge.quant import QConfig, quantize
 from awq_edge.export import head as head_quant
 from awq_edge.export import ops
-from awq_edge.export.source import Checkpoint, FloatLinear, QuantLinear
 
 # IR 10 / opset 21: the oldest pair with blockwise int4 DequantizeLinear; onnxruntime
 # 1.20+ and TensorRT 10.x's parser load it.
 IR_VERSION = 10
 OPSET = 21
 TARGETS = ("ort", "trt")
-# Rope types whose frequencies do not depend on the sequence length.
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -35,54 +34,14 @@ class ExportOptions:
     rope_in_graph: bool = True  # ort only: RoPE tables computed at session load instead of stored (2 MB for 8k)
 
 
-@dataclass(frozen=True)
-class Dims:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    eps: float
-    max_positions: int
-    window: int  # sliding-window length, 0 for full attention
-    tied: bool
-
-
-def dims_of(config: dict) -> Dims:
-    heads = config["num_attention_heads"]
-    use_window = config.get("use_sliding_window", config["model_type"] == "mistral")
-    window = config.get("sliding_window") if use_window else None
-    return Dims(
-        hidden=config["hidden_size"],
-        layers=config["num_hidden_layers"],
-        heads=heads,
-        kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab=config["vocab_size"],
-        eps=float(config.get("rms_norm_eps", 1e-6)),
-        max_positions=int(config.get("max_position_embeddings", 4096)),
-        window=int(window or 0),
-        tied=bool(config.get("tie_word_embeddings", False)),
-    )
-
-
-def rope_tables(config: dict, d: Dims):
-    """cos, sin [max_positions, head_dim / 2] in float32, with any attention scaling folded in."""
-    inv_freq, scaling = rope_frequencies(config, d)
-    angles = torch.outer(torch.arange(d.max_positions, dtype=torch.float64), inv_freq)
-    return (angles.cos() * scaling).float(), (angles.sin() * scaling).float()
-
-
-def rope_tables_in_graph(g: ops.Graph, config: dict, d: Dims):
+def rope_tables_in_graph(g: ops.Graph, rope, max_positions: int, base: str):
     """The same tables as `rope_tables`, computed by the graph from the frequencies (in float64).
 
     Every input is a constant, so onnxruntime folds them once when the session
     loads: the tables cost no time per step and no bytes in the file.
     """
-    inv_freq, scaling = rope_frequencies(config, d)
-    base = "/model/rope"
-    limits = [g.scalar(f"{base}.{n}", v, np.float64) for n, v in (("start", 0), ("limit", d.max_positions),
+    inv_freq, scaling = rope
+    limits = [g.scalar(f"{base}.{n}", v, np.float64) for n, v in (("start", 0), ("limit", max_positions),
                                                                    ("delta", 1))]
     positions = g.node("Range", limits, f"{base}/Positions")
     angles = g.node("Mul", [g.node("Unsqueeze", [positions, ops.int64(g, [1])], f"{base}/Column"),
@@ -94,46 +53,6 @@ def rope_tables_in_graph(g: ops.Graph, config: dict, d: Dims):
             t = g.node("Mul", [t, g.scalar(f"{base}.scaling", scaling, np.float64)], f"{base}/{fn}Scaled")
         tables.append(g.node("Cast", [t], f"{base}/{fn}Cast", to=g.elem))
     return tables
-
-
-def rope_frequencies(config: dict, d: Dims):
-    """RoPE inverse frequencies [head_dim / 2] (float64) and the attention scaling of the rope type."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in STATIC_ROPE:
-        raise AwqEdgeError(
-            f"rope type {rope_type!r} changes with sequence length and is not exported",
-            f"use a model with rope type {', '.join(STATIC_ROPE)}",
-        )
-    theta = float(params["rope_theta"])
-    inv_freq = 1.0 / theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float64) / d.head_dim)
-    scaling = 1.0
-    if rope_type != "default":
-        from transformers import AutoConfig
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-        inv_freq = inv_freq.double()
-    return inv_freq, float(scaling)
-
-
-def fuse_rows(linears):
-    """One linear computing several at once (outputs concatenated), or None when they cannot share a node."""
-    if all(isinstance(x, QuantLinear) for x in linears) and len({x.group_size for x in linears}) == 1:
-        merged = QuantLinear(
-            torch.cat([x.q for x in linears]), torch.cat([x.scales for x in linears]),
-            torch.cat([x.zeros for x in linears]), linears[0].group_size,
-        )
-    elif all(isinstance(x, FloatLinear) for x in linears):
-        merged = FloatLinear(torch.cat([x.weight for x in linears]))
-    else:
-        return None
-    biases = [x.bias for x in linears]
-    if any(b is not None for b in biases):
-        merged.bias = torch.cat([b if b is not None else torch.zeros(x.shape[0]) for b, x in zip(biases, linears)])
-    return merged
 
 
 def project(g: ops.Graph, x: str, name: str, lin, opts: ExportOptions) -> str:
@@ -153,46 +72,87 @@ def project(g: ops.Graph, x: str, name: str, lin, opts: ExportOptions) -> str:
     return ops.add_bias(g, y, name, lin.bias)
 
 
-def attention_ort(g, ck, d, x, i, cos, sin, mask_info, opts):
-    """Q/K/V (packed into one MatMulNBits when possible) -> GroupQueryAttention -> o_proj."""
-    p = f"model.layers.{i}.self_attn"
-    lins = [ck.linear(f"{p}.{n}_proj") for n in "qkv"]
-    fused = fuse_rows(lins)
+def qkv(g, ck, spec: Spec, x, i, opts, pack: bool):
+    """(packed q|k|v,) in one product when asked and the linears can share a node, else (q, k, v); a
+    checkpoint that stores them fused (Phi-3) gives one product either way."""
+    p, f = spec.layer(i), spec.family
+    lins = ck.linears([f"{p}.{n}" for n in f.qkv])
+    fused = fuse_rows(lins) if pack or len(lins) == 1 else None
     if fused is not None:
-        qkv = (project(g, x, f"{p}.qkv_proj", fused, opts),)
-    else:
-        qkv = tuple(project(g, x, f"{p}.{n}_proj", lin, opts) for n, lin in zip("qkv", lins))
-    out, present_k, present_v = ops.group_query_attention(
-        g, qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *mask_info, cos, sin,
-        f"/model/layers.{i}/attn", d.heads, d.kv_heads, d.window if d.window else -1,
+        return (project(g, x, f"{p}.{f.o.rsplit('.', 1)[0]}.qkv_proj" if len(lins) > 1 else f"{p}.{f.qkv[0]}",
+                        fused, opts),)
+    return tuple(project(g, x, f"{p}.{n}", lin, opts) for n, lin in zip(f.qkv, lins))
+
+
+def split_qkv(g, out, spec: Spec, base):
+    """q, k, v from the packed product (one name), or as they are."""
+    if len(out) == 3:
+        return out
+    d = spec.dims
+    return ops.split(g, out[0], [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], base)
+
+
+def qk_normed(g, ck, spec: Spec, q, k, i, norm, base):
+    """Qwen3/Gemma 3: RMSNorm over each head of q and k (x [B, S, heads * D] -> same shape), before RoPE."""
+    d, p = spec.dims, spec.layer(i)
+    out = []
+    q_norm, k_norm = spec.family.qk_norms
+    for x, n, heads, name in ((q, q_norm, d.heads, "q"), (k, k_norm, d.kv_heads, "k")):
+        per_head = ops.reshape(g, x, [0, 0, heads, d.head_dim], f"{base}/{name}_norm")
+        out.append(ops.reshape(g, norm(per_head, f"{p}.{n}"), [0, 0, heads * d.head_dim], f"{base}/{name}_normed"))
+    return out
+
+
+def attention_ort(g, ck, spec: Spec, x, i, tables, mask_info, norm, opts):
+    """Q/K/V (packed into one MatMulNBits when possible) -> GroupQueryAttention -> o_proj."""
+    d, base = spec.dims, f"/model/layers.{i}/attn"
+    out = qkv(g, ck, spec, x, i, opts, pack=True)
+    if spec.family.qk_norms:
+        q, k, v = split_qkv(g, out, spec, base)
+        out = (*qk_normed(g, ck, spec, q, k, i, norm, base), v)
+    cos, sin = tables[spec.rope_kinds[i]]
+    att, present_k, present_v = ops.group_query_attention(
+        g, out, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *mask_info, cos, sin,
+        base, d.heads, d.kv_heads, spec.windows[i] or -1, spec.query_scale, spec.attn_softcap,
     )
     rename_output(g, present_k, f"present.{i}.key")
     rename_output(g, present_v, f"present.{i}.value")
-    return project(g, out, f"{p}.o_proj", ck.linear(f"{p}.o_proj"), opts)
+    o = f"{spec.layer(i)}.{spec.family.o}"
+    return project(g, att, o, ck.linear(o), opts)
 
 
-def attention_plain(g, ck, d, x, i, cos, sin, mask, opts):
+def attention_plain(g, ck, spec: Spec, x, i, tables, masks, norm, opts):
     """Q/K/V -> RoPE -> MatMul/Softmax attention over the concatenated cache -> o_proj."""
-    p, base = f"model.layers.{i}.self_attn", f"/model/layers.{i}/attn"
-    q, k, v = (project(g, x, f"{p}.{n}_proj", ck.linear(f"{p}.{n}_proj"), opts) for n in "qkv")
+    d, base = spec.dims, f"/model/layers.{i}/attn"
+    q, k, v = split_qkv(g, qkv(g, ck, spec, x, i, opts, pack=False), spec, base)
+    if spec.family.qk_norms:
+        q, k = qk_normed(g, ck, spec, q, k, i, norm, base)
+    cos, sin = tables[spec.rope_kinds[i]]
     q = ops.rotary(g, ops.reshape(g, q, [0, 0, d.heads, d.head_dim], f"{base}/q"), cos, sin, f"{base}/q", d.head_dim)
     k = ops.rotary(g, ops.reshape(g, k, [0, 0, d.kv_heads, d.head_dim], f"{base}/k"), cos, sin, f"{base}/k", d.head_dim)
     v = ops.reshape(g, v, [0, 0, d.kv_heads, d.head_dim], f"{base}/v")
-    out, present_k, present_v = ops.plain_attention(
-        g, q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", mask, base,
-        d.heads, d.kv_heads, d.head_dim,
+    att, present_k, present_v = ops.plain_attention(
+        g, q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", masks(spec.windows[i]), base,
+        d.heads, d.kv_heads, d.head_dim, spec.query_scale, spec.attn_softcap,
     )
     rename_output(g, present_k, f"present.{i}.key")
     rename_output(g, present_v, f"present.{i}.value")
-    return project(g, out, f"{p}.o_proj", ck.linear(f"{p}.o_proj"), opts)
+    o = f"{spec.layer(i)}.{spec.family.o}"
+    return project(g, att, o, ck.linear(o), opts)
 
 
-def mlp(g, ck, x, i, opts):
-    """down(SiLU(gate(x)) * up(x))."""
-    p = f"model.layers.{i}.mlp"
-    gate = project(g, x, f"{p}.gate_proj", ck.linear(f"{p}.gate_proj"), opts)
-    up = project(g, x, f"{p}.up_proj", ck.linear(f"{p}.up_proj"), opts)
-    return project(g, ops.silu_mul(g, gate, up, f"/model/layers.{i}/mlp"), f"{p}.down_proj", ck.linear(f"{p}.down_proj"), opts)
+def mlp(g, ck, spec: Spec, x, i, opts):
+    """down(act(gate(x)) * up(x)); a fused gate_up (Phi-3) holds the gate rows first."""
+    p, f, base = spec.layer(i), spec.family, f"/model/layers.{i}/mlp"
+    lins = ck.linears([f"{p}.{n}" for n in f.gate_up])
+    outs = [project(g, x, f"{p}.{n}", lin, opts) for n, lin in zip(f.gate_up, lins)]
+    if len(outs) == 1:
+        half = lins[0].shape[0] // 2
+        outs = ops.split(g, outs[0], [half, half], base)
+    act = ops.activation(g, outs[0], spec.activation, base, fused=opts.target == "ort")
+    gated = g.node("Mul", [act, outs[1]], f"{base}/Gate")
+    down = f"{p}.{f.down}"
+    return project(g, gated, down, ck.linear(down), opts)
 
 
 def rename_output(g: ops.Graph, old: str, new: str):
@@ -206,7 +166,7 @@ def rename_output(g: ops.Graph, old: str, new: str):
                 node.input[j] = new
 
 
-def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
+def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions):
     """MatMulNBits weights of the lm_head rounded to opts.head_bits (RTN, zero points, opts.head_group).
 
     The float head is the largest tensor a small model reads per token; this
@@ -222,11 +182,12 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
                            "use --head-bits 8 or 4 with --target ort, or drop it")
     if "lm_head.qweight" in ck:
         raise AwqEdgeError("the checkpoint's lm_head is already 4-bit", "export without --head-bits")
+    d = spec.dims
     group = opts.head_group
     if group not in (16, 32, 64, 128, 256) or d.hidden % group:
         raise AwqEdgeError(f"--head-group {group} is not a power of two in 16..256 dividing hidden size {d.hidden}",
                            "pick --head-group 32 or 64, or export without --head-bits")
-    name = "lm_head.weight" if "lm_head.weight" in ck and not d.tied else "model.embed_tokens.weight"
+    name = "lm_head.weight" if "lm_head.weight" in ck and not d.tied else f"{spec.family.embed}.weight"
     w = ck.float_tensor(name)
     if opts.head_calib:
         moments = head_quant.final_norm_moments(ck.folder, opts.head_calib)
@@ -238,29 +199,40 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
     return weights, group
 
 
-def embeddings(g: ops.Graph, ck: Checkpoint, d: Dims, head, opts: ExportOptions) -> str:
-    """Token embeddings [B, S, H]; tied to a quantised head, they are gathered from its integer table."""
+def embeddings(g: ops.Graph, ck: Checkpoint, spec: Spec, head, opts: ExportOptions) -> str:
+    """Token embeddings [B, S, H] (times Gemma's sqrt(hidden), rounded to the activation dtype as transformers
+    does); tied to a quantised head, they are gathered from its integer table."""
+    d, table = spec.dims, f"{spec.family.embed}.weight"
     if head is not None and d.tied:
         weights, group = head
-        return ops.gather_block_quantized(g, "input_ids", "/model/embed_tokens", weights, d.vocab, group,
-                                          opts.head_bits)
-    g.weight("model.embed_tokens.weight", ck.float_tensor("model.embed_tokens.weight"))
-    return g.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+        h = ops.gather_block_quantized(g, "input_ids", "/model/embed_tokens", weights, d.vocab, group,
+                                       opts.head_bits)
+    else:
+        g.weight(table, ck.float_tensor(table))
+        h = g.node("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
+    if spec.embed_scale != 1.0:
+        h = g.node("Mul", [h, ops.scalar(g, spec.embed_scale)], "/model/embed_tokens/Scale")
+    return h
 
 
-def lm_head(g, ck, d, x, head, opts):
-    """Logits [B, S, V]; a tied float head reuses the embedding table through Gemm(transB)."""
+def lm_head(g, ck, spec: Spec, x, head, opts):
+    """Logits [B, S, V]; a tied float head reuses the embedding table through Gemm(transB); Gemma 2 soft-caps."""
+    d = spec.dims
     if head is not None:
         weights, group = head
-        return ops.matmul_nbits(g, x, "lm_head", weights, d.hidden, d.vocab, group, opts.accuracy_level,
-                                opts.head_bits)
-    if "lm_head.qweight" in ck or ("lm_head.weight" in ck and not d.tied):
-        return project(g, x, "lm_head", ck.linear("lm_head"), opts)
-    flat = ops.reshape(g, x, [-1, d.hidden], "/lm_head/flat")
-    logits = g.node("Gemm", [flat, "model.embed_tokens.weight"], "/lm_head/Gemm", transB=1)
-    shape = g.node("Concat", [g.node("Shape", ["input_ids"], "/lm_head/Shape"), ops.int64(g, [d.vocab])],
-                   "/lm_head/OutShape", axis=0)
-    return g.node("Reshape", [logits, shape], "/lm_head/Reshape")
+        logits = ops.matmul_nbits(g, x, "lm_head", weights, d.hidden, d.vocab, group, opts.accuracy_level,
+                                  opts.head_bits)
+    elif "lm_head.qweight" in ck or ("lm_head.weight" in ck and not d.tied):
+        logits = project(g, x, "lm_head", ck.linear("lm_head"), opts)
+    else:
+        flat = ops.reshape(g, x, [-1, d.hidden], "/lm_head/flat")
+        logits = g.node("Gemm", [flat, f"{spec.family.embed}.weight"], "/lm_head/Gemm", transB=1)
+        shape = g.node("Concat", [g.node("Shape", ["input_ids"], "/lm_head/Shape"), ops.int64(g, [d.vocab])],
+                       "/lm_head/OutShape", axis=0)
+        logits = g.node("Reshape", [logits, shape], "/lm_head/Reshape")
+    if spec.logit_softcap:
+        logits = ops.softcap(g, logits, spec.logit_softcap, "/lm_head")
+    return logits
 
 
 def io_spec(g: ops.Graph, d: Dims, opts: ExportOptions):
@@ -280,13 +252,15 @@ def io_spec(g: ops.Graph, d: Dims, opts: ExportOptions):
             g.outputs.append(ops.value_info(f"present.{i}.{kind}", g.elem, kv_out))
 
 
-def ort_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
+def ort_blocks(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions):
     """(attention, norm, skip-norm) builders with onnxruntime's fused ops; GQA reads lengths off the mask."""
-    if opts.rope_in_graph:
-        cos_c, sin_c = rope_tables_in_graph(g, ck.config, d)
-    else:
-        cos, sin = rope_tables(ck.config, d)
-        cos_c, sin_c = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+    d, tables = spec.dims, {}
+    for kind, rope in spec.ropes.items():
+        if opts.rope_in_graph:
+            tables[kind] = rope_tables_in_graph(g, rope, d.max_positions, f"/model/rope/{kind}")
+        else:
+            cos, sin = rope_tables(rope, d.max_positions)
+            tables[kind] = g.weight(f"cos_cache_{kind}", cos), g.weight(f"sin_cache_{kind}", sin)
     base = "/model/attn_mask"
     seqlens = g.node("Sub", [g.node("ReduceSum", ["attention_mask", ops.int64(g, [1])], f"{base}/ReduceSum",
                                     keepdims=0), ops.int64(g, 1)], f"{base}/Sub")
@@ -295,36 +269,43 @@ def ort_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
                    f"{base}/Gather", axis=0)
     total = g.node("Cast", [total], f"{base}/TotalSeqLen", to=TensorProto.INT32)
 
-    def attend(x, i):
-        return attention_ort(g, ck, d, x, i, cos_c, sin_c, (seqlens, total), opts)
-
     def norm(x, name):
-        return ops.simplified_layer_norm(g, x, name, ck.float_tensor(f"{name}.weight"), d.eps)
+        return ops.simplified_layer_norm(g, x, name, ck.norm(name), d.eps)
+
+    def attend(x, i):
+        return attention_ort(g, ck, spec, x, i, tables, (seqlens, total), norm, opts)
 
     def skip_norm(x, skip, name):
-        return ops.skip_simplified_layer_norm(g, x, skip, name, ck.float_tensor(f"{name}.weight"), d.eps)
+        return ops.skip_simplified_layer_norm(g, x, skip, name, ck.norm(name), d.eps)
 
     return attend, norm, skip_norm
 
 
-def trt_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
-    """(attention, norm, skip-norm) builders from basic ops; RoPE by position_ids, one shared causal mask."""
-    cos, sin = rope_tables(ck.config, d)
-    tables = [g.weight(n, torch.cat([t, t], dim=-1)) for n, t in (("cos_table", cos), ("sin_table", sin))]
-    cos_p, sin_p = (
-        g.node("Unsqueeze", [g.node("Gather", [t, "position_ids"], f"/model/rope/{n}"), ops.int64(g, [2])],
-               f"/model/rope/{n}4d")
-        for t, n in zip(tables, ("cos", "sin"))
-    )
+def trt_blocks(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions):
+    """(attention, norm, skip-norm) builders from basic ops; RoPE by position_ids, one causal mask per window."""
+    d, tables = spec.dims, {}
+    for kind, rope in spec.ropes.items():
+        cos, sin = rope_tables(rope, d.max_positions)
+        full = [g.weight(f"{n}_table_{kind}", torch.cat([t, t], dim=-1)) for n, t in (("cos", cos), ("sin", sin))]
+        tables[kind] = tuple(
+            g.node("Unsqueeze", [g.node("Gather", [t, "position_ids"], f"/model/rope/{kind}/{n}"), ops.int64(g, [2])],
+                   f"/model/rope/{kind}/{n}4d")
+            for t, n in zip(full, ("cos", "sin"))
+        )
     seq_len = g.node("Gather", [g.node("Shape", ["input_ids"], "/model/mask/InShape"), ops.int64(g, 1)],
                      "/model/mask/S", axis=0)
-    mask = ops.causal_mask(g, "attention_mask", seq_len, d.window)
+    masks = {}
 
-    def attend(x, i):
-        return attention_plain(g, ck, d, x, i, cos_p, sin_p, mask, opts)
+    def mask(window):
+        if window not in masks:
+            masks[window] = ops.causal_mask(g, "attention_mask", seq_len, window)
+        return masks[window]
 
     def norm(x, name):
-        return ops.rms_norm(g, x, name, ck.float_tensor(f"{name}.weight"), d.eps)
+        return ops.rms_norm(g, x, name, ck.norm(name), d.eps)
+
+    def attend(x, i):
+        return attention_plain(g, ck, spec, x, i, tables, mask, norm, opts)
 
     def skip_norm(x, skip, name):
         summed = g.node("Add", [x, skip], f"/{name}/Residual")
@@ -333,30 +314,51 @@ def trt_blocks(g: ops.Graph, ck: Checkpoint, d: Dims, opts: ExportOptions):
     return attend, norm, skip_norm
 
 
+def float32_residual_blocks(g: ops.Graph, ck: Checkpoint, d: Dims):
+    """(block-output norm, skip-norm) builders for an fp16 graph whose residual stream stays float32: Gemma 2/3's
+    outgrows fp16 (Gemma-3-270M's reaches 1.0e5). The products still read the graph's dtype."""
+
+    def out_norm(x, name):
+        return ops.rms_norm(g, x, name, ck.norm(name), d.eps, float_out=True)
+
+    def skip_norm(x, skip, name):
+        summed = g.node("Add", [x, skip], f"/{name}/Residual")
+        return ops.rms_norm(g, summed, name, ck.norm(name), d.eps), summed
+
+    return out_norm, skip_norm
+
+
 def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
     """The whole decoder: embeddings, layers with KV cache, final norm, lm_head."""
     if opts.target not in TARGETS:
         raise AwqEdgeError(f"unknown target {opts.target!r}", f"use --target {' or '.join(TARGETS)}")
     if opts.trt_native and opts.target != "trt":
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
-    d = dims_of(ck.config)
-    if d.heads % d.kv_heads:
-        raise AwqEdgeError(f"{d.heads} heads do not divide into {d.kv_heads} KV heads", "check config.json")
+    spec, f = ck.spec, ck.spec.family
+    d = spec.dims
     g = ops.Graph(opts.dtype)
     io_spec(g, d, opts)
-    head = quantized_head(g, ck, d, opts)
-    h = embeddings(g, ck, d, head, opts)
+    head = quantized_head(g, ck, spec, opts)
+    h = embeddings(g, ck, spec, head, opts)
 
-    attend, norm, skip_norm = (ort_blocks if opts.target == "ort" else trt_blocks)(g, ck, d, opts)
-    residual = h
-    x = norm(h, "model.layers.0.input_layernorm")
+    attend, norm, skip_norm = (ort_blocks if opts.target == "ort" else trt_blocks)(g, ck, spec, opts)
+    residual, out_norm = h, norm
+    if f.attn_out_norm and g.elem != TensorProto.FLOAT:
+        residual = g.node("Cast", [h], "/model/embed_tokens/CastFloat", to=TensorProto.FLOAT)
+        out_norm, skip_norm = float32_residual_blocks(g, ck, d)
+    x = norm(h, f"{spec.layer(0)}.{f.attn_norm}")
     for i in range(d.layers):
+        p = spec.layer(i)
         a = attend(x, i)
-        x, residual = skip_norm(a, residual, f"model.layers.{i}.post_attention_layernorm")
-        m = mlp(g, ck, x, i, opts)
-        nxt = f"model.layers.{i + 1}.input_layernorm" if i + 1 < d.layers else "model.norm"
+        if f.attn_out_norm:
+            a = out_norm(a, f"{p}.{f.attn_out_norm}")
+        x, residual = skip_norm(a, residual, f"{p}.{f.mlp_norm}")
+        m = mlp(g, ck, spec, x, i, opts)
+        if f.mlp_out_norm:
+            m = out_norm(m, f"{p}.{f.mlp_out_norm}")
+        nxt = f"{spec.layer(i + 1)}.{f.attn_norm}" if i + 1 < d.layers else f.final_norm
         x, residual = skip_norm(m, residual, nxt)
-    rename_output(g, lm_head(g, ck, d, x, head, opts), "logits")
+    rename_output(g, lm_head(g, ck, spec, x, head, opts), "logits")
 
     graph = helper.make_graph(g.nodes, "awq_edge_decoder", g.inputs, g.outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(ops.MS, 1)]

@@ -20,6 +20,7 @@ N_GRID = 10  # candidate ranges per side: 100%, 95%, ..., 55% of the group's own
 @torch.no_grad()
 def final_norm_moments(folder, source: str, n_samples: int = 16, seqlen: int = 512) -> torch.Tensor:
     """E[x^2] per channel [hidden] of the final norm's output (the lm_head's input) on calibration text."""
+    from awq_edge.arch import get_adapter
     from awq_edge.calib import calibration_blocks
     from awq_edge.checkpoint import load_quantized_model
 
@@ -38,10 +39,11 @@ def final_norm_moments(folder, source: str, n_samples: int = 16, seqlen: int = 5
         sums.add_(flat.pow(2).sum(0))
         count += flat.shape[0]
 
-    handle = model.model.norm.register_forward_hook(hook)
+    final_norm = model.get_submodule(get_adapter(model.config.model_type).final_norm)
+    handle = final_norm.register_forward_hook(hook)
     try:
         for batch in blocks.split(4):
-            model.model(input_ids=batch)  # the decoder only: the head itself is not needed
+            model.base_model(input_ids=batch)  # the decoder only: the head itself is not needed
     finally:
         handle.remove()
     return (sums / count).float()

@@ -146,35 +146,66 @@ def skip_simplified_layer_norm(g: Graph, x: str, skip: str, base: str, weight, e
     return normed, summed
 
 
-def rms_norm(g: Graph, x: str, base: str, weight, eps: float) -> str:
-    """RMSNorm from basic ops (for parsers without the fused op), with the mean of squares in fp32."""
+def rms_norm(g: Graph, x: str, base: str, weight, eps: float, float_out: bool = False) -> str:
+    """RMSNorm from basic ops (for parsers without the fused op), with the mean of squares in fp32; x may be of
+    the graph's dtype or float32. float_out: the output (and the weight) stay float32."""
     xf = g.node("Cast", [x], f"{base}/Cast", to=TensorProto.FLOAT) if g.elem != TensorProto.FLOAT else x
     sq = g.node("Mul", [xf, xf], f"{base}/Square")
     mean = g.node("ReduceMean", [sq, int64(g, [-1])], f"{base}/ReduceMean", keepdims=1)
     eps_c = g.const(f"{base}.eps", np.array(eps, dtype=np.float32))
     inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [mean, eps_c], f"{base}/AddEps")], f"{base}/Sqrt")], f"{base}/Reciprocal")
     y = g.node("Mul", [xf, inv], f"{base}/Normalize")
+    if float_out:
+        return g.node("Mul", [y, g.const(f"{base}.weight", weight.float())], f"{base}/Scale")
     if g.elem != TensorProto.FLOAT:
         y = g.node("Cast", [y], f"{base}/CastBack", to=g.elem)
     return g.node("Mul", [y, g.weight(f"{base}.weight", weight)], f"{base}/Scale")
 
 
-def silu_mul(g: Graph, gate: str, up: str, base: str) -> str:
-    """SiLU(gate) * up, the Llama MLP's gating."""
-    silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{base}/Sigmoid")], f"{base}/SiLU")
-    return g.node("Mul", [silu, up], f"{base}/Gate")
+def activation(g: Graph, x: str, kind: str, base: str, fused: bool) -> str:
+    """The MLP's gate activation: "silu", "gelu_tanh" or "gelu"; fused: opset-20 Gelu, else basic ops
+    (TensorRT 10.3's parser lacks Gelu)."""
+    if kind == "silu":
+        return g.node("Mul", [x, g.node("Sigmoid", [x], f"{base}/Sigmoid")], f"{base}/SiLU")
+    if fused:
+        return g.node("Gelu", [x], f"{base}/Gelu", approximate="tanh" if kind == "gelu_tanh" else "none")
+    if kind == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        cube = g.node("Mul", [g.node("Mul", [x, x], f"{base}/Square"), x], f"{base}/Cube")
+        inner = g.node("Add", [x, g.node("Mul", [cube, scalar(g, 0.044715)], f"{base}/CubeScaled")], f"{base}/Inner")
+        t = g.node("Tanh", [g.node("Mul", [inner, scalar(g, float(np.sqrt(2 / np.pi)))], f"{base}/TanhIn")],
+                   f"{base}/Tanh")
+    else:  # 0.5 x (1 + erf(x / sqrt(2)))
+        t = g.node("Erf", [g.node("Mul", [x, scalar(g, float(np.sqrt(0.5)))], f"{base}/ErfIn")], f"{base}/Erf")
+    half_x = g.node("Mul", [x, scalar(g, 0.5)], f"{base}/HalfX")
+    return g.node("Mul", [half_x, g.node("Add", [t, scalar(g, 1.0)], f"{base}/OnePlus")], f"{base}/Gelu")
+
+
+def softcap(g: Graph, x: str, cap: float, base: str) -> str:
+    """cap * tanh(x / cap) (Gemma 2's logit and attention-score soft-capping)."""
+    t = g.node("Tanh", [g.node("Mul", [x, scalar(g, 1.0 / cap)], f"{base}/SoftcapIn")], f"{base}/SoftcapTanh")
+    return g.node("Mul", [t, scalar(g, cap)], f"{base}/Softcap")
+
+
+def split(g: Graph, x: str, sizes, base: str) -> list:
+    """x split along the last axis into parts of `sizes`."""
+    name = g.name(f"{base}/Split")
+    outs = [f"{name}/out{i}" for i in range(len(sizes))]
+    g.nodes.append(helper.make_node("Split", [x, int64(g, list(sizes))], outs, name=name, axis=-1))
+    return outs
 
 
 def group_query_attention(g: Graph, qkv, past_k: str, past_v: str, seqlens_k: str, total_len: str,
-                          cos: str, sin: str, base: str, n_heads: int, n_kv: int, window: int):
+                          cos: str, sin: str, base: str, n_heads: int, n_kv: int, window: int, scale: float,
+                          softcap: float):
     """com.microsoft GroupQueryAttention with rotary inside; qkv is (packed,) or (q, k, v)."""
     q, k, v = (qkv[0], "", "") if len(qkv) == 1 else qkv
     name = g.name(f"{base}/GroupQueryAttention")
     outs = [f"{name}/out0", f"{name}/present_key", f"{name}/present_value"]
+    extra = {"softcap": softcap} if softcap else {}
     g.nodes.append(helper.make_node(
         "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin], outs, name=name,
         domain=MS, num_heads=n_heads, kv_num_heads=n_kv, do_rotary=1, rotary_interleaved=0,
-        local_window_size=window,
+        local_window_size=window, scale=scale, **extra,
     ))
     return outs
 
@@ -200,7 +231,7 @@ def transpose(g: Graph, x: str, perm, base: str) -> str:
 
 
 def plain_attention(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, mask: str, base: str,
-                    n_heads: int, n_kv: int, head_dim: int):
+                    n_heads: int, n_kv: int, head_dim: int, scale: float, softcap_at: float):
     """Causal GQA from MatMul/Softmax: q [B,S,N,D] and k, v [B,S,KV,D] already rotated.
 
     Query heads are grouped as [B, KV, N/KV, S, D] so each KV head broadcasts
@@ -215,8 +246,11 @@ def plain_attention(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, 
     kg = g.node("Unsqueeze", [present_k, int64(g, [2])], f"{base}/UnsqueezeK")
     vg = g.node("Unsqueeze", [present_v, int64(g, [2])], f"{base}/UnsqueezeV")
     kt = transpose(g, kg, (0, 1, 2, 4, 3), f"{base}/kT")
-    qs = g.node("Mul", [qg, scalar(g, float(head_dim) ** -0.5)], f"{base}/Scale")
-    scores = g.node("Add", [g.node("MatMul", [qs, kt], f"{base}/QK"), mask], f"{base}/Mask")
+    qs = g.node("Mul", [qg, scalar(g, scale)], f"{base}/Scale")
+    scores = g.node("MatMul", [qs, kt], f"{base}/QK")
+    if softcap_at:
+        scores = softcap(g, scores, softcap_at, base)
+    scores = g.node("Add", [scores, mask], f"{base}/Mask")
     probs = g.node("Softmax", [scores], f"{base}/Softmax", axis=-1)
     out = g.node("MatMul", [probs, vg], f"{base}/PV")  # [B, KV, rep, S, D]
     out = transpose(g, out, (0, 3, 1, 2, 4), f"{base}/out")

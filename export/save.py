@@ -8,15 +8,10 @@ from pathlib import Path
 import onnx
 
 from awq_edge.errors import AwqEdgeError
+from awq_edge.export.tokenizer import write_tokenizer
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-# Files a tokenizer or chat template may live in; whichever the checkpoint has are copied.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
-    "generation_config.json",
-)
 
 
 def token_ids(value) -> list:
@@ -78,9 +73,7 @@ def write_folder(out_dir: Path, model: onnx.ModelProto, genai: dict, source_dir:
                         location=DATA_FILE, size_threshold=1024)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
         (tmp / "awq_edge_export.json").write_text(json.dumps(extra, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, tmp / name)
+        write_tokenizer(source_dir, tmp, token_ids(genai["model"]["eos_token_id"]))
         replace_dir(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

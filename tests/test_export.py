@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from awq_edge.errors import AwqEdgeError
 from awq_edge.export import save
@@ -20,36 +19,54 @@ from awq_edge.packing import from_matmul_nbits, to_awq_gemm
 from awq_edge.quant import QConfig, dequantize, quantize
 from awq_edge.runtime.ort import OrtDecoder
 
+# Per family: config fields beside the common tiny shape that switch on what the family adds to the Llama block.
 FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": dict(head_dim=32),
+    "phi3": {},
+    "gemma": dict(head_dim=32, hidden_act="gelu_pytorch_tanh"),
+    # Gemma 2/3: a sliding layer and a global one, query scaling unlike head_dim; Gemma 2 soft-caps scores and logits
+    "gemma2": dict(head_dim=32, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                   query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3_text": dict(head_dim=32, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=24, rope_parameters={
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}}),
 }
+NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]
 # Ops TensorRT 10.3's ONNX parser (JetPack 6) handles, plus our plugin's MatMulNBits.
 TRT_OPS = {
     "Gather", "MatMul", "Gemm", "Add", "Mul", "Sub", "Div", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "Sigmoid",
     "Reshape", "Transpose", "Concat", "Slice", "Neg", "Unsqueeze", "Shape", "Range", "LessOrEqual", "Greater",
-    "And", "Where", "Softmax", "DequantizeLinear", "MatMulNBits",
+    "And", "Where", "Softmax", "DequantizeLinear", "MatMulNBits", "Split", "Tanh", "Erf",
 }
 
 
 def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tied=True, seed=0, **config_overrides):
     """A tiny random model quantised to 4 bits and saved as an AutoAWQ GEMM checkpoint.
 
-    Returns (the float model with the same dequantised weights, {linear name: (q, scales, zeros)}).
+    Norm weights are random (so Gemma's 1 + w and the q/k norms matter). Returns (the float model with the same
+    dequantised weights, {linear name: (q, scales, zeros)}).
     """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    config_cls, model_cls = FAMILIES[family]
-    config = config_cls(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, tie_word_embeddings=tied, max_position_embeddings=256, initializer_range=0.3,
-        bos_token_id=1, eos_token_id=0, pad_token_id=0, **config_overrides,
-    )
-    model = model_cls(config).eval()
-    if family == "qwen2":  # random q/k/v biases, which Qwen2 has and a fresh model zeroes
-        for name, module in model.named_modules():
-            if getattr(module, "bias", None) is not None:
-                module.bias.data.normal_(0, 0.5)
+    fields = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tied, max_position_embeddings=256,
+                  initializer_range=0.3, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    fields.update(FAMILIES[family])
+    fields.update(config_overrides)
+    config = AutoConfig.for_model(family, **fields)
+    config._attn_implementation = "eager"  # the reference soft-caps scores where a fused kernel would not
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5) if family.startswith("gemma") else p.uniform_(0.5, 1.5)
+            elif family == "qwen2" and name.endswith("bias"):  # random q/k/v biases; a fresh model zeroes them
+                p.normal_(0, 0.5)
     cfg = QConfig(4, group_size, zero_point=not symmetric)
     tensors, ints = {}, {}
     for key, value in model.state_dict().items():
@@ -69,6 +86,22 @@ def write_checkpoint(folder, family="llama", symmetric=False, group_size=32, tie
                                    "version": "gemm", "modules_to_not_convert": None}
     (folder / "config.json").write_text(json.dumps(meta))
     return model, ints
+
+
+def blow_up_residual(folder, model):
+    """Set layer 0's last norm (Gemma 2/3's post_feedforward_layernorm) to 1 + 6e4, so that the residual stream
+    passes fp16's range as Gemma-3-270M's does (1.0e5), in the checkpoint and in `model` alike; returns the
+    stream's max |h|."""
+    from safetensors.torch import load_file
+
+    name = "model.layers.0.post_feedforward_layernorm.weight"
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = torch.full_like(tensors[name], 6e4)
+    save_file(tensors, folder / "model.safetensors")
+    model.get_submodule(name.rsplit(".", 1)[0]).weight.data = tensors[name].float()
+    with torch.no_grad():
+        states = model(torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+    return max(float(h.abs().max()) for h in states)
 
 
 def run_full(folder, ids):
@@ -97,6 +130,28 @@ def test_fp32_export_logits_match_pytorch_with_same_dequantised_weights(tmp_path
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+def prefill_and_steps(out, split=3):
+    """Logits of PROMPT through the exported folder: the whole prompt at once, and a prefill of `split` tokens
+    followed by one cached step per token."""
+    decoder = OrtDecoder(out)
+    steps = np.concatenate([decoder.forward(PROMPT[:split])] + [decoder.forward([t]) for t in PROMPT[split:]])
+    return run_full(out, PROMPT), steps
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("target", ["ort", "trt"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_family_matches_pytorch_in_prefill_and_cached_steps_with_identical_greedy_tokens(
+        tmp_path, family, target, tied):
+    model, _ = write_checkpoint(tmp_path / "ck", family=family, tied=tied)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target=target))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    for got in prefill_and_steps(out):
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+        assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_mistral_sliding_window_matches_pytorch_in_prefill_and_cached_steps(tmp_path, target):
     model, _ = write_checkpoint(tmp_path / "ck", family="mistral", sliding_window=4)
@@ -109,13 +164,27 @@ def test_mistral_sliding_window_matches_pytorch_in_prefill_and_cached_steps(tmp_
     assert np.abs(steps - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("family", ["llama"] + NEW_FAMILIES)
 @pytest.mark.parametrize("target", ["ort", "trt"])
-def test_fp16_export_logits_stay_close_to_pytorch(tmp_path, ckpt, target):
-    folder, model, _ = ckpt
+def test_fp16_export_logits_stay_close_to_pytorch(tmp_path, family, target):
+    folder = tmp_path / "ck"
+    model, _ = write_checkpoint(folder, family=family)
     out = export(folder, tmp_path / "onnx", ExportOptions(target=target, dtype="fp16"))
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
     assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_fp16_export_keeps_a_residual_stream_beyond_fp16_range_in_fp32(tmp_path, family, target):
+    model, _ = write_checkpoint(tmp_path / "ck", family=family)
+    assert blow_up_residual(tmp_path / "ck", model) > 65504
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target=target, dtype="fp16"))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    for got in prefill_and_steps(out):
+        assert np.isfinite(got).all() and np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
 
 
 def test_untied_lm_head_is_exported_from_its_own_weight(tmp_path):
@@ -170,10 +239,14 @@ def test_trt_native_refuses_asymmetric_weights_naming_no_zero_point(tmp_path, ck
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("native", [False, True])
-def test_trt_target_uses_only_ops_tensorrt_parses(tmp_path, native):
-    write_checkpoint(tmp_path / "ck", symmetric=True)
+def test_trt_target_uses_only_ops_tensorrt_parses(tmp_path, native, family):
+    model, _ = write_checkpoint(tmp_path / "ck", family=family, symmetric=True)
     out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(target="trt", trt_native=native))
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     used = {n.op_type for n in model.graph.node}
     assert used <= TRT_OPS, used - TRT_OPS

@@ -1,4 +1,4 @@
-"""What the AWQ search needs to know of an architecture, as data."""
+"""A model family as data: what the AWQ search folds, and the decoder block every later stage builds."""
 
 from dataclasses import dataclass
 
@@ -23,11 +23,28 @@ class ScaleGroup:
 
 @dataclass(frozen=True)
 class Adapter:
+    """One family. Tensor names are relative to a decoder layer; a single name in `qkv` or `gate_up` is a linear
+    whose output rows are the parts in that order. Everything that varies with the config (dimensions, windows,
+    RoPE, soft-capping, query scaling) is read by `awq_edge.arch.spec.describe`."""
+
     model_types: tuple
     groups: callable  # (layer, config) -> list[ScaleGroup]
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + weight)
     no_clip: tuple = ("q_proj", "k_proj", "qkv_proj")  # attention-score error is not seen by the clip loss
     layers_path: str = "model.layers"
+    qkv: tuple = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    gate_up: tuple = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_out_norm: str = ""  # Gemma 2/3 normalise each block's output before the residual add
+    mlp_out_norm: str = ""
+    qk_norms: tuple = ()  # (q norm, k norm) over each head, before RoPE (Qwen3, Gemma 3)
+    embed_scaled: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    act_key: str = "hidden_act"  # the config key transformers reads the MLP's activation from
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
 
     def layers(self, model) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)

@@ -1,4 +1,5 @@
-"""Gemma 1/2/3: RMSNorm scales by (1 + weight); Gemma 2/3 feed the MLP from pre_feedforward_layernorm."""
+"""Gemma 1/2/3: RMSNorm scales by (1 + weight), embeddings by sqrt(hidden); Gemma 2/3 normalise both sides of
+each block (the MLP reads pre_feedforward_layernorm); Gemma 3 adds q/k norms."""
 
 from awq_edge.arch.base import Adapter, ScaleGroup
 
@@ -14,4 +15,9 @@ def gemma_groups(layer, config):
     return groups
 
 
-ADAPTER = Adapter(model_types=("gemma", "gemma2", "gemma3_text"), groups=gemma_groups, norm_offset=1.0)
+ADAPTER = Adapter(model_types=("gemma",), groups=gemma_groups, norm_offset=1.0, embed_scaled=True)
+_SANDWICH = dict(groups=gemma_groups, norm_offset=1.0, embed_scaled=True, mlp_norm="pre_feedforward_layernorm",
+                 attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                 act_key="hidden_activation")
+GEMMA2 = Adapter(model_types=("gemma2",), **_SANDWICH)
+GEMMA3 = Adapter(model_types=("gemma3_text",), qk_norms=("self_attn.q_norm", "self_attn.k_norm"), **_SANDWICH)

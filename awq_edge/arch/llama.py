@@ -14,4 +14,5 @@ def llama_groups(layer, config):
     return groups
 
 
-ADAPTER = Adapter(model_types=("llama", "mistral", "qwen2", "qwen3"), groups=llama_groups)
+ADAPTER = Adapter(model_types=("llama", "mistral", "qwen2"), groups=llama_groups)
+QWEN3 = Adapter(model_types=("qwen3",), groups=llama_groups, qk_norms=("self_attn.q_norm", "self_attn.k_norm"))

@@ -13,4 +13,5 @@ def phi3_groups(layer, config):
     return groups
 
 
-ADAPTER = Adapter(model_types=("phi3",), groups=phi3_groups)
+ADAPTER = Adapter(model_types=("phi3",), groups=phi3_groups, qkv=("self_attn.qkv_proj",),
+                  gate_up=("mlp.gate_up_proj",))

@@ -1,4 +1,5 @@
-"""CUDA backend: a batch-1 Llama-family decoder on awq-edge's int4 kernels, with a static KV cache and CUDA graphs.
+"""CUDA backend: a batch-1 decoder of any family in awq_edge.arch on awq-edge's int4 kernels, with a static KV cache
+and CUDA graphs.
 
 The checkpoint's 4-bit linears are repacked once into the kernels' layout, q/k/v and gate/up fused into one
 GEMV each. A decode step is the fused QKV GEMV (the input RMSNorm folded in), attention (rotary embedding, cache
@@ -8,6 +9,9 @@ epilogue), the down GEMV (+ residual, gamma * h): five launches per layer (layer
 its own), each overlapping the previous one's tail on Hopper (programmatic dependent launch), positions read from
 device memory, so one captured CUDA graph replays every step.
 Prefill runs the same layers on all prompt rows, with PyTorch's scaled_dot_product_attention over the cache.
+What the kernels lack is a PyTorch op on the GPU, inside the same graph: q/k norms (Qwen3, Gemma 3) before the
+rotary kernel, a GELU gate (Gemma) after an ungated GEMM, attention-score soft-capping (Gemma 2) over the whole
+cache, the norms around each block's output (Gemma 2/3), the embedding scale and logit soft-capping.
 
 `TorchOps` computes the same step with plain PyTorch: the reference the kernels are tested against, and what
 runs the decoder structure on a CPU in the tests.
@@ -21,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from awq_edge.arch import Dims, Spec, rope_tables
+from awq_edge.arch.weights import Checkpoint, FloatLinear, QuantLinear, fuse_rows
 from awq_edge.errors import AwqEdgeError
-from awq_edge.export.decoder import Dims, dims_of, fuse_rows, rope_tables
-from awq_edge.export.source import Checkpoint, FloatLinear, QuantLinear
 from awq_edge.packing import to_matmul_nbits
 from awq_edge.quant import dequantize
 from awq_edge.runtime.decoder import PrefixCachedDecoder
@@ -49,12 +53,34 @@ class Linear:
 
 @dataclass
 class Layer:
+    """One decoder layer; norms hold the factor they multiply by (Gemma's 1 + w already added). The optional
+    fields default to the Llama block: no q/k or output norms, the model's window and RoPE tables."""
+
     input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    post_norm: torch.Tensor  # the MLP's input norm
     qkv: Linear
     o: Linear
     gate_up: Linear
     down: Linear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
+    window: int | None = None  # None: Weights.dims.window
+    cos: torch.Tensor | None = None  # None: Weights.cos / sin
+    sin: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a family adds to the Llama block outside the layers' weights (see awq_edge.arch.Spec); defaults to none,
+    so Weights built from bare shapes (bench/decode.py's random models) need no Spec."""
+
+    activation: str = "silu"
+    query_scale: float | None = None  # None: head_dim^-0.5
+    attn_softcap: float = 0.0
+    logit_softcap: float = 0.0
+    embed_scale: float = 1.0
 
 
 @dataclass
@@ -66,6 +92,7 @@ class Weights:
     lm_head: Linear
     cos: torch.Tensor  # fp32 [max_len, head_dim / 2]
     sin: torch.Tensor
+    features: Features = Features()
 
     @property
     def max_len(self) -> int:
@@ -119,30 +146,43 @@ def _place(lin, device, dtype, packed: bool) -> Linear:
 
 
 def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True, max_len: int | None = None) -> Weights:
-    """A quantised checkpoint (ours or AutoAWQ GEMM, Llama family) on `device`; packed=False keeps dense weights."""
+    """A quantised checkpoint (ours or AutoAWQ GEMM) on `device`, read as its family's Spec says; packed=False keeps
+    dense weights."""
     ck = Checkpoint(Path(folder))
-    d = dims_of(ck.config)
+    spec, f = ck.spec, ck.spec.family
+    d = spec.dims
     max_len = min(max_len or DEFAULT_MAX_LEN, d.max_positions)
-    cos, sin = rope_tables(ck.config, d)
+    tables = {}
+    for kind, rope in spec.ropes.items():
+        tables[kind] = [t[:max_len].to(device).contiguous() for t in rope_tables(rope, max_len)]
     vec = lambda name: ck.float_tensor(name).to(device=device, dtype=dtype).contiguous()  # noqa: E731
+    norm = lambda name: ck.norm(name).to(device=device, dtype=dtype).contiguous() if name else None  # noqa: E731
     place = lambda lin: _place(lin, device, dtype, packed)  # noqa: E731
     layers = []
     for i in range(d.layers):
-        p = f"model.layers.{i}"
+        p = spec.layer(i)
+        q_norm, k_norm = (norm(f"{p}.{n}") for n in f.qk_norms) if f.qk_norms else (None, None)
+        cos, sin = tables[spec.rope_kinds[i]]
         layers.append(Layer(
-            vec(f"{p}.input_layernorm.weight"), vec(f"{p}.post_attention_layernorm.weight"),
-            place(_fused(ck, [f"{p}.self_attn.{x}_proj" for x in "qkv"])),
-            place(ck.linear(f"{p}.self_attn.o_proj")),
-            place(interleave_gate_up(_fused(ck, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))),
-            place(ck.linear(f"{p}.mlp.down_proj")),
+            norm(f"{p}.{f.attn_norm}"), norm(f"{p}.{f.mlp_norm}"),
+            place(_fused(ck, [f"{p}.{n}" for n in f.qkv])),
+            place(ck.linear(f"{p}.{f.o}")),
+            place(interleave_gate_up(_fused(ck, [f"{p}.{n}" for n in f.gate_up]))),
+            place(ck.linear(f"{p}.{f.down}")),
+            q_norm, k_norm, norm(f.attn_out_norm and f"{p}.{f.attn_out_norm}"),
+            norm(f.mlp_out_norm and f"{p}.{f.mlp_out_norm}"), spec.windows[i], cos, sin,
         ))
-    embed = vec("model.embed_tokens.weight")
+    embed = vec(f"{f.embed}.weight")
     if "lm_head.qweight" in ck or ("lm_head.weight" in ck and not d.tied):
         head = place(ck.linear("lm_head"))
     else:
         head = Linear(d.vocab, d.hidden, weight=embed)
-    return Weights(d, embed, layers, vec("model.norm.weight"), head, cos[:max_len].to(device).contiguous(),
-                   sin[:max_len].to(device).contiguous())
+    cos, sin = layers[-1].cos, layers[-1].sin
+    return Weights(d, embed, layers, norm(f.final_norm), head, cos, sin, features_of(spec))
+
+
+def features_of(spec: Spec) -> Features:
+    return Features(spec.activation, spec.query_scale, spec.attn_softcap, spec.logit_softcap, spec.embed_scale)
 
 
 class TorchOps:
@@ -186,19 +226,33 @@ class TorchOps:
         v_cache[:, pos] = t[:, n_heads + n_kv:].transpose(0, 1)
         return rotate(t[:, :n_heads])
 
-    def attention_decode(self, q, k_cache, v_cache, position, scale, window):
-        n_kv, _, d = k_cache.shape
-        length = int(position[0]) + 1
-        lo = max(0, length - window) if window else 0
-        k, v = k_cache[:, lo:length].float(), v_cache[:, lo:length].float()
+    def attention_decode(self, q, k_cache, v_cache, position, scale, window, softcap=0.0):
+        """q [1, H * D] over the live cache rows, masked on the device (no host read: a CUDA graph can hold it);
+        rows outside the window or past the position, whatever they hold, weigh nothing."""
+        n_kv, max_len, d = k_cache.shape
+        j = torch.arange(max_len, device=q.device)
+        pos = position[0].long()
+        live = (j <= pos) & (j > pos - window) if window else j <= pos
         qg = q.reshape(n_kv, -1, d).float()
-        p = (torch.einsum("kgd,ktd->kgt", qg, k) * scale).softmax(-1)
+        scores = torch.einsum("kgd,ktd->kgt", qg, k_cache.float()) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        p = scores.masked_fill(~live, float("-inf")).softmax(-1)
+        v = v_cache.float().masked_fill(~live[None, :, None], 0.0)
         return torch.einsum("kgt,ktd->kgd", p, v).reshape(1, -1).to(q.dtype)
 
-    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window):
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0):
         """One token: rotary embedding, cache write, attention over positions 0 .. position[0]; [1, H * D]."""
         q = self.rope_kv(qkv, position, cos, sin, k_cache, v_cache, n_heads)
-        return self.attention_decode(q, k_cache, v_cache, position, scale, window)
+        return TorchOps.attention_decode(self, q, k_cache, v_cache, position, scale, window, softcap)
+
+    def qk_norm(self, qkv, q_norm, k_norm, n_heads, n_kv, eps):
+        """RMSNorm over each head of q and k in qkv [M, (H + 2 KV) * D], before the rotary embedding."""
+        d = q_norm.shape[0]
+        t = qkv.view(qkv.shape[0], n_heads + 2 * n_kv, d)
+        q = TorchOps.rmsnorm(self, t[:, :n_heads], q_norm, eps)
+        k = TorchOps.rmsnorm(self, t[:, n_heads:n_heads + n_kv], k_norm, eps)
+        return torch.cat([q, k, t[:, n_heads + n_kv:]], dim=1).view(qkv.shape)
 
     def silu_mul(self, gate_up):
         """gate_up's columns alternate between 8 gate and 8 up columns (interleave_gate_up)."""
@@ -206,8 +260,17 @@ class TorchOps:
         pairs = gate_up.view(m, n // 16, 2, 8)
         return (F.silu(pairs[:, :, 0]) * pairs[:, :, 1]).reshape(m, n // 2)
 
-    def gate_up_act(self, x, lin: Linear):
-        return self.silu_mul(self.linear(x, lin))
+    def gate_act(self, gate_up, activation: str):
+        """act(gate) * up of interleaved gate_up columns, for an activation of awq_edge.arch.spec.ACTIVATIONS."""
+        if activation == "silu":
+            return self.silu_mul(gate_up)
+        m, n = gate_up.shape
+        pairs = gate_up.view(m, n // 16, 2, 8)
+        gelu = F.gelu(pairs[:, :, 0], approximate="tanh" if activation == "gelu_tanh" else "none")
+        return (gelu * pairs[:, :, 1]).reshape(m, n // 2)
+
+    def gate_up_act(self, x, lin: Linear, activation: str = "silu"):
+        return self.gate_act(self.linear(x, lin), activation)
 
     def residual_linear(self, x, lin: Linear, residual, next_norm=None):
         """(linear(x) + residual, and next_norm * that as the next norm_linear's `prescaled`, or None)."""
@@ -215,16 +278,17 @@ class TorchOps:
         fold = self.fold_norms and next_norm is not None and h.shape[0] == 1
         return h, (next_norm * h if fold else None)
 
-    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None):
-        """linear(rmsnorm(x)), or its SiLU-gated activation; from `prescaled` = norm_weight * x when given."""
+    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None,
+                    activation: str = "silu"):
+        """linear(rmsnorm(x)), or its gated activation; from `prescaled` = norm_weight * x when given."""
         if prescaled is None or lin.weight is None:
             y = self.rmsnorm(x, norm_weight, eps)
-            return self.gate_up_act(y, lin) if gated else self.linear(y, lin)
+            return self.gate_up_act(y, lin, activation) if gated else self.linear(y, lin)
         y = F.linear(prescaled.float(), lin.weight.float()) * self._rstd(x, eps)
         if lin.bias is not None:
             y = y + lin.bias.float()
         y = y.to(x.dtype)
-        return self.silu_mul(y) if gated else y
+        return self.gate_act(y, activation) if gated else y
 
 
 class CudaOps(TorchOps):
@@ -265,35 +329,50 @@ class CudaOps(TorchOps):
             return self.k.gemm_norm(x, lin.packed, bias=residual.view(-1), norm_weight=next_norm)
         return self.linear(x, lin, residual=residual), None
 
-    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None):
+    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None,
+                    activation: str = "silu"):
         if prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows:
-            return super().norm_linear(x, norm_weight, eps, lin, gated)
+            return super().norm_linear(x, norm_weight, eps, lin, gated, activation=activation)
+        if gated and activation != "silu":  # the kernel's gated epilogue is SiLU: the GELU gate in PyTorch
+            y = self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=False, rms_input=x, eps=eps)
+            return self.gate_act(y, activation)
         return self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=gated, rms_input=x, eps=eps)
 
     def rope_kv(self, qkv, positions, cos, sin, k_cache, v_cache, n_heads):
         q = torch.empty(qkv.shape[0], n_heads, k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
         return self.k.rope_kv(qkv, positions, cos, sin, q, k_cache, v_cache)
 
-    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window):
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0):
+        if softcap:  # the attention kernel has no soft-capping: rotary kernel, then PyTorch over the cache
+            return super().decode_attention(qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap)
         out = torch.empty(1, n_heads * k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
         return self.k.decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, self.workspace, scale, window)
 
-    def gate_up_act(self, x, lin: Linear):
-        if lin.packed is not None and x.shape[0] < self.dense_rows:
+    def gate_up_act(self, x, lin: Linear, activation: str = "silu"):
+        if activation == "silu" and lin.packed is not None and x.shape[0] < self.dense_rows:
             return self.k.gemm_gated(x, lin.packed, lin.bias)  # the SiLU gate in the GEMM's epilogue
-        return self.silu_mul(self.linear(x, lin))
+        return self.gate_act(self.linear(x, lin), activation)
 
     def silu_mul(self, gate_up):
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
         return self.k.silu_mul(gate_up, out)
 
 
-def _prefill_attention(q, k_cache, v_cache, past: int, scale: float, window: int):
+def _prefill_attention(q, k_cache, v_cache, past: int, scale: float, window: int, softcap: float = 0.0):
     """q [M, H, D] of positions past .. past + M - 1 against the cache rows 0 .. past + M - 1, causal."""
     m, n_heads, d = q.shape
     n_kv, total = k_cache.shape[0], past + m
     qq = q.transpose(0, 1).unsqueeze(0)
     k, v = k_cache[:, :total].unsqueeze(0), v_cache[:, :total].unsqueeze(0)
+    if softcap:  # scaled_dot_product_attention cannot soft-cap the scores
+        i = torch.arange(past, total, device=q.device)[:, None]
+        j = torch.arange(total, device=q.device)[None]
+        visible = (j <= i) & (j > i - window) if window else j <= i
+        qg = q.float().view(m, n_kv, n_heads // n_kv, d)
+        scores = torch.einsum("mkgd,ktd->kgmt", qg, k_cache[:, :total].float()) * scale
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
+        out = torch.einsum("kgmt,ktd->mkgd", scores.softmax(-1), v_cache[:, :total].float())
+        return out.reshape(m, n_heads * d).to(q.dtype)
     if past == 0 and not window:
         mask, causal = None, True
     else:
@@ -318,9 +397,15 @@ class CudaDecoder(PrefixCachedDecoder):
         device = weights.embed.device
         self.ops = ops if ops is not None else CudaOps(weights)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
-        d = weights.dims
+        d, feats = weights.dims, weights.features
         self.context_length = weights.max_len
-        self.scale = d.head_dim ** -0.5
+        self.scale = feats.query_scale or d.head_dim ** -0.5
+        # transformers multiplies by sqrt(hidden) rounded to the activations' dtype
+        self.embed_scale = torch.tensor(feats.embed_scale, dtype=weights.embed.dtype, device=device)
+        # Gemma 2/3's residual stream outgrows fp16 (Gemma-3-270M's reaches 1.0e5 by layer 14): it is kept in
+        # float32 there, the products still read fp16. The Llama block keeps its folded fp16 stream.
+        sandwich = any(L.attn_out_norm is not None for L in weights.layers)
+        self.stream_dtype = torch.float32 if sandwich else weights.embed.dtype
         shape = (d.kv_heads, weights.max_len, d.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
         self.v_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
@@ -346,25 +431,54 @@ class CudaDecoder(PrefixCachedDecoder):
     def _hidden(self, ids, positions, past):
         """Final hidden states [M, hidden] for ids [M] at positions (int32 [M]); past: host count, or None in a
         single-token step (attention then reads the position from the device)."""
-        w, ops, d = self.w, self.ops, self.w.dims
+        w, ops, d, feats = self.w, self.ops, self.w.dims, self.w.features
         h = F.embedding(ids, w.embed)
+        if feats.embed_scale != 1.0:
+            h = h * self.embed_scale
+        h = h.to(self.stream_dtype)
         g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
         for i, L in enumerate(w.layers):
-            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            if ids.shape[0] == 1:
-                a = ops.decode_attention(qkv, positions, w.cos, w.sin, kc, vc, d.heads, self.scale, d.window)
-            else:
-                q = ops.rope_kv(qkv, positions, w.cos, w.sin, kc, vc, d.heads)
-                a = _prefill_attention(q, kc, vc, past, self.scale, d.window)
-            h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
-            act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g)
-            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
-            h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
+            if L.attn_out_norm is None:
+                qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
+                a = self._attend(i, L, qkv, positions, past)
+                h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
+                act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
+                                      activation=feats.activation)
+                nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
+                h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
+            else:  # Gemma 2/3: each block's output is normalised before the residual add, so no norm folds
+                a = self._attend(i, L, ops.linear(self._norm(h, L.input_norm), L.qkv), positions, past)
+                h = h + self._norm(ops.linear(a, L.o), L.attn_out_norm, self.stream_dtype)
+                act = ops.gate_up_act(self._norm(h, L.post_norm), L.gate_up, feats.activation)
+                h = h + self._norm(ops.linear(act, L.down), L.mlp_out_norm, self.stream_dtype)
         return h
 
+    def _attend(self, i, L: Layer, qkv, positions, past):
+        """Attention of layer i from its qkv product: q/k norms, rotary embedding, cache write, attention."""
+        w, ops, d, feats = self.w, self.ops, self.w.dims, self.w.features
+        if L.q_norm is not None:
+            qkv = ops.qk_norm(qkv, L.q_norm, L.k_norm, d.heads, d.kv_heads, d.eps)
+        kc, vc = self.k_cache[i], self.v_cache[i]
+        cos, sin = (w.cos, w.sin) if L.cos is None else (L.cos, L.sin)
+        window = d.window if L.window is None else L.window
+        if past is None:
+            return ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window,
+                                        feats.attn_softcap)
+        q = ops.rope_kv(qkv, positions, cos, sin, kc, vc, d.heads)
+        return _prefill_attention(q, kc, vc, past, self.scale, window, feats.attn_softcap)
+
+    def _norm(self, h, weight, dtype=None):
+        """RMSNorm of h as the input of a product (the weights' dtype), or in `dtype`; a float32 residual stream
+        is normalised in PyTorch, in float32."""
+        if h.dtype == weight.dtype and dtype in (None, h.dtype):
+            return self.ops.rmsnorm(h, weight, self.w.dims.eps)
+        y = TorchOps.rmsnorm(self.ops, h.float(), weight.float(), self.w.dims.eps)
+        return y.to(dtype or weight.dtype)
+
     def _logits(self, h):
-        return self.ops.linear(self.ops.rmsnorm(h, self.w.norm, self.w.dims.eps), self.w.lm_head).float()
+        logits = self.ops.linear(self._norm(h, self.w.norm), self.w.lm_head).float()
+        cap = self.w.features.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def _step(self, advance: bool = False):
         """One token from the static buffers: logits fp32 [1, vocab] and their argmax; with advance, the argmax

@@ -1,4 +1,4 @@
-"""Read an AutoAWQ GEMM checkpoint folder (ours or a hub one) as integer weights for export."""
+"""Read an AutoAWQ GEMM checkpoint folder (ours or a hub one) as integer weights, for the exporter and the runtimes."""
 
 import json
 from dataclasses import dataclass
@@ -7,12 +7,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from awq_edge.arch.spec import Spec, describe
 from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import from_awq_gemm
-
-# model_type values whose decoder is the Llama block: RMSNorm, RoPE, GQA, SiLU-gated MLP.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-_REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 @dataclass
@@ -52,6 +49,7 @@ class Checkpoint:
     def __init__(self, folder, allow_float: bool = False):
         self.folder = Path(folder)
         self.config = read_config(self.folder, allow_float)
+        self.spec: Spec = describe(self.config)
         qc = self.config.get("quantization_config", {})
         self.group_size = int(qc.get("group_size", 0))
         self._files = tensor_files(self.folder)
@@ -79,9 +77,17 @@ class Checkpoint:
             return FloatLinear(self.float_tensor(f"{name}.weight"), bias)
         raise AwqEdgeError(f"{self.folder} has neither {name}.qweight nor {name}.weight", "re-create the checkpoint")
 
+    def linears(self, names) -> list:
+        """The linears of a layer's `qkv` or `gate_up` (one when the checkpoint stores them fused)."""
+        return [self.linear(n) for n in names]
+
+    def norm(self, name: str) -> torch.Tensor:
+        """The factor the RMSNorm `name` multiplies by (Gemma's 1 + w), float32."""
+        return self.spec.norm(self.tensor(f"{name}.weight"))
+
 
 def read_config(folder: Path, allow_float: bool = False) -> dict:
-    """config.json of a 4-bit AWQ GEMM checkpoint of a supported architecture, or a clear error."""
+    """config.json of a 4-bit AWQ GEMM checkpoint, or a clear error (`describe` then checks its architecture)."""
     path = folder / "config.json"
     if not folder.is_dir() or not path.is_file():
         raise AwqEdgeError(
@@ -108,15 +114,6 @@ def read_config(folder: Path, allow_float: bool = False) -> dict:
         )
     if "group_size" not in qc and "q_group_size" in qc:
         qc["group_size"] = qc["q_group_size"]
-    model_type = config.get("model_type")
-    if model_type not in LLAMA_FAMILY:
-        raise AwqEdgeError(
-            f"architecture {model_type!r} cannot be exported yet",
-            f"use a model of a supported family ({', '.join(LLAMA_FAMILY)})",
-        )
-    missing = [k for k in _REQUIRED_CONFIG if k not in config]
-    if missing:
-        raise AwqEdgeError(f"{path} lacks {', '.join(missing)}", "re-create the checkpoint with `awq-edge quantize`")
     return config
 
 
@@ -134,3 +131,22 @@ def tensor_files(folder: Path) -> dict:
         )
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
+
+
+def fuse_rows(linears):
+    """One linear computing several at once (outputs concatenated), or None when they cannot share a node."""
+    if len(linears) == 1:
+        return linears[0]
+    if all(isinstance(x, QuantLinear) for x in linears) and len({x.group_size for x in linears}) == 1:
+        merged = QuantLinear(
+            torch.cat([x.q for x in linears]), torch.cat([x.scales for x in linears]),
+            torch.cat([x.zeros for x in linears]), linears[0].group_size,
+        )
+    elif all(isinstance(x, FloatLinear) for x in linears):
+        merged = FloatLinear(torch.cat([x.weight for x in linears]))
+    else:
+        return None
+    biases = [x.bias for x in linears]
+    if any(b is not None for b in biases):
+        merged.bias = torch.cat([b if b is not None else torch.zeros(x.shape[0]) for b, x in zip(biases, linears)])
+    return merged
