@@ -210,6 +210,29 @@ class _Collect:
         self.tensors[name] = t
 
 
+def _search_scales(layer, i, source, linears, stats, xs, calls, is_held, cfg, guard, report, device) -> dict:
+    """AWQ's scale search for each group of linears of layer i; folds the kept scales. Returns linear -> scales."""
+    adapter = source.adapter
+    scales = {}
+    for g in adapter.groups(layer, source.config):
+        module = layer.get_submodule(g.inspect)
+
+        def chunk_calls(module=module):
+            for x, (args, kwargs), held in zip(xs, calls, is_held):
+                call = _call_of(layer, module, x.to(device), args, kwargs)
+                yield _caller(module, call), _hidden(call), held
+
+        s, alpha, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]), [linears[name] for name in g.linears],
+                                   cfg, guard=guard)
+        report["alphas"][f"{i}.{g.prev}"] = alpha
+        report["scale_groups"] += 1
+        report["scales_kept"] += alpha > 0
+        if alpha > 0:
+            fold_scale(layer, g, s, adapter.norm_offset)
+            scales.update(dict.fromkeys(g.linears, s))
+    return scales
+
+
 def split_samples(n_samples: int, held_out: float = 0.25) -> int:
     """How many of n calibration samples are held out to validate the search (none of a single sample)."""
     return int(n_samples * held_out) if n_samples >= 2 else 0
@@ -268,23 +291,8 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
 
             scales = {}
             if method in SCALED:
-                for g in adapter.groups(layer, source.config):
-                    module = layer.get_submodule(g.inspect)
-
-                    def chunk_calls(module=module):
-                        for j, x in enumerate(xs):
-                            call = _call_of(layer, module, x.to(device), *calls[j][i])
-                            yield _caller(module, call), _hidden(call), is_held[j]
-
-                    s, alpha, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]),
-                                               [linears[name] for name in g.linears], cfg, guard=guard)
-                    result.report["alphas"][f"{i}.{g.prev}"] = alpha
-                    result.report["scale_groups"] += 1
-                    result.report["scales_kept"] += alpha > 0
-                    if alpha > 0:
-                        fold_scale(layer, g, s, adapter.norm_offset)
-                        for name in g.linears:
-                            scales[name] = s
+                scales = _search_scales(layer, i, source, linears, stats, xs, [c[i] for c in calls], is_held, cfg,
+                                        guard, result.report, device)
             samples = {name: [stats.sample(name, p) for p in (0, 1)] for name in linears}
             for name, s in scales.items():
                 samples[name] = [r / s if r is not None else None for r in samples[name]]
