@@ -97,8 +97,8 @@ class FileModel:
             self.layers[i] = nn.Identity()
             self.layers[i].attention_type = getattr(layer, "attention_type", None)
         self.shell.eval()
-        head = self.shell.get_output_embeddings()
-        keys = [k for k, v in self.shell.state_dict().items() if not any(v is p for p in head.parameters())]
+        head = next(name for name, m in self.shell.named_modules() if m is self.shell.get_output_embeddings())
+        keys = [k for k in self.shell.state_dict() if not k.startswith(head + ".")]  # the head never runs here
         buffers = _computed_buffers(self.config, dtype)
         params = self._read([k for k in keys if k not in buffers])
         self.shell.load_state_dict({**params, **{k: buffers[k] for k in keys if k in buffers}}, strict=False,

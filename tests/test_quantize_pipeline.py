@@ -53,9 +53,9 @@ def test_file_model_layers_reproduce_the_loaded_model_exactly(tmp_path, model_ty
         assert torch.equal(x1, x2)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, method):
-    folder, model = _folder(tmp_path / "m")
+@pytest.mark.parametrize("method,tied", [("awq", False), ("gptq", False), ("awq", True)])
+def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, method, tied):
+    folder, model = _folder(tmp_path / "m", tie_word_embeddings=tied)
     text = _text(tmp_path / "calib.txt")
     common = dict(method=method, group_size=32, calib_source=str(text), n_samples=8, seqlen=32, device="cpu",
                   progress=False, log=lambda *a: None)
