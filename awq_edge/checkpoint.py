@@ -7,7 +7,6 @@ listed in modules_to_not_convert, since the AWQ format holds 4 bits only.
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.model import check_safetensors, load_config, load_tokenizer
+from awq_edge.outputs import check_output_dir, replace_dir, temp_dir, write_failed
+from awq_edge.model import check_safetensors, load_config, load_tokenizer, read_config_json
 from awq_edge.packing import from_awq_gemm, to_awq_gemm
 from awq_edge.quant import dequantize, n_groups
 
@@ -38,28 +38,36 @@ def _group_hint(in_f: int) -> str:
     return f"use --group-size {fits[0]}" if fits else f"use a group size that divides {in_f}"
 
 
-def _atomic_dir(out_dir: Path):
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / "config.json").is_file():
-            raise AwqEdgeError(f"{out_dir} exists and is not a checkpoint folder", "choose an empty or new -o folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+# Files save_quantized writes; a checkpoint folder holding anything else is not replaced (it is someone's).
+CHECKPOINT_FILES = frozenset({
+    WEIGHTS, "config.json", "generation_config.json", "sensitivity.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "tokenizer.model",
+})
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        out_dir.rename(old / "x")
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+def is_checkpoint(folder: Path) -> bool:
+    """Whether folder holds a checkpoint written by awq-edge (its config.json has our `awq_edge` record)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "awq_edge" in config and "quantization_config" in config
+
+
+def check_checkpoint_output(out_dir, inputs=(), need_bytes: int = 0) -> Path:
+    """Refuse, before any work, an -o that is not new, empty, or an earlier awq-edge checkpoint with only its files."""
+    return check_output_dir(out_dir, inputs=inputs, is_ours=is_checkpoint, our_files=CHECKPOINT_FILES,
+                            what="checkpoint", need_bytes=need_bytes)
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    return temp_dir(check_checkpoint_output(out_dir))
 
 
 def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
     """Write the checkpoint to a temporary folder beside out_dir, then rename it into place."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     group_size = meta["group_size"]
     tensors = {}
     int4 = {n: ql for n, ql in result.linears.items() if ql.bits == 4}
@@ -93,7 +101,10 @@ def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(out_dir, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -101,10 +112,7 @@ def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
 
 
 def read_quant_config(path: Path) -> dict:
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise AwqEdgeError(f"{path} has no config.json", "pass a folder written by `awq-edge quantize`")
-    config = json.loads(cfg_path.read_text())
+    config = read_config_json(Path(path))
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "awq" or qc.get("bits") != 4 or qc.get("version", "gemm").lower() != "gemm":
         raise AwqEdgeError(
