@@ -23,7 +23,7 @@ def check_output_dir(out, *, inputs=(), is_ours=lambda folder: False, our_files=
                      need_bytes: int = 0) -> Path:
     """The absolute -o folder, once it is known that writing it loses nothing and can succeed.
 
-    Refused: a path that is a file; a folder equal to, inside or holding an input; a non-empty folder that
+    Refused: a path that is a file; a folder equal to or holding an input; a non-empty folder that
     `is_ours` does not recognise; one of ours holding files we never write (a user's notes would be lost);
     a place that is not writable; less free space than `need_bytes`.
     """
@@ -33,10 +33,10 @@ def check_output_dir(out, *, inputs=(), is_ours=lambda folder: False, our_files=
     real = out.resolve()
     for source in inputs:
         src = Path(source).resolve()
-        if _inside(real, src) or _inside(src, real):
-            where = "is" if real == src else ("is inside" if _inside(real, src) else "holds")
+        if _inside(src, real):  # replacing out would delete the input (a folder inside the input is harmless)
+            where = "is" if real == src else "holds"
             raise AwqEdgeError(f"-o {out} {where} the input {source}, which writing it would destroy",
-                               f"choose an -o folder outside {source}")
+                               f"choose an -o folder that is not {source} or a folder above it")
     if out.is_dir() and any(out.iterdir()):
         if not is_ours(out):
             raise AwqEdgeError(f"-o {out} is not empty and not an awq-edge {what}, so it is not replaced",
@@ -87,13 +87,18 @@ def temp_dir(out: Path) -> Path:
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM until the block ends, so a swap is never left half done."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGINT and SIGTERM until the block ends, so a swap is never left half done. Python runs signal
+    handlers in the main thread whichever thread the kernel picked, so the handlers are swapped (a signal
+    mask would miss the signals delivered to torch's and onnxruntime's threads)."""
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
