@@ -7,10 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= smollm2-135m
 GROUP ?= 64
 OUT ?= out
-QUANT_DIR ?= $(OUT)/$(MODEL)-awq-w4g$(GROUP)
+QUANT_DIR ?= $(OUT)/$(notdir $(MODEL))-awq-w4g$(GROUP)
 # 8 calibration blocks keep the CPU demo within minutes (bench/results/quality.md: 31.8 vs 31.4 ppl at 128).
 DEMO_SAMPLES ?= 8
-ONNX_DIR ?= $(OUT)/$(MODEL)-w4g$(GROUP)-onnx
+ONNX_DIR ?= $(OUT)/$(notdir $(MODEL))-w4g$(GROUP)-onnx
 NVCC ?= nvcc
 
 .PHONY: install demo test test-python plugins clean
