@@ -61,8 +61,10 @@ def check_quantize_args(args) -> Path:
     if gs is not None and (gs < 16 or gs & (gs - 1)):
         raise AwqEdgeError(f"--group-size {gs} is not a power of two of at least 16 (MatMulNBits' block sizes)",
                            "use --group-size 128, 64 or 32, or leave it out to pick the largest that fits")
-    if args.n_samples < 1 or args.seqlen < 2:
-        raise AwqEdgeError(f"--n-samples {args.n_samples} --seqlen {args.seqlen}", "use --n-samples >= 1 and --seqlen >= 2")
+    if args.n_samples < 1:
+        raise AwqEdgeError(f"--n-samples {args.n_samples}: calibration needs at least one sample", "use --n-samples >= 1")
+    if args.seqlen < 2:
+        raise AwqEdgeError(f"--seqlen {args.seqlen}: a calibration block needs at least 2 tokens", "use --seqlen >= 2")
     if args.keep_8bit < 0:
         raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} is negative", "use --keep-8bit 0 or more")
     check_device(args.device)
@@ -78,9 +80,10 @@ def check_quantize_args(args) -> Path:
 
 
 def check_eval_args(args) -> None:
-    if args.seqlen < 2 or args.max_tokens < 0:
-        raise AwqEdgeError(f"--seqlen {args.seqlen} --max-tokens {args.max_tokens}",
-                           "use --seqlen >= 2 and --max-tokens >= 0 (0: the whole text)")
+    if args.seqlen < 2:
+        raise AwqEdgeError(f"--seqlen {args.seqlen}: a perplexity window needs at least 2 tokens", "use --seqlen >= 2")
+    if args.max_tokens < 0:
+        raise AwqEdgeError(f"--max-tokens {args.max_tokens} is negative", "use --max-tokens 0 (the whole text) or more")
     check_device(args.device)
     if args.text is None:
         raise AwqEdgeError("no evaluation text given", "pass --text FILE (e.g. WikiText-2 test.txt)")

@@ -24,9 +24,10 @@ def export_options(target: str = "ort", exact: bool = False, **overrides) -> Exp
     checkpoint, float head); overrides (None: not given) apply on top."""
     opts = dict(ORT_DEFAULTS) if target == "ort" and not exact else {}
     opts.update({k: v for k, v in overrides.items() if v is not None})
-    head = {k for k in ("head_bits", "head_group", "head_calib", "head_symmetric") if k in overrides and overrides[k]}
+    head = sorted(k for k in ("head_bits", "head_group", "head_calib", "head_symmetric") if overrides.get(k))
     if target != "ort" and head:
-        raise AwqEdgeError(f"{', '.join(sorted(head))} apply to --target ort only", "drop them for --target trt")
+        flags = ", ".join("--" + k.replace("_", "-") for k in head)
+        raise AwqEdgeError(f"{flags}: the head is re-quantised for --target ort only", "drop them for --target trt")
     if opts.get("trt_native") and target != "trt":
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
     group = opts.get("head_group", 32)
