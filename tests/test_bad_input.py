@@ -22,6 +22,7 @@ from awq_edge.cli import main
 from awq_edge.export import save
 from awq_edge.export.command import export
 from conftest import save_tiny_tokenizer, tiny_model
+from test_engine import tiny_decoder, write_onnx_dir
 from test_export import write_checkpoint
 from test_runtime import save_byte_tokenizer
 
@@ -44,7 +45,8 @@ def fx(tmp_path_factory):
     write_checkpoint(root / "ck")
     save_byte_tokenizer(root / "ck")
     onnx_dir = export(root / "ck", root / "onnx")
-    return {"float": float_dir, "ours": ours, "ck": root / "ck", "onnx": onnx_dir}
+    trt_dir = write_onnx_dir(root / "trt", tiny_decoder("native"))  # what rtx-4090 builds (test_engine_build)
+    return {"float": float_dir, "ours": ours, "ck": root / "ck", "onnx": onnx_dir, "trt": trt_dir}
 
 
 def copy_folder(src: Path, dst: Path) -> Path:
@@ -203,6 +205,8 @@ CASES = [
     Case("quantize --n-samples 0", lambda tmp, fx: q(tmp, fx, "--n-samples", "0"), ("at least one sample",)),
     Case("quantize --seqlen 1", lambda tmp, fx: q(tmp, fx, "--seqlen", "1"), ("at least 2 tokens",)),
     Case("quantize --keep-8bit -1", lambda tmp, fx: q(tmp, fx, "--keep-8bit", "-1"), ("negative",)),
+    Case("quantize -o below a file", lambda tmp, fx: q(tmp, fx, "--group-size", "32", out=write(tmp / "f", "x") / "q"),
+         ("f is a file",)),
     Case("quantize without -o", lambda tmp, fx: ["quantize", float_copy(tmp, fx)], ("-o/--output",)),
     # quantize: the input
     Case("quantize a config.json that is not JSON", lambda tmp, fx: q(
@@ -229,6 +233,8 @@ CASES = [
     Case("eval --text a missing file", lambda tmp, fx: ["eval", fx["float"], "--text", tmp / "t.txt"], ("not found",)),
     Case("eval --text that is not UTF-8", lambda tmp, fx: ["eval", fx["float"], "--text", latin1(tmp / "t.txt")],
          ("not UTF-8",)),
+    Case("eval --max-tokens -5", lambda tmp, fx: ["eval", fx["float"], "--text", write(tmp / "t.txt", "w3"),
+                                                  "--max-tokens", "-5"], ("negative",)),
     Case("eval without --text", lambda tmp, fx: ["eval", fx["float"]], ("--text FILE",)),
     Case("eval --device tpu", lambda tmp, fx: ["eval", fx["float"], "--text", write(tmp / "t.txt", "w3"),
                                                "--device", "tpu"], ("'tpu' is not one of",)),
@@ -260,6 +266,7 @@ CASES = [
     Case("generate on a checkpoint instead of an export", lambda tmp, fx: ["generate", fx["ck"], "--prompt", "hi"],
          ("awq-edge export",)),
     Case("generate on a missing folder", lambda tmp, fx: ["generate", tmp / "nope", "--prompt", "hi"], ("not found",)),
+    Case("generate --raw with an empty prompt", lambda tmp, fx: gen(tmp, fx, "--raw", prompt=""), ("prompt is empty",)),
     Case("generate --backend tpu", lambda tmp, fx: gen(tmp, fx, "--backend", "tpu"), ("invalid choice",)),
     Case("chat on a base model without a chat template", lambda tmp, fx: ["chat", base_model_export(tmp, fx)],
          ("no chat template",)),
@@ -273,6 +280,15 @@ CASES = [
                                                          tmp / "engine"], ("does not exist",)),
     Case("build a truncated model.onnx", onnx_with(lambda d: truncate(d / "model.onnx", 0.3)),
          ("not a readable ONNX model",)),
+    Case("build -o an existing file", lambda tmp, fx: ["build", fx["trt"], "--device", "rtx-4090", "-o",
+                                                       write(tmp / "engine", "x")], ("is a file",)),
+    Case("build -o the ONNX folder", lambda tmp, fx: ["build", copy_folder(fx["trt"], tmp / "onnx"), "--device",
+                                                      "rtx-4090", "-o", tmp / "onnx"], ("is the input",)),
+    Case("build -o a non-empty folder", lambda tmp, fx: ["build", fx["trt"], "--device", "rtx-4090", "-o", tmp]
+         if write(tmp / "mine.txt", "keep") else None, ("not an awq-edge engine folder",)),
+    Case("build an fp32 export for an fp16 device", lambda tmp, fx: ["build", fx["onnx"], "--device", "rtx-4090",
+                                                                     "-o", tmp / "engine"], ("--dtype fp16",)),
+    Case("devices a .toml that does not exist", lambda tmp, fx: ["devices", tmp / "mine.toml"], ("does not exist",)),
     Case("build an unknown device", lambda tmp, fx: ["build", fx["onnx"], "--device", "tpu", "-o", tmp / "e"],
          ("unknown device 'tpu'",)),
 ]
