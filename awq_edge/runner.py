@@ -140,4 +140,9 @@ def load(folder, backend: str = "ort", *, provider: str = "cpu") -> Model:
     decoder = _open_decoder(folder, backend, provider)
     from awq_edge.model import load_tokenizer
 
-    return Model(decoder, load_tokenizer(folder), folder, backend)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError) as e:
+        raise AwqEdgeError(f"{folder} has no usable tokenizer ({str(e)[:200]})",
+                           "export again from a checkpoint that has its tokenizer files") from None
+    return Model(decoder, tokenizer, folder, backend)

@@ -58,6 +58,10 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
                            our_files=EXPORT_FILES, what="export")
     remove_stale(out)
     ck = Checkpoint(folder, allow_float)
+    if opts.head_calib and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
+                           f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
+                           "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
     model = build_decoder(ck, opts)
     gen_path = ck.folder / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
