@@ -15,7 +15,7 @@ from awq_edge.arch import get_adapter
 from awq_edge.checkpoint import check_awq_shapes, check_checkpoint_output, load_quantized_model, save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.eval import perplexity, text_tokens
-from awq_edge.model import check_safetensors, load_config, load_float_model, read_config_json, resolve_model_dir
+from awq_edge.model import check_safetensors, check_tokenizer_json, load_config, load_float_model, read_config_json, resolve_model_dir
 from awq_edge.quant import QConfig
 from awq_edge.quantize import METHODS, quantize_model
 
@@ -149,6 +149,7 @@ def run_eval(args) -> int:
     device = pick_device(args.device)
     path = Path(args.model)
     if path.is_dir() and "quantization_config" in read_config_json(path):
+        check_tokenizer_json(path)
         model, tokenizer = load_quantized_model(path)
     else:
         path = resolve_model_dir(args.model)

@@ -62,14 +62,19 @@ def check_model_dir(path: Path) -> None:
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     if not has_tokenizer:
         raise AwqEdgeError(f"{path} has no tokenizer files", "copy tokenizer.json / tokenizer_config.json into the folder")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (path / name).is_file():
-            try:
-                json.loads((path / name).read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise AwqEdgeError(f"{path / name} is not valid JSON ({e})", f"re-download or re-create {name}") from None
+    check_tokenizer_json(path)
     if "quantization_config" not in read_config_json(path):
         check_tensor_names(path, headers)
+
+
+def check_tokenizer_json(path: Path) -> None:
+    """Refuse a tokenizer.json or tokenizer_config.json that is not JSON (a truncated copy) before any work."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(path) / name).is_file():
+            try:
+                json.loads((Path(path) / name).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise AwqEdgeError(f"{path / name} is not valid JSON ({e})", f"re-download or re-create {name}") from None
 
 
 def read_config_json(path: Path) -> dict:

@@ -164,6 +164,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def damaged_copy(src: Path, dst: Path, damage) -> Path:
+    damage(copy_folder(src, dst))
+    return dst
+
+
 def latin1(path: Path) -> Path:
     path.write_bytes("w3 caf\u00e9 w4".encode("latin-1"))
     return path
@@ -267,6 +272,12 @@ CASES = [
          ("awq-edge export",)),
     Case("generate on a missing folder", lambda tmp, fx: ["generate", tmp / "nope", "--prompt", "hi"], ("not found",)),
     Case("generate --raw with an empty prompt", lambda tmp, fx: gen(tmp, fx, "--raw", prompt=""), ("prompt is empty",)),
+    Case("generate with a truncated tokenizer.json", lambda tmp, fx: [
+        "generate", damaged_copy(fx["onnx"], tmp / "onnx", lambda d: truncate(d / "tokenizer.json")), "--prompt", "hi"],
+         ("tokenizer.json is not valid JSON",)),
+    Case("eval a checkpoint with a truncated tokenizer.json", lambda tmp, fx: [
+        "eval", damaged_copy(fx["ours"], tmp / "q", lambda d: truncate(d / "tokenizer.json")), "--text",
+        write(tmp / "t.txt", "w3 w4")], ("tokenizer.json is not valid JSON",)),
     Case("generate --backend tpu", lambda tmp, fx: gen(tmp, fx, "--backend", "tpu"), ("invalid choice",)),
     Case("chat on a base model without a chat template", lambda tmp, fx: ["chat", base_model_export(tmp, fx)],
          ("no chat template",)),
