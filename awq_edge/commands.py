@@ -15,7 +15,8 @@ from awq_edge.arch import get_adapter
 from awq_edge.checkpoint import check_awq_shapes, check_checkpoint_output, load_quantized_model, save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.eval import perplexity, text_tokens
-from awq_edge.model import check_safetensors, check_tokenizer_json, load_config, load_float_model, read_config_json, resolve_model_dir
+from awq_edge.model import (check_safetensors, check_tokenizer_json, load_config, load_float_model, read_config_json,
+                            resolve_model_dir)
 from awq_edge.quant import QConfig
 from awq_edge.quantize import METHODS, quantize_model
 
@@ -155,9 +156,7 @@ def run_eval(args) -> int:
         path = resolve_model_dir(args.model)
         model, tokenizer = load_float_model(path)
     model.to(device)
-    text = Path(args.text) if args.text else None
-    if text is None:
-        raise AwqEdgeError("no evaluation text given", "pass --text FILE (e.g. WikiText-2 test.txt)")
+    text = Path(args.text)
     ids = text_tokens(tokenizer, text, args.max_tokens)
     t0 = time.perf_counter()
     res = perplexity(model, tokenizer, ids, args.seqlen, device=device)
