@@ -10,6 +10,7 @@
 `awq-edge generate` and `awq-edge chat` are built on it.
 """
 
+import operator
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,9 +70,14 @@ class Model:
     def _ids(self, prompt, template: bool) -> list:
         if isinstance(prompt, str):
             return self.prompt_ids([{"role": "user", "content": _utf8(prompt, "prompt")}], template)
-        ids = list(prompt)
-        if not all(isinstance(i, int) and 0 <= i for i in ids):
-            raise AwqEdgeError("the prompt is neither text nor a list of token ids", "pass a str or a list of ints")
+        try:
+            ids = [operator.index(i) for i in prompt]  # ints of any kind (numpy's too), never floats
+        except TypeError:
+            ids = [-1]
+        vocab = len(self.tokenizer)
+        if not all(0 <= i < vocab for i in ids):
+            raise AwqEdgeError("the prompt is neither text nor a list of token ids in the vocabulary",
+                               f"pass a str or a list of ints in [0, {vocab})")
         return ids
 
     def tokens(self, prompt_ids: list, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,

@@ -96,3 +96,9 @@ def test_awq_edge_quantize_stays_the_api_function_after_the_quantize_module_is_i
     from awq_edge.api import quantize
 
     assert awq_edge.quantize is quantize
+
+
+@pytest.mark.parametrize("prompt", [[1.5, 2], [3, 256], [-1], None])
+def test_a_prompt_that_is_neither_text_nor_ids_in_the_vocabulary_is_refused(onnx_dir, prompt):
+    with pytest.raises(AwqEdgeError, match=r"list of ints in \[0, 256\)"):
+        awq_edge.load(onnx_dir).generate(prompt)
