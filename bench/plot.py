@@ -59,11 +59,15 @@ def decode_figure(runs: list, out: Path) -> Path:
 def quality_figure(runs: list, out: Path) -> Path:
     """WikiText-2 perplexity against ONNX size, our exports and the peer's, one marker per results file."""
     fig, ax = plt.subplots(figsize=(8, 4.6))
+    drawn = set()  # the peer is built from the same float model in every run: one point, one label
     for marker, (label, r) in zip("osD^v", runs):
         for key, legend in ONNX_MODELS.items():
             if key not in r.get("wikitext2_test_ppl", {}) or key not in r.get("size_bytes", {}):
                 continue
             x, y = r["size_bytes"][key] / 1e6, r["wikitext2_test_ppl"][key]["ppl"]
+            if (key, round(x, 2), round(y, 3)) in drawn:
+                continue
+            drawn.add((key, round(x, 2), round(y, 3)))
             peer = key.startswith("peer")
             ax.scatter(x, y, marker=marker, s=50, color="tab:red" if peer else "tab:blue")
             ax.annotate(f"{legend} [{label}]", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
