@@ -198,7 +198,7 @@ def markdown(r: dict) -> str:
                   "decode vs peer, token-interleaved | size vs peer |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for name in ppl:
-            if not name.startswith("ours_int4_int8act") or name not in speed:
+            if not name.startswith(("ours_int4_int8act", "ours_default")) or name not in speed:
                 continue
             rounds = [a / b for a, b in zip(speed[name]["runs_decode_tok_s"], speed[peer]["runs_decode_tok_s"])]
             lines.append(f"| {name} | {100 * (ppl[name]['ppl'] / ppl[peer]['ppl'] - 1):+.1f}% | "
