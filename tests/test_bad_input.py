@@ -510,3 +510,23 @@ def test_readme_table_lists_every_case_and_each_row_is_a_test():
     named = [r[2].strip("`") for r in rows if len(r) == 3]
     assert len(named) >= 15 and all(callable(globals().get(n) or getattr(test_engine_make, n, None)) for n in named)
     assert len(cases) + len(named) >= 40
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_once_quantisation_starts_leaves_the_old_or_the_new_checkpoint_and_nothing_beside(tmp_path, fx, sig,
+                                                                                                  code):
+    import subprocess
+
+    out = copy_folder(fx["ours"], tmp_path / "q")
+    (out / "model.safetensors").write_bytes(b"old")
+    proc = subprocess.Popen([sys.executable, "-m", "awq_edge.cli", "quantize", str(fx["float"]), "-o", str(out),
+                             "--method", "rtn", "--group-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().startswith("rtn w4 g32")  # printed just before the layers are quantised
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (code, 0), err  # 0: the signal came after the checkpoint was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    new = (fx["ours"] / "model.safetensors").read_bytes()
+    # Stopped: the old checkpoint, or the new one when the signal came during the swap; finished: the new one.
+    assert (out / "model.safetensors").read_bytes() in ((b"old", new) if proc.returncode else (new,))
