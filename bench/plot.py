@@ -124,7 +124,7 @@ def main() -> int:
                                           ("real weights", load(results / "decode_smollm2.json"))) if r]
     if decode:
         written.append(decode_figure(decode, out))
-    onnx = [(name, r) for name in ("onnx_g32.json", "onnx_defaults.json") if (r := load(results / name))]
+    onnx = [(name, r) for name in ("onnx_g32.json", "onnx_defaults.json", "onnx_defaults_g64.json") if (r := load(results / name))]
     if onnx:
         written.append(quality_figure(onnx, out))
     quantiser = load(results / "quantize_cpu.json")
