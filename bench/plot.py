@@ -70,7 +70,8 @@ def quality_figure(runs: list, out: Path) -> Path:
             drawn.add((key, round(x, 2), round(y, 3)))
             peer = key.startswith("peer")
             ax.scatter(x, y, marker=marker, s=50, color="tab:red" if peer else "tab:blue")
-            ax.annotate(f"{legend} [{label}]", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+            ax.annotate(f"{legend} [{label}]", (x, y), textcoords="offset points", xytext=(5, -10 if peer else 3),
+                        fontsize=7)
     ax.set_xlabel("ONNX size, MB (model.onnx + data)")
     ax.set_ylabel("WikiText-2 test perplexity (lower is better)")
     ax.set_title("SmolLM2-135M int4 on onnxruntime: ours (blue) and onnxruntime-genai's (red)")
