@@ -7,10 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= smollm2-135m
 GROUP ?= 64
 OUT ?= out
-QUANT_DIR ?= $(OUT)/$(MODEL)-awq-w4g$(GROUP)
+QUANT_DIR ?= $(OUT)/$(notdir $(MODEL))-awq-w4g$(GROUP)
 # 8 calibration blocks keep the CPU demo within minutes (bench/results/quality.md: 31.8 vs 31.4 ppl at 128).
 DEMO_SAMPLES ?= 8
-ONNX_DIR ?= $(OUT)/$(MODEL)-w4g$(GROUP)-onnx
+ONNX_DIR ?= $(OUT)/$(notdir $(MODEL))-w4g$(GROUP)-onnx
 NVCC ?= nvcc
 
 .PHONY: install demo test test-python plugins clean
@@ -87,11 +87,33 @@ endif
 
 engine-steps: $(ENGINE_DIR)/model.engine
 
-$(ENGINE_QUANT_DIR)/model.safetensors:
+# Given only ENGINE_ONNX_DIR (the Jetson flow: the ONNX folder copied to the device), build from it alone and plan
+# no quantisation or export over it; given ENGINE_QUANT_DIR, export that checkpoint and never re-quantise it.
+ONNX_ONLY := $(if $(filter command,$(origin ENGINE_ONNX_DIR)),$(if $(filter command,$(origin MODEL) $(origin ENGINE_QUANT_DIR)),,yes))
+QUANT_GIVEN := $(filter command,$(origin ENGINE_QUANT_DIR))
+# The checkpoint's stamp holds the model's identity (awq_edge.engine_build.model_identity) and is rewritten only
+# when it changes: MODEL=a/smol then MODEL=b/smol write the same folders, and file times alone would keep a's.
+ENGINE_MODEL_STAMP = $(OUT)/.stamps/$(notdir $(ENGINE_QUANT_DIR)).model
+
+.PHONY: FORCE
+FORCE:
+
+ifeq ($(ONNX_ONLY),yes)
+$(ENGINE_ONNX_DIR)/model.onnx:
+	@echo "awq-edge: $@ does not exist: copy the folder from \`awq-edge export --target trt\` there first" >&2; exit 2
+else
+ifeq ($(QUANT_GIVEN),)
+$(ENGINE_MODEL_STAMP): FORCE
+	@$(PY) -c "import sys; from awq_edge.engine_build import write_stamp; write_stamp(*sys.argv[1:])" \
+	  $@ "$(MODEL)" --group-size $(GROUP) $(ENGINE_QUANT_FLAGS) $(ENGINE_QUANT_ARGS)
+
+$(ENGINE_QUANT_DIR)/model.safetensors: $(ENGINE_MODEL_STAMP)
 	$(AWQ_EDGE) quantize $(MODEL) -o $(ENGINE_QUANT_DIR) --group-size $(GROUP) $(ENGINE_QUANT_FLAGS) $(ENGINE_QUANT_ARGS)
+endif
 
 $(ENGINE_ONNX_DIR)/model.onnx: $(ENGINE_QUANT_DIR)/model.safetensors
 	$(AWQ_EDGE) export $(ENGINE_QUANT_DIR) -o $(ENGINE_ONNX_DIR) --target trt --dtype fp16 $(ENGINE_EXPORT_FLAGS)
+endif
 
 $(ENGINE_DIR)/model.engine: $(ENGINE_ONNX_DIR)/model.onnx
 	@if ! $(PY) -c "import $(TRT_MODULE)" 2>/dev/null; then \

@@ -11,12 +11,13 @@ import torch
 
 from awq_edge import calib
 from awq_edge.arch import get_adapter
-from awq_edge.checkpoint import CheckpointWriter, _replace_dir, awq_config, check_awq_shapes, save_quantized
+from awq_edge.checkpoint import CheckpointWriter, awq_config, check_awq_shapes, check_checkpoint_output, save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.layers import FileModel
 from awq_edge.model import load_config, load_tokenizer, resolve_model_dir
+from awq_edge.outputs import replace_dir, temp_dir
 from awq_edge.quant import QConfig
-from awq_edge.quantize import METHODS, quantize_layers, quantize_model
+from awq_edge.layerwise import METHODS, quantize_layers, quantize_model
 
 GROUP_SIZES = (128, 64, 32)
 
@@ -103,25 +104,24 @@ class QuantizedModel:
         if self._model is not None:
             self.path = save_quantized(self._model, self._tokenizer, self._result, out_dir, self._meta)
         elif self._temporary:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-            shutil.move(str(self.path), staged / "ck")
-            _replace_dir(staged / "ck", out_dir)
-            shutil.rmtree(staged, ignore_errors=True)
+            tmp = temp_dir(check_checkpoint_output(out_dir))
+            shutil.move(str(self.path), tmp / "ck")
+            replace_dir(tmp / "ck", out_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(self.path.parent, ignore_errors=True)
             self.path, self._temporary = out_dir, False
         elif self.path.resolve() != out_dir.resolve():
             shutil.copytree(self.path, out_dir, dirs_exist_ok=False)
             self.path = out_dir
         return self.path
 
-    def export(self, out_dir, target: str = "ort", **options) -> Path:
-        """Lower the checkpoint to an ONNX folder (awq_edge.export.decoder.ExportOptions fields as keywords)."""
-        from awq_edge.export.command import export
-        from awq_edge.export.decoder import ExportOptions
+    def export(self, out_dir, target: str = "ort", exact: bool = False, **options) -> Path:
+        """Lower the checkpoint to an ONNX folder with `awq-edge export`'s defaults (options: ExportOptions fields)."""
+        from awq_edge.export.command import export, export_options
 
         if self.path is None:
             raise AwqEdgeError("this model has not been saved", "call .save(dir) before .export(...)")
-        return export(self.path, out_dir, ExportOptions(target=target, **options))
+        return export(self.path, out_dir, export_options(target, exact, **options))
 
     def __del__(self):
         if getattr(self, "_temporary", False) and self.path is not None:
@@ -130,8 +130,8 @@ class QuantizedModel:
 
 def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, group_size: int | None = None,
              zero_point: bool = True, calib_source: str | None = None, n_samples: int = 128, seqlen: int = 512,
-             keep_8bit: int = 0, device: str = "auto", max_gpu_memory: float | None = None, output=None,
-             progress: bool = True, log=print) -> QuantizedModel:
+             keep_8bit: int = 0, sensitivity: bool = False, device: str = "auto",
+             max_gpu_memory: float | None = None, output=None, progress: bool = True, log=print) -> QuantizedModel:
     """Quantise a model's decoder linears to 4 bits.
 
     model: a builtin name (`smollm2-135m`), a Hugging Face folder (read layer by
@@ -139,7 +139,8 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
     transformers model already loaded (then pass its tokenizer; it is quantised
     in place). group_size None picks the largest of 128, 64, 32 that divides
     every linear. calib_source: 'mixed' (default), 'builtin', 'sampled' or a
-    text/.jsonl file. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
+    text/.jsonl file. sensitivity: calibrate RTN too, to report each linear's
+    error. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
     output: write the checkpoint there as the layers finish (the CLI's path);
     otherwise `.save(dir)` writes it later.
     """
@@ -149,7 +150,7 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
         raise AwqEdgeError(f"w_bit {w_bit}: the AutoAWQ checkpoint holds 4-bit weights only", "use w_bit=4")
     device = pick_device(device)
     source = calib_source or calib.MIXED
-    calibrate = method != "rtn" or keep_8bit > 0
+    calibrate = method != "rtn" or keep_8bit > 0 or sensitivity
     phases = Phases(device, log)
     budget = int(max_gpu_memory * 2**30) if max_gpu_memory else None
     if budget is None and device.startswith("cuda"):

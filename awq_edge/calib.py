@@ -93,9 +93,13 @@ def read_texts(path: Path) -> list:
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise AwqEdgeError(f"{path}:{i} is not a JSON object with a \"text\" field", "write one {\"text\": ...} object per line") from None
+            if not isinstance(text, str):
+                raise AwqEdgeError(f"{path}:{i}: \"text\" is {json.dumps(text)}, not a string",
+                                   "write the text as a JSON string, e.g. {\"text\": \"...\"}")
+            texts.append(text)
     else:
         texts = [raw]
     texts = [t for t in texts if t.strip()]

@@ -6,8 +6,8 @@ listed in modules_to_not_convert, since the AWQ format holds 4 bits only.
 """
 
 import json
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.model import check_safetensors, load_config, load_tokenizer
+from awq_edge.outputs import check_output_dir, replace_dir, temp_dir, write_failed
+from awq_edge.model import check_safetensors, load_config, load_tokenizer, read_config_json
 from awq_edge.packing import from_awq_gemm, to_awq_gemm
 from awq_edge.quant import dequantize, n_groups
 
@@ -38,23 +39,37 @@ def _group_hint(in_f: int) -> str:
     return f"use --group-size {fits[0]}" if fits else f"use a group size that divides {in_f}"
 
 
-def _atomic_dir(out_dir: Path):
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / "config.json").is_file():
-            raise AwqEdgeError(f"{out_dir} exists and is not a checkpoint folder", "choose an empty or new -o folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+# Files a checkpoint holds; a checkpoint folder holding anything else is not replaced (it is someone's).
+CHECKPOINT_FILES = frozenset({
+    WEIGHTS, "model.safetensors.index.json", "config.json", "generation_config.json", "sensitivity.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+})
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        out_dir.rename(old / "x")
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+class _CheckpointFiles:
+    def __contains__(self, name: str) -> bool:
+        return name in CHECKPOINT_FILES or _SHARD.fullmatch(name) is not None
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether folder holds a checkpoint written by awq-edge (its config.json has our `awq_edge` record)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "awq_edge" in config and "quantization_config" in config
+
+
+def check_checkpoint_output(out_dir, inputs=(), need_bytes: int = 0) -> Path:
+    """Refuse, before any work, an -o that is not new, empty, or an earlier awq-edge checkpoint with only its files."""
+    return check_output_dir(out_dir, inputs=inputs, is_ours=is_checkpoint, our_files=_CheckpointFiles(),
+                            what="checkpoint", need_bytes=need_bytes)
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    return temp_dir(check_checkpoint_output(out_dir))
 
 
 SHARD_BYTES = 2**30  # what the writer holds in host memory before a shard goes to disk
@@ -87,7 +102,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: Path, group_size: int | None = None, shard_bytes: int = SHARD_BYTES):
-        self.out_dir, self.group_size, self.shard_bytes = Path(out_dir), group_size, shard_bytes
+        self.out_dir, self.group_size, self.shard_bytes = Path(out_dir).absolute(), group_size, shard_bytes
         self.tmp = _atomic_dir(self.out_dir)
         self.pending, self.pending_bytes, self.shards, self.int8 = {}, 0, [], []
 
@@ -118,11 +133,20 @@ class CheckpointWriter:
     def _flush(self) -> None:
         if self.pending:
             path = self.tmp / f".shard-{len(self.shards):05d}"
-            save_file(self.pending, path, metadata={"format": "pt"})
+            try:
+                save_file(self.pending, path, metadata={"format": "pt"})
+            except OSError as e:
+                raise write_failed(self.out_dir, e) from None
             self.shards.append((path, list(self.pending), self.pending_bytes))
             self.pending, self.pending_bytes = {}, 0
 
     def commit(self, config: dict, tokenizer, generation_config=None) -> Path:
+        try:
+            return self._commit(config, tokenizer, generation_config)
+        except OSError as e:
+            raise write_failed(self.out_dir, e) from None
+
+    def _commit(self, config: dict, tokenizer, generation_config) -> Path:
         self._flush()
         n = len(self.shards)
         names = [WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -137,7 +161,7 @@ class CheckpointWriter:
         if generation_config is not None:
             generation_config.save_pretrained(self.tmp)
         tokenizer.save_pretrained(self.tmp)
-        _replace_dir(self.tmp, self.out_dir)
+        replace_dir(self.tmp, self.out_dir)
         self.tmp = None
         return self.out_dir
 
@@ -161,10 +185,7 @@ def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
 
 
 def read_quant_config(path: Path) -> dict:
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise AwqEdgeError(f"{path} has no config.json", "pass a folder written by `awq-edge quantize`")
-    config = json.loads(cfg_path.read_text())
+    config = read_config_json(Path(path))
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "awq" or qc.get("bits") != 4 or qc.get("version", "gemm").lower() != "gemm":
         raise AwqEdgeError(

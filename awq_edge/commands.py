@@ -1,25 +1,92 @@
 """The quantiser's subcommands: `awq-edge quantize` and `awq-edge eval`."""
 
 import json
+import math
+import re
 import time
 from pathlib import Path
 
-
 from awq_edge import calib
 from awq_edge.api import pick_device
-from awq_edge.checkpoint import load_quantized_model
+from awq_edge.checkpoint import check_checkpoint_output, load_quantized_model
 from awq_edge.errors import AwqEdgeError
 from awq_edge.eval import perplexity, text_tokens
-from awq_edge.model import load_float_model, resolve_model_dir
-from awq_edge.quantize import METHODS
+from awq_edge.model import check_safetensors, check_tokenizer_json, load_float_model, read_config_json, resolve_model_dir
+from awq_edge.layerwise import METHODS
+
+
+def check_device(name: str) -> None:
+    if name not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise AwqEdgeError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N", "use --device auto, cpu or cuda")
+
+
+def checkpoint_bytes(path: Path, group_size: int) -> int:
+    """About how large the checkpoint of the float model in path will be: int4 + fp16 scales and zeros for the
+    decoder's matrices, fp16 for the rest."""
+    total = 0
+    for f in path.glob("*.safetensors"):
+        for name, t in check_safetensors(f).items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(t["shape"])
+            int4 = len(t["shape"]) == 2 and ".layers." in name
+            total += numel // 2 + 4 * numel // group_size if int4 else 2 * numel
+    return total
+
+
+def check_quantize_args(args) -> Path:
+    """Every refusal that needs no model loaded, before the minutes of work: options, input, output. Returns
+    the model folder."""
+    if args.w_bit != 4:
+        raise AwqEdgeError(f"--w-bit {args.w_bit}: the AutoAWQ checkpoint holds 4-bit weights only",
+                           "use --w-bit 4 (other widths are evaluated by bench/quality.py)")
+    gs = args.group_size
+    if gs is not None and (gs < 16 or gs & (gs - 1)):
+        raise AwqEdgeError(f"--group-size {gs} is not a power of two of at least 16 (MatMulNBits' block sizes)",
+                           "use --group-size 128, 64 or 32, or leave it out to pick the largest that fits")
+    if args.n_samples < 1:
+        raise AwqEdgeError(f"--n-samples {args.n_samples}: calibration needs at least one sample", "use --n-samples >= 1")
+    if args.seqlen < 2:
+        raise AwqEdgeError(f"--seqlen {args.seqlen}: a calibration block needs at least 2 tokens", "use --seqlen >= 2")
+    if args.keep_8bit < 0:
+        raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} is negative", "use --keep-8bit 0 or more")
+    check_device(args.device)
+    if args.calib not in (None, calib.MIXED, calib.BUILTIN, calib.SAMPLED):
+        calib.read_texts(Path(args.calib))
+    path = resolve_model_dir(args.model)
+    qc = read_config_json(path).get("quantization_config")
+    if qc is not None:
+        raise AwqEdgeError(f"{path} is already quantised (quant_method {qc.get('quant_method')!r}), "
+                           "and AWQ needs the float weights", "pass the float model the checkpoint was made from")
+    check_checkpoint_output(args.output, inputs=[path], need_bytes=checkpoint_bytes(path, gs or 32))
+    return path
+
+
+def check_eval_args(args) -> None:
+    if args.seqlen < 2:
+        raise AwqEdgeError(f"--seqlen {args.seqlen}: a perplexity window needs at least 2 tokens", "use --seqlen >= 2")
+    if args.max_tokens < 0:
+        raise AwqEdgeError(f"--max-tokens {args.max_tokens} is negative", "use --max-tokens 0 (the whole text) or more")
+    check_device(args.device)
+    if args.text is None:
+        raise AwqEdgeError("no evaluation text given", "pass --text FILE (e.g. WikiText-2 test.txt)")
+    text = Path(args.text)
+    if not text.is_file():
+        raise AwqEdgeError(f"text file {text} not found", "pass an existing UTF-8 text file to --text")
+    try:
+        text.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AwqEdgeError(f"{text} is not UTF-8 text ({e.reason} at byte {e.start})",
+                           "convert it, e.g. iconv -t utf-8, or pass another --text file") from None
 
 
 def run_quantize(args) -> int:
     from awq_edge.api import quantize
 
+    check_quantize_args(args)
     qm = quantize(args.model, method=args.method, w_bit=args.w_bit, group_size=args.group_size,
                   zero_point=not args.no_zero_point, calib_source=args.calib, n_samples=args.n_samples,
-                  seqlen=args.seqlen, keep_8bit=args.keep_8bit, device=args.device,
+                  seqlen=args.seqlen, keep_8bit=args.keep_8bit, sensitivity=args.sensitivity, device=args.device,
                   max_gpu_memory=args.max_gpu_memory, output=args.output)
     out, report = qm.path, qm.report
     if args.sensitivity or args.keep_8bit:
@@ -39,17 +106,17 @@ def run_quantize(args) -> int:
 
 
 def run_eval(args) -> int:
+    check_eval_args(args)
     device = pick_device(args.device)
     path = Path(args.model)
-    if (path / "config.json").is_file() and "quantization_config" in json.loads((path / "config.json").read_text()):
+    if path.is_dir() and "quantization_config" in read_config_json(path):
+        check_tokenizer_json(path)
         model, tokenizer = load_quantized_model(path)
     else:
         path = resolve_model_dir(args.model)
         model, tokenizer = load_float_model(path)
     model.to(device)
-    text = Path(args.text) if args.text else None
-    if text is None:
-        raise AwqEdgeError("no evaluation text given", "pass --text FILE (e.g. WikiText-2 test.txt)")
+    text = Path(args.text)
     ids = text_tokens(tokenizer, text, args.max_tokens)
     t0 = time.perf_counter()
     res = perplexity(model, tokenizer, ids, args.seqlen, device=device)

@@ -50,7 +50,16 @@ def load_graph(onnx_dir) -> onnx.ModelProto:
     if not path.is_file():
         raise AwqEdgeError(f"{path} does not exist",
                            "pass the folder written by `awq-edge export QUANT_DIR -o ONNX_DIR --target trt`")
-    return onnx.load(str(path), load_external_data=False)
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: a truncated or foreign file
+        raise AwqEdgeError(f"{path} is not a readable ONNX model ({type(e).__name__})",
+                           "export it again with `awq-edge export QUANT_DIR -o ONNX_DIR --target trt`") from None
+
+
+def onnx_bytes(onnx_dir) -> int:
+    """Bytes of the exported model files: about what its engine takes on disk."""
+    return sum(f.stat().st_size for f in Path(onnx_dir).glob(f"{MODEL_FILE}*"))
 
 
 def graph_inputs(model: onnx.ModelProto) -> list:

@@ -13,6 +13,7 @@ import onnx
 from awq_edge import engine
 from awq_edge.devices import DeviceProfile, get_profile
 from awq_edge.errors import AwqEdgeError
+from awq_edge.outputs import check_output_dir, replace_dir, temp_dir, write_failed
 
 _INSTALL_HINT = {
     "tensorrt": "run `awq-edge build` on the device itself: JetPack 6 ships TensorRT 10.3 "
@@ -125,8 +126,9 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
         raise AwqEdgeError(f"plugin library {plugin_library} does not exist", f"build it: {PLUGIN_BUILD_HINT}")
     max_seq = engine.max_context(profile, kv, engine.model_max_positions(onnx_dir))
     shapes = engine.optimization_profiles(inputs, max_seq, profile)
-    if out_dir.exists() and not (out_dir / engine.MANIFEST_FILE).is_file():
-        raise AwqEdgeError(f"{out_dir} exists and is not an engine folder", "choose another -o, or remove it")
+    ours = {engine.ENGINE_FILE, engine.MANIFEST_FILE, KERNELS_LIBRARY} | ({Path(plugin_library).name} if plugin_library else set())
+    out_dir = check_output_dir(out_dir, inputs=[onnx_dir], is_ours=lambda d: (d / engine.MANIFEST_FILE).is_file(),
+                               our_files=ours, what="engine folder", need_bytes=engine.onnx_bytes(onnx_dir))
 
     trt = import_tensorrt(profile)
     scratch = out_dir.absolute().parent / f".{out_dir.name}.onnx-{os.getpid()}"
@@ -200,23 +202,43 @@ def _plugin_files(plugin_library) -> list:
 
 def _write_engine_dir(out_dir: Path, plan: bytes, record: dict, libraries=()) -> None:
     """Fill a temporary folder beside out_dir, then swap it in; a failed build leaves the old engine."""
-    out_dir = out_dir.absolute()
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir(out_dir)
     try:
         (tmp / engine.ENGINE_FILE).write_bytes(plan)
         (tmp / engine.MANIFEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
         for library in libraries:
             shutil.copy2(library, tmp / library.name)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
+    except OSError as e:
+        raise write_failed(out_dir, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def model_identity(model: str, *flags: str) -> str:
+    """What `make engine` stamps the checkpoint with: the model (a builtin name, or a folder's resolved path,
+    config.json and weight files' sizes and times) and the quantise flags. A new identity remakes the chain
+    even where no file in it is newer (MODEL=a/smol, then MODEL=b/smol: same output folder, other weights)."""
+    from awq_edge.model import BUILTIN_MODELS
+
+    lines = [f"flags {' '.join(flags)}"]
+    folder = Path(model)
+    if model in BUILTIN_MODELS or not folder.is_dir():
+        return "\n".join([f"model {model}"] + lines) + "\n"
+    lines.append(f"model {folder.resolve()}")
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            st = f.stat()
+            lines.append(f"file {f.name} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(lines) + "\n"
+
+
+def write_stamp(path, model: str, *flags: str) -> None:
+    """Write the model's identity to path only when it differs, so make sees a new time only for a new model."""
+    path = Path(path)
+    text = model_identity(model, *flags)
+    if not path.is_file() or path.read_text() != text:
+        _write_atomic(path, text.encode())
 
 
 def _build_command(args) -> int:

@@ -26,8 +26,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("AWQ_EDGE_CACHE", Path.home() / ".cache" / "awq-edge"))
 
 
-def check_safetensors(path: Path) -> None:
-    """Refuse a safetensors file whose header is unreadable or whose data is truncated."""
+def check_safetensors(path: Path) -> dict:
+    """The header {name: {dtype, shape, data_offsets}} of a safetensors file; refuses an unreadable or truncated one."""
     fix = f"re-download or re-create {path.name}"
     size = path.stat().st_size
     try:
@@ -42,6 +42,7 @@ def check_safetensors(path: Path) -> None:
     need = 8 + header_len + max(ends, default=0)
     if size < need:
         raise AwqEdgeError(f"{path} is truncated: {size} bytes, its header needs {need}", fix)
+    return header
 
 
 def check_model_dir(path: Path) -> None:
@@ -50,8 +51,7 @@ def check_model_dir(path: Path) -> None:
             f"model folder {path} not found",
             f"pass a local Hugging Face model folder or one of: {', '.join(BUILTIN_MODELS)}",
         )
-    if not (path / "config.json").is_file():
-        raise AwqEdgeError(f"{path} has no config.json", "point at a Hugging Face model folder")
+    read_config_json(path)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -60,11 +60,70 @@ def check_model_dir(path: Path) -> None:
             f"{path} has no .safetensors weights{hint}",
             "convert the checkpoint to safetensors (save_pretrained(..., safe_serialization=True))",
         )
+    headers = {}
     for w in weights:
-        check_safetensors(w)
+        headers.update(check_safetensors(w))
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     if not has_tokenizer:
         raise AwqEdgeError(f"{path} has no tokenizer files", "copy tokenizer.json / tokenizer_config.json into the folder")
+    check_tokenizer_json(path)
+    if "quantization_config" not in read_config_json(path):
+        check_tensor_names(path, headers)
+
+
+def check_tokenizer_json(path: Path) -> None:
+    """Refuse a tokenizer.json or tokenizer_config.json that is not JSON (a truncated copy) before any work."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(path) / name).is_file():
+            try:
+                json.loads((Path(path) / name).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise AwqEdgeError(f"{path / name} is not valid JSON ({e})", f"re-download or re-create {name}") from None
+
+
+def read_config_json(path: Path) -> dict:
+    """config.json as a dict, or one error naming what is wrong with it."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise AwqEdgeError(f"{path} has no config.json", "point at a Hugging Face model folder")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AwqEdgeError(f"{f} is not valid JSON ({e})", "re-download or repair config.json") from None
+    if not isinstance(d, dict):
+        raise AwqEdgeError(f"{f} holds a JSON {type(d).__name__}, not an object", "re-download or repair config.json")
+    return d
+
+
+def check_tensor_names(path: Path, headers: dict) -> None:
+    """Refuse weights that lack a tensor the model needs or hold one of the wrong shape.
+
+    transformers would initialise a missing tensor at random and only log it: the model would quantise and
+    save cleanly and be garbage (perplexity 80,000). The model is built on the meta device, so this is cheap.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from awq_edge.arch import get_adapter
+
+    config = load_config(path)
+    get_adapter(config.model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    found = {k: tuple(v["shape"]) for k, v in headers.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        unexpected = sorted(set(found) - set(expected))
+        seen = f"; it has {', '.join(unexpected[:3])} that the model does not use" if unexpected else ""
+        raise AwqEdgeError(f"{path} lacks {len(missing)} tensor(s) the {config.model_type} model needs: "
+                           f"{', '.join(missing[:3])}{seen}", "re-download or re-create the model's safetensors")
+    wrong = [k for k in expected if found[k] != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise AwqEdgeError(f"{path}: {k} has shape {list(found[k])}, config.json implies {list(expected[k])} "
+                           f"({len(wrong)} tensor(s) differ)", "use the config.json that belongs to these weights")
 
 
 def _builtin_dir(name: str) -> Path:
@@ -130,14 +189,14 @@ def resolve_model_dir(name_or_path: str) -> Path:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def load_config(path: Path):
     """The model's config without any quantization_config (we never hand one to transformers)."""
     from transformers import AutoConfig
 
-    d = json.loads((path / "config.json").read_text())
+    d = read_config_json(path)
     d.pop("quantization_config", None)
     d.pop("awq_edge", None)
     model_type = d.pop("model_type", None)
@@ -145,7 +204,7 @@ def load_config(path: Path):
         raise AwqEdgeError(f"{path / 'config.json'} has no model_type", "use a transformers model folder")
     try:
         return AutoConfig.for_model(model_type, **d)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise AwqEdgeError(f"unknown model_type {model_type!r} ({e})", "upgrade transformers or use a supported model") from None
 
 

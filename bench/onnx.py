@@ -6,6 +6,8 @@ same perplexity code (awq_edge.eval) and timed by the same decode loop
 round-robin over the models within one run so that load on the machine hits
 all of them alike.
 Usage: python bench/onnx.py --quant-dir AWQ_W4G64_DIR [--work /tmp/onnx-bench] [--eval-tokens 16384]
+`--models ours_default,peer_int4` compares `awq-edge export`'s default with the builder's default int4 and
+writes the verdict into OUT.json's "defaults_vs_peer".
 """
 
 import argparse
@@ -27,7 +29,7 @@ import torch
 
 from awq_edge.checkpoint import load_quantized_model
 from awq_edge.eval import perplexity, text_tokens
-from awq_edge.export.command import export
+from awq_edge.export.command import export, export_options
 from awq_edge.export.decoder import ExportOptions
 from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.runtime.generate import generate
@@ -196,7 +198,7 @@ def markdown(r: dict) -> str:
                   "decode vs peer, token-interleaved | size vs peer |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for name in ppl:
-            if not name.startswith("ours_int4_int8act") or name not in speed:
+            if not name.startswith(("ours_int4_int8act", "ours_default")) or name not in speed:
                 continue
             rounds = [a / b for a, b in zip(speed[name]["runs_decode_tok_s"], speed[peer]["runs_decode_tok_s"])]
             lines.append(f"| {name} | {100 * (ppl[name]['ppl'] / ppl[peer]['ppl'] - 1):+.1f}% | "
@@ -244,6 +246,24 @@ def time_decode(results: dict, folders: dict, prompt: list, args, fmodel=None, s
                        "runs_decode_tok_s": [round(r[k], 2) for r in inter]} for k in folders},
     }
     save()
+
+
+def defaults_verdict(r: dict, ours: str = "ours_default", peer: str = "peer_int4") -> dict:
+    """The issue's bar for the default export against the builder's default int4: lower perplexity, no larger,
+    at least 0.98x its token-interleaved decode speed."""
+    ppl = {k: r["wikitext2_test_ppl"][k]["ppl"] for k in (ours, peer)}
+    size = {k: r["size_bytes"][k] for k in (ours, peer)}
+    inter = {k: r["decode_interleaved"]["median"][k]["decode_tok_s"] for k in (ours, peer)}
+    rounds = r["decode"]["median"]
+    per_round = [a / b for a, b in zip(rounds[ours]["runs_decode_tok_s"], rounds[peer]["runs_decode_tok_s"])]
+    interleaved = [a / b for a, b in zip(r["decode_interleaved"]["median"][ours]["runs_decode_tok_s"],
+                                         r["decode_interleaved"]["median"][peer]["runs_decode_tok_s"])]
+    speed = inter[ours] / inter[peer]
+    return {"ppl": ppl, "size_bytes": size, "decode_tok_s_interleaved": inter,
+            "speed_vs_peer_interleaved": round(speed, 4),
+            "speed_vs_peer_interleaved_per_round": [round(x, 3) for x in interleaved],
+            "speed_vs_peer_round_robin_per_round_median": round(statistics.median(per_round), 4),
+            "lower_ppl": ppl[ours] < ppl[peer], "no_larger": size[ours] <= size[peer], "speed_at_least_0.98x": speed >= 0.98}
 
 
 def decode_only(args) -> int:
@@ -323,7 +343,8 @@ def main() -> int:
     work, quant_dir = Path(args.work), Path(args.quant_dir)
     hf_dir = resolve_model_dir(args.model)
     quant_config = json.loads((quant_dir / "config.json").read_text())
-    results = {"model": args.model, "quant_dir": str(quant_dir), "quantization": quant_config["quantization_config"],
+    results = {"command": "python -P " + " ".join(sys.argv), "model": args.model, "quant_dir": str(quant_dir),
+               "quantization": quant_config["quantization_config"],
                "quantiser": quant_config.get("awq_edge"), "host": platform.platform(),
                "cpu_threads": torch.get_num_threads(),
                "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__}}
@@ -338,6 +359,7 @@ def main() -> int:
     folders, build_s = {}, {}
     for name, opts, src, allow_float in (
         ("ours_int4", ExportOptions(), quant_dir, False),
+        ("ours_default", export_options(), quant_dir, False),  # what `awq-edge export` writes with no flag
         ("ours_int4_int8act", ExportOptions(accuracy_level=4), quant_dir, False),
         ("ours_int4_int8act_head8", ExportOptions(accuracy_level=4, head_bits=8), quant_dir, False),
         ("ours_int4_int8act_head4", ExportOptions(accuracy_level=4, head_bits=4), quant_dir, False),
@@ -395,6 +417,9 @@ def main() -> int:
 
     prompt = text_tokens(tokenizer, wt / "valid.txt", args.prompt_tokens).tolist()
     time_decode(results, folders, prompt, args, fmodel, save)
+    if {"ours_default", "peer_int4"} <= set(folders):
+        results["defaults_vs_peer"] = defaults_verdict(results)
+        save()
     Path(args.out + ".md").write_text(markdown(results))
     print(markdown(results))
     return 0

@@ -26,7 +26,7 @@ from awq_edge.arch import get_adapter
 from awq_edge.eval import perplexity, text_tokens
 from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig
-from awq_edge.quantize import quantize_model
+from awq_edge.layerwise import quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"

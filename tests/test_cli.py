@@ -100,3 +100,13 @@ def test_bad_calibration_file(tmp_path, content, needle, smollm2_dir):
 def test_eval_missing_text(tmp_path, smollm2_dir):
     proc = run_cli("eval", "smollm2-135m", "--text", tmp_path / "none.txt")
     assert_one_clear_error(proc, "not found")
+
+
+@pytest.mark.slow
+def test_quantize_smollm2_with_no_flag_picks_a_group_that_fits_and_says_so(tmp_path, smollm2_dir):
+    proc = run_cli("quantize", "smollm2-135m", "-o", tmp_path / "q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["group_size"] == 64  # 576 = 9 x 64; 128 does not divide it
+    assert any("group" in line and "64" in line for line in (proc.stdout + proc.stderr).splitlines())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

@@ -34,21 +34,32 @@ def test_rtx_engine_builds_without_a_gpu_from_int4_dequantize_matmul(tmp_path, d
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
-def test_rebuild_replaces_the_engine_folder(tmp_path):
+def test_rebuild_replaces_the_engine_folder_and_leaves_nothing_beside_it(tmp_path):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"))
     out = tmp_path / "engine"
     engine_build.build(d, "rtx-4090", out)
-    (out / "stale").write_text("x")
     engine_build.build(d, "rtx-3090", out)
     assert json.loads((out / engine.MANIFEST_FILE).read_text())["device"] == "rtx-3090"
-    assert not (out / "stale").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "onnx"]
+
+
+def test_an_engine_folder_holding_the_users_files_is_not_replaced(tmp_path):
+    d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"))
+    out = tmp_path / "engine"
+    engine_build.build(d, "rtx-4090", out)
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(AwqEdgeError, match=r"holds files awq-edge did not write \(notes.txt\)"):
+        engine_build.build(d, "rtx-3090", out)
+    assert (out / "notes.txt").read_text() == "keep"
 
 
 def test_output_that_is_not_an_engine_folder_is_left_alone(tmp_path):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"))
     (tmp_path / "precious").mkdir()
-    with pytest.raises(AwqEdgeError, match="is not an engine folder"):
+    (tmp_path / "precious" / "data.bin").write_bytes(b"keep")
+    with pytest.raises(AwqEdgeError, match="not an awq-edge engine folder"):
         engine_build.build(d, "rtx-4090", tmp_path / "precious")
+    assert (tmp_path / "precious" / "data.bin").read_bytes() == b"keep"
 
 
 def _loader_missing() -> bool:

@@ -88,3 +88,41 @@ def test_make_engine_rtx_4090_builds_a_smollm2_engine(tmp_path):
     assert {k: manifest["kv_cache"][k] for k in ("layers", "kv_heads", "head_dim", "max_seq_len")} == {
         "layers": 30, "kv_heads": 3, "head_dim": 64, "max_seq_len": 4096}
     assert manifest["engine_bytes"] > 50 * 2**20
+
+
+def tiny_hf_model(path: Path, seed: int) -> Path:
+    from conftest import save_tiny_tokenizer, tiny_model
+
+    tiny_model("llama", seed=seed).save_pretrained(path)
+    save_tiny_tokenizer(path)
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_another_model_in_a_folder_of_the_same_name_is_quantised_again(tmp_path):
+    a, b = tiny_hf_model(tmp_path / "a" / "smol", 0), tiny_hf_model(tmp_path / "b" / "smol", 1)
+    args = ("DEVICE=jetson-orin", "GROUP=32", "ENGINE_QUANT_ARGS=--method rtn")
+    checkpoint = tmp_path / "out" / "smol-awq-w4g32" / "config.json"
+    first = make(tmp_path, f"MODEL={a}", *args)
+    assert first.returncode == 0 and "awq_edge.cli quantize" in first.stdout, first.stdout + first.stderr
+    same = make(tmp_path, f"MODEL={a}", *args)
+    assert same.returncode == 0 and "awq_edge.cli quantize" not in same.stdout and "awq_edge.cli export" not in same.stdout
+    other = make(tmp_path, f"MODEL={b}", *args)
+    assert other.returncode == 0 and "awq_edge.cli quantize" in other.stdout and "awq_edge.cli export" in other.stdout
+    assert json.loads(checkpoint.read_text())["awq_edge"]["source_model"] == str(b)
+
+
+def test_the_device_flow_given_only_the_onnx_folder_plans_no_quantisation_or_export(tmp_path):
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"copied from the workstation")
+    plan = make(tmp_path, "-n", "DEVICE=jetson-orin", f"ENGINE_ONNX_DIR={onnx_dir}")
+    assert plan.returncode == 0, plan.stderr
+    assert "awq_edge.cli build" in plan.stdout
+    assert "awq_edge.cli quantize" not in plan.stdout and "awq_edge.cli export" not in plan.stdout
+
+
+def test_the_device_flow_without_the_onnx_folder_says_to_copy_it(tmp_path):
+    run = make(tmp_path, "DEVICE=jetson-orin", f"ENGINE_ONNX_DIR={tmp_path / 'onnx'}")
+    assert run.returncode != 0 and "does not exist: copy the folder" in run.stderr
+    assert not (tmp_path / "out").exists()

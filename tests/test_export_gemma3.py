@@ -26,7 +26,7 @@ def gemma3(tmp_path_factory):
     from awq_edge.export.command import export
     from awq_edge.model import load_float_model, resolve_model_dir
     from awq_edge.quant import QConfig, quantize
-    from awq_edge.quantize import QuantizedLinear, QuantResult
+    from awq_edge.layerwise import QuantizedLinear, QuantResult
 
     model, tokenizer = load_float_model(resolve_model_dir("gemma3-270m"))
     cfg = QConfig(4, 64, zero_point=True)

@@ -12,7 +12,7 @@ from awq_edge.calib import sampled_blocks
 from awq_edge.checkpoint import load_quantized_model, save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.quant import QConfig, fake_quantize
-from awq_edge.quantize import quantize_model
+from awq_edge.layerwise import quantize_model
 from conftest import ARCHS, tiny_model, tiny_tokenizer
 
 

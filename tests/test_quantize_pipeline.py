@@ -12,7 +12,7 @@ from awq_edge.arch import get_adapter
 from awq_edge.checkpoint import CheckpointWriter, load_quantized_model
 from awq_edge.layers import FileModel, LoadedModel
 from awq_edge.quant import QConfig
-from awq_edge.quantize import CHUNK_TOKENS, MemoryPlan, plan_memory, quantize_model
+from awq_edge.layerwise import CHUNK_TOKENS, MemoryPlan, plan_memory, quantize_model
 from conftest import ARCHS, save_tiny_tokenizer, tiny_model, tiny_tokenizer
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

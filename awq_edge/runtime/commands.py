@@ -1,108 +1,113 @@
-"""`awq-edge generate` (one prompt, for scripts) and `awq-edge chat` (interactive).
+"""`awq-edge generate` (one prompt, for scripts) and `awq-edge chat` (interactive), on `awq_edge.load`.
 
-Backends: `ort` (default) runs an ONNX export with onnxruntime; `cuda` runs a quantised checkpoint on the GPU
-with awq-edge's kernels; `trt` runs an engine from `awq-edge build`."""
+Backends: `ort` (default) runs an ONNX export with onnxruntime (`--provider cpu|cuda`); `cuda` runs a quantised
+checkpoint on the GPU with awq-edge's kernels; `trt` runs an engine from `awq-edge build`."""
 
 import sys
-from pathlib import Path
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.runtime.generate import generate, stream_text
-from awq_edge.runtime.ort import OrtDecoder
-from awq_edge.runtime.sampling import Sampling
+from awq_edge.runner import BACKENDS, check_sampling, load
+
+CHAT_HELP = "awq-edge chat: type a message; /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer."
 
 
-BACKENDS = ("ort", "cuda", "trt")
+def sampling_of(args) -> dict:
+    """The sampling arguments of Model.tokens, checked before the model is loaded."""
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed}
 
 
-def open_decoder(folder, backend: str = "ort"):
-    if backend == "cuda":
-        from awq_edge.runtime.cuda import CudaDecoder
-
-        return CudaDecoder.from_checkpoint(Path(folder))
-    if backend == "trt":
-        from awq_edge.runtime.trt import TrtDecoder
-
-        return TrtDecoder(Path(folder))
-    return OrtDecoder(Path(folder))
-
-
-def load(folder, backend: str = "ort"):
-    """The decoder and the tokenizer saved beside it (local files only, no remote code)."""
-    from transformers import AutoTokenizer
-
-    decoder = open_decoder(folder, backend)
+def command_line_text(text: str, what: str) -> str:
+    # Python decodes argv and stdin bytes that are not UTF-8 to lone surrogates; the tokenizer would choke on them.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise AwqEdgeError(f"{folder} has no usable tokenizer ({e})", "re-export from a checkpoint with tokenizer files")
-    return decoder, tokenizer
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise AwqEdgeError(f"the {what} holds bytes that are not UTF-8 (at character {e.start})",
+                           f"pass the {what} as UTF-8 text") from None
+    return text
 
 
-def prompt_ids(tokenizer, messages, raw: bool) -> list:
-    if raw or not tokenizer.chat_template:
-        return tokenizer(messages[-1]["content"])["input_ids"]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-
-def sampling_of(args) -> Sampling:
-    try:
-        return Sampling(args.temperature, args.top_p, args.top_k)
-    except ValueError as e:
-        raise AwqEdgeError(f"bad sampling options: {e}", "use --temperature >= 0, --top-p in (0, 1], --top-k >= 0")
-
-
-def reply(decoder, tokenizer, ids, args, out) -> str:
-    """Stream one answer to `out` and return its text."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    tokens = generate(decoder, ids, args.max_new_tokens, sampling_of(args), stops, args.seed)
-    pieces = []
-    for piece in stream_text(tokenizer, tokens):
-        pieces.append(piece)
+def write_stream(pieces, out) -> str:
+    """Write text pieces to out as they come; returns the whole text."""
+    text = []
+    for piece in pieces:
+        text.append(piece)
         out.write(piece)
         out.flush()
     out.write("\n")
-    return "".join(pieces)
+    out.flush()
+    return "".join(text)
 
 
 def run_generate(args) -> int:
-    decoder, tokenizer = load(args.model_dir, args.backend)
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
-    reply(decoder, tokenizer, ids, args, sys.stdout)
+    sampling = sampling_of(args)
+    prompt = command_line_text(args.prompt, "prompt")
+    model = load(args.model_dir, args.backend, provider=args.provider)
+    write_stream(model.stream(prompt, raw=args.raw, **sampling), sys.stdout)
     return 0
 
 
+def read_message() -> str | None:
+    """The next line typed, or None at end of input; a line that is not UTF-8 is an AwqEdgeError."""
+    try:
+        return input("> ").strip()
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+    except UnicodeDecodeError as e:
+        raise AwqEdgeError(f"that message holds bytes that are not UTF-8 (at byte {e.start})", "type UTF-8 text")
+
+
+def chat_turn(model, messages: list, sampling: dict) -> None:
+    """Answer the last user message; on an error or Ctrl-C the turn is dropped and the session goes on."""
+    try:
+        ids = model.prompt_ids(messages)
+        answer = write_stream(model.stream(ids, **sampling), sys.stdout)
+    except AwqEdgeError as e:
+        messages.pop()
+        print(f"awq-edge chat: error: {e}", file=sys.stderr)
+        return
+    except KeyboardInterrupt:
+        messages.pop()
+        print("\n[answer stopped; Ctrl-C again at the prompt leaves]", file=sys.stderr)
+        return
+    messages.append({"role": "assistant", "content": answer})
+
+
 def run_chat(args) -> int:
-    decoder, tokenizer = load(args.model_dir, args.backend)
-    if not tokenizer.chat_template:
+    sampling = sampling_of(args)
+    model = load(args.model_dir, args.backend, provider=args.provider)
+    if not model.tokenizer.chat_template:
         raise AwqEdgeError(f"{args.model_dir} has no chat template", "use `awq-edge generate --raw` for a base model")
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": command_line_text(args.system, "system message")}] if args.system else []
     messages = list(system)
-    print("awq-edge chat: type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
-            text = input("> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if text == "/exit":
+            text = read_message()
+        except AwqEdgeError as e:
+            print(f"awq-edge chat: error: {e}", file=sys.stderr)
+            continue
+        if text is None or text == "/exit":
             return 0
         if text == "/reset":
             messages = list(system)
             continue
-        if not text:
-            continue
-        messages.append({"role": "user", "content": text})
-        answer = reply(decoder, tokenizer, prompt_ids(tokenizer, messages, False), args, sys.stdout)
-        messages.append({"role": "assistant", "content": answer})
+        if text:
+            messages.append({"role": "user", "content": text})
+            chat_turn(model, messages, sampling)
 
 
 def add_sampling_args(p):
     p.add_argument("model_dir", help="ONNX folder from `awq-edge export` (--backend ort), quantised checkpoint from "
                                      "`awq-edge quantize` (--backend cuda), or engine folder (--backend trt)")
     p.add_argument("--backend", choices=BACKENDS, default="ort",
-                   help="ort: onnxruntime on the CPU (default); cuda: awq-edge's int4 kernels on an NVIDIA GPU; "
+                   help="ort: onnxruntime (default); cuda: awq-edge's int4 kernels on an NVIDIA GPU; "
                         "trt: a TensorRT engine")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="with --backend ort: onnxruntime's execution provider; cuda needs `pip install awq-edge[gpu]` "
+                        "and an export with --dtype fp16")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -10,6 +10,21 @@ from awq_edge.errors import AwqEdgeError
 from awq_edge.runtime.decoder import PrefixCachedDecoder
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# --provider names -> onnxruntime execution providers; "cuda" needs the onnxruntime-gpu wheel (awq-edge[gpu]).
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def execution_providers(provider: str) -> list:
+    """onnxruntime's provider list for a --provider name, or one error saying what to install."""
+    if provider not in PROVIDERS:
+        raise AwqEdgeError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}", "use --provider cpu or cuda")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise AwqEdgeError(f"this onnxruntime ({ort.__version__}) has no {name} (it has "
+                           f"{', '.join(ort.get_available_providers())})",
+                           "pip install 'awq-edge[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine with "
+                           "CUDA, or use --provider cpu")
+    return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
 
 
 def read_genai_config(folder: Path) -> dict:
@@ -42,14 +57,15 @@ def session_options(folder: Path, threads: int = 0) -> ort.SessionOptions:
 class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
-    def __init__(self, folder, threads: int = 0):
+    def __init__(self, folder, threads: int = 0, provider: str = "cpu"):
         self.folder = Path(folder)
+        providers = execution_providers(provider)
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
         opts = session_options(self.folder, threads)
         try:
             self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
-                                                providers=["CPUExecutionProvider"])
+                                                providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
             raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {e}", "re-export it with `awq-edge export`")
         inputs = {i.name: i for i in self.session.get_inputs()}
