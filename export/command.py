@@ -8,7 +8,8 @@ from awq_edge.calib import SOURCES_HELP
 from awq_edge.errors import AwqEdgeError
 from awq_edge.arch.weights import Checkpoint
 from awq_edge.export.decoder import ExportOptions, build_decoder
-from awq_edge.export.save import DATA_FILE, MODEL_FILE, TOKENIZER_FILES, genai_config, write_folder
+from awq_edge.export.save import DATA_FILE, MODEL_FILE, genai_config, write_folder
+from awq_edge.export.tokenizer import TOKENIZER_FILES
 from awq_edge.model import check_safetensors, read_config_json
 from awq_edge.outputs import check_output_dir, remove_stale
 

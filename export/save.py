@@ -1,14 +1,13 @@
 """Write an exported decoder folder atomically: model.onnx + external data, genai_config.json, tokenizer."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import onnx
 
-from awq_edge.errors import AwqEdgeError
 from awq_edge.export.tokenizer import write_tokenizer
+from awq_edge.outputs import replace_dir, temp_dir, write_failed
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -61,14 +60,10 @@ def genai_config(config: dict, generation: dict, model: onnx.ModelProto, d) -> d
 
 
 def write_folder(out_dir: Path, model: onnx.ModelProto, genai: dict, source_dir: Path, extra: dict):
-    """Write everything into a temporary folder beside out_dir, check it, then move it into place."""
+    """Write everything into a temporary folder beside out_dir, then swap it into place (export() checked out_dir)."""
     out_dir = Path(out_dir).absolute()
-    check_target(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp = temp_dir(out_dir)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
@@ -77,31 +72,7 @@ def write_folder(out_dir: Path, model: onnx.ModelProto, genai: dict, source_dir:
         replace_dir(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AwqEdgeError(
-            f"could not write {out_dir}: {e.strerror or e}", "free disk space or choose a writable -o folder"
-        ) from e
+        raise write_failed(out_dir, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def check_target(out_dir: Path):
-    """Refuse to replace a folder that is not empty and not an earlier export."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AwqEdgeError(f"{out_dir} exists and is not a folder", "choose another -o path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "awq_edge_export.json").is_file():
-        raise AwqEdgeError(
-            f"{out_dir} is not empty and not an awq-edge export, so it is not overwritten",
-            "choose a new or empty -o folder",
-        )
-
-
-def replace_dir(new: Path, target: Path):
-    """Move `new` to `target`; an earlier export there is swapped out first and removed after."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
