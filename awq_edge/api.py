@@ -20,6 +20,7 @@ from awq_edge.quant import QConfig
 from awq_edge.layerwise import METHODS, quantize_layers, quantize_model
 
 GROUP_SIZES = (128, 64, 32)
+GPU_SAMPLES, CPU_SAMPLES = 128, 16
 
 
 def pick_device(name: str) -> str:
@@ -129,7 +130,7 @@ class QuantizedModel:
 
 
 def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, group_size: int | None = None,
-             zero_point: bool = True, calib_source: str | None = None, n_samples: int = 128, seqlen: int = 512,
+             zero_point: bool = True, calib_source: str | None = None, n_samples: int | None = None, seqlen: int = 512,
              keep_8bit: int = 0, sensitivity: bool = False, device: str = "auto",
              max_gpu_memory: float | None = None, output=None, progress: bool = True, log=print) -> QuantizedModel:
     """Quantise a model's decoder linears to 4 bits.
@@ -139,7 +140,8 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
     transformers model already loaded (then pass its tokenizer; it is quantised
     in place). group_size None picks the largest of 128, 64, 32 that divides
     every linear. calib_source: 'mixed' (default), 'builtin', 'sampled' or a
-    text/.jsonl file. sensitivity: calibrate RTN too, to report each linear's
+    text/.jsonl file. n_samples None: 128 blocks on a GPU (llm-awq's setting), 16 on a CPU (within 1.6% of
+    128 on SmolLM2 at g64, bench/results/quality.md, and an hour less on two cores). sensitivity: calibrate RTN too, to report each linear's
     error. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
     output: write the checkpoint there as the layers finish (the CLI's path);
     otherwise `.save(dir)` writes it later.
@@ -149,6 +151,8 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
     if w_bit != 4:
         raise AwqEdgeError(f"w_bit {w_bit}: the AutoAWQ checkpoint holds 4-bit weights only", "use w_bit=4")
     device = pick_device(device)
+    if n_samples is None:
+        n_samples = GPU_SAMPLES if device.startswith("cuda") else CPU_SAMPLES
     source = calib_source or calib.MIXED
     calibrate = method != "rtn" or keep_8bit > 0 or sensitivity
     phases = Phases(device, log)

@@ -44,7 +44,7 @@ def check_quantize_args(args) -> Path:
     if gs is not None and (gs < 16 or gs & (gs - 1)):
         raise AwqEdgeError(f"--group-size {gs} is not a power of two of at least 16 (MatMulNBits' block sizes)",
                            "use --group-size 128, 64 or 32, or leave it out to pick the largest that fits")
-    if args.n_samples < 1:
+    if args.n_samples is not None and args.n_samples < 1:
         raise AwqEdgeError(f"--n-samples {args.n_samples}: calibration needs at least one sample", "use --n-samples >= 1")
     if args.seqlen < 2:
         raise AwqEdgeError(f"--seqlen {args.seqlen}: a calibration block needs at least 2 tokens", "use --seqlen >= 2")
@@ -136,7 +136,8 @@ def register(sub) -> None:
                    help="default: 128 if it divides every linear's input width, else 64, else 32")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric weights (needed by TensorRT's native int4)")
     q.add_argument("--calib", help=f"calibration source: {calib.SOURCES_HELP}; default: {calib.MIXED}")
-    q.add_argument("--n-samples", type=int, default=128)
+    q.add_argument("--n-samples", type=int, default=None,
+                   help="calibration blocks of --seqlen tokens (default: 128 on a GPU, 16 on a CPU)")
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--sensitivity", action="store_true", help="report each linear's output error")
     q.add_argument("--keep-8bit", type=int, default=0, metavar="N", help="keep the N most sensitive linears at 8 bits")
