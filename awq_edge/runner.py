@@ -35,7 +35,8 @@ def _open_decoder(folder: Path, backend: str, provider: str):
     return OrtDecoder(folder, provider=provider)
 
 
-def _utf8(text: str, what: str) -> str:
+def utf8_text(text: str, what: str) -> str:
+    """text, once it is known to be a str that encodes as UTF-8 (argv and stdin decode stray bytes to lone surrogates)."""
     if not isinstance(text, str):
         raise AwqEdgeError(f"the {what} is a {type(text).__name__}, not text", f"pass the {what} as a str")
     try:
@@ -61,7 +62,7 @@ class Model:
         """Token ids of a conversation: the chat template when the tokenizer has one (and template), else the
         last message's text alone."""
         for m in messages:
-            _utf8(m.get("content") if isinstance(m, dict) else m, "message")
+            utf8_text(m.get("content") if isinstance(m, dict) else m, "message")
         if not template or not self.tokenizer.chat_template:
             return list(self.tokenizer(messages[-1]["content"])["input_ids"])
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -69,7 +70,7 @@ class Model:
 
     def _ids(self, prompt, template: bool) -> list:
         if isinstance(prompt, str):
-            return self.prompt_ids([{"role": "user", "content": _utf8(prompt, "prompt")}], template)
+            return self.prompt_ids([{"role": "user", "content": utf8_text(prompt, "prompt")}], template)
         try:
             ids = [operator.index(i) for i in prompt]  # ints of any kind (numpy's too), never floats
         except TypeError:

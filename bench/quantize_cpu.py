@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_one(model: str, n: int, method: str, group: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "awq_edge.cli", "quantize", model, "-o", f"{d}/q", "--method", method,
-               "--group-size", str(group), "--n-samples", str(n), "--device", "cpu"]
+               "--group-size", str(group), "--device", "cpu"] + (["--n-samples", str(n)] if n else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t = time.perf_counter()
@@ -45,7 +45,7 @@ def main() -> int:
     args = ap.parse_args()
     env = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
            "command": " ".join(["python"] + sys.argv),
-           "note": "wall includes loading the model and sampling the calibration text; quantize_seconds is the layer loop"}
+           "note": "wall includes loading the model and preparing the calibration text; quantize_seconds is the layer loop"}
     rows = []
     settings = [(0, "rtn")] + [(int(v), "awq") for v in args.n_samples.split(",")]
     for n, method in settings:

