@@ -14,7 +14,7 @@ from awq_edge.arch import get_adapter
 from awq_edge.checkpoint import CheckpointWriter, awq_config, check_awq_shapes, check_checkpoint_output, save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.layers import FileModel
-from awq_edge.model import load_config, load_tokenizer, resolve_model_dir
+from awq_edge.model import load_config, load_float_model, load_tokenizer, resolve_model_dir
 from awq_edge.outputs import replace_dir, temp_dir
 from awq_edge.quant import QConfig
 from awq_edge.layerwise import METHODS, quantize_layers, quantize_model
@@ -140,9 +140,10 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
     transformers model already loaded (then pass its tokenizer; it is quantised
     in place). group_size None picks the largest of 128, 64, 32 that divides
     every linear. calib_source: 'mixed' (default), 'builtin', 'sampled' or a
-    text/.jsonl file. n_samples None: 128 blocks on a GPU (llm-awq's setting), 16 on a CPU (within 1.6% of
-    128 on SmolLM2 at g64, bench/results/quality.md, and an hour less on two cores). sensitivity: calibrate RTN too, to report each linear's
-    error. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
+    text/.jsonl file. n_samples None: 128 blocks on a GPU (llm-awq's setting),
+    16 on a CPU (within 1.6% of 128 on SmolLM2 at g64, bench/results/quality.md,
+    and an hour less on two cores). sensitivity: calibrate RTN too, to report
+    each linear's error. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
     output: write the checkpoint there as the layers finish (the CLI's path);
     otherwise `.save(dir)` writes it later.
     """
@@ -179,29 +180,25 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
         return qm
 
     temporary = output is None
-    if temporary:
-        out = Path(tempfile.mkdtemp(prefix="awq-edge-")) / "checkpoint"
-    else:
-        out = Path(output)
+    out = Path(tempfile.mkdtemp(prefix="awq-edge-")) / "checkpoint" if temporary else Path(output)
     try:
-        writer = CheckpointWriter(out)  # refuses a bad output folder before any work
-        with phases("load"):
-            path = resolve_model_dir(str(model))
-            tokenizer = load_tokenizer(path)
-            adapter = get_adapter(load_config(path).model_type)
-            fm = FileModel(path, adapter)
-            shapes = linear_shapes(fm.decoder_layers, adapter.layers_path)
-            cfg = _config(w_bit, group_size, zero_point, shapes, log)
-            if keep_8bit < 0 or keep_8bit > len(shapes):
-                raise AwqEdgeError(f"keep_8bit {keep_8bit} out of range", f"use 0..{len(shapes)}")
-        writer.group_size = cfg.group_size
-        with writer:
+        # The writer refuses a bad output folder before any work, and removes what it wrote unless committed.
+        with CheckpointWriter(out) as writer:
+            with phases("load"):
+                path = resolve_model_dir(str(model))
+                tokenizer = load_tokenizer(path)
+                adapter = get_adapter(load_config(path).model_type)
+                fm = FileModel(path, adapter)
+                shapes = linear_shapes(fm.decoder_layers, adapter.layers_path)
+                cfg = _config(w_bit, group_size, zero_point, shapes, log)
+                if keep_8bit < 0 or keep_8bit > len(shapes):
+                    raise AwqEdgeError(f"keep_8bit {keep_8bit} out of range", f"use 0..{len(shapes)}")
+            writer.group_size = cfg.group_size
             with phases("calibration"):
                 if calibrate and source == calib.SAMPLED:
-                    from awq_edge.model import load_float_model
-
                     # Sampling runs the whole model: in fp16 on a GPU (16 GB at 8B), in fp32 on the CPU.
-                    float_model, _ = load_float_model(path, torch.float16 if device.startswith("cuda") else torch.float32)
+                    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+                    float_model, _ = load_float_model(path, dtype)
                     ids = _calibration(tokenizer, source, n_samples, seqlen, float_model, device)
                     del float_model
                 else:
@@ -220,9 +217,6 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
                 config = awq_config(fm.config.to_dict(), cfg.group_size, writer.int8, meta)
                 writer.commit(config, tokenizer, _generation_config(path))
     except BaseException:
-        writer = locals().get("writer")
-        if writer is not None:
-            writer.__exit__()
         if temporary:
             shutil.rmtree(out.parent, ignore_errors=True)
         raise
