@@ -21,7 +21,28 @@ CANDIDATE_CACHE_BYTES = 256 * 2**20
 
 
 @torch.no_grad()
-def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20, guard: bool = True):
+def scale_candidates(x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20, duo: bool = False) -> list:
+    """Scale vectors to try: s = 1 (round-to-nearest), mean|x|^a for a in (0, 1), and with `duo` also
+    AutoAWQ's mean|x|^a / mean|w~|^(1-a), w~ being |w| over its group's max (a in [0, 1)).
+    Each is normalised to a geometric mean of 1 between its extremes, as in llm-awq."""
+    x_mean = x_mean.float()
+    grids = [x_mean.pow(i / n_grid) for i in range(n_grid)]
+    if duo:
+        w = torch.cat([lin.weight.float() for lin in linears])
+        g = to_groups(w, cfg.group_size).abs()
+        w_rel = (g / g.amax(-1, keepdim=True).clamp(min=1e-6)).reshape(w.shape[0], -1)[:, : w.shape[1]]
+        w_mean = w_rel.mean(0)
+        grids += [x_mean.pow(i / n_grid) / (w_mean.pow(1 - i / n_grid) + 1e-4) for i in range(n_grid)]
+    out = []
+    for s in grids:
+        s = s.clamp(min=1e-4)
+        out.append(s / (s.max() * s.min()).sqrt())
+    return out
+
+
+@torch.no_grad()
+def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_grid: int = 20, guard: bool = True,
+                 duo: bool = False):
     """Best per-input-channel scales for `linears`, which all read an activation with channel means x_mean [in].
 
     `chunks` yields (call_block, x, held_out) per slice of the calibration
@@ -31,17 +52,15 @@ def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_gr
     chunk's activations are ever in memory. The alpha is chosen on the search
     chunks; it is kept only if it also beats round-to-nearest (alpha = 0,
     s = 1) on the held-out chunks, so AWQ is never worse than RTN on text the
-    search did not see. Returns (scales [in], alpha, losses [n_grid, 2]: mean
-    squared error on search and held-out tokens).
+    search did not see. Returns (scales [in], index of the chosen candidate in
+    scale_candidates (0: none), losses [candidates, 2]: mean squared error on
+    search and held-out tokens).
     """
-    x_mean = x_mean.float()
-    candidates = []
-    for i in range(n_grid):
-        s = x_mean.pow(i / n_grid).clamp(min=1e-4)
-        candidates.append(s / (s.max() * s.min()).sqrt())
+    candidates = scale_candidates(x_mean, linears, cfg, n_grid, duo)
+    n_cand = len(candidates)
     originals = [lin.weight.data for lin in linears]
     # Small models reuse each candidate's weights across chunks; large ones recompute them (cheap on a GPU).
-    cache = {} if n_grid * sum(w.numel() for w in originals) * 4 <= CANDIDATE_CACHE_BYTES else None
+    cache = {} if n_cand * sum(w.numel() for w in originals) * 4 <= CANDIDATE_CACHE_BYTES else None
 
     def candidate(i):
         if cache is not None and i in cache:
@@ -51,13 +70,13 @@ def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_gr
             cache[i] = ws
         return ws
 
-    sse = torch.zeros(n_grid, 2, dtype=torch.float64, device=x_mean.device)
+    sse = torch.zeros(n_cand, 2, dtype=torch.float64, device=x_mean.device)
     counts = [0, 0]
     try:
         for call_block, x, held_out in chunks:
             reference = call_block(x).float()
             counts[held_out] += reference.numel()
-            for i in range(n_grid):
+            for i in range(n_cand):
                 for lin, w in zip(linears, candidate(i)):
                     lin.weight.data = w
                 sse[i, int(held_out)] += (call_block(x).float() - reference).pow(2).sum().double()
@@ -72,7 +91,7 @@ def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_gr
     best = int(torch.nan_to_num(losses[:, 0], nan=float("inf")).argmin())
     if guard and counts[1] and not losses[best, 1] < losses[0, 1]:
         best = 0
-    return candidates[best], best / n_grid, losses
+    return candidates[best], best, losses
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ METHODS = ("awq", "rtn", "gptq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
 GPTQ_ROUNDED = ("gptq", "awq-gptq")
 SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
+N_GRID = 20  # alphas tried per scale search (llm-awq's grid)
 CHUNK_TOKENS = 4096  # larger chunks buy little speed on a GPU and cost memory (8192: 12.2 GiB peak at 8B)
 
 
@@ -210,7 +211,7 @@ class _Collect:
         self.tensors[name] = t
 
 
-def _search_scales(layer, i, source, linears, stats, xs, calls, is_held, cfg, guard, report, device) -> dict:
+def _search_scales(layer, i, source, linears, stats, xs, calls, is_held, cfg, guard, duo, report, device) -> dict:
     """AWQ's scale search for each group of linears of layer i; folds the kept scales. Returns linear -> scales."""
     adapter = source.adapter
     scales = {}
@@ -222,12 +223,13 @@ def _search_scales(layer, i, source, linears, stats, xs, calls, is_held, cfg, gu
                 call = _call_of(layer, module, x.to(device), args, kwargs)
                 yield _caller(module, call), _hidden(call), held
 
-        s, alpha, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]), [linears[name] for name in g.linears],
-                                   cfg, guard=guard)
-        report["alphas"][f"{i}.{g.prev}"] = alpha
+        s, best, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]), [linears[name] for name in g.linears],
+                                  cfg, guard=guard, duo=duo)
+        report["alphas"][f"{i}.{g.prev}"] = (best % N_GRID) / N_GRID  # the exponent of mean|x|
         report["scale_groups"] += 1
-        report["scales_kept"] += alpha > 0
-        if alpha > 0:
+        report["scales_kept"] += best > 0
+        report["duo_chosen"] += best >= N_GRID
+        if best > 0:
             fold_scale(layer, g, s, adapter.norm_offset)
             scales.update(dict.fromkeys(g.linears, s))
     return scales
@@ -241,7 +243,8 @@ def split_samples(n_samples: int, held_out: float = 0.25) -> int:
 @torch.no_grad()
 def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, *, keep_8bit: int = 0,
                     device: str = "cpu", budget_bytes: int | None = None, sink=None, progress: bool = True,
-                    held_out: float = 0.25, guard: bool = True, log=print) -> QuantResult:
+                    held_out: float = 0.25, guard: bool = True, duo: bool = False, sequential: bool = False,
+                    log=print) -> QuantResult:
     """Quantise every decoder linear of `source` (layers.FileModel or LoadedModel), one layer at a time.
 
     Each layer's input is the previous float layer's output, as in llm-awq.
@@ -251,7 +254,9 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
     With keep_8bit = N, the N linears with the largest 4-bit output error on
     the held-out tokens are quantised at 8 bits instead. `sink` receives
     every quantised linear and every other layer tensor (folded norms,
-    biases) as soon as its layer is done.
+    biases) as soon as its layer is done. `duo` adds AutoAWQ's weight-aware
+    scale candidates to the search; `sequential` feeds each layer the
+    quantised previous layers' output instead of the float model's.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
@@ -273,7 +278,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
         x, layer_calls = source.record(c)
         xs.append(x.to(plan.store))
         calls.append(_to(layer_calls, device))
-    result = QuantResult(linears={}, report={"alphas": {}, "sensitivity": {}, "scales_kept": 0, "scale_groups": 0,
+    result = QuantResult(linears={}, report={"alphas": {}, "sensitivity": {}, "scales_kept": 0, "scale_groups": 0, "duo_chosen": 0,
                                              "clip_kept": [0, 0], "memory_plan": plan.__dict__, "n_held_out": n_held})
     worst = []  # heap of (error, name, QuantizedLinear, float weight): the keep_8bit candidates so far
     with _tf32(device):
@@ -292,7 +297,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             scales = {}
             if method in SCALED:
                 scales = _search_scales(layer, i, source, linears, stats, xs, [c[i] for c in calls], is_held, cfg,
-                                        guard, result.report, device)
+                                        guard, duo, result.report, device)
             samples = {name: [stats.sample(name, p) for p in (0, 1)] for name in linears}
             for name, s in scales.items():
                 samples[name] = [r / s if r is not None else None for r in samples[name]]
@@ -330,6 +335,9 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             for name, t in layer.state_dict().items():
                 if name not in quantised:
                     sink.tensor(prefix + name, t.detach().cpu())
+            if sequential:  # the next layer sees this layer's quantised output
+                outs = [_first(layer(x.to(device), *calls[j][i][0], **calls[j][i][1])).to(plan.store)
+                        for j, x in enumerate(xs)]
             xs = outs
             source.release(i, layer)
             del stats, samples, ref

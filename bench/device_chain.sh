@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU session's steps, one device call each while the machine stays warm (bench/NOTES.md, "device chain").
+# The real models travel as GGUF parts in .mc/p (at most 64 MiB a call): each call moves its part to /tmp/parts.
+# Usage on the GPU machine, from the repository root: OUT=dir bash bench/device_chain.sh STEP...
+#   setup     install the carried gguf wheel, build the kernel library
+#   tests     the GPU tests: kernels, CUDA runtime (every family), the quantiser's CLI on the GPU
+#   scale8b   bench/quantize_scale.py at Llama-3-8B shapes, alone on the GPU (its time is a figure)
+#   smollm2   join and convert SmolLM2; the CLI row of quantize_scale; quality matrices side by side
+#   gemma3    join and convert Gemma-3-270M; its quality matrices, decode parity and speed, its GPU test
+set -uo pipefail
+OUT=${OUT:?set OUT to a results folder}
+mkdir -p /tmp/parts /tmp/g "$OUT"
+mv .mc/p/* /tmp/parts/ 2>/dev/null
+[ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
+export PYTHONPATH=$PWD:/tmp/site AWQ_EDGE_CACHE=/tmp/cache AWQ_EDGE_WIKITEXT=$PWD/.mc/wt
+export AWQ_EDGE_KERNELS_LIB=/tmp/awqe/libawq_edge_kernels.so OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+WT=$PWD/.mc/wt
+
+convert() {  # convert NAME GGUF_NAME: join /tmp/parts/NAME.* and write $AWQ_EDGE_CACHE/NAME-f16
+  [ -f "$AWQ_EDGE_CACHE/$1-f16/config.json" ] && return 0
+  cat /tmp/parts/"$1".* > "/tmp/g/$2" && python -c "
+from pathlib import Path; from awq_edge.model import _gguf_to_safetensors as c, cache_root
+c(Path('/tmp/g'), '$2', cache_root() / '$1-f16')" 2>&1 | grep -v Warn | tail -3
+}
+
+# quality MODEL TAG: the matrix, one process per variant, side by side on the GPU, then one merged table
+quality() {
+  local model=$1 tag=$2 pids=() files=()
+  local rows=("rtn:4:64,rtn:4:128,gptq:4:64:mixed:128,gptq:4:128:mixed:128")
+  for v in noduo+noseq duo+noseq noduo+seq duo+seq; do
+    rows+=("awq:4:64:mixed:128:$v,awq:4:128:mixed:128:$v,awq:4:64:mixed:16:$v,awq:4:128:mixed:16:$v")
+  done
+  for k in "${!rows[@]}"; do
+    python -P bench/quality.py --model "$model" --device cuda --wikitext "$WT" --rows "${rows[$k]}" \
+      --out "$OUT/quality_${tag}_$k" > "$OUT/quality_${tag}_$k.log" 2>&1 &
+    pids+=($!) files+=("$OUT/quality_${tag}_$k.json")
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  python -P bench/quality.py --merge "${files[@]}" --out "$OUT/quality_$tag" > /dev/null && head -30 "$OUT/quality_$tag.md"
+}
+
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    setup)
+      pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+      cmake -S plugins -B /tmp/awqe -DCMAKE_CUDA_ARCHITECTURES=90-real > /dev/null &&
+        cmake --build /tmp/awqe -j 16 2>&1 | grep -iE "error" ; ls -la "$AWQ_EDGE_KERNELS_LIB" ;;
+    tests)
+      python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
+        tests/test_quantize.py tests/test_api.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
+      tail -15 "$OUT/tests.txt" ;;
+    scale8b)
+      python -P bench/quantize_scale.py --models llama3-8b --tokenizer .mc/tok --work /tmp/scale \
+        --out "$OUT/quantize_scale_8b.json" 2>&1 | grep -v Warn | tail -12 ;;
+    smollm2)
+      convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
+      python -P bench/quantize_scale.py --models "" --smollm2 "$AWQ_EDGE_CACHE/smollm2-135m-f16" --wikitext "$WT" \
+        --tokenizer .mc/tok --work /tmp/scale --out "$OUT/quantize_scale_smollm2.json" > "$OUT/scale_smollm2.log" 2>&1 &
+      cli=$!
+      python -P bench/quality.py --model smollm2-135m --device cuda --wikitext "$WT" --grid-noise 0.25 \
+        --rows "rtn:4:64,rtn:4:128,awq:4:64:mixed:128:noduo+noseq,awq:4:128:mixed:128:noduo+noseq,gptq:4:64:mixed:128,gptq:4:128:mixed:128,awq:4:128:mixed:128:duo+seq" \
+        --out "$OUT/quality_smollm2_noise" > "$OUT/quality_smollm2_noise.log" 2>&1 &
+      noise=$!
+      quality smollm2-135m smollm2
+      wait $cli; tail -3 "$OUT/scale_smollm2.log"
+      wait $noise; head -14 "$OUT/quality_smollm2_noise.md" ;;
+    gemma3)
+      convert gemma3-270m gemma-3-270m-q4_k_m.gguf
+      python -m pytest -q -ra tests/test_export_gemma3.py tests/test_export_tokenizer.py -k "cuda or gemma" \
+        > "$OUT/tests_gemma3.txt" 2>&1 &
+      t=$!
+      quality gemma3-270m gemma3
+      wait $t; tail -5 "$OUT/tests_gemma3.txt" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+echo "== done $(date +%T)"
