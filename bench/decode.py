@@ -1,4 +1,4 @@
-"""Batch-1 decode speed of the CUDA backend against transformers fp16 and the memory-bandwidth limit (one GPU run).
+"""Batch-1 decode speed of the CUDA backend against transformers and the memory-bandwidth limit (one GPU run).
 
 For each model: tokens/s of greedy decoding after a prompt (median of --repeats), time to first token, peak GPU
 memory, for
@@ -6,12 +6,19 @@ memory, for
   torch_int4     the same runtime and graph with torch's int4 kernel (tinygemm, bf16, group 128) in the linears
   hf_fp16_*      transformers fp16, generate() with its static cache: eager (disable_compile) and, with
                  --hf-compile, the torch.compile'd forward transformers picks by default for a static cache
+  hf_bf16_*      the same in bf16 (real models only): the baseline whose output is right for Gemma, whose
+                 residual stream overflows fp16 (its hf_fp16_* speed still counts; `nonfinite_logit_steps` says
+                 how many greedy steps saw an inf/NaN logit)
 and the bandwidth limit = measured copy bandwidth / bytes one decode step must read (MatMulNBits int4 weights,
-fp16 head, norms, one embedding row, the KV cache at the mean context of the run).
-Llama-2-7B and Llama-3-8B are timed on random weights (speed only); SmolLM2 on its real quantised checkpoint,
-with the greedy parity check of issue 4 against PyTorch on the same dequantised weights.
+the head as the runtime holds it, norms, one embedding row, the KV cache at the mean context of the run, within
+each layer's window).
+Llama-2-7B and Llama-3-8B are timed on random weights (speed only). A real model (--real NAME=CKPT[,FLOAT]: an
+`awq-edge quantize` checkpoint of any family the runtime reads, e.g. SmolLM2 or Gemma-3-270M) is timed on its
+checkpoint, with the greedy parity check of issue 4 against transformers on the same dequantised weights (fp16 and
+fp32 references; bf16 and fp32 for Gemma families); its transformers baselines run the float folder FLOAT.
 
-    PYTHONPATH=. python -P bench/decode.py --smollm2-ckpt CK --smollm2-float HF_DIR --out bench/results/decode.json
+    PYTHONPATH=. python -P bench/decode.py --models smollm2,gemma3-270m --real smollm2=CK,HF_DIR \
+        --real gemma3-270m=CK2,HF_DIR2 --out bench/results/decode.json
 """
 
 import argparse
@@ -22,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -104,8 +112,12 @@ def step_bytes(w: Weights, mean_context: float) -> dict:
     lin = sum(matmul_nbits_bytes(x.n, x.k, GROUP) if x.packed is not None else x.nbytes()
               for L in w.layers for x in (L.qkv, L.o, L.gate_up, L.down))
     head = matmul_nbits_bytes(w.lm_head.n, w.lm_head.k, GROUP) if w.lm_head.packed is not None else w.lm_head.nbytes()
-    small = sum(L.input_norm.nbytes + L.post_norm.nbytes for L in w.layers) + w.norm.nbytes + w.embed[0].nbytes
-    kv = 2 * d.layers * d.kv_heads * d.head_dim * 2 * mean_context
+    small = w.norm.nbytes + w.embed[0].nbytes + sum(
+        t.nbytes for L in w.layers
+        for t in (L.input_norm, L.post_norm, L.q_norm, L.k_norm, L.attn_out_norm, L.mlp_out_norm) if t is not None)
+    window = lambda L: d.window if L.window is None else L.window  # noqa: E731  (0: the whole context)
+    kv = sum(2 * d.kv_heads * d.head_dim * 2 * (min(mean_context, window(L)) if window(L) else mean_context)
+             for L in w.layers)
     return {"linears": lin, "lm_head": head, "norms_embedding": small, "kv_cache": kv,
             "total": lin + head + small + kv}
 
@@ -172,41 +184,66 @@ def time_ours(weights: Weights, prompt: list, new: int, repeats: int, ops=None) 
     return out
 
 
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepClock:
     """A stopping criterion that never stops and records when each new token is ready (transformers syncs on
     every step anyway to check for finished sequences)."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, device):
+        self.device, self.times = device, []
 
     def __call__(self, input_ids, scores, **kwargs):
-        torch.cuda.synchronize()
+        sync(self.device)
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def hf_generate(model, ids, new: int, compile_forward: bool = False, **kwargs):
+    """generate() of exactly `new` greedy tokens with transformers' static cache. No end-of-sequence id, neither
+    passed nor left in the model's generation config, and min_new_tokens = new: nothing can end it early, not
+    even NaN logits (Gemma in fp16)."""
+    model.generation_config.eos_token_id = None
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+                          disable_compile=not compile_forward, eos_token_id=None, pad_token_id=0, **kwargs)
 
 
 def time_hf(model, prompt: list, new: int, repeats: int, compile_forward: bool) -> dict:
     """generate() with transformers' static cache; TTFT and per-step times from a stopping-criterion clock."""
     from transformers import StoppingCriteriaList
 
-    ids = torch.tensor([prompt], device="cuda")
+    device = model.device
+    ids = torch.tensor([prompt], device=device)
 
     def run():
-        clock = StepClock()
-        torch.cuda.synchronize()
+        clock = StepClock(device)
+        sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 cache_implementation="static", disable_compile=not compile_forward,
-                                 eos_token_id=None, pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]))
-        assert out.shape[1] == len(prompt) + new and len(clock.times) == new
+            out = hf_generate(model, ids, new, compile_forward, stopping_criteria=StoppingCriteriaList([clock]))
+        assert out.shape[1] == len(prompt) + new and len(clock.times) == new, (tuple(out.shape), len(clock.times))
         return clock.times[0] - start, (new - 1) / (clock.times[-1] - clock.times[0])
 
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     run()  # warm-up (and compilation)
     runs = [run() for _ in range(repeats)]
     return {"tok_s": statistics.median(r[1] for r in runs), "tok_s_all": [r[1] for r in runs],
-            "ttft_s": statistics.median(r[0] for r in runs), "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+            "ttft_s": statistics.median(r[0] for r in runs),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def nonfinite_logit_steps(model, prompt: list, new: int) -> int:
+    """How many of the `new` greedy steps of the timed generate() (eager) see an inf or NaN logit: the speed of
+    such a run counts, its output does not."""
+    with torch.inference_mode():
+        out = hf_generate(model, torch.tensor([prompt], device=model.device), new, output_logits=True,
+                          return_dict_in_generate=True)
+    return sum(int(not torch.isfinite(step).all()) for step in out.logits)
 
 
 def hf_random(shape: dict):
@@ -215,6 +252,20 @@ def hf_random(shape: dict):
     torch.manual_seed(0)
     with torch.device("cuda"):
         return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.float16).eval()
+
+
+def hf_real(ckpt: Path, float_dir: Path | None, dtype, device="cuda"):
+    """transformers' model for a real checkpoint's speed baseline: its float folder, else the checkpoint
+    dequantised (the same shapes: transformers' speed does not depend on the weights' values)."""
+    from transformers import AutoModelForCausalLM
+
+    if float_dir:
+        model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=dtype, local_files_only=True)
+    else:
+        from awq_edge.checkpoint import load_quantized_model
+
+        model = load_quantized_model(ckpt, dtype=dtype)[0]
+    return model.to(device).eval()
 
 
 def free():
@@ -249,87 +300,144 @@ def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
         print(name, "torch_int4", res["torch_int4"], flush=True)
     del weights
     free()
-    bench_hf(name, hf_random(shape), prompt, args, res)
+    bench_hf(name, lambda: hf_random(shape), prompt, args, res)
     return res
 
 
-def bench_hf(name, model, prompt, args, res: dict) -> dict:
+def bench_hf(name, load, prompt, args, res: dict, dtype: str = "fp16") -> dict:
+    """transformers' decode speed with the model load() returns (in `dtype`, which names the keys), if
+    --variants asks for it; the model is released after."""
+    keys = {}
     for compiled in ([False, True] if args.hf_compile else [False]):
-        key = "hf_fp16_static_compiled" if compiled else "hf_fp16_static_eager"
+        key = f"hf_{dtype}_static_{'compiled' if compiled else 'eager'}"
         if key.replace("_static", "") in args.variants or "hf" in args.variants:
-            t = time.perf_counter()
-            res[key] = time_hf(model, prompt, args.new, args.repeats, compiled)
-            res[key]["wall_s"] = time.perf_counter() - t
-            print(name, key, res[key], flush=True)
-            SAVE()
+            keys[key] = compiled
+    if not keys:
+        return res
+    model = load()
+    nonfinite = None
+    for key, compiled in keys.items():
+        t = time.perf_counter()
+        res[key] = time_hf(model, prompt, args.new, args.repeats, compiled)
+        res[key]["wall_s"] = time.perf_counter() - t
+        if nonfinite is None:  # the same forward compiled or not: one check per model
+            nonfinite = nonfinite_logit_steps(model, prompt, args.new)
+        res[key].update(nonfinite_logit_steps=nonfinite, attn_implementation=model.config._attn_implementation)
+        print(name, key, res[key], flush=True)
+        SAVE()
     del model
     free()
     return res
 
 
-def greedy_parity(ckpt: Path, weights: Weights, n_tokens: int) -> dict:
-    """Ours vs transformers on the same dequantised weights (fp16 and fp32), 5 chat prompts x n_tokens greedy."""
+DTYPE_KEYS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def reference_dtypes(model_type: str) -> tuple:
+    """The parity references: fp16 and fp32, but bf16 for fp16 in Gemma families, whose residual stream
+    overflows fp16 in transformers (inf/NaN logits; our runtime keeps that stream in fp32)."""
+    return (torch.bfloat16 if model_type.startswith("gemma") else torch.float16, torch.float32)
+
+
+def prompt_ids(tok, text: str) -> list:
+    """A user turn through the tokenizer's chat template, or, for a base model without one (Gemma-3-270M), the
+    plain text after BOS."""
+    if getattr(tok, "chat_template", None):
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False))
+    ids = list(tok(text).input_ids)
+    bos = tok.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
+
+def greedy_parity(ckpt: Path, dec, n_tokens: int, dtypes=(torch.float16, torch.float32)) -> dict:
+    """Ours (the decoder `dec`) vs transformers on the same dequantised weights in each of `dtypes`, on the
+    decoder's device: 5 prompts x n_tokens greedy tokens."""
     from awq_edge.checkpoint import load_quantized_model
     from awq_edge.runtime.generate import generate
 
-    dec = CudaDecoder(weights, CudaOps(weights))
-    rows = []
-    for dtype in (torch.float16, torch.float32):
+    device = dec.w.embed.device
+    rows, prompt_format = [], None
+    for dtype in dtypes:
         model, tok = load_quantized_model(ckpt, dtype=dtype)
-        model = model.cuda().eval()
+        model = model.to(device).eval()
+        prompt_format = "chat_template" if getattr(tok, "chat_template", None) else "text_after_bos"
         for p in PARITY_PROMPTS:
-            ids = list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False))
+            ids = prompt_ids(tok, p)
             with torch.inference_mode():
-                ref = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=n_tokens,
+                ref = model.generate(torch.tensor([ids], device=device), max_new_tokens=n_tokens,
                                      min_new_tokens=n_tokens, do_sample=False, eos_token_id=None,
                                      pad_token_id=0)[0, len(ids):].tolist()
             dec.reset()
             dec.eos_ids = set()
             ours = list(generate(dec, ids, n_tokens))
             first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-            row = {"reference": str(dtype).replace("torch.", ""), "prompt": p, "identical": first is None,
-                   "first_divergence": first, "text_ours": tok.decode(ours)}
+            row = {"reference": str(dtype).replace("torch.", ""), "prompt": p, "prompt_tokens": len(ids),
+                   "identical": first is None and len(ours) == len(ref) == n_tokens, "first_divergence": first,
+                   "text_ours": tok.decode(ours)}
             if first is not None:  # the reference's own logits at the divergence: how close was the call?
                 with torch.inference_mode():
-                    lg = model(torch.tensor([ids + ref[:first]], device="cuda")).logits[0, -1].float()
+                    lg = model(torch.tensor([ids + ref[:first]], device=device)).logits[0, -1].float()
                 dec.reset()
-                ol = torch.tensor(dec.extend(ids + ref[:first]))
+                ol = torch.tensor(dec.extend(ids + ref[:first])).to(device)
                 top = torch.topk(lg, 2)
                 row.update(ref_top2=[top.indices.tolist(), top.values.tolist()],
                            ref_logit_of_ours=lg[ours[first]].item(), ours_logit_gap=(ol[ours[first]] - ol[ref[first]]).item(),
-                           max_abs_logit_diff=(ol.cuda() - lg).abs().max().item(), max_abs_logit=lg.abs().max().item())
+                           max_abs_logit_diff=(ol - lg).abs().max().item(), max_abs_logit=lg.abs().max().item())
             rows.append(row)
             print("parity", {k: v for k, v in row.items() if k != "text_ours"}, flush=True)
         del model
         free()
-    return {"rows": rows, "identical_fp16": sum(r["identical"] for r in rows if r["reference"] == "float16"),
-            "identical_fp32": sum(r["identical"] for r in rows if r["reference"] == "float32"),
-            "prompts": len(PARITY_PROMPTS)}
+    out = {"rows": rows, "prompts": len(PARITY_PROMPTS), "prompt_format": prompt_format,
+           "references": [DTYPE_KEYS[d] for d in dtypes]}
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        out[f"identical_{DTYPE_KEYS[dtype]}"] = sum(r["identical"] for r in rows if r["reference"] == name)
+    return out
 
 
-def bench_smollm2(args, copy_bw: float, res: dict) -> dict:
-    from transformers import AutoModelForCausalLM
+def speed_prompt(ckpt: Path, vocab: int, n: int) -> tuple:
+    """n random ids (the speed does not depend on them), the first one BOS where the tokenizer starts every text
+    with it (Gemma: BOS's activations are the ones that outgrow fp16, as in any real prompt, so an fp16 baseline
+    shows it); and that BOS id, or None."""
+    from awq_edge.eval import adds_bos
+    from awq_edge.model import load_tokenizer
 
-    weights = load_weights(args.smollm2_ckpt, "cuda", torch.float16, packed=True, max_len=args.prompt + args.new)
-    prompt = torch.randint(0, weights.dims.vocab, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    res["checkpoint"] = json.loads((Path(args.smollm2_ckpt) / "config.json").read_text())["quantization_config"]
+    prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    tok = load_tokenizer(ckpt)
+    bos = tok.bos_token_id if adds_bos(tok) else None
+    if bos is not None:
+        prompt[0] = bos
+    return prompt, bos
+
+
+def bench_real(name: str, ckpt: Path, float_dir: Path | None, args, copy_bw: float, res: dict) -> dict:
+    """A real quantised checkpoint: parity, our speed, transformers' speed in fp16 and bf16."""
+    config = json.loads((ckpt / "config.json").read_text())
+    max_len = max(args.prompt + args.new, args.parity + 128)  # room for a parity prompt and its tokens
+    weights = load_weights(ckpt, "cuda", torch.float16, packed=True, max_len=max_len)
+    prompt, bos = speed_prompt(ckpt, weights.dims.vocab, args.prompt)
+    res.update(model_type=config["model_type"], checkpoint_dir=str(ckpt), float_dir=float_dir and str(float_dir),
+               checkpoint=config["quantization_config"], speed_prompt_bos=bos)
     res["bytes_per_step"] = step_bytes(weights, args.prompt + args.new / 2)
     res["bandwidth_limit_tok_s"] = copy_bw / res["bytes_per_step"]["total"]
     if args.parity:
-        res["parity"] = greedy_parity(Path(args.smollm2_ckpt), weights, args.parity)
+        dec = CudaDecoder(weights, CudaOps(weights))
+        res["parity"] = attempt(res, "parity", lambda: greedy_parity(ckpt, dec, args.parity,
+                                                                      reference_dtypes(config["model_type"])))
+        del dec
+        free()
         SAVE()
     res["ours"] = time_ours(weights, prompt, args.new, args.repeats)
-    print("smollm2 ours", res["ours"], flush=True)
+    print(name, "ours", res["ours"], flush=True)
+    SAVE()
     del weights
     free()
-    if args.smollm2_float:
-        model = AutoModelForCausalLM.from_pretrained(args.smollm2_float, dtype=torch.float16).cuda().eval()
-    else:  # the same shapes: transformers' speed does not depend on the weights' values
-        from awq_edge.checkpoint import load_quantized_model
-
-        model = load_quantized_model(Path(args.smollm2_ckpt), dtype=torch.float16)[0].cuda().eval()
-    bench_hf("smollm2", model, prompt, args, res)
+    for dtype in (torch.float16, torch.bfloat16):
+        key = f"hf_{DTYPE_KEYS[dtype]}"
+        attempt(res, key, lambda d=dtype: bench_hf(name, lambda: hf_real(ckpt, float_dir, d), prompt, args, res,
+                                                   DTYPE_KEYS[d]))
+        free()
     return res
 
 
@@ -410,27 +518,85 @@ def breakdown_of(w: Weights, context: int) -> dict:
     return res
 
 
-def main():
+def parse_real(values, error) -> dict:
+    """{NAME: (checkpoint, float folder or None)} from --real values NAME=CKPT[,FLOAT], several to a value separated
+    by commas (a piece with '=' starts the next model; paths holding ',' or '=' cannot be passed)."""
+    real = {}
+    for value in values:
+        name = None
+        for piece in value.split(","):
+            if "=" in piece:
+                name, ckpt = piece.split("=", 1)
+                if not name or not ckpt:
+                    error(f"--real {value!r}: an empty NAME or CKPT")
+                if name in real:
+                    error(f"--real: the name {name!r} is given twice")
+                real[name] = [ckpt, None]
+            elif name is not None and real[name][1] is None and piece:
+                real[name][1] = piece
+            else:
+                error(f"--real {value!r}: expected NAME=CKPT[,FLOAT] (comma-separated for several)")
+    for name, (ckpt, float_dir) in real.items():
+        if not (Path(ckpt) / "config.json").is_file():
+            error(f"--real {name}: {ckpt} has no config.json (pass an `awq-edge quantize` output folder)")
+        if float_dir and not (Path(float_dir) / "config.json").is_file():
+            error(f"--real {name}: float folder {float_dir} has no config.json")
+    return {n: (Path(c), Path(f) if f else None) for n, (c, f) in real.items()}
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2")
+    ap.add_argument("--models", default="llama2-7b,llama3-8b,smollm2",
+                    help=f"comma list of random-weight shapes ({', '.join(SHAPES)}) and names given to --real (one "
+                         "without a --real checkpoint is skipped; a --real model not listed runs after the list)")
+    ap.add_argument("--real", action="append", default=[], metavar="NAME=CKPT[,FLOAT]",
+                    help="a real model: NAME labels its results, CKPT is its `awq-edge quantize` checkpoint, FLOAT "
+                         "its float folder for the transformers baselines (default: the checkpoint dequantised, "
+                         "the same shapes); repeat, or separate several with commas")
     ap.add_argument("--variants", default="ours,torch_int4,hf",
                     help="comma list of: ours (always run), ours_unfolded and torch_int4 (random-weight models "
-                         "only), hf")
+                         "only), hf (or one of hf_fp16_eager, hf_bf16_eager, hf_fp16_compiled, ...)")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' compiled static-cache forward")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--smollm2-ckpt", help="quantised SmolLM2 checkpoint (awq-edge quantize)")
-    ap.add_argument("--smollm2-float", help="float SmolLM2 folder for the transformers fp16 baseline (default: the "
-                                            "checkpoint dequantised to fp16, the same shapes)")
+    ap.add_argument("--smollm2-ckpt", help="the same as --real smollm2=CKPT")
+    ap.add_argument("--smollm2-float", help="with --smollm2-ckpt: the same as --real smollm2=CKPT,FLOAT")
     ap.add_argument("--parity", type=int, default=64, help="greedy tokens per parity prompt (0 = skip)")
     ap.add_argument("--breakdown", action="store_true", help="per-operation times of a decode step (random shapes)")
     ap.add_argument("--label", default="", help="a note stored with the results (the library's build flags)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decode.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.new < 2 or args.prompt < 1 or args.repeats < 1 or args.parity < 0:
+        ap.error("--new must be at least 2, --prompt and --repeats at least 1, --parity at least 0")
+    args.variants = args.variants.split(",")
+    if args.smollm2_float and not args.smollm2_ckpt:
+        ap.error("--smollm2-float needs --smollm2-ckpt")
+    if args.smollm2_ckpt:
+        args.real.append(f"smollm2={args.smollm2_ckpt}" + (f",{args.smollm2_float}" if args.smollm2_float else ""))
+    args.real = parse_real(args.real, ap.error)
+    listed = args.models.split(",")
+    unknown = [n for n in listed if n not in SHAPES and n not in args.real and n != "smollm2"]
+    if unknown:
+        ap.error(f"--models {','.join(unknown)}: neither a random shape ({', '.join(SHAPES)}) nor given to --real")
+    args.models = listed + [n for n in args.real if n not in listed]
+    return args
+
+
+def attempt(res: dict, key: str, fn):
+    """fn(), or, if it raises, its traceback under res[key + '_error'] (one failing part leaves the others' results)."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001  (a benchmark run is one shot on a lent machine: record and go on)
+        res[f"{key}_error"] = traceback.format_exc()
+        print(f"{key} failed:\n{res[f'{key}_error']}", file=sys.stderr, flush=True)
+        return None
+
+
+def main():
+    args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs an NVIDIA GPU")
-    args.variants = args.variants.split(",")
     copy_bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "copy_bandwidth_Bps": copy_bw, "prompt_tokens": args.prompt, "new_tokens": args.new,
@@ -446,24 +612,25 @@ def main():
     def save():  # after every variant, so a run cut short keeps what it measured
         for m in result["models"].values():
             for key in [k for k in m if isinstance(m[k], dict) and "tok_s" in m[k]]:
-                m[key]["frac_of_bandwidth_limit"] = m[key]["tok_s"] / m["bandwidth_limit_tok_s"]
+                if "bandwidth_limit_tok_s" in m:
+                    m[key]["frac_of_bandwidth_limit"] = m[key]["tok_s"] / m["bandwidth_limit_tok_s"]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     SAVE = save
-    for name in args.models.split(","):
-        if name == "smollm2" and not args.smollm2_ckpt:
+    for name in args.models:
+        if name not in args.real and name not in SHAPES:
+            print(f"{name}: skipped (no --real checkpoint)", flush=True)
             continue
         res = result["models"][name] = {}
-        if name == "smollm2":
-            bench_smollm2(args, copy_bw, res)
+        if name in args.real:
+            attempt(res, "model", lambda: bench_real(name, *args.real[name], args, copy_bw, res))
         else:
             bench_random(name, args, copy_bw, res)
         save()
         free()
-    print(json.dumps({n: {k: (v["tok_s"] if isinstance(v, dict) and "tok_s" in v else None)
-                          for k, v in m.items()} | {"limit": m["bandwidth_limit_tok_s"]}
-                      for n, m in result["models"].items()}, indent=1))
+    print(json.dumps({n: {k: v["tok_s"] for k, v in m.items() if isinstance(v, dict) and "tok_s" in v}
+                      | {"limit": m.get("bandwidth_limit_tok_s")} for n, m in result["models"].items()}, indent=1))
 
 
 if __name__ == "__main__":

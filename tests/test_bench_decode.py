@@ -1,0 +1,54 @@
+"""bench/decode.py's real-model options and its greedy parity check, on the CPU (its CUDA calls run on a GPU only)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from awq_edge.runtime.cuda import CudaDecoder, TorchOps, load_weights
+from conftest import save_tiny_tokenizer
+from test_export import write_checkpoint
+
+_spec = importlib.util.spec_from_file_location("bench_decode",
+                                               Path(__file__).resolve().parents[1] / "bench" / "decode.py")
+decode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(decode)
+
+
+def test_real_models_come_from_repeated_or_comma_separated_options_and_the_smollm2_alias(tmp_path):
+    a, b, f = (tmp_path / n for n in "abf")
+    for d in (a, b, f):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    args = decode.parse_args(["--models", "x", "--real", f"x={a},{f},y={b}", "--real", f"z={b}"])
+    assert args.real == {"x": (a, f), "y": (b, None), "z": (b, None)} and args.models == ["x", "y", "z"]
+    args = decode.parse_args(["--models", "smollm2", "--smollm2-ckpt", str(a), "--smollm2-float", str(f)])
+    assert args.real == {"smollm2": (a, f)} and args.models == ["smollm2"]
+    assert decode.parse_args(["--models", "llama2-7b,smollm2"]).real == {}  # smollm2 without a checkpoint: skipped
+    for bad in (["--real", "x"], ["--real", f"x={tmp_path / 'none'}"], ["--models", "nope"],
+                ["--real", f"x={a},{f},{f}"], ["--real", f"x={a}", "--real", f"x={b}"], ["--smollm2-float", str(f)]):
+        with pytest.raises(SystemExit):
+            decode.parse_args(bad)
+
+
+@pytest.mark.parametrize("family, chat", [("gemma3_text", False), ("llama", True)])
+def test_greedy_parity_uses_bf16_for_gemma_and_the_chat_template_where_there_is_one(tmp_path, monkeypatch, family,
+                                                                                      chat):
+    write_checkpoint(tmp_path / "ck", family=family)
+    save_tiny_tokenizer(tmp_path / "ck")
+    if chat:
+        (tmp_path / "ck" / "chat_template.jinja").write_text(
+            "{% for m in messages %}w9 {{ m['content'] }} w10 {% endfor %}{% if add_generation_prompt %}w11{% endif %}")
+    monkeypatch.setattr(decode, "PARITY_PROMPTS", ["w5 w17 w42", "w99 w3 w200 w7"])
+    from awq_edge.model import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "ck")
+    ids = decode.prompt_ids(tok, "w5 w17")
+    assert ids == ([9, 5, 17, 10, 11] if chat else [1, 5, 17])  # the template's turn, or BOS + the text
+    dec = CudaDecoder(load_weights(tmp_path / "ck", "cpu", torch.float32, packed=False), TorchOps(), use_graphs=False)
+    out = decode.greedy_parity(tmp_path / "ck", dec, 6, decode.reference_dtypes(family))
+    half = "bf16" if family.startswith("gemma") else "fp16"
+    assert out["references"] == [half, "fp32"] and out["prompt_format"] == ("chat_template" if chat else
+                                                                            "text_after_bos")
+    assert out["identical_fp32"] == 2 and f"identical_{half}" in out and len(out["rows"]) == 4
