@@ -25,6 +25,7 @@ METHODS = ("awq", "rtn", "gptq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
 GPTQ_ROUNDED = ("gptq", "awq-gptq")
 SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
+GPTQ_DAMP = 0.01  # GPTQ's dampening (the paper's and AutoGPTQ's default)
 N_GRID = 20  # alphas tried per scale search (llm-awq's grid)
 CHUNK_TOKENS = 4096  # larger chunks buy little speed on a GPU and cost memory (8192: 12.2 GiB peak at 8B)
 
@@ -244,7 +245,7 @@ def split_samples(n_samples: int, held_out: float = 0.25) -> int:
 def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, *, keep_8bit: int = 0,
                     device: str = "cpu", budget_bytes: int | None = None, sink=None, progress: bool = True,
                     held_out: float = 0.25, guard: bool = True, duo: bool = False, sequential: bool = False,
-                    log=print) -> QuantResult:
+                    gptq_damp: float = GPTQ_DAMP, log=print) -> QuantResult:
     """Quantise every decoder linear of `source` (layers.FileModel or LoadedModel), one layer at a time.
 
     Each layer's input is the previous float layer's output, as in llm-awq.
@@ -257,6 +258,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
     biases) as soon as its layer is done. `duo` adds AutoAWQ's weight-aware
     scale candidates to the search; `sequential` feeds each layer the
     quantised previous layers' output instead of the float model's.
+    `gptq_damp` is GPTQ's dampening, a fraction of the Hessian's mean diagonal.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
@@ -315,7 +317,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
                     H = stats.hessian[name].hessian
                     if name in scales:
                         H = H / torch.outer(scales[name], scales[name])
-                    q, sc, zp = gptq_quantize(lin.weight.data.float(), H, cfg)
+                    q, sc, zp = gptq_quantize(lin.weight.data.float(), H, cfg, damp=gptq_damp)
                 else:
                     q, sc, zp = quantize(lin.weight.data, cfg)
                 ql = QuantizedLinear(q.cpu(), sc.cpu(), zp.cpu(), bits=cfg.w_bit, group_size=cfg.group_size)

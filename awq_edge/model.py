@@ -152,11 +152,28 @@ def _builtin_dir(name: str) -> Path:
     return out
 
 
-def _gguf_to_safetensors(src: Path, gguf_name: str, out: Path) -> None:
+def check_converted_tokenizer(tokenizer, gguf_name: str) -> None:
+    """Refuse a tokenizer that a transformers release rebuilt wrongly from a GGUF: words the vocabulary holds whole
+    must come out as one token each (transformers 5.17 turns Gemma-3's into single characters, without BOS)."""
+    import transformers
+
+    vocab = tokenizer.get_vocab()
+    words = [w for w in ("the", "of", "and", "is", "capital") if f"\u2581{w}" in vocab or f"\u0120{w}" in vocab]
+    ids = tokenizer(" " + " ".join(words), add_special_tokens=False).input_ids
+    if words and len(ids) > len(words) + 1:
+        raise AwqEdgeError(f"transformers {transformers.__version__} rebuilt the tokenizer of {gguf_name} wrongly "
+                           f"({len(ids)} tokens for {len(words)} words its vocabulary holds whole)",
+                           "install transformers>=5.23 (pip install 'transformers>=5.23,<6') and run again")
+
+
+def _gguf_to_safetensors(src: Path, gguf_name: str, out: Path, tokenizer=None) -> None:
+    """A float16 safetensors folder from a GGUF file; `tokenizer` replaces the one transformers builds from it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+        check_converted_tokenizer(tokenizer, gguf_name)
     # transformers will not save a GGUF-loaded model: rebuild it without its quantization_config.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)

@@ -7,6 +7,8 @@
 #   scale8b   bench/quantize_scale.py at Llama-3-8B shapes, alone on the GPU (its time is a figure)
 #   smollm2   join and convert SmolLM2; the CLI row of quantize_scale; quality matrices side by side
 #   gemma3    join and convert Gemma-3-270M; its quality matrices, decode parity and speed, its GPU test
+#   final     SmolLM2's GPTQ-dampening and calibration-domain rows beside Gemma-3's rows, decode and tests
+# Everything under OUT is also packed into OUT/results.tgz (a device call returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:?set OUT to a results folder}
 mkdir -p /tmp/parts /tmp/g "$OUT"
@@ -16,11 +18,29 @@ export PYTHONPATH=$PWD:/tmp/site AWQ_EDGE_CACHE=/tmp/cache AWQ_EDGE_WIKITEXT=$PW
 export AWQ_EDGE_KERNELS_LIB=/tmp/awqe/libawq_edge_kernels.so OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 WT=$PWD/.mc/wt
 
-convert() {  # convert NAME GGUF_NAME: join /tmp/parts/NAME.* and write $AWQ_EDGE_CACHE/NAME-f16
+# convert NAME GGUF_NAME [TOKENIZER_DIR]: join /tmp/parts/NAME.* and write $AWQ_EDGE_CACHE/NAME-f16. The device's
+# transformers 5.17 rebuilds Gemma-3's GGUF tokenizer wrongly (check_converted_tokenizer refuses it), so Gemma's
+# travels as the folder a 5.24 conversion wrote (.mc/gtok, tokenizer.json gzipped).
+convert() {
   [ -f "$AWQ_EDGE_CACHE/$1-f16/config.json" ] && return 0
+  local tok=None
+  if [ -n "${3:-}" ]; then
+    mkdir -p /tmp/tok-$1 && cp "$3"/tokenizer_config.json /tmp/tok-$1/ && gunzip -c "$3"/tokenizer.json.gz > /tmp/tok-$1/tokenizer.json
+    tok="AutoTokenizer.from_pretrained('/tmp/tok-$1')"
+  fi
   cat /tmp/parts/"$1".* > "/tmp/g/$2" && python -c "
-from pathlib import Path; from awq_edge.model import _gguf_to_safetensors as c, cache_root
-c(Path('/tmp/g'), '$2', cache_root() / '$1-f16')" 2>&1 | grep -v Warn | tail -3
+from pathlib import Path; from transformers import AutoTokenizer
+from awq_edge.model import _gguf_to_safetensors as c, cache_root
+c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v Warn | tail -3
+}
+
+# rows MODEL TAG ROWS [quality.py options...]: one quality.py process in the background
+rows() {
+  local model=$1 tag=$2 r=$3
+  shift 3
+  python -P bench/quality.py --model "$model" --device cuda --wikitext "$WT" --rows "$r" "$@" \
+    --out "$OUT/quality_$tag" > "$OUT/quality_$tag.log" 2>&1 &
+  PIDS+=($!)
 }
 
 # quality MODEL TAG: the matrix, one process per variant, side by side on the GPU, then one merged table
@@ -66,13 +86,36 @@ for step in "$@"; do
       wait $cli; tail -3 "$OUT/scale_smollm2.log"
       wait $noise; head -14 "$OUT/quality_smollm2_noise.md" ;;
     gemma3)
-      convert gemma3-270m gemma-3-270m-q4_k_m.gguf
+      convert gemma3-270m gemma-3-270m-q4_k_m.gguf .mc/gtok
       python -m pytest -q -ra tests/test_export_gemma3.py tests/test_export_tokenizer.py -k "cuda or gemma" \
         > "$OUT/tests_gemma3.txt" 2>&1 &
       t=$!
       quality gemma3-270m gemma3
       wait $t; tail -5 "$OUT/tests_gemma3.txt" ;;
+    final)
+      convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
+      convert gemma3-270m gemma-3-270m-q4_k_m.gguf .mc/gtok
+      PIDS=()
+      rows smollm2-135m smollm2_gptq "gptq:4:64:mixed:128:damp0.1,gptq:4:128:mixed:128:damp0.1"
+      rows smollm2-135m smollm2_awqgptq "awq-gptq:4:64:mixed:128:damp0.1,awq-gptq:4:128:mixed:128:damp0.1"
+      rows smollm2-135m smollm2_domain "gptq:4:128:wikitext2-valid:128,awq:4:128:wikitext2-valid:128"
+      rows gemma3-270m gemma3_0 "rtn:4:64,rtn:4:128,gptq:4:64:mixed:128,gptq:4:128:mixed:128"
+      rows gemma3-270m gemma3_1 "awq:4:64:mixed:128,awq:4:64:mixed:16"
+      rows gemma3-270m gemma3_2 "awq:4:128:mixed:128,awq:4:128:mixed:16"
+      rows gemma3-270m gemma3_3 "gptq:4:64:mixed:128:damp0.1,gptq:4:128:mixed:128:damp0.1"
+      rows gemma3-270m gemma3_4 "awq:4:64:mixed:128:duo+seq,awq:4:128:mixed:128:duo+seq"
+      rows gemma3-270m gemma3_noise "rtn:4:64,rtn:4:128,awq:4:64:mixed:128,awq:4:128:mixed:128" --grid-noise 0.25
+      FLOAT=$AWQ_EDGE_CACHE/gemma3-270m-f16 WORK=/tmp/awqe-gemma3 WT=$WT OUT=$OUT/gemma3_e2e \
+        DECODE_ARGS="--new 128 --repeats 3" bash bench/device_gemma.sh > "$OUT/gemma3_e2e.log" 2>&1 &
+      PIDS+=($!)
+      python -m pytest -q -ra tests/test_export_gemma3.py -k cuda > "$OUT/tests_gemma3.txt" 2>&1 &
+      PIDS+=($!)
+      for p in "${PIDS[@]}"; do wait "$p"; done
+      python -P bench/quality.py --merge "$OUT"/quality_gemma3_[0-4].json --out "$OUT/quality_gemma3" > /dev/null
+      for f in "$OUT"/quality_*.md; do echo "-- $f"; sed -n '5,20p' "$f" | grep '^|'; done
+      tail -3 "$OUT/tests_gemma3.txt"; tail -12 "$OUT/gemma3_e2e.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
+tar czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/"
 echo "== done $(date +%T)"

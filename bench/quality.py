@@ -10,7 +10,7 @@ model's inputs. Flags, joined by +: `noguard` keeps every AWQ choice (llm-awq's
 behaviour) instead of only those that beat round-to-nearest on the held-out
 samples; `duo`/`noduo` add or drop AutoAWQ's weight-aware scale candidates;
 `seq`/`noseq` feed each layer the quantised model's activations or the float
-model's. `--grid-noise` moves the GGUF-derived weights off their 4-bit grid first.
+model's; `dampX` sets GPTQ's dampening to X. `--grid-noise` moves the GGUF-derived weights off their 4-bit grid first.
 Writes OUT.json and OUT.md (default bench/results/quality).
 Usage: python -P bench/quality.py [--model smollm2-135m|FOLDER] [--device cuda] [--rows ...] [--eval-tokens N]
 """
@@ -45,11 +45,14 @@ FLAGS = ("noguard", "duo", "noduo", "seq", "noseq")
 def parse_row(spec: str) -> dict:
     parts = spec.split(":")
     flags = parts[5].split("+") if len(parts) > 5 and parts[5] else []
-    if set(flags) - set(FLAGS):
-        raise SystemExit(f"row {spec!r}: flags are {'+'.join(FLAGS)}")
+    damps = [f for f in flags if f.startswith("damp")]
+    if set(flags) - set(FLAGS) - set(damps):
+        raise SystemExit(f"row {spec!r}: flags are {'+'.join(FLAGS)} and dampX (GPTQ's dampening)")
     row = {"method": parts[0], "w_bit": int(parts[1]), "group_size": int(parts[2]),
            "calibration": parts[3] if len(parts) > 3 else None, "n_samples": int(parts[4]) if len(parts) > 4 else 0,
            "guard": "noguard" not in flags, "flags": "+".join(flags)}
+    if damps:
+        row["gptq_damp"] = float(damps[-1][4:])
     for name in ("duo", "seq"):  # unset: the quantiser's default
         if name in flags or "no" + name in flags:
             row[name] = name in flags
@@ -240,9 +243,9 @@ def main() -> int:
         cfg = QConfig(spec["w_bit"], spec["group_size"], True)
         ids = calib_ids.get((spec["calibration"], spec["n_samples"]), torch.zeros(1, 2, dtype=torch.long))
         m = copy.deepcopy(base)
-        options = {k: spec[k] for k in ("duo", "seq") if k in spec}
+        options = {{"seq": "sequential"}.get(k, k): spec[k] for k in ("duo", "seq", "gptq_damp") if k in spec}
         res = quantize_model(m, adapter, cfg, spec["method"], ids, device=args.device, progress=False,
-                             guard=spec["guard"], **{"sequential" if k == "seq" else k: v for k, v in options.items()})
+                             guard=spec["guard"], **options)
         t = time.perf_counter()
         r = evaluate(m)
         rep = res.report
