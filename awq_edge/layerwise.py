@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from awq_edge.arch import Adapter, fold_scale
 from awq_edge.awq import apply_clip, search_clip, search_scale
+from awq_edge import gptq
 from awq_edge.gptq import HessianAccumulator, gptq_quantize
 from awq_edge.layers import LoadedModel, _StopForward
 from awq_edge.quant import QConfig, dequantize, quantize, to_groups
@@ -25,7 +26,6 @@ METHODS = ("awq", "rtn", "gptq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
 GPTQ_ROUNDED = ("gptq", "awq-gptq")
 SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
-GPTQ_DAMP = 0.01  # GPTQ's dampening (the paper's and AutoGPTQ's default)
 N_GRID = 20  # alphas tried per scale search (llm-awq's grid)
 CHUNK_TOKENS = 4096  # larger chunks buy little speed on a GPU and cost memory (8192: 12.2 GiB peak at 8B)
 
@@ -245,7 +245,7 @@ def split_samples(n_samples: int, held_out: float = 0.25) -> int:
 def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, *, keep_8bit: int = 0,
                     device: str = "cpu", budget_bytes: int | None = None, sink=None, progress: bool = True,
                     held_out: float = 0.25, guard: bool = True, duo: bool = False, sequential: bool = False,
-                    gptq_damp: float = GPTQ_DAMP, log=print) -> QuantResult:
+                    gptq_damp: float = gptq.DAMP, log=print) -> QuantResult:
     """Quantise every decoder linear of `source` (layers.FileModel or LoadedModel), one layer at a time.
 
     Each layer's input is the previous float layer's output, as in llm-awq.

@@ -8,9 +8,10 @@
 #   smollm2   join and convert SmolLM2; the CLI row of quantize_scale; quality matrices side by side
 #   gemma3    join and convert Gemma-3-270M; its quality matrices, decode parity and speed, its GPU test
 #   final     SmolLM2's GPTQ-dampening and calibration-domain rows beside Gemma-3's rows, decode and tests
-# Everything under OUT is also packed into OUT/results.tgz (a device call returns at most 8 files).
+# Results are written to /tmp/results and returned packed as OUT/results.tgz (a device call returns at most 8 files).
 set -uo pipefail
-OUT=${OUT:?set OUT to a results folder}
+RETURN=${OUT:?set OUT to a results folder}
+OUT=/tmp/results  # kept across the calls of one session; only OUT/results.tgz is returned (a call returns 8 files)
 mkdir -p /tmp/parts /tmp/g "$OUT"
 mv .mc/p/* /tmp/parts/ 2>/dev/null
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
@@ -117,5 +118,5 @@ for step in "$@"; do
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
-tar czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/"
+tar czf "$RETURN/results.tgz" -C "$OUT" .
 echo "== done $(date +%T)"

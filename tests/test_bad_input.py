@@ -531,3 +531,24 @@ def test_a_signal_once_quantisation_starts_leaves_the_old_or_the_new_checkpoint_
     new = (fx["ours"] / "model.safetensors").read_bytes()
     # Stopped: the old checkpoint, or the new one when the signal came during the swap; finished: the new one.
     assert (out / "model.safetensors").read_bytes() in ((b"old", new) if proc.returncode else (new,))
+
+
+def test_a_tokenizer_rebuilt_wrongly_from_a_gguf_is_refused_in_one_line():
+    """transformers 5.17 rebuilds Gemma-3's GGUF tokenizer so that every word falls apart into characters."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from awq_edge.errors import AwqEdgeError
+    from awq_edge.model import check_converted_tokenizer
+
+    chars = {c: i for i, c in enumerate("\u2581abcdefghijklmnopqrstuvwxyz")}
+    vocab = {**chars, **{f"\u2581{w}": 30 + i for i, w in enumerate(("the", "of", "and", "is", "capital"))},
+             "<unk>": 99}
+    apart = Tokenizer(models.BPE(vocab, []))  # no merges: characters only, though the vocabulary holds the words
+    apart.normalizer = normalizers.Replace(" ", "\u2581")
+    with pytest.raises(AwqEdgeError, match=r"rebuilt the tokenizer of m.gguf wrongly .*transformers>=5.23"):
+        check_converted_tokenizer(PreTrainedTokenizerFast(tokenizer_object=apart), "m.gguf")
+    whole = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    whole.normalizer = normalizers.Replace(" ", "\u2581")
+    whole.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    check_converted_tokenizer(PreTrainedTokenizerFast(tokenizer_object=whole), "m.gguf")

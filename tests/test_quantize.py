@@ -117,3 +117,50 @@ def test_sampled_calibration_is_model_text_of_the_asked_shape():
     assert a.shape == (3, 20) and torch.equal(a, b)  # seeded: a run can be repeated
     assert not set(a[:, 0].tolist()) & set(tok.all_special_ids)
     assert len(set(a[:, 1:].flatten().tolist())) > 20  # sampled, not a repeated argmax
+
+
+def test_duo_candidates_are_rtn_then_the_x_grid_then_autoawqs_weight_aware_grid():
+    from awq_edge.awq import scale_candidates
+    from awq_edge.quant import to_groups
+
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(128, 32, bias=False), torch.nn.Linear(128, 16, bias=False)]
+    x_mean = torch.rand(128) + 0.1
+    cfg = QConfig(4, 64, True)
+    plain, duo = scale_candidates(x_mean, lins, cfg), scale_candidates(x_mean, lins, cfg, duo=True)
+    assert len(plain) == 20 and len(duo) == 40
+    assert torch.equal(plain[0], torch.ones(128)) and all(torch.equal(a, b) for a, b in zip(plain, duo))
+    w = torch.cat([lin.weight for lin in lins]).detach()
+    g = to_groups(w, 64).abs()
+    w_mean = (g / g.amax(-1, keepdim=True)).reshape(48, 128).mean(0)
+    s = x_mean.pow(0.5) / (w_mean.pow(0.5) + 1e-4)  # AutoAWQ's duo_scaling at ratio 0.5
+    assert torch.allclose(duo[30], s / (s.max() * s.min()).sqrt(), rtol=1e-5)
+
+
+def test_sequential_feeds_later_layers_the_quantised_output():
+    ids = _calib()
+    cfg = QConfig(3, 32, True)
+    results = {}
+    for sequential in (False, True):
+        model = tiny_model("llama", num_hidden_layers=3)
+        results[sequential] = quantize_model(model, get_adapter("llama"), cfg, "awq", ids, progress=False,
+                                             sequential=sequential).linears
+    first = [n for n in results[False] if ".layers.0." in n]
+    later = [n for n in results[False] if ".layers.0." not in n]
+    assert all(torch.equal(results[False][n].q, results[True][n].q) for n in first)  # layer 0 sees the same input
+    assert any(not torch.equal(results[False][n].q, results[True][n].q) for n in later)
+
+
+def test_calibration_blocks_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
+    from tokenizers import processors
+
+    from awq_edge.calib import calibration_blocks
+
+    tok = tiny_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{3 + i % 200}" for i in range(3000)))
+    assert (calibration_blocks(tok, str(text), 4, 32)[:, 0] != tok.bos_token_id).all()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    blocks = calibration_blocks(tok, str(text), 4, 32)
+    assert blocks.shape == (4, 32) and (blocks[:, 0] == tok.bos_token_id).all()
+    assert (blocks[:, 1:] != tok.bos_token_id).all()

@@ -288,7 +288,7 @@ def test_silu_mul_kernel_matches_reference(m, inter):
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_gated_gemm_equals_gemm_then_silu_gate(m):
-    from awq_edge.export.source import QuantLinear
+    from awq_edge.arch.weights import QuantLinear
     from awq_edge.runtime.cuda import interleave_gate_up
 
     gen = torch.Generator().manual_seed(m)
@@ -407,11 +407,16 @@ def test_cuda_decoder_matches_transformers_and_graph_replay_equals_eager(tmp_pat
 @needs_library
 @needs_gpu
 def test_cuda_prefill_through_dequantised_cublas_matches_the_int4_gemm(tmp_path):
-    write_checkpoint(tmp_path / "ck")
+    """Both prefill paths against transformers in fp32 on the same weights (two fp16 paths compared with each other
+    differed by 5.1e-3 of the largest logit in one of 3072 logits on the H200: their accumulation orders differ)."""
+    model, _ = write_checkpoint(tmp_path / "ck")
+    ref = hf_logits(model, PROMPT)
+    tol = 1e-2 * np.abs(ref).max()
     weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
     a = CudaDecoder(weights, CudaOps(weights, dense_rows=1 << 30)).forward(PROMPT)
     b = CudaDecoder(weights, CudaOps(weights, dense_rows=2)).forward(PROMPT)
-    np.testing.assert_allclose(a, b, atol=5e-3 * np.abs(a).max())
+    np.testing.assert_allclose(a, ref, atol=tol)
+    np.testing.assert_allclose(b, ref, atol=tol)
 
 
 @needs_library
