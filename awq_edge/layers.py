@@ -9,13 +9,13 @@ model's own forward, so masks and rotary tables are the model's, not ours.
 """
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from awq_edge.arch.weights import tensor_files
 from awq_edge.errors import AwqEdgeError
 from awq_edge.model import load_config
 
@@ -84,7 +84,7 @@ class FileModel:
 
         self.path, self.adapter, self.dtype = Path(path), adapter, dtype
         self.config = load_config(self.path)
-        self.files = _tensor_files(self.path)
+        self.files = tensor_files(self.path)
         self.n_layers = self.config.num_hidden_layers
         # The model is built on the meta device (no memory), then only what the recording runs is made real:
         # the embeddings and final norm from the files, and buffers (rotary tables) from a copy of the model
@@ -166,19 +166,3 @@ def _computed_buffers(config, dtype) -> dict:
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(small, dtype=dtype)
     return dict(model.named_buffers())
-
-
-def _tensor_files(path: Path) -> dict:
-    """Tensor name -> safetensors file (a single file or sharded with an index)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AwqEdgeError(f"{index} is not a safetensors index ({e})", "re-save the model folder") from None
-        return {name: path / file for name, file in weight_map.items()}
-    files = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            files.update({name: file for name in f.keys()})
-    return files

@@ -118,19 +118,25 @@ def read_config(folder: Path, allow_float: bool = False) -> dict:
 
 
 def tensor_files(folder: Path) -> dict:
-    """Tensor name -> the safetensors file holding it (one file or an index of shards)."""
+    """Tensor name -> the safetensors file holding it (an index of shards, or every .safetensors file there)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AwqEdgeError(f"{index} is not a safetensors index ({e})", "re-save the model folder") from None
         return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise AwqEdgeError(
             f"{folder} has no model.safetensors (pickled .bin weights are never loaded)",
             "re-create the checkpoint with `awq-edge quantize`, or convert it to safetensors",
         )
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            out.update(dict.fromkeys(f.keys(), file))
+    return out
 
 
 def fuse_rows(linears):
