@@ -71,13 +71,16 @@ def sampled_blocks(model, tokenizer, n_samples: int, seqlen: int, device: str = 
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     g = torch.Generator().manual_seed(seed)
     first = vocab[torch.randint(len(vocab), (n_samples, 1), generator=g)]
+    if adds_bos(tokenizer):  # a model that always runs after BOS (Gemma) samples after it too
+        first = torch.cat([torch.full_like(first, tokenizer.bos_token_id), first], dim=1)
     torch.manual_seed(seed)
     blocks = []
-    with tqdm(total=n_samples * (seqlen - 1), desc="calibration: sampling text", unit="tok", disable=not progress) as bar:
+    new = seqlen - first.shape[1]
+    with tqdm(total=n_samples * new, desc="calibration: sampling text", unit="tok", disable=not progress) as bar:
         for batch in first.split(32):
             out = model.generate(input_ids=batch.to(device), attention_mask=torch.ones_like(batch, device=device),
                                  do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                 max_new_tokens=new, min_new_tokens=new,
                                  pad_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([_Progress(bar)]))
             blocks.append(out[:, :seqlen].cpu())
     return torch.cat(blocks)

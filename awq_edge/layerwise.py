@@ -225,8 +225,10 @@ def _search_scales(layer, i, source, linears, stats, xs, calls, is_held, cfg, gu
                 yield _caller(module, call), _hidden(call), held
 
         s, best, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]), [linears[name] for name in g.linears],
-                                  cfg, guard=guard, duo=duo)
-        report["alphas"][f"{i}.{g.prev}"] = (best % N_GRID) / N_GRID  # the exponent of mean|x|
+                                  cfg, n_grid=N_GRID, guard=guard, duo=duo)
+        # The exponent of mean|x|; a weight-aware (duo) candidate is reported as "duo ALPHA".
+        alpha = (best % N_GRID) / N_GRID
+        report["alphas"][f"{i}.{g.prev}"] = alpha if best < N_GRID else f"duo {alpha}"
         report["scale_groups"] += 1
         report["scales_kept"] += best > 0
         report["duo_chosen"] += best >= N_GRID
@@ -257,7 +259,8 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
     every quantised linear and every other layer tensor (folded norms,
     biases) as soon as its layer is done. `duo` adds AutoAWQ's weight-aware
     scale candidates to the search; `sequential` feeds each layer the
-    quantised previous layers' output instead of the float model's.
+    quantised previous layers' output instead of the float model's (with keep_8bit, the
+    4-bit output of the linears later kept at 8 bits).
     `gptq_damp` is GPTQ's dampening, a fraction of the Hessian's mean diagonal.
     """
     if method not in METHODS:
@@ -294,7 +297,10 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             for j, x in enumerate(xs):
                 args, kwargs = calls[j][i]
                 with stats.watching(int(is_held[j])):
-                    outs.append(_first(layer(x.to(device), *args, **kwargs)).to(plan.store))
+                    out = _first(layer(x.to(device), *args, **kwargs))
+                if not sequential:  # else the quantised layer's output is computed below
+                    outs.append(out.to(plan.store))
+                del out
 
             scales = {}
             if method in SCALED:

@@ -47,7 +47,7 @@ rows() {
 # quality MODEL TAG: the matrix, one process per variant, side by side on the GPU, then one merged table
 quality() {
   local model=$1 tag=$2 pids=() files=()
-  local rows=("rtn:4:64,rtn:4:128,gptq:4:64:mixed:128,gptq:4:128:mixed:128")
+  local rows=("rtn:4:64,rtn:4:128,gptq:4:64:mixed:128:damp0.01,gptq:4:128:mixed:128:damp0.01")
   for v in noduo+noseq duo+noseq noduo+seq duo+seq; do
     rows+=("awq:4:64:mixed:128:$v,awq:4:128:mixed:128:$v,awq:4:64:mixed:16:$v,awq:4:128:mixed:16:$v")
   done
@@ -80,7 +80,7 @@ for step in "$@"; do
         --tokenizer .mc/tok --work /tmp/scale --out "$OUT/quantize_scale_smollm2.json" > "$OUT/scale_smollm2.log" 2>&1 &
       cli=$!
       python -P bench/quality.py --model smollm2-135m --device cuda --wikitext "$WT" --grid-noise 0.25 \
-        --rows "rtn:4:64,rtn:4:128,awq:4:64:mixed:128:noduo+noseq,awq:4:128:mixed:128:noduo+noseq,gptq:4:64:mixed:128,gptq:4:128:mixed:128,awq:4:128:mixed:128:duo+seq" \
+        --rows "rtn:4:64,rtn:4:128,awq:4:64:mixed:128:noduo+noseq,awq:4:128:mixed:128:noduo+noseq,gptq:4:64:mixed:128:damp0.01,gptq:4:128:mixed:128:damp0.01,awq:4:128:mixed:128:duo+seq" \
         --out "$OUT/quality_smollm2_noise" > "$OUT/quality_smollm2_noise.log" 2>&1 &
       noise=$!
       quality smollm2-135m smollm2
@@ -99,8 +99,8 @@ for step in "$@"; do
       PIDS=()
       rows smollm2-135m smollm2_gptq "gptq:4:64:mixed:128:damp0.1,gptq:4:128:mixed:128:damp0.1"
       rows smollm2-135m smollm2_awqgptq "awq-gptq:4:64:mixed:128:damp0.1,awq-gptq:4:128:mixed:128:damp0.1"
-      rows smollm2-135m smollm2_domain "gptq:4:128:wikitext2-valid:128,awq:4:128:wikitext2-valid:128"
-      rows gemma3-270m gemma3_0 "rtn:4:64,rtn:4:128,gptq:4:64:mixed:128,gptq:4:128:mixed:128"
+      rows smollm2-135m smollm2_domain "gptq:4:128:wikitext2-valid:128:damp0.01,awq:4:128:wikitext2-valid:128"
+      rows gemma3-270m gemma3_0 "rtn:4:64,rtn:4:128,gptq:4:64:mixed:128:damp0.01,gptq:4:128:mixed:128:damp0.01"
       rows gemma3-270m gemma3_1 "awq:4:64:mixed:128,awq:4:64:mixed:16"
       rows gemma3-270m gemma3_2 "awq:4:128:mixed:128,awq:4:128:mixed:16"
       rows gemma3-270m gemma3_3 "gptq:4:64:mixed:128:damp0.1,gptq:4:128:mixed:128:damp0.1"

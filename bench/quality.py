@@ -10,7 +10,7 @@ model's inputs. Flags, joined by +: `noguard` keeps every AWQ choice (llm-awq's
 behaviour) instead of only those that beat round-to-nearest on the held-out
 samples; `duo`/`noduo` add or drop AutoAWQ's weight-aware scale candidates;
 `seq`/`noseq` feed each layer the quantised model's activations or the float
-model's; `dampX` sets GPTQ's dampening to X. `--grid-noise` moves the GGUF-derived weights off their 4-bit grid first.
+model's; `dampX` sets GPTQ's dampening to X. `--grid-noise` moves the GGUF-derived weights off their grid first.
 Writes OUT.json and OUT.md (default bench/results/quality).
 Usage: python -P bench/quality.py [--model smollm2-135m|FOLDER] [--device cuda] [--rows ...] [--eval-tokens N]
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from awq_edge import calib
+from awq_edge import calib, gptq
 from awq_edge.arch import get_adapter
 from awq_edge.eval import perplexity, text_tokens
 from awq_edge.model import load_float_model, resolve_model_dir
@@ -52,16 +52,24 @@ def parse_row(spec: str) -> dict:
            "calibration": parts[3] if len(parts) > 3 else None, "n_samples": int(parts[4]) if len(parts) > 4 else 0,
            "guard": "noguard" not in flags, "flags": "+".join(flags)}
     if damps:
-        row["gptq_damp"] = float(damps[-1][4:])
+        try:
+            row["gptq_damp"] = float(damps[-1][4:])
+        except ValueError:
+            raise SystemExit(f"row {spec!r}: write GPTQ's dampening as dampX, e.g. damp0.1") from None
+    elif row["method"] in ("gptq", "awq-gptq"):
+        row["gptq_damp"] = gptq.DAMP  # recorded, so a row stays readable when the default changes
     for name in ("duo", "seq"):  # unset: the quantiser's default
+        if name in flags and "no" + name in flags:
+            raise SystemExit(f"row {spec!r}: {name} and no{name} together")
         if name in flags or "no" + name in flags:
             row[name] = name in flags
     return row
 
 
 def break_grid(model, adapter, noise: float, seed: int = 0) -> None:
-    """Move every decoder linear's weights off the 4-bit grid of the GGUF they came from: add Gaussian noise of
-    `noise` times each 32-weight block's step (max - min) / 15, the Q4 block the weights were stored in."""
+    """Move every decoder linear's weights off the grid of the GGUF they came from: add Gaussian noise of `noise`
+    times the step of a 4-bit grid over each 32-weight block, (max - min) / 15. That is SmolLM2's Q4_1 step
+    exactly; Gemma-3-270M's Q4_K_M file mixes Q4_K, Q5_0, Q6_K and Q8_0 tensors, whose steps are finer."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for lin in (m for m in adapter.layers(model).modules() if isinstance(m, torch.nn.Linear)):
@@ -124,7 +132,7 @@ def render(out: Path, env: dict, rows: list, layer_errors: dict, valid_errors: d
                                                     "valid_layer_errors": valid_errors},
                                                    indent=2) + "\n")
     lines = [f"WikiText-2 test perplexity, {rows[0]['eval_tokens']} tokens, seqlen {env['seqlen']}; {env['model']} on "
-             f"{env['device']}{', weights moved off their 4-bit grid by %s Q4 steps of noise' % env['grid_noise'] if env.get('grid_noise') else ''}. "
+             f"{env['device']}{', weights moved off their grid by noise of %s 4-bit steps' % env['grid_noise'] if env.get('grid_noise') else ''}. "
              "Calibration never includes WikiText-2 test.", "",
              "| method | bits | group | calibration | samples | flags | ppl | RTN's gap closed | scales kept "
              "| duo scales | clip groups kept | layer error, WikiText-2 valid | quantise s |",
@@ -145,7 +153,7 @@ def render(out: Path, env: dict, rows: list, layer_errors: dict, valid_errors: d
             lines.append(f"| {i} | " + " | ".join(f"{layer_errors[n][i]:.4f}" for n in names) + " |")
     if valid_errors:
         names = list(valid_errors)
-        lines += ["", f"Per layer on {env['valid_tokens']} tokens of WikiText-2 valid (no row calibrates on it), each "
+        lines += ["", f"Per layer on {env['valid_tokens']} tokens of WikiText-2 valid (no row calibrates on it unless its calibration is wikitext2-valid), each "
                   "layer fed the float model's input: ||L_q(x) - L(x)||^2 / ||L(x) - x||^2.", "",
                   "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for i in range(len(next(iter(valid_errors.values())))):
@@ -174,9 +182,10 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--grid-noise", type=float, default=0.0,
-                    help="break the GGUF's 4-bit grid first: noise of this many Q4 steps (the float row changes too)")
+                    help="break the GGUF's grid first: noise of this many 4-bit steps of each 32-weight block (the float row "
+                         "changes too)")
     ap.add_argument("--valid-tokens", type=int, default=4096,
-                    help="WikiText-2 valid tokens for the per-layer error on text no row calibrates on (0: skip)")
+                    help="WikiText-2 valid tokens for a per-layer error on text other than the calibration (0: skip)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these runs' results into OUT")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     args = ap.parse_args()
@@ -260,10 +269,12 @@ def main() -> int:
             per_layer = [0.0] * n_layers
             for name, err in rep["sensitivity"].items():
                 per_layer[int(name[len(adapter.layers_path) + 1:].split(".")[0])] += err
-            label = f"{spec['method']} g{spec['group_size']} n{spec['n_samples']} {spec['flags']}".strip()
+            label = (f"{spec['method']} w{spec['w_bit']} g{spec['group_size']} {spec['calibration'] or ''} "
+                     f"n{spec['n_samples']} {spec['flags']}").replace("  ", " ").strip()
             layer_errors[label] = [round(e, 5) for e in per_layer]
         if valid_ids is not None:
-            label = f"{spec['method']} g{spec['group_size']} n{spec['n_samples']} {spec['flags']}".strip()
+            label = (f"{spec['method']} w{spec['w_bit']} g{spec['group_size']} {spec['calibration'] or ''} "
+                     f"n{spec['n_samples']} {spec['flags']}").replace("  ", " ").strip()
             valid_errors[label] = [round(e, 5) for e in layer_errors_on(base, m, adapter, valid_ids, args.device)]
             row["valid_layer_error_sum"] = round(sum(valid_errors[label]), 4)
         print(json.dumps(row), flush=True)

@@ -552,3 +552,23 @@ def test_a_tokenizer_rebuilt_wrongly_from_a_gguf_is_refused_in_one_line():
     whole.normalizer = normalizers.Replace(" ", "\u2581")
     whole.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
     check_converted_tokenizer(PreTrainedTokenizerFast(tokenizer_object=whole), "m.gguf")
+
+
+def test_safetensors_files_without_an_index_are_read_together_and_a_name_in_two_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from awq_edge.arch.weights import tensor_files
+    from awq_edge.errors import AwqEdgeError
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "part-1.safetensors"))
+    save_file({"b": torch.zeros(1)}, str(tmp_path / "part-2.safetensors"))
+    assert tensor_files(tmp_path) == {"a": tmp_path / "part-1.safetensors", "b": tmp_path / "part-2.safetensors"}
+    save_file({"a": torch.ones(1)}, str(tmp_path / "consolidated.safetensors"))
+    with pytest.raises(AwqEdgeError, match="a is in both consolidated.safetensors and part-1.safetensors"):
+        tensor_files(tmp_path)
+    save_file({"a": torch.zeros(1), "b": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    assert set(tensor_files(tmp_path).values()) == {tmp_path / "model.safetensors"}  # the others are ignored
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(AwqEdgeError, match="is not a safetensors index"):
+        tensor_files(tmp_path)

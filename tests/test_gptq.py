@@ -116,6 +116,7 @@ def test_a_hessian_with_nan_raises_a_clear_error():
 
 def test_a_hessian_that_default_damping_cannot_fix_is_retried_with_ten_times_more():
     H = torch.eye(64)
-    H[5, 5] = -0.05  # 0.01 * mean(diag) = 0.0098 leaves it negative; 0.098 makes it positive
+    H[5, 5] = -0.5  # the default 0.1 * mean(diag) = 0.098 leaves it negative; 0.98 makes it positive
+    assert torch.linalg.cholesky_ex(H + 0.1 * H.diagonal().mean() * torch.eye(64)).info != 0
     q, s, z = gptq_quantize(torch.randn(8, 64), H, QConfig(4, 32, True))
     assert bool(torch.isfinite(dequantize(q, s, z, 32)).all())

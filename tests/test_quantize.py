@@ -135,6 +135,8 @@ def test_duo_candidates_are_rtn_then_the_x_grid_then_autoawqs_weight_aware_grid(
     w_mean = (g / g.amax(-1, keepdim=True)).reshape(48, 128).mean(0)
     s = x_mean.pow(0.5) / (w_mean.pow(0.5) + 1e-4)  # AutoAWQ's duo_scaling at ratio 0.5
     assert torch.allclose(duo[30], s / (s.max() * s.min()).sqrt(), rtol=1e-5)
+    ragged = scale_candidates(x_mean[:100], [torch.nn.Linear(100, 8, bias=False)], cfg, duo=True)  # padded group
+    assert all(c.shape == (100,) and bool(torch.isfinite(c).all()) and bool((c > 0).all()) for c in ragged)
 
 
 def test_sequential_feeds_later_layers_the_quantised_output():

@@ -118,7 +118,8 @@ def read_config(folder: Path, allow_float: bool = False) -> dict:
 
 
 def tensor_files(folder: Path) -> dict:
-    """Tensor name -> the safetensors file holding it (an index of shards, or every .safetensors file there)."""
+    """Tensor name -> the safetensors file holding it: an index of shards, model.safetensors, or else every
+    .safetensors file there (a name in two files is refused)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -126,7 +127,8 @@ def tensor_files(folder: Path) -> dict:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise AwqEdgeError(f"{index} is not a safetensors index ({e})", "re-save the model folder") from None
         return {name: folder / file for name, file in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
     if not files:
         raise AwqEdgeError(
             f"{folder} has no model.safetensors (pickled .bin weights are never loaded)",
@@ -135,7 +137,11 @@ def tensor_files(folder: Path) -> dict:
     out = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            out.update(dict.fromkeys(f.keys(), file))
+            for name in f.keys():
+                if name in out:
+                    raise AwqEdgeError(f"{name} is in both {out[name].name} and {file.name} in {folder}",
+                                       "keep one copy of the weights (or write a model.safetensors.index.json)")
+                out[name] = file
     return out
 
 
