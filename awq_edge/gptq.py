@@ -20,12 +20,13 @@ class HessianAccumulator:
         self.n = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor):
+    def add(self, x: torch.Tensor, weight: float = 1.0):
+        """Count each row of x [..., in] `weight` times."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.xtx is None:
             self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.xtx.addmm_(x.t(), x)
-        self.n += x.shape[0]
+        self.xtx.addmm_(x.t(), x, alpha=weight)
+        self.n += x.shape[0] * weight
 
     @property
     def hessian(self) -> torch.Tensor:

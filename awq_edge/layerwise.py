@@ -138,8 +138,8 @@ def _call_of(layer: nn.Module, module: nn.Module, x, args, kwargs):
 class _InputStats:
     """Per linear: mean |x| per input channel (search part), token samples of each part, GPTQ Hessians."""
 
-    def __init__(self, linears: dict, rows_every: list, hessians: bool):
-        self.linears, self.rows_every = linears, rows_every
+    def __init__(self, linears: dict, rows_every: list, hessians: bool, sink_share: float = 0.0):
+        self.linears, self.rows_every, self.sink_share = linears, rows_every, sink_share
         self.abs_sum = {}
         self.count = {}
         self.rows = {n: ([], []) for n in linears}
@@ -158,6 +158,8 @@ class _InputStats:
                 h.remove()
 
     def _see(self, name, x):
+        if name in self.hessian and self.sink_share and x.dim() == 3:  # each sequence's first token, again
+            self.hessian[name].add(x[:, 0], weight=self.sink_share * x.shape[1])
         x = x.reshape(-1, x.shape[-1])
         if self.part == 0:
             self.abs_sum[name] = self.abs_sum.get(name, 0) + x.abs().float().sum(0)
@@ -247,7 +249,7 @@ def split_samples(n_samples: int, held_out: float = 0.25) -> int:
 def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, *, keep_8bit: int = 0,
                     device: str = "cpu", budget_bytes: int | None = None, sink=None, progress: bool = True,
                     held_out: float = 0.25, guard: bool = True, duo: bool = False, sequential: bool = False,
-                    gptq_damp: float = gptq.DAMP, log=print) -> QuantResult:
+                    gptq_damp: float = gptq.DAMP, gptq_sink: float = 0.0, log=print) -> QuantResult:
     """Quantise every decoder linear of `source` (layers.FileModel or LoadedModel), one layer at a time.
 
     Each layer's input is the previous float layer's output, as in llm-awq.
@@ -261,7 +263,9 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
     scale candidates to the search; `sequential` feeds each layer the
     quantised previous layers' output instead of the float model's (with keep_8bit, the
     4-bit output of the linears later kept at 8 bits).
-    `gptq_damp` is GPTQ's dampening, a fraction of the Hessian's mean diagonal.
+    `gptq_damp` is GPTQ's dampening, a fraction of the Hessian's mean diagonal; `gptq_sink` counts each
+    sequence's first token (the attention sink) again in GPTQ's Hessian, `gptq_sink` x seqlen times, since
+    least squares otherwise gives that one row up (bench/gptq_sink.py).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
@@ -292,7 +296,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             layer = source.layer(i, device, torch.float32)
             prefix = f"{adapter.layers_path}.{i}."
             linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-            stats = _InputStats(linears, rows_every, hessians=method in GPTQ_ROUNDED)
+            stats = _InputStats(linears, rows_every, hessians=method in GPTQ_ROUNDED, sink_share=gptq_sink)
             outs = []
             for j, x in enumerate(xs):
                 args, kwargs = calls[j][i]

@@ -10,7 +10,8 @@ model's inputs. Flags, joined by +: `noguard` keeps every AWQ choice (llm-awq's
 behaviour) instead of only those that beat round-to-nearest on the held-out
 samples; `duo`/`noduo` add or drop AutoAWQ's weight-aware scale candidates;
 `seq`/`noseq` feed each layer the quantised model's activations or the float
-model's; `dampX` sets GPTQ's dampening to X. `--grid-noise` moves the GGUF-derived weights off their grid first.
+model's; `dampX` sets GPTQ's dampening to X; `sinkX` counts each sequence's first token again
+in GPTQ's Hessian, X x seqlen times. `--grid-noise` moves the GGUF-derived weights off their grid first.
 Writes OUT.json and OUT.md (default bench/results/quality).
 Usage: python -P bench/quality.py [--model smollm2-135m|FOLDER] [--device cuda] [--rows ...] [--eval-tokens N]
 """
@@ -46,8 +47,10 @@ def parse_row(spec: str) -> dict:
     parts = spec.split(":")
     flags = parts[5].split("+") if len(parts) > 5 and parts[5] else []
     damps = [f for f in flags if f.startswith("damp")]
-    if set(flags) - set(FLAGS) - set(damps):
-        raise SystemExit(f"row {spec!r}: flags are {'+'.join(FLAGS)} and dampX (GPTQ's dampening)")
+    sinks = [f for f in flags if f.startswith("sink")]
+    if set(flags) - set(FLAGS) - set(damps) - set(sinks):
+        raise SystemExit(f"row {spec!r}: flags are {'+'.join(FLAGS)}, dampX (GPTQ's dampening) and sinkX (the "
+                         "share of GPTQ's Hessian each sequence's first token gets again)")
     row = {"method": parts[0], "w_bit": int(parts[1]), "group_size": int(parts[2]),
            "calibration": parts[3] if len(parts) > 3 else None, "n_samples": int(parts[4]) if len(parts) > 4 else 0,
            "guard": "noguard" not in flags, "flags": "+".join(flags)}
@@ -58,6 +61,11 @@ def parse_row(spec: str) -> dict:
             raise SystemExit(f"row {spec!r}: write GPTQ's dampening as dampX, e.g. damp0.1") from None
     elif row["method"] in ("gptq", "awq-gptq"):
         row["gptq_damp"] = gptq.DAMP  # recorded, so a row stays readable when the default changes
+    if sinks:
+        try:
+            row["gptq_sink"] = float(sinks[-1][4:])
+        except ValueError:
+            raise SystemExit(f"row {spec!r}: write the sink's share as sinkX, e.g. sink0.1") from None
     for name in ("duo", "seq"):  # unset: the quantiser's default
         if name in flags and "no" + name in flags:
             raise SystemExit(f"row {spec!r}: {name} and no{name} together")
@@ -252,7 +260,8 @@ def main() -> int:
         cfg = QConfig(spec["w_bit"], spec["group_size"], True)
         ids = calib_ids.get((spec["calibration"], spec["n_samples"]), torch.zeros(1, 2, dtype=torch.long))
         m = copy.deepcopy(base)
-        options = {{"seq": "sequential"}.get(k, k): spec[k] for k in ("duo", "seq", "gptq_damp") if k in spec}
+        options = {{"seq": "sequential"}.get(k, k): spec[k] for k in ("duo", "seq", "gptq_damp", "gptq_sink")
+                   if k in spec}
         res = quantize_model(m, adapter, cfg, spec["method"], ids, device=args.device, progress=False,
                              guard=spec["guard"], **options)
         t = time.perf_counter()

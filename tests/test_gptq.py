@@ -120,3 +120,12 @@ def test_a_hessian_that_default_damping_cannot_fix_is_retried_with_ten_times_mor
     assert torch.linalg.cholesky_ex(H + 0.1 * H.diagonal().mean() * torch.eye(64)).info != 0
     q, s, z = gptq_quantize(torch.randn(8, 64), H, QConfig(4, 32, True))
     assert bool(torch.isfinite(dequantize(q, s, z, 32)).all())
+
+
+def test_a_weighted_add_counts_rows_that_many_times():
+    x = correlated_inputs(6, 16)
+    once, thrice = HessianAccumulator(), HessianAccumulator()
+    once.add(torch.cat([x, x[:2], x[:2]]))
+    thrice.add(x)
+    thrice.add(x[:2], weight=2.0)
+    assert thrice.n == once.n and torch.allclose(thrice.hessian, once.hessian, rtol=1e-5, atol=1e-6)

@@ -166,3 +166,17 @@ def test_calibration_blocks_start_with_bos_where_the_tokenizer_adds_it(tmp_path)
     blocks = calibration_blocks(tok, str(text), 4, 32)
     assert blocks.shape == (4, 32) and (blocks[:, 0] == tok.bos_token_id).all()
     assert (blocks[:, 1:] != tok.bos_token_id).all()
+
+
+def test_gptq_sink_weighting_changes_gptq_and_leaves_awq_alone():
+    ids = _calib()
+    cfg = QConfig(3, 32, True)
+    out = {}
+    for method in ("gptq", "awq"):
+        for sink in (0.0, 0.5):
+            res = quantize_model(tiny_model("llama"), get_adapter("llama"), cfg, method, ids, progress=False,
+                                 gptq_sink=sink)
+            out[method, sink] = res.linears
+    changed = [n for n in out["gptq", 0.0] if not torch.equal(out["gptq", 0.0][n].q, out["gptq", 0.5][n].q)]
+    assert changed
+    assert all(torch.equal(out["awq", 0.0][n].q, out["awq", 0.5][n].q) for n in out["awq", 0.0])
