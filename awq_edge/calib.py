@@ -11,7 +11,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.eval import adds_bos
+from awq_edge.eval import adds_bos, bos_blocks
 
 MIXED = "mixed"
 BUILTIN = "builtin"
@@ -138,17 +138,13 @@ def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int, mode
     texts = readers[source](need * 6) if source in readers else read_texts(Path(source))
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
     # A model whose tokenizer starts every text with BOS (Gemma) is calibrated as it runs: BOS + seqlen - 1 tokens.
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    step = seqlen - 1 if bos is not None else seqlen
-    n_blocks = ids.numel() // step
+    blocks = bos_blocks(tokenizer, ids, seqlen)
+    n_blocks = len(blocks)
     if n_blocks == 0:
         raise AwqEdgeError(
             f"calibration text has {ids.numel()} tokens, fewer than one block of {seqlen}",
             "give more text or a smaller --seqlen",
         )
-    blocks = ids[: n_blocks * step].view(n_blocks, step)
-    if bos is not None:
-        blocks = torch.cat([torch.full((n_blocks, 1), bos, dtype=blocks.dtype), blocks], dim=1)
     if n_blocks < n_samples:
         print(f"calibration: only {n_blocks} blocks of {seqlen} tokens in the text (asked for {n_samples})", flush=True)
         return blocks

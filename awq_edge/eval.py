@@ -25,6 +25,17 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
+def bos_blocks(tokenizer, ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """ids cut into [n, seqlen] blocks; where the tokenizer adds BOS, each block is BOS + (seqlen - 1) tokens."""
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    step = seqlen - 1 if bos is not None else seqlen
+    n = ids.numel() // step
+    blocks = ids[: n * step].view(n, step)
+    if bos is not None:
+        blocks = torch.cat([torch.full((n, 1), bos, dtype=blocks.dtype), blocks], dim=1)
+    return blocks
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, ids: torch.Tensor, seqlen: int = 512, batch_size: int = 4,
                device: str = "cpu", progress: bool = True) -> dict:
@@ -33,14 +44,10 @@ def perplexity(model, tokenizer, ids: torch.Tensor, seqlen: int = 512, batch_siz
     Models whose tokenizer adds BOS see BOS + (seqlen - 1) text tokens per
     window, as they were trained; the BOS itself is never scored.
     """
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    step = seqlen - 1 if bos is not None else seqlen
-    n_windows = ids.numel() // step
+    windows = bos_blocks(tokenizer, ids, seqlen)
+    n_windows = len(windows)
     if n_windows == 0:
         raise AwqEdgeError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}", "use more text or a smaller --seqlen")
-    windows = ids[: n_windows * step].view(n_windows, step)
-    if bos is not None:
-        windows = torch.cat([torch.full((n_windows, 1), bos, dtype=windows.dtype), windows], dim=1)
     nll, count = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, unit="batch"):
         batch = batch.to(device)

@@ -21,6 +21,22 @@ NAMES = ["model.layers.3.self_attn.q_proj", "model.layers.10.mlp.gate_proj", "mo
          "model.layers.20.self_attn.o_proj", "model.layers.25.mlp.down_proj"]
 
 
+@torch.no_grad()
+def record_inputs(model, names: list, texts: dict) -> dict:
+    """text key -> linear name -> its inputs [blocks, seqlen, in] over that text's token blocks."""
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0])) for n in names]
+    inputs = {}
+    for key, ids in texts.items():
+        seen.update({n: [] for n in names})
+        for b in ids.split(8):
+            model(b)
+        inputs[key] = {n: torch.cat(seen[n]) for n in names}
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
 def error(x, w, wq):
     ref = x @ w.t()
     return ((x @ wq.t() - ref).pow(2).sum() / ref.pow(2).sum()).item()
@@ -35,16 +51,7 @@ def main():
     model.eval()
     texts = {"mixed": calib.calibration_blocks(tok, calib.MIXED, 24, 512),
              "wiki": calib.calibration_blocks(tok, str(Path(args.wikitext) / "valid.txt"), 24, 512)}
-    seen = {}
-    for n in NAMES:
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0].reshape(-1, i[0].shape[-1])))
-    inputs = {}
-    for key, ids in texts.items():
-        for n in NAMES:
-            seen[n] = []
-        for b in ids.split(8):
-            model(b)
-        inputs[key] = {n: torch.cat(seen[n]) for n in NAMES}
+    inputs = {key: {n: x.flatten(0, 1) for n, x in per.items()} for key, per in record_inputs(model, NAMES, texts).items()}
     cfg = QConfig(4, 64, True)
     print("relative output error on the held-out third of each text (w4 g64)")
     for n in NAMES:

@@ -9,6 +9,7 @@ Usage: python -P bench/gptq_sink.py [--layer 18] [--wikitext DIR] > bench/result
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ from awq_edge import calib
 from awq_edge.gptq import HessianAccumulator, gptq_quantize
 from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig, dequantize, quantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder, for its sibling
+from gptq_domain import record_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -35,16 +39,7 @@ def main():
     texts = {"mixed": calib.calibration_blocks(tok, calib.MIXED, 24, SEQLEN),
              "wiki": calib.calibration_blocks(tok, str(Path(args.wikitext) / "valid.txt"), 8, SEQLEN)}
     names = [f"model.layers.{args.layer}.{n}" for n in LINEARS]
-    seen = {}
-    for n in names:
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0]))
-    inputs = {}
-    for key, ids in texts.items():
-        for n in names:
-            seen[n] = []
-        for b in ids.split(8):
-            model(b)
-        inputs[key] = {n: torch.cat(seen[n]) for n in names}  # blocks, SEQLEN, in
+    inputs = record_inputs(model, names, texts)  # blocks, SEQLEN, in
     cfg = QConfig(4, 64, True)
     print(f"layer {args.layer}: relative output error on WikiText-2 valid at each block's position 0 | 1-3 | rest")
     for n in names:

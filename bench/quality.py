@@ -31,7 +31,7 @@ from awq_edge.arch import get_adapter
 from awq_edge.eval import perplexity, text_tokens
 from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig
-from awq_edge.layerwise import quantize_model
+from awq_edge.layerwise import _first, _hidden, quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -92,16 +92,13 @@ def break_grid(model, adapter, noise: float, seed: int = 0) -> None:
 def layer_errors_on(base, model, adapter, ids, device) -> list:
     """Per decoder layer, on the float model's own inputs for `ids`: ||L_q(x) - L(x)||^2 / ||L(x) - x||^2, the
     quantised layer's error relative to the float layer's update (the residual stream itself excluded)."""
-    def hidden(args, kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
     inputs, outputs = {}, {}
     hooks = []
     for i, layer in enumerate(adapter.layers(base)):
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.__setitem__(i, hidden(a, kw).clone()), with_kwargs=True))
+            lambda m, a, kw, i=i: inputs.__setitem__(i, _hidden((a, kw)).clone()), with_kwargs=True))
         hooks.append(layer.register_forward_hook(
-            lambda m, a, out, i=i: outputs.__setitem__(i, (out[0] if isinstance(out, tuple) else out).clone())))
+            lambda m, a, out, i=i: outputs.__setitem__(i, _first(out).clone())))
     base.to(device)
     base(ids.to(device))
     base.to("cpu")
@@ -118,7 +115,7 @@ def layer_errors_on(base, model, adapter, ids, device) -> list:
     for i, layer in enumerate(adapter.layers(model)):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, kw, i=i: swap(m, a, kw, i), with_kwargs=True))
         hooks.append(layer.register_forward_hook(lambda m, a, out, i=i: errors.__setitem__(
-            i, ((out[0] if isinstance(out, tuple) else out).float() - outputs[i].float()).pow(2).sum().item()
+            i, (_first(out).float() - outputs[i].float()).pow(2).sum().item()
             / (outputs[i].float() - inputs[i].float()).pow(2).sum().clamp(min=1e-20).item())))
     model.to(device)
     model(ids.to(device))
@@ -273,17 +270,15 @@ def main() -> int:
                "clip_kept": "{}/{}".format(*rep["clip_kept"]) if rep["clip_kept"][1] else None,
                "duo_chosen": rep["duo_chosen"] if rep["scale_groups"] else None}
         rows.append(row)
+        label = (f"{spec['method']} w{spec['w_bit']} g{spec['group_size']} {spec['calibration'] or ''} "
+                 f"n{spec['n_samples']} {spec['flags']}").replace("  ", " ").strip()
         if spec["calibration"]:
             n_layers = len(adapter.layers(m))
             per_layer = [0.0] * n_layers
             for name, err in rep["sensitivity"].items():
                 per_layer[int(name[len(adapter.layers_path) + 1:].split(".")[0])] += err
-            label = (f"{spec['method']} w{spec['w_bit']} g{spec['group_size']} {spec['calibration'] or ''} "
-                     f"n{spec['n_samples']} {spec['flags']}").replace("  ", " ").strip()
             layer_errors[label] = [round(e, 5) for e in per_layer]
         if valid_ids is not None:
-            label = (f"{spec['method']} w{spec['w_bit']} g{spec['group_size']} {spec['calibration'] or ''} "
-                     f"n{spec['n_samples']} {spec['flags']}").replace("  ", " ").strip()
             valid_errors[label] = [round(e, 5) for e in layer_errors_on(base, m, adapter, valid_ids, args.device)]
             row["valid_layer_error_sum"] = round(sum(valid_errors[label]), 4)
         print(json.dumps(row), flush=True)
