@@ -17,7 +17,7 @@ from awq_edge.layers import FileModel
 from awq_edge.model import load_config, load_float_model, load_tokenizer, resolve_model_dir
 from awq_edge.outputs import replace_dir, temp_dir
 from awq_edge.quant import QConfig
-from awq_edge.layerwise import METHODS, quantize_layers, quantize_model
+from awq_edge.layerwise import METHODS, default_method, quantize_layers, quantize_model
 
 GROUP_SIZES = (128, 64, 32)
 GPU_SAMPLES, CPU_SAMPLES = 128, 16
@@ -129,13 +129,14 @@ class QuantizedModel:
             shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
-def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, group_size: int | None = None,
+def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4, group_size: int | None = None,
              zero_point: bool = True, calib_source: str | None = None, n_samples: int | None = None, seqlen: int = 512,
              keep_8bit: int = 0, sensitivity: bool = False, device: str = "auto",
              max_gpu_memory: float | None = None, output=None, progress: bool = True, log=print) -> QuantizedModel:
     """Quantise a model's decoder linears to 4 bits.
 
-    model: a builtin name (`smollm2-135m`), a Hugging Face folder (read layer by
+    method None: the best measured at the group size used (layerwise.default_method: awq-gptq at 128, awq
+    below). model: a builtin name (`smollm2-135m`), a Hugging Face folder (read layer by
     layer from its safetensors; the whole model is never in memory), or a
     transformers model already loaded (then pass its tokenizer; it is quantised
     in place). group_size None picks the largest of 128, 64, 32 that divides
@@ -147,7 +148,7 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
     output: write the checkpoint there as the layers finish (the CLI's path);
     otherwise `.save(dir)` writes it later.
     """
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise AwqEdgeError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
     if w_bit != 4:
         raise AwqEdgeError(f"w_bit {w_bit}: the AutoAWQ checkpoint holds 4-bit weights only", "use w_bit=4")
@@ -167,6 +168,7 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
         adapter = get_adapter(model.config.model_type)
         shapes = linear_shapes(adapter.layers(model), adapter.layers_path)
         cfg = _config(w_bit, group_size, zero_point, shapes, log)
+        method = _method(method, cfg, log)
         with phases("calibration"):
             ids = _calibration(tokenizer, source, n_samples, seqlen, model, device) if calibrate else _no_calibration()
         with phases("layers"):
@@ -191,6 +193,7 @@ def quantize(model, *, tokenizer=None, method: str = "awq", w_bit: int = 4, grou
                 fm = FileModel(path, adapter)
                 shapes = linear_shapes(fm.decoder_layers, adapter.layers_path)
                 cfg = _config(w_bit, group_size, zero_point, shapes, log)
+                method = _method(method, cfg, log)
                 if keep_8bit < 0 or keep_8bit > len(shapes):
                     raise AwqEdgeError(f"keep_8bit {keep_8bit} out of range", f"use 0..{len(shapes)}")
             writer.group_size = cfg.group_size
@@ -232,6 +235,13 @@ def _config(w_bit, group_size, zero_point, shapes, log) -> QConfig:
         raise AwqEdgeError(f"group size {group_size} is not a positive multiple of 8", "use 128, 64 or 32")
     check_awq_shapes(shapes, group_size)
     return QConfig(w_bit, group_size, zero_point)
+
+
+def _method(method, cfg, log) -> str:
+    if method is None:
+        method = default_method(cfg.group_size)
+        log(f"method {method}: the default at group size {cfg.group_size}")
+    return method
 
 
 def _calibration(tokenizer, source, n_samples, seqlen, model, device):

@@ -18,6 +18,7 @@ from torch import nn
 from awq_edge.quant import QConfig, dequantize_groups, fake_quantize, group_qparams, quantize_groups, to_groups
 
 CANDIDATE_CACHE_BYTES = 256 * 2**20
+CLIP_BATCH_ELEMENTS = 2**25  # 128 MiB of float32 per [groups, rows, tokens] tensor of the clip search
 
 
 @torch.no_grad()
@@ -96,16 +97,23 @@ def search_scale(chunks, x_mean: torch.Tensor, linears: list, cfg: QConfig, n_gr
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, cfg: QConfig, x_held_out: torch.Tensor | None = None,
-                n_grid: int = 20, max_shrink: float = 0.5, rows_per_batch: int = 256) -> torch.Tensor:
+                n_grid: int = 20, max_shrink: float = 0.5, rows_per_batch: int | None = None) -> torch.Tensor:
     """Per-group clipping bound [out, n_groups] minimising the error of x @ W_q^T, group by group.
 
     With x_held_out, a shrunk bound is kept only where it also lowers that
     group's error on the held-out tokens; elsewhere the group keeps its full
-    range (plain round-to-nearest).
+    range (plain round-to-nearest). rows_per_batch None: llm-awq's 256 on the
+    CPU; on a GPU as many rows as keep one [groups, rows, tokens] product
+    within CLIP_BATCH_ELEMENTS (fewer, larger launches: the search was
+    launch-bound at 8B).
     """
     g = cfg.group_size
     in_f = w.shape[1]
     pad = -(-in_f // g) * g - in_f
+    if rows_per_batch is None:
+        tokens = max(x.numel(), x_held_out.numel() if x_held_out is not None else 0) // in_f
+        per_row = -(-in_f // g) * tokens
+        rows_per_batch = max(256, CLIP_BATCH_ELEMENTS // per_row) if w.is_cuda else 256
 
     def grouped(t):  # groups, g, tokens
         t = torch.nn.functional.pad(t.reshape(-1, in_f).float(), (0, pad))

@@ -114,7 +114,8 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def linear(self, name: str, ql) -> None:
-        """A quantised linear: AutoAWQ GEMM tensors at 4 bits, its dequantised fp16 weight otherwise."""
+        """A quantised linear: AutoAWQ GEMM tensors at 4 bits, its dequantised fp16 weight otherwise.
+        Packed on the device `ql` is on (a GPU packs an 8B model's layer in milliseconds, the host in seconds)."""
         if ql.bits == 4:
             check_awq_shapes({name: tuple(ql.q.shape)}, self.group_size)
             for k, v in to_awq_gemm(ql.q, ql.scales, ql.zeros, self.group_size).items():
@@ -124,7 +125,7 @@ class CheckpointWriter:
             self.tensor(f"{name}.weight", ql.dequantize())
 
     def tensor(self, name: str, t: torch.Tensor) -> None:
-        t = (t.to(torch.float16) if t.is_floating_point() and t.dtype != torch.float16 else t).contiguous()
+        t = (t.to(torch.float16) if t.is_floating_point() and t.dtype != torch.float16 else t).contiguous().cpu()
         self.pending[name] = t
         self.pending_bytes += t.numel() * t.element_size()
         if self.pending_bytes >= self.shard_bytes:

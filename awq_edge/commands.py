@@ -97,10 +97,11 @@ def run_quantize(args) -> int:
         print("most sensitive linears (relative output error at 4 bits on held-out tokens):")
         for name, err in worst:
             print(f"  {err:.3e}  {name}{'  -> 8 bit' if name in sens['int8_modules'] else ''}")
-    if args.method in ("awq", "awq-gptq") and report["scale_groups"]:
-        print(f"AWQ kept {report['scales_kept']}/{report['scale_groups']} scale groups and "
-              f"{report['clip_kept'][0]}/{report['clip_kept'][1]} clipped weight groups that beat "
-              f"round-to-nearest on {report['n_held_out']} held-out samples")
+    if report["scale_groups"]:
+        clipped = report["clip_kept"]
+        print(f"AWQ kept {report['scales_kept']}/{report['scale_groups']} scale groups"
+              + (f" and {clipped[0]}/{clipped[1]} clipped weight groups" if clipped[1] else "")
+              + f" that beat round-to-nearest on {report['n_held_out']} held-out samples")
     print(f"wrote {out}", flush=True)
     return 0
 
@@ -130,7 +131,10 @@ def register(sub) -> None:
     q = sub.add_parser("quantize", help="quantise a model's linears to 4 bits (AWQ or RTN)")
     q.add_argument("model", help="builtin model name (smollm2-135m) or a local Hugging Face folder")
     q.add_argument("-o", "--output", required=True, help="output checkpoint folder")
-    q.add_argument("--method", choices=METHODS, default="awq")
+    q.add_argument("--method", choices=METHODS, default=None,
+                   help="awq: AWQ's scales and clipping, rounded to nearest; awq-gptq: AWQ's scales, then GPTQ's "
+                        "rounding; gptq; rtn: round to nearest. Default: awq-gptq at group size 128, awq below "
+                        "(what measured best at each)")
     q.add_argument("--w-bit", type=int, default=4)
     q.add_argument("--group-size", type=int, default=None,
                    help="default: 128 if it divides every linear's input width, else 64, else 32")

@@ -28,31 +28,53 @@ class HessianAccumulator:
         self.xtx.addmm_(x.t(), x, alpha=weight)
         self.n += x.shape[0] * weight
 
-    @property
-    def hessian(self) -> torch.Tensor:
+    def take(self) -> torch.Tensor:
+        """The Hessian in the accumulator's own memory; the accumulator is spent."""
+        H = self._xtx().mul_(2 / self.n)
+        self.xtx = None
+        return H
+
+    def _xtx(self) -> torch.Tensor:
         if not self.n:
             raise AwqEdgeError("the GPTQ Hessian has seen no calibration tokens", "call add() with the linear's inputs")
-        return self.xtx * (2 / self.n)
+        return self.xtx
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self._xtx() * (2 / self.n)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float = DAMP, retries: int = 3) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping x10 on each failure."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    mean_diag = H.diagonal().mean()
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping x10 on each failure (H is restored)."""
+    diag = H.diagonal().clone()
+    mean_diag = diag.mean()
     for attempt in range(retries + 1):
         d = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        H.diagonal().copy_(diag + d * mean_diag)  # in place: at 14336 inputs each copy of H is 0.8 GB
+        L, info = torch.linalg.cholesky_ex(H)
+        H.diagonal().copy_(diag)
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            L = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
             if info == 0:
-                return U
+                return U.contiguous()  # row-major whatever the solver returns: both GPTQ loops index rows
+        del L
     raise AwqEdgeError(f"the GPTQ Hessian is not positive definite even with damping {d:g}",
                        "check the calibration activations for NaN or Inf, or pass a larger damp")
 
 
+def _fused_block():
+    """The Triton column loop (gptq_triton.py), or None where Triton is missing."""
+    try:
+        from awq_edge.gptq_triton import gptq_block
+    except ImportError:
+        return None
+    return gptq_block
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = DAMP,
-                  act_order: bool = False):
+                  act_order: bool = False, fused: bool | None = None, overwrite_h: bool = False):
     """W [out, in], H [in, in] -> (q uint8 [out, in], scales [out, n_groups], zeros uint8 [out, n_groups]).
 
     Columns are rounded one at a time; each rounding error is spread over the
@@ -63,7 +85,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size:
     groups"), so groups stay contiguous in the stored layout either way.
     """
     W = w.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float()
+    if not overwrite_h or H.data_ptr() == w.data_ptr():
+        H = H.clone()
     out_f, in_f = W.shape
     gs = cfg.group_size
     dead = H.diagonal() == 0  # an input that is always zero: its weights are free, zero keeps them small
@@ -82,11 +106,24 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size:
 
     # A block is whole groups, so a group's qparams see every update made before its first column.
     block = max(block_size // gs, 1) * gs
+    kernel = None
+    if fused is not False and W.is_cuda and not act_order and in_f % gs == 0:
+        kernel = _fused_block()
+    if fused and kernel is None:
+        raise AwqEdgeError("the fused GPTQ loop needs Triton, a CUDA tensor, no act_order and whole groups",
+                           "install triton or pass fused=None")
     Q = torch.empty_like(W)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = W[:, i1:i2].clone()
         E1 = torch.empty_like(W1)
+        if kernel is not None:
+            g1, g2 = i1 // gs, i2 // gs
+            s1, z1 = scales[:, g1:g2].contiguous(), zeros[:, g1:g2].contiguous()
+            kernel(W1, Hinv[i1:i2, i1:i2], Q[:, i1:i2], E1, s1, z1, gs, cfg.w_bit, cfg.zero_point)
+            scales[:, g1:g2], zeros[:, g1:g2] = s1, z1
+            W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             c, g = i1 + i, group_of[i1 + i]
             if not act_order and c % gs == 0:

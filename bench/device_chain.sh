@@ -8,9 +8,16 @@
 #   smollm2   join and convert SmolLM2; the CLI row of quantize_scale; quality matrices side by side
 #   gemma3    join and convert Gemma-3-270M; its quality matrices, decode parity and speed, its GPU test
 #   final     SmolLM2's GPTQ-dampening and calibration-domain rows beside Gemma-3's rows, decode and tests
+#   probe     the layer loop's steps (time, where the GPU peak is) on a 4-layer Llama-3-8B, for awq and awq-gptq
+#   defaults  RTN / AWQ / AWQ+GPTQ / GPTQ at g64 and g128, 128 and 16 samples, both models side by side; the CLI
+#             at its defaults on SmolLM2 (quantize -> eval); the GPU tests
+#   status    what the background steps have written so far
+# A step can run in the background across calls (the machine stays warm while calls follow within 30 s):
+#   setsid nohup env OUT=/tmp/bg bash bench/device_chain.sh scale8b > /tmp/bg.log 2>&1 < /dev/null &
 # Results are written to /tmp/results and returned packed as OUT/results.tgz (a device call returns at most 8 files).
 set -uo pipefail
 RETURN=${OUT:?set OUT to a results folder}
+mkdir -p "$RETURN"
 OUT=/tmp/results  # kept across the calls of one session; only OUT/results.tgz is returned (a call returns 8 files)
 mkdir -p /tmp/parts /tmp/g "$OUT"
 mv .mc/p/* /tmp/parts/ 2>/dev/null
@@ -69,7 +76,7 @@ for step in "$@"; do
         cmake --build /tmp/awqe -j 16 2>&1 | grep -iE "error" ; ls -la "$AWQ_EDGE_KERNELS_LIB" ;;
     tests)
       python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
-        tests/test_quantize.py tests/test_api.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
+        tests/test_quantize.py tests/test_api.py tests/test_gptq.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
       tail -15 "$OUT/tests.txt" ;;
     scale8b)
       python -P bench/quantize_scale.py --models llama3-8b --tokenizer .mc/tok --work /tmp/scale \
@@ -115,6 +122,41 @@ for step in "$@"; do
       python -P bench/quality.py --merge "$OUT"/quality_gemma3_[0-4].json --out "$OUT/quality_gemma3" > /dev/null
       for f in "$OUT"/quality_*.md; do echo "-- $f"; sed -n '5,20p' "$f" | grep '^|'; done
       tail -3 "$OUT/tests_gemma3.txt"; tail -12 "$OUT/gemma3_e2e.log" ;;
+    probe)
+      for m in awq awq-gptq; do
+        python -P bench/quantize_scale.py --models llama3-8b --layers 4 --tokenizer .mc/tok --work /tmp/probe \
+          --quantize-args "--method $m" --out "$OUT/probe_$m.json" > /dev/null 2>&1
+        grep -h "layer loop\|summary" /tmp/probe/*.log
+      done
+      python -m pytest -q tests/test_gptq.py > "$OUT/tests_gptq.txt" 2>&1; tail -2 "$OUT/tests_gptq.txt" ;;
+    defaults)
+      convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
+      convert gemma3-270m gemma-3-270m-q4_k_m.gguf .mc/gtok
+      PIDS=()
+      python -P bench/quantize_scale.py --models "" --smollm2 "$AWQ_EDGE_CACHE/smollm2-135m-f16" --wikitext "$WT" \
+        --tokenizer .mc/tok --work /tmp/scale --out "$OUT/quantize_scale_smollm2.json" > "$OUT/scale_smollm2.log" 2>&1 &
+      PIDS+=($!)
+      for m in smollm2-135m gemma3-270m; do
+        t=${m%%-*}
+        rows "$m" ${t}_0 "rtn:4:64,rtn:4:128"
+        for g in 64 128; do
+          rows "$m" ${t}_awq$g "awq:4:$g:mixed:128,awq:4:$g:mixed:16"
+          rows "$m" ${t}_awqgptq$g "awq-gptq:4:$g:mixed:128,awq-gptq:4:$g:mixed:16"
+          rows "$m" ${t}_gptq$g "gptq:4:$g:mixed:128,gptq:4:$g:mixed:16"
+        done
+      done
+      python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
+        tests/test_quantize.py tests/test_api.py tests/test_gptq.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1 &
+      PIDS+=($!)
+      for p in "${PIDS[@]}"; do wait "$p"; done
+      for t in smollm2 gemma3; do
+        python -P bench/quality.py --merge "$OUT"/quality_${t}_{0,awq64,awq128,awqgptq64,awqgptq128,gptq64,gptq128}.json \
+          --out "$OUT/quality_defaults_$t" > /dev/null
+        sed -n '5,30p' "$OUT/quality_defaults_$t.md" | grep '^|'
+      done
+      tail -3 "$OUT/scale_smollm2.log"; tail -8 "$OUT/tests.txt" ;;
+    status)
+      for f in "$OUT"/*.log /tmp/bg.log; do [ -f "$f" ] && { echo "-- $f"; tail -c 400 "$f"; echo; }; done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

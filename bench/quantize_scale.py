@@ -32,13 +32,14 @@ SHAPES = {
 }
 
 
-def write_random_model(name: str, folder: Path, tokenizer: Path) -> None:
-    """A Llama folder with random fp16 weights (std 0.02, norms 1), one shard per 4 layers, and the tokenizer."""
+def write_random_model(name: str, folder: Path, tokenizer: Path, layers: int | None = None) -> None:
+    """A Llama folder with random fp16 weights (std 0.02, norms 1), one shard per 4 layers, and the tokenizer.
+    layers: fewer decoder layers than the model has (a quick profile of the layer loop)."""
     if (folder / "config.json").is_file():
         return
     from transformers import LlamaConfig
 
-    shape = SHAPES[name]
+    shape = dict(SHAPES[name], **({"num_hidden_layers": layers} if layers else {}))
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16",
                          bos_token_id=1, eos_token_id=2)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -93,7 +94,9 @@ def run_cli(args: list, log: Path) -> dict:
                "peak_rss_gib_so_far": float(m[3])}
               for m in re.findall(r"^\[(\w+)\] ([\d.]+) s(?:, peak GPU ([\d.]+) GiB)?, peak RSS so far ([\d.]+) GiB",
                                   text, re.M)]
+    steps = re.search(r"^layer loop: (.*)$", text, re.M)
     return {"command": "awq-edge " + " ".join(args), "wall_seconds": round(wall, 1), "phases": phases,
+            "layer_steps": steps[1] if steps else None,
             "peak_gpu_gib": max((p["peak_gpu_gib"] or 0 for p in phases), default=None),
             "peak_rss_gib": max((p["peak_rss_gib_so_far"] for p in phases), default=None),
             "log_tail": [line for line in text.replace("\r", "\n").splitlines() if line.strip()
@@ -108,6 +111,7 @@ def main() -> int:
     ap.add_argument("--smollm2", help="SmolLM2 float folder: also quantise it and evaluate its perplexity")
     ap.add_argument("--wikitext", help="folder with WikiText-2 test.txt, for --smollm2")
     ap.add_argument("--quantize-args", default="", help="extra arguments for every quantize run")
+    ap.add_argument("--layers", type=int, help="write the random models with this many layers (a quick profile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize_scale.json"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -123,18 +127,18 @@ def main() -> int:
 
     extra = args.quantize_args.split()
     for name in [m for m in args.models.split(",") if m]:
-        folder = work / name
+        folder = work / (name if not args.layers else f"{name}-{args.layers}layers")
         t0 = time.perf_counter()
         # In a child process, so this one never holds the weights (the CLI's RSS is its own either way).
         subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); import quantize_scale as q; "
-                        f"q.write_random_model({name!r}, q.Path({str(folder)!r}), q.Path({args.tokenizer!r}))"],
+                        f"q.write_random_model({name!r}, q.Path({str(folder)!r}), q.Path({args.tokenizer!r}), {args.layers})"],
                        check=True, cwd=ROOT)
         print(f"{name}: random fp16 folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        row = {"model": name, "weights": "random fp16", **run_cli(
-            ["quantize", str(folder), "-o", str(work / f"{name}-awq"), *extra], work / f"{name}.log")}
+        row = {"model": folder.name, "weights": "random fp16", **run_cli(
+            ["quantize", str(folder), "-o", str(work / f"{folder.name}-q"), *extra], work / f"{folder.name}.log")}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
-        shutil.rmtree(work / f"{name}-awq", ignore_errors=True)
+        shutil.rmtree(work / f"{folder.name}-q", ignore_errors=True)
         save()
     if args.smollm2:
         ck = work / "smollm2-awq"

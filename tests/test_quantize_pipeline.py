@@ -104,6 +104,19 @@ def test_group_size_default_is_the_largest_that_divides_every_linear():
     assert pick_group_size({"a": (8, 96)}) == 32
 
 
+@pytest.mark.parametrize("group,method", [(None, "awq-gptq"), (64, "awq"), (32, "awq")])
+def test_the_default_method_is_the_one_measured_best_at_the_group_size(tmp_path, group, method):
+    # hidden 128, intermediate 256: group 128 divides every linear, so it is picked when none is given.
+    folder, _ = _folder(tmp_path / "m", hidden_size=128, intermediate_size=256)
+    text = _text(tmp_path / "t.txt")
+    q = tmp_path / "q"
+    args = ["--group-size", str(group)] if group else []
+    assert cli.main(["quantize", str(folder), "-o", str(q), "--device", "cpu", "--calib", str(text),
+                     "--n-samples", "4", "--seqlen", "32", *args]) == 0
+    meta = json.loads((q / "config.json").read_text())["awq_edge"]
+    assert (meta["method"], meta["group_size"]) == (method, group or 128)
+
+
 def test_memory_plan_moves_activations_to_the_host_when_the_budget_is_short():
     from transformers import LlamaConfig
 
