@@ -1,5 +1,7 @@
 """GPTQ weight rounding (Frantar et al., 2022): pure functions on tensors, in the format of `quant.quantize`."""
 
+import warnings
+
 import torch
 
 from awq_edge.errors import AwqEdgeError
@@ -35,6 +37,8 @@ class HessianAccumulator:
         return H
 
     def _xtx(self) -> torch.Tensor:
+        if self.n and self.xtx is None:
+            raise AwqEdgeError("this GPTQ Hessian was taken already", "read .hessian before take()")
         if not self.n:
             raise AwqEdgeError("the GPTQ Hessian has seen no calibration tokens", "call add() with the linear's inputs")
         return self.xtx
@@ -45,22 +49,30 @@ class HessianAccumulator:
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float = DAMP, retries: int = 3) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping x10 on each failure (H is restored)."""
+    """Upper Cholesky factor (row-major) of (H + damp * mean(diag H) * I)^-1, damping x10 on each failure.
+    H's diagonal is damped in place and restored (at 14336 inputs each copy of H is 0.8 GB)."""
     diag = H.diagonal().clone()
     mean_diag = diag.mean()
-    for attempt in range(retries + 1):
-        d = damp * 10**attempt
-        H.diagonal().copy_(diag + d * mean_diag)  # in place: at 14336 inputs each copy of H is 0.8 GB
-        L, info = torch.linalg.cholesky_ex(H)
-        H.diagonal().copy_(diag)
-        if info == 0:
-            L = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(L, upper=True)
+    try:
+        for attempt in range(retries + 1):
+            d = damp * 10**attempt
+            H.diagonal().copy_(diag + d * mean_diag)
+            L, info = torch.linalg.cholesky_ex(H)
             if info == 0:
-                return U.contiguous()  # row-major whatever the solver returns: both GPTQ loops index rows
-        del L
+                inverse = torch.cholesky_inverse(L)
+                del L
+                L, info = torch.linalg.cholesky_ex(inverse)
+                del inverse
+                if info == 0:
+                    return L.mT.contiguous()  # U = L^T; a no-copy view where the solver returns column-major L
+            del L
+    finally:
+        H.diagonal().copy_(diag)
     raise AwqEdgeError(f"the GPTQ Hessian is not positive definite even with damping {d:g}",
                        "check the calibration activations for NaN or Inf, or pass a larger damp")
+
+
+_FUSED_BROKEN = []  # the first error of the Triton loop where it cannot run here (auto mode then uses PyTorch's)
 
 
 def _fused_block():
@@ -74,7 +86,7 @@ def _fused_block():
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = DAMP,
-                  act_order: bool = False, fused: bool | None = None, overwrite_h: bool = False):
+                  act_order: bool = False, fused: bool | None = None, overwrite: bool = False):
     """W [out, in], H [in, in] -> (q uint8 [out, in], scales [out, n_groups], zeros uint8 [out, n_groups]).
 
     Columns are rounded one at a time; each rounding error is spread over the
@@ -83,11 +95,14 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size:
     when the loop reaches its first column; with act_order (largest H_ii
     first) they are fixed from the original weights beforehand ("static
     groups"), so groups stay contiguous in the stored layout either way.
+    `fused` (None: wherever it applies, a CUDA tensor without act_order and
+    whole groups) runs each block's column loop as one Triton kernel, the same
+    arithmetic. `overwrite` lets it use w's and H's memory (float32 inputs are
+    then undefined).
     """
-    W = w.detach().float().clone()
-    H = H.detach().float()
-    if not overwrite_h or H.data_ptr() == w.data_ptr():
-        H = H.clone()
+    W, H = w.detach().float(), H.detach().float()
+    if not overwrite:
+        W, H = W.clone(), H.clone()
     out_f, in_f = W.shape
     gs = cfg.group_size
     dead = H.diagonal() == 0  # an input that is always zero: its weights are free, zero keeps them small
@@ -107,7 +122,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size:
     # A block is whole groups, so a group's qparams see every update made before its first column.
     block = max(block_size // gs, 1) * gs
     kernel = None
-    if fused is not False and W.is_cuda and not act_order and in_f % gs == 0:
+    if fused is not False and W.is_cuda and not act_order and in_f % gs == 0 and (fused or not _FUSED_BROKEN):
         kernel = _fused_block()
     if fused and kernel is None:
         raise AwqEdgeError("the fused GPTQ loop needs Triton, a CUDA tensor, no act_order and whole groups",
@@ -120,10 +135,19 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, cfg: QConfig, *, block_size:
         if kernel is not None:
             g1, g2 = i1 // gs, i2 // gs
             s1, z1 = scales[:, g1:g2].contiguous(), zeros[:, g1:g2].contiguous()
-            kernel(W1, Hinv[i1:i2, i1:i2], Q[:, i1:i2], E1, s1, z1, gs, cfg.w_bit, cfg.zero_point)
-            scales[:, g1:g2], zeros[:, g1:g2] = s1, z1
-            W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-            continue
+            try:
+                kernel(W1, Hinv[i1:i2, i1:i2], Q[:, i1:i2], E1, s1, z1, gs, cfg.w_bit, cfg.zero_point)
+            except Exception as e:  # e.g. Triton without a compiler for this GPU: the PyTorch loop, said once
+                if fused:
+                    raise
+                _FUSED_BROKEN.append(e)
+                warnings.warn(f"GPTQ's Triton loop cannot run here ({type(e).__name__}: {str(e)[:200]}); "
+                              "using the PyTorch loop, about 15x slower")
+                kernel = None
+            else:
+                scales[:, g1:g2], zeros[:, g1:g2] = s1, z1
+                W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+                continue
         for i in range(i2 - i1):
             c, g = i1 + i, group_of[i1 + i]
             if not act_order and c % gs == 0:

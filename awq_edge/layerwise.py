@@ -76,7 +76,8 @@ def plan_memory(config, n_samples: int, seqlen: int, device: str, budget_bytes: 
 
     Counted: the layer's weights twice (the searches keep the float
     originals), five copies of the largest group's weights (a candidate's
-    fake-quantisation temporaries), GPTQ's Hessians, one chunk's working set
+    fake-quantisation temporaries), GPTQ's Hessians and, apart (it never
+    overlaps a chunk), its rounding's temporaries, one chunk's working set
     (the MLP's intermediates, the block's output and reference, a few
     hidden-size buffers per token), and, if they fit, the layer's input and
     output activations for all samples. Checked against the measured peak at
@@ -88,14 +89,18 @@ def plan_memory(config, n_samples: int, seqlen: int, device: str, budget_bytes: 
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
     mlp = 2 * hidden * inter
     layer = hidden * (heads * head_dim + 2 * kv) + heads * head_dim * hidden + 3 * hidden * inter
-    fixed = (2 * layer + 5 * mlp + (3 * hidden ** 2 + inter ** 2 if hessians else 0)) * bytes_per
+    fixed = (2 * layer + (3 * hidden ** 2 + inter ** 2 if hessians else 0)) * bytes_per
+    search = 5 * mlp * bytes_per  # the scale search's candidates, beside one chunk's working set
+    # GPTQ's rounding, which never overlaps a chunk: the widest Hessian's factors (three at once) and three copies
+    # of the stacked gate/up weights.
+    rounding = (3 * inter ** 2 + 3 * mlp) * bytes_per if hessians else 0
     per_sample = seqlen * (6 * inter + 12 * hidden) * bytes_per
     chunk = max(1, min(n_samples, CHUNK_TOKENS // seqlen))
     if not device.startswith("cuda") or budget_bytes is None:
         return MemoryPlan(chunk, device)
-    chunk = max(1, min(chunk, (budget_bytes - fixed) // 2 // per_sample))
+    chunk = max(1, min(chunk, (budget_bytes - fixed - search) // 2 // per_sample))
     activations = 2 * n_samples * seqlen * hidden * bytes_per
-    store = device if fixed + activations + chunk * per_sample <= budget_bytes else "cpu"
+    store = device if fixed + activations + max(search + chunk * per_sample, rounding) <= budget_bytes else "cpu"
     return MemoryPlan(chunk, store)
 
 
@@ -230,15 +235,15 @@ class _Timer:
     """Seconds of each step of the layer loop, summed over the layers (the GPU synchronised at each lap)."""
 
     def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
+        self.cuda = torch.device(device) if device.startswith("cuda") else None
         self.seconds = {}
         self.peak, self.peak_step = 0, None  # the step in which the GPU's peak allocation was last raised
         self.t = time.perf_counter()
 
     def lap(self, step: str):
         if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            torch.cuda.synchronize(self.cuda)
+            peak = torch.cuda.max_memory_allocated(self.cuda)
             if peak > self.peak:
                 self.peak, self.peak_step = peak, step
         now = time.perf_counter()
@@ -302,7 +307,7 @@ def _gptq_round(linears: dict, stats: _InputStats, scales: dict, cfg: QConfig, d
         if owner in scales:  # the stacked linears share their input, so its folded scale
             H.div_(scales[owner][:, None]).div_(scales[owner][None, :])
         W = torch.cat([linears[n].weight.data.float() for n in names])
-        q, sc, zp = gptq_quantize(W, H, cfg, damp=damp, overwrite_h=True)
+        q, sc, zp = gptq_quantize(W, H, cfg, damp=damp, overwrite=True)
         del H, W
         rows = [linears[n].weight.shape[0] for n in names]
         out.update({n: parts for n, parts in zip(names, zip(q.split(rows), sc.split(rows), zp.split(rows)))})

@@ -136,7 +136,7 @@ def test_a_weighted_add_counts_rows_that_many_times():
 @pytest.mark.parametrize("zero_point", [True, False])
 def test_fused_gptq_loop_on_the_gpu_equals_the_pytorch_loop(zero_point, group_size):
     pytest.importorskip("triton", reason="the fused GPTQ loop needs Triton")
-    # 1,000 rows: several programs and a ragged last one; 384 columns: three blocks of 128 (fewer for gs 256).
+    # 1,000 rows: several programs and a ragged last one; 384 columns: three blocks of 128.
     x = correlated_inputs(group_size, 384).cuda()
     w = torch.randn(1000, 384, generator=torch.Generator().manual_seed(1)).cuda()
     H, cfg = hessian(x), QConfig(4, group_size, zero_point)
