@@ -11,13 +11,16 @@ behaviour) instead of only those that beat round-to-nearest on the held-out
 samples; `duo`/`noduo` add or drop AutoAWQ's weight-aware scale candidates;
 `seq`/`noseq` feed each layer the quantised model's activations or the float
 model's; `dampX` sets GPTQ's dampening to X; `sinkX` counts each sequence's first token again
-in GPTQ's Hessian, X x seqlen times. `--grid-noise` moves the GGUF-derived weights off their grid first.
+in GPTQ's Hessian, X x seqlen times; `tf32emu` rounds the inputs of GPTQ's matmuls (the Hessian, the block
+updates) to TF32 as the GPU's layer loop does, to measure that on the CPU. `--grid-noise` moves the GGUF-derived
+weights off their grid first.
 Writes OUT.json and OUT.md (default bench/results/quality).
 Usage: python -P bench/quality.py [--model smollm2-135m|FOLDER] [--device cuda] [--rows ...] [--eval-tokens N]
 """
 
 import argparse
 import copy
+from contextlib import contextmanager, nullcontext
 import json
 import platform
 import sys
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from awq_edge import calib, gptq
+from awq_edge import calib, gptq, layerwise
 from awq_edge.arch import get_adapter
 from awq_edge.eval import perplexity, text_tokens
 from awq_edge.model import load_float_model, resolve_model_dir
@@ -40,7 +43,7 @@ DEFAULT_ROWS = ("rtn:4:64:mixed:128,awq:4:64:mixed:128,awq:4:64:mixed:128:noguar
                 "gptq:4:128:mixed:128,awq:4:128:mixed:16")
 
 
-FLAGS = ("noguard", "duo", "noduo", "seq", "noseq")
+FLAGS = ("noguard", "duo", "noduo", "seq", "noseq", "tf32emu")
 
 
 def parse_row(spec: str) -> dict:
@@ -72,6 +75,36 @@ def parse_row(spec: str) -> dict:
         if name in flags or "no" + name in flags:
             row[name] = name in flags
     return row
+
+
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32's 10-bit mantissa, to nearest (ties away), as tensor cores read it."""
+    i = t.detach().float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@contextmanager
+def tf32_emulated():
+    """On the CPU, what TF32 matmuls (the GPU's layer loop) do to GPTQ: the Hessian's x^T x and the column loop's
+    block updates read their inputs rounded to TF32, and sum in float32."""
+    add, mm = gptq.HessianAccumulator.add, torch.Tensor.__matmul__
+    inner = layerwise.gptq_quantize
+
+    def rounded_add(self, x, weight=1.0):
+        return add(self, _tf32(x.reshape(-1, x.shape[-1])), weight)
+
+    def rounded_gptq(*a, **kw):
+        torch.Tensor.__matmul__ = lambda u, v: mm(_tf32(u), _tf32(v))
+        try:
+            return inner(*a, **kw)
+        finally:
+            torch.Tensor.__matmul__ = mm
+
+    gptq.HessianAccumulator.add, layerwise.gptq_quantize = rounded_add, rounded_gptq
+    try:
+        yield
+    finally:
+        gptq.HessianAccumulator.add, layerwise.gptq_quantize = add, inner
 
 
 def break_grid(model, adapter, noise: float, seed: int = 0) -> None:
@@ -259,8 +292,9 @@ def main() -> int:
         m = copy.deepcopy(base)
         options = {{"seq": "sequential"}.get(k, k): spec[k] for k in ("duo", "seq", "gptq_damp", "gptq_sink")
                    if k in spec}
-        res = quantize_model(m, adapter, cfg, spec["method"], ids, device=args.device, progress=False,
-                             guard=spec["guard"], **options)
+        with tf32_emulated() if "tf32emu" in spec["flags"] else nullcontext():
+            res = quantize_model(m, adapter, cfg, spec["method"], ids, device=args.device, progress=False,
+                                 guard=spec["guard"], **options)
         t = time.perf_counter()
         r = evaluate(m)
         rep = res.report
