@@ -299,11 +299,12 @@ def _gptq_round(linears: dict, stats: _InputStats, scales: dict, cfg: QConfig, d
     so this equals one call per linear). Returns name -> (q, scales, zeros)."""
     by_owner = {}
     for name in linears:
-        by_owner.setdefault(stats.hessian_of[name], []).append(name)
+        by_owner.setdefault(stats.hessian_of.get(name, name), []).append(name)  # a linear never called: its own
     out = {}
     for owner, names in by_owner.items():
         assert all(scales.get(n) is scales.get(owner) for n in names), "linears of one input share its scales"
-        H = stats.hessian.pop(owner).take()  # the accumulator's memory (0.8 GB for Llama-3-8B's down_proj)
+        # The accumulator's memory (0.8 GB for Llama-3-8B's down_proj); an empty one says why in one line.
+        H = stats.hessian.pop(owner, HessianAccumulator()).take()
         if owner in scales:  # the stacked linears share their input, so its folded scale
             H.div_(scales[owner][:, None]).div_(scales[owner][None, :])
         W = torch.cat([linears[n].weight.data.float() for n in names])
@@ -405,7 +406,8 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
                 rounded = _gptq_round(linears, stats, scales, cfg, gptq_damp)
             for name, lin in linears.items():
                 q, sc, zp = rounded[name] if method in GPTQ_ROUNDED else quantize(lin.weight.data, cfg)
-                ql = QuantizedLinear(q.to(torch.uint8), sc, zp.to(torch.uint8), bits=cfg.w_bit, group_size=cfg.group_size)
+                ql = QuantizedLinear(q.to(torch.uint8), sc, zp.to(torch.uint8), bits=cfg.w_bit,
+                                     group_size=cfg.group_size)
                 w_hat = ql.dequantize().to(lin.weight.dtype)  # on the device: the host is the slow part at 8B
                 if keep_8bit or isinstance(sink, _Collect):  # kept: off the device (a writer packs it there)
                     ql = ql.to("cpu")
