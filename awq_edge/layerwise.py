@@ -23,6 +23,11 @@ from awq_edge.layers import LoadedModel, _StopForward
 from awq_edge.quant import QConfig, dequantize, quantize, to_groups
 
 METHODS = ("awq", "rtn", "gptq", "awq-gptq")
+SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
+GPTQ_ROUNDED = ("gptq", "awq-gptq")
+SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
+N_GRID = 20  # alphas tried per scale search (llm-awq's grid)
+CHUNK_TOKENS = 4096  # larger chunks buy little speed on a GPU and cost memory (8192: 12.2 GiB peak at 8B)
 
 
 def default_method(group_size: int) -> str:
@@ -31,11 +36,6 @@ def default_method(group_size: int) -> str:
     (SmolLM2 31.10 against AWQ's 32.78, Gemma-3-270M 63.24 against 66.45), at 64 and below AWQ's scales and
     clipping (Gemma-3 62.09 against 65.91; SmolLM2 within 0.4% at 128 samples, 2.5% better at 16)."""
     return "awq-gptq" if group_size >= 128 else "awq"
-SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
-GPTQ_ROUNDED = ("gptq", "awq-gptq")
-SAMPLE_ROWS = 512  # tokens per part kept for the clip search and the sensitivity report, as llm-awq's auto_clip
-N_GRID = 20  # alphas tried per scale search (llm-awq's grid)
-CHUNK_TOKENS = 4096  # larger chunks buy little speed on a GPU and cost memory (8192: 12.2 GiB peak at 8B)
 
 
 @dataclass
@@ -402,12 +402,10 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
                         apply_clip(lin, bound, cfg.group_size)
 
             timer.lap("clip")
-            if method in GPTQ_ROUNDED:
-                rounded = _gptq_round(linears, stats, scales, cfg, gptq_damp)
+            rounded = _gptq_round(linears, stats, scales, cfg, gptq_damp) if method in GPTQ_ROUNDED else {}
             for name, lin in linears.items():
-                q, sc, zp = rounded[name] if method in GPTQ_ROUNDED else quantize(lin.weight.data, cfg)
-                ql = QuantizedLinear(q.to(torch.uint8), sc, zp.to(torch.uint8), bits=cfg.w_bit,
-                                     group_size=cfg.group_size)
+                q, sc, zp = rounded[name] if name in rounded else quantize(lin.weight.data, cfg)
+                ql = QuantizedLinear(q, sc, zp, bits=cfg.w_bit, group_size=cfg.group_size)
                 w_hat = ql.dequantize().to(lin.weight.dtype)  # on the device: the host is the slow part at 8B
                 if keep_8bit or isinstance(sink, _Collect):  # kept: off the device (a writer packs it there)
                     ql = ql.to("cpu")

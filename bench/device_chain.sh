@@ -42,6 +42,12 @@ from awq_edge.model import _gguf_to_safetensors as c, cache_root
 c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v Warn | tail -3
 }
 
+# gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop) into $OUT/tests.txt
+gpu_tests() {
+  python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
+    tests/test_quantize.py tests/test_api.py tests/test_gptq.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
+}
+
 # rows MODEL TAG ROWS [quality.py options...]: one quality.py process in the background
 rows() {
   local model=$1 tag=$2 r=$3
@@ -75,8 +81,7 @@ for step in "$@"; do
       cmake -S plugins -B /tmp/awqe -DCMAKE_CUDA_ARCHITECTURES=90-real > /dev/null &&
         cmake --build /tmp/awqe -j 16 2>&1 | grep -iE "error" ; ls -la "$AWQ_EDGE_KERNELS_LIB" ;;
     tests)
-      python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
-        tests/test_quantize.py tests/test_api.py tests/test_gptq.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
+      gpu_tests
       tail -15 "$OUT/tests.txt" ;;
     scale8b)
       python -P bench/quantize_scale.py --models llama3-8b --tokenizer .mc/tok --work /tmp/scale \
@@ -145,8 +150,7 @@ for step in "$@"; do
           rows "$m" ${t}_gptq$g "gptq:4:$g:mixed:128,gptq:4:$g:mixed:16"
         done
       done
-      python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
-        tests/test_quantize.py tests/test_api.py tests/test_gptq.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1 &
+      gpu_tests &
       PIDS+=($!)
       for p in "${PIDS[@]}"; do wait "$p"; done
       for t in smollm2 gemma3; do
