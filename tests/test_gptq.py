@@ -162,21 +162,20 @@ def test_fused_gptq_loop_refuses_a_cpu_tensor_in_one_line():
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma3_text"])
 def test_linears_of_one_input_share_one_hessian_and_round_as_if_alone(model_type):
+    from awq_edge.arch import get_adapter
+    from awq_edge.layers import LoadedModel
     from awq_edge.layerwise import _gptq_round, _InputStats
     from conftest import tiny_model
 
-    layer = tiny_model(model_type).model.layers[0]
+    model = tiny_model(model_type)
+    source = LoadedModel(model, get_adapter(model.config.model_type))
+    x, calls = source.record(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+    layer = source.layer(0, "cpu", None)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     stats = _InputStats(linears, [1, 1], hessians=True)
-    model = tiny_model(model_type)
-    seen = []
-    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), use_cache=False)
-    hook.remove()
-    (args, kwargs), = seen
+    args, kwargs = calls[0]
     with torch.no_grad(), stats.watching(0):
-        layer(*args, **kwargs)
+        layer(x, *args, **kwargs)
     owners = {n: stats.hessian_of[n].rsplit(".", 1)[-1] for n in linears}
     if model_type != "phi3":  # phi3 fuses q/k/v and gate/up into one linear each
         assert owners["self_attn.k_proj"] == owners["self_attn.v_proj"] == "q_proj"
