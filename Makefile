@@ -91,7 +91,7 @@ engine-steps: $(ENGINE_DIR)/model.engine
 # no quantisation or export over it; given ENGINE_QUANT_DIR, export that checkpoint and never re-quantise it.
 ONNX_ONLY := $(if $(filter command,$(origin ENGINE_ONNX_DIR)),$(if $(filter command,$(origin MODEL) $(origin ENGINE_QUANT_DIR)),,yes))
 QUANT_GIVEN := $(filter command,$(origin ENGINE_QUANT_DIR))
-# The checkpoint's stamp holds the model's identity (awq_edge.engine_build.model_identity) and is rewritten only
+# The checkpoint's stamp holds the model's identity (awq_edge.quantizer.source.model_identity) and is rewritten only
 # when it changes: MODEL=a/smol then MODEL=b/smol write the same folders, and file times alone would keep a's.
 ENGINE_MODEL_STAMP = $(OUT)/.stamps/$(notdir $(ENGINE_QUANT_DIR)).model
 
@@ -104,7 +104,7 @@ $(ENGINE_ONNX_DIR)/model.onnx:
 else
 ifeq ($(QUANT_GIVEN),)
 $(ENGINE_MODEL_STAMP): FORCE
-	@$(PY) -c "import sys; from awq_edge.engine_build import write_stamp; write_stamp(*sys.argv[1:])" \
+	@$(PY) -c "import sys; from awq_edge.quantizer.source import write_stamp; write_stamp(*sys.argv[1:])" \
 	  $@ "$(MODEL)" --group-size $(GROUP) $(ENGINE_QUANT_FLAGS) $(ENGINE_QUANT_ARGS)
 
 $(ENGINE_QUANT_DIR)/model.safetensors: $(ENGINE_MODEL_STAMP)

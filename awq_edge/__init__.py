@@ -19,8 +19,8 @@ import importlib
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
-_API = {"load": "awq_edge.runner", "Model": "awq_edge.runner", "AwqEdgeError": "awq_edge.errors",
-        "quantize": "awq_edge.api", "QuantizedModel": "awq_edge.api"}
+_API = {"load": "awq_edge.runtime.api", "Model": "awq_edge.runtime.api", "AwqEdgeError": "awq_edge.errors",
+        "quantize": "awq_edge.quantizer.api", "QuantizedModel": "awq_edge.quantizer.api"}
 __all__ = sorted(_API)
 
 

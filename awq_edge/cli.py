@@ -1,4 +1,4 @@
-"""The `awq-edge` command line: each stage's module registers its own subcommands."""
+"""The `awq-edge` command line: each stage's cli module registers its own subcommands."""
 
 import argparse
 import importlib
@@ -10,11 +10,10 @@ from awq_edge.errors import AwqEdgeError
 
 # Each module defines register(subparsers), setting `func` on its parsers.
 COMMAND_MODULES = (
-    "awq_edge.commands",
-    "awq_edge.devices",
-    "awq_edge.engine_build",
-    "awq_edge.export.command",
-    "awq_edge.runtime.commands",
+    "awq_edge.quantizer.cli",
+    "awq_edge.export.cli",
+    "awq_edge.engine.cli",
+    "awq_edge.runtime.cli",
 )
 
 

@@ -114,3 +114,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 def write_failed(out: Path, e: OSError) -> AwqEdgeError:
     return AwqEdgeError(f"could not write {out}: {e.strerror or e}", "free disk space or choose a writable -o folder")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write one small file whole or not at all (a temporary beside it, renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

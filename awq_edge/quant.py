@@ -5,11 +5,30 @@ columns. When `in` is not a multiple of the group size, the last group is
 ragged; it is padded with copies of its own last column so that its min/max
 (and so its scale and zero point) depend on real values only, the way a
 MatMulNBits block of ceil(K / block_size) blocks treats it.
+
+`QuantLinear` and `FloatLinear` are the one description of a linear that every
+stage passes on: the quantiser produces them, the checkpoint reader returns
+them, the exporter and the runtimes consume them.
 """
 
 from dataclasses import dataclass
 
 import torch
+
+from awq_edge.errors import AwqEdgeError
+
+# The group sizes the checkpoint, MatMulNBits and the CUDA kernels all take, largest first (the automatic pick).
+GROUP_SIZES = (128, 64, 32)
+
+
+def check_group_size(group_size, flag: str = "--group-size") -> int:
+    """The one group-size rule of the API, the CLI and the exporter: a power of two of at least 16 (MatMulNBits'
+    block sizes; the CUDA kernels take 32, 64 and 128 and say so at load)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 \
+            or group_size & (group_size - 1):
+        raise AwqEdgeError(f"{flag} {group_size!r} is not a power of two of at least 16 (MatMulNBits' block sizes)",
+                           f"use {flag} 128, 64 or 32, or leave it out to pick the largest that fits")
+    return group_size
 
 
 @dataclass(frozen=True)
@@ -95,3 +114,64 @@ def fake_quantize(w: torch.Tensor, cfg: QConfig) -> torch.Tensor:
     scales, zeros = group_qparams(wg, cfg)
     q = quantize_groups(wg, scales, zeros, cfg.w_bit)
     return from_groups(dequantize_groups(q, scales, zeros), w.shape[1]).to(w.dtype)
+
+
+@dataclass
+class QuantLinear:
+    """One quantised linear W [out, in] = (q - zeros) * scales per group along `in`; bits 4 (or 8 for a
+    sensitive linear kept wider), bias where the model has one."""
+
+    q: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # float32 (fp16-exact) [out, n_groups]
+    zeros: torch.Tensor  # uint8 [out, n_groups]
+    group_size: int
+    bits: int = 4
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self):
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.scales, self.zeros, self.group_size)
+
+    def to(self, device) -> "QuantLinear":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantLinear(move(self.q), move(self.scales), move(self.zeros), self.group_size, self.bits,
+                           move(self.bias))
+
+
+@dataclass
+class FloatLinear:
+    """A linear kept in floating point (8-bit fallbacks are stored dequantised)."""
+
+    weight: torch.Tensor  # float32 [out, in]
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self):
+        return tuple(self.weight.shape)
+
+
+def as_float(lin) -> FloatLinear:
+    """A linear as float weights (a QuantLinear dequantised)."""
+    return lin if isinstance(lin, FloatLinear) else FloatLinear(lin.dequantize(), lin.bias)
+
+
+def fuse_rows(linears):
+    """One linear computing several at once (outputs concatenated), or None when they cannot share a node."""
+    if len(linears) == 1:
+        return linears[0]
+    if all(isinstance(x, QuantLinear) for x in linears) and len({(x.group_size, x.bits) for x in linears}) == 1:
+        merged = QuantLinear(
+            torch.cat([x.q for x in linears]), torch.cat([x.scales for x in linears]),
+            torch.cat([x.zeros for x in linears]), linears[0].group_size, linears[0].bits,
+        )
+    elif all(isinstance(x, FloatLinear) for x in linears):
+        merged = FloatLinear(torch.cat([x.weight for x in linears]))
+    else:
+        return None
+    biases = [x.bias for x in linears]
+    if any(b is not None for b in biases):
+        merged.bias = torch.cat([b if b is not None else torch.zeros(x.shape[0]) for b, x in zip(biases, linears)])
+    return merged

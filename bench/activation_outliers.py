@@ -8,9 +8,9 @@ Usage: python -P bench/activation_outliers.py > bench/results/activation_outlier
 
 import torch
 
-from awq_edge import calib
-from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig, fake_quantize
+from awq_edge.quantizer import calib
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
 
 @torch.no_grad()

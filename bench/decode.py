@@ -37,10 +37,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from awq_edge import kernels  # noqa: E402
+from awq_edge.arch import Dims  # noqa: E402
+from awq_edge.runtime import kernels  # noqa: E402
+from awq_edge.runtime.cuda import CudaDecoder, CudaOps, DeviceLinear, Layer, Weights, load_weights  # noqa: E402
 from bench.kernels import matmul_nbits_bytes  # noqa: E402
-from awq_edge.export.decoder import Dims  # noqa: E402
-from awq_edge.runtime.cuda import CudaDecoder, CudaOps, Layer, Linear, Weights, load_weights  # noqa: E402
 
 GROUP = 128
 SAVE = lambda: None  # noqa: E731  (main() sets it: write the results so far)
@@ -51,6 +51,10 @@ SHAPES = {  # the configs of the public models, as transformers LlamaConfig fiel
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # every variant on a shape that runs in seconds (tests/test_bench_decode.py), so a broken one fails a test
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rope_theta=10000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 PARITY_PROMPTS = [
     "The capital of France is",
@@ -85,12 +89,12 @@ def dims_of_shape(s: dict) -> Dims:
                 s["max_position_embeddings"], 0, s["tie_word_embeddings"])
 
 
-def random_linear(n: int, k: int) -> Linear:
+def random_linear(n: int, k: int) -> DeviceLinear:
     nb = k // GROUP
     b = torch.randint(0, 256, (n, nb, GROUP // 2), dtype=torch.uint8, device="cuda")
     scales = (torch.rand(n * nb, device="cuda") * 0.004 + 0.001).half()
     zp = torch.full((n * math.ceil(nb / 2),), 0x88, dtype=torch.uint8, device="cuda")  # zero 8: centred weights
-    return Linear(n, k, packed=kernels.repack_matmul_nbits(b, scales, zp, k, GROUP))
+    return DeviceLinear(n, k, packed=kernels.repack_matmul_nbits(b, scales, zp, k, GROUP))
 
 
 def random_weights(shape: dict, max_len: int) -> Weights:
@@ -100,7 +104,7 @@ def random_weights(shape: dict, max_len: int) -> Weights:
     layers = [Layer(ones(d.hidden), ones(d.hidden), random_linear(q + 2 * kv, d.hidden), random_linear(d.hidden, q),
                     random_linear(2 * inter, d.hidden), random_linear(d.hidden, inter)) for _ in range(d.layers)]
     embed = (torch.randn(d.vocab, d.hidden, device="cuda") * 0.02).half()
-    head = Linear(d.vocab, d.hidden, weight=(torch.randn(d.vocab, d.hidden, device="cuda") * 0.02).half())
+    head = DeviceLinear(d.vocab, d.hidden, weight=(torch.randn(d.vocab, d.hidden, device="cuda") * 0.02).half())
     inv = 1.0 / shape["rope_theta"] ** (torch.arange(0, d.head_dim, 2, dtype=torch.float64) / d.head_dim)
     ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
     return Weights(d, embed, layers, ones(d.hidden), head, ang.cos().float().cuda(), ang.sin().float().cuda())
@@ -142,8 +146,8 @@ class TinyGemmOps(CudaOps):
         y = torch.ops.aten._weight_int4pack_mm(x.bfloat16(), packed, GROUP, sz).half()
         return y if residual is None else y + residual
 
-    def gate_up_act(self, x, lin):
-        return self.silu_mul(self.linear(x, lin))
+    def gate_up_act(self, x, lin, activation: str = "silu"):
+        return self.gate_act(self.linear(x, lin), activation)  # torch's kernel, then the gate (not our gated GEMM)
 
 
 def sync_time(fn):
@@ -262,7 +266,7 @@ def hf_real(ckpt: Path, float_dir: Path | None, dtype, device="cuda"):
     if float_dir:
         model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=dtype, local_files_only=True)
     else:
-        from awq_edge.checkpoint import load_quantized_model
+        from awq_edge.checkpoint.reader import load_quantized_model
 
         model = load_quantized_model(ckpt, dtype=dtype)[0]
     return model.to(device).eval()
@@ -353,7 +357,7 @@ def prompt_ids(tok, text: str) -> list:
 def greedy_parity(ckpt: Path, dec, n_tokens: int, dtypes=(torch.float16, torch.float32)) -> dict:
     """Ours (the decoder `dec`) vs transformers on the same dequantised weights in each of `dtypes`, on the
     decoder's device: 5 prompts x n_tokens greedy tokens."""
-    from awq_edge.checkpoint import load_quantized_model
+    from awq_edge.checkpoint.reader import load_quantized_model
     from awq_edge.runtime.generate import generate
 
     device = dec.w.embed.device
@@ -400,8 +404,8 @@ def speed_prompt(ckpt: Path, vocab: int, n: int) -> tuple:
     """n random ids (the speed does not depend on them), the first one BOS where the tokenizer starts every text
     with it (Gemma: BOS's activations are the ones that outgrow fp16, as in any real prompt, so an fp16 baseline
     shows it); and that BOS id, or None."""
-    from awq_edge.eval import adds_bos
-    from awq_edge.model import load_tokenizer
+    from awq_edge.checkpoint.hf_folder import load_tokenizer
+    from awq_edge.quantizer.eval import adds_bos
 
     prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     tok = load_tokenizer(ckpt)

@@ -22,6 +22,7 @@ OUT=/tmp/results  # kept across the calls of one session; only OUT/results.tgz i
 mkdir -p /tmp/parts /tmp/g "$OUT"
 mv .mc/p/* /tmp/parts/ 2>/dev/null
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
+[ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD:/tmp/site AWQ_EDGE_CACHE=/tmp/cache AWQ_EDGE_WIKITEXT=$PWD/.mc/wt
 export AWQ_EDGE_KERNELS_LIB=/tmp/awqe/libawq_edge_kernels.so OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 WT=$PWD/.mc/wt
@@ -38,14 +39,16 @@ convert() {
   fi
   cat /tmp/parts/"$1".* > "/tmp/g/$2" && python -c "
 from pathlib import Path; from transformers import AutoTokenizer
-from awq_edge.model import _gguf_to_safetensors as c, cache_root
+from awq_edge.quantizer.source import convert_gguf as c, cache_root
 c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v Warn | tail -3
 }
 
-# gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop) into $OUT/tests.txt
+# gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop, the decode benchmark's
+# variants, the CLI's bad input on a GPU machine, the layout) into $OUT/tests.txt
 gpu_tests() {
   python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
-    tests/test_quantize.py tests/test_api.py tests/test_gptq.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
+    tests/test_quantize.py tests/test_api.py tests/test_gptq.py tests/test_bench_decode.py tests/test_bad_input.py \
+    tests/test_layout.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
 }
 
 # rows MODEL TAG ROWS [quality.py options...]: one quality.py process in the background

@@ -9,6 +9,7 @@ ARCH=${ARCH:-90-real}
 BUILDS=${BUILDS:-"default= register=-DAWQE_REGISTER_STREAM"}
 MODELS=${MODELS:-llama2-7b,llama3-8b}
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
+[ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD
 for b in $BUILDS; do
   name=${b%%=*} flags=${b#*=}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Gemma-3-270M end to end on the GPU machine, in one device call: its GGUF converted to a float safetensors folder
-# (awq_edge.model._gguf_to_safetensors, as `awq-edge quantize gemma3-270m` does once), quantised by the CLI at its
+# (awq_edge.quantizer.source.convert_gguf, as `awq-edge quantize gemma3-270m` does once), quantised by the CLI at its
 # defaults on the GPU, the checkpoint's (and the float model's) WikiText-2 test perplexity, then bench/decode.py:
 # greedy parity of the CUDA backend against transformers (bf16 and fp32) and decode speed against transformers
 # eager fp16 and bf16. Each step's output goes to $OUT/<step>.txt; a failing step does not stop the later ones.
@@ -23,6 +23,7 @@ CKPT=${CKPT:-$WORK/gemma3-270m-awq}
 [ -f "$FLOAT/config.json" ] || [ -n "$GGUF" ] || { echo "set GGUF to the Gemma-3-270M .gguf file"; exit 2; }
 mkdir -p "$OUT" "$WORK"
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
+[ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keep what is already there (the gguf package)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 FAILED=""
@@ -47,9 +48,9 @@ if [ -f "$FLOAT/config.json" ]; then
 else
   step convert python -P -c 'import sys
 from pathlib import Path
-from awq_edge.model import _gguf_to_safetensors
+from awq_edge.quantizer.source import convert_gguf
 gguf = Path(sys.argv[1]).resolve()
-_gguf_to_safetensors(gguf.parent, gguf.name, Path(sys.argv[2]))
+convert_gguf(gguf.parent, gguf.name, Path(sys.argv[2]))
 print("wrote", sys.argv[2])' "$GGUF" "$FLOAT"
 fi
 

@@ -12,20 +12,22 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from awq_edge import engine, engine_build
+from awq_edge.export.folder import MODEL_FILE
+
+from awq_edge.engine import build, manifest, plan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 
 
 def onnx_bytes(onnx_dir: Path) -> int:
-    return sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith(engine.MODEL_FILE))
+    return sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith(MODEL_FILE))
 
 
 def bench_device(onnx_dir: Path, device: str, plugin) -> dict:
     """Build into a scratch folder; TensorRT's own build time and the whole command's wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        record = engine_build.build(onnx_dir, device, Path(tmp) / "engine", plugin_library=plugin)
+        record = build.build(onnx_dir, device, Path(tmp) / "engine", plugin_library=plugin)
         wall = time.perf_counter() - start
     return {
         "device": record["device"],
@@ -46,15 +48,15 @@ def main(argv=None) -> int:
     p.add_argument("--plugin", help="libawq_edge_trt_plugin.so, for ONNX with MatMulNBits")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    model = engine.load_graph(args.onnx_dir)
+    model = plan.load_graph(args.onnx_dir)
     results = [bench_device(args.onnx_dir, d, args.plugin) for d in args.devices.split(",")]
     export_info = args.onnx_dir / "awq_edge_export.json"
     report = {
         "what": "awq-edge build: TensorRT engine size and build time per device (one process, back to back)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "onnx": {"dir": str(args.onnx_dir), "bytes": onnx_bytes(args.onnx_dir), "sha256": engine.model_hash(args.onnx_dir),
-                 "int4_nodes": engine.int4_nodes(model),
+        "onnx": {"dir": str(args.onnx_dir), "bytes": onnx_bytes(args.onnx_dir), "sha256": manifest.model_hash(args.onnx_dir),
+                 "int4_nodes": plan.int4_nodes(model),
                  "export": json.loads(export_info.read_text()) if export_info.is_file() else None},
         "results": results,
     }

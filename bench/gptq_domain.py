@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from awq_edge import calib
-from awq_edge.gptq import HessianAccumulator, gptq_quantize
-from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.quantizer import calib
+from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["model.layers.3.self_attn.q_proj", "model.layers.10.mlp.gate_proj", "model.layers.10.mlp.down_proj",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from awq_edge import calib
-from awq_edge.gptq import HessianAccumulator, gptq_quantize
-from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.quantizer import calib
+from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder, for its sibling
 from gptq_domain import record_inputs  # noqa: E402

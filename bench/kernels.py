@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from awq_edge import kernels
 from awq_edge.packing import from_matmul_nbits
+from awq_edge.runtime import kernels
 
 REPO = Path(__file__).resolve().parent.parent
 # Llama-2-7B / Llama-3-8B linears, N x K: attention, MLP up/gate, MLP down, fused QKV (GQA).

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from awq_edge.gptq import gptq_quantize
 from awq_edge.quant import QConfig, fake_quantize
+from awq_edge.quantizer.gptq import gptq_quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = {"q/k/v": (4096 + 2 * 1024, 4096), "o": (4096, 4096), "gate/up": (2 * 14336, 4096), "down": (4096, 14336)}

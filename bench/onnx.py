@@ -1,7 +1,7 @@
 """ONNX export on SmolLM2: parity with PyTorch, WikiText-2 perplexity, CPU decode speed and size, vs onnxruntime-genai's builder.
 
 Writes bench/results/onnx.json. Every model is evaluated by the
-same perplexity code (awq_edge.eval) and timed by the same decode loop
+same perplexity code (awq_edge.quantizer.eval) and timed by the same decode loop
 (awq_edge.runtime.ort.OrtDecoder; PyTorch by the equivalent KV-cache loop),
 round-robin over the models within one run so that load on the machine hits
 all of them alike.
@@ -26,12 +26,12 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import numpy as np
 import onnxruntime as ort
 import torch
-
-from awq_edge.checkpoint import load_quantized_model
-from awq_edge.eval import perplexity, text_tokens
-from awq_edge.export.command import export, export_options
+from awq_edge.export.api import export, export_options
 from awq_edge.export.decoder import ExportOptions
-from awq_edge.model import load_float_model, resolve_model_dir
+
+from awq_edge.checkpoint.reader import load_quantized_model
+from awq_edge.quantizer.eval import perplexity, text_tokens
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 from awq_edge.runtime.generate import generate
 from awq_edge.runtime.ort import OrtDecoder, session_options
 
@@ -47,7 +47,7 @@ PROMPTS = (
 
 
 class OnnxLM:
-    """A decoder ONNX (ours or the builder's) as `model(input_ids=...).logits`, for awq_edge.eval."""
+    """A decoder ONNX (ours or the builder's) as `model(input_ids=...).logits`, for awq_edge.quantizer.eval."""
 
     def __init__(self, folder: Path):
         self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(folder),
@@ -268,7 +268,7 @@ def defaults_verdict(r: dict, ours: str = "ours_default", peer: str = "peer_int4
 
 def decode_only(args) -> int:
     """Re-time ONNX folders already in --work (no export, no perplexity): OUT.json / OUT.md."""
-    from awq_edge.model import load_tokenizer
+    from awq_edge.checkpoint.hf_folder import load_tokenizer
 
     folders = {name: Path(args.work) / name for name in args.models.split(",")}
     missing = [str(f) for f in folders.values() if not (f / "model.onnx").is_file()]

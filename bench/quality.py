@@ -20,21 +20,21 @@ Usage: python -P bench/quality.py [--model smollm2-135m|FOLDER] [--device cuda] 
 
 import argparse
 import copy
-from contextlib import contextmanager, nullcontext
 import json
 import platform
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from awq_edge import calib, gptq, layerwise
 from awq_edge.arch import get_adapter
-from awq_edge.eval import perplexity, text_tokens
-from awq_edge.model import load_float_model, resolve_model_dir
 from awq_edge.quant import QConfig
-from awq_edge.layerwise import _first, _hidden, quantize_model
+from awq_edge.quantizer import calib, gptq, layerwise
+from awq_edge.quantizer.eval import perplexity, text_tokens
+from awq_edge.quantizer.layerwise import first_output, hidden_input, quantize_model
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -129,9 +129,9 @@ def layer_errors_on(base, model, adapter, ids, device) -> list:
     hooks = []
     for i, layer in enumerate(adapter.layers(base)):
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.__setitem__(i, _hidden((a, kw)).clone()), with_kwargs=True))
+            lambda m, a, kw, i=i: inputs.__setitem__(i, hidden_input((a, kw)).clone()), with_kwargs=True))
         hooks.append(layer.register_forward_hook(
-            lambda m, a, out, i=i: outputs.__setitem__(i, _first(out).clone())))
+            lambda m, a, out, i=i: outputs.__setitem__(i, first_output(out).clone())))
     base.to(device)
     base(ids.to(device))
     base.to("cpu")
@@ -148,7 +148,7 @@ def layer_errors_on(base, model, adapter, ids, device) -> list:
     for i, layer in enumerate(adapter.layers(model)):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, kw, i=i: swap(m, a, kw, i), with_kwargs=True))
         hooks.append(layer.register_forward_hook(lambda m, a, out, i=i: errors.__setitem__(
-            i, (_first(out).float() - outputs[i].float()).pow(2).sum().item()
+            i, (first_output(out).float() - outputs[i].float()).pow(2).sum().item()
             / (outputs[i].float() - inputs[i].float()).pow(2).sum().clamp(min=1e-20).item())))
     model.to(device)
     model(ids.to(device))

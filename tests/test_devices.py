@@ -1,12 +1,12 @@
-"""Tests for awq_edge.devices: shipped profiles, validation errors, lookup, the listing."""
+"""Tests for awq_edge.engine.devices: shipped profiles, validation errors, lookup, the listing."""
 
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from awq_edge import devices
 from awq_edge.cli import main
+from awq_edge.engine import devices
 from awq_edge.errors import AwqEdgeError
 
 DEVICES_DIR = Path(__file__).resolve().parents[1] / "devices"

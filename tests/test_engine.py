@@ -5,10 +5,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from awq_edge.export.folder import GENAI_CONFIG, MODEL_FILE, context_length, genai_config
 from onnx import TensorProto, helper, numpy_helper
 
-from awq_edge import engine, engine_build
-from awq_edge.devices import get_profile
+from awq_edge.arch import Dims
+from awq_edge.engine import build, manifest, plan
+from awq_edge.engine.devices import get_profile
 from awq_edge.errors import AwqEdgeError
 
 VOCAB, HIDDEN, KV_HEADS, HEAD_DIM, GROUP = 32, 64, 2, 8, 32
@@ -72,37 +74,40 @@ def tiny_decoder(form="native", zero_points=False, dtype=TensorProto.FLOAT16, ex
 
 def write_onnx_dir(path, model, context_length=None):
     path.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path / engine.MODEL_FILE))
+    onnx.save(model, str(path / MODEL_FILE))
     if context_length:
-        (path / "genai_config.json").write_text(json.dumps({"model": {"context_length": context_length}}))
+        dims = Dims(hidden=HIDDEN, layers=1, heads=KV_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, vocab=VOCAB,
+                    eps=1e-6, max_positions=context_length, window=0, tied=False)
+        genai = genai_config({"model_type": "llama", "eos_token_id": 2}, {}, model, dims)
+        (path / GENAI_CONFIG).write_text(json.dumps(genai))
     return path
 
 
 def test_kv_layout_is_read_from_the_past_inputs():
-    kv = engine.kv_layout(engine.graph_inputs(tiny_decoder()))
+    kv = plan.kv_layout(plan.graph_inputs(tiny_decoder()))
     assert (kv.layers, kv.kv_heads, kv.head_dim, kv.bytes_per_value) == (1, KV_HEADS, HEAD_DIM, 2)
     assert kv.bytes_per_token == 2 * 1 * KV_HEADS * HEAD_DIM * 2
 
 
 def test_smollm2_kv_budget_of_a_nano_allows_its_full_context():
-    smollm2 = engine.KvLayout(layers=30, kv_heads=3, head_dim=64, bytes_per_value=2)  # 23040 bytes a token
+    smollm2 = plan.KvLayout(layers=30, kv_heads=3, head_dim=64, bytes_per_value=2)  # 23040 bytes a token
     nano = get_profile("jetson-orin-nano-8gb")
-    assert engine.max_context(nano, smollm2, 8192) == nano.max_seq_len == 2048
+    assert plan.max_context(nano, smollm2, 8192) == nano.max_seq_len == 2048
 
 
 def test_kv_budget_and_model_length_cut_the_context():
     nano, h100 = get_profile("jetson-orin-nano-8gb"), get_profile("h100")
-    big = engine.KvLayout(layers=32, kv_heads=8, head_dim=128, bytes_per_value=2)  # 128 KiB a token
-    assert engine.max_context(nano, big) == nano.max_seq_len  # 1 GiB holds 8192 tokens: the profile's 2048 rule
-    assert engine.max_context(h100, big, model_max_positions=4096) == 4096
-    huge = engine.KvLayout(layers=80, kv_heads=64, head_dim=128, bytes_per_value=2)  # 2.5 MiB a token
-    assert engine.max_context(nano, huge) == 409  # 1024 MiB / 2.5 MiB
+    big = plan.KvLayout(layers=32, kv_heads=8, head_dim=128, bytes_per_value=2)  # 128 KiB a token
+    assert plan.max_context(nano, big) == nano.max_seq_len  # 1 GiB holds 8192 tokens: the profile's 2048 rule
+    assert plan.max_context(h100, big, model_max_positions=4096) == 4096
+    huge = plan.KvLayout(layers=80, kv_heads=64, head_dim=128, bytes_per_value=2)  # 2.5 MiB a token
+    assert plan.max_context(nano, huge) == 409  # 1024 MiB / 2.5 MiB
 
 
 def test_profiles_cover_prefill_chunks_and_single_token_decode():
     nano = get_profile("jetson-orin-nano-8gb")
-    inputs = engine.graph_inputs(tiny_decoder())
-    p = engine.optimization_profiles(inputs, 2048, nano)
+    inputs = plan.graph_inputs(tiny_decoder())
+    p = plan.optimization_profiles(inputs, 2048, nano)
     assert list(p) == ["prefill", "decode"]
     assert p["prefill"]["input_ids"] == ((1, 1), (1, 256), (1, 256))
     assert p["decode"]["input_ids"] == ((1, 1), (1, 1), (1, 1))
@@ -114,21 +119,21 @@ def test_profiles_cover_prefill_chunks_and_single_token_decode():
 
 
 def test_unknown_symbolic_dim_is_refused():
-    inputs = engine.graph_inputs(tiny_decoder(extra_dim="mask_len"))
+    inputs = plan.graph_inputs(tiny_decoder(extra_dim="mask_len"))
     with pytest.raises(AwqEdgeError, match="attention_mask has dims .*'mask_len'"):
-        engine.optimization_profiles(inputs, 2048, get_profile("h100"))
+        plan.optimization_profiles(inputs, 2048, get_profile("h100"))
 
 
 def test_fp32_export_is_refused_for_an_fp16_device():
-    inputs = engine.graph_inputs(tiny_decoder(dtype=TensorProto.FLOAT))
+    inputs = plan.graph_inputs(tiny_decoder(dtype=TensorProto.FLOAT))
     with pytest.raises(AwqEdgeError, match="export with `--dtype fp16`"):
-        engine.check_precision(inputs, get_profile("rtx-4090"))
+        plan.check_precision(inputs, get_profile("rtx-4090"))
 
 
 def test_int4_forms_are_counted():
-    assert engine.int4_nodes(tiny_decoder("native")) == {
+    assert plan.int4_nodes(tiny_decoder("native")) == {
         "matmul_nbits": 0, "matmul_nbits_zero_points": 0, "dq_int4": 3, "dq_int4_zero_points": 0}
-    assert engine.int4_nodes(tiny_decoder("nbits", zero_points=True)) == {
+    assert plan.int4_nodes(tiny_decoder("nbits", zero_points=True)) == {
         "matmul_nbits": 3, "matmul_nbits_zero_points": 3, "dq_int4": 0, "dq_int4_zero_points": 0}
 
 
@@ -139,42 +144,42 @@ def test_int4_forms_are_counted():
 ])
 def test_int4_forms_the_target_cannot_take_are_refused(form, zp, device, plugin, message):
     with pytest.raises(AwqEdgeError, match=message):
-        engine.check_int4_path(engine.int4_nodes(tiny_decoder(form, zp)), get_profile(device), plugin)
+        plan.check_int4_path(plan.int4_nodes(tiny_decoder(form, zp)), get_profile(device), plugin)
 
 
 def test_int4_forms_the_target_takes_pass():
-    engine.check_int4_path(engine.int4_nodes(tiny_decoder("native")), get_profile("rtx-4090"), None)
-    engine.check_int4_path(engine.int4_nodes(tiny_decoder("nbits", True)), get_profile("jetson-orin"), "lib.so")
+    plan.check_int4_path(plan.int4_nodes(tiny_decoder("native")), get_profile("rtx-4090"), None)
+    plan.check_int4_path(plan.int4_nodes(tiny_decoder("nbits", True)), get_profile("jetson-orin"), "lib.so")
 
 
 def test_model_hash_covers_external_data(tmp_path):
     d = tmp_path / "onnx"
     d.mkdir()
-    (d / engine.MODEL_FILE).write_bytes(b"graph")
-    (d / f"{engine.MODEL_FILE}.data").write_bytes(b"weights")
+    (d / MODEL_FILE).write_bytes(b"graph")
+    (d / f"{MODEL_FILE}.data").write_bytes(b"weights")
     (d / "tokenizer.json").write_bytes(b"{}")
-    first = engine.model_hash(d)
+    first = manifest.model_hash(d)
     (d / "tokenizer.json").write_bytes(b"{ }")
-    assert engine.model_hash(d) == first
-    (d / f"{engine.MODEL_FILE}.data").write_bytes(b"weightz")
-    assert engine.model_hash(d) != first
+    assert manifest.model_hash(d) == first
+    (d / f"{MODEL_FILE}.data").write_bytes(b"weightz")
+    assert manifest.model_hash(d) != first
 
 
 def test_manifest_records_device_tensorrt_model_and_shapes(tmp_path):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder(), context_length=8192)
     nano = get_profile("jetson-orin-nano-8gb")
-    inputs = engine.graph_inputs(engine.load_graph(d))
-    kv = engine.kv_layout(inputs)
-    max_seq = engine.max_context(nano, kv, engine.model_max_positions(d))
-    shapes = engine.optimization_profiles(inputs, max_seq, nano)
-    m = engine.manifest(nano, trt_module="tensorrt", trt_version="10.3.0", onnx_dir=d,
-                        model_sha256=engine.model_hash(d), kv=kv, max_seq=max_seq, profiles=shapes,
-                        int4=engine.int4_nodes(tiny_decoder()), plugin_library="/x/libawq_edge_trt_plugin.so",
+    inputs = plan.graph_inputs(plan.load_graph(d))
+    kv = plan.kv_layout(inputs)
+    max_seq = plan.max_context(nano, kv, context_length(d))
+    shapes = plan.optimization_profiles(inputs, max_seq, nano)
+    m = manifest.manifest(nano, trt_module="tensorrt", trt_version="10.3.0", onnx_dir=d,
+                        model_sha256=manifest.model_hash(d), kv=kv, max_seq=max_seq, profiles=shapes,
+                        int4=plan.int4_nodes(tiny_decoder()), plugin_library="/x/libawq_edge_trt_plugin.so",
                         engine_bytes=123, build_seconds=1.23456)
     m = json.loads(json.dumps(m))  # what lands on disk
     assert (m["device"], m["compute_capability"], m["tensorrt"]) == (
         "jetson-orin-nano-8gb", "8.7", {"module": "tensorrt", "version": "10.3.0"})
-    assert m["model"]["sha256"] == engine.model_hash(d) and m["plugin_library"] == "libawq_edge_trt_plugin.so"
+    assert m["model"]["sha256"] == manifest.model_hash(d) and m["plugin_library"] == "libawq_edge_trt_plugin.so"
     assert m["kv_cache"]["max_seq_len"] == 2048 and m["kv_cache"]["bytes"] == kv.bytes_per_token * 2048
     assert [p["name"] for p in m["optimization_profiles"]] == ["prefill", "decode"]
     assert m["optimization_profiles"][1]["shapes"]["input_ids"] == [[1, 1], [1, 1], [1, 1]]
@@ -183,23 +188,23 @@ def test_manifest_records_device_tensorrt_model_and_shapes(tmp_path):
 
 def test_missing_onnx_folder_names_the_export_command(tmp_path):
     with pytest.raises(AwqEdgeError, match="awq-edge export"):
-        engine.load_graph(tmp_path)
+        plan.load_graph(tmp_path)
 
 
 def test_build_without_tensorrt_says_where_to_run(tmp_path, monkeypatch):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("nbits", zero_points=True))
     plugin = tmp_path / "libawq_edge_trt_plugin.so"
     plugin.write_bytes(b"")
-    real_import = engine_build.importlib.import_module
+    real_import = build.importlib.import_module
 
     def no_tensorrt(name, *a):
         if name == "tensorrt":
             raise ImportError(name)
         return real_import(name, *a)
 
-    monkeypatch.setattr(engine_build.importlib, "import_module", no_tensorrt)
+    monkeypatch.setattr(build.importlib, "import_module", no_tensorrt)
     with pytest.raises(AwqEdgeError, match="needs the Python module `tensorrt`") as e:
-        engine_build.build(d, "jetson-orin", tmp_path / "engine", plugin_library=plugin)
+        build.build(d, "jetson-orin", tmp_path / "engine", plugin_library=plugin)
     assert "on the device itself" in e.value.fix
     assert not (tmp_path / "engine").exists()
 
@@ -215,7 +220,7 @@ def test_build_cli_prints_one_error_line_and_exits_2(tmp_path, capsys):
 def test_weights_move_into_matmul_nbits_attributes_byte_for_byte():
     model = tiny_decoder("nbits", zero_points=True)
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    engine.weights_as_fields(model)
+    plan.weights_as_fields(model)
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 3
     for n in nodes:
@@ -234,9 +239,9 @@ def test_weights_move_into_matmul_nbits_attributes_byte_for_byte():
 def test_fields_model_is_written_with_its_other_weights_external(tmp_path):
     d = tmp_path / "onnx"
     d.mkdir()
-    onnx.save_model(tiny_decoder("nbits"), str(d / engine.MODEL_FILE), save_as_external_data=True,
-                    location=f"{engine.MODEL_FILE}.data", size_threshold=0)
-    path = engine_build._write_fields_model(d, tmp_path / "scratch")
+    onnx.save_model(tiny_decoder("nbits"), str(d / MODEL_FILE), save_as_external_data=True,
+                    location=f"{MODEL_FILE}.data", size_threshold=0)
+    path = build._write_fields_model(d, tmp_path / "scratch")
     model = onnx.load(str(path))
     assert all(len(n.input) == 1 for n in model.graph.node if n.op_type == "MatMulNBits")
-    assert (tmp_path / "scratch" / f"{engine.MODEL_FILE}.data").is_file()
+    assert (tmp_path / "scratch" / f"{MODEL_FILE}.data").is_file()

@@ -1,4 +1,4 @@
-"""Tests for awq_edge.engine_build with real TensorRT-RTX: engines built on a machine without a GPU, and the
+"""Tests for awq_edge.engine.build with real TensorRT-RTX: engines built on a machine without a GPU, and the
 hand-off of MatMulNBits nodes from its ONNX parser to a plugin creator."""
 
 import ctypes
@@ -11,10 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from awq_edge.export.folder import MODEL_FILE
+from test_engine import GROUP, HEAD_DIM, HIDDEN, KV_HEADS, VOCAB, tiny_decoder, write_onnx_dir
 
-from awq_edge import engine, engine_build
+from awq_edge.engine import build, manifest
 from awq_edge.errors import AwqEdgeError
-from test_engine import GROUP, HIDDEN, KV_HEADS, HEAD_DIM, VOCAB, tiny_decoder, write_onnx_dir
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                 reason="tensorrt_rtx not installed (pip install tensorrt-rtx==1.7.1.116)")
@@ -24,10 +25,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None
 def test_rtx_engine_builds_without_a_gpu_from_int4_dequantize_matmul(tmp_path, device, sm):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"), context_length=4096)
     out = tmp_path / "engine"
-    record = engine_build.build(d, device, out)
-    plan = (out / engine.ENGINE_FILE).read_bytes()
-    assert len(plan) == record["engine_bytes"] > 0
-    on_disk = json.loads((out / engine.MANIFEST_FILE).read_text())
+    record = build.build(d, device, out)
+    serialized = (out / manifest.ENGINE_FILE).read_bytes()
+    assert len(serialized) == record["engine_bytes"] > 0
+    on_disk = json.loads((out / manifest.MANIFEST_FILE).read_text())
     assert on_disk == record
     assert on_disk["tensorrt"]["module"] == "tensorrt_rtx" and on_disk["model"]["int4_nodes"]["dq_int4"] == 3
     assert on_disk["compute_capability"].replace(".", "") == str(sm)
@@ -37,19 +38,19 @@ def test_rtx_engine_builds_without_a_gpu_from_int4_dequantize_matmul(tmp_path, d
 def test_rebuild_replaces_the_engine_folder_and_leaves_nothing_beside_it(tmp_path):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"))
     out = tmp_path / "engine"
-    engine_build.build(d, "rtx-4090", out)
-    engine_build.build(d, "rtx-3090", out)
-    assert json.loads((out / engine.MANIFEST_FILE).read_text())["device"] == "rtx-3090"
+    build.build(d, "rtx-4090", out)
+    build.build(d, "rtx-3090", out)
+    assert json.loads((out / manifest.MANIFEST_FILE).read_text())["device"] == "rtx-3090"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "onnx"]
 
 
 def test_an_engine_folder_holding_the_users_files_is_not_replaced(tmp_path):
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder("native"))
     out = tmp_path / "engine"
-    engine_build.build(d, "rtx-4090", out)
+    build.build(d, "rtx-4090", out)
     (out / "notes.txt").write_text("keep")
     with pytest.raises(AwqEdgeError, match=r"holds files awq-edge did not write \(notes.txt\)"):
-        engine_build.build(d, "rtx-3090", out)
+        build.build(d, "rtx-3090", out)
     assert (out / "notes.txt").read_text() == "keep"
 
 
@@ -58,7 +59,7 @@ def test_output_that_is_not_an_engine_folder_is_left_alone(tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "data.bin").write_bytes(b"keep")
     with pytest.raises(AwqEdgeError, match="not an awq-edge engine folder"):
-        engine_build.build(d, "rtx-4090", tmp_path / "precious")
+        build.build(d, "rtx-4090", tmp_path / "precious")
     assert (tmp_path / "precious" / "data.bin").read_bytes() == b"keep"
 
 
@@ -76,7 +77,7 @@ def test_missing_rtx_loader_name_is_a_clear_error_not_an_abort(tmp_path):
     plugin = tmp_path / "libawq_edge_trt_plugin.so"
     plugin.write_bytes(b"")
     with pytest.raises(AwqEdgeError, match="needs libtensorrt_rtx.so on the library path") as e:
-        engine_build.build(d, "rtx-4090", tmp_path / "engine", plugin_library=plugin)
+        build.build(d, "rtx-4090", tmp_path / "engine", plugin_library=plugin)
     assert "LD_LIBRARY_PATH" in e.value.fix
 
 
@@ -148,7 +149,7 @@ def test_rtx_parser_hands_matmul_nbits_to_the_plugin_creator_named_matmul_nbits(
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "libtensorrt_rtx.so").symlink_to(libs / "libtensorrt_rtx.so.1")
     env = {**os.environ, "LD_LIBRARY_PATH": f"{tmp_path / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    run = subprocess.run([sys.executable, "-c", _RECORDING_CREATOR, str(d / engine.MODEL_FILE)],
+    run = subprocess.run([sys.executable, "-c", _RECORDING_CREATOR, str(d / MODEL_FILE)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
@@ -169,5 +170,5 @@ def test_a_library_tensorrt_cannot_load_is_one_clear_error(tmp_path):
     bad = tmp_path / "libawq_edge_trt_plugin.so"
     bad.write_bytes(b"not a shared library")
     with pytest.raises(AwqEdgeError, match="could not load the plugin library"):
-        engine_build.build(d, "rtx-4090", tmp_path / "engine", plugin_library=bad)
+        build.build(d, "rtx-4090", tmp_path / "engine", plugin_library=bad)
     assert not (tmp_path / "engine").exists()

@@ -11,9 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from awq_edge import engine
 from test_engine import tiny_decoder, write_onnx_dir
+
+from awq_edge.engine import manifest
 
 BUILD = Path(os.environ.get("AWQE_TRT_PLUGIN_BUILD", Path(__file__).resolve().parents[1] / "plugins/build/tensorrt"))
 PLUGIN = BUILD / "libawq_edge_trt_plugin.so"
@@ -30,16 +30,16 @@ def test_tensorrt_rtx_builds_an_engine_with_our_plugin_for_its_matmul_nbits_node
     env = {**os.environ, "LD_LIBRARY_PATH": f"{tmp_path / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     script = textwrap.dedent("""
         import sys
-        from awq_edge import engine_build
-        engine_build.build(sys.argv[1], "rtx-4090", sys.argv[2], plugin_library=sys.argv[3])
+        from awq_edge.engine import build
+        build.build(sys.argv[1], "rtx-4090", sys.argv[2], plugin_library=sys.argv[3])
     """)
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "-c", script, str(onnx_dir), str(out), str(PLUGIN)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    plan = (out / engine.ENGINE_FILE).read_bytes()
+    serialized = (out / manifest.ENGINE_FILE).read_bytes()
     # Each of the three plugin layers is serialized with our getFieldsToSerialize names.
-    assert plan.count(b"has_zero_points") >= 3 and b"MatMulNBits" in plan
+    assert serialized.count(b"has_zero_points") >= 3 and b"MatMulNBits" in serialized
     # The folder ships the plugin and the kernels it links, so it deploys as one piece.
     assert (out / PLUGIN.name).is_file() and (out / "libawq_edge_kernels.so").is_file()
 

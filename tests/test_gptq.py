@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.gptq import HessianAccumulator, gptq_quantize
 from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize
 
 
 def correlated_inputs(seed: int, in_f: int, n_tokens: int = 2048) -> torch.Tensor:
@@ -162,10 +162,11 @@ def test_fused_gptq_loop_refuses_a_cpu_tensor_in_one_line():
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma3_text"])
 def test_linears_of_one_input_share_one_hessian_and_round_as_if_alone(model_type):
-    from awq_edge.arch import get_adapter
-    from awq_edge.layers import LoadedModel
-    from awq_edge.layerwise import _gptq_round, _InputStats
     from conftest import tiny_model
+
+    from awq_edge.arch import get_adapter
+    from awq_edge.quantizer.layer_loader import LoadedModel
+    from awq_edge.quantizer.layerwise import _gptq_round, _InputStats
 
     model = tiny_model(model_type)
     source = LoadedModel(model, get_adapter(model.config.model_type))

@@ -1,12 +1,12 @@
-"""Tests for awq_edge.kernels and the C ABI of libawq_edge_kernels (GPU checks skip without a GPU)."""
+"""Tests for awq_edge.runtime.kernels and the C ABI of libawq_edge_kernels (GPU checks skip without a GPU)."""
 
 import pytest
 import torch
 
-from awq_edge import kernels
 from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import to_matmul_nbits
 from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.runtime import kernels
 
 needs_library = pytest.mark.skipif(not kernels.library_path().is_file(),
                                    reason=f"{kernels.library_path()} not built (run `make plugins`)")

@@ -4,16 +4,17 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from awq_edge.arch import get_adapter
-from awq_edge.awq import search_scale
-from awq_edge.calib import sampled_blocks
-from awq_edge.checkpoint import load_quantized_model, save_quantized
+from awq_edge.checkpoint.reader import load_quantized_model
+from awq_edge.checkpoint.writer import save_quantized
 from awq_edge.errors import AwqEdgeError
 from awq_edge.quant import QConfig, fake_quantize
-from awq_edge.layerwise import quantize_model
-from conftest import ARCHS, tiny_model, tiny_tokenizer
+from awq_edge.quantizer.awq import search_scale
+from awq_edge.quantizer.calib import sampled_blocks
+from awq_edge.quantizer.layerwise import quantize_model
 
 
 def _calib(n=4, t=32, seed=0):
@@ -120,8 +121,8 @@ def test_sampled_calibration_is_model_text_of_the_asked_shape():
 
 
 def test_duo_candidates_are_rtn_then_the_x_grid_then_autoawqs_weight_aware_grid():
-    from awq_edge.awq import scale_candidates
     from awq_edge.quant import to_groups
+    from awq_edge.quantizer.awq import scale_candidates
 
     torch.manual_seed(0)
     lins = [torch.nn.Linear(128, 32, bias=False), torch.nn.Linear(128, 16, bias=False)]
@@ -156,7 +157,7 @@ def test_sequential_feeds_later_layers_the_quantised_output():
 def test_calibration_blocks_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
     from tokenizers import processors
 
-    from awq_edge.calib import calibration_blocks
+    from awq_edge.quantizer.calib import calibration_blocks
 
     tok = tiny_tokenizer()
     text = tmp_path / "t.txt"

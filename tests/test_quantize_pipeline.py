@@ -4,16 +4,17 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, save_tiny_tokenizer, tiny_model, tiny_tokenizer
 from safetensors import safe_open
 
 from awq_edge import cli
-from awq_edge.api import pick_group_size, quantize
 from awq_edge.arch import get_adapter
-from awq_edge.checkpoint import CheckpointWriter, load_quantized_model
-from awq_edge.layers import FileModel, LoadedModel
+from awq_edge.checkpoint.reader import load_quantized_model
+from awq_edge.checkpoint.writer import CheckpointWriter
 from awq_edge.quant import QConfig
-from awq_edge.layerwise import CHUNK_TOKENS, MemoryPlan, plan_memory, quantize_model
-from conftest import ARCHS, save_tiny_tokenizer, tiny_model, tiny_tokenizer
+from awq_edge.quantizer.api import pick_group_size, quantize
+from awq_edge.quantizer.layer_loader import FileModel, LoadedModel
+from awq_edge.quantizer.layerwise import CHUNK_TOKENS, MemoryPlan, plan_memory, quantize_model
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 

@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from awq_edge.export.api import export
+from awq_edge.export.decoder import ExportOptions
+from test_export import PROMPT, write_checkpoint
 
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
-from awq_edge.export.command import export
-from awq_edge.export.decoder import ExportOptions
 from awq_edge.runtime.generate import generate, stream_text
 from awq_edge.runtime.ort import OrtDecoder
 from awq_edge.runtime.sampling import Sampling, next_token, top_p_filter
-from test_export import PROMPT, write_checkpoint
 
 
 def save_byte_tokenizer(folder):

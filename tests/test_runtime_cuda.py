@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_export import PROMPT, write_checkpoint
 
-from awq_edge import kernels
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
-from awq_edge.runtime.cuda import CudaDecoder, CudaOps, TorchOps, load_weights
 from awq_edge.packing import to_matmul_nbits
 from awq_edge.quant import QConfig, dequantize, quantize
+from awq_edge.runtime import kernels
+from awq_edge.runtime.cuda import CudaDecoder, CudaOps, TorchOps, load_weights
 from awq_edge.runtime.generate import generate
-from test_export import PROMPT, write_checkpoint
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 needs_library = pytest.mark.skipif(not kernels.library_path().is_file(),
@@ -109,7 +109,7 @@ def test_extend_reuses_the_cache_and_overflow_is_a_clear_error(tmp_path):
 
 
 def test_phi3_longrope_is_refused_by_the_export_and_the_cuda_backend_alike(tmp_path):
-    from awq_edge.export.command import export
+    from awq_edge.export.api import export
 
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16, "long_factor": [2.0] * 16,
             "original_max_position_embeddings": 64}
@@ -136,7 +136,7 @@ def test_cuda_backend_without_a_gpu_fails_in_one_line(tmp_path, capsys):
 
 
 class EmulatedKernels:
-    """awq_edge.kernels' functions in PyTorch on the CPU, holding to their fp16 contract; a "packed" weight is the
+    """awq_edge.runtime.kernels' functions in PyTorch on the CPU, holding to their fp16 contract; a "packed" weight is the
     dense fp16 W [n, k]. Lets CudaOps' choices around the kernels run without a GPU."""
 
     @staticmethod
@@ -181,12 +181,12 @@ class EmulatedKernels:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tmp_path, case, monkeypatch):
-    from awq_edge.runtime.cuda import Linear
+    from awq_edge.runtime.cuda import DeviceLinear
 
     model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
     ref = hf_logits(model, PROMPT)
     weights = load_weights(tmp_path / "ck", "cpu", torch.float16, packed=False, max_len=64)
-    as_packed = lambda lin: Linear(lin.n, lin.k, packed=lin.weight, bias=lin.bias)  # noqa: E731
+    as_packed = lambda lin: DeviceLinear(lin.n, lin.k, packed=lin.weight, bias=lin.bias)  # noqa: E731
     for L in weights.layers:
         L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
     monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
@@ -288,13 +288,13 @@ def test_silu_mul_kernel_matches_reference(m, inter):
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_gated_gemm_equals_gemm_then_silu_gate(m):
-    from awq_edge.arch.weights import QuantLinear
+    from awq_edge.quant import QuantLinear
     from awq_edge.runtime.cuda import interleave_gate_up
 
     gen = torch.Generator().manual_seed(m)
     inter, k = 1536, 576
     q, scales, zeros = quantize(torch.randn(2 * inter, k, generator=gen), QConfig(4, 64, True))
-    lin = interleave_gate_up(QuantLinear(q, scales, zeros, 64, torch.randn(2 * inter, generator=gen)))
+    lin = interleave_gate_up(QuantLinear(q, scales, zeros, 64, bias=torch.randn(2 * inter, generator=gen)))
     nb = to_matmul_nbits(lin.q, lin.scales.half(), lin.zeros, 64, 4)
     w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), k, 64)
     x = torch.randn(m, k, generator=gen).half().cuda()

@@ -4,28 +4,28 @@ import importlib.util
 import json
 
 import pytest
+from test_engine import tiny_decoder, write_onnx_dir
 
-from awq_edge import engine
-from awq_edge.devices import get_profile
+from awq_edge.engine import manifest, plan
+from awq_edge.engine.devices import get_profile
 from awq_edge.errors import AwqEdgeError
 from awq_edge.runtime import trt
-from test_engine import tiny_decoder, write_onnx_dir
 
 
 def _manifest(tmp_path, device="jetson-orin-nano-8gb"):
     """The manifest `awq-edge build` writes for the tiny decoder on a device, and its engine folder."""
     d = write_onnx_dir(tmp_path / "onnx", tiny_decoder(), context_length=8192)
     profile = get_profile(device)
-    inputs = engine.graph_inputs(engine.load_graph(d))
-    kv = engine.kv_layout(inputs)
-    shapes = engine.optimization_profiles(inputs, 2048, profile)
-    m = engine.manifest(profile, trt_module=profile.tensorrt, trt_version="10.3.0", onnx_dir=d, model_sha256="0",
+    inputs = plan.graph_inputs(plan.load_graph(d))
+    kv = plan.kv_layout(inputs)
+    shapes = plan.optimization_profiles(inputs, 2048, profile)
+    m = manifest.manifest(profile, trt_module=profile.tensorrt, trt_version="10.3.0", onnx_dir=d, model_sha256="0",
                         kv=kv, max_seq=2048, profiles=shapes, int4={}, plugin_library=None, engine_bytes=1,
                         build_seconds=1.0)
     out = tmp_path / "engine"
     out.mkdir()
-    (out / engine.MANIFEST_FILE).write_text(json.dumps(m))
-    (out / engine.ENGINE_FILE).write_bytes(b"plan")
+    (out / manifest.MANIFEST_FILE).write_text(json.dumps(m))
+    (out / manifest.ENGINE_FILE).write_bytes(b"plan")
     return json.loads(json.dumps(m)), out
 
 

@@ -26,22 +26,22 @@ import torch
 import torch.nn.functional as F
 
 from awq_edge.arch import Dims, Spec, rope_tables
-from awq_edge.arch.weights import Checkpoint, FloatLinear, QuantLinear, fuse_rows
+from awq_edge.checkpoint.reader import Checkpoint
 from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import to_matmul_nbits
-from awq_edge.quant import dequantize
+from awq_edge.quant import FloatLinear, QuantLinear, as_float, fuse_rows
 from awq_edge.runtime.decoder import PrefixCachedDecoder
 
 DEFAULT_MAX_LEN = 4096
 
 
 @dataclass
-class Linear:
+class DeviceLinear:
     """y = x W^T (+ bias): `packed` int4 for the kernels, or a dense `weight` [n, k]."""
 
     n: int
     k: int
-    packed: object = None  # awq_edge.kernels.PackedInt4
+    packed: object = None  # awq_edge.runtime.kernels.PackedInt4
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
@@ -58,10 +58,10 @@ class Layer:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor  # the MLP's input norm
-    qkv: Linear
-    o: Linear
-    gate_up: Linear
-    down: Linear
+    qkv: DeviceLinear
+    o: DeviceLinear
+    gate_up: DeviceLinear
+    down: DeviceLinear
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     attn_out_norm: torch.Tensor | None = None
@@ -89,7 +89,7 @@ class Weights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list
     norm: torch.Tensor
-    lm_head: Linear
+    lm_head: DeviceLinear
     cos: torch.Tensor  # fp32 [max_len, head_dim / 2]
     sin: torch.Tensor
     features: Features = Features()
@@ -99,18 +99,12 @@ class Weights:
         return self.cos.shape[0]
 
 
-def _as_float(lin) -> FloatLinear:
-    if isinstance(lin, FloatLinear):
-        return lin
-    return FloatLinear(dequantize(lin.q, lin.scales, lin.zeros, lin.group_size), lin.bias)
-
-
 def _fused(ck: Checkpoint, names) -> QuantLinear | FloatLinear:
     parts = [ck.linear(n) for n in names]
     if len(parts) == 1:
         return parts[0]
     merged = fuse_rows(parts)
-    return merged if merged is not None else fuse_rows([_as_float(p) for p in parts])
+    return merged if merged is not None else fuse_rows([as_float(p) for p in parts])
 
 
 def interleave_gate_up(lin):
@@ -122,15 +116,15 @@ def interleave_gate_up(lin):
     order = torch.arange(2 * n).view(2, n // 8, 8).transpose(0, 1).reshape(-1)
     pick = lambda t: None if t is None else t[order].contiguous()  # noqa: E731
     if isinstance(lin, QuantLinear):
-        return QuantLinear(pick(lin.q), pick(lin.scales), pick(lin.zeros), lin.group_size, pick(lin.bias))
+        return QuantLinear(pick(lin.q), pick(lin.scales), pick(lin.zeros), lin.group_size, lin.bits, pick(lin.bias))
     return FloatLinear(pick(lin.weight), pick(lin.bias))
 
 
-def _place(lin, device, dtype, packed: bool) -> Linear:
+def _place(lin, device, dtype, packed: bool) -> DeviceLinear:
     n, k = lin.shape
     bias = None if lin.bias is None else lin.bias.to(device=device, dtype=dtype)
     if packed and isinstance(lin, QuantLinear):
-        from awq_edge import kernels
+        from awq_edge.runtime import kernels
 
         if lin.group_size not in kernels.BLOCK_SIZES or k % 8:
             raise AwqEdgeError(
@@ -141,8 +135,8 @@ def _place(lin, device, dtype, packed: bool) -> Linear:
         nb = to_matmul_nbits(lin.q, lin.scales.half(), lin.zeros, lin.group_size, 4)
         w = kernels.repack_matmul_nbits(nb["B"].to(device), nb["scales"].to(device), nb["zero_points"].to(device), k,
                                         lin.group_size)
-        return Linear(n, k, packed=w, bias=bias)
-    return Linear(n, k, weight=_as_float(lin).weight.to(device=device, dtype=dtype), bias=bias)
+        return DeviceLinear(n, k, packed=w, bias=bias)
+    return DeviceLinear(n, k, weight=as_float(lin).weight.to(device=device, dtype=dtype), bias=bias)
 
 
 def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True, max_len: int | None = None) -> Weights:
@@ -176,7 +170,7 @@ def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True
     if "lm_head.qweight" in ck or ("lm_head.weight" in ck and not d.tied):
         head = place(ck.linear("lm_head"))
     else:
-        head = Linear(d.vocab, d.hidden, weight=embed)
+        head = DeviceLinear(d.vocab, d.hidden, weight=embed)
     cos, sin = layers[-1].cos, layers[-1].sin
     return Weights(d, embed, layers, norm(f.final_norm), head, cos, sin, features_of(spec))
 
@@ -206,7 +200,7 @@ class TorchOps:
     def rmsnorm(self, x, w, eps):
         return w * (x.float() * self._rstd(x, eps)).to(x.dtype)
 
-    def linear(self, x, lin: Linear, residual=None):
+    def linear(self, x, lin: DeviceLinear, residual=None):
         if lin.weight is None:
             raise AwqEdgeError("TorchOps needs dense weights", "load the weights with packed=False")
         y = F.linear(x, lin.weight, lin.bias)
@@ -269,16 +263,16 @@ class TorchOps:
         gelu = F.gelu(pairs[:, :, 0], approximate="tanh" if activation == "gelu_tanh" else "none")
         return (gelu * pairs[:, :, 1]).reshape(m, n // 2)
 
-    def gate_up_act(self, x, lin: Linear, activation: str = "silu"):
+    def gate_up_act(self, x, lin: DeviceLinear, activation: str = "silu"):
         return self.gate_act(self.linear(x, lin), activation)
 
-    def residual_linear(self, x, lin: Linear, residual, next_norm=None):
+    def residual_linear(self, x, lin: DeviceLinear, residual, next_norm=None):
         """(linear(x) + residual, and next_norm * that as the next norm_linear's `prescaled`, or None)."""
         h = self.linear(x, lin, residual=residual)
         fold = self.fold_norms and next_norm is not None and h.shape[0] == 1
         return h, (next_norm * h if fold else None)
 
-    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None,
+    def norm_linear(self, x, norm_weight, eps, lin: DeviceLinear, gated: bool = False, prescaled=None,
                     activation: str = "silu"):
         """linear(rmsnorm(x)), or its gated activation; from `prescaled` = norm_weight * x when given."""
         if prescaled is None or lin.weight is None:
@@ -295,7 +289,7 @@ class CudaOps(TorchOps):
     """The same operations on awq-edge's CUDA kernels; dense (fp16 fallback) linears go through cuBLAS."""
 
     def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True):
-        from awq_edge import kernels
+        from awq_edge.runtime import kernels
 
         super().__init__(fold_norms)
         self.k = kernels
@@ -307,7 +301,7 @@ class CudaOps(TorchOps):
     def rmsnorm(self, x, w, eps):
         return self.k.rmsnorm(x, w, eps, torch.empty_like(x))
 
-    def linear(self, x, lin: Linear, residual=None):
+    def linear(self, x, lin: DeviceLinear, residual=None):
         if lin.packed is None:
             return super().linear(x, lin, residual)
         rows = x.shape[0]
@@ -323,13 +317,13 @@ class CudaOps(TorchOps):
             y = self.k.gemm(x, lin.packed, bias=lin.bias)
         return y if residual is None else y + residual
 
-    def residual_linear(self, x, lin: Linear, residual, next_norm=None):
+    def residual_linear(self, x, lin: DeviceLinear, residual, next_norm=None):
         if (self.fold_norms and next_norm is not None and x.shape[0] == 1 and lin.packed is not None
                 and lin.bias is None):  # residual as the GEMV's bias, gamma * h from its epilogue
             return self.k.gemm_norm(x, lin.packed, bias=residual.view(-1), norm_weight=next_norm)
         return self.linear(x, lin, residual=residual), None
 
-    def norm_linear(self, x, norm_weight, eps, lin: Linear, gated: bool = False, prescaled=None,
+    def norm_linear(self, x, norm_weight, eps, lin: DeviceLinear, gated: bool = False, prescaled=None,
                     activation: str = "silu"):
         if prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows:
             return super().norm_linear(x, norm_weight, eps, lin, gated, activation=activation)
@@ -348,7 +342,7 @@ class CudaOps(TorchOps):
         out = torch.empty(1, n_heads * k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
         return self.k.decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, self.workspace, scale, window)
 
-    def gate_up_act(self, x, lin: Linear, activation: str = "silu"):
+    def gate_up_act(self, x, lin: DeviceLinear, activation: str = "silu"):
         if activation == "silu" and lin.packed is not None and x.shape[0] < self.dense_rows:
             return self.k.gemm_gated(x, lin.packed, lin.bias)  # the SiLU gate in the GEMM's epilogue
         return self.gate_act(self.linear(x, lin), activation)

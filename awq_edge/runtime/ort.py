@@ -1,12 +1,12 @@
 """onnxruntime backend: one decoder session holding its KV cache, fed prefill chunks or single tokens."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from awq_edge.errors import AwqEdgeError
+from awq_edge.export.folder import read_export_info, read_genai_config
 from awq_edge.runtime.decoder import PrefixCachedDecoder
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -25,22 +25,6 @@ def execution_providers(provider: str) -> list:
                            "pip install 'awq-edge[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine with "
                            "CUDA, or use --provider cpu")
     return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
-
-
-def read_genai_config(folder: Path) -> dict:
-    path = folder / "genai_config.json"
-    if not path.is_file():
-        hint = "it is a quantised checkpoint: " if (folder / "config.json").is_file() else ""
-        raise AwqEdgeError(
-            f"{folder} is not an exported ONNX folder ({hint}no genai_config.json)",
-            f"run `awq-edge export {folder} -o ONNX_DIR` and pass ONNX_DIR",
-        )
-    return json.loads(path.read_text())
-
-
-def read_export_info(folder: Path) -> dict:
-    path = folder / "awq_edge_export.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def session_options(folder: Path, threads: int = 0) -> ort.SessionOptions:

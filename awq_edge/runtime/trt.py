@@ -1,23 +1,14 @@
 """TensorRT backend: an `awq-edge build` engine (and its plugin) as a batch-1 decoder with OrtDecoder's interface."""
 
 import importlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from awq_edge.engine import ENGINE_FILE, MANIFEST_FILE
+from awq_edge.engine.manifest import ENGINE_FILE, read_manifest
 from awq_edge.errors import AwqEdgeError
+from awq_edge.export.folder import read_genai_config
 from awq_edge.runtime.decoder import PrefixCachedDecoder
-from awq_edge.runtime.ort import read_genai_config
-
-
-def read_manifest(engine_dir: Path) -> dict:
-    path = Path(engine_dir) / MANIFEST_FILE
-    if not path.is_file() or not (Path(engine_dir) / ENGINE_FILE).is_file():
-        raise AwqEdgeError(f"{engine_dir} is not an engine folder (no {MANIFEST_FILE} and {ENGINE_FILE})",
-                           "build one with `awq-edge build ONNX_DIR --device NAME -o ENGINE_DIR`")
-    return json.loads(path.read_text())
 
 
 def profile_for(manifest: dict, n_new: int) -> int:

@@ -1,4 +1,4 @@
-"""The quantised checkpoint: AutoAWQ "GEMM" safetensors that vLLM, TGI and transformers load.
+"""Write the quantised checkpoint: AutoAWQ "GEMM" safetensors that vLLM, TGI and transformers load.
 
 Quantised linears are stored as qweight/qzeros/scales (packing.to_awq_gemm);
 linears kept at 8 bits are stored as their dequantised fp16 weights and
@@ -6,21 +6,18 @@ listed in modules_to_not_convert, since the AWQ format holds 4 bits only.
 """
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from awq_edge.checkpoint.hf_folder import INDEX_FILE, SINGLE_FILE
 from awq_edge.errors import AwqEdgeError
 from awq_edge.outputs import check_output_dir, replace_dir, temp_dir, write_failed
-from awq_edge.model import check_safetensors, load_config, load_tokenizer, read_config_json
-from awq_edge.packing import from_awq_gemm, to_awq_gemm
-from awq_edge.quant import dequantize, n_groups
-
-WEIGHTS = "model.safetensors"
+from awq_edge.packing import to_awq_gemm
 
 
 def check_awq_shapes(shapes: dict, group_size: int) -> None:
@@ -41,7 +38,7 @@ def _group_hint(in_f: int) -> str:
 
 # Files a checkpoint holds; a checkpoint folder holding anything else is not replaced (it is someone's).
 CHECKPOINT_FILES = frozenset({
-    WEIGHTS, "model.safetensors.index.json", "config.json", "generation_config.json", "sensitivity.json",
+    SINGLE_FILE, INDEX_FILE, "config.json", "generation_config.json", "sensitivity.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
 })
@@ -70,6 +67,17 @@ def check_checkpoint_output(out_dir, inputs=(), need_bytes: int = 0) -> Path:
 
 def _atomic_dir(out_dir: Path) -> Path:
     return temp_dir(check_checkpoint_output(out_dir))
+
+
+def estimate_bytes(headers: dict, group_size: int) -> int:
+    """About how large the checkpoint of a float model ({name: (file, header entry)}) will be: int4 + fp16
+    scales and zeros for the decoder's matrices, fp16 for the rest."""
+    total = 0
+    for name, (_, entry) in headers.items():
+        numel = math.prod(entry["shape"])
+        int4 = len(entry["shape"]) == 2 and ".layers." in name
+        total += numel // 2 + 4 * numel // group_size if int4 else 2 * numel
+    return total
 
 
 SHARD_BYTES = 2**30  # what the writer holds in host memory before a shard goes to disk
@@ -150,14 +158,14 @@ class CheckpointWriter:
     def _commit(self, config: dict, tokenizer, generation_config) -> Path:
         self._flush()
         n = len(self.shards)
-        names = [WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         weight_map = {}
         for (path, keys, _), name in zip(self.shards, names):
             path.rename(self.tmp / name)
             weight_map.update(dict.fromkeys(keys, name))
         if n > 1:
             index = {"metadata": {"total_size": sum(b for _, _, b in self.shards)}, "weight_map": weight_map}
-            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if generation_config is not None:
             generation_config.save_pretrained(self.tmp)
@@ -183,60 +191,3 @@ def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
             writer.linear(name, ql)
         config = awq_config(model.config.to_dict(), group_size, writer.int8, meta)
         return writer.commit(config, tokenizer, getattr(model, "generation_config", None))
-
-
-def read_quant_config(path: Path) -> dict:
-    config = read_config_json(Path(path))
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "awq" or qc.get("bits") != 4 or qc.get("version", "gemm").lower() != "gemm":
-        raise AwqEdgeError(
-            f"{path} is not a 4-bit AWQ GEMM checkpoint (quantization_config={qc or None})",
-            "quantise it first with `awq-edge quantize MODEL -o DIR`",
-        )
-    return config
-
-
-def load_quantized_tensors(path: Path) -> dict:
-    """name -> (q uint8 [out, in], scales [out, n_groups], zeros uint8 [out, n_groups]) for each 4-bit linear, and the other tensors."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise AwqEdgeError(f"{path} has no .safetensors weights", "pass a folder written by `awq-edge quantize`")
-    raw = {}
-    for f in files:
-        check_safetensors(f)
-        with safe_open(f, framework="pt") as sf:
-            for key in sf.keys():
-                raw[key] = sf.get_tensor(key)
-    quantised = {}
-    for key in [k for k in raw if k.endswith(".qweight")]:
-        name = key[: -len(".qweight")]
-        quantised[name] = from_awq_gemm(raw.pop(key), raw.pop(f"{name}.qzeros"), raw.pop(f"{name}.scales"))
-    return {"quantized": quantised, "other": raw}
-
-
-def load_quantized_model(path: Path, dtype=torch.float32):
-    """The checkpoint as a float transformers model with dequantised linears, and its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    config = read_quant_config(path)
-    group_size = config["quantization_config"]["group_size"]
-    tensors = load_quantized_tensors(path)
-    state = {k: v.to(dtype) for k, v in tensors["other"].items()}
-    for name, (q, scales, zeros) in tensors["quantized"].items():
-        if scales.shape[1] != n_groups(q.shape[1], group_size):
-            raise AwqEdgeError(f"{name}: scales do not match group size {group_size}", "re-create the checkpoint")
-        state[f"{name}.weight"] = dequantize(q, scales, zeros, group_size).to(dtype)
-    hf_config = load_config(path)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    if hf_config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise AwqEdgeError(f"{path} lacks tensors: {sorted(missing)[:5]}", "re-create the checkpoint")
-    model.load_state_dict(state, strict=False)
-    if hf_config.tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
-    return model, load_tokenizer(path)

@@ -15,9 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from awq_edge.arch.weights import tensor_files
+from awq_edge.checkpoint.hf_folder import load_config, tensor_files
 from awq_edge.errors import AwqEdgeError
-from awq_edge.model import load_config
 
 
 class _StopForward(Exception):

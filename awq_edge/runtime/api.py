@@ -144,7 +144,7 @@ def load(folder, backend: str = "ort", *, provider: str = "cpu") -> Model:
         raise AwqEdgeError(f"model folder {folder} not found", f"pass {FOLDER_OF[backend]}")
     if provider != "cpu" and backend != "ort":
         raise AwqEdgeError(f"provider {provider!r} applies to the ort backend only", "drop --provider")
-    from awq_edge.model import check_tokenizer_json, load_tokenizer
+    from awq_edge.checkpoint.hf_folder import check_tokenizer_json, load_tokenizer
 
     check_tokenizer_json(folder)
     decoder = _open_decoder(folder, backend, provider)

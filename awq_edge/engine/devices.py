@@ -1,4 +1,4 @@
-"""Device profiles: load and validate devices/*.toml, and the `awq-edge devices` command."""
+"""Device profiles: load and validate devices/*.toml (installed as awq_edge.device_profiles)."""
 
 import dataclasses
 import importlib.resources
@@ -131,28 +131,3 @@ def format_table(profiles) -> str:
                         p.tensorrt, p.int4_matmul, str(p.max_seq_len), ",".join(p.aliases)) for p in profiles]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _devices_command(args) -> int:
-    if args.name is None:
-        print(format_table(load_profiles().values()))
-        return 0
-    fields = {**dataclasses.asdict(get_profile(args.name)), "sm": get_profile(args.name).sm}
-    if args.field is not None:
-        values = []
-        for key in args.field.split(","):
-            if key not in fields:
-                raise AwqEdgeError(f"device profiles have no field {key!r}", f"use one of {sorted(fields)}")
-            values.append(",".join(fields[key]) if isinstance(fields[key], tuple) else str(fields[key]))
-        print(" ".join(values))
-        return 0
-    for key, value in fields.items():
-        print(f"{key} = {value!r}")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("devices", help="list the device profiles `awq-edge build --device` accepts")
-    p.add_argument("name", nargs="?", help="show one device (name, alias or .toml path)")
-    p.add_argument("--field", help="print only these comma-separated fields, space-separated (for scripts)")
-    p.set_defaults(func=_devices_command)

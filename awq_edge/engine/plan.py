@@ -1,24 +1,15 @@
-"""What a TensorRT engine build needs that TensorRT itself does not: ONNX checks, shapes, the manifest."""
+"""What a TensorRT engine build needs that TensorRT itself does not: ONNX checks, the KV budget, the shapes."""
 
 import dataclasses
-import hashlib
-import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.numpy_helper
 
-from awq_edge.devices import DeviceProfile
+from awq_edge.engine.devices import DeviceProfile
 from awq_edge.errors import AwqEdgeError
-
-MODEL_FILE = "model.onnx"
-ENGINE_FILE = "model.engine"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
-_FP16_BYTES = 2
+from awq_edge.export.folder import MODEL_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,48 +195,3 @@ def weights_as_fields(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     return model
-
-
-def model_max_positions(onnx_dir):
-    """The model's context length from the exporter's genai_config.json, if present."""
-    path = Path(onnx_dir) / "genai_config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("model", {}).get("context_length")
-
-
-def model_hash(onnx_dir) -> str:
-    """sha256 over model.onnx and its external data files, in name order."""
-    h = hashlib.sha256()
-    folder = Path(onnx_dir)
-    for path in sorted(p for p in folder.iterdir() if p.name.startswith(MODEL_FILE) and p.is_file()):
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest(profile: DeviceProfile, *, trt_module: str, trt_version: str, onnx_dir, model_sha256: str,
-             kv: KvLayout, max_seq: int, profiles: dict, int4: dict, plugin_library, engine_bytes: int,
-             build_seconds: float) -> dict:
-    """The engine's record: where it runs, what built it, from what, and which shapes it takes."""
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "engine_file": ENGINE_FILE,
-        "device": profile.name,
-        "device_profile": {**dataclasses.asdict(profile), "aliases": list(profile.aliases)},
-        "compute_capability": profile.compute_capability,
-        "tensorrt": {"module": trt_module, "version": trt_version},
-        "model": {"onnx_dir": str(Path(onnx_dir).absolute()), "sha256": model_sha256, "int4_nodes": int4},
-        "kv_cache": {**dataclasses.asdict(kv), "max_seq_len": max_seq,
-                     "bytes": kv.bytes_per_token * max_seq * profile.max_batch},
-        # A list: the runtime selects TensorRT optimisation profiles by index.
-        "optimization_profiles": [{"name": phase, "shapes": {name: [list(s) for s in shapes] for name, shapes in p.items()}}
-                                  for phase, p in profiles.items()],
-        "plugin_library": None if plugin_library is None else Path(plugin_library).name,
-        "engine_bytes": engine_bytes,
-        "build_seconds": round(build_seconds, 3),
-        "built_on": platform.node(),
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

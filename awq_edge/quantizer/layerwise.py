@@ -16,11 +16,11 @@ from torch import nn
 from tqdm import tqdm
 
 from awq_edge.arch import Adapter, fold_scale
-from awq_edge.awq import apply_clip, search_clip, search_scale
-from awq_edge import gptq
-from awq_edge.gptq import HessianAccumulator, gptq_quantize
-from awq_edge.layers import LoadedModel, _StopForward
-from awq_edge.quant import QConfig, dequantize, quantize, to_groups
+from awq_edge.quant import QConfig, QuantLinear, quantize, to_groups
+from awq_edge.quantizer import gptq
+from awq_edge.quantizer.awq import apply_clip, search_clip, search_scale
+from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize
+from awq_edge.quantizer.layer_loader import LoadedModel, _StopForward
 
 METHODS = ("awq", "rtn", "gptq", "awq-gptq")
 SCALED = ("awq", "awq-gptq")  # methods that search and fold AWQ scales
@@ -39,24 +39,8 @@ def default_method(group_size: int) -> str:
 
 
 @dataclass
-class QuantizedLinear:
-    q: torch.Tensor  # uint8 [out, in]
-    scales: torch.Tensor  # float32 (fp16-exact) [out, n_groups]
-    zeros: torch.Tensor  # uint8 [out, n_groups]
-    bits: int
-    group_size: int
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.q, self.scales, self.zeros, self.group_size)
-
-    def to(self, device) -> "QuantizedLinear":
-        return QuantizedLinear(self.q.to(device), self.scales.to(device), self.zeros.to(device), self.bits,
-                               self.group_size)
-
-
-@dataclass
 class QuantResult:
-    linears: dict  # full module name -> QuantizedLinear (empty when a sink took them)
+    linears: dict  # full module name -> QuantLinear (empty when a sink took them)
     report: dict = field(default_factory=dict)
 
 
@@ -115,11 +99,13 @@ def _to(obj, device):
     return obj
 
 
-def _first(out):
+def first_output(out):
+    """A module's main output (decoder layers return a tuple in some transformers versions)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _hidden(call):
+def hidden_input(call):
+    """The hidden-state input of a recorded (args, kwargs) call."""
     args, kwargs = call
     return args[0] if args else kwargs["hidden_states"]
 
@@ -128,9 +114,9 @@ def _caller(module: nn.Module, call):
     """module as a function of its hidden-state input, other arguments as recorded."""
     args, kwargs = call
     if args:
-        return lambda x: _first(module(x, *args[1:], **kwargs))
+        return lambda x: first_output(module(x, *args[1:], **kwargs))
     kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-    return lambda x: _first(module(hidden_states=x, **kwargs))
+    return lambda x: first_output(module(hidden_states=x, **kwargs))
 
 
 @torch.no_grad()
@@ -278,7 +264,7 @@ def _search_scales(layer, i, source, linears, stats, xs, calls, is_held, cfg, gu
         def chunk_calls(module=module):
             for x, (args, kwargs), held in zip(xs, calls, is_held):
                 call = _call_of(layer, module, x.to(device), args, kwargs)
-                yield _caller(module, call), _hidden(call), held
+                yield _caller(module, call), hidden_input(call), held
 
         s, best, _ = search_scale(chunk_calls(), stats.x_mean(g.linears[0]), [linears[name] for name in g.linears],
                                   cfg, n_grid=N_GRID, guard=guard, duo=duo)
@@ -364,7 +350,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
         calls.append(_to(layer_calls, device))
     result = QuantResult(linears={}, report={"alphas": {}, "sensitivity": {}, "scales_kept": 0, "scale_groups": 0, "duo_chosen": 0,
                                              "clip_kept": [0, 0], "memory_plan": plan.__dict__, "n_held_out": n_held})
-    worst = []  # heap of (error, name, QuantizedLinear, float weight): the keep_8bit candidates so far
+    worst = []  # heap of (error, name, QuantLinear, float weight): the keep_8bit candidates so far
     timer = _Timer(device)
     with _tf32(device):
         for i in tqdm(range(source.n_layers), desc=f"{method} w{cfg.w_bit} g{cfg.group_size}", disable=not progress,
@@ -378,7 +364,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             for j, x in enumerate(xs):
                 args, kwargs = calls[j][i]
                 with stats.watching(int(is_held[j])):
-                    out = _first(layer(x.to(device), *args, **kwargs))
+                    out = first_output(layer(x.to(device), *args, **kwargs))
                 if not sequential:  # else the quantised layer's output is computed below
                     outs.append(out.to(plan.store))
                 del out
@@ -405,7 +391,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             rounded = _gptq_round(linears, stats, scales, cfg, gptq_damp) if method in GPTQ_ROUNDED else {}
             for name, lin in linears.items():
                 q, sc, zp = rounded[name] if name in rounded else quantize(lin.weight.data, cfg)
-                ql = QuantizedLinear(q, sc, zp, bits=cfg.w_bit, group_size=cfg.group_size)
+                ql = QuantLinear(q, sc, zp, bits=cfg.w_bit, group_size=cfg.group_size)
                 w_hat = ql.dequantize().to(lin.weight.dtype)  # on the device: the host is the slow part at 8B
                 if keep_8bit or isinstance(sink, _Collect):  # kept: off the device (a writer packs it there)
                     ql = ql.to("cpu")
@@ -426,7 +412,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
                 if name not in quantised:
                     sink.tensor(prefix + name, t.detach().cpu())
             if sequential:  # the next layer sees this layer's quantised output
-                outs = [_first(layer(x.to(device), *calls[j][i][0], **calls[j][i][1])).to(plan.store)
+                outs = [first_output(layer(x.to(device), *calls[j][i][0], **calls[j][i][1])).to(plan.store)
                         for j, x in enumerate(xs)]
             xs = outs
             source.release(i, layer)
@@ -435,7 +421,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
 
     cfg8 = QConfig(8, cfg.group_size, cfg.zero_point)
     for _, name, _, weight in sorted(worst, reverse=True):
-        ql = QuantizedLinear(*quantize(weight, cfg8), bits=8, group_size=cfg.group_size)
+        ql = QuantLinear(*quantize(weight, cfg8), bits=8, group_size=cfg.group_size)
         if isinstance(source, LoadedModel):
             lin = source.model.get_submodule(name)
             lin.weight.data = ql.dequantize().to(lin.weight.dtype)

@@ -6,7 +6,7 @@ checkpoint on the GPU with awq-edge's kernels; `trt` runs an engine from `awq-ed
 import sys
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.runner import BACKENDS, check_sampling, load, utf8_text
+from awq_edge.runtime.api import BACKENDS, check_sampling, load, utf8_text
 
 CHAT_HELP = "awq-edge chat: type a message; /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer."
 

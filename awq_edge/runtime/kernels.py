@@ -11,7 +11,7 @@ import torch
 from awq_edge.errors import AwqEdgeError
 
 LIB_ENV = "AWQ_EDGE_KERNELS_LIB"
-DEFAULT_LIB = Path(__file__).resolve().parent.parent / "plugins" / "build" / "libawq_edge_kernels.so"
+DEFAULT_LIB = Path(__file__).resolve().parents[2] / "plugins" / "build" / "libawq_edge_kernels.so"
 BLOCK_SIZES = (32, 64, 128)
 OK, INVALID_ARGUMENT, UNSUPPORTED, CUDA_ERROR = 0, 1, 2, 3
 _FIXES = {

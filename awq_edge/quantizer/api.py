@@ -1,5 +1,9 @@
-"""The quantiser's Python API, on which `awq-edge quantize` is built: quantize() -> QuantizedModel.save()/.export()."""
+"""The quantiser's Python API, on which `awq-edge quantize` is built: quantize() -> QuantizedModel.save()/.export().
 
+The argument rules (device, group size, bit width) live here and the CLI calls them, so the API refuses what the
+CLI refuses, before any work."""
+
+import re
 import resource
 import shutil
 import tempfile
@@ -9,28 +13,49 @@ from pathlib import Path
 
 import torch
 
-from awq_edge import calib
 from awq_edge.arch import get_adapter
-from awq_edge.checkpoint import CheckpointWriter, awq_config, check_awq_shapes, check_checkpoint_output, save_quantized
+from awq_edge.checkpoint.hf_folder import load_config, load_tokenizer
+from awq_edge.checkpoint.writer import (
+    CheckpointWriter,
+    awq_config,
+    check_awq_shapes,
+    check_checkpoint_output,
+    save_quantized,
+)
 from awq_edge.errors import AwqEdgeError
-from awq_edge.layers import FileModel
-from awq_edge.model import load_config, load_float_model, load_tokenizer, resolve_model_dir
 from awq_edge.outputs import replace_dir, temp_dir
-from awq_edge.quant import QConfig
-from awq_edge.layerwise import METHODS, default_method, quantize_layers, quantize_model
+from awq_edge.quant import GROUP_SIZES, QConfig, check_group_size
+from awq_edge.quantizer import calib
+from awq_edge.quantizer.layer_loader import FileModel
+from awq_edge.quantizer.layerwise import METHODS, default_method, quantize_layers, quantize_model
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
-GROUP_SIZES = (128, 64, 32)
 GPU_SAMPLES, CPU_SAMPLES = 128, 16
 
 
+def check_device(name) -> str:
+    """The device rule of the API and the CLI, checked without touching a GPU: auto, cpu, cuda or cuda:N."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise AwqEdgeError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N", "use --device auto, cpu or cuda")
+    return name
+
+
+def check_w_bit(w_bit) -> None:
+    if w_bit != 4 or isinstance(w_bit, bool):
+        raise AwqEdgeError(f"--w-bit {w_bit!r}: the AutoAWQ checkpoint holds 4-bit weights only",
+                           "use --w-bit 4 (other widths are evaluated by bench/quality.py)")
+
+
 def pick_device(name: str) -> str:
-    if name == "auto":
+    """The device to run on: check_device's rule, then whether torch sees the GPU asked for."""
+    if check_device(name) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise AwqEdgeError(f"--device {name} asked for, but torch sees no CUDA GPU",
                            "use --device cpu, or install a CUDA build of torch")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise AwqEdgeError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise AwqEdgeError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s)",
+                           "use --device cuda (the first GPU) or an index torch sees")
     return name
 
 
@@ -41,7 +66,7 @@ def pick_group_size(shapes: dict) -> int:
             return g
     odd = next(f"{n} ({in_f})" for n, (_, in_f) in shapes.items() if in_f % 32)
     raise AwqEdgeError(f"no group size of {GROUP_SIZES} divides every linear's input width, e.g. {odd}",
-                       "pass --group-size with a multiple of 8 that divides them")
+                       "pass --group-size with a power of two of at least 16 that divides them")
 
 
 def linear_shapes(layers, prefix: str) -> dict:
@@ -118,7 +143,7 @@ class QuantizedModel:
 
     def export(self, out_dir, target: str = "ort", exact: bool = False, **options) -> Path:
         """Lower the checkpoint to an ONNX folder with `awq-edge export`'s defaults (options: ExportOptions fields)."""
-        from awq_edge.export.command import export, export_options
+        from awq_edge.export.api import export, export_options
 
         if self.path is None:
             raise AwqEdgeError("this model has not been saved", "call .save(dir) before .export(...)")
@@ -150,8 +175,9 @@ def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4
     """
     if method is not None and method not in METHODS:
         raise AwqEdgeError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
-    if w_bit != 4:
-        raise AwqEdgeError(f"w_bit {w_bit}: the AutoAWQ checkpoint holds 4-bit weights only", "use w_bit=4")
+    check_w_bit(w_bit)
+    if group_size is not None:
+        check_group_size(group_size)
     device = pick_device(device)
     if n_samples is None:
         n_samples = GPU_SAMPLES if device.startswith("cuda") else CPU_SAMPLES
@@ -231,8 +257,6 @@ def _config(w_bit, group_size, zero_point, shapes, log) -> QConfig:
     if group_size is None:
         group_size = pick_group_size(shapes)
         log(f"group size {group_size}: the largest of {GROUP_SIZES} that divides every linear's input width")
-    if group_size <= 0 or group_size % 8:
-        raise AwqEdgeError(f"group size {group_size} is not a positive multiple of 8", "use 128, 64 or 32")
     check_awq_shapes(shapes, group_size)
     return QConfig(w_bit, group_size, zero_point)
 

@@ -1,0 +1,68 @@
+"""Export a quantised checkpoint folder to an ONNX folder for onnxruntime(-genai) or TensorRT: the options
+`awq-edge export` and `QuantizedModel.export` use, and `export` itself."""
+
+import json
+from pathlib import Path
+
+from awq_edge.export.decoder import ExportOptions, build_decoder
+from awq_edge.export.folder import EXPORT_FILES, GENAI_CONFIG, genai_config, is_export, write_folder
+
+from awq_edge.checkpoint.reader import Checkpoint
+from awq_edge.errors import AwqEdgeError
+from awq_edge.outputs import check_output_dir, remove_stale
+from awq_edge.quant import check_group_size
+
+# --target ort's default: the configuration that beats onnxruntime-genai's own int4 build of the same model on
+# the CPU (bench/results/onnx_defaults.json): int8 activations in MatMulNBits, and the float head (with the
+# tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on builtin calibration text.
+ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": "builtin", "head_symmetric": True}
+
+
+def export_options(target: str = "ort", exact: bool = False, **overrides) -> ExportOptions:
+    """The options `awq-edge export` uses: ORT_DEFAULTS for onnxruntime unless exact (bit-exact int4 of the
+    checkpoint, float head); overrides (None: not given) apply on top."""
+    opts = dict(ORT_DEFAULTS) if target == "ort" and not exact else {}
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    head = sorted(k for k in ("head_bits", "head_group", "head_calib", "head_symmetric") if overrides.get(k))
+    if target != "ort" and head:
+        flags = ", ".join("--" + k.replace("_", "-") for k in head)
+        raise AwqEdgeError(f"{flags}: the head is re-quantised for --target ort only", "drop them for --target trt")
+    if opts.get("trt_native") and target != "trt":
+        raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
+    check_group_size(opts.get("head_group", 32), "--head-group")
+    return ExportOptions(target=target, **opts)
+
+
+def check_source(quant_dir) -> Path:
+    """Refuse a folder that is not a checkpoint at all, before the reader checks it."""
+    folder = Path(quant_dir)
+    if not folder.is_dir():
+        raise AwqEdgeError(f"checkpoint folder {folder} not found", "pass the folder written by `awq-edge quantize`")
+    if (folder / GENAI_CONFIG).is_file():
+        raise AwqEdgeError(f"{folder} is already an exported ONNX folder", "pass the checkpoint it was exported from")
+    return folder
+
+
+def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_float: bool = False) -> Path:
+    """Build the decoder graph from the checkpoint and write the folder; returns its path. The options default
+    to the exact export; `awq-edge export` and awq_edge's API pass export_options()."""
+    ck = Checkpoint(check_source(quant_dir), allow_float)
+    folder = ck.folder
+    out = check_output_dir(out_dir, inputs=[folder], is_ours=is_export, our_files=EXPORT_FILES, what="export")
+    remove_stale(out)
+    if opts.head_calib and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
+                           f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
+                           "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
+    model = build_decoder(ck, opts)
+    gen_path = folder / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    genai = genai_config(ck.config, generation, model, ck.spec.dims)
+    extra = {
+        "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
+        "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
+        "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
+        "group_size": ck.group_size, "model_type": ck.config["model_type"],
+    }
+    write_folder(out, model, genai, folder, extra)
+    return out
