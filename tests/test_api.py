@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from awq_edge.export.api import export
 from conftest import builtin_model_available
 from test_export import write_checkpoint
 from test_runtime import save_byte_tokenizer
 
 import awq_edge
 from awq_edge.errors import AwqEdgeError
+from awq_edge.export.api import export
 from awq_edge.runtime.generate import generate
 from awq_edge.runtime.ort import OrtDecoder
 
@@ -37,11 +37,26 @@ def onnx_dir(tmp_path_factory):
     return export(root / "ck", root / "onnx")
 
 
-def test_the_readme_example_runs_load_generate_stream_and_chat_on_an_export(onnx_dir, tmp_path, monkeypatch):
+def reference_text(folder, tokenizer, prompt: str, n: int) -> str:
+    """The greedy answer to a one-message chat, by the decoder loop and the tokenizer alone (not through Model)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return tokenizer.decode(list(generate(OrtDecoder(folder), ids, n)), skip_special_tokens=True)
+
+
+def test_the_readme_example_runs_load_generate_stream_and_chat_on_an_export(onnx_dir, tmp_path, monkeypatch, capsys):
     _, run_half = readme_example()
     shutil.copytree(onnx_dir, tmp_path / "smol-onnx")
     monkeypatch.chdir(tmp_path)
-    exec(compile(run_half, "README.md", "exec"), {})
+    ns = {}
+    exec(compile(run_half, "README.md", "exec"), ns)
+    tokenizer = ns["model"].tokenizer
+    answer = reference_text(onnx_dir, tokenizer, "What is the capital of France?", 32)
+    streamed = reference_text(onnx_dir, tokenizer, "Write a haiku about the sea.", 32)
+    assert answer and capsys.readouterr().out == f"{answer}\n{streamed}\n"
+    assert ns["messages"][-1] == {"role": "assistant", "content": reference_text(onnx_dir, tokenizer,
+                                                                                 "Name three colours.", 32)}
+    assert ns["ids"] == list(generate(OrtDecoder(onnx_dir), [1, 2, 3], 8)) and len(ns["ids"]) == 8
 
 
 @pytest.mark.slow
@@ -54,22 +69,21 @@ def test_the_whole_readme_example_quantises_saves_exports_and_runs_smollm2(tmp_p
     assert (tmp_path / "smol-onnx" / "model.onnx").is_file()
 
 
-def test_generate_is_the_stream_joined_and_equals_the_decoder_loop_for_token_ids(onnx_dir):
+def test_generate_stream_and_chat_answer_as_the_decoder_loop_does(onnx_dir):
     model = awq_edge.load(onnx_dir)
-    assert model.generate("hi", max_new_tokens=12) == "".join(model.stream("hi", max_new_tokens=12))
+    want = reference_text(onnx_dir, model.tokenizer, "hi", 12)
+    assert want and model.generate("hi", max_new_tokens=12) == want == "".join(model.stream("hi", max_new_tokens=12))
+    assert model.chat([{"role": "user", "content": "hi"}], max_new_tokens=12) == want
     ids = [5, 17, 42, 99]
     assert model.generate(ids, max_new_tokens=12) == list(generate(OrtDecoder(onnx_dir), ids, 12))
-
-
-def test_chat_with_one_user_message_answers_as_generate_does(onnx_dir):
-    model = awq_edge.load(onnx_dir)
-    assert model.chat([{"role": "user", "content": "hi"}], max_new_tokens=10) == model.generate("hi", max_new_tokens=10)
 
 
 def test_an_answer_stops_where_the_context_is_full(onnx_dir):
     model = awq_edge.load(onnx_dir)
     prompt = list(range(3, 253))  # 250 of the tiny model's 256 positions
-    assert len(model.generate(prompt, max_new_tokens=100)) <= 6
+    room = list(generate(OrtDecoder(onnx_dir), prompt, 6))
+    assert len(room) == 6  # no end-of-sequence token in the 6 positions left: the context is what stops it
+    assert model.generate(prompt, max_new_tokens=100) == room
 
 
 @pytest.mark.parametrize("kwargs,needle", [({"backend": "tpu"}, "backend 'tpu'"),

@@ -552,7 +552,7 @@ def test_a_tokenizer_rebuilt_wrongly_from_a_gguf_is_refused_in_one_line():
              "<unk>": 99}
     apart = Tokenizer(models.BPE(vocab, []))  # no merges: characters only, though the vocabulary holds the words
     apart.normalizer = normalizers.Replace(" ", "\u2581")
-    with pytest.raises(AwqEdgeError, match=r"rebuilt the tokenizer of m.gguf wrongly .*transformers>=5.23"):
+    with pytest.raises(AwqEdgeError, match=r"transformers .* rebuilt from m.gguf splits words .*transformers>=5.23"):
         check_converted_tokenizer(PreTrainedTokenizerFast(tokenizer_object=apart), "m.gguf")
     whole = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     whole.normalizer = normalizers.Replace(" ", "\u2581")

@@ -114,11 +114,25 @@ def test_a_hessian_with_nan_raises_a_clear_error():
         gptq_quantize(torch.randn(8, 32), hessian(x), QConfig(4, 32, True))
 
 
-def test_a_hessian_that_default_damping_cannot_fix_is_retried_with_ten_times_more():
+def test_a_hessian_that_default_damping_cannot_fix_is_retried_with_ten_times_more(monkeypatch):
     H = torch.eye(64)
     H[5, 5] = -0.5  # the default 0.1 * mean(diag) = 0.098 leaves it negative; 0.98 makes it positive
     assert torch.linalg.cholesky_ex(H + 0.1 * H.diagonal().mean() * torch.eye(64)).info != 0
+    factored = []  # the diagonal each factorisation of the damped H saw, and whether it succeeded
+    real = torch.linalg.cholesky_ex
+
+    def spy(A, *args, **kwargs):
+        out = real(A, *args, **kwargs)
+        factored.append((A.diagonal().clone(), int(out.info)))
+        return out
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
     q, s, z = gptq_quantize(torch.randn(8, 64), H, QConfig(4, 32, True))
+    mean = (63 - 0.5) / 64
+    (first, failed), (second, ok) = factored[:2]
+    assert failed != 0 and ok == 0
+    assert torch.allclose(first - H.diagonal(), torch.full((64,), 0.1 * mean))
+    assert torch.allclose(second - H.diagonal(), torch.full((64,), 1.0 * mean))  # ten times the damping
     assert bool(torch.isfinite(dequantize(q, s, z, 32)).all())
 
 

@@ -3,6 +3,7 @@ file, shards with an index, or loose files) and the tokenizer. Float models and 
 folders; every stage reads them through here."""
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -10,10 +11,25 @@ from awq_edge.errors import AwqEdgeError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors dtype -> bytes per element
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# config.json fields every family reads: (positive integers, positive finite numbers); None means "unset" for
+# the ones transformers defaults. A value outside these reaches transformers as a crash, not a message.
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings", "sliding_window")
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+NON_NEGATIVE_NUMBERS = ("attn_logit_softcapping", "final_logit_softcapping")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# the parameters each rope type needs (transformers' rope initialisers read them unchecked)
+ROPE_NEEDS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "longrope": ("short_factor", "long_factor")}
+ROPE_LISTS = ("short_factor", "long_factor")  # per-frequency lists; every other parameter is one positive number
 
 
 def read_config_json(path: Path) -> dict:
-    """config.json as a dict, or one error naming what is wrong with it."""
+    """config.json as a dict, its values checked (check_config), or one error naming what is wrong with it."""
     f = Path(path) / "config.json"
     if not f.is_file():
         raise AwqEdgeError(f"{path} has no config.json", "point at a Hugging Face model folder")
@@ -23,7 +39,69 @@ def read_config_json(path: Path) -> dict:
         raise AwqEdgeError(f"{f} is not valid JSON ({e})", "re-download or repair config.json") from None
     if not isinstance(d, dict):
         raise AwqEdgeError(f"{f} holds a JSON {type(d).__name__}, not an object", "re-download or repair config.json")
+    check_config(d, f)
     return d
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def check_config(d: dict, where) -> None:
+    """Refuse the config values no family takes (types, ranges, rope parameters, per-layer lists), naming the key:
+    transformers would otherwise fail on them with its own exception types, or build a model that divides by 0."""
+    def bad(key, value, want):
+        raise AwqEdgeError(f"{where}: {key} is {value!r}, {want}", "use the config.json that belongs to the model")
+
+    if not isinstance(d.get("model_type"), str) or not d["model_type"]:
+        bad("model_type", d.get("model_type"), "not a model type name")
+    for key in POSITIVE_INTS:
+        if d.get(key) is not None and not (_is_int(d[key]) and d[key] > 0):
+            bad(key, d[key], "not a positive integer")
+    for key in POSITIVE_NUMBERS:
+        if d.get(key) is not None and not (_is_number(d[key]) and d[key] > 0):
+            bad(key, d[key], "not a positive number")
+    for key in NON_NEGATIVE_NUMBERS:
+        if d.get(key) is not None and not (_is_number(d[key]) and d[key] >= 0):
+            bad(key, d[key], "not a number of at least 0")
+    heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        bad("num_key_value_heads", kv, f"which does not divide num_attention_heads {heads}")
+    vocab = d.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = d.get(key) if isinstance(d.get(key), list) else [d.get(key)]
+        if not all(i is None or (_is_int(i) and 0 <= i and (not vocab or i < vocab)) for i in ids):
+            bad(key, d[key], f"not a token id below vocab_size {vocab}")
+    types, layers = d.get("layer_types"), d.get("num_hidden_layers")
+    if types is not None and not (isinstance(types, list) and all(t in LAYER_TYPES for t in types)
+                                  and (not layers or len(types) == layers)):
+        bad("layer_types", types, f"not a list of {layers} of {', '.join(LAYER_TYPES)}")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            bad(key, rope, "not an object")
+        # Gemma 3 keys its rope parameters by layer type
+        per_type = rope if rope and all(isinstance(v, dict) for v in rope.values()) else {"": rope}
+        for sub, params in per_type.items():
+            name = f"{key}.{sub}" if sub else key
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            if rope_type not in ROPE_NEEDS:
+                bad(f"{name}.rope_type", rope_type, f"not one of {', '.join(ROPE_NEEDS)}")
+            for need in ROPE_NEEDS[rope_type]:
+                value = params.get(need)
+                ok = (isinstance(value, list) and value and all(map(_is_number, value))) if need in ROPE_LISTS \
+                    else _is_number(value) and value > 0
+                if not ok:
+                    bad(f"{name}.{need}", value, f"not what rope type {rope_type!r} needs")
+            theta = params.get("rope_theta")
+            if theta is not None and not (_is_number(theta) and theta > 0):
+                bad(f"{name}.rope_theta", theta, "not a positive number")
 
 
 def load_config(path: Path):
@@ -38,9 +116,10 @@ def load_config(path: Path):
         raise AwqEdgeError(f"{Path(path) / 'config.json'} has no model_type", "use a transformers model folder")
     try:
         return AutoConfig.for_model(model_type, **d)
-    except (ValueError, TypeError) as e:
-        raise AwqEdgeError(f"unknown model_type {model_type!r} ({e})",
-                           "upgrade transformers or use a supported model") from None
+    except Exception as e:  # transformers' validators raise several types; each means the same here
+        raise AwqEdgeError(f"transformers cannot read the {model_type!r} config.json in {path} "
+                           f"({type(e).__name__}: {str(e)[:200]})",
+                           "use the config.json that belongs to the model, or upgrade transformers") from None
 
 
 def check_safetensors(path: Path) -> dict:
@@ -63,6 +142,12 @@ def check_safetensors(path: Path) -> dict:
                     and len(entry["data_offsets"]) == 2
                     and all(isinstance(n, int) and n >= 0 for n in entry["shape"] + entry["data_offsets"])):
                 raise ValueError(f"tensor {name!r} has no valid dtype, shape and data_offsets")
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                if entry["dtype"] not in DTYPE_BYTES or end - start != math.prod(entry["shape"]) * DTYPE_BYTES[
+                        entry["dtype"]]:
+                    raise ValueError(f"tensor {name!r}: dtype {entry['dtype']} and shape {entry['shape']} do not "
+                                     f"fill its {end - start} bytes")
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise AwqEdgeError(f"{path} is not a readable safetensors file ({e})", fix) from None
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
@@ -147,9 +232,33 @@ def check_tokenizer_json(path: Path) -> None:
                                    f"re-download or re-create {name}")
 
 
-def load_tokenizer(path: Path):
-    """The folder's tokenizer, local files only, never remote code."""
+def load_tokenizer(path: Path, vocab_size: int | None = None):
+    """The folder's tokenizer, local files only, never remote code, checked: it loads, its special ids fit the
+    model's vocab_size, and words its vocabulary holds whole come out whole (check_tokenizer)."""
     from transformers import AutoTokenizer
 
     check_tokenizer_json(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers and tokenizers raise many types for files they cannot use
+        raise AwqEdgeError(f"the tokenizer files in {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]})",
+                           "copy the model's own tokenizer.json and tokenizer_config.json into the folder") from None
+    check_tokenizer(tokenizer, f"the tokenizer in {path}", vocab_size)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, what: str, vocab_size: int | None = None,
+                    fix: str = "copy the model's own tokenizer.json and tokenizer_config.json into the folder") -> None:
+    """Refuse a tokenizer that loads but is broken: special ids past the model's vocabulary, or words its vocabulary
+    holds whole split into pieces (merges lost, or a GGUF tokenizer rebuilt wrongly: 31 tokens for 7 words)."""
+    specials = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
+    if vocab_size and any(i >= vocab_size for i in specials):
+        raise AwqEdgeError(f"{what} has special token ids {specials}, past the model's vocab_size {vocab_size}", fix)
+    vocab = tokenizer.get_vocab()
+    words = [w for w in ("the", "of", "and", "is", "capital") if f"\u2581{w}" in vocab or f"\u0120{w}" in vocab]
+    ids = tokenizer(" " + " ".join(words), add_special_tokens=False).input_ids
+    if words and len(ids) > len(words) + 1:
+        raise AwqEdgeError(f"{what} splits words its vocabulary holds whole ({len(ids)} tokens for {len(words)} "
+                           "words): its merges or pre-tokenizer are broken", fix)
+    if vocab_size and any(i >= vocab_size for i in ids):
+        raise AwqEdgeError(f"{what} gives token ids past the model's vocab_size {vocab_size}", fix)

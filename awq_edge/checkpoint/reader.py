@@ -121,6 +121,8 @@ class Checkpoint:
             q, scales, zeros = from_awq_gemm(
                 self.tensor(f"{name}.qweight"), self.tensor(f"{name}.qzeros"), self.tensor(f"{name}.scales")
             )
+            if not torch.isfinite(scales).all():
+                raise AwqEdgeError(f"{self.folder}: {name}.scales holds values that are not finite", RECREATE)
             return QuantLinear(q, scales, zeros, self.group_size, bias=bias)
         if f"{name}.weight" in self:
             return FloatLinear(self.float_tensor(f"{name}.weight"), bias)
@@ -140,7 +142,7 @@ def load_quantized_model(folder, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     ck = Checkpoint(folder)
-    tokenizer = load_tokenizer(ck.folder)
+    tokenizer = load_tokenizer(ck.folder, ck.spec.dims.vocab)
     state = {}
     for key in ck.names():
         if key.endswith(".qweight"):

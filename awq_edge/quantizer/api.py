@@ -214,9 +214,11 @@ def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4
         with CheckpointWriter(out) as writer:
             with phases("load"):
                 path = resolve_model_dir(str(model))
-                tokenizer = load_tokenizer(path)
-                adapter = get_adapter(load_config(path).model_type)
+                config = load_config(path)
+                tokenizer = load_tokenizer(path, config.vocab_size)
+                adapter = get_adapter(config.model_type)
                 fm = FileModel(path, adapter)
+                fm.check_values()
                 shapes = linear_shapes(fm.decoder_layers, adapter.layers_path)
                 cfg = _config(w_bit, group_size, zero_point, shapes, log)
                 method = _method(method, cfg, log)

