@@ -1,0 +1,80 @@
+"""Bad input the fuzz suite (tests/test_fuzz.py, issue 20) found, each a named case as in tests/test_bad_input.py:
+one `error: ... (fix: ...)` line, exit 2, nothing written, the inputs unchanged; and the values beside them that
+must still work."""
+
+import math
+
+import numpy as np
+import pytest
+from test_bad_input import Case, assert_one_clear_line, fx, gen, run, snapshot
+
+import awq_edge
+from awq_edge.errors import AwqEdgeError
+
+assert fx  # the inputs' fixture, shared with tests/test_bad_input.py
+
+
+CASES = [
+    # sampling options: a number of the wrong kind was garbage or a traceback
+    Case("generate --seed -1", lambda tmp, fx: gen(tmp, fx, "--seed", "-1"), ("seed -1 is not a count",
+                                                                              "--seed 0 or more")),
+    Case("generate --temperature nan", lambda tmp, fx: gen(tmp, fx, "--temperature", "nan"),
+         ("temperature nan is not a finite number",)),
+    Case("generate --temperature inf", lambda tmp, fx: gen(tmp, fx, "--temperature", "inf"),
+         ("temperature inf is not a finite number",)),
+    Case("generate --top-p nan", lambda tmp, fx: gen(tmp, fx, "--top-p", "nan"), ("top_p nan",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fuzzed_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, capsys):
+    argv = case.argv(tmp_path, fx)
+    inputs_before = {k: snapshot(v) for k, v in fx.items()}
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert_one_clear_line(*run(capsys, *argv), *case.needles)
+    assert snapshot(tmp_path) == before
+    assert {k: snapshot(v) for k, v in fx.items()} == inputs_before
+
+
+# ---- the Python API: every wrong sampling value is an AwqEdgeError, never another exception
+
+@pytest.fixture(scope="module")
+def model(fx):
+    return awq_edge.load(fx["onnx"])
+
+
+@pytest.mark.parametrize("call", ["generate", "stream", "chat"])
+@pytest.mark.parametrize("options", [
+    {"temperature": "hot"}, {"temperature": math.nan}, {"temperature": math.inf}, {"temperature": None},
+    {"top_p": math.nan}, {"top_p": [0.5]}, {"top_k": 2.5}, {"top_k": True}, {"top_k": -1}, {"seed": -1},
+    {"seed": 1e30}, {"seed": True}, {"seed": []}, {"max_new_tokens": 2.0}, {"temprature": 0.5},
+], ids=repr)
+def test_a_wrong_sampling_value_in_the_api_is_an_awq_edge_error(model, call, options):
+    options = {"max_new_tokens": 2, **options}
+    with pytest.raises(AwqEdgeError, match=r"\(fix: "):
+        if call == "chat":
+            model.chat([{"role": "user", "content": "hi"}], **options)
+        else:
+            "".join(getattr(model, call)("hi", **options))
+
+
+def test_numpy_numbers_are_taken_as_sampling_values(model):
+    assert model.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(3),
+                          seed=np.uint8(1)) == model.generate("hi", max_new_tokens=2, temperature=0.5, top_k=3, seed=1)
+
+
+def test_a_top_k_wider_than_the_vocabulary_samples_as_no_limit(model):
+    wide = model.generate("hi", max_new_tokens=4, temperature=0.8, top_k=10**30, seed=3)
+    assert wide == model.generate("hi", max_new_tokens=4, temperature=0.8, top_k=0, seed=3)
+
+
+def test_a_huge_seed_is_a_seed(model):
+    assert isinstance(model.generate("hi", max_new_tokens=2, temperature=0.8, seed=10**30), str)
+
+
+@pytest.mark.parametrize("folder", [None, 5, ["a"]], ids=repr)
+def test_load_of_a_folder_that_is_not_a_path_is_an_awq_edge_error(folder):
+    with pytest.raises(AwqEdgeError, match="is not a path"):
+        awq_edge.load(folder)
+
