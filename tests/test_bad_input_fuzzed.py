@@ -2,16 +2,32 @@
 one `error: ... (fix: ...)` line, exit 2, nothing written, the inputs unchanged; and the values beside them that
 must still work."""
 
+import json
 import math
 
 import numpy as np
 import pytest
-from test_bad_input import Case, assert_one_clear_line, fx, gen, run, snapshot
+from test_bad_input import Case, assert_one_clear_line, damaged_copy, fx, gen, run, snapshot
 
 import awq_edge
 from awq_edge.errors import AwqEdgeError
 
 assert fx  # the inputs' fixture, shared with tests/test_bad_input.py
+
+
+def export_with(file: str, edit):
+    """generate on a copy of the export whose `file` (JSON) went through edit."""
+    def argv(tmp, fx):
+        def damage(d):
+            doc = json.loads((d / file).read_text())
+            edit(doc)
+            (d / file).write_text(json.dumps(doc))
+        return ["generate", damaged_copy(fx["onnx"], tmp / "onnx", damage), "--prompt", "hi", "--max-new-tokens", "2"]
+    return argv
+
+
+def decoder(key, value):
+    return lambda doc: doc["model"]["decoder"].update({key: value})
 
 
 CASES = [
@@ -23,6 +39,13 @@ CASES = [
     Case("generate --temperature inf", lambda tmp, fx: gen(tmp, fx, "--temperature", "inf"),
          ("temperature inf is not a finite number",)),
     Case("generate --top-p nan", lambda tmp, fx: gen(tmp, fx, "--top-p", "nan"), ("top_p nan",)),
+    # the export's own files
+    Case("generate an export whose accuracy_level is true", export_with(
+        "awq_edge_export.json", lambda d: d.update(accuracy_level=True)), ("accuracy_level True is not an integer",)),
+    Case("generate an export whose genai_config.json counts other layers", export_with(
+        "genai_config.json", decoder("num_hidden_layers", 3)), ("KV cache of 2 layers", "says 3")),
+    Case("generate an export whose genai_config.json has another head size", export_with(
+        "genai_config.json", decoder("head_size", 16)), ("(KV heads, head size) (2, 32)", "says (2, 16)")),
 ]
 
 
