@@ -7,12 +7,25 @@ import math
 
 import numpy as np
 import pytest
-from test_bad_input import Case, assert_one_clear_line, damaged_copy, fx, gen, run, snapshot
+from test_bad_input import ROOT, Case, assert_one_clear_line, damaged_copy, fx, gen, run, snapshot
 
 import awq_edge
 from awq_edge.errors import AwqEdgeError
 
 assert fx  # the inputs' fixture, shared with tests/test_bad_input.py
+
+
+def profile(data: bytes = None, **changes):
+    """`awq-edge devices` of rtx-4090's profile with keys changed, or of a file holding data."""
+    def argv(tmp, fx):
+        if data is not None:
+            (tmp / "my.toml").write_bytes(data)
+            return ["devices", tmp / "my.toml"]
+        lines = (ROOT / "devices" / "rtx-4090.toml").read_text().splitlines()
+        kept = [line for line in lines if line.split(" = ")[0] not in changes]
+        (tmp / "my.toml").write_text("\n".join(kept + [f"{k} = {v}" for k, v in changes.items()]) + "\n")
+        return ["devices", tmp / "my.toml"]
+    return argv
 
 
 def export_with(file: str, edit):
@@ -39,6 +52,13 @@ CASES = [
     Case("generate --temperature inf", lambda tmp, fx: gen(tmp, fx, "--temperature", "inf"),
          ("temperature inf is not a finite number",)),
     Case("generate --top-p nan", lambda tmp, fx: gen(tmp, fx, "--top-p", "nan"), ("top_p nan",)),
+    # device profiles
+    Case("devices a .toml that is not UTF-8", profile(b'description = "caf\xe9"\n'), ("is not UTF-8 text",)),
+    Case("devices a folder named .toml", lambda tmp, fx: ["devices", (tmp / "my.toml").mkdir() or tmp / "my.toml"],
+         ("cannot be read",)),
+    Case("devices memory_gib = inf", profile(memory_gib="inf"), ("memory_gib = inf is not a positive number",
+                                                                  "finite")),
+    Case("devices description = 1.5", profile(description="1.5"), ("description = 1.5 is not a string",)),
     # the export's own files
     Case("generate an export whose accuracy_level is true", export_with(
         "awq_edge_export.json", lambda d: d.update(accuracy_level=True)), ("accuracy_level True is not an integer",)),
