@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from test_bad_input import ROOT, Case, assert_one_clear_line, damaged_copy, fx, gen, run, snapshot
+from test_runtime_trt import _manifest
 
 import awq_edge
 from awq_edge.errors import AwqEdgeError
@@ -39,6 +40,16 @@ def export_with(file: str, edit):
     return argv
 
 
+def engine_with(edit):
+    """generate --backend trt on an engine folder whose manifest.json went through edit."""
+    def argv(tmp, fx):
+        record, engine = _manifest(tmp)
+        edit(record)
+        (engine / "manifest.json").write_text(json.dumps(record))
+        return ["generate", engine, "--backend", "trt", "--prompt", "hi"]
+    return argv
+
+
 def decoder(key, value):
     return lambda doc: doc["model"]["decoder"].update({key: value})
 
@@ -66,6 +77,17 @@ CASES = [
         "genai_config.json", decoder("num_hidden_layers", 3)), ("KV cache of 2 layers", "says 3")),
     Case("generate an export whose genai_config.json has another head size", export_with(
         "genai_config.json", decoder("head_size", 16)), ("(KV heads, head size) (2, 32)", "says (2, 16)")),
+    # the engine's manifest
+    Case("generate --backend trt a manifest naming another module", engine_with(
+        lambda m: m["tensorrt"].update(module="os")), ("tensorrt.module",)),
+    Case("generate --backend trt a manifest naming no module", engine_with(
+        lambda m: m["tensorrt"].update(module="")), ("tensorrt.module",)),
+    Case("generate --backend trt a plugin outside the engine folder", engine_with(
+        lambda m: m.update(plugin_library="../libx.so")), ("not a file name beside the engine",)),
+    Case("generate --backend trt a kv_cache of true layers", engine_with(
+        lambda m: m["kv_cache"].update(layers=True)), ("kv_cache",)),
+    Case("generate --backend trt a prefill profile without shapes", engine_with(
+        lambda m: m["optimization_profiles"][0].update(shapes={})), ("prefill profile without the shapes",)),
 ]
 
 
