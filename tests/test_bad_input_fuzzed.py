@@ -4,16 +4,24 @@ must still work."""
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
-from test_bad_input import ROOT, Case, assert_one_clear_line, damaged_copy, fx, gen, run, snapshot
+from test_bad_input import ROOT, Case, assert_one_clear_line, damaged_copy, fx, gen, q, run, snapshot, write
 from test_runtime_trt import _manifest
 
 import awq_edge
 from awq_edge.errors import AwqEdgeError
 
 assert fx  # the inputs' fixture, shared with tests/test_bad_input.py
+
+
+def calib(name: str, data: bytes):
+    def argv(tmp, fx):
+        (tmp / name).write_bytes(data)
+        return q(tmp, fx, "--group-size", "32", "--calib", tmp / name)
+    return argv
 
 
 def profile(data: bytes = None, **changes):
@@ -63,6 +71,21 @@ CASES = [
     Case("generate --temperature inf", lambda tmp, fx: gen(tmp, fx, "--temperature", "inf"),
          ("temperature inf is not a finite number",)),
     Case("generate --top-p nan", lambda tmp, fx: gen(tmp, fx, "--top-p", "nan"), ("top_p nan",)),
+    # quantize --max-gpu-memory: NaN and inf were a traceback, 0 and negatives taken
+    *[Case(f"quantize --max-gpu-memory {v}", lambda tmp, fx, v=v: q(tmp, fx, "--max-gpu-memory", v),
+           ("--max-gpu-memory", "finite number of GiB > 0")) for v in ("nan", "inf", "-1", "0")],
+    # a --seqlen past int64 overflowed torch's view of the text's blocks
+    Case("quantize --seqlen 99999999999999999999", lambda tmp, fx: q(
+        tmp, fx, "--method", "awq", "--calib", write(tmp / "c.txt", "w3 w4 " * 50), "--n-samples", "1", "--seqlen",
+        "99999999999999999999"), ("fewer than one block of 99999999999999999999",)),
+    Case("eval --seqlen 99999999999999999999", lambda tmp, fx: [
+        "eval", fx["float"], "--text", write(tmp / "t.txt", "w3 w4"), "--seqlen", "99999999999999999999"],
+         ("fewer than one window of 99999999999999999999",)),
+    # calibration text: bytes that are not UTF-8 and NULs were calibrated on
+    Case("quantize --calib a binary file", calib("c.txt", random.Random(0).randbytes(4000)), ("not UTF-8 text",)),
+    Case("quantize --calib Latin-1 text", calib("c.txt", "w3 caf\u00e9 w4".encode("latin-1")), ("not UTF-8 text",)),
+    Case("quantize --calib UTF-16 text", calib("c.txt", "w3 w4 w5".encode("utf-16-le")), ("NUL bytes",)),
+    Case("quantize --calib .jsonl that is not UTF-8", calib("c.jsonl", b'{"text": "caf\xe9"}\n'), ("not UTF-8",)),
     # device profiles
     Case("devices a .toml that is not UTF-8", profile(b'description = "caf\xe9"\n'), ("is not UTF-8 text",)),
     Case("devices a folder named .toml", lambda tmp, fx: ["devices", (tmp / "my.toml").mkdir() or tmp / "my.toml"],
@@ -143,3 +166,13 @@ def test_load_of_a_folder_that_is_not_a_path_is_an_awq_edge_error(folder):
     with pytest.raises(AwqEdgeError, match="is not a path"):
         awq_edge.load(folder)
 
+
+@pytest.mark.parametrize("n_samples,seqlen,source", [("1", 16, "c.txt"), (1.5, 16, "c.txt"), (1, math.nan, "c.txt"),
+                                                     (True, 16, "c.txt"), (1, 16, 5)], ids=repr)
+def test_calibration_blocks_of_counts_or_a_source_of_the_wrong_type_is_an_awq_edge_error(n_samples, seqlen, source):
+    from conftest import tiny_tokenizer
+
+    from awq_edge.quantizer.calib import calibration_blocks
+
+    with pytest.raises(AwqEdgeError, match=r"\(fix: "):
+        calibration_blocks(tiny_tokenizer(), source, n_samples, seqlen)
