@@ -277,8 +277,9 @@ def tensor_mutations(data: bytes) -> list:
     """Each tensor deleted, renamed, cast, reshaped or poisoned, an unknown tensor added, and all of them gone."""
     import torch
 
+    # Sorted: safetensors hands the tensors back in an order that changes from run to run.
     out = [Mutation(f"tensor {name} {what}", fn)
-           for name, t in _tensors(data).items() for what, fn in tensor_edits(name, t)]
+           for name, t in sorted(_tensors(data).items()) for what, fn in tensor_edits(name, t)]
     extra = {"model.layers.0.mystery.weight": torch.ones(2, 2)}
     return out + [Mutation("an unknown tensor added", lambda d: _save({**_tensors(d), **extra})),
                   Mutation("no tensors", lambda d: _save({}))]
