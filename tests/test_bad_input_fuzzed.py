@@ -176,3 +176,18 @@ def test_calibration_blocks_of_counts_or_a_source_of_the_wrong_type_is_an_awq_ed
 
     with pytest.raises(AwqEdgeError, match=r"\(fix: "):
         calibration_blocks(tiny_tokenizer(), source, n_samples, seqlen)
+
+
+def test_an_export_whose_cache_is_not_four_dimensional_is_refused_naming_its_shape(tmp_path):
+    from types import SimpleNamespace as Value
+
+    from awq_edge.runtime.ort import check_graph
+
+    inputs = {"input_ids": Value(type="tensor(int64)", shape=["b", "s"]),
+              "attention_mask": Value(type="tensor(int64)", shape=["b", "t"]),
+              "past_key_values.0.key": Value(type="tensor(float)", shape=["b", 2, "p"]),
+              "past_key_values.0.value": Value(type="tensor(float)", shape=["b", 2, "p"])}
+    with pytest.raises(AwqEdgeError, match=r"KV cache of shape \['b', 2, 'p'\]"):
+        check_graph(tmp_path, inputs, {"logits": Value(shape=["b", "s", 256])}, 1, (2, 32))
+    inputs["past_key_values.0.key"].shape = ["b", 2, "p", 32]
+    check_graph(tmp_path, inputs, {"logits": Value(shape=["b", "s", 256])}, 1, (2, 32))

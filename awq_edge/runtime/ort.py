@@ -51,6 +51,8 @@ def check_graph(folder: Path, inputs: dict, outputs: dict, n_layers: int, kv_dim
         problem = f"takes the KV cache of {len(layers)} layers, and genai_config.json says {n_layers}"
     elif kv is None or kv.type not in _NP:
         problem = f"keeps its KV cache as {getattr(kv, 'type', None)}, not float or float16"
+    elif dims is None:
+        problem = f"keeps a KV cache of shape {kv.shape}, not (batch, KV heads, length, head size)"
     elif dims != kv_dims and all(isinstance(d, int) for d in dims):
         problem = f"caches (KV heads, head size) {dims}, and genai_config.json says {kv_dims}"
     else:
