@@ -139,8 +139,10 @@ def read_export_info(folder: Path) -> dict:
     if not path.is_file():
         return {}
     info = _read_json(path)
-    if info.get("accuracy_level", 0) not in (0, 1, 2, 3, 4):
-        raise AwqEdgeError(f"{path}: accuracy_level {info['accuracy_level']!r} is not 0-4", REEXPORT)
+    level = info.get("accuracy_level", 0)
+    # A bool or a float equals an int here, and onnxruntime's session option takes only the integer's digits.
+    if type(level) is not int or level not in (0, 1, 2, 3, 4):
+        raise AwqEdgeError(f"{path}: accuracy_level {level!r} is not an integer 0-4", REEXPORT)
     return info
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.resources
+import math
 import tomllib
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _check(cond: bool, where: str, problem: str, fix: str) -> None:
 
 
 def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def parse_profile(name: str, data: dict, where: str) -> DeviceProfile:
@@ -60,6 +61,8 @@ def parse_profile(name: str, data: dict, where: str) -> DeviceProfile:
     _check(not unknown, where, f"unknown key(s) {unknown}", f"keys are {sorted(set(_FIELDS) - {'name'})}")
     missing = sorted(set(_FIELDS) - set(data) - {"name"})
     _check(not missing, where, f"missing key(s) {missing}", "add them; see devices/jetson-agx-orin-64gb.toml")
+    _check(isinstance(data["description"], str), where, f"description = {data['description']!r} is not a string",
+           'write it in quotes, e.g. description = "my board"')
     for key, allowed in (("family", FAMILIES), ("tensorrt", TENSORRT_MODULES), ("precision", PRECISIONS),
                          ("int4_matmul", INT4_MATMULS)):
         _check(data[key] in allowed, where, f"{key} = {data[key]!r} is not one of {list(allowed)}", f"set {key} to one of them")
@@ -69,7 +72,8 @@ def parse_profile(name: str, data: dict, where: str) -> DeviceProfile:
            f"compute_capability = {cc!r} is not 'major.minor'", 'write it as a string, e.g. "8.7"')
     for key in ("memory_gib", "memory_bandwidth_gbs", "max_seq_len", "kv_cache_mib", "workspace_mib", "max_batch",
                 "prefill_tokens"):
-        _check(_positive(data[key]), where, f"{key} = {data[key]!r} is not a positive number", f"set {key} > 0")
+        _check(_positive(data[key]), where, f"{key} = {data[key]!r} is not a positive number",
+               f"set {key} to a finite number > 0")
     for key in ("max_seq_len", "kv_cache_mib", "workspace_mib", "max_batch", "prefill_tokens"):
         _check(isinstance(data[key], int), where, f"{key} = {data[key]!r} is not an integer", f"write {key} without a fraction")
     _check(data["prefill_tokens"] <= data["max_seq_len"], where,
@@ -87,9 +91,14 @@ def load_profile_file(path) -> DeviceProfile:
     """Read one profile; its name is the file name without .toml."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise AwqEdgeError(f"device profile {path} does not exist", "run `awq-edge devices` for the known devices")
+    except OSError as e:  # a folder, or not readable
+        raise AwqEdgeError(f"device profile {path} cannot be read ({e.strerror})", "pass a readable .toml file")
+    except UnicodeDecodeError as e:  # TOML is UTF-8; the locale's encoding would read other bytes as something else
+        raise AwqEdgeError(f"device profile {path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                           "save it as UTF-8")
     except tomllib.TOMLDecodeError as e:
         raise AwqEdgeError(f"device profile {path} is not valid TOML ({e})", "fix the file's syntax")
     return parse_profile(path.stem, data, str(path))

@@ -9,7 +9,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from awq_edge.engine.devices import DeviceProfile
+from awq_edge.engine.devices import TENSORRT_MODULES, DeviceProfile
 from awq_edge.errors import AwqEdgeError
 from awq_edge.export.folder import MODEL_FILE
 from awq_edge.outputs import replace_dir, temp_dir, write_failed
@@ -90,6 +90,50 @@ def write_engine_dir(out_dir: Path, plan: bytes, record: dict, libraries=()) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _shape_ok(shape) -> bool:
+    return isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+
+
+def _profile_ok(profile) -> bool:
+    """An optimisation profile as the runtime indexes it: a name, and per input its (min, opt, max) shapes."""
+    if not isinstance(profile, dict) or not isinstance(profile.get("name"), str) \
+            or not isinstance(profile.get("shapes"), dict):
+        return False
+    return all(isinstance(s, list) and len(s) == 3 and all(map(_shape_ok, s)) for s in profile["shapes"].values())
+
+
+def _manifest_problem(record) -> str | None:
+    """What in a manifest the runtime could not use, or None."""
+    if not isinstance(record, dict) or type(record.get("manifest_version")) is not int \
+            or record["manifest_version"] != MANIFEST_VERSION:
+        return f"is not a version-{MANIFEST_VERSION} engine manifest"
+    trt, model, kv = record.get("tensorrt"), record.get("model"), record.get("kv_cache")
+    # The runtime imports this module: one of the builders, never whatever module a file names.
+    if not isinstance(trt, dict) or trt.get("module") not in TENSORRT_MODULES:
+        return f"names no TensorRT module of {list(TENSORRT_MODULES)} (tensorrt.module)"
+    if not isinstance(model, dict) or not isinstance(model.get("onnx_dir"), str):
+        return "has no model.onnx_dir"
+    if not isinstance(kv, dict) or not all(_count(kv.get(k)) for k in ("layers", "kv_heads", "head_dim",
+                                                                      "max_seq_len")):
+        return "has no kv_cache of positive layers, kv_heads, head_dim and max_seq_len"
+    profiles = record.get("optimization_profiles")
+    if not isinstance(profiles, list) or not all(map(_profile_ok, profiles)) \
+            or not {"prefill", "decode"} <= {p["name"] for p in profiles}:
+        return "has no prefill and decode optimization_profiles of (min, opt, max) shapes"
+    prefill = next(p["shapes"] for p in profiles if p["name"] == "prefill")
+    if len(prefill.get("input_ids", [[]] * 3)[2]) < 2 or len(prefill.get("past_key_values.0.key", [[]] * 3)[2]) < 3:
+        return "has a prefill profile without the shapes of input_ids and past_key_values.0.key"
+    plugin = record.get("plugin_library")
+    if plugin is not None and not (isinstance(plugin, str) and plugin not in ("", ".", "..")
+                                   and Path(plugin).name == plugin):
+        return f"has plugin_library {plugin!r}, which is not a file name beside the engine"
+    return None
+
+
 def read_manifest(engine_dir: Path) -> dict:
     """manifest.json, with every field the runtime reads checked."""
     path = Path(engine_dir) / MANIFEST_FILE
@@ -101,18 +145,7 @@ def read_manifest(engine_dir: Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise AwqEdgeError(f"{path} is not valid JSON ({e})", rebuild) from None
-    if not isinstance(record, dict) or record.get("manifest_version") != MANIFEST_VERSION:
-        raise AwqEdgeError(f"{path} is not a version-{MANIFEST_VERSION} engine manifest", rebuild)
-    kv = record.get("kv_cache")
-    profiles = record.get("optimization_profiles")
-    ok = (isinstance(record.get("tensorrt"), dict) and isinstance(record["tensorrt"].get("module"), str)
-          and isinstance(record.get("model"), dict) and isinstance(record["model"].get("onnx_dir"), str)
-          and isinstance(kv, dict) and all(isinstance(kv.get(k), int) and kv[k] > 0
-                                           for k in ("layers", "kv_heads", "head_dim", "max_seq_len"))
-          and isinstance(profiles, list) and {p.get("name") for p in profiles if isinstance(p, dict)}
-          >= {"prefill", "decode"}
-          and (record.get("plugin_library") is None or isinstance(record["plugin_library"], str)))
-    if not ok:
-        raise AwqEdgeError(f"{path} lacks fields the runtime needs (tensorrt, model, kv_cache, "
-                           "optimization_profiles)", rebuild)
+    problem = _manifest_problem(record)
+    if problem:
+        raise AwqEdgeError(f"{path} {problem}", rebuild)
     return record

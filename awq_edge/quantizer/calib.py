@@ -8,6 +8,7 @@ are separated by a line that holds only ``<|doc|>``.
 
 import ast
 import json
+import os
 import random
 import sysconfig
 from importlib import resources
@@ -124,7 +125,15 @@ def read_texts(path: Path) -> list:
     """Plain text (one document) or JSON lines with a "text" field."""
     if not path.is_file():
         raise AwqEdgeError(f"calibration file {path} not found", "pass an existing text or .jsonl file to --calib")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    # Bytes that are not UTF-8 (a binary file, Latin-1 text) and NULs (UTF-16 text) would calibrate on garbage.
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AwqEdgeError(f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                           "convert it, e.g. iconv -t utf-8, or pass another --calib file") from None
+    if "\0" in raw:
+        raise AwqEdgeError(f"calibration file {path} holds NUL bytes (binary, or UTF-16 text)",
+                           "pass a UTF-8 text or .jsonl file to --calib")
     if path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -161,8 +170,11 @@ def mixed_texts(n_chars: int) -> list:
 
 def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int, model=None, device: str = "cpu") -> torch.Tensor:
     """[n, seqlen] token ids: sampled from the model, or text joined, tokenised, cut into blocks, n spread evenly over it."""
-    if n_samples < 1 or seqlen < 2:
-        raise AwqEdgeError(f"n_samples={n_samples}, seqlen={seqlen}", "use --n-samples >= 1 and --seqlen >= 2")
+    counts = all(isinstance(n, int) and not isinstance(n, bool) for n in (n_samples, seqlen))
+    if not counts or n_samples < 1 or seqlen < 2:
+        raise AwqEdgeError(f"n_samples={n_samples!r}, seqlen={seqlen!r}", "use --n-samples >= 1 and --seqlen >= 2")
+    if not isinstance(source, (str, os.PathLike)):
+        raise AwqEdgeError(f"calibration source {source!r} is not a name or a path", f"use {SOURCES_HELP}")
     if source == SAMPLED:
         return sampled_blocks(model, tokenizer, n_samples, seqlen, device)
     need = n_samples * seqlen
@@ -170,7 +182,8 @@ def calibration_blocks(tokenizer, source: str, n_samples: int, seqlen: int, mode
     texts = readers[source](need * 6) if source in readers else read_texts(Path(source))
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
     # A model whose tokenizer starts every text with BOS (Gemma) is calibrated as it runs: BOS + seqlen - 1 tokens.
-    blocks = bos_blocks(tokenizer, ids, seqlen)
+    # Too little text is refused before the blocks are cut: a --seqlen past int64 would overflow torch's view.
+    blocks = bos_blocks(tokenizer, ids, seqlen) if ids.numel() >= seqlen - 1 else ids[:0]
     n_blocks = len(blocks)
     if n_blocks == 0:
         raise AwqEdgeError(

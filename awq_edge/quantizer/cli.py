@@ -1,6 +1,7 @@
 """The quantiser's subcommands: `awq-edge quantize` and `awq-edge eval`."""
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def check_quantize_args(args) -> Path:
         raise AwqEdgeError(f"--seqlen {args.seqlen}: a calibration block needs at least 2 tokens", "use --seqlen >= 2")
     if args.keep_8bit < 0:
         raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} is negative", "use --keep-8bit 0 or more")
+    gib = args.max_gpu_memory
+    if gib is not None and not (math.isfinite(gib) and gib > 0):
+        raise AwqEdgeError(f"--max-gpu-memory {gib} is not a finite number of GiB > 0",
+                           "use e.g. --max-gpu-memory 20, or leave it out (90% of what is free)")
     check_device(args.device)
     if args.calib not in (None, calib.MIXED, calib.BUILTIN, calib.SAMPLED):
         calib.read_texts(Path(args.calib))
@@ -98,6 +103,9 @@ def run_eval(args) -> int:
     model.to(device)
     text = Path(args.text)
     ids = text_tokens(tokenizer, text, args.max_tokens)
+    if ids.numel() < args.seqlen - 1:  # checked here: a --seqlen past int64 would overflow torch's view
+        raise AwqEdgeError(f"text has {ids.numel()} tokens, fewer than one window of {args.seqlen}",
+                           "use more text or a smaller --seqlen")
     t0 = time.perf_counter()
     res = perplexity(model, tokenizer, ids, args.seqlen, device=device)
     res.update({"model": str(args.model), "text": str(text), "seconds": round(time.perf_counter() - t0, 1)})

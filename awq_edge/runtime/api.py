@@ -10,7 +10,10 @@
 `awq-edge generate` and `awq-edge chat` are built on it.
 """
 
+import math
+import numbers
 import operator
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,27 +90,31 @@ class Model:
         from awq_edge.runtime.generate import generate
         from awq_edge.runtime.sampling import Sampling
 
-        sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
+        s = check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         context = self.decoder.context_length
         if len(prompt_ids) >= context:
             raise AwqEdgeError(f"the prompt has {len(prompt_ids)} tokens, and the model's context holds {context}",
                                "shorten the prompt (in a chat: /reset starts over)")
         stops = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        n = min(max_new_tokens, context - len(prompt_ids))
-        return generate(self.decoder, prompt_ids, n, Sampling(**sampling), stops, seed)
+        n = min(s["max_new_tokens"], context - len(prompt_ids))
+        # A limit wider than the vocabulary is no limit (and the partition of the logits could not take it).
+        vocab = getattr(self.decoder, "vocab_size", None) or len(self.tokenizer)
+        top_k = s["top_k"] if s["top_k"] < vocab else 0
+        return generate(self.decoder, prompt_ids, n, Sampling(s["temperature"], s["top_p"], top_k), stops, s["seed"])
 
     def stream(self, prompt, *, raw: bool = False, **sampling) -> Iterator[str]:
         """The answer's text in pieces as they are decoded. prompt: text (sent through the chat template unless
         raw or the tokenizer has none) or a list of token ids (fed as they are)."""
         from awq_edge.runtime.generate import stream_text
 
+        sampling = check_sampling(**sampling)
         return stream_text(self.tokenizer, self.tokens(self._ids(prompt, not raw), **sampling))
 
     def generate(self, prompt, *, raw: bool = False, **sampling):
         """The whole answer: text for a text prompt, the new token ids for a list of ids."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, raw=raw, **sampling))
-        return list(self.tokens(self._ids(prompt, False), **sampling))
+        return list(self.tokens(self._ids(prompt, False), **check_sampling(**sampling)))
 
     def chat(self, messages: list, **sampling) -> str:
         """The assistant's next answer to messages ([{"role": "user", "content": ...}, ...])."""
@@ -118,19 +125,43 @@ class Model:
                                'pass [{"role": "user", "content": "..."}]')
         from awq_edge.runtime.generate import stream_text
 
+        sampling = check_sampling(**sampling)
         return "".join(stream_text(self.tokenizer, self.tokens(self.prompt_ids(messages), **sampling)))
 
 
-def check_sampling(max_new_tokens, temperature, top_p, top_k) -> dict:
-    from awq_edge.runtime.sampling import Sampling
+SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise AwqEdgeError(f"max_new_tokens {max_new_tokens!r} is not a count", "use --max-new-tokens 0 or more")
-    try:
-        Sampling(temperature, top_p, top_k)
-    except ValueError as e:
-        raise AwqEdgeError(f"bad sampling options: {e}", "use --temperature >= 0, --top-p in (0, 1], --top-k >= 0")
-    return {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+
+def _count(value, name: str):
+    """value as an int when it is a whole number >= 0 (numpy's too), else one error; never a bool or a float."""
+    n = operator.index(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else -1
+    if n < 0:
+        flag = "--" + name.replace("_", "-")
+        raise AwqEdgeError(f"{name} {value!r} is not a count", f"use {flag} 0 or more")
+    return int(n)
+
+
+def _finite(value):
+    """value as a float when it is a finite real number (numpy's too; never a bool), else None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def check_sampling(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, **unknown) -> dict:
+    """The sampling options of generate/stream/chat as plain numbers, each checked for its type, its range and
+    NaN before any work: a NaN temperature or a negative seed is one error, never garbage or a traceback."""
+    if unknown:
+        raise AwqEdgeError(f"unknown sampling option(s) {', '.join(sorted(unknown))}",
+                           f"use {', '.join(SAMPLING_OPTIONS)}")
+    t, p = _finite(temperature), _finite(top_p)
+    if t is None or t < 0:
+        raise AwqEdgeError(f"temperature {temperature!r} is not a finite number >= 0", "use --temperature >= 0 "
+                           "(0: greedy)")
+    if p is None or not 0 < p <= 1:
+        raise AwqEdgeError(f"top_p {top_p!r} is not a number in (0, 1]", "use --top-p in (0, 1] (1: no limit)")
+    return {"max_new_tokens": _count(max_new_tokens, "max_new_tokens"), "temperature": t, "top_p": p,
+            "top_k": _count(top_k, "top_k"), "seed": _count(seed, "seed")}
 
 
 def load(folder, backend: str = "ort", *, provider: str = "cpu") -> Model:
@@ -139,6 +170,8 @@ def load(folder, backend: str = "ort", *, provider: str = "cpu") -> Model:
     engine folder. The tokenizer is read from the same folder, local files only, never remote code."""
     if backend not in BACKENDS:
         raise AwqEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", "use backend=\"ort\", \"cuda\" or \"trt\"")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise AwqEdgeError(f"model folder {folder!r} is not a path", f"pass {FOLDER_OF[backend]}")
     folder = Path(folder)
     if not folder.is_dir():
         raise AwqEdgeError(f"model folder {folder} not found", f"pass {FOLDER_OF[backend]}")

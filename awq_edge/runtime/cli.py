@@ -13,9 +13,7 @@ CHAT_HELP = "awq-edge chat: type a message; /reset starts over, /exit or Ctrl-D 
 
 def sampling_of(args) -> dict:
     """The sampling arguments of Model.tokens, checked before the model is loaded."""
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed}
+    return check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
 def write_stream(pieces, out) -> str:

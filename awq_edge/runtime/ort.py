@@ -1,12 +1,13 @@
 """onnxruntime backend: one decoder session holding its KV cache, fed prefill chunks or single tokens."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from awq_edge.errors import AwqEdgeError
-from awq_edge.export.folder import read_export_info, read_genai_config
+from awq_edge.export.folder import MODEL_FILE, read_export_info, read_genai_config
 from awq_edge.runtime.decoder import PrefixCachedDecoder
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -38,6 +39,27 @@ def session_options(folder: Path, threads: int = 0) -> ort.SessionOptions:
     return opts
 
 
+def check_graph(folder: Path, inputs: dict, outputs: dict, n_layers: int, kv_dims: tuple) -> None:
+    """Refuse a genai_config.json that does not describe the graph beside it (layers, KV heads, head size): the
+    first step would fail inside onnxruntime instead."""
+    layers = {int(n.split(".")[1]) for n in inputs if re.fullmatch(r"past_key_values\.\d+\.(key|value)", n)}
+    kv = inputs.get("past_key_values.0.key")
+    dims = tuple(kv.shape[i] for i in (1, 3)) if kv is not None and len(kv.shape) == 4 else None
+    if not {"input_ids", "attention_mask"} <= set(inputs) or "logits" not in outputs:
+        problem = "lacks input_ids, attention_mask or logits"
+    elif layers != set(range(n_layers)):
+        problem = f"takes the KV cache of {len(layers)} layers, and genai_config.json says {n_layers}"
+    elif kv is None or kv.type not in _NP:
+        problem = f"keeps its KV cache as {getattr(kv, 'type', None)}, not float or float16"
+    elif dims is None:
+        problem = f"keeps a KV cache of shape {kv.shape}, not (batch, KV heads, length, head size)"
+    elif dims != kv_dims and all(isinstance(d, int) for d in dims):
+        problem = f"caches (KV heads, head size) {dims}, and genai_config.json says {kv_dims}"
+    else:
+        return
+    raise AwqEdgeError(f"{folder / MODEL_FILE} {problem}", "re-export it with `awq-edge export`")
+
+
 class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
@@ -51,14 +73,19 @@ class OrtDecoder(PrefixCachedDecoder):
             self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
                                                 providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
-            raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {e}", "re-export it with `awq-edge export`")
+            cause = " ".join(str(e).split())  # its messages span lines; ours is one
+            raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layers = dec["num_hidden_layers"]
         self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
-        self.cache_dtype = _NP[inputs["past_key_values.0.key"].type]
-        self.needs_positions = "position_ids" in inputs
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        check_graph(self.folder, inputs, outputs, self.n_layers, (self.kv_heads, self.head_dim))
+        width = outputs["logits"].shape[-1] if outputs["logits"].shape else None
+        self.vocab_size = width if isinstance(width, int) and width > 0 else None  # top-k is clamped to it
         self.kv_names = [f"past_key_values.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
         self.output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+        self.cache_dtype = _NP[inputs["past_key_values.0.key"].type]
+        self.needs_positions = "position_ids" in inputs
         self.eos_ids = set(np.atleast_1d(self.config["model"]["eos_token_id"]).tolist())
         self.context_length = self.config["model"]["context_length"]
         self.reset()
@@ -81,7 +108,11 @@ class OrtDecoder(PrefixCachedDecoder):
         if self.needs_positions:
             feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.arange(past, total, dtype=np.int64)[None])
         feed.update(zip(self.kv_names, self.cache))
-        outs = self.session.run_with_ort_values(self.output_names, feed)
+        try:
+            outs = self.session.run_with_ort_values(self.output_names, feed)
+        except Exception as e:  # a graph that does not run as genai_config.json describes it (e.g. its context)
+            raise AwqEdgeError(f"onnxruntime failed at token {total} of {self.folder}: {' '.join(str(e).split())}",
+                               "re-export it with `awq-edge export`") from None
         self.cache = outs[1:]
         self.tokens.extend(ids[0].tolist())
         return outs[0].numpy()[0].astype(np.float32)
