@@ -305,13 +305,36 @@ CASES = [
 ]
 
 
+def table_rows() -> list:
+    """docs/errors.md's bad-input table, each row's cells (a `\\|` inside a cell is a literal bar)."""
+    text = (ROOT / "docs" / "errors.md").read_text()
+    block = text[text.index("<!-- bad-input-table -->"):text.index("<!-- end-bad-input-table -->")]
+    return [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for line in block.splitlines() if line.startswith("| ") and not line.startswith("| case ")]
+
+
+TABLE = {row[0]: row[1] for row in table_rows() if len(row) == 2}
+
+
+def as_shown(line: str, tmp_path: Path, fx: dict) -> str:
+    """A stderr line as the table shows it: without `awq-edge CMD: error: `, folders relative to the case's."""
+    message = line.split(": error: ", 1)[1]
+    for base in (tmp_path, fx["float"].parent):
+        message = message.replace(f"{base}/", "").replace(str(base), ".")
+    return message
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, capsys):
     argv = case.argv(tmp_path, fx)
     inputs_before = {k: snapshot(v) for k, v in fx.items()}
     before = snapshot(tmp_path)
     capsys.readouterr()
-    assert_one_clear_line(*run(capsys, *argv), *case.needles)
+    code, lines, out = run(capsys, *argv)
+    assert_one_clear_line(code, lines, out, *case.needles)
+    # The table's message is the whole line; "…" stands for what depends on the machine (versions, providers).
+    shown = as_shown(lines[0], tmp_path, fx)
+    assert re.fullmatch(re.escape(TABLE[case.name]).replace("…", ".*"), shown), f"the line is: {shown}"
     assert snapshot(tmp_path) == before
     assert {k: snapshot(v) for k, v in fx.items()} == inputs_before
 
@@ -505,10 +528,7 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(fx, capsys, monkeypatc
 
 
 def test_readme_table_lists_every_case_and_each_row_is_a_test():
-    text = (ROOT / "docs" / "errors.md").read_text()
-    block = text[text.index("<!-- bad-input-table -->"):text.index("<!-- end-bad-input-table -->")]
-    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in block.splitlines()
-            if line.startswith("| ") and not line.startswith("| case ")]
+    rows = table_rows()
     cases = [r[0] for r in rows if len(r) == 2]
     assert cases == [c.name for c in CASES]
     import test_engine_make

@@ -196,3 +196,28 @@ def test_concurrent_first_uses_of_a_builtin_model_convert_it_once_and_both_get_i
     for t in threads:
         t.join()
     assert calls == ["smollm2-135m"] and results == [tmp_path / "smollm2-135m-f16"] * 2
+
+
+def without_kv_heads(d: Path):
+    edit_json(d / "genai_config.json", lambda c: c["model"]["decoder"].pop("num_key_value_heads"))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (without_kv_heads, "model.decoder.num_key_value_heads is None"),
+    (lambda d: write(d / "awq_edge_export.json", ""), "awq_edge_export.json is not valid JSON"),
+    (lambda d: write(d / "genai_config.json", (d / "genai_config.json").read_text()[:40]), "genai_config.json is not "
+                                                                                             "valid JSON"),
+    (lambda d: write(d / "genai_config.json", ""), "genai_config.json is not valid JSON"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat", "build"])
+def test_the_onnx_folders_json_files_are_read_checked_by_generate_chat_and_build(tmp_path, fx, capsys, damage, needle,
+                                                                                 command):
+    d = copy_folder(fx["onnx"], tmp_path / "onnx")
+    damage(d)
+    if command == "build" and "export.json" in needle:
+        pytest.skip("build reads genai_config.json only (the export's options are onnxruntime's)")
+    argv = {"generate": ["generate", d, "--prompt", "hi"], "chat": ["chat", d],
+            "build": ["build", d, "--device", "rtx-4090", "-o", tmp_path / "engine"]}[command]
+    before = snapshot(tmp_path)
+    assert_one_clear_line(*run(capsys, *argv), needle)
+    assert snapshot(tmp_path) == before

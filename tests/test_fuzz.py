@@ -5,8 +5,7 @@ and nothing written, or exit 0 with a correct output; never a traceback, never t
 FUZZ_CASES cases (default 300, `make test`'s slice: under a minute), dealt round the formats in an order fixed
 by FUZZ_SEED (default 20); each format's cases are its systematic mutations (fuzz_mutate), then random ones.
 The long run, `FUZZ_CASES=6000 pytest tests/test_fuzz.py`, writes its report to bench/results/fuzz.json (any
-run that sets FUZZ_CASES does). Cases that fail on a known defect of a reader being rewritten are xfailed
-(KNOWN_DEFECTS).
+run that sets FUZZ_CASES does).
 """
 
 import hashlib
@@ -655,80 +654,6 @@ def diff(a: dict, b: dict) -> list:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))[:5]
 
 
-# ---- known defects, in readers another engineer is rewriting (issue 20): xfailed, listed in the report
-
-@dataclass(frozen=True)
-class Defect:
-    format: str  # regex on the case's format
-    case: str  # regex on the case's name and command
-    outcome: str  # regex on the outcome ("traceback: ..." or "silent: ...")
-    reason: str
-
-
-KNOWN_DEFECTS = [
-    # 1. the float folder's config.json -> quantize
-    Defect("^config.json$", "", r"^traceback: huggingface_hub\.errors\.StrictDataclass(Field|Class)ValidationError",
-           "checkpoint/hf_folder.py load_config lets transformers' strict config validation escape: a config.json "
-           "value of the wrong type or range is a traceback"),
-    Defect("^config.json$", "", r"^traceback: (AttributeError|KeyError|RuntimeError|TypeError|ZeroDivisionError|"
-           r"IndexError|AssertionError): .*\(at (__init__|_device|activations|configuration_llama|modeling_llama|"
-           r"modeling_utils|layer_loader|sparse)\.py:",
-           "quantizer/source.py check_model_dir does not check config.json values transformers takes but builds no "
-           "model from (dtype, hidden_act or rope_type not known, rope_theta not a number, head_dim or a head or "
-           "layer count of 0 or -1, pad_token_id -1): a traceback once the layers are read"),
-    Defect("^config.json$", "rms_norm_eps|rope_theta", r"^silent: exit 0, but its checkpoint's logits differ",
-           "the float folder's rms_norm_eps and rope_parameters.rope_theta are not range-checked: NaN, inf, 0, -1, "
-           "1e30 or true are quantised into a checkpoint that computes garbage"),
-    # 2. the float folder's tokenizer files -> quantize
-    Defect("^tokenizer.json$", "", r"^traceback: .*\(at tokenization_utils_(tokenizers|base)\.py:",
-           "checkpoint/hf_folder.py load_tokenizer lets the tokenizers library's errors escape: a tokenizer.json "
-           "value of the wrong type is a traceback"),
-    Defect("^tokenizer.json$", r"model\.vocab\.", r"^silent: .*Missing \[UNK\] token",
-           "a vocabulary with two words on one id (w61 = 0, <unk>'s id) is copied into the checkpoint, whose tokenizer "
-           "then does not load"),
-    Defect("^tokenizer_config.json$", "", r"^traceback: .*\(at tokenization_(auto|utils_base)\.py:",
-           "checkpoint/hf_folder.py load_tokenizer lets transformers' errors escape: a tokenizer_class or special "
-           "token that is not a string is a traceback"),
-    Defect("^tokenizer_config.json$", "model_max_length", r"^silent: .*not supported between instances",
-           "a model_max_length that is not a number is copied into the checkpoint, whose tokenizer then fails"),
-    # 3. safetensors headers -> quantize, export, eval
-    Defect("model.safetensors header$", "", r"^traceback: safetensors\._safetensors_rust\.SafetensorError",
-           "checkpoint/hf_folder.py check_safetensors checks no dtype name, no integer shape (true is taken), no "
-           "shape against its data_offsets and no overlap: safetensors' own error escapes at the first read"),
-    # 3-4. the tensor sets -> quantize, export, eval
-    Defect("tensors$", r" as int(8|32|64)\b| holding (nan|inf)\b", r"^silent: ",
-           "a float tensor stored as an integer dtype or holding NaN/inf is taken (source.py and reader.py check "
-           "names and shapes, not dtypes or values): the output computes garbage"),
-    Defect("^checkpoint tensors$", "(flattened|half its rows|a dimension added|empty|transposed)",
-           r"^(traceback: RuntimeError: Error\(s\) in loading state_dict|silent: .*onnxruntime)",
-           "checkpoint/reader.py Checkpoint checks the shapes of the int4 linears only: an embedding or norm of "
-           "another shape is a load_state_dict traceback in eval and an export onnxruntime cannot load or run"),
-    # 4. the checkpoint's config.json -> export, eval
-    Defect("^checkpoint config.json$", "", r"^unclear: exit 2, stderr \[.*transformers cannot read this",
-           "checkpoint/hf_folder.py load_config's refusal quotes transformers' validation error, which spans two "
-           "lines"),
-    Defect("^checkpoint config.json$", "", r"^(traceback: (?!.*\(at folder\.py:)|silent: )",
-           "checkpoint/reader.py read_config does not range-check values transformers takes (head_dim, "
-           "num_hidden_layers, num_key_value_heads, vocab_size or max_position_embeddings of 0 or -1, rope_theta "
-           "null, \"\", NaN or 1e30, rms_norm_eps -inf, return_dict 0, output_hidden_states inf, hidden_size "
-           "deleted): a traceback, an export generate refuses, or a perplexity of garbage"),
-    # awq_edge.quantize's keywords (awq_edge/quantizer/api.py)
-    Defect("^API keywords$", r"^quantize\(", r"^(traceback|silent): ",
-           "quantizer/api.py quantize checks method, group_size and device only: max_gpu_memory NaN, inf or \"x\" is "
-           "a traceback, 0 or -1 taken; keep_8bit \"1\" a traceback, 1.5 taken; w_bit 4.0 (== 4), zero_point \"no\", "
-           "None or 1 and calib_source \"\" taken"),
-]
-
-
-def known_defect(case: Case, outcome: Outcome):
-    text = f"{outcome.kind}: {outcome.detail}"
-    for d in KNOWN_DEFECTS:
-        if re.search(d.format, case.format) and re.search(d.case, f"{case.name} -> {case.command}") \
-                and re.search(d.outcome, text):
-            return d
-    return None
-
-
 # ---- the test and its report
 
 RESULTS = []
@@ -765,41 +690,18 @@ def test_a_mutated_input_is_refused_in_one_line_or_gives_a_correct_output(case_i
     case = cases[case_index]
     t0 = time.perf_counter()
     outcome = judge(case, inputs, base, tmp_path, capfd)
-    defect = known_defect(case, outcome) if outcome.kind not in ("refused", "accepted") else None
     RESULTS.append({"format": case.format, "case": case.name, "command": case.command, "outcome": outcome.kind,
-                    "detail": outcome.detail, "known_defect": defect.reason if defect else None,
-                    "seconds": round(time.perf_counter() - t0, 2)})
-    if defect:
-        pytest.xfail(f"issue 20, left to the reader rewrite: {defect.reason}")
+                    "detail": outcome.detail, "seconds": round(time.perf_counter() - t0, 2)})
     assert outcome.kind in ("refused", "accepted"), f"{case}: {outcome.kind}: {outcome.detail}"
 
 
-def generalise(text: str) -> str:
-    """A case and its outcome on one line, with the numbers in names (layers.0, w116, [2], line 327) and the test's
-    folders replaced, so that like groups with like."""
-    text = re.sub(r"/tmp/\S+", "TMP", " ".join(text.split()))
-    text = re.sub(r"(?<=[A-Za-z_])\d+|(?<=\.)\d+(?=\.)|(?<=\[)\d+(?=\])", "N", text)
-    return re.sub(r"line \d+ column \d+", "line N column N", text)
-
-
 def write_report(request):
-    """bench/results/fuzz.json: the run's command, counts by format and outcome, the known defects (xfailed) with
-    their cases grouped, and every other case that did not pass."""
+    """bench/results/fuzz.json: the run's command, counts by format and outcome, and every case that did not pass."""
     by_format = {}
     for r in RESULTS:
         counts = by_format.setdefault(r["format"], {"cases": 0})
         counts["cases"] += 1
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-    bad = [r for r in RESULTS if r["outcome"] not in ("refused", "accepted")]
-    defects = {}
-    for r in bad:
-        if r["known_defect"]:
-            d = defects.setdefault(r["known_defect"], {"defect": r["known_defect"], "formats": [], "cases": 0,
-                                                       "grouped": {}})
-            d["cases"] += 1
-            d["formats"] = sorted(set(d["formats"]) | {r["format"]})
-            line = generalise(f"{r['case']} -> {r['command']}: {r['outcome']}: {r['detail']}")[:200]
-            d["grouped"][line] = d["grouped"].get(line, 0) + 1
     kinds = ("traceback", "silent", "unclear", "dirty")
     report = {
         "what": "issue 20's fuzz suite: mutated inputs of every format run through the command that reads it",
@@ -808,14 +710,11 @@ def write_report(request):
         "cases": len(RESULTS),
         "seconds": round(sum(r["seconds"] for r in RESULTS), 1),
         "all": {k: sum(r["outcome"] == k for r in RESULTS) for k in ("refused", "accepted", *kinds)},
-        "outside_known_defects": {k: sum(r["outcome"] == k and not r["known_defect"] for r in RESULTS) for k in kinds},
         "formats": by_format,
-        "known_defects": [{**d, "grouped": dict(sorted(d["grouped"].items(), key=lambda kv: -kv[1])[:20])}
-                          for d in sorted(defects.values(), key=lambda d: -d["cases"])],
-        "other_failures": [r for r in bad if not r["known_defect"]],
+        "failures": [r for r in RESULTS if r["outcome"] not in ("refused", "accepted")],
     }
     path = ROOT / "bench" / "results" / "fuzz.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
-    summary = {k: report[k] for k in ("command", "cases", "seconds", "all", "outside_known_defects")}
+    summary = {k: report[k] for k in ("command", "cases", "seconds", "all")}
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         print(f"\nfuzz report, written to {path}: {json.dumps(summary)}")

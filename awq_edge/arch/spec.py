@@ -57,11 +57,11 @@ def describe(config: dict) -> Spec:
     from awq_edge.arch import get_adapter
 
     family = get_adapter(config.get("model_type"))
-    config = normalised(config)
-    missing = [k for k in REQUIRED_CONFIG if k not in config]
+    missing = [k for k in REQUIRED_CONFIG if k not in config]  # before transformers fills in its defaults
     if missing:
         raise AwqEdgeError(f"config.json lacks {', '.join(missing)}",
                            "re-create the checkpoint with `awq-edge quantize`")
+    config = normalised(config)
     d = dims_of(config)
     if d.heads % d.kv_heads:
         raise AwqEdgeError(f"{d.heads} heads do not divide into {d.kv_heads} KV heads", "check config.json")

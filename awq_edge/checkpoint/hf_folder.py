@@ -12,6 +12,7 @@ from awq_edge.errors import AwqEdgeError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors dtype -> bytes per element
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # config.json fields every family reads: (positive integers, positive finite numbers); None means "unset" for
@@ -19,8 +20,13 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings", "sliding_window")
 POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+# Beyond these no trained model goes (eps 1e-6..1e-5, theta 1e4..5e5, long-context ones 1e7): a value past them
+# is a corrupt file, which would quantise into a model that computes garbage.
+UPPER_BOUNDS = {"rms_norm_eps": 0.1, "rope_theta": 1e10, "rope_local_base_freq": 1e10}
 NON_NEGATIVE_NUMBERS = ("attn_logit_softcapping", "final_logit_softcapping")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+BOOLEANS = ("tie_word_embeddings", "use_cache", "return_dict", "output_hidden_states", "output_attentions",
+            "use_sliding_window", "attention_bias", "mlp_bias")
 # the parameters each rope type needs (transformers' rope initialisers read them unchecked)
 ROPE_NEEDS = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -63,11 +69,14 @@ def check_config(d: dict, where) -> None:
         if d.get(key) is not None and not (_is_int(d[key]) and d[key] > 0):
             bad(key, d[key], "not a positive integer")
     for key in POSITIVE_NUMBERS:
-        if d.get(key) is not None and not (_is_number(d[key]) and d[key] > 0):
-            bad(key, d[key], "not a positive number")
+        if d.get(key) is not None and not (_is_number(d[key]) and 0 < d[key] <= UPPER_BOUNDS.get(key, math.inf)):
+            bad(key, d[key], f"not a number in (0, {UPPER_BOUNDS.get(key, math.inf):g}]")
     for key in NON_NEGATIVE_NUMBERS:
         if d.get(key) is not None and not (_is_number(d[key]) and d[key] >= 0):
             bad(key, d[key], "not a number of at least 0")
+    for key in BOOLEANS:
+        if key in d and not isinstance(d[key], bool):
+            bad(key, d[key], "not true or false")
     heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
     if heads and kv and heads % kv:
         bad("num_key_value_heads", kv, f"which does not divide num_attention_heads {heads}")
@@ -91,7 +100,7 @@ def check_config(d: dict, where) -> None:
         for sub, params in per_type.items():
             name = f"{key}.{sub}" if sub else key
             rope_type = params.get("rope_type", params.get("type", "default"))
-            if rope_type not in ROPE_NEEDS:
+            if not isinstance(rope_type, str) or rope_type not in ROPE_NEEDS:
                 bad(f"{name}.rope_type", rope_type, f"not one of {', '.join(ROPE_NEEDS)}")
             for need in ROPE_NEEDS[rope_type]:
                 value = params.get(need)
@@ -99,9 +108,9 @@ def check_config(d: dict, where) -> None:
                     else _is_number(value) and value > 0
                 if not ok:
                     bad(f"{name}.{need}", value, f"not what rope type {rope_type!r} needs")
-            theta = params.get("rope_theta")
-            if theta is not None and not (_is_number(theta) and theta > 0):
-                bad(f"{name}.rope_theta", theta, "not a positive number")
+            theta = params.get("rope_theta", 1.0)
+            if not (_is_number(theta) and 0 < theta <= UPPER_BOUNDS["rope_theta"]):
+                bad(f"{name}.rope_theta", theta, f"not a number in (0, {UPPER_BOUNDS['rope_theta']:g}]")
 
 
 def load_config(path: Path):
@@ -150,7 +159,14 @@ def check_safetensors(path: Path) -> dict:
                                      f"fill its {end - start} bytes")
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise AwqEdgeError(f"{path} is not a readable safetensors file ({e})", fix) from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AwqEdgeError(f"{path} is not a readable safetensors file (its __metadata__ is not strings)", fix)
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    if any(start != end for (_, end), (start, _) in zip([(0, 0)] + spans, spans)):
+        raise AwqEdgeError(f"{path} is not a readable safetensors file (its tensors' byte ranges overlap or leave "
+                           "gaps)", fix)
+    ends = [end for _, end in spans]
     need = 8 + header_len + max(ends, default=0)
     if size < need:
         raise AwqEdgeError(f"{path} is truncated: {size} bytes, its header needs {need}", fix)
@@ -214,6 +230,28 @@ def tensor_files(folder: Path) -> dict:
     return {name: f for name, (f, _) in tensor_headers(folder).items()}
 
 
+# No trained model's matrix weight is this large (a flipped exponent bit makes one 1e30); norm weights grow larger
+# (Gemma's post-norms), so vectors get a looser bound.
+WEIGHT_LIMIT, VECTOR_LIMIT = 1e4, 1e8
+
+
+def check_values(name: str, t, where):
+    """t, once it is known to hold finite weights of a sane size (a corrupt file quantises or exports silently to
+    garbage). Checked in slices, so an 8B model's 1 GB embedding costs no more than a few MB of temporaries."""
+    import torch
+
+    if t.is_floating_point():
+        limit = WEIGHT_LIMIT if t.dim() >= 2 else VECTOR_LIMIT
+        parts = t.reshape(-1).split(2**22)
+        bad = sum(int((~torch.isfinite(part) | (part.abs() > limit)).sum()) for part in parts)
+        if bad:
+            largest = t.float().abs().nan_to_num(float("inf")).max()
+            raise AwqEdgeError(f"{where}: {name} holds {bad} weight(s) that are not finite or exceed "
+                               f"{limit:g} in magnitude (largest {largest:g})",
+                               "re-download or re-create the model's safetensors (the file is corrupt)")
+    return t
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -240,6 +278,7 @@ def load_tokenizer(path: Path, vocab_size: int | None = None):
     check_tokenizer_json(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tokenizer("The capital of France is Paris.")  # settings that load but cannot encode (a dict as max length)
     except Exception as e:  # transformers and tokenizers raise many types for files they cannot use
         raise AwqEdgeError(f"the tokenizer files in {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]})",
                            "copy the model's own tokenizer.json and tokenizer_config.json into the folder") from None
@@ -255,6 +294,8 @@ def check_tokenizer(tokenizer, what: str, vocab_size: int | None = None,
     if vocab_size and any(i >= vocab_size for i in specials):
         raise AwqEdgeError(f"{what} has special token ids {specials}, past the model's vocab_size {vocab_size}", fix)
     vocab = tokenizer.get_vocab()
+    if len(set(vocab.values())) != len(vocab):
+        raise AwqEdgeError(f"{what} gives one id to several tokens, which it cannot save and load again", fix)
     words = [w for w in ("the", "of", "and", "is", "capital") if f"\u2581{w}" in vocab or f"\u0120{w}" in vocab]
     ids = tokenizer(" " + " ".join(words), add_special_tokens=False).input_ids
     if words and len(ids) > len(words) + 1:

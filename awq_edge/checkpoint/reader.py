@@ -11,7 +11,14 @@ import torch
 from safetensors import safe_open
 
 from awq_edge.arch.spec import Spec, describe
-from awq_edge.checkpoint.hf_folder import load_config, load_tokenizer, read_config_json, tensor_headers
+from awq_edge.checkpoint.hf_folder import (
+    FLOAT_DTYPES,
+    check_values,
+    load_config,
+    load_tokenizer,
+    read_config_json,
+    tensor_headers,
+)
 from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import from_awq_gemm
 from awq_edge.quant import FloatLinear, QuantLinear, check_group_size, n_groups
@@ -68,6 +75,10 @@ class Checkpoint:
         self._check_linears()
 
     def _check_linears(self) -> None:
+        packed = {k for k in self._headers if k.endswith((".qweight", ".qzeros"))}
+        for key, (_, entry) in self._headers.items():
+            if key not in packed and entry["dtype"] not in FLOAT_DTYPES:
+                raise AwqEdgeError(f"{self.folder}: {key} is stored as {entry['dtype']}, not a float type", RECREATE)
         for key in [k for k in self._headers if k.endswith(".qweight")]:
             name = key[: -len(".qweight")]
             entries = {}
@@ -87,18 +98,49 @@ class Checkpoint:
                     raise AwqEdgeError(f"{self.folder}: {name}.{part} has shape {entries[part]}, but qweight "
                                        f"{entries['qweight']} at group size {self.group_size} implies {shape}",
                                        RECREATE)
+        for name, (in_f, out_f) in self._linear_shapes().items():
+            if f"{name}.qweight" in self:
+                have, want = self._headers[f"{name}.qweight"][1]["shape"], [in_f, out_f // 8]
+            elif f"{name}.weight" in self:
+                have, want = self._headers[f"{name}.weight"][1]["shape"], [out_f, in_f]
+            else:
+                raise AwqEdgeError(f"{self.folder} has neither {name}.qweight nor {name}.weight", RECREATE)
+            if have != want:
+                raise AwqEdgeError(f"{self.folder}: {name} is stored as {have}, config.json implies {want}", RECREATE)
+        for name, shape in self._other_shapes().items():
+            if name not in self:
+                raise AwqEdgeError(f"{self.folder} has no tensor {name}", RECREATE)
+            if self._headers[name][1]["shape"] != shape:
+                raise AwqEdgeError(f"{self.folder}: {name} has shape {self._headers[name][1]['shape']}, config.json "
+                                   f"implies {shape}", RECREATE)
+
+    def _linear_shapes(self) -> dict:
+        """(in, out) of every decoder linear, fused ones (Phi-3's qkv_proj, gate_up_proj) as stored."""
         fam, d = self.spec.family, self.spec.dims
+        q, kv, inter = d.heads * d.head_dim, d.kv_heads * d.head_dim, self.config["intermediate_size"]
+        qkv = [q, kv, kv] if len(fam.qkv) == 3 else [q + 2 * kv]
+        gate_up = [inter, inter] if len(fam.gate_up) == 2 else [2 * inter]
+        shapes = {}
         for i in range(d.layers):
-            layer = self.spec.layer(i)
-            for lin in (*fam.qkv, fam.o, *fam.gate_up, fam.down):
-                if f"{layer}.{lin}.qweight" not in self and f"{layer}.{lin}.weight" not in self:
-                    raise AwqEdgeError(f"{self.folder} has neither {layer}.{lin}.qweight nor .weight", RECREATE)
-            for norm in (fam.attn_norm, fam.mlp_norm, fam.attn_out_norm, fam.mlp_out_norm, *fam.qk_norms):
-                if norm and f"{layer}.{norm}.weight" not in self:
-                    raise AwqEdgeError(f"{self.folder} has no tensor {layer}.{norm}.weight", RECREATE)
-        for name in (fam.embed, fam.final_norm):
-            if f"{name}.weight" not in self:
-                raise AwqEdgeError(f"{self.folder} has no tensor {name}.weight", RECREATE)
+            p = self.spec.layer(i)
+            shapes.update({f"{p}.{n}": (d.hidden, out) for n, out in zip(fam.qkv, qkv)})
+            shapes.update({f"{p}.{n}": (d.hidden, out) for n, out in zip(fam.gate_up, gate_up)})
+            shapes[f"{p}.{fam.o}"], shapes[f"{p}.{fam.down}"] = (q, d.hidden), (inter, d.hidden)
+        return shapes
+
+    def _other_shapes(self) -> dict:
+        """The norms and the embedding table every layer and the model must hold, by their config shapes."""
+        fam, d = self.spec.family, self.spec.dims
+        shapes = {f"{fam.embed}.weight": [d.vocab, d.hidden], f"{fam.final_norm}.weight": [d.hidden]}
+        for i in range(d.layers):
+            p = self.spec.layer(i)
+            for norm in (fam.attn_norm, fam.mlp_norm, fam.attn_out_norm, fam.mlp_out_norm):
+                if norm:
+                    shapes[f"{p}.{norm}.weight"] = [d.hidden]
+            shapes.update({f"{p}.{norm}.weight": [d.head_dim] for norm in fam.qk_norms})
+        if "lm_head.weight" in self:
+            shapes["lm_head.weight"] = [d.vocab, d.hidden]
+        return shapes
 
     def __contains__(self, name: str) -> bool:
         return name in self._headers
@@ -110,7 +152,7 @@ class Checkpoint:
         if name not in self._headers:
             raise AwqEdgeError(f"{self.folder} has no tensor {name}", RECREATE)
         with safe_open(self._headers[name][0], framework="pt") as f:
-            return f.get_tensor(name)
+            return check_values(name, f.get_tensor(name), self.folder)
 
     def float_tensor(self, name: str) -> torch.Tensor:
         return self.tensor(name).float()
@@ -121,8 +163,6 @@ class Checkpoint:
             q, scales, zeros = from_awq_gemm(
                 self.tensor(f"{name}.qweight"), self.tensor(f"{name}.qzeros"), self.tensor(f"{name}.scales")
             )
-            if not torch.isfinite(scales).all():
-                raise AwqEdgeError(f"{self.folder}: {name}.scales holds values that are not finite", RECREATE)
             return QuantLinear(q, scales, zeros, self.group_size, bias=bias)
         if f"{name}.weight" in self:
             return FloatLinear(self.float_tensor(f"{name}.weight"), bias)

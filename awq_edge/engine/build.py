@@ -117,6 +117,7 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
     profile = get_profile(device)
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     model = plan.load_graph(onnx_dir)
+    positions = context_length(onnx_dir)  # the folder's files are read (and checked) before the graph's checks
     inputs = plan.graph_inputs(model)
     kv = plan.kv_layout(inputs)
     plan.check_precision(inputs, profile)
@@ -124,7 +125,7 @@ def build(onnx_dir, device: str, out_dir, plugin_library=None, timing_cache=None
     plan.check_int4_path(int4, profile, plugin_library)
     if plugin_library is not None and not Path(plugin_library).is_file():
         raise AwqEdgeError(f"plugin library {plugin_library} does not exist", f"build it: {PLUGIN_BUILD_HINT}")
-    max_seq = plan.max_context(profile, kv, context_length(onnx_dir))
+    max_seq = plan.max_context(profile, kv, positions)
     shapes = plan.optimization_profiles(inputs, max_seq, profile)
     out_dir = check_output_dir(out_dir, inputs=[onnx_dir], is_ours=manifest.is_engine_dir,
                                our_files=manifest.engine_files(plugin_library), what="engine folder",

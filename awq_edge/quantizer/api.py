@@ -3,6 +3,7 @@
 The argument rules (device, group size, bit width) live here and the CLI calls them, so the API refuses what the
 CLI refuses, before any work."""
 
+import math
 import re
 import resource
 import shutil
@@ -40,10 +41,40 @@ def check_device(name) -> str:
     return name
 
 
-def check_w_bit(w_bit) -> None:
-    if w_bit != 4 or isinstance(w_bit, bool):
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(*, method=None, w_bit=4, group_size=None, zero_point=True, calib_source=None, n_samples=None,
+                  seqlen=512, keep_8bit=0, sensitivity=False, device="auto", max_gpu_memory=None) -> None:
+    """The quantiser's options, each checked for type and range before any work: the API and the CLI refuse the
+    same values with the same line (the CLI's flags name them)."""
+    if method is not None and method not in METHODS:
+        raise AwqEdgeError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    if not _int(w_bit) or w_bit != 4:
         raise AwqEdgeError(f"--w-bit {w_bit!r}: the AutoAWQ checkpoint holds 4-bit weights only",
                            "use --w-bit 4 (other widths are evaluated by bench/quality.py)")
+    if group_size is not None:
+        check_group_size(group_size)
+    for name, value in (("zero_point", zero_point), ("sensitivity", sensitivity)):
+        if not isinstance(value, bool):
+            raise AwqEdgeError(f"{name} {value!r} is not True or False", f"pass {name}=True or {name}=False")
+    if calib_source is not None and (not isinstance(calib_source, (str, Path)) or not str(calib_source)):
+        raise AwqEdgeError(f"calibration source {calib_source!r} is neither a source name nor a file",
+                           f"use --calib with {calib.SOURCES_HELP}")
+    if n_samples is not None and not (_int(n_samples) and n_samples >= 1):
+        raise AwqEdgeError(f"--n-samples {n_samples!r}: calibration needs at least one sample", "use --n-samples >= 1")
+    if not (_int(seqlen) and 2 <= seqlen <= 2**20):
+        raise AwqEdgeError(f"--seqlen {seqlen!r}: a calibration block needs at least 2 tokens (and at most 1048576)",
+                           "use --seqlen >= 2 (512, the default, is AWQ's)")
+    if not (_int(keep_8bit) and keep_8bit >= 0):
+        raise AwqEdgeError(f"--keep-8bit {keep_8bit!r} is negative or not a whole number", "use --keep-8bit 0 or more")
+    check_device(device)
+    gib = max_gpu_memory
+    if gib is not None and not (isinstance(gib, (int, float)) and not isinstance(gib, bool) and math.isfinite(gib)
+                                and gib > 0):
+        raise AwqEdgeError(f"--max-gpu-memory {gib!r} is not a finite number of GiB > 0",
+                           "use e.g. --max-gpu-memory 20, or leave it out (90% of what is free)")
 
 
 def pick_device(name: str) -> str:
@@ -173,11 +204,9 @@ def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4
     output: write the checkpoint there as the layers finish (the CLI's path);
     otherwise `.save(dir)` writes it later.
     """
-    if method is not None and method not in METHODS:
-        raise AwqEdgeError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
-    check_w_bit(w_bit)
-    if group_size is not None:
-        check_group_size(group_size)
+    check_options(method=method, w_bit=w_bit, group_size=group_size, zero_point=zero_point, calib_source=calib_source,
+                  n_samples=n_samples, seqlen=seqlen, keep_8bit=keep_8bit, sensitivity=sensitivity, device=device,
+                  max_gpu_memory=max_gpu_memory)
     device = pick_device(device)
     if n_samples is None:
         n_samples = GPU_SAMPLES if device.startswith("cuda") else CPU_SAMPLES
@@ -218,7 +247,7 @@ def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4
                 tokenizer = load_tokenizer(path, config.vocab_size)
                 adapter = get_adapter(config.model_type)
                 fm = FileModel(path, adapter)
-                fm.check_values()
+                fm.check_weights()
                 shapes = linear_shapes(fm.decoder_layers, adapter.layers_path)
                 cfg = _config(w_bit, group_size, zero_point, shapes, log)
                 method = _method(method, cfg, log)

@@ -1,7 +1,6 @@
 """The quantiser's subcommands: `awq-edge quantize` and `awq-edge eval`."""
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -9,9 +8,8 @@ from awq_edge.checkpoint.hf_folder import check_tokenizer_json, read_config_json
 from awq_edge.checkpoint.reader import load_quantized_model
 from awq_edge.checkpoint.writer import check_checkpoint_output, estimate_bytes
 from awq_edge.errors import AwqEdgeError
-from awq_edge.quant import check_group_size
 from awq_edge.quantizer import calib
-from awq_edge.quantizer.api import check_device, check_w_bit, pick_device
+from awq_edge.quantizer.api import check_device, check_options, pick_device
 from awq_edge.quantizer.eval import perplexity, text_tokens
 from awq_edge.quantizer.layerwise import METHODS
 from awq_edge.quantizer.source import load_float_model, resolve_model_dir
@@ -20,21 +18,10 @@ from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 def check_quantize_args(args) -> Path:
     """Every refusal that needs no model loaded, before the minutes of work: options, input, output. Returns
     the model folder."""
-    check_w_bit(args.w_bit)
+    check_options(method=args.method, w_bit=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point,
+                  calib_source=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, keep_8bit=args.keep_8bit,
+                  sensitivity=args.sensitivity, device=args.device, max_gpu_memory=args.max_gpu_memory)
     gs = args.group_size
-    if gs is not None:
-        check_group_size(gs)
-    if args.n_samples is not None and args.n_samples < 1:
-        raise AwqEdgeError(f"--n-samples {args.n_samples}: calibration needs at least one sample", "use --n-samples >= 1")
-    if args.seqlen < 2:
-        raise AwqEdgeError(f"--seqlen {args.seqlen}: a calibration block needs at least 2 tokens", "use --seqlen >= 2")
-    if args.keep_8bit < 0:
-        raise AwqEdgeError(f"--keep-8bit {args.keep_8bit} is negative", "use --keep-8bit 0 or more")
-    gib = args.max_gpu_memory
-    if gib is not None and not (math.isfinite(gib) and gib > 0):
-        raise AwqEdgeError(f"--max-gpu-memory {gib} is not a finite number of GiB > 0",
-                           "use e.g. --max-gpu-memory 20, or leave it out (90% of what is free)")
-    check_device(args.device)
     if args.calib not in (None, calib.MIXED, calib.BUILTIN, calib.SAMPLED):
         calib.read_texts(Path(args.calib))
     path = resolve_model_dir(args.model)

@@ -15,24 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from awq_edge.checkpoint.hf_folder import load_config, tensor_files
+from awq_edge.checkpoint.hf_folder import check_values, load_config, tensor_files
 from awq_edge.errors import AwqEdgeError
-
-WEIGHT_LIMIT = 1e4  # no trained model's weight is this large; a flipped exponent bit makes one 1e30
-
-
-def check_weights(name: str, t: torch.Tensor, where) -> torch.Tensor:
-    """t, once it is known to hold finite weights of a sane size (a corrupt file quantises silently to garbage).
-    Checked in slices, so an 8B model's 1 GB embedding costs no more than a few MB of temporaries."""
-    if t.is_floating_point():
-        parts = t.reshape(-1).split(2**22)
-        bad = sum(int((~torch.isfinite(part) | (part.abs() > WEIGHT_LIMIT)).sum()) for part in parts)
-        if bad:
-            largest = t.float().abs().nan_to_num(float("inf")).max()
-            raise AwqEdgeError(f"{where}: {name} holds {bad} weight(s) that are not finite or exceed "
-                               f"{WEIGHT_LIMIT:g} in magnitude (largest {largest:g})",
-                               "re-download or re-create the model's safetensors (the file is corrupt)")
-    return t
 
 
 class _StopForward(Exception):
@@ -86,7 +70,7 @@ class LoadedModel:
 
     def layer(self, i: int, device, dtype) -> nn.Module:
         for name, p in self.layers[i].named_parameters():
-            check_weights(f"{self.adapter.layers_path}.{i}.{name}", p.data, "the model")
+            check_values(f"{self.adapter.layers_path}.{i}.{name}", p.data, "the model")
         return self.layers[i].to(device)
 
     def release(self, i: int, layer: nn.Module) -> None:
@@ -143,16 +127,16 @@ class FileModel:
                     out[k] = f.get_tensor(k).to(self.dtype) if cast else f.get_tensor(k)
         return out
 
-    def check_values(self) -> None:
-        """Every stored weight finite and of a sane size (check_weights), one tensor at a time, before any work: a
-        corrupt file must not stop the layer loop half way, or quantise silently to garbage."""
+    def check_weights(self) -> None:
+        """Every stored weight finite and of a sane size (hf_folder.check_values), one tensor at a time, before any
+        work: a corrupt file must not stop the layer loop half way, or quantise silently to garbage."""
         by_file = {}
         for name, file in self.files.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as f:
                 for name in names:
-                    check_weights(name, f.get_tensor(name), self.path)
+                    check_values(name, f.get_tensor(name), self.path)
 
     def record(self, input_ids: torch.Tensor):
         return _record(self.shell, self.layers, input_ids)

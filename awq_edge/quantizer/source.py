@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from awq_edge.checkpoint.hf_folder import (
+    FLOAT_DTYPES,
     TOKENIZER_FILES,
     check_tokenizer,
     check_tokenizer_json,
@@ -88,6 +89,10 @@ def check_tensor_names(path: Path, headers: dict) -> None:
         seen = f"; it has {', '.join(unexpected[:3])} that the model does not use" if unexpected else ""
         raise AwqEdgeError(f"{path} lacks {len(missing)} tensor(s) the {config.model_type} model needs: "
                            f"{', '.join(missing[:3])}{seen}", "re-download or re-create the model's safetensors")
+    integer = [k for k in expected if headers[k]["dtype"] not in FLOAT_DTYPES]
+    if integer:
+        raise AwqEdgeError(f"{path}: {integer[0]} is stored as {headers[integer[0]]['dtype']}, not a float type "
+                           f"({len(integer)} tensor(s))", "re-download or re-create the model's safetensors")
     wrong = [k for k in expected if found[k] != expected[k]]
     if wrong:
         k = wrong[0]
