@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from awq_edge.export.decoder import ExportOptions, build_decoder
-from awq_edge.export.folder import EXPORT_FILES, GENAI_CONFIG, genai_config, is_export, write_folder
+from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
+                                    is_export, staged, write_folder)
 
 from awq_edge.checkpoint.reader import Checkpoint
 from awq_edge.errors import AwqEdgeError
@@ -54,15 +55,17 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
         raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
                            f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
                            "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
-    model = build_decoder(ck, opts)
-    gen_path = folder / "generation_config.json"
-    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    genai = genai_config(ck.config, generation, model, ck.spec.dims)
-    extra = {
-        "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
-        "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
-        "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-        "group_size": ck.group_size, "model_type": ck.config["model_type"],
-    }
-    write_folder(out, model, genai, folder, extra)
+    with staged(out) as tmp:
+        with open(tmp / DATA_FILE, "wb") as data:
+            model = build_decoder(ck, opts, ExternalData(data, out))
+        gen_path = folder / "generation_config.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        genai = genai_config(ck.config, generation, model, ck.spec.dims)
+        extra = {
+            "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
+            "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
+            "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
+            "group_size": ck.group_size, "model_type": ck.config["model_type"],
+        }
+        write_folder(tmp, out, model, genai, folder, extra)
     return out

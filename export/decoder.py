@@ -328,15 +328,16 @@ def float32_residual_blocks(g: ops.Graph, ck: Checkpoint, d: Dims):
     return out_norm, skip_norm
 
 
-def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
-    """The whole decoder: embeddings, layers with KV cache, final norm, lm_head."""
+def build_decoder(ck: Checkpoint, opts: ExportOptions, external=None) -> onnx.ModelProto:
+    """The whole decoder: embeddings, layers with KV cache, final norm, lm_head; its large initializers written to
+    `external` (export.folder.ExternalData) as they are made, or kept in the proto without one."""
     if opts.target not in TARGETS:
         raise AwqEdgeError(f"unknown target {opts.target!r}", f"use --target {' or '.join(TARGETS)}")
     if opts.trt_native and opts.target != "trt":
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
     spec, f = ck.spec, ck.spec.family
     d = spec.dims
-    g = ops.Graph(opts.dtype)
+    g = ops.Graph(opts.dtype, external)
     io_spec(g, d, opts)
     head = quantized_head(g, ck, spec, opts)
     h = embeddings(g, ck, spec, head, opts)
