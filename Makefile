@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m
 GROUP ?= 64
 OUT ?= out
 QUANT_DIR ?= $(OUT)/$(notdir $(MODEL))-awq-w4g$(GROUP)
-# 8 calibration blocks keep the CPU demo within minutes (bench/results/quality.md, g64: 16 blocks 31.50 ppl, 128 31.01).
+# 8 calibration blocks keep the CPU demo within minutes (bench/results/history/quality.md, g64: 16 blocks 31.50 ppl, 128 31.01).
 DEMO_SAMPLES ?= 8
 ONNX_DIR ?= $(OUT)/$(notdir $(MODEL))-w4g$(GROUP)-onnx
 NVCC ?= nvcc

@@ -21,13 +21,14 @@ from awq_edge.errors import AwqEdgeError
 GROUP_SIZES = (128, 64, 32)
 
 
-def check_group_size(group_size, flag: str = "--group-size") -> int:
+def check_group_size(group_size, flag: str = "--group-size",
+                     fix: str = "use --group-size 128, 64 or 32, or leave it out to pick the largest that fits") -> int:
     """The one group-size rule of the API, the CLI and the exporter: a power of two of at least 16 (MatMulNBits'
     block sizes; the CUDA kernels take 32, 64 and 128 and say so at load)."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 \
             or group_size & (group_size - 1):
         raise AwqEdgeError(f"{flag} {group_size!r} is not a power of two of at least 16 (MatMulNBits' block sizes)",
-                           f"use {flag} 128, 64 or 32, or leave it out to pick the largest that fits")
+                           fix)
     return group_size
 
 

@@ -1,7 +1,7 @@
 """Where GPTQ's error goes: the first token of each sequence (the attention sink) against the rest.
 
 SmolLM2, the seven linears of one layer (default 18, where GPTQ's layer error on WikiText-2 valid is three times
-RTN's in bench/results/quality.md): inputs recorded on 24 x 512 tokens of the shipped mixed text (Hessian from
+RTN's in bench/results/history/quality.md): inputs recorded on 24 x 512 tokens of the shipped mixed text (Hessian from
 the first 18 blocks) and 8 x 512 of WikiText-2 valid; per linear the relative output error at position 0 of each
 block, at positions 1-3 and at the rest, for RTN, for GPTQ, and for GPTQ whose Hessian counts each block's first
 token as if it were a tenth of the block ("sink x51"). w4 g64, dampening 0.1. CPU, about a minute.

@@ -30,7 +30,7 @@ def export_options(target: str = "ort", exact: bool = False, **overrides) -> Exp
         raise AwqEdgeError(f"{flags}: the head is re-quantised for --target ort only", "drop them for --target trt")
     if opts.get("trt_native") and target != "trt":
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
-    check_group_size(opts.get("head_group", 32), "--head-group")
+    check_group_size(opts.get("head_group", 32), "--head-group", "use --head-group 64 or 32")
     return ExportOptions(target=target, **opts)
 
 

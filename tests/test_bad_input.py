@@ -1,7 +1,7 @@
 """Bad input and faults across every command: one `error: ... (fix: ...)` line, a non-zero exit, checked before
 the work, nothing written at or beside the output, nothing that was there before lost.
 
-CASES are run through `awq-edge` in this process; README.md's bad-input table lists each by its name
+CASES are run through `awq-edge` in this process; docs/errors.md's bad-input table lists each by its name
 (test_readme_table_lists_every_case). Faults that need a signal, a pipe or a chat session have their own tests.
 """
 
@@ -505,7 +505,7 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(fx, capsys, monkeypatc
 
 
 def test_readme_table_lists_every_case_and_each_row_is_a_test():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "errors.md").read_text()
     block = text[text.index("<!-- bad-input-table -->"):text.index("<!-- end-bad-input-table -->")]
     rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in block.splitlines()
             if line.startswith("| ") and not line.startswith("| case ")]

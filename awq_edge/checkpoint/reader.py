@@ -45,9 +45,9 @@ def read_config(folder: Path, allow_float: bool = False) -> dict:
                            "re-quantise with `awq-edge quantize` (4-bit, GEMM layout)")
     group = qc.get("group_size", qc.get("q_group_size"))
     try:
-        check_group_size(group, "quantization_config.group_size")
+        check_group_size(group, "quantization_config.group_size", RECREATE)
     except AwqEdgeError as e:
-        raise AwqEdgeError(f"{folder}: {e.problem}", RECREATE) from None
+        raise AwqEdgeError(f"{folder}: {e.problem}", e.fix) from None
     qc["group_size"] = group
     return config
 

@@ -167,7 +167,7 @@ def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4
     in place). group_size None picks the largest of 128, 64, 32 that divides
     every linear. calib_source: 'mixed' (default), 'builtin', 'sampled' or a
     text/.jsonl file. n_samples None: 128 blocks on a GPU (llm-awq's setting),
-    16 on a CPU (within 1.6% of 128 on SmolLM2 at g64, bench/results/quality.md,
+    16 on a CPU (within 1.6% of 128 on SmolLM2 at g64, bench/results/history/quality.md,
     and an hour less on two cores). sensitivity: calibrate RTN too, to report
     each linear's error. max_gpu_memory (GiB) bounds the layer loop's GPU memory.
     output: write the checkpoint there as the layers finish (the CLI's path);

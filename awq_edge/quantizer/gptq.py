@@ -9,7 +9,8 @@ from awq_edge.quant import QConfig, dequantize_groups, group_qparams, n_groups, 
 
 # Dampening, a fraction of the Hessian's mean diagonal. GPTQ's paper and AutoGPTQ use 0.01; 0.1 measured better on
 # both real models on WikiText-2 test, which no calibration text contains (SmolLM2 g64/g128 35.19/37.82 ->
-# 34.29/36.84, bench/results/quality_extra.md; Gemma-3-270M 68.54/71.28 -> 66.78/67.82, quality_gemma3.md).
+# 34.29/36.84, bench/results/history/quality_extra.md, transcribed by hand; Gemma-3-270M 68.54/71.28 -> 66.78/67.82,
+# history/quality_gemma3.md).
 DAMP = 0.1
 
 
