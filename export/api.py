@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from awq_edge.export.decoder import ExportOptions, build_decoder
+from awq_edge.export.decoder import FROM_CHECKPOINT, ExportOptions, build_decoder
 from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
                                     is_export, staged, write_folder)
 
@@ -15,8 +15,10 @@ from awq_edge.quant import check_group_size
 
 # --target ort's default: the configuration that beats onnxruntime-genai's own int4 build of the same model on
 # the CPU (bench/results/onnx_defaults.json): int8 activations in MatMulNBits, and the float head (with the
-# tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on builtin calibration text.
-ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": "builtin", "head_symmetric": True}
+# tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on the final norm's statistics the
+# quantiser stored in the checkpoint.
+ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
+                "head_symmetric": True}
 
 
 def export_options(target: str = "ort", exact: bool = False, **overrides) -> ExportOptions:
@@ -51,7 +53,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
     folder = ck.folder
     out = check_output_dir(out_dir, inputs=[folder], is_ours=is_export, our_files=EXPORT_FILES, what="export")
     remove_stale(out)
-    if opts.head_calib and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    measures_here = opts.head_calib and (opts.head_calib != FROM_CHECKPOINT or ck.head_moments() is None)
+    if measures_here and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
                            f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
                            "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
