@@ -4,8 +4,9 @@
 import json
 from pathlib import Path
 
-from awq_edge.export.decoder import ExportOptions, build_decoder
-from awq_edge.export.folder import EXPORT_FILES, GENAI_CONFIG, genai_config, is_export, write_folder
+from awq_edge.export.decoder import FROM_CHECKPOINT, ExportOptions, build_decoder
+from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
+                                    is_export, staged, write_folder)
 
 from awq_edge.checkpoint.reader import Checkpoint
 from awq_edge.errors import AwqEdgeError
@@ -14,8 +15,10 @@ from awq_edge.quant import check_group_size
 
 # --target ort's default: the configuration that beats onnxruntime-genai's own int4 build of the same model on
 # the CPU (bench/results/onnx_defaults.json): int8 activations in MatMulNBits, and the float head (with the
-# tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on builtin calibration text.
-ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": "builtin", "head_symmetric": True}
+# tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on the final norm's statistics the
+# quantiser stored in the checkpoint.
+ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
+                "head_symmetric": True}
 
 
 def export_options(target: str = "ort", exact: bool = False, **overrides) -> ExportOptions:
@@ -50,19 +53,22 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
     folder = ck.folder
     out = check_output_dir(out_dir, inputs=[folder], is_ours=is_export, our_files=EXPORT_FILES, what="export")
     remove_stale(out)
-    if opts.head_calib and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    measures_here = opts.head_calib and (opts.head_calib != FROM_CHECKPOINT or ck.head_moments() is None)
+    if measures_here and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
                            f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
                            "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
-    model = build_decoder(ck, opts)
-    gen_path = folder / "generation_config.json"
-    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    genai = genai_config(ck.config, generation, model, ck.spec.dims)
-    extra = {
-        "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
-        "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
-        "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-        "group_size": ck.group_size, "model_type": ck.config["model_type"],
-    }
-    write_folder(out, model, genai, folder, extra)
+    with staged(out) as tmp:
+        with open(tmp / DATA_FILE, "wb") as data:
+            model = build_decoder(ck, opts, ExternalData(data, out))
+        gen_path = folder / "generation_config.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        genai = genai_config(ck.config, generation, model, ck.spec.dims)
+        extra = {
+            "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
+            "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
+            "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
+            "group_size": ck.group_size, "model_type": ck.config["model_type"],
+        }
+        write_folder(tmp, out, model, genai, folder, extra)
     return out

@@ -43,8 +43,9 @@ def register(subparsers):
     p.add_argument("--head-group", type=int, default=None, help="group size for --head-bits (default 64)")
     p.add_argument("--head-calib", metavar="SOURCE",
                    help="with --head-bits: choose the head's scales to minimise the logit error on the final norm's "
-                        f"activations over this calibration text ({SOURCES_HELP}), or 'none' to round to nearest "
-                        "(default builtin)")
+                        "activations: 'checkpoint' (default: the statistics `awq-edge quantize` stored; a checkpoint "
+                        "without them is measured on builtin text), a calibration text measured here with the "
+                        f"model in PyTorch ({SOURCES_HELP}), or 'none' to round to nearest")
     p.add_argument("--head-symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="with --head-bits: symmetric head, no zero points stored (default on)")
     p.set_defaults(func=run)

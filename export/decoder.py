@@ -19,6 +19,7 @@ from awq_edge.quant import FloatLinear, QConfig, fuse_rows, quantize
 IR_VERSION = 10
 OPSET = 21
 TARGETS = ("ort", "trt")
+FROM_CHECKPOINT = "checkpoint"  # --head-calib: the statistics the quantiser stored in the checkpoint
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class ExportOptions:
     accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 activations (faster on CPU)
     head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits
     head_group: int = 32  # group size for head_bits: one matrix, so finer scales cost little
-    head_calib: str = ""  # head_bits: "" rounds to nearest; "builtin" or a text file: scales searched on its activations
+    head_calib: str = ""  # head_bits: "" rounds to nearest; scales searched on the final norm's statistics: "checkpoint"
+    # (measured by the quantiser), or "builtin"/"mixed"/a text file (measured here, the model run in PyTorch)
     head_symmetric: bool = False  # head_bits: no zero points (stored implicitly, smaller)
     rope_in_graph: bool = True  # ort only: RoPE tables computed at session load instead of stored (2 MB for 8k)
 
@@ -190,7 +192,13 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions
     name = "lm_head.weight" if "lm_head.weight" in ck and not d.tied else f"{spec.family.embed}.weight"
     w = ck.float_tensor(name)
     if opts.head_calib:
-        moments = head_quant.final_norm_moments(ck.folder, opts.head_calib)
+        moments = ck.head_moments() if opts.head_calib == FROM_CHECKPOINT else None
+        if moments is None:
+            source = "builtin" if opts.head_calib == FROM_CHECKPOINT else opts.head_calib
+            if opts.head_calib == FROM_CHECKPOINT:
+                print(f"{ck.folder} holds no head statistics (quantised without calibration, or by another tool): "
+                      f"measuring them on {source} text, with the whole model in memory", flush=True)
+            moments = head_quant.final_norm_moments(ck.folder, source)
         q, scales, zeros = head_quant.quantize_weighted(w, moments, opts.head_bits, group, opts.head_symmetric)
     else:
         q, scales, zeros = quantize(w, QConfig(opts.head_bits, group, zero_point=not opts.head_symmetric))
@@ -328,15 +336,16 @@ def float32_residual_blocks(g: ops.Graph, ck: Checkpoint, d: Dims):
     return out_norm, skip_norm
 
 
-def build_decoder(ck: Checkpoint, opts: ExportOptions) -> onnx.ModelProto:
-    """The whole decoder: embeddings, layers with KV cache, final norm, lm_head."""
+def build_decoder(ck: Checkpoint, opts: ExportOptions, external=None) -> onnx.ModelProto:
+    """The whole decoder: embeddings, layers with KV cache, final norm, lm_head; its large initializers written to
+    `external` (export.folder.ExternalData) as they are made, or kept in the proto without one."""
     if opts.target not in TARGETS:
         raise AwqEdgeError(f"unknown target {opts.target!r}", f"use --target {' or '.join(TARGETS)}")
     if opts.trt_native and opts.target != "trt":
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
     spec, f = ck.spec, ck.spec.family
     d = spec.dims
-    g = ops.Graph(opts.dtype)
+    g = ops.Graph(opts.dtype, external)
     io_spec(g, d, opts)
     head = quantized_head(g, ck, spec, opts)
     h = embeddings(g, ck, spec, head, opts)

@@ -4,6 +4,7 @@ and checked by the runtimes and the engine build."""
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from awq_edge.export.tokenizer import TOKENIZER_FILES, write_tokenizer
@@ -65,25 +66,64 @@ def genai_config(config: dict, generation: dict, model, d) -> dict:
     }
 
 
-def write_folder(out_dir: Path, model, genai: dict, source_dir: Path, extra: dict):
-    """Write everything into a temporary folder beside out_dir, then swap it into place (export() checked out_dir)."""
-    import onnx
-
+@contextmanager
+def staged(out_dir: Path):
+    """A temporary folder beside out_dir to write the export into, swapped into place when the block ends and removed
+    if it fails (export() checked out_dir)."""
     out_dir = Path(out_dir).absolute()
     tmp = temp_dir(out_dir)
     try:
-        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        yield tmp
+        try:
+            replace_dir(tmp, out_dir)
+        except OSError as e:
+            raise write_failed(out_dir, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ExternalData:
+    """The external-data file, written as the graph is built: each large initializer goes to disk as soon as it is
+    made, so the export holds one tensor at a time, not the model (8B: tens of GB otherwise)."""
+
+    INLINE_BYTES = 1024  # smaller initializers stay in model.onnx, as onnx.save_model's size_threshold does
+    ALIGN_BYTES, ALIGN_FROM = 65536, 2**20  # large tensors start on mmap-page boundaries, as onnx.save_model aligns
+
+    def __init__(self, file, out_dir: Path):
+        self.file, self.out_dir, self.offset = file, out_dir, 0
+
+    def store(self, tensor, data):
+        """tensor (an onnx TensorProto with name, type and dims set) pointing at `data` (bytes-like), written."""
+        from onnx import TensorProto
+
+        data = memoryview(data)
+        try:
+            if len(data) >= self.ALIGN_FROM and self.offset % self.ALIGN_BYTES:
+                pad = self.ALIGN_BYTES - self.offset % self.ALIGN_BYTES
+                self.file.write(bytes(pad))
+                self.offset += pad
+            self.file.write(data)
+        except OSError as e:
+            raise write_failed(self.out_dir, e) from None
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", self.offset), ("length", len(data))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.offset += len(data)
+        return tensor
+
+
+def write_folder(tmp: Path, out_dir: Path, model, genai: dict, source_dir: Path, extra: dict):
+    """model.onnx (its large tensors already in the data file), the two JSON files and the tokenizer, into tmp."""
+    import onnx
+
+    try:
+        onnx.save_model(model, str(tmp / MODEL_FILE))
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
         (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2) + "\n")
         write_tokenizer(source_dir, tmp, token_ids(genai["model"]["eos_token_id"]))
-        replace_dir(tmp, out_dir)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(out_dir, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_export(folder: Path) -> bool:

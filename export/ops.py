@@ -12,12 +12,22 @@ DTYPES = {"fp32": (TensorProto.FLOAT, np.float32, torch.float32), "fp16": (Tenso
 
 
 class Graph:
-    """Nodes and initializers under construction, with unique names."""
+    """Nodes and initializers under construction, with unique names; large initializers go straight to `external`
+    (export.folder.ExternalData) when one is given."""
 
-    def __init__(self, dtype: str):
+    def __init__(self, dtype: str, external=None):
         self.elem, self.np_dtype, self.torch_dtype = DTYPES[dtype]
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self.external = external
         self._count = {}
+
+    def _initializer(self, name: str, elem: int, dims, data) -> None:
+        """One initializer from raw little-endian bytes (bytes or a uint8 array), inline or to the external file."""
+        if self.external is not None and len(data) >= self.external.INLINE_BYTES:
+            tensor = TensorProto(name=name, data_type=elem, dims=list(dims))
+            self.initializers.append(self.external.store(tensor, data))
+        else:
+            self.initializers.append(helper.make_tensor(name, elem, list(dims), bytes(data), raw=True))
 
     def name(self, base: str) -> str:
         n = self._count.get(base, 0)
@@ -33,8 +43,10 @@ class Graph:
     def const(self, base: str, array) -> str:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
+        array = np.ascontiguousarray(array)
         name = self.name(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._initializer(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
+                          array.reshape(-1).view(np.uint8))
         return name
 
     def weight(self, base: str, tensor: torch.Tensor) -> str:
@@ -49,7 +61,7 @@ class Graph:
 
     def raw(self, base: str, elem: int, dims, data: bytes) -> str:
         name = self.name(base)
-        self.initializers.append(helper.make_tensor(name, elem, dims, data, raw=True))
+        self._initializer(name, elem, dims, data)
         return name
 
     def shared(self, key: str, array: np.ndarray) -> str:

@@ -11,6 +11,9 @@ from awq_edge.errors import AwqEdgeError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# awq-edge's own file in a checkpoint: the final norm's output statistics the quantiser measured, for the exporter's
+# head search (JSON, not safetensors: servers that glob *.safetensors would take it for weights)
+HEAD_STATS_FILE = "awq_edge_head_stats.json"
 # safetensors dtype -> bytes per element
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,

@@ -5,6 +5,7 @@ opened, before any tensor is read: every quantised linear's qweight, qzeros and 
 shapes its group size implies.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from awq_edge.arch.spec import Spec, describe
 from awq_edge.checkpoint.hf_folder import (
     FLOAT_DTYPES,
+    HEAD_STATS_FILE,
     check_values,
     load_config,
     load_tokenizer,
@@ -171,6 +173,22 @@ class Checkpoint:
     def linears(self, names) -> list:
         """The linears of a layer's `qkv` or `gate_up` (one when the checkpoint stores them fused)."""
         return [self.linear(n) for n in names]
+
+    def head_moments(self) -> torch.Tensor | None:
+        """E[y^2] per channel of the final norm's output, as the quantiser measured it on its calibration text; None
+        for a checkpoint without them (another tool's, an uncalibrated one, or one made before they were kept)."""
+        path = self.folder / HEAD_STATS_FILE
+        if not path.is_file():
+            return None
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))["final_norm_sq_mean"]
+            moments = torch.tensor(values, dtype=torch.float64)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, RuntimeError) as e:
+            raise AwqEdgeError(f"{path} is not awq-edge's head statistics ({type(e).__name__}: {e})", RECREATE) \
+                from None
+        if moments.shape != (self.spec.dims.hidden,) or not bool((torch.isfinite(moments) & (moments >= 0)).all()):
+            raise AwqEdgeError(f"{path} does not hold {self.spec.dims.hidden} finite non-negative numbers", RECREATE)
+        return moments.float()
 
     def norm(self, name: str) -> torch.Tensor:
         """The factor the RMSNorm `name` multiplies by (Gemma's 1 + w), float32."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from awq_edge.checkpoint.hf_folder import INDEX_FILE, SINGLE_FILE
+from awq_edge.checkpoint.hf_folder import HEAD_STATS_FILE, INDEX_FILE, SINGLE_FILE
 from awq_edge.errors import AwqEdgeError
 from awq_edge.outputs import check_output_dir, replace_dir, temp_dir, write_failed
 from awq_edge.packing import to_awq_gemm
@@ -38,7 +38,7 @@ def _group_hint(in_f: int) -> str:
 
 # Files a checkpoint holds; a checkpoint folder holding anything else is not replaced (it is someone's).
 CHECKPOINT_FILES = frozenset({
-    SINGLE_FILE, INDEX_FILE, "config.json", "generation_config.json", "sensitivity.json",
+    SINGLE_FILE, INDEX_FILE, HEAD_STATS_FILE, "config.json", "generation_config.json", "sensitivity.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
 })
@@ -149,13 +149,14 @@ class CheckpointWriter:
             self.shards.append((path, list(self.pending), self.pending_bytes))
             self.pending, self.pending_bytes = {}, 0
 
-    def commit(self, config: dict, tokenizer, generation_config=None) -> Path:
+    def commit(self, config: dict, tokenizer, generation_config=None, head_moments=None) -> Path:
+        """Name the shards, write config, tokenizer and (from a calibrated run) the head statistics, swap in."""
         try:
-            return self._commit(config, tokenizer, generation_config)
+            return self._commit(config, tokenizer, generation_config, head_moments)
         except OSError as e:
             raise write_failed(self.out_dir, e) from None
 
-    def _commit(self, config: dict, tokenizer, generation_config) -> Path:
+    def _commit(self, config: dict, tokenizer, generation_config, head_moments) -> Path:
         self._flush()
         n = len(self.shards)
         names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -169,6 +170,8 @@ class CheckpointWriter:
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if generation_config is not None:
             generation_config.save_pretrained(self.tmp)
+        if head_moments is not None:
+            (self.tmp / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": head_moments.tolist()}) + "\n")
         tokenizer.save_pretrained(self.tmp)
         replace_dir(self.tmp, self.out_dir)
         self.tmp = None
@@ -190,4 +193,5 @@ def save_quantized(model, tokenizer, result, out_dir: Path, meta: dict) -> Path:
         for name, ql in result.linears.items():
             writer.linear(name, ql)
         config = awq_config(model.config.to_dict(), group_size, writer.int8, meta)
-        return writer.commit(config, tokenizer, getattr(model, "generation_config", None))
+        moments = result.head_moments if meta.get("n_samples") else None  # no calibration: nothing measured
+        return writer.commit(config, tokenizer, getattr(model, "generation_config", None), moments)

@@ -275,7 +275,7 @@ def quantize(model, *, tokenizer=None, method: str | None = None, w_bit: int = 4
                     writer.tensor(name, fm.read(name))
                 meta = _meta(method, cfg, str(model), source, calibrate, ids, seqlen, result, phases)
                 config = awq_config(fm.config.to_dict(), cfg.group_size, writer.int8, meta)
-                writer.commit(config, tokenizer, _generation_config(path))
+                writer.commit(config, tokenizer, _generation_config(path), result.head_moments if calibrate else None)
     except BaseException:
         if temporary:
             shutil.rmtree(out.parent, ignore_errors=True)

@@ -76,6 +76,9 @@ class LoadedModel:
     def release(self, i: int, layer: nn.Module) -> None:
         self.layers[i] = layer.to("cpu")
 
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
 
 class FileModel:
     """A Hugging Face folder read tensor by tensor from its safetensors files."""
@@ -152,6 +155,10 @@ class FileModel:
 
     def release(self, i: int, layer: nn.Module) -> None:
         self.decoder_layers[i] = layer.to("meta")
+
+    def module(self, path: str) -> nn.Module:
+        """A resident part outside the decoder layers (the final norm)."""
+        return self.shell.get_submodule(path)
 
     def outside_names(self) -> list:
         """Every tensor that is not part of a decoder layer (a tied head is not stored)."""

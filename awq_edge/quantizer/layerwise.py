@@ -6,6 +6,7 @@ the layer's dtype on the GPU or, when the budget is short, in host memory;
 every search runs chunk by chunk and accumulates its loss.
 """
 
+import copy
 import heapq
 import time
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ def default_method(group_size: int) -> str:
 class QuantResult:
     linears: dict  # full module name -> QuantLinear (empty when a sink took them)
     report: dict = field(default_factory=dict)
+    head_moments: torch.Tensor | None = None  # E[y^2] per channel of the final norm's output y (the head's input)
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,20 @@ def _gptq_round(linears: dict, stats: _InputStats, scales: dict, cfg: QConfig, d
     return out
 
 
+@torch.no_grad()
+def head_moments(final_norm: nn.Module, xs: list, device: str) -> torch.Tensor:
+    """E[y^2] per channel of y = final_norm(x) over every calibration token, x the last layer's output: the weights
+    the exporter's 4-bit head search gives each input channel (export/head.py), measured here where the model
+    runs (the exporter would otherwise run the whole model again, on a CPU, at 4 bytes a parameter)."""
+    norm = copy.deepcopy(final_norm).to(device)
+    total, count = 0, 0
+    for x in xs:
+        y = norm(x.to(device)).double()
+        total = total + y.pow(2).sum(dim=tuple(range(y.dim() - 1)))
+        count += y.numel() // y.shape[-1]
+    return (total / count).float().cpu()
+
+
 def split_samples(n_samples: int, held_out: float = 0.25) -> int:
     """How many of n calibration samples are held out to validate the search (none of a single sample)."""
     return int(n_samples * held_out) if n_samples >= 2 else 0
@@ -419,6 +435,7 @@ def quantize_layers(source, cfg: QConfig, method: str, calib_ids: torch.Tensor, 
             del stats, samples, ref
             timer.lap("store")
 
+    result.head_moments = head_moments(source.module(adapter.final_norm), xs, device)
     cfg8 = QConfig(8, cfg.group_size, cfg.zero_point)
     for _, name, _, weight in sorted(worst, reverse=True):
         ql = QuantLinear(*quantize(weight, cfg8), bits=8, group_size=cfg.group_size)

@@ -1,0 +1,78 @@
+"""The head statistics: the quantiser measures E[y^2] of the final norm's output on its calibration text and stores
+them in the checkpoint; the default export searches its 4-bit head on them without running the model again."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_tokenizer, tiny_model
+from test_export import assert_equals_pytorch_with_head, write_calibration_text, write_checkpoint
+
+from awq_edge.checkpoint.hf_folder import HEAD_STATS_FILE, load_tokenizer
+from awq_edge.checkpoint.reader import Checkpoint
+from awq_edge.cli import main
+from awq_edge.errors import AwqEdgeError
+from awq_edge.export.api import export, export_options
+from awq_edge.export.decoder import ExportOptions
+from awq_edge.export.head import quantize_weighted
+from awq_edge.quantizer.calib import calibration_blocks
+
+
+def float_folder(path):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(path)
+    save_tiny_tokenizer(path)
+    return model
+
+
+def test_quantize_stores_the_final_norms_statistics_on_its_calibration_blocks(tmp_path):
+    model = float_folder(tmp_path / "m")
+    text = write_calibration_text(tmp_path / "calib.txt")
+    assert main(["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "ck"), "--method", "awq", "--group-size", "32",
+                 "--calib", str(text), "--n-samples", "4", "--seqlen", "64", "--device", "cpu"]) == 0
+    stored = Checkpoint(tmp_path / "ck").head_moments()
+    blocks = calibration_blocks(load_tokenizer(tmp_path / "m"), str(text), 4, 64)
+    with torch.no_grad():  # the float model's last hidden state is the final norm's output
+        y = model.model(input_ids=blocks).last_hidden_state.double()
+    assert torch.allclose(stored, y.pow(2).mean(dim=(0, 1)).float(), rtol=1e-4)
+
+
+def test_round_to_nearest_without_calibration_stores_no_statistics(tmp_path):
+    float_folder(tmp_path / "m")
+    assert main(["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "ck"), "--method", "rtn", "--group-size",
+                 "32"]) == 0
+    assert not (tmp_path / "ck" / HEAD_STATS_FILE).exists() and Checkpoint(tmp_path / "ck").head_moments() is None
+
+
+def test_the_default_export_searches_the_head_on_the_stored_statistics(tmp_path):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    save_tiny_tokenizer(tmp_path / "ck")
+    moments = torch.rand(128) * 2
+    moments[[3, 70]] = 40.0
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": moments.tolist()}))
+    opts = export_options("ort", accuracy_level=0, head_group=32)  # the default's head, float activations
+    out = export(tmp_path / "ck", tmp_path / "onnx", opts)
+    assert_equals_pytorch_with_head(out, model, *quantize_weighted(model.lm_head.weight.data.clone(), moments, 4, 32,
+                                                                   True))
+
+
+def test_a_checkpoint_without_statistics_is_measured_on_builtin_text_as_before(tmp_path, capsys):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    save_tiny_tokenizer(tmp_path / "ck")
+    export(tmp_path / "ck", tmp_path / "a", ExportOptions(head_bits=4, head_calib="checkpoint", head_symmetric=True))
+    assert "holds no head statistics" in capsys.readouterr().out
+    export(tmp_path / "ck", tmp_path / "b", ExportOptions(head_bits=4, head_calib="builtin", head_symmetric=True))
+    assert (tmp_path / "a" / "model.onnx.data").read_bytes() == (tmp_path / "b" / "model.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "is not awq-edge's head statistics"),
+    ('{"final_norm_sq_mean": [1.0, 2.0]}', "does not hold 128 finite non-negative numbers"),
+    ('{"final_norm_sq_mean": ' + json.dumps([-1.0] * 128) + "}", "does not hold 128 finite"),
+    ('{"other": 1}', "is not awq-edge's head statistics"),
+])
+def test_broken_head_statistics_are_one_clear_error(tmp_path, content, needle):
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(content)
+    with pytest.raises(AwqEdgeError, match=needle):
+        Checkpoint(tmp_path / "ck").head_moments()
