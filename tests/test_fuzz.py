@@ -46,6 +46,7 @@ from test_export import write_checkpoint
 from test_runtime import save_byte_tokenizer
 
 import awq_edge
+from awq_edge.checkpoint.hf_folder import HEAD_STATS_FILE
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
 
@@ -72,6 +73,9 @@ def build_inputs(root: Path) -> dict:
         save_tiny_tokenizer(root / name)
     write_checkpoint(root / "ck")
     save_byte_tokenizer(root / "ck")
+    # the head statistics a calibrated `awq-edge quantize` stores, which the default export reads
+    moments = [round(0.5 + (i % 7) / 4, 2) for i in range(128)]
+    (root / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": moments}))
     export(root / "ck", root / "onnx")
     trt = write_onnx_dir(root / "trt", tiny_decoder("native"), context_length=256)  # what rtx-4090 builds
     # The engine folder `awq-edge build` writes for it, as tests/test_runtime_trt.py makes one (never run: no GPU).
@@ -215,6 +219,17 @@ def same_export(p, base, case):
     return None
 
 
+def finite_export(p, base, case):
+    """Exit 0 of the default export is correct when its logits are finite and generate takes its folder (other
+    statistics search another head, so other logits)."""
+    from awq_edge.export.folder import read_genai_config
+
+    if not np.isfinite(logits_of_export(p["out"])).all():
+        return "its export's logits are not finite"
+    read_genai_config(p["out"])
+    return None
+
+
 def same_perplexity(p, base, case):
     ppl = re.compile(r"perplexity (\S+) over (\d+) tokens")
     got, want = ppl.search(p["stdout"]), ppl.search(base.get("eval"))
@@ -302,6 +317,7 @@ COMMANDS = {
     "quantize --calib .jsonl": Command(lambda p: ["quantize", p["float"], "-o", p["out"], *AWQ, "--calib",
                                                   p["calib"] / "c.jsonl"], finite_checkpoint),
     "export": Command(lambda p: ["export", p["ck"], "-o", p["out"], "--exact"], same_export),
+    "export (default)": Command(lambda p: ["export", p["ck"], "-o", p["out"]], finite_export),
     "eval": Command(lambda p: eval_argv(p["ck"], p["text"]), same_perplexity),
     "generate": Command(lambda p: generate_argv(p["onnx"]), same_generation),
     "devices": Command(lambda p: ["devices", p["dev"] / "my.toml"], valid_profile),
@@ -351,6 +367,7 @@ FORMATS = [
     Format("checkpoint config.json", ("ck", "text"), "ck/config.json", json_mutations, json_tail, ("export", "eval")),
     Format("checkpoint tensors", ("ck", "text"), "ck/model.safetensors", tensor_mutations, tensor_tail,
            ("export", "eval")),
+    Format("head statistics", ("ck",), f"ck/{HEAD_STATS_FILE}", json_mutations, json_tail, ("export (default)",)),
     Format("calib .txt", ("float", "calib"), "calib/c.txt", text_mutations, lambda r, d: flip_bytes(r, d),
            ("quantize --calib .txt",)),
     Format("calib .jsonl", ("float", "calib"), "calib/c.jsonl", jsonl_mutations, lambda r, d: flip_bytes(r, d),
