@@ -324,19 +324,24 @@ def as_shown(line: str, tmp_path: Path, fx: dict) -> str:
     return message
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, capsys):
+def refused_and_unchanged(case, tmp_path, fx, capsys) -> str:
+    """The case's one error line, once it is known that nothing under tmp_path or in the inputs changed."""
     argv = case.argv(tmp_path, fx)
     inputs_before = {k: snapshot(v) for k, v in fx.items()}
     before = snapshot(tmp_path)
     capsys.readouterr()
     code, lines, out = run(capsys, *argv)
     assert_one_clear_line(code, lines, out, *case.needles)
-    # The table's message is the whole line; "…" stands for what depends on the machine (versions, providers).
-    shown = as_shown(lines[0], tmp_path, fx)
-    assert re.fullmatch(re.escape(TABLE[case.name]).replace("…", ".*"), shown), f"the line is: {shown}"
     assert snapshot(tmp_path) == before
     assert {k: snapshot(v) for k, v in fx.items()} == inputs_before
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, capsys):
+    # The table's message is the whole line; "…" stands for what depends on the machine (versions, providers).
+    shown = as_shown(refused_and_unchanged(case, tmp_path, fx, capsys), tmp_path, fx)
+    assert re.fullmatch(re.escape(TABLE[case.name]).replace("…", ".*"), shown), f"the line is: {shown}"
 
 
 # ---- faults found at the output, refused before the work

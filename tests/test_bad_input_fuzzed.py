@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from test_bad_input import ROOT, Case, assert_one_clear_line, damaged_copy, fx, gen, q, run, snapshot, write
+from test_bad_input import ROOT, Case, damaged_copy, fx, gen, q, refused_and_unchanged, write
 from test_runtime_trt import _manifest
 
 import awq_edge
@@ -116,13 +116,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fuzzed_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, capsys):
-    argv = case.argv(tmp_path, fx)
-    inputs_before = {k: snapshot(v) for k, v in fx.items()}
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-    assert_one_clear_line(*run(capsys, *argv), *case.needles)
-    assert snapshot(tmp_path) == before
-    assert {k: snapshot(v) for k, v in fx.items()} == inputs_before
+    refused_and_unchanged(case, tmp_path, fx, capsys)
 
 
 # ---- the Python API: every wrong sampling value is an AwqEdgeError, never another exception
