@@ -46,29 +46,37 @@ PROMPTS = (
 )
 
 
+def empty_feed(session, ids: np.ndarray, kv_shape: tuple) -> dict:
+    """Inputs for one whole-sequence run of ids [B, S] from an empty KV cache (kv_shape: (kv heads, 0, head size))."""
+    b, s = ids.shape
+    feed = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feed[i.name] = ids
+        elif i.name == "attention_mask":
+            feed[i.name] = np.ones_like(ids)
+        elif i.name == "position_ids":
+            feed[i.name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+        else:
+            feed[i.name] = np.zeros((b, *kv_shape), np.float16 if i.type == "tensor(float16)" else np.float32)
+    return feed
+
+
+def kv_shape_of(folder: Path) -> tuple:
+    dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    return dec["num_key_value_heads"], 0, dec["head_size"]
+
+
 class OnnxLM:
     """A decoder ONNX (ours or the builder's) as `model(input_ids=...).logits`, for awq_edge.quantizer.eval."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, providers=("CPUExecutionProvider",)):
         self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(folder),
-                                           providers=["CPUExecutionProvider"])
-        dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.kv_shape = (dec["num_key_value_heads"], 0, dec["head_size"])
+                                           providers=list(providers))
+        self.kv_shape = kv_shape_of(folder)
 
     def __call__(self, input_ids, use_cache=False):
-        ids = input_ids.numpy().astype(np.int64)
-        b, s = ids.shape
-        feed = {}
-        for i in self.session.get_inputs():
-            if i.name == "input_ids":
-                feed[i.name] = ids
-            elif i.name == "attention_mask":
-                feed[i.name] = np.ones_like(ids)
-            elif i.name == "position_ids":
-                feed[i.name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
-            else:  # an empty KV cache
-                dtype = np.float16 if i.type == "tensor(float16)" else np.float32
-                feed[i.name] = np.zeros((b, *self.kv_shape), dtype)
+        feed = empty_feed(self.session, input_ids.numpy().astype(np.int64), self.kv_shape)
         logits = self.session.run(["logits"], feed)[0]
         return SimpleNamespace(logits=torch.from_numpy(logits.astype(np.float32)))
 
@@ -102,12 +110,8 @@ def interleaved_decode(folders: dict, prompt: list, n_new: int) -> dict:
     """
     decoders = {}
     for name, folder in folders.items():
-        decoders[name] = OrtDecoder(folder)
+        decoders[name] = OrtDecoder(folder, config_entries={"session.intra_op.allow_spinning": "0"})
         decoders[name].eos_ids = set()
-        opts = session_options(folder)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        decoders[name].session = ort.InferenceSession(str(folder / "model.onnx"), opts,
-                                                      providers=["CPUExecutionProvider"])
     token = {name: int(np.argmax(d.extend(prompt))) for name, d in decoders.items()}
     spent = dict.fromkeys(decoders, 0.0)
     names = list(decoders)
@@ -277,8 +281,8 @@ def decode_only(args) -> int:
         return 2
     tokenizer = load_tokenizer(resolve_model_dir(args.model))
     prompt = text_tokens(tokenizer, Path(args.wikitext) / "valid.txt", args.prompt_tokens).tolist()
-    results = {"model": args.model, "host": platform.platform(), "versions": {"onnxruntime": ort.__version__},
-               "work": args.work, "size_bytes": {k: onnx_size(v) for k, v in folders.items()},
+    results = {"command": "python -P " + " ".join(sys.argv), "model": args.model, "host": platform.platform(),
+               "versions": {"onnxruntime": ort.__version__}, "work": args.work, "size_bytes": {k: onnx_size(v) for k, v in folders.items()},
                "export_options": {k: json.loads((v / "awq_edge_export.json").read_text())
                                   for k, v in folders.items() if (v / "awq_edge_export.json").is_file()}}
 
@@ -360,6 +364,8 @@ def main() -> int:
     for name, opts, src, allow_float in (
         ("ours_int4", ExportOptions(), quant_dir, False),
         ("ours_default", export_options(), quant_dir, False),  # what `awq-edge export` writes with no flag
+        ("ours_default_no_outliers", export_options(head_outliers=0), quant_dir, False),  # the whole head at 4 bits
+        ("ours_default_sym_head", export_options(head_symmetric=True), quant_dir, False),  # no head zero points
         ("ours_int4_int8act", ExportOptions(accuracy_level=4), quant_dir, False),
         ("ours_int4_int8act_head8", ExportOptions(accuracy_level=4, head_bits=8), quant_dir, False),
         ("ours_int4_int8act_head4", ExportOptions(accuracy_level=4, head_bits=4), quant_dir, False),

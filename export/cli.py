@@ -12,11 +12,13 @@ def run(args) -> int:
     calib = None if args.head_calib is None else ("" if args.head_calib == "none" else args.head_calib)
     opts = export_options(args.target, args.exact, dtype=args.dtype, trt_native=args.trt_native or None,
                           accuracy_level=level, head_bits=args.head_bits, head_group=args.head_group,
-                          head_calib=calib, head_symmetric=args.head_symmetric)
+                          head_calib=calib, head_symmetric=args.head_symmetric,
+                          head_outliers=args.head_outliers)
     out = export(args.quant_dir, args.output, opts)
     kind = "exact int4" if opts.accuracy_level == 0 and opts.head_bits == 0 else (
         f"int8 activations: {opts.accuracy_level == 4}, head: {opts.head_bits or 'float'}"
-        f"{f' bits g{opts.head_group}' if opts.head_bits else ''}")
+        f"{f' bits g{opts.head_group}' if opts.head_bits else ''}"
+        f"{f', its {opts.head_outliers} largest input channels 8-bit' if opts.head_outliers else ''}")
     print(f"wrote {out} ({opts.target}, {opts.dtype}, {kind})")
     return 0
 
@@ -47,5 +49,9 @@ def register(subparsers):
                         "without them is measured on builtin text), a calibration text measured here with the "
                         f"model in PyTorch ({SOURCES_HELP}), or 'none' to round to nearest")
     p.add_argument("--head-symmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --head-bits: symmetric head, no zero points stored (default on)")
+                   help="with --head-bits: symmetric head, no zero points stored (default off: zero points measured "
+                        "1.6%% lower perplexity for 0.2 MB on SmolLM2)")
+    p.add_argument("--head-outliers", type=int, metavar="N", default=None,
+                   help="with --head-bits 4 and --head-calib: round the head's N input channels of largest mean "
+                        "square activation to 8 bits (default 64, a multiple of --head-group; 0 for none)")
     p.set_defaults(func=run)

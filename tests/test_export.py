@@ -357,10 +357,10 @@ def test_session_outputs_use_the_names_genai_expects(tmp_path, ckpt):
     assert [o.name for o in session.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
 
 
-def assert_equals_pytorch_with_head(out, model, q, scales, zeros):
-    """The export's logits equal PyTorch's with the head replaced by (q, scales, zeros), group 32 (the default head
-    group); with a tied head the embeddings are replaced too."""
-    model.lm_head.weight.data = dequantize(q, scales, zeros, 32)
+def assert_equals_pytorch_with_head(out, model, weight):
+    """The export's logits equal PyTorch's with the head's weight replaced; with a tied head the embeddings are
+    replaced too."""
+    model.lm_head.weight.data = weight
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
     assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
@@ -372,7 +372,7 @@ def test_head_bits_export_equals_pytorch_with_that_head_rounded(tmp_path, tied, 
     model, _ = write_checkpoint(tmp_path / "ck", tied=tied)
     out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(head_bits=bits))
     head = quantize(model.lm_head.weight.data, QConfig(bits, 32, zero_point=True))
-    assert_equals_pytorch_with_head(out, model, *head)
+    assert_equals_pytorch_with_head(out, model, dequantize(*head, 32))
     used = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert ("GatherBlockQuantized" in used) == tied and "Gemm" not in used
 
@@ -406,7 +406,7 @@ def test_symmetric_head_stores_no_zero_points_and_equals_pytorch_with_that_head(
     model, _ = write_checkpoint(tmp_path / "ck", tied=tied)
     out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(head_bits=bits, head_symmetric=True))
     head = quantize(model.lm_head.weight.data, QConfig(bits, 32, zero_point=False))
-    assert_equals_pytorch_with_head(out, model, *head)
+    assert_equals_pytorch_with_head(out, model, dequantize(*head, 32))
     names = {t.name for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
     assert "lm_head.qweight" in names and "lm_head.qzeros" not in names
 
@@ -438,8 +438,8 @@ def test_head_calib_export_equals_pytorch_with_the_head_searched_on_real_activat
         x = model.model(input_ids=blocks).last_hidden_state.reshape(-1, 128).double()
     moments = x.pow(2).mean(0).float()
     assert torch.allclose(final_norm_moments(tmp_path / "ck", str(text)), moments, rtol=1e-4)
-    assert_equals_pytorch_with_head(out, model, *quantize_weighted(model.lm_head.weight.data.clone(), moments, 4, 32,
-                                                                   symmetric))
+    head = quantize_weighted(model.lm_head.weight.data.clone(), moments, 4, 32, symmetric)
+    assert_equals_pytorch_with_head(out, model, dequantize(*head, 32))
     info = json.loads((out / "awq_edge_export.json").read_text())
     assert info["head_calib"] == str(text) and info["head_symmetric"] == symmetric
 

@@ -3,6 +3,7 @@ them in the checkpoint; the default export searches its 4-bit head on them witho
 
 import json
 
+import onnx
 import pytest
 import torch
 from conftest import save_tiny_tokenizer, tiny_model
@@ -15,6 +16,7 @@ from awq_edge.errors import AwqEdgeError
 from awq_edge.export.api import export, export_options
 from awq_edge.export.decoder import ExportOptions
 from awq_edge.export.head import quantize_weighted
+from awq_edge.quant import dequantize
 from awq_edge.quantizer.calib import calibration_blocks
 
 
@@ -51,9 +53,51 @@ def test_the_default_export_searches_the_head_on_the_stored_statistics(tmp_path)
     moments[[3, 70]] = 40.0
     (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": moments.tolist()}))
     opts = export_options("ort", accuracy_level=0, head_group=32)  # the default's head, float activations
+    assert opts.head_outliers == 64
     out = export(tmp_path / "ck", tmp_path / "onnx", opts)
-    assert_equals_pytorch_with_head(out, model, *quantize_weighted(model.lm_head.weight.data.clone(), moments, 4, 32,
-                                                                   True))
+    w = model.lm_head.weight.data.clone()
+    hi = torch.argsort(moments, descending=True)[:64].sort().values  # the 64 channels of largest E[y^2]
+    lo = torch.tensor([c for c in range(128) if c not in set(hi.tolist())])
+    expected = torch.empty_like(w)
+    for cols, bits in ((lo, 4), (hi, 8)):
+        expected[:, cols] = dequantize(*quantize_weighted(w[:, cols], moments[cols], bits, 32, False), 32)
+    assert_equals_pytorch_with_head(out, model, expected)
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in nodes
+            if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")]
+    assert sorted(bits) == [4, 8]
+
+
+def test_without_outliers_the_default_head_is_one_4bit_matrix(tmp_path):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    moments = torch.rand(128) * 2
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": moments.tolist()}))
+    out = export(tmp_path / "ck", tmp_path / "onnx", export_options("ort", accuracy_level=0, head_group=32,
+                                                                    head_outliers=0))
+    w = model.lm_head.weight.data.clone()
+    assert_equals_pytorch_with_head(out, model, dequantize(*quantize_weighted(w, moments, 4, 32, False), 32))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"head_outliers": 48}, "--head-outliers 48 is not a multiple of --head-group 32 below hidden size 128"),
+    ({"head_outliers": 128}, "--head-outliers 128 is not a multiple"),
+    ({"head_outliers": -32}, "--head-outliers -32 is not a multiple"),
+    ({"head_outliers": 32, "head_calib": ""}, "--head-outliers needs --head-bits 4 and --head-calib"),
+    ({"head_outliers": 32, "head_bits": 8}, "--head-outliers needs --head-bits 4"),
+])
+def test_bad_head_outliers_are_one_clear_error(tmp_path, overrides, needle):
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": [1.0] * 128}))
+    with pytest.raises(AwqEdgeError, match=needle):
+        export(tmp_path / "ck", tmp_path / "onnx", export_options("ort", head_group=32, **overrides))
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_the_outliers_default_follows_the_head_flags():
+    assert export_options("ort", head_group=128).head_outliers == 128
+    assert export_options("ort", head_calib="").head_outliers == 0
+    assert export_options("ort", head_bits=8).head_outliers == 0
+    assert export_options("ort", exact=True).head_outliers == 0
 
 
 def test_a_checkpoint_without_statistics_is_measured_on_builtin_text_as_before(tmp_path, capsys):
