@@ -11,6 +11,9 @@
 #   probe     the layer loop's steps (time, where the GPU peak is) on a 4-layer Llama-3-8B, for awq and awq-gptq
 #   defaults  RTN / AWQ / AWQ+GPTQ / GPTQ at g64 and g128, 128 and 16 samples, both models side by side; the CLI
 #             at its defaults on SmolLM2 (quantize -> eval); the GPU tests
+#   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (wheels joined from parts ortgpu.* and genai.*): the ONNX
+#             CUDA tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
+#   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
 #   status    what the background steps have written so far
 # A step can run in the background across calls (the machine stays warm while calls follow within 30 s):
 #   setsid nohup env OUT=/tmp/bg bash bench/device_chain.sh scale8b > /tmp/bg.log 2>&1 < /dev/null &
@@ -48,7 +51,8 @@ c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v
 gpu_tests() {
   python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
     tests/test_quantize.py tests/test_api.py tests/test_gptq.py tests/test_bench_decode.py tests/test_bad_input.py \
-    tests/test_layout.py -k "not whole_readme" > "$OUT/tests.txt" 2>&1
+    tests/test_layout.py tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py -k "not whole_readme" \
+    > "$OUT/tests.txt" 2>&1
 }
 
 # rows MODEL TAG ROWS [quality.py options...]: one quality.py process in the background
@@ -162,6 +166,27 @@ for step in "$@"; do
         sed -n '5,30p' "$OUT/quality_defaults_$t.md" | grep '^|'
       done
       tail -3 "$OUT/scale_smollm2.log"; tail -8 "$OUT/tests.txt" ;;
+    onnxgpu)
+      for w in ortgpu:onnxruntime_gpu-1.31.1 genai:onnxruntime_genai_cuda-0.18.0; do
+        [ -f /tmp/g/${w#*:}-cp312-cp312-manylinux_2_28_x86_64.whl ] ||
+          cat /tmp/parts/${w%%:*}.* > /tmp/g/${w#*:}-cp312-cp312-manylinux_2_28_x86_64.whl
+      done
+      pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/g/onnxruntime_*.whl 2>&1 | tail -2
+      python -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+      convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
+      python -m pytest -q -ra tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py > "$OUT/tests_ort_cuda.txt" 2>&1
+      tail -12 "$OUT/tests_ort_cuda.txt"
+      [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
+        > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
+      python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
+        --work /tmp/og --wikitext "$WT" --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
+      tail -16 "$OUT/onnx_gpu_smollm2.log" ;;
+    onnxgpu_shapes)
+      for m in llama2-7b llama3-8b; do
+        python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_exact,cuda_backend --work /tmp/og_$m \
+          --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
+        rm -rf /tmp/og_$m
+      done ;;
     status)
       for f in "$OUT"/*.log /tmp/bg.log; do [ -f "$f" ] && { echo "-- $f"; tail -c 400 "$f"; echo; }; done ;;
     *) echo "unknown step $step"; exit 2 ;;

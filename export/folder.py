@@ -29,6 +29,9 @@ def token_ids(value) -> list:
 def genai_config(config: dict, generation: dict, model, d) -> dict:
     """onnxruntime-genai's description of the decoder: I/O names, shapes of the cache, stop tokens."""
     inputs = {i.name for i in model.graph.input}
+    # GroupQueryAttention reads and writes one KV buffer of max_length in place (onnxruntime-genai's own builds do
+    # the same): no cache copy per step. The plain attention of --target trt needs past and present apart.
+    share = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
     eos = token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
     bos = token_ids(generation.get("bos_token_id", config.get("bos_token_id")))
     pad = token_ids(generation.get("pad_token_id", config.get("pad_token_id"))) or eos[:1]
@@ -60,7 +63,7 @@ def genai_config(config: dict, generation: dict, model, d) -> dict:
         "search": {
             "do_sample": False, "early_stopping": True, "length_penalty": 1.0, "max_length": d.max_positions,
             "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-            "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+            "past_present_share_buffer": share, "repetition_penalty": 1.0, "temperature": 1.0,
             "top_k": 1, "top_p": 1.0,
         },
     }

@@ -116,18 +116,25 @@ def test_stream_text_never_emits_half_a_utf8_character():
     assert "".join(pieces) == "añ€" and all("\ufffd" not in p for p in pieces)
 
 
+def genai_greedy(model, prompt: list, n_new: int) -> list:
+    """onnxruntime-genai's greedy tokens after prompt, up to n_new (fewer at an end-of-sequence token)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n_new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
 def test_onnxruntime_genai_generates_the_same_greedy_tokens_from_the_export(exported):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     folder = exported[0]["ort"]
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + 16, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(PROMPT)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
+    theirs = genai_greedy(og.Model(str(folder)), PROMPT, 16)
     ours = list(generate(OrtDecoder(folder), PROMPT, 16))
     assert len(theirs) >= 8 and theirs[: len(ours)] == ours
 

@@ -25,6 +25,8 @@ def execution_providers(provider: str) -> list:
                            f"{', '.join(ort.get_available_providers())})",
                            "pip install 'awq-edge[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine with "
                            "CUDA, or use --provider cpu")
+    if name == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (PyTorch's), where the system has none
     return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
 
 
@@ -63,12 +65,16 @@ def check_graph(folder: Path, inputs: dict, outputs: dict, n_layers: int, kv_dim
 class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
-    def __init__(self, folder, threads: int = 0, provider: str = "cpu"):
+    def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None):
+        """config_entries: onnxruntime session config entries on top of session_options' (benchmarks)."""
         self.folder = Path(folder)
         providers = execution_providers(provider)
+        self.device = "cuda" if provider == "cuda" else "cpu"  # where the KV cache stays between steps
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
         opts = session_options(self.folder, threads)
+        for key, value in (config_entries or {}).items():
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
                                                 providers=providers)
@@ -88,12 +94,40 @@ class OrtDecoder(PrefixCachedDecoder):
         self.needs_positions = "position_ids" in inputs
         self.eos_ids = set(np.atleast_1d(self.config["model"]["eos_token_id"]).tolist())
         self.context_length = self.config["model"]["context_length"]
+        # GroupQueryAttention graphs (genai_config's past_present_share_buffer) read and write one KV buffer per
+        # layer in place, bound once: a step binds only its ids, and copies no cache. Other graphs get the
+        # growing past -> present tensors of each step.
+        self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True
+        self.binding, self.capacity = self.session.io_binding(), 0
+        self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
         self.reset()
 
     def reset(self):
+        if self.shared:  # the buffers stay: the attention mask says how much of them holds the cache
+            self.tokens = []
+            return
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.cache_dtype)
         self.cache = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.kv_names]
         self.tokens = []
+
+    def _reserve(self, total: int):
+        """Shared buffers of at least `total` positions: on the GPU the whole context at once (as onnxruntime-genai
+        allocates it), on the host in steps of 1024 positions, doubling, the cache copied over."""
+        if total <= self.capacity:
+            return
+        if self.device == "cpu":
+            new = min(self.context_length, max(2 * self.capacity, -(-total // 1024) * 1024))
+        else:
+            new = self.context_length
+        values = []
+        for i, (past, present) in enumerate(zip(self.kv_names, self.output_names[1:])):
+            buffer = np.zeros((1, self.kv_heads, new, self.head_dim), self.cache_dtype)
+            if self.capacity:
+                buffer[:, :, : self.capacity] = self.cache[i].numpy()
+            values.append(ort.OrtValue.ortvalue_from_numpy(buffer, self.device, 0))
+            self.binding.bind_ortvalue_input(past, values[-1])
+            self.binding.bind_ortvalue_output(present, values[-1])
+        self.cache, self.capacity = values, new
 
     def forward(self, ids, last_only: bool = False) -> np.ndarray:
         """Run new token ids through the model after the cached ones; float32 logits [len(ids), vocab]
@@ -107,12 +141,34 @@ class OrtDecoder(PrefixCachedDecoder):
                 "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, total), np.int64))}
         if self.needs_positions:
             feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.arange(past, total, dtype=np.int64)[None])
+        if self.shared:
+            return self._run_shared(feed, ids, total)
         feed.update(zip(self.kv_names, self.cache))
-        try:
-            outs = self.session.run_with_ort_values(self.output_names, feed)
-        except Exception as e:  # a graph that does not run as genai_config.json describes it (e.g. its context)
-            raise AwqEdgeError(f"onnxruntime failed at token {total} of {self.folder}: {' '.join(str(e).split())}",
-                               "re-export it with `awq-edge export`") from None
+        # A binding per step (a bound output already allocated would be reused as the next step's buffer): the
+        # cache is written where the next step reads it (on the GPU with --provider cuda, no host round trip per
+        # step); only the logits come back to the host.
+        binding = self.session.io_binding()
+        for name, device in zip(self.output_names, ["cpu"] + [self.device] * len(self.kv_names)):
+            binding.bind_output(name, device)
+        outs = self._run(binding, feed, total)
         self.cache = outs[1:]
         self.tokens.extend(ids[0].tolist())
         return outs[0].numpy()[0].astype(np.float32)
+
+    def _run_shared(self, feed: dict, ids: np.ndarray, total: int) -> np.ndarray:
+        self._reserve(total)
+        self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
+        outs = self._run(self.binding, feed, total)
+        self.tokens.extend(ids[0].tolist())
+        return outs[0].numpy()[0].astype(np.float32)
+
+    def _run(self, binding, feed: dict, total: int) -> list:
+        """Bind feed and run; the outputs as bound, the logits first."""
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, value)
+        try:
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()
+        except Exception as e:  # a graph that does not run as genai_config.json describes it (e.g. its context)
+            raise AwqEdgeError(f"onnxruntime failed at token {total} of {self.folder}: {' '.join(str(e).split())}",
+                               "re-export it with `awq-edge export`") from None

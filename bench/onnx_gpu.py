@@ -1,0 +1,295 @@
+"""Our ONNX export on an NVIDIA GPU: onnxruntime-genai-cuda and our onnxruntime backend (--provider cuda) beside
+onnxruntime-genai's own int4 CUDA build of the same float model (the peer) and our CUDA backend.
+
+Per row: batch-1 decode tok/s (greedy, PROMPT tokens then NEW), time to first token, WikiText-2 perplexity (real
+models; the graph run whole on the same provider) and the nodes onnxruntime placed on the CPU (from its profile).
+Every timed row runs in turn within each round, so load on the machine hits all of them alike; medians of the
+rounds after one warm-up round. Writes OUT.json and OUT.md.
+
+Usage on the GPU machine (onnxruntime-gpu and onnxruntime-genai-cuda installed):
+  python -P bench/onnx_gpu.py --quant-dir CK --hf-dir FLOAT --work DIR    # a real checkpoint and its float model
+  python -P bench/onnx_gpu.py --shape llama2-7b --work DIR                # random weights at a model's shape
+`--provider cpu` runs the same rows on the CPU (the test runs every row that way on a tiny shape).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the onnx package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from awq_edge.export.api import export, export_options  # noqa: E402
+from awq_edge.runtime.ort import OrtDecoder, execution_providers, session_options  # noqa: E402
+from bench.onnx import OnnxLM, empty_feed, kv_shape_of  # noqa: E402
+
+# name -> export_options overrides: the default export and the exact one, both with fp16 activations (the GPU's)
+EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}}
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+
+
+def genai_model(folder: Path, provider: str):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    if provider == "cuda":
+        config.append_provider("cuda")
+    return og.Model(config)
+
+
+def time_genai(model, prompt: list, new: int) -> tuple:
+    """(time to first token, decode tok/s over the next new - 1 tokens, the tokens) through og.Generator."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    tokens = [int(gen.get_next_tokens()[0])]
+    t1 = time.perf_counter()
+    while len(tokens) < new and not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    t2 = time.perf_counter()
+    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens
+
+
+def time_ort(dec: OrtDecoder, prompt: list, new: int) -> tuple:
+    """The same through our onnxruntime backend (the KV cache bound where the provider runs)."""
+    dec.reset()
+    t0 = time.perf_counter()
+    tokens = [int(np.argmax(dec.forward(prompt)[-1]))]
+    t1 = time.perf_counter()
+    while len(tokens) < new:
+        tokens.append(int(np.argmax(dec.forward([tokens[-1]])[-1])))
+    t2 = time.perf_counter()
+    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens
+
+
+def time_cuda_backend(dec, prompt: list, new: int) -> tuple:
+    """The same through our CUDA backend (its graph-captured greedy steps, as `awq-edge generate` runs them)."""
+    dec.reset()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = [int(np.argmax(dec.extend(prompt)))]
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    tokens += list(dec.greedy_tokens(tokens[0], new - 1))
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens
+
+
+def placement(folder: Path, provider: str, work: Path) -> dict:
+    """Nodes onnxruntime ran on the CPU in one prompt step and one decode step, from its profile: {op: count}."""
+    opts = session_options(folder)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(work / f"profile_{folder.name}")
+    session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=execution_providers(provider))
+    session.run(["logits"], empty_feed(session, np.arange(1, 9, dtype=np.int64)[None], kv_shape_of(folder)))
+    events = json.loads(Path(session.end_profiling()).read_text())
+    where = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in args:
+            where[e["name"].removesuffix("_kernel_time")] = (args.get("op_name", "?"), args["provider"])
+    cpu = {}
+    for op, prov in where.values():
+        if prov == "CPUExecutionProvider":
+            cpu[op] = cpu.get(op, 0) + 1
+    return {"cpu_nodes": sum(cpu.values()), "cpu_nodes_by_op": cpu, "nodes": len(where),
+            "cpu_nodes_matmul_attention": sum(n for op, n in cpu.items() if op in ("MatMulNBits", *ATTENTION_OPS))}
+
+
+def onnx_perplexity(folder: Path, provider: str, tokenizer, ids: torch.Tensor, seqlen: int) -> float:
+    """WikiText-2 perplexity of the whole-sequence graph on the provider (awq_edge.quantizer.eval's windows)."""
+    from awq_edge.quantizer.eval import perplexity
+
+    model = OnnxLM(folder, execution_providers(provider))
+    return perplexity(model, tokenizer, ids, seqlen, batch_size=1, progress=False)["ppl"]
+
+
+def run_peer_builder(hf_dir: Path, out: Path, provider: str) -> float | None:
+    """onnxruntime-genai's model builder, int4 for the provider: seconds, or None when already built."""
+    if (out / "model.onnx").is_file():
+        return None
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                    "-p", "int4", "-e", provider], check=True, stdout=subprocess.DEVNULL)
+    return round(time.perf_counter() - t0, 1)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+def gpu_name(provider: str) -> str:
+    if provider == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def prompt_of(args, tokenizer, vocab: int) -> list:
+    """PROMPT tokens of WikiText-2 valid for a real model, fixed ids below the vocabulary for a random one."""
+    if tokenizer is not None:
+        from awq_edge.quantizer.eval import text_tokens
+
+        return text_tokens(tokenizer, Path(args.wikitext) / "valid.txt", args.prompt_tokens).tolist()
+    return [(7 * i + 3) % min(vocab, 256) for i in range(args.prompt_tokens)]
+
+
+def make_rows(args, work: Path, res: dict) -> tuple:
+    """{row name: (runtime, runner)} and the tokenizer (None for a random shape)."""
+    from awq_edge.checkpoint.hf_folder import load_tokenizer
+
+    if args.shape:
+        from bench.export_scale import write_checkpoint
+
+        quant_dir = work / f"ck_{args.shape}"
+        write_checkpoint(args.shape, quant_dir, symmetric=False)
+        tokenizer = None
+    else:
+        quant_dir, tokenizer = Path(args.quant_dir), load_tokenizer(Path(args.quant_dir))
+    res["quant_dir"] = str(quant_dir)
+    folders, res["export_seconds"] = {}, {}
+    for name, extra in EXPORTS.items():
+        if name not in args.rows_of:
+            continue
+        t0 = time.perf_counter()
+        folders[name] = export(quant_dir, work / name, export_options("ort", dtype="fp16", **extra))
+        res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
+    if "peer" in args.rows_of and args.hf_dir:
+        folders["peer_int4"] = work / f"peer_int4_{args.provider}"
+        res["export_seconds"]["peer_int4"] = run_peer_builder(Path(args.hf_dir), folders["peer_int4"], args.provider)
+    rows = {}
+    for name, folder in folders.items():
+        model = genai_model(folder, args.provider)
+        rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
+        if name.startswith("ours"):
+            dec = OrtDecoder(folder, provider=args.provider)
+            rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
+    if "cuda_backend" in args.rows_of and args.provider == "cuda":
+        from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
+
+        weights = load_weights(quant_dir, "cuda", torch.float16, packed=True,
+                               max_len=args.prompt_tokens + args.new_tokens)
+        dec = CudaDecoder(weights, CudaOps(weights))
+        rows["checkpoint/awq-edge-cuda"] = (None, lambda p: time_cuda_backend(dec, p, args.new_tokens))
+    return rows, tokenizer, quant_dir
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# ONNX on {res['device']} ({res['model']}, onnxruntime {res['versions']['onnxruntime']}, "
+             f"onnxruntime-genai {res['versions']['onnxruntime_genai']})", "",
+             f"Batch 1, greedy, {res['prompt_tokens']}-token prompt then {res['new_tokens']} tokens; medians of "
+             f"{res['repeats']} rounds, every row in turn each round.", "",
+             "| model | runtime | tok/s | TTFT ms | WikiText-2 ppl | CPU nodes (MatMulNBits + attention) | MB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        ppl = f"{r['ppl']:.3f}" if r.get("ppl") else ""
+        cpu = f"{r['cpu_nodes']} ({r['cpu_nodes_matmul_attention']})" if "cpu_nodes" in r else ""
+        size = f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else ""
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['tok_s']:.1f} | {1e3 * r['ttft_s']:.1f} | {ppl} | "
+                     f"{cpu} | {size} |")
+    if res.get("ratios"):
+        lines += ["", "Ratios (same run): " + "; ".join(f"{k} {v:.3f}x" for k, v in res["ratios"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(rows: list) -> dict:
+    by = {f"{r['model']}/{r['runtime']}": r for r in rows}
+    out = {}
+    for a, b in (("ours_default/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_exact/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
+                 ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
+                 ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
+        if a in by and b in by:
+            out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quant-dir", help="an `awq-edge quantize` checkpoint of a real model")
+    ap.add_argument("--hf-dir", help="its float model, for the peer's int4 build (no peer row without it)")
+    ap.add_argument("--shape", help="instead: random weights at this shape (bench/export_scale.py's names)")
+    ap.add_argument("--work", required=True, help="where the checkpoint, exports and profiles are written")
+    ap.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend")
+    ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_gpu"))
+    args = ap.parse_args(argv)
+    if bool(args.shape) == bool(args.quant_dir):
+        ap.error("pass --quant-dir (a real checkpoint) or --shape (random weights), one of them")
+    args.rows_of = set(args.rows.split(","))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    import onnxruntime_genai as og
+
+    res = {"command": "python -P " + " ".join(sys.argv), "device": gpu_name(args.provider),
+           "provider": args.provider, "model": args.shape or Path(args.quant_dir).name, "host": platform.platform(),
+           "versions": {"onnxruntime": ort.__version__, "onnxruntime_genai": og.__version__,
+                        "torch": torch.__version__},
+           "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats}
+    out = Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+
+    rows, tokenizer, quant_dir = make_rows(args, work, res)
+    vocab = json.loads((quant_dir / "config.json").read_text())["vocab_size"]
+    prompt = prompt_of(args, tokenizer, vocab)
+    times = {name: [] for name in rows}
+    tokens = {}
+    for r in range(args.repeats + 1):  # round 0 warms every row up
+        for name, (_, run) in (rows.items() if r % 2 else reversed(rows.items())):
+            ttft, tok_s, toks = run(prompt)
+            tokens[name] = toks
+            if r:
+                times[name].append((ttft, tok_s))
+    res["rows"] = []
+    for name, (folder, _) in rows.items():
+        model, runtime = name.split("/")
+        row = {"model": model, "runtime": runtime, "tok_s": statistics.median(t[1] for t in times[name]),
+               "ttft_s": statistics.median(t[0] for t in times[name]), "tok_s_all": [t[1] for t in times[name]]}
+        if runtime != "onnxruntime-genai" and f"{model}/onnxruntime-genai" in tokens:  # same folder, same tokens
+            row["greedy_equal_to_genai"] = tokens[name] == tokens[f"{model}/onnxruntime-genai"]
+        if folder is not None:
+            row.update(placement(folder, args.provider, work), size_bytes=folder_bytes(folder))
+            if tokenizer is not None and runtime == "onnxruntime-genai":
+                from awq_edge.quantizer.eval import text_tokens
+
+                ids = text_tokens(tokenizer, Path(args.wikitext) / "test.txt", args.eval_tokens)
+                row["ppl"] = onnx_perplexity(folder, args.provider, tokenizer, ids, args.seqlen)
+        res["rows"].append(row)
+        save()
+    res["ratios"] = ratios(res["rows"])
+    save()
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

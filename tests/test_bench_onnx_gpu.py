@@ -1,0 +1,51 @@
+"""bench/onnx_gpu.py runs every row on the CPU on tiny models (the GPU run differs only in the provider), so a
+broken row fails here, not on the GPU machine."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny_tokenizer, tiny_model
+from test_export import write_calibration_text, write_checkpoint
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+_spec = importlib.util.spec_from_file_location("onnx_gpu", Path(__file__).resolve().parents[1] / "bench" / "onnx_gpu.py")
+onnx_gpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(onnx_gpu)
+SMALL = ["--provider", "cpu", "--prompt-tokens", "8", "--new-tokens", "12", "--repeats", "1"]
+
+
+def check_rows(out: Path, expected: list) -> list:
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == expected
+    for r in res["rows"]:
+        assert r["tok_s"] > 0 and r["ttft_s"] > 0 and r["nodes"] > 0 and r["cpu_nodes"] == r["nodes"], r
+        assert r.get("greedy_equal_to_genai", True), r  # our backend and onnxruntime-genai agree on one folder
+    assert "| ours_default | onnxruntime-genai |" in out.with_suffix(".md").read_text()
+    return res["rows"]
+
+
+def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
+    out = tmp_path / "res"
+    assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), *SMALL]) == 0
+    check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
+                     "ours_exact/onnxruntime-genai", "ours_exact/awq-edge-ort"])
+
+
+def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):
+    write_checkpoint(tmp_path / "ck")
+    save_tiny_tokenizer(tmp_path / "ck")
+    tiny_model("llama").save_pretrained(tmp_path / "float")
+    save_tiny_tokenizer(tmp_path / "float")
+    wt = tmp_path / "wt"
+    wt.mkdir()
+    for name in ("test.txt", "valid.txt"):
+        write_calibration_text(wt / name)
+    out = tmp_path / "res"
+    assert onnx_gpu.main(["--quant-dir", str(tmp_path / "ck"), "--hf-dir", str(tmp_path / "float"), "--work",
+                          str(tmp_path / "w"), "--out", str(out), "--wikitext", str(wt), "--eval-tokens", "256",
+                          "--seqlen", "64", *SMALL]) == 0
+    rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
+                            "ours_exact/onnxruntime-genai", "ours_exact/awq-edge-ort", "peer_int4/onnxruntime-genai"])
+    assert all(r["ppl"] > 1 for r in rows if r["runtime"] == "onnxruntime-genai")
