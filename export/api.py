@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from awq_edge.export.decoder import FROM_CHECKPOINT, ExportOptions, build_decoder
+from awq_edge.export.decoder import AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder
 from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
                                     is_export, staged, write_folder)
 
@@ -18,7 +18,7 @@ from awq_edge.quant import check_group_size
 # tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on the final norm's statistics the
 # quantiser stored in the checkpoint.
 ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
-                "head_symmetric": False, "head_outliers": 64}
+                "head_symmetric": False, "head_outliers": AUTO_OUTLIERS}
 HEAD_OPTIONS = ("head_bits", "head_group", "head_calib", "head_symmetric", "head_outliers")
 
 
@@ -27,9 +27,9 @@ def export_options(target: str = "ort", exact: bool = False, **overrides) -> Exp
     checkpoint, float head); overrides (None: not given) apply on top."""
     opts = dict(ORT_DEFAULTS) if target == "ort" and not exact else {}
     opts.update({k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("head_outliers") is None and opts.get("head_outliers"):  # the default follows the other flags
-        calibrated_4bit = opts.get("head_bits") == 4 and opts.get("head_calib")
-        opts["head_outliers"] = max(opts["head_outliers"], opts.get("head_group", 32)) if calibrated_4bit else 0
+    n8 = overrides.get("head_outliers")
+    if n8 is not None and (type(n8) is not int or n8 < 0):
+        raise AwqEdgeError(f"--head-outliers {n8!r} is not a whole number >= 0", "use --head-outliers 64, or 0 for none")
     head = sorted(k for k in HEAD_OPTIONS if overrides.get(k))
     if target != "ort" and head:
         flags = ", ".join("--" + k.replace("_", "-") for k in head)
@@ -72,7 +72,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
             "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-            "head_outliers": opts.head_outliers, "group_size": ck.group_size, "model_type": ck.config["model_type"],
+            "head_outliers": "auto" if opts.head_outliers == AUTO_OUTLIERS else opts.head_outliers, "group_size": ck.group_size, "model_type": ck.config["model_type"],
         }
         write_folder(tmp, out, model, genai, folder, extra)
     return out

@@ -20,6 +20,7 @@ IR_VERSION = 10
 OPSET = 21
 TARGETS = ("ort", "trt")
 FROM_CHECKPOINT = "checkpoint"  # --head-calib: the statistics the quantiser stored in the checkpoint
+AUTO_OUTLIERS = -1  # head_outliers: the default's choice, made once the model's width is known
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class ExportOptions:
     head_calib: str = ""  # head_bits: "" rounds to nearest; scales searched on the final norm's statistics: "checkpoint"
     # (measured by the quantiser), or "builtin"/"mixed"/a text file (measured here, the model run in PyTorch)
     head_symmetric: bool = False  # head_bits: no zero points (stored implicitly, smaller)
-    head_outliers: int = 0  # head_bits 4 with head_calib: this many input channels (largest E[x^2]) kept at 8 bits
+    head_outliers: int = 0  # head_bits 4 with head_calib: this many input channels (largest E[x^2]) kept at 8 bits;
+    # AUTO_OUTLIERS: 64 (or one head group) where the head is calibrated at 4 bits and that leaves half its channels
     rope_in_graph: bool = True  # ort only: RoPE tables computed at session load instead of stored (2 MB for 8k)
 
 
@@ -189,7 +191,7 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions
     on SmolLM2 that halves the 4-bit head's perplexity cost for 2% more bytes.
     """
     if not opts.head_bits:
-        if opts.head_calib or opts.head_symmetric or opts.head_outliers:
+        if opts.head_calib or opts.head_symmetric or opts.head_outliers > 0:
             raise AwqEdgeError("--head-calib, --head-symmetric and --head-outliers apply to a rounded head only",
                                "add --head-bits 4 (or 8), or drop them")
         return None
@@ -200,6 +202,8 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions
         raise AwqEdgeError("the checkpoint's lm_head is already 4-bit", "export without --head-bits")
     d = spec.dims
     group, n8 = opts.head_group, opts.head_outliers
+    if n8 == AUTO_OUTLIERS:
+        n8 = max(64, group) if opts.head_bits == 4 and opts.head_calib and 2 * max(64, group) <= d.hidden else 0
     if group not in (16, 32, 64, 128, 256) or d.hidden % group:
         raise AwqEdgeError(f"--head-group {group} is not a power of two in 16..256 dividing hidden size {d.hidden}",
                            "pick --head-group 32 or 64, or export without --head-bits")

@@ -97,7 +97,10 @@ class OrtDecoder(PrefixCachedDecoder):
         # GroupQueryAttention graphs (genai_config's past_present_share_buffer) read and write one KV buffer per
         # layer in place, bound once: a step binds only its ids, and copies no cache. Other graphs get the
         # growing past -> present tensors of each step.
-        self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True
+        # The CUDA provider has no float32 GroupQueryAttention: onnxruntime runs it on the host, on a copy of the
+        # buffer, so a float32 graph on the GPU keeps separate past and present tensors.
+        self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True and not (
+            self.device == "cuda" and self.cache_dtype == np.float32)
         self.binding, self.capacity = self.session.io_binding(), 0
         self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
         self.reset()
