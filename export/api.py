@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from awq_edge.export.decoder import AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder
+from awq_edge.export.decoder import AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder, head_outliers
 from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
                                     is_export, staged, write_folder)
 
@@ -14,9 +14,9 @@ from awq_edge.outputs import check_output_dir, remove_stale
 from awq_edge.quant import check_group_size
 
 # --target ort's default: the configuration that beats onnxruntime-genai's own int4 build of the same model on
-# the CPU (bench/results/onnx_defaults.json): int8 activations in MatMulNBits, and the float head (with the
-# tied embeddings) at 4 bits, symmetric, groups of 64, its scales chosen on the final norm's statistics the
-# quantiser stored in the checkpoint.
+# the CPU (bench/results/onnx_defaults_outliers.json): int8 activations in MatMulNBits, and the float head (with
+# the tied embeddings) at 4 bits with zero points in groups of 64, its 64 input channels of largest activation at
+# 8 bits, channels and scales chosen on the final norm's statistics the quantiser stored in the checkpoint.
 ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
                 "head_symmetric": False, "head_outliers": AUTO_OUTLIERS}
 HEAD_OPTIONS = ("head_bits", "head_group", "head_calib", "head_symmetric", "head_outliers")
@@ -72,7 +72,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
             "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-            "head_outliers": "auto" if opts.head_outliers == AUTO_OUTLIERS else opts.head_outliers, "group_size": ck.group_size, "model_type": ck.config["model_type"],
+            "head_outliers": head_outliers(opts, ck.spec.dims.hidden) if opts.head_bits else 0, "group_size": ck.group_size, "model_type": ck.config["model_type"],
         }
         write_folder(tmp, out, model, genai, folder, extra)
     return out

@@ -55,7 +55,7 @@ def quantize_weighted(w: torch.Tensor, moments: torch.Tensor, bits: int, group: 
 
     Each group's range is picked from a grid to minimise sum_k moments_k * (w_k - w^_k)^2.
     Symmetric: zero point 2^(bits-1), scale = shrink * max|w| / (2^(bits-1) - 1) or / 2^(bits-1).
-    Asymmetric: [shrink_lo * min, shrink_hi * max] on a grid of both. Scales are rounded to fp16.
+    Asymmetric: [shrink * min, shrink * max]. Scales are rounded to fp16.
     """
     if moments.numel() != w.shape[1]:
         raise ValueError(f"{moments.numel()} moments for a weight of width {w.shape[1]}")
@@ -81,11 +81,13 @@ def _candidates(wg: torch.Tensor, bits: int, symmetric: bool):
             for a in shrink:
                 yield (amax * a / levels).half().float().clamp(min=1e-8), zeros
         return
+    # Both ends shrunk alike: 10 candidates. The 10 x 10 grid of both ends apart read 0.1% lower head perplexity on
+    # SmolLM2 and took 5x the time (23 minutes for Llama-3-8B's head on 2 cores).
     lo0, hi0 = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
     for a in shrink:
-        for b in shrink:
-            scales = ((hi0 * b - lo0 * a).clamp(min=1e-8) / max_int).half().float().clamp(min=1e-8)
-            yield scales, (-torch.round(lo0 * a / scales)).clamp(0, max_int)
+        scales = ((hi0 - lo0) * a).clamp(min=1e-8) / max_int
+        scales = scales.half().float().clamp(min=1e-8)
+        yield scales, (-torch.round(lo0 * a / scales)).clamp(0, max_int)
 
 
 def _search(wg: torch.Tensor, d: torch.Tensor, bits: int, symmetric: bool):

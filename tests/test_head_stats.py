@@ -107,3 +107,26 @@ def test_the_default_outliers_follow_the_head_flags_and_the_width(tmp_path, over
 def test_head_outliers_must_be_a_whole_number(value):
     with pytest.raises(AwqEdgeError, match="is not a whole number >= 0"):
         export_options("ort", head_outliers=value)
+
+
+def test_a_checkpoint_without_statistics_is_measured_on_builtin_text_as_before(tmp_path, capsys):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    save_tiny_tokenizer(tmp_path / "ck")
+    export(tmp_path / "ck", tmp_path / "a", export_options("ort", head_calib="checkpoint"))
+    assert "holds no head statistics" in capsys.readouterr().out
+    export(tmp_path / "ck", tmp_path / "b", export_options("ort", head_calib="builtin"))
+    assert json.loads((tmp_path / "a" / "awq_edge_export.json").read_text())["head_outliers"] == 64  # split too
+    assert (tmp_path / "a" / "model.onnx.data").read_bytes() == (tmp_path / "b" / "model.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "is not awq-edge's head statistics"),
+    ('{"final_norm_sq_mean": [1.0, 2.0]}', "does not hold 128 finite non-negative numbers"),
+    ('{"final_norm_sq_mean": ' + json.dumps([-1.0] * 128) + "}", "does not hold 128 finite"),
+    ('{"other": 1}', "is not awq-edge's head statistics"),
+])
+def test_broken_head_statistics_are_one_clear_error(tmp_path, content, needle):
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(content)
+    with pytest.raises(AwqEdgeError, match=needle):
+        Checkpoint(tmp_path / "ck").head_moments()

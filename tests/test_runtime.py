@@ -1,6 +1,7 @@
 """awq_edge.runtime: KV-cache decoding, sampling, stop tokens, streaming, onnxruntime-genai, CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -48,6 +49,28 @@ def test_prefill_then_cached_single_token_steps_match_one_full_forward(exported,
     d = OrtDecoder(folders[target])
     steps = [d.forward(PROMPT[:5])] + [d.forward([t]) for t in PROMPT[5:]]
     assert np.abs(np.concatenate(steps) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logits(tmp_path):
+    """GroupQueryAttention graphs keep one buffer per layer, grown by running the held tokens again: the logits
+    equal those of the separate past -> present tensors across the growth, after a reset and a reused prefix."""
+    write_checkpoint(tmp_path / "ck", max_position_embeddings=4096)
+    out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions())
+    apart = tmp_path / "apart"
+    shutil.copytree(out, apart)
+    config = json.loads((apart / "genai_config.json").read_text())
+    config["search"]["past_present_share_buffer"] = False
+    (apart / "genai_config.json").write_text(json.dumps(config))
+    shared, separate = OrtDecoder(out), OrtDecoder(apart)
+    assert shared.shared and not separate.shared
+    prompt = [(7 * i) % 256 for i in range(1020)]
+    for d in (shared, separate):  # a prompt, steps across 1024, a longer prompt across 2048 that extends the cache
+        d.steps = [d.extend(prompt)] + [d.forward([t])[-1] for t in range(3, 11)]
+        d.steps.append(d.extend(d.tokens + [(5 * i) % 256 for i in range(1100)]))
+        d.steps.append(d.extend([1, 2, 3]))  # not a prefix: a reset, the grown buffers kept
+    assert shared.capacity == 4096
+    for a, b in zip(shared.steps, separate.steps):
+        assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
 
 
 def test_greedy_generation_matches_pytorch_generate(exported):

@@ -30,7 +30,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("ortcuda")
     model, _ = write_checkpoint(root / "ck", tied=True)
     save_byte_tokenizer(root / "ck")
-    (root / "ck" / "awq_edge_head_stats.json").write_text(json.dumps({"final_norm_sq_mean": [1.0] * 128}))
+    moments = (torch.rand(128, generator=torch.Generator().manual_seed(0)) * 4).tolist()  # a non-trivial channel order
+    (root / "ck" / "awq_edge_head_stats.json").write_text(json.dumps({"final_norm_sq_mean": moments}))
     return {n: export(root / "ck", root / n, export_options("ort", **o)) for n, (o, _) in EXPORTS.items()}, model
 
 
@@ -55,10 +56,14 @@ def test_cuda_greedy_tokens_equal_the_cpu_providers(folders, name):
     assert len(tokens["cuda"]) == 16 and tokens["cuda"] == tokens["cpu"]
 
 
-def test_cuda_keeps_the_kv_cache_on_the_gpu(folders):
-    d = OrtDecoder(folders[0]["exact_fp16"], provider="cuda")
+@pytest.mark.parametrize("name, shared", [("exact_fp16", True), ("exact_fp32", False)])
+def test_cuda_keeps_the_kv_cache_on_the_gpu(folders, name, shared):
+    """fp16: one buffer per layer read and written in place; fp32 (no CUDA GroupQueryAttention): the present
+    outputs, bound to the GPU."""
+    d = OrtDecoder(folders[0][name], provider="cuda")
     d.forward(PROMPT)
-    assert all(v.device_name().lower() == "cuda" for v in d.cache)
+    d.forward([3])
+    assert d.shared == shared and all(v.device_name().lower() == "cuda" for v in d.cache)
 
 
 def test_generate_cli_and_load_run_on_cuda(folders, capsys):

@@ -113,24 +113,19 @@ class OrtDecoder(PrefixCachedDecoder):
         self.cache = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.kv_names]
         self.tokens = []
 
-    def _reserve(self, total: int):
-        """Shared buffers of at least `total` positions: on the GPU the whole context at once (as onnxruntime-genai
-        allocates it), on the host in steps of 1024 positions, doubling, the cache copied over."""
-        if total <= self.capacity:
-            return
-        if self.device == "cpu":
-            new = min(self.context_length, max(2 * self.capacity, -(-total // 1024) * 1024))
-        else:
-            new = self.context_length
-        values = []
-        for i, (past, present) in enumerate(zip(self.kv_names, self.output_names[1:])):
-            buffer = np.zeros((1, self.kv_heads, new, self.head_dim), self.cache_dtype)
-            if self.capacity:
-                buffer[:, :, : self.capacity] = self.cache[i].numpy()
-            values.append(ort.OrtValue.ortvalue_from_numpy(buffer, self.device, 0))
-            self.binding.bind_ortvalue_input(past, values[-1])
-            self.binding.bind_ortvalue_output(present, values[-1])
-        self.cache, self.capacity = values, new
+    def _grow(self, held: list, ids: np.ndarray, total: int) -> np.ndarray:
+        """New shared buffers for at least `total` positions (multiples of 1024, doubling, at most the context: the
+        cache grows as the conversation does), filled by running the held tokens again with the new ones;
+        the new ones' logits."""
+        self.capacity = min(self.context_length, max(2 * self.capacity, -(-total // 1024) * 1024))
+        shape = (1, self.kv_heads, self.capacity, self.head_dim)
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device, 0)
+                      for _ in self.kv_names]
+        for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self.tokens = []
+        return self.forward(held + ids[0].tolist())[len(held):]
 
     def forward(self, ids, last_only: bool = False) -> np.ndarray:
         """Run new token ids through the model after the cached ones; float32 logits [len(ids), vocab]
@@ -159,7 +154,8 @@ class OrtDecoder(PrefixCachedDecoder):
         return outs[0].numpy()[0].astype(np.float32)
 
     def _run_shared(self, feed: dict, ids: np.ndarray, total: int) -> np.ndarray:
-        self._reserve(total)
+        if total > self.capacity:
+            return self._grow(self.tokens, ids, total)
         self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
         outs = self._run(self.binding, feed, total)
         self.tokens.extend(ids[0].tolist())
