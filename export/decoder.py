@@ -239,8 +239,8 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions
         splits = [("lm_head", order[n8:].sort().values, 4), ("lm_head_outliers", order[:n8].sort().values, 8)]
     parts = []
     for base, channels, bits in splits:
-        cols, m = (w, moments) if channels is None else (w[:, channels], moments[channels])
-        q, scales, zeros = head_quant.quantize_weighted(cols, m, bits, group, opts.head_symmetric)
+        q, scales, zeros = head_quant.quantize_weighted(w, moments, bits, group, opts.head_symmetric,
+                                                        channels=channels)
         weights = ops.nbits_weights(g, base, q, scales, zeros, group, bits, implicit_zeros=opts.head_symmetric)
         parts.append(HeadPart(base, weights, group, bits, None if channels is None else channels.numpy()))
     return parts

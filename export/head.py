@@ -50,8 +50,9 @@ def final_norm_moments(folder, source: str, n_samples: int = 16, seqlen: int = 5
 
 
 def quantize_weighted(w: torch.Tensor, moments: torch.Tensor, bits: int, group: int, symmetric: bool,
-                      rows_per_batch: int = 4096):
+                      rows_per_batch: int = 4096, channels: torch.Tensor | None = None):
     """W [out, in] -> (q uint8 [out, in], scales [out, groups], zeros uint8 [out, groups]), like quant.quantize.
+    With `channels`, W's columns are those input channels (taken a batch of rows at a time: no copy of W).
 
     Each group's range is picked from a grid to minimise sum_k moments_k * (w_k - w^_k)^2.
     Symmetric: zero point 2^(bits-1), scale = shrink * max|w| / (2^(bits-1) - 1) or / 2^(bits-1).
@@ -59,12 +60,15 @@ def quantize_weighted(w: torch.Tensor, moments: torch.Tensor, bits: int, group: 
     """
     if moments.numel() != w.shape[1]:
         raise ValueError(f"{moments.numel()} moments for a weight of width {w.shape[1]}")
+    if channels is not None:
+        moments = moments[channels]
     d = to_groups(moments.float().view(1, -1), group)[0]  # [groups, g]
     qs, ss, zs = [], [], []
-    for rows in w.float().split(rows_per_batch):
+    for rows in w.split(rows_per_batch):
+        rows = (rows if channels is None else rows[:, channels]).float()
         wg = to_groups(rows, group)
         scales, zeros = _search(wg, d, bits, symmetric)
-        qs.append(from_groups(quantize_groups(wg, scales, zeros, bits), w.shape[1]).to(torch.uint8))
+        qs.append(from_groups(quantize_groups(wg, scales, zeros, bits), rows.shape[1]).to(torch.uint8))
         ss.append(scales)
         zs.append(zeros.to(torch.uint8))
     return torch.cat(qs), torch.cat(ss), torch.cat(zs)
