@@ -95,7 +95,7 @@ def time_cuda_backend(dec, prompt: list, new: int) -> tuple:
 
 
 def placement(folder: Path, provider: str, work: Path) -> dict:
-    """Nodes onnxruntime ran on the CPU in one prompt step and one decode step, from its profile: {op: count}."""
+    """Nodes onnxruntime ran on the CPU in one 8-token prompt step, from its profile: {op: count}."""
     opts = session_options(folder)
     opts.enable_profiling = True
     opts.profile_file_prefix = str(work / f"profile_{folder.name}")
