@@ -26,6 +26,8 @@ def export_options(target: str = "ort", exact: bool = False, **overrides) -> Exp
     """The options `awq-edge export` uses: ORT_DEFAULTS for onnxruntime unless exact (bit-exact int4 of the
     checkpoint, float head); overrides (None: not given) apply on top."""
     opts = dict(ORT_DEFAULTS) if target == "ort" and not exact else {}
+    if overrides.get("head_bits") == 0:  # a float head: the defaults for rounding one do not apply
+        opts = {k: v for k, v in opts.items() if k not in HEAD_OPTIONS}
     opts.update({k: v for k, v in overrides.items() if v is not None})
     n8 = overrides.get("head_outliers")
     if n8 is not None and (type(n8) is not int or n8 < 0):

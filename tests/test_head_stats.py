@@ -130,3 +130,12 @@ def test_broken_head_statistics_are_one_clear_error(tmp_path, content, needle):
     (tmp_path / "ck" / HEAD_STATS_FILE).write_text(content)
     with pytest.raises(AwqEdgeError, match=needle):
         Checkpoint(tmp_path / "ck").head_moments()
+
+
+def test_head_bits_0_keeps_the_float_head_with_the_other_defaults(tmp_path, capsys):
+    model, _ = write_checkpoint(tmp_path / "ck")
+    assert main(["export", str(tmp_path / "ck"), "-o", str(tmp_path / "onnx"), "--head-bits", "0"]) == 0
+    info = json.loads((tmp_path / "onnx" / "awq_edge_export.json").read_text())
+    assert info["head_bits"] == 0 and info["accuracy_level"] == 4 and info["head_outliers"] == 0
+    nodes = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node
+    assert not any(n.op_type == "MatMulNBits" and n.name.startswith("lm_head") for n in nodes)
