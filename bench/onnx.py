@@ -163,13 +163,13 @@ def greedy_agreement(folder: Path, qmodel, tokenizer, n_new: int) -> list:
     return rows
 
 
-def run_peer_builder(hf_dir: Path, out: Path, precision: str, extra: tuple):
-    """Seconds the builder took, or None when its output is already there."""
+def run_peer_builder(hf_dir: Path, out: Path, precision: str, extra: tuple = (), provider: str = "cpu"):
+    """onnxruntime-genai's model builder for the provider: seconds it took, or None when its output is already there."""
     if (out / "model.onnx").is_file():
         return None
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                    "-p", precision, "-e", "cpu", *extra], check=True, stdout=subprocess.DEVNULL)
+                    "-p", precision, "-e", provider, *extra], check=True, stdout=subprocess.DEVNULL)
     return round(time.perf_counter() - t0, 1)
 
 

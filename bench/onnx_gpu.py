@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 
 from awq_edge.export.api import export, export_options  # noqa: E402
 from awq_edge.runtime.ort import OrtDecoder, execution_providers, session_options  # noqa: E402
-from bench.onnx import OnnxLM, empty_feed, kv_shape_of  # noqa: E402
+from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_builder  # noqa: E402
 
 # name -> export_options overrides: the default export and the exact one, both with fp16 activations (the GPU's)
 EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}}
@@ -123,20 +122,6 @@ def onnx_perplexity(folder: Path, provider: str, tokenizer, ids: torch.Tensor, s
     return perplexity(model, tokenizer, ids, seqlen, batch_size=1, progress=False)["ppl"]
 
 
-def run_peer_builder(hf_dir: Path, out: Path, provider: str) -> float | None:
-    """onnxruntime-genai's model builder, int4 for the provider: seconds, or None when already built."""
-    if (out / "model.onnx").is_file():
-        return None
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                    "-p", "int4", "-e", provider], check=True, stdout=subprocess.DEVNULL)
-    return round(time.perf_counter() - t0, 1)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
-
-
 def gpu_name(provider: str) -> str:
     if provider == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -174,7 +159,8 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
     if "peer" in args.rows_of and args.hf_dir:
         folders["peer_int4"] = work / f"peer_int4_{args.provider}"
-        res["export_seconds"]["peer_int4"] = run_peer_builder(Path(args.hf_dir), folders["peer_int4"], args.provider)
+        res["export_seconds"]["peer_int4"] = run_peer_builder(Path(args.hf_dir), folders["peer_int4"], "int4",
+                                                                provider=args.provider)
     rows = {}
     for name, folder in folders.items():
         model = genai_model(folder, args.provider)
@@ -276,7 +262,7 @@ def main(argv=None) -> int:
         if runtime != "onnxruntime-genai" and f"{model}/onnxruntime-genai" in tokens:  # same folder, same tokens
             row["greedy_equal_to_genai"] = tokens[name] == tokens[f"{model}/onnxruntime-genai"]
         if folder is not None:
-            row.update(placement(folder, args.provider, work), size_bytes=folder_bytes(folder))
+            row.update(placement(folder, args.provider, work), size_bytes=onnx_size(folder))
             if tokenizer is not None and runtime == "onnxruntime-genai":
                 from awq_edge.quantizer.eval import text_tokens
 
