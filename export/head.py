@@ -85,8 +85,9 @@ def _candidates(wg: torch.Tensor, bits: int, symmetric: bool):
             for a in shrink:
                 yield (amax * a / levels).half().float().clamp(min=1e-8), zeros
         return
-    # Both ends shrunk alike: 10 candidates. The 10 x 10 grid of both ends apart read 0.1% lower head perplexity on
-    # SmolLM2 and took 5x the time (23 minutes for Llama-3-8B's head on 2 cores).
+    # Both ends shrunk alike: 10 candidates. The 10 x 10 grid of both ends apart (ten times the candidates, each a
+    # pass over the whole head) read 29.650 against 29.663 on SmolLM2 (bench/results/history/
+    # onnx_defaults_outliers_fullgrid.md, bench/results/onnx_defaults_outliers.md).
     lo0, hi0 = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
     for a in shrink:
         scales = ((hi0 - lo0) * a).clamp(min=1e-8) / max_int
