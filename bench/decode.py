@@ -37,24 +37,61 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from awq_edge.arch import Dims  # noqa: E402
+from awq_edge.arch import Spec, describe, rope_tables  # noqa: E402
 from awq_edge.runtime import kernels  # noqa: E402
-from awq_edge.runtime.cuda import CudaDecoder, CudaOps, DeviceLinear, Layer, Weights, load_weights  # noqa: E402
+from awq_edge.runtime.cuda import (CudaDecoder, CudaOps, DeviceLinear, Layer, Weights, features_of,  # noqa: E402
+                                   load_weights)
 from bench.kernels import matmul_nbits_bytes  # noqa: E402
 
 GROUP = 128
 SAVE = lambda: None  # noqa: E731  (main() sets it: write the results so far)
-SHAPES = {  # the configs of the public models, as transformers LlamaConfig fields
+SHAPES = {  # the configs of the public models (transformers config fields; model_type llama unless named)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=False),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=False),
-    # every variant on a shape that runs in seconds (tests/test_bench_decode.py), so a broken one fails a test
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, use_sliding_window=False),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False, use_sliding_window=False),
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=2047),
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
+                      max_position_embeddings=131072, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=1024, query_pre_attn_scalar=256,
+                      hidden_activation="gelu_pytorch_tanh"),
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                      max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                      sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                        max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=512, query_pre_attn_scalar=256,
+                        hidden_activation="gelu_pytorch_tanh"),
+    # every variant on shapes that run in seconds (tests/test_bench_decode.py), so a broken one fails a test
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rope_theta=10000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=128, vocab_size=1024,
+                        max_position_embeddings=512, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=128,
+                        hidden_activation="gelu_pytorch_tanh", layer_types=["sliding_attention", "full_attention"]),
 }
 PARITY_PROMPTS = [
     "The capital of France is",
@@ -83,31 +120,46 @@ def copy_bandwidth() -> float:
     return 2 * 512 * 2**20 * 2 / statistics.median(times)
 
 
-def dims_of_shape(s: dict) -> Dims:
-    return Dims(s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"],
-                s["hidden_size"] // s["num_attention_heads"], s["vocab_size"], s["rms_norm_eps"],
-                s["max_position_embeddings"], 0, s["tie_word_embeddings"])
+def config_of_shape(shape: dict) -> dict:
+    return {"model_type": "llama", **shape}
 
 
-def random_linear(n: int, k: int) -> DeviceLinear:
+def spec_of_shape(shape: dict) -> Spec:
+    """The decoder the runtime builds for a SHAPES entry: its family's block, windows, RoPE and features."""
+    return describe(config_of_shape(shape))
+
+
+def random_linear(n: int, k: int, bias: bool = False) -> DeviceLinear:
     nb = k // GROUP
     b = torch.randint(0, 256, (n, nb, GROUP // 2), dtype=torch.uint8, device="cuda")
     scales = (torch.rand(n * nb, device="cuda") * 0.004 + 0.001).half()
     zp = torch.full((n * math.ceil(nb / 2),), 0x88, dtype=torch.uint8, device="cuda")  # zero 8: centred weights
-    return DeviceLinear(n, k, packed=kernels.repack_matmul_nbits(b, scales, zp, k, GROUP))
+    return DeviceLinear(n, k, packed=kernels.repack_matmul_nbits(b, scales, zp, k, GROUP),
+                        bias=(torch.randn(n, device="cuda") * 0.1).half() if bias else None)
 
 
 def random_weights(shape: dict, max_len: int) -> Weights:
-    d = dims_of_shape(shape)
+    """Random int4 weights of a SHAPES entry, every part its family has (q/k biases for Qwen2, q/k norms, Gemma's
+    norms around each block, per-layer windows and RoPE tables, a tied head where the model ties it)."""
+    spec = spec_of_shape(shape)
+    d, f = spec.dims, spec.family
     q, kv, inter = d.heads * d.head_dim, d.kv_heads * d.head_dim, shape["intermediate_size"]
-    ones = lambda n: torch.ones(n, dtype=torch.float16, device="cuda")  # noqa: E731
-    layers = [Layer(ones(d.hidden), ones(d.hidden), random_linear(q + 2 * kv, d.hidden), random_linear(d.hidden, q),
-                    random_linear(2 * inter, d.hidden), random_linear(d.hidden, inter)) for _ in range(d.layers)]
+    norm = lambda n: (torch.rand(n, device="cuda") * 0.5 + 0.75).half()  # noqa: E731
+    maybe = lambda cond, n: norm(n) if cond else None  # noqa: E731
+    qkv_bias = config_of_shape(shape)["model_type"] == "qwen2"  # Qwen2's q/k/v projections carry biases
+    tables = {kind: [t.cuda() for t in rope_tables(rope, max_len)] for kind, rope in spec.ropes.items()}
+    layers = []
+    for i in range(d.layers):
+        cos, sin = tables[spec.rope_kinds[i]]
+        layers.append(Layer(norm(d.hidden), norm(d.hidden), random_linear(q + 2 * kv, d.hidden, qkv_bias),
+                            random_linear(d.hidden, q), random_linear(2 * inter, d.hidden), random_linear(d.hidden, inter),
+                            maybe(f.qk_norms, d.head_dim), maybe(f.qk_norms, d.head_dim),
+                            maybe(f.attn_out_norm, d.hidden), maybe(f.mlp_out_norm, d.hidden), spec.windows[i],
+                            cos, sin))
     embed = (torch.randn(d.vocab, d.hidden, device="cuda") * 0.02).half()
-    head = DeviceLinear(d.vocab, d.hidden, weight=(torch.randn(d.vocab, d.hidden, device="cuda") * 0.02).half())
-    inv = 1.0 / shape["rope_theta"] ** (torch.arange(0, d.head_dim, 2, dtype=torch.float64) / d.head_dim)
-    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
-    return Weights(d, embed, layers, ones(d.hidden), head, ang.cos().float().cuda(), ang.sin().float().cuda())
+    head = DeviceLinear(d.vocab, d.hidden, weight=embed if d.tied else
+                        (torch.randn(d.vocab, d.hidden, device="cuda") * 0.02).half())
+    return Weights(d, embed, layers, norm(d.hidden), head, cos, sin, features_of(spec))
 
 
 def step_bytes(w: Weights, mean_context: float) -> dict:
@@ -144,6 +196,8 @@ class TinyGemmOps(CudaOps):
             return super().linear(x, lin, residual)
         packed, sz = self.w4[id(lin)]
         y = torch.ops.aten._weight_int4pack_mm(x.bfloat16(), packed, GROUP, sz).half()
+        if lin.bias is not None:
+            y = y + lin.bias
         return y if residual is None else y + residual
 
     def gate_up_act(self, x, lin, activation: str = "silu"):
@@ -251,11 +305,12 @@ def nonfinite_logit_steps(model, prompt: list, new: int) -> int:
 
 
 def hf_random(shape: dict):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.float16).eval()
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_of_shape(shape)),
+                                                dtype=torch.float16).eval()
 
 
 def hf_real(ckpt: Path, float_dir: Path | None, dtype, device="cuda"):
@@ -484,6 +539,8 @@ def breakdown_of(w: Weights, context: int) -> dict:
         kc.normal_()
         vc.normal_()
     L, n = w.layers, len(w.layers)
+    if dec.sandwich:
+        return _sandwich_breakdown(dec, x, h, qkv, a, act, context)
     nxt = [l.input_norm for l in L[1:]] + [None]  # the last down GEMV writes no gamma * h (the final norm is a kernel)
     # The step's operations as the decoder calls them, norms folded into the GEMVs beside them (layer 0's input norm
     # is a kernel in the real step; here every qkv GEMV is timed folded).
@@ -508,7 +565,7 @@ def breakdown_of(w: Weights, context: int) -> dict:
     res = {k: graph_time(f) / n * 1e6 for k, f in parts.items()}
     res["sum_per_layer"] = sum(res.values())
     res["unfolded"] = {k: graph_time(f) / n * 1e6 for k, f in unfolded.items()}
-    res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(h)) * 1e6
+    res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(dec._norm(h, w.norm))) * 1e6
     res["full_step_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(False)
     res["full_step_no_pdl_us"] = graph_time(dec._step) * 1e6
@@ -516,6 +573,37 @@ def breakdown_of(w: Weights, context: int) -> dict:
     ops.fold_norms = False
     res["full_step_unfolded_us"] = graph_time(dec._step) * 1e6
     ops.fold_norms = True
+    res["context"] = context
+    del dec
+    free()
+    return res
+
+
+def _sandwich_breakdown(dec: CudaDecoder, x, y, qkv, a, act, context: int) -> dict:
+    """breakdown_of for Gemma 2/3's block: the products, attention (q/k norms, soft-capping) and the two block
+    boundaries (residual_norm) per layer, the head, the whole step."""
+    w, ops, d, feats = dec.w, dec.ops, dec.w.dims, dec.w.features
+    L, n = w.layers, len(w.layers)
+    h = torch.randn(1, d.hidden, dtype=torch.float32, device="cuda")
+
+    def attention(i, l):
+        cos, sin = (w.cos, w.sin) if l.cos is None else (l.cos, l.sin)
+        return ops.decode_attention(qkv, dec.pos, cos, sin, dec.k_cache[i], dec.v_cache[i], d.heads, dec.scale,
+                                    l.window or 0, feats.attn_softcap, l.q_norm, l.k_norm, d.eps)
+
+    parts = {
+        "qkv_gemv": lambda: [ops.linear(x, l.qkv) for l in L],
+        "attention": lambda: [attention(i, l) for i, l in enumerate(L)],
+        "o_gemv": lambda: [ops.linear(a, l.o) for l in L],
+        "residual_norm_x2": lambda: [ops.residual_norm(y, l.attn_out_norm, h, l.post_norm, d.eps) for l in L for _ in
+                                     range(2)],
+        "gate_up_gemv_gate": lambda: [ops.gate_up_act(x, l.gate_up, feats.activation) for l in L],
+        "down_gemv": lambda: [ops.linear(act, l.down) for l in L],
+    }
+    res = {k: graph_time(f) / n * 1e6 for k, f in parts.items()}
+    res["sum_per_layer"] = sum(res.values())
+    res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(x)) * 1e6  # the final norm is a residual_norm
+    res["full_step_us"] = graph_time(dec._step) * 1e6
     res["context"] = context
     del dec
     free()

@@ -14,6 +14,9 @@
 #   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (wheels joined from parts ortgpu.* and genai.*): the ONNX
 #             CUDA tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
 #   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
+#   families  Gemma-3-270M (real) converted and quantised at the CLI's defaults, its perplexity and the float
+#             model's, beside the GPU tests; then, alone on the GPU, bench/decode.py on every family's shape and the
+#             real Gemma-3-270M (parity, speed), and bench/kernels.py (issue 22)
 #   status    what the background steps have written so far
 # A step can run in the background across calls (the machine stays warm while calls follow within 30 s):
 #   setsid nohup env OUT=/tmp/bg bash bench/device_chain.sh scale8b > /tmp/bg.log 2>&1 < /dev/null &
@@ -187,6 +190,23 @@ for step in "$@"; do
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
         rm -rf /tmp/og_$m
       done ;;
+    families)
+      convert gemma3-270m gemma-3-270m-q4_k_m.gguf .mc/gtok
+      gpu_tests &
+      t=$!
+      F=$AWQ_EDGE_CACHE/gemma3-270m-f16 C=/tmp/awqe-gemma3-awq
+      [ -f "$C/config.json" ] || python -m awq_edge.cli quantize "$F" -o "$C" > "$OUT/gemma3_quantize.txt" 2>&1
+      for m in "$C" "$F"; do
+        python -m awq_edge.cli eval "$m" --text "$WT/test.txt" --json > "$OUT/gemma3_eval_$(basename "$m").txt" 2>&1
+      done
+      wait $t
+      tail -5 "$OUT/tests.txt"
+      python -P bench/decode.py --models llama2-7b,llama3-8b,llama3.2-1b,qwen2.5-7b,qwen3-8b,phi3-mini,gemma3-4b,gemma2-9b \
+        --real "gemma3-270m=$C,$F" --variants ours,torch_int4,hf --breakdown --out "$OUT/decode_families.json" \
+        --label "issue 22: every family's step on the kernels" > "$OUT/decode_families.log" 2>&1
+      tail -40 "$OUT/decode_families.log"
+      python -P bench/kernels.py --label families --out "$OUT/kernels_families.json" > "$OUT/kernels_families.log" 2>&1
+      tail -12 "$OUT/kernels_families.log" ;;
     status)
       for f in "$OUT"/*.log /tmp/bg.log; do [ -f "$f" ] && { echo "-- $f"; tail -c 400 "$f"; echo; }; done ;;
     *) echo "unknown step $step"; exit 2 ;;

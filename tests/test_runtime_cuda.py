@@ -139,6 +139,8 @@ class EmulatedKernels:
     """awq_edge.runtime.kernels' functions in PyTorch on the CPU, holding to their fp16 contract; a "packed" weight is the
     dense fp16 W [n, k]. Lets CudaOps' choices around the kernels run without a GPU."""
 
+    GATES = kernels.GATES
+
     @staticmethod
     def _f16(*tensors):
         assert all(t.dtype == torch.float16 for t in tensors if t is not None), "a kernel was handed non-fp16 data"
@@ -154,17 +156,23 @@ class EmulatedKernels:
         self._f16(x, bias)
         return self.gemm_norm(x, w, bias)
 
-    def gemm_norm(self, x, w, bias=None, gated=False, rms_input=None, eps=0.0, norm_weight=None):
+    def gemm_norm(self, x, w, bias=None, gated=False, rms_input=None, eps=0.0, norm_weight=None, activation="silu"):
         self._f16(x, bias, rms_input, norm_weight)
+        assert activation in self.GATES
         y = torch.nn.functional.linear(x.float(), w.float())
         if rms_input is not None:
             y = y * TorchOps._rstd(rms_input, eps)
         y = (y if bias is None else y + bias.float()).half()
-        y = TorchOps().silu_mul(y) if gated else y
+        y = TorchOps().gate_act(y, activation) if gated else y
         return y if norm_weight is None else (y, norm_weight * y)
 
-    def gemm_gated(self, x, w, bias=None):
-        return self.gemm_norm(x, w, bias, gated=True)
+    def gemm_gated(self, x, w, bias=None, activation="silu"):
+        return self.gemm_norm(x, w, bias, gated=True, activation=activation)
+
+    def residual_norm(self, y, out_norm, h, next_norm, eps):
+        self._f16(y, out_norm, next_norm)
+        assert h.dtype == torch.float32, "the residual stream must be float32"
+        return TorchOps().residual_norm(y, out_norm, h, next_norm, eps)
 
     def silu_mul(self, gate_up, out):
         return out.copy_(TorchOps().silu_mul(gate_up))
@@ -173,10 +181,12 @@ class EmulatedKernels:
         self._f16(qkv, k_cache, v_cache)
         return q_out.copy_(TorchOps().rope_kv(qkv, positions, cos, sin, k_cache, v_cache, q_out.shape[1]))
 
-    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, out, workspace, scale, window):
-        self._f16(qkv, k_cache, v_cache, out)
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, out, workspace, scale, window, q_norm=None,
+                         k_norm=None, eps=0.0, softcap=0.0):
+        self._f16(qkv, k_cache, v_cache, out, q_norm, k_norm)
         n_heads = out.numel() // k_cache.shape[2]
-        return out.copy_(TorchOps().decode_attention(qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window))
+        return out.copy_(TorchOps().decode_attention(qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window,
+                                                     softcap, q_norm, k_norm, eps))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -274,6 +284,64 @@ def test_decode_attention_kernel_matches_reference_and_reads_only_the_live_posit
 
 @needs_library
 @needs_gpu
+@pytest.mark.parametrize("heads, kv, d", [(8, 2, 128), (4, 1, 256), (9, 3, 64)])
+@pytest.mark.parametrize("length, window, softcap", [(1, 0, 0.0), (300, 0, 0.0), (300, 70, 0.0), (300, 0, 50.0),
+                                                     (1000, 100, 30.0)])
+def test_decode_attention_with_head_norms_and_softcap_matches_reference(heads, kv, d, length, window, softcap):
+    """Qwen3 / Gemma 3's q/k norms before the rotation and Gemma 2's score soft-capping, in the attention kernel."""
+    g = gpu_case(length * 3 + d + window + int(softcap))
+    max_len = length + 24
+    kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
+    vc = kc.clone()
+    kc[:, : length - 1] = (torch.randn(kv, length - 1, d, device="cuda", generator=g) * 2).half()
+    vc[:, : length - 1] = torch.randn(kv, length - 1, d, device="cuda", generator=g).half()
+    kr, vr = kc.float(), vc.float()
+    qkv = (torch.randn(1, (heads + 2 * kv) * d, device="cuda", generator=g) * 4).half()
+    q_norm = (torch.rand(d, device="cuda", generator=g) * 2 + 0.5).half()
+    k_norm = (torch.rand(d, device="cuda", generator=g) * 2 + 0.5).half()
+    angles = torch.outer(torch.arange(max_len, device="cuda").float(), torch.rand(d // 2, device="cuda", generator=g))
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    pos = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
+    out = torch.full((1, heads * d), float("nan"), device="cuda", dtype=torch.half)
+    ws = kernels.attention_workspace(heads, d, max_len, "cuda")
+    scale = 0.0625  # Gemma's query_pre_attn_scalar ** -0.5 at 256
+    kernels.decode_attention(qkv, pos, cos, sin, kc, vc, out, ws, scale, window, q_norm, k_norm, 1e-6, softcap)
+    ref = TorchOps().decode_attention(qkv.float(), pos, cos, sin, kr, vr, heads, scale, window, softcap,
+                                      q_norm.float(), k_norm.float(), 1e-6)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())
+    new_k = kr[:, length - 1]  # normalised, then rotated by the reference
+    assert (kc[:, length - 1].float() - new_k).abs().max().item() < 2e-2 * new_k.abs().max().item()
+    with pytest.raises(AwqEdgeError, match="both"):
+        kernels.decode_attention(qkv, pos, cos, sin, kc, vc, out, ws, scale, window, q_norm, None, 1e-6)
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("rows, dim", [(1, 640), (3, 2560), (1, 8192), (2, 10240)])  # 10240: through memory
+@pytest.mark.parametrize("block", ["normalised", "plain_add", "none"])
+def test_residual_norm_kernel_matches_float64(rows, dim, block):
+    """Gemma 2/3's block boundary: h += out_norm * rmsnorm(y) on the float32 stream, then fp16 next_norm * rmsnorm(h)."""
+    g = gpu_case(rows * dim + len(block))
+    h = torch.randn(rows, dim, device="cuda", generator=g) * 300  # Gemma's stream outgrows fp16's comfort
+    y = (torch.randn(rows, dim, device="cuda", generator=g) * 20).half() if block != "none" else None
+    out_norm = (torch.rand(dim, device="cuda", generator=g) * 3).half() if block == "normalised" else None
+    nxt = (torch.rand(dim, device="cuda", generator=g) * 2 + 0.1).half()
+    eps = 1e-6
+    hd = h.double()
+    if y is not None:
+        yd = y.double()
+        hd = hd + (yd if out_norm is None else out_norm.double() * yd * torch.rsqrt(yd.pow(2).mean(-1, True) + eps))
+    ref = nxt.double() * hd * torch.rsqrt(hd.pow(2).mean(-1, True) + eps)
+    out = torch.full((rows, dim), float("nan"), device="cuda", dtype=torch.half)
+    kernels.residual_norm(y, out_norm, h, nxt, eps, out=out)
+    assert torch.isfinite(out).all()
+    assert ((h.double() - hd).abs().max() / hd.abs().max()).item() < 1e-6
+    assert ((out.double() - ref).abs() <= 1e-3 * ref.abs() + 1e-4).all()  # one fp16 rounding
+
+
+@needs_library
+@needs_gpu
 @pytest.mark.parametrize("m, inter", [(1, 1536), (6, 14336)])
 def test_silu_mul_kernel_matches_reference(m, inter):
     g = gpu_case(m + inter)
@@ -286,8 +354,9 @@ def test_silu_mul_kernel_matches_reference(m, inter):
 
 @needs_library
 @needs_gpu
-@pytest.mark.parametrize("m", [1, 3, 16, 20])
-def test_gated_gemm_equals_gemm_then_silu_gate(m):
+@pytest.mark.parametrize("m, activation", [(1, "silu"), (3, "silu"), (16, "silu"), (20, "silu"), (1, "gelu_tanh"),
+                                           (5, "gelu_tanh"), (1, "gelu"), (16, "gelu")])
+def test_gated_gemm_equals_gemm_then_the_gate(m, activation):
     from awq_edge.quant import QuantLinear
     from awq_edge.runtime.cuda import interleave_gate_up
 
@@ -299,9 +368,9 @@ def test_gated_gemm_equals_gemm_then_silu_gate(m):
     w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), k, 64)
     x = torch.randn(m, k, generator=gen).half().cuda()
     bias = lin.bias.half().cuda()
-    y = kernels.gemm_gated(x, w, bias)
-    ref = TorchOps().silu_mul(x.double() @ dequantize(lin.q, lin.scales, lin.zeros, 64).double().cuda().T
-                              + bias.double())
+    y = kernels.gemm_gated(x, w, bias, activation)
+    ref = TorchOps().gate_act(x.double() @ dequantize(lin.q, lin.scales, lin.zeros, 64).double().cuda().T
+                              + bias.double(), activation)
     assert torch.isfinite(y).all() and y.shape == (m, inter)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
 

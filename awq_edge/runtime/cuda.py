@@ -8,10 +8,12 @@ rides on its bias; it also writes gamma * h for the next norm), the gate/up GEMV
 epilogue), the down GEMV (+ residual, gamma * h): five launches per layer (layer 0's input norm is a kernel of
 its own), each overlapping the previous one's tail on Hopper (programmatic dependent launch), positions read from
 device memory, so one captured CUDA graph replays every step.
+The families' additions run in the same kernels: q/k norms (Qwen3, Gemma 3) and score soft-capping (Gemma 2) in
+the attention kernel, GELU gates (Gemma) in the gated GEMV's epilogue, and Gemma 2/3's norms around each block's
+output as one kernel per block boundary on a float32 residual stream (the block's output normalised and added,
+then the next product's input norm). PyTorch ops left in a step: the embedding lookup (and Gemma's scale), the
+logits' cast, soft-capping (Gemma 2) and argmax.
 Prefill runs the same layers on all prompt rows, with PyTorch's scaled_dot_product_attention over the cache.
-What the kernels lack is a PyTorch op on the GPU, inside the same graph: q/k norms (Qwen3, Gemma 3) before the
-rotary kernel, a GELU gate (Gemma) after an ungated GEMM, attention-score soft-capping (Gemma 2) over the whole
-cache, the norms around each block's output (Gemma 2/3), the embedding scale and logit soft-capping.
 
 `TorchOps` computes the same step with plain PyTorch: the reference the kernels are tested against, and what
 runs the decoder structure on a CPU in the tests.
@@ -235,8 +237,12 @@ class TorchOps:
         v = v_cache.float().masked_fill(~live[None, :, None], 0.0)
         return torch.einsum("kgt,ktd->kgd", p, v).reshape(1, -1).to(q.dtype)
 
-    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0):
-        """One token: rotary embedding, cache write, attention over positions 0 .. position[0]; [1, H * D]."""
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0,
+                         q_norm=None, k_norm=None, eps=0.0):
+        """One token: q/k norms (when given), rotary embedding, cache write, attention over positions 0 ..
+        position[0]; [1, H * D]."""
+        if q_norm is not None:
+            qkv = TorchOps.qk_norm(self, qkv, q_norm, k_norm, n_heads, k_cache.shape[0], eps)
         q = self.rope_kv(qkv, position, cos, sin, k_cache, v_cache, n_heads)
         return TorchOps.attention_decode(self, q, k_cache, v_cache, position, scale, window, softcap)
 
@@ -265,6 +271,14 @@ class TorchOps:
 
     def gate_up_act(self, x, lin: DeviceLinear, activation: str = "silu"):
         return self.gate_act(self.linear(x, lin), activation)
+
+    def residual_norm(self, y, out_norm, h, next_norm, eps):
+        """Gemma 2/3's block boundary on the float32 residual stream h (updated in place): h += out_norm *
+        rmsnorm(y) (out_norm None: + y; y None: nothing added); returns next_norm * rmsnorm(h) in next_norm's dtype,
+        the next product's input. As transformers' Gemma RMSNorm, all in float32."""
+        if y is not None:
+            h.add_(y.float() if out_norm is None else out_norm.float() * (y.float() * self._rstd(y, eps)))
+        return (next_norm.float() * (h * self._rstd(h, eps))).to(next_norm.dtype)
 
     def residual_linear(self, x, lin: DeviceLinear, residual, next_norm=None):
         """(linear(x) + residual, and next_norm * that as the next norm_linear's `prescaled`, or None)."""
@@ -327,25 +341,26 @@ class CudaOps(TorchOps):
                     activation: str = "silu"):
         if prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows:
             return super().norm_linear(x, norm_weight, eps, lin, gated, activation=activation)
-        if gated and activation != "silu":  # the kernel's gated epilogue is SiLU: the GELU gate in PyTorch
-            y = self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=False, rms_input=x, eps=eps)
-            return self.gate_act(y, activation)
-        return self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=gated, rms_input=x, eps=eps)
+        return self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=gated, rms_input=x, eps=eps,
+                                activation=activation)
 
     def rope_kv(self, qkv, positions, cos, sin, k_cache, v_cache, n_heads):
         q = torch.empty(qkv.shape[0], n_heads, k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
         return self.k.rope_kv(qkv, positions, cos, sin, q, k_cache, v_cache)
 
-    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0):
-        if softcap:  # the attention kernel has no soft-capping: rotary kernel, then PyTorch over the cache
-            return super().decode_attention(qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap)
+    def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0,
+                         q_norm=None, k_norm=None, eps=0.0):
         out = torch.empty(1, n_heads * k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
-        return self.k.decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, self.workspace, scale, window)
+        return self.k.decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, self.workspace, scale, window,
+                                       q_norm, k_norm, eps, softcap)
 
     def gate_up_act(self, x, lin: DeviceLinear, activation: str = "silu"):
-        if activation == "silu" and lin.packed is not None and x.shape[0] < self.dense_rows:
-            return self.k.gemm_gated(x, lin.packed, lin.bias)  # the SiLU gate in the GEMM's epilogue
+        if activation in self.k.GATES and lin.packed is not None and x.shape[0] < self.dense_rows:
+            return self.k.gemm_gated(x, lin.packed, lin.bias, activation)  # the gate in the GEMM's epilogue
         return self.gate_act(self.linear(x, lin), activation)
+
+    def residual_norm(self, y, out_norm, h, next_norm, eps):
+        return self.k.residual_norm(y, out_norm, h, next_norm, eps)
 
     def silu_mul(self, gate_up):
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
@@ -398,8 +413,8 @@ class CudaDecoder(PrefixCachedDecoder):
         self.embed_scale = torch.tensor(feats.embed_scale, dtype=weights.embed.dtype, device=device)
         # Gemma 2/3's residual stream outgrows fp16 (Gemma-3-270M's reaches 1.0e5 by layer 14): it is kept in
         # float32 there, the products still read fp16. The Llama block keeps its folded fp16 stream.
-        sandwich = any(L.attn_out_norm is not None for L in weights.layers)
-        self.stream_dtype = torch.float32 if sandwich else weights.embed.dtype
+        self.sandwich = any(L.attn_out_norm is not None for L in weights.layers)
+        self.stream_dtype = torch.float32 if self.sandwich else weights.embed.dtype
         shape = (d.kv_heads, weights.max_len, d.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
         self.v_cache = [torch.zeros(shape, dtype=weights.embed.dtype, device=device) for _ in weights.layers]
@@ -423,54 +438,54 @@ class CudaDecoder(PrefixCachedDecoder):
         self.tokens = []  # cache rows past len(tokens) are never read
 
     def _hidden(self, ids, positions, past):
-        """Final hidden states [M, hidden] for ids [M] at positions (int32 [M]); past: host count, or None in a
-        single-token step (attention then reads the position from the device)."""
+        """The final norm's output [M, hidden] (the head's input) for ids [M] at positions (int32 [M]); past: host
+        count, or None in a single-token step (attention then reads the position from the device)."""
         w, ops, d, feats = self.w, self.ops, self.w.dims, self.w.features
         h = F.embedding(ids, w.embed)
         if feats.embed_scale != 1.0:
             h = h * self.embed_scale
         h = h.to(self.stream_dtype)
+        if self.sandwich:  # Gemma 2/3: each block's output is normalised into the float32 stream (residual_norm)
+            x = ops.residual_norm(None, None, h, w.layers[0].input_norm, d.eps)
+            for i, L in enumerate(w.layers):
+                a = self._attend(i, L, ops.linear(x, L.qkv), positions, past)
+                x = ops.residual_norm(ops.linear(a, L.o), L.attn_out_norm, h, L.post_norm, d.eps)
+                act = ops.gate_up_act(x, L.gate_up, feats.activation)
+                nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.norm
+                x = ops.residual_norm(ops.linear(act, L.down), L.mlp_out_norm, h, nxt, d.eps)
+            return x
         g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
         for i, L in enumerate(w.layers):
-            if L.attn_out_norm is None:
-                qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
-                a = self._attend(i, L, qkv, positions, past)
-                h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
-                act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
-                                      activation=feats.activation)
-                nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
-                h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
-            else:  # Gemma 2/3: each block's output is normalised before the residual add, so no norm folds
-                a = self._attend(i, L, ops.linear(self._norm(h, L.input_norm), L.qkv), positions, past)
-                h = h + self._norm(ops.linear(a, L.o), L.attn_out_norm, self.stream_dtype)
-                act = ops.gate_up_act(self._norm(h, L.post_norm), L.gate_up, feats.activation)
-                h = h + self._norm(ops.linear(act, L.down), L.mlp_out_norm, self.stream_dtype)
-        return h
+            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
+            a = self._attend(i, L, qkv, positions, past)
+            h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
+            act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
+                                  activation=feats.activation)
+            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
+            h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
+        return self._norm(h, w.norm)
 
     def _attend(self, i, L: Layer, qkv, positions, past):
         """Attention of layer i from its qkv product: q/k norms, rotary embedding, cache write, attention."""
         w, ops, d, feats = self.w, self.ops, self.w.dims, self.w.features
-        if L.q_norm is not None:
-            qkv = ops.qk_norm(qkv, L.q_norm, L.k_norm, d.heads, d.kv_heads, d.eps)
         kc, vc = self.k_cache[i], self.v_cache[i]
         cos, sin = (w.cos, w.sin) if L.cos is None else (L.cos, L.sin)
         window = d.window if L.window is None else L.window
-        if past is None:
+        if past is None:  # one kernel: q/k norms, rotation, cache write, attention
             return ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window,
-                                        feats.attn_softcap)
+                                        feats.attn_softcap, L.q_norm, L.k_norm, d.eps)
+        if L.q_norm is not None:
+            qkv = ops.qk_norm(qkv, L.q_norm, L.k_norm, d.heads, d.kv_heads, d.eps)
         q = ops.rope_kv(qkv, positions, cos, sin, kc, vc, d.heads)
         return _prefill_attention(q, kc, vc, past, self.scale, window, feats.attn_softcap)
 
-    def _norm(self, h, weight, dtype=None):
-        """RMSNorm of h as the input of a product (the weights' dtype), or in `dtype`; a float32 residual stream
-        is normalised in PyTorch, in float32."""
-        if h.dtype == weight.dtype and dtype in (None, h.dtype):
-            return self.ops.rmsnorm(h, weight, self.w.dims.eps)
-        y = TorchOps.rmsnorm(self.ops, h.float(), weight.float(), self.w.dims.eps)
-        return y.to(dtype or weight.dtype)
+    def _norm(self, h, weight):
+        """RMSNorm of the Llama block's residual stream h (the weights' dtype) as the input of a product."""
+        return self.ops.rmsnorm(h, weight, self.w.dims.eps)
 
-    def _logits(self, h):
-        logits = self.ops.linear(self._norm(h, self.w.norm), self.w.lm_head).float()
+    def _logits(self, x):
+        """fp32 logits of the final norm's output x."""
+        logits = self.ops.linear(x, self.w.lm_head).float()
         cap = self.w.features.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -13,6 +13,7 @@ from awq_edge.errors import AwqEdgeError
 LIB_ENV = "AWQ_EDGE_KERNELS_LIB"
 DEFAULT_LIB = Path(__file__).resolve().parents[2] / "plugins" / "build" / "libawq_edge_kernels.so"
 BLOCK_SIZES = (32, 64, 128)
+GATES = {"silu": 1, "gelu_tanh": 2, "gelu": 3}  # the gated epilogue's activations (awq_edge.arch.spec.ACTIVATIONS)
 OK, INVALID_ARGUMENT, UNSUPPORTED, CUDA_ERROR = 0, 1, 2, 3
 _FIXES = {
     INVALID_ARGUMENT: "pass contiguous CUDA tensors of the shapes, dtypes and alignment in awq_edge_kernels.h",
@@ -35,6 +36,9 @@ _SIGNATURES = {
     "awqe_attention_workspace_bytes": ([_int, _int, _int], _size),
     "awqe_decode_attention_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
                                    _vp, _size, _vp], _int),
+    "awqe_decode_attention_ex_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
+                                      _vp, _vp, ctypes.c_float, ctypes.c_float, _vp, _size, _vp], _int),
+    "awqe_residual_norm_f16": ([_vp, _vp, _vp, _vp, _vp, _int, _int, ctypes.c_float, _vp], _int),
     "awqe_gemm_gated_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp], _int),
     "awqe_gemm_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp, ctypes.c_float, _vp, _vp, _vp],
                            _int),
@@ -225,9 +229,11 @@ def attention_workspace(n_heads: int, head_dim: int, max_len: int, device) -> to
 
 def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor,
-                     scale: float, window: int = 0) -> torch.Tensor:
+                     scale: float, window: int = 0, q_norm: torch.Tensor | None = None,
+                     k_norm: torch.Tensor | None = None, eps: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """One decode step: rotate q and k of qkv [1, (H + 2 KV) * D] at position[0] (int32 on the GPU), write k and v
-    into the caches [KV, L, D], and out [1, H * D] = attention over positions 0 .. position[0]."""
+    into the caches [KV, L, D], and out [1, H * D] = attention over positions 0 .. position[0]. q_norm and k_norm
+    ([D], both or neither): each head's RMSNorm before the rotation; softcap > 0: scores capped by tanh."""
     _f16(qkv, k_cache, v_cache, out)
     n_kv, max_len, d = k_cache.shape
     n_heads = out.numel() // d
@@ -235,27 +241,61 @@ def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tenso
              "attention: position must be int32 on the GPU and qkv hold one token's q, k and v",
              "pass the decoder's buffers")
     _require_rope_tables("attention", cos, sin, max_len, d)
+    _require((q_norm is None) == (k_norm is None), "attention: pass both q_norm and k_norm or neither",
+             "pass the layer's two head norms")
+    if q_norm is not None:
+        _f16(q_norm, k_norm)
+        _require(q_norm.numel() == d and k_norm.numel() == d, f"attention: q_norm and k_norm must be [{d}]",
+                 "pass the per-head norm weights")
     lib = load_library()
-    check(lib, lib.awqe_decode_attention_f16(qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                             k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv, d,
-                                             max_len, window, scale, workspace.data_ptr(), workspace.numel() * 8,
-                                             _stream(qkv.device)))
+    check(lib, lib.awqe_decode_attention_ex_f16(qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv,
+                                                d, max_len, window, scale, _ptr(q_norm), _ptr(k_norm), eps, softcap,
+                                                workspace.data_ptr(), workspace.numel() * 8, _stream(qkv.device)))
     return out
 
 
-def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y [..., n/2] = fp16(silu(gate)) * up for W whose rows alternate gate/up in blocks of 8
+def residual_norm(y: torch.Tensor | None, out_norm: torch.Tensor | None, h: torch.Tensor, next_norm: torch.Tensor,
+                  eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gemma 2/3's block boundary: h (fp32 [rows, dim], in place) += out_norm * rmsnorm(y) (out_norm None: + y; y None:
+    nothing), then fp16 next_norm * rmsnorm(h), returned (in `out` when given)."""
+    _require(h.is_cuda and h.dtype == torch.float32 and h.is_contiguous(),
+             f"residual_norm: h must be a contiguous fp32 CUDA tensor, got {h.dtype} {tuple(h.shape)}",
+             "keep the residual stream in float32 on the GPU")
+    dim = h.shape[-1]
+    for t in (y, out_norm):
+        if t is not None:
+            _f16(t)
+    _f16(next_norm)
+    _require(next_norm.numel() == dim and (out_norm is None or out_norm.numel() == dim)
+             and (y is None or y.numel() == h.numel()),
+             "residual_norm: y must have h's size and the norms [dim]", "pass the block output and the layer's norms")
+    if out is None:
+        out = torch.empty(h.shape, dtype=torch.float16, device=h.device)
+    _f16(out)
+    _require(out.numel() == h.numel(), "residual_norm: out must have h's size", "let residual_norm allocate it")
+    lib = load_library()
+    check(lib, lib.awqe_residual_norm_f16(_ptr(y), _ptr(out_norm), h.data_ptr(), next_norm.data_ptr(), out.data_ptr(),
+                                          h.numel() // dim, dim, eps, _stream(h.device)))
+    return out
+
+
+def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None,
+               activation: str = "silu") -> torch.Tensor:
+    """y [..., n/2] = fp16(act(gate)) * up for W whose rows alternate gate/up in blocks of 8
     (awq_edge.runtime.cuda.interleave_gate_up): gemm_norm with the gate and no norm folded in."""
-    return gemm_norm(x, w, bias, gated=True)
+    return gemm_norm(x, w, bias, gated=True, activation=activation)
 
 
 def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, gated: bool = False,
               rms_input: torch.Tensor | None = None, eps: float = 0.0, norm_weight: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, norm_out: torch.Tensor | None = None):
+              out: torch.Tensor | None = None, norm_out: torch.Tensor | None = None, activation: str = "silu"):
     """The product with RMSNorms folded in (see awqe_gemm_norm_f16): y = rsqrt(mean(rms_input^2) + eps) *
     (x @ W^T) + bias, where x = norm weight * rms_input was pre-scaled (by the previous call's norm_out); gated
-    adds the SiLU gate of gemm_gated. With norm_weight, also norm_out = fp16(norm_weight * y). Returns y, or
-    (y, norm_out) when norm_weight is given."""
+    adds the gate of gemm_gated with `activation` (a key of GATES). With norm_weight, also norm_out =
+    fp16(norm_weight * y). Returns y, or (y, norm_out) when norm_weight is given."""
+    _require(activation in GATES, f"gate activation {activation!r} is not one of {', '.join(GATES)}",
+             "run this MLP's gate in PyTorch")
     x2, bias = _gemm_inputs(x, w, bias)
     m, n_out = x2.shape[0], w.n // 2 if gated else w.n
     if out is None:
@@ -277,7 +317,8 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
     lib = load_library()
     with torch.cuda.device(x.device):
         check(lib, lib.awqe_gemm_norm_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), m, w.n, w.k,
-                                          w.block_size, int(gated), _ptr(rms_input), eps, _ptr(norm_weight),
+                                          w.block_size, GATES[activation] if gated else 0, _ptr(rms_input), eps,
+                                          _ptr(norm_weight),
                                           _ptr(norm_out) if norm_weight is not None else None, _stream(x.device)))
     return out if norm_weight is None else (out, norm_out)
 

@@ -100,6 +100,25 @@ AWQE_API awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* p
                                                int n_kv, int head_dim, int max_len, int window, float scale,
                                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+/* awqe_decode_attention_f16 with what some families add: q_norm and k_norm (fp16 [head_dim], both or neither) are
+ * RMSNorms over each head of q and k before the rotation (Qwen3, Gemma 3), w * fp16(x * rsqrt(mean(x^2) + eps)) as
+ * awqe_rmsnorm_f16 rounds; softcap > 0 caps the scaled scores at softcap * tanh(score / softcap) (Gemma 2). */
+AWQE_API awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* position, const float* cos,
+                                                  const float* sin, void* k_cache, void* v_cache, void* out,
+                                                  int n_heads, int n_kv, int head_dim, int max_len, int window,
+                                                  float scale, const void* q_norm_or_null, const void* k_norm_or_null,
+                                                  float norm_eps, float softcap, void* workspace,
+                                                  size_t workspace_bytes, cudaStream_t stream);
+
+/* Gemma 2/3's block boundary in one kernel, on the float32 residual stream h [rows, dim] (updated in place):
+ * h += out_norm * (y * rsqrt(mean(y^2) + eps)) for the block's fp16 output y [rows, dim] (out_norm NULL: h += y;
+ * y NULL: h is left as it is), then x [rows, dim] = fp16(next_norm * (h * rsqrt(mean(h^2) + eps))), the next
+ * product's input. Arithmetic in fp32, as transformers' Gemma RMSNorm; the norms hold the factor they multiply by
+ * (Gemma's 1 + w). dim even; h 8-byte aligned, the others 4-byte aligned; x may not alias y or h. */
+AWQE_API awqe_status awqe_residual_norm_f16(const void* y_or_null, const void* out_norm_or_null, float* h,
+                                            const void* next_norm, void* x, int rows, int dim, float eps,
+                                            cudaStream_t stream);
+
 /* out [M, inter] = fp16(silu(gate)) * up for gate_up [M, 2 * inter] whose columns alternate in blocks of 8
  * between gate and up (the layout of awqe_gemm_gated_f16's weights); inter a multiple of 8. */
 AWQE_API awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream);
@@ -112,7 +131,8 @@ AWQE_API awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, 
 
 /* The decode step's RMSNorms folded into the products on both sides, so no norm kernel runs between them:
  * y [M, N] = rsqrt(mean(h^2) + eps) * (x @ W^T) (+ bias), with h = rms_input [M, K] and x = norm weight * h (fp16)
- * written by the product before (norm_out below); with gated, then the SiLU gate of awqe_gemm_gated_f16.
+ * written by the product before (norm_out below); gated (W as awqe_gemm_gated_f16's): y [M, N / 2] =
+ * fp16(act(fp16(gate))) * up with act 1 SiLU, 2 GELU with the tanh approximation (Gemma), 3 GELU with erf; 0 none.
  * rms_input NULL: no norm on the input. norm_weight [N] non-NULL (not with gated): also
  * norm_out [M, N] = fp16(norm_weight * y), the pre-scaled x of the next folded norm (y's own values rounded).
  * Equals awqe_rmsnorm_f16 then awqe_gemm_f16 up to fp16 rounding: the norm weight is applied before 1/rms, not

@@ -170,7 +170,10 @@ awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void
                                int M, int N, int K, int block_size, int gated, const void* rms_input_or_null,
                                float eps, const void* norm_weight_or_null, void* norm_out_or_null,
                                cudaStream_t stream) {
-    awqe::GemmFold f = plain(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, gated ? 1 : 0);
+    if (gated < 0 || gated > 3)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "gated must be 0 (none), 1 (SiLU), 2 (GELU-tanh) or 3 (GELU), got %d",
+                    gated);
+    awqe::GemmFold f = plain(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, gated);
     f.rms_x = static_cast<const uint16_t*>(rms_input_or_null);
     f.eps = eps;
     f.norm_w = static_cast<const uint16_t*>(norm_weight_or_null);
@@ -220,10 +223,11 @@ size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int max_len) {
     return awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
 }
 
-awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, const float* cos, const float* sin,
-                                      void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
-                                      int max_len, int window, float scale, void* workspace, size_t workspace_bytes,
-                                      cudaStream_t stream) {
+awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* position, const float* cos, const float* sin,
+                                         void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
+                                         int max_len, int window, float scale, const void* q_norm_or_null,
+                                         const void* k_norm_or_null, float norm_eps, float softcap, void* workspace,
+                                         size_t workspace_bytes, cudaStream_t stream) {
     if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256)
         return fail(AWQE_ERR_UNSUPPORTED, "attention: head_dim must be 32, 64, 96, 128 or 256, got %d", head_dim);
     if (n_heads < 1 || n_kv < 1 || n_heads % n_kv || max_len < 1 || window < 0)
@@ -235,12 +239,46 @@ awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, 
     if (!qkv || !position || !cos || !sin || !k_cache || !v_cache || !out || !aligned(qkv, 4) ||
         !aligned(k_cache, 4) || !aligned(v_cache, 4) || !aligned(out, 2))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: a pointer is null, or qkv/caches are not 4-byte aligned");
+    if (!q_norm_or_null != !k_norm_or_null || (q_norm_or_null && (!aligned(q_norm_or_null, 2) ||
+                                                                  !aligned(k_norm_or_null, 2) || !(norm_eps >= 0.f))))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: q_norm and k_norm must both be given (2-byte aligned, "
+                    "eps >= 0) or both be null");
+    if (!(softcap >= 0.f)) return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: softcap must be >= 0 (0: none)");
     const size_t need = awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
     if (!workspace || !aligned(workspace, 8) || workspace_bytes < need)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: workspace must be 8-byte aligned and hold %zu bytes", need);
+    awqe::AttentionExtras extras;
+    extras.q_norm = q_norm_or_null, extras.k_norm = k_norm_or_null, extras.norm_eps = norm_eps;
+    extras.softcap = softcap;
     return cuda_status(awqe::launch_decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, n_heads, n_kv,
-                                                     head_dim, max_len, window, scale, workspace, stream),
+                                                     head_dim, max_len, window, scale, extras, workspace, stream),
                        "attention launch");
+}
+
+awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, const float* cos, const float* sin,
+                                      void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
+                                      int max_len, int window, float scale, void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream) {
+    return awqe_decode_attention_ex_f16(qkv, position, cos, sin, k_cache, v_cache, out, n_heads, n_kv, head_dim,
+                                        max_len, window, scale, nullptr, nullptr, 0.f, 0.f, workspace, workspace_bytes,
+                                        stream);
+}
+
+awqe_status awqe_residual_norm_f16(const void* y_or_null, const void* out_norm_or_null, float* h, const void* next_norm,
+                                   void* x, int rows, int dim, float eps, cudaStream_t stream) {
+    if (rows < 0 || dim < 2 || dim % 2)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm needs rows >= 0 and an even dim >= 2, got %d x %d", rows,
+                    dim);
+    if (!(eps >= 0.f)) return fail(AWQE_ERR_INVALID_ARGUMENT, "eps must be >= 0");
+    if (!h || !next_norm || !x || !aligned(h, 8) || !aligned(next_norm, 4) || !aligned(x, 4) ||
+        (y_or_null && !aligned(y_or_null, 4)) || (out_norm_or_null && !aligned(out_norm_or_null, 4)))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm: h (8-byte aligned), next_norm and x (4-byte aligned) "
+                    "must be non-null, y and out_norm 4-byte aligned where given");
+    if (x == y_or_null || x == static_cast<const void*>(h))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm: x must not alias y or h");
+    if (rows == 0) return AWQE_OK;
+    return cuda_status(awqe::launch_residual_norm(y_or_null, out_norm_or_null, h, next_norm, x, rows, dim, eps, stream),
+                       "residual_norm launch");
 }
 
 awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream) {

@@ -72,6 +72,108 @@ rmsnorm_kernel(const __half2* x, const __half2* __restrict__ w, __half2* __restr
     }
 }
 
+// ---- Gemma 2/3's block boundary: the block's output normalised into the float32 residual stream, then the next
+// product's input norm, in one pass (the stream and the output are read once) ----
+
+constexpr int kResThreads = 512;
+constexpr int kResHeld = 8;  // float2 of h (and of y) a thread keeps in registers: rows up to 8192 values
+
+// The sum of v over the block; `partial` holds kResThreads / 32 floats and may be reused right after.
+__device__ __forceinline__ float block_sum(float v, float* partial) {
+    v = warp_sum(v);
+    __syncthreads();  // an earlier call's readers are done with `partial`
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < kResThreads / 32; ++i) total += partial[i];
+    return total;
+}
+
+// h += out_w * (y * rsqrt(mean(y^2) + eps)) (out_w null: h += y; y null: h as it is), then
+// x = fp16(next_w * (h * rsqrt(mean(h^2) + eps))). Rows of up to 2 * kResThreads * kResHeld values stay in
+// registers; longer rows go through memory twice.
+__global__ void __launch_bounds__(kResThreads)
+residual_norm_kernel(const __half2* y, const __half2* __restrict__ out_w, float2* h,
+                     const __half2* __restrict__ next_w, __half2* x, int dim2, float eps) {
+    __shared__ float partial[kResThreads / 32];
+    pdl_launch_dependents();
+    pdl_wait();
+    const size_t base = (size_t)blockIdx.x * dim2;
+    float2* hr = h + base;  // y, h and x are written by kernels before this one: plain loads (pdl.cuh)
+    const __half2* yr = y ? y + base : nullptr;
+    __half2* xr = x + base;
+    const float n = 2.f * dim2;
+    if (dim2 <= kResThreads * kResHeld) {
+        float2 hv[kResHeld], yv[kResHeld];
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < kResHeld; ++j) {  // every load before any use: one memory latency
+            const int i = threadIdx.x + j * kResThreads;
+            hv[j] = i < dim2 ? hr[i] : make_float2(0.f, 0.f);
+            yv[j] = yr && i < dim2 ? __half22float2(yr[i]) : make_float2(0.f, 0.f);
+        }
+        if (yr) {
+            float r = 1.f;
+            if (out_w) {
+#pragma unroll
+                for (int j = 0; j < kResHeld; ++j) ss += yv[j].x * yv[j].x + yv[j].y * yv[j].y;
+                r = rsqrtf(block_sum(ss, partial) / n + eps);
+            }
+#pragma unroll
+            for (int j = 0; j < kResHeld; ++j) {
+                const int i = threadIdx.x + j * kResThreads;
+                if (i >= dim2) continue;
+                const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
+                hv[j].x += out_w ? w.x * (yv[j].x * r) : yv[j].x;
+                hv[j].y += out_w ? w.y * (yv[j].y * r) : yv[j].y;
+                hr[i] = hv[j];
+            }
+        }
+        ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < kResHeld; ++j) ss += hv[j].x * hv[j].x + hv[j].y * hv[j].y;
+        const float r = rsqrtf(block_sum(ss, partial) / n + eps);
+#pragma unroll
+        for (int j = 0; j < kResHeld; ++j) {
+            const int i = threadIdx.x + j * kResThreads;
+            if (i >= dim2) continue;
+            const float2 w = __half22float2(next_w[i]);
+            xr[i] = __floats2half2_rn(w.x * (hv[j].x * r), w.y * (hv[j].y * r));
+        }
+        return;
+    }
+    float ss = 0.f;
+    if (yr) {
+        float r = 1.f;
+        if (out_w) {
+            for (int i = threadIdx.x; i < dim2; i += kResThreads) {
+                const float2 u = __half22float2(yr[i]);
+                ss += u.x * u.x + u.y * u.y;
+            }
+            r = rsqrtf(block_sum(ss, partial) / n + eps);
+        }
+        for (int i = threadIdx.x; i < dim2; i += kResThreads) {  // each thread re-reads only what it wrote
+            const float2 u = __half22float2(yr[i]);
+            const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
+            float2 v = hr[i];
+            v.x += out_w ? w.x * (u.x * r) : u.x;
+            v.y += out_w ? w.y * (u.y * r) : u.y;
+            hr[i] = v;
+        }
+    }
+    ss = 0.f;
+    for (int i = threadIdx.x; i < dim2; i += kResThreads) {
+        const float2 v = hr[i];
+        ss += v.x * v.x + v.y * v.y;
+    }
+    const float r = rsqrtf(block_sum(ss, partial) / n + eps);
+    for (int i = threadIdx.x; i < dim2; i += kResThreads) {
+        const float2 v = hr[i], w = __half22float2(next_w[i]);
+        xr[i] = __floats2half2_rn(w.x * (v.x * r), w.y * (v.y * r));
+    }
+}
+
 // ---- Rotary embedding (half-split, as Llama/NeoX) and the cache write ----
 // Block (m, head) over q heads, then k heads, then v heads; thread i < D/2 rotates the pair (i, i + D/2).
 
@@ -130,12 +232,21 @@ __device__ __forceinline__ void load_row(const __half* p, float (&out)[E]) {
 
 // Half-split rotary embedding of one head held E values per lane: lane l's partner values sit in lane l ^ 16;
 // c and sn are the lane's cos and sin values (load_rope). Results are rounded to fp16, as the model's rotated q
-// and k are.
+// and k are. norm_w non-null: the head's RMSNorm first (Qwen3's and Gemma 3's q/k norms), rounded as
+// awqe_rmsnorm_f16 rounds: w * fp16(x * rsqrt(mean(x^2) + eps)).
 template <int E>
-__device__ __forceinline__ void rotate_head(const __half* src, const float (&c)[E], const float (&sn)[E], int lane,
-                                            float (&out)[E]) {
+__device__ __forceinline__ void rotate_head(const __half* src, const __half* norm_w, float eps, const float (&c)[E],
+                                            const float (&sn)[E], int lane, float (&out)[E]) {
     float own[E];
     load_row<E>(src + lane * E, own);
+    if (norm_w) {
+        float ss = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) ss += own[e] * own[e];
+        const float r = rsqrtf(warp_sum(ss) / (32 * E) + eps);
+#pragma unroll
+        for (int e = 0; e < E; ++e) own[e] = h2f(__hmul(__float2half_rn(own[e] * r), norm_w[lane * E + e]));
+    }
     const float sign = lane < 16 ? -1.f : 1.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -161,7 +272,8 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
                         const float* __restrict__ cos_t, const float* __restrict__ sin_t, __half* __restrict__ k_cache,
                         __half* __restrict__ v_cache, __half* __restrict__ out, float* __restrict__ ws_o,
                         float2* __restrict__ ws_ml, unsigned* __restrict__ tickets, int n_heads, int n_kv,
-                        int max_len, int window, int max_splits, float scale) {
+                        int max_len, int window, int max_splits, float scale, const __half* __restrict__ q_norm,
+                        const __half* __restrict__ k_norm, float norm_eps, float softcap) {
     constexpr int D = 32 * E;
     pdl_launch_dependents();
 #ifdef AWQE_ATTN_WAIT_FIRST  // diagnostic build: every read after the wait (bench/NOTES.md, r7b)
@@ -204,7 +316,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
     pdl_wait();  // qkv is written from here on
 
     float qv[E];
-    rotate_head<E>(qkv + (size_t)head * D, rc, rs, lane, qv);
+    rotate_head<E>(qkv + (size_t)head * D, q_norm, norm_eps, rc, rs, lane, qv);
 #pragma unroll
     for (int e = 0; e < E; ++e) qv[e] *= scale;
 
@@ -212,7 +324,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
     const bool holds_new = split == n_splits - 1;  // the new token is the last position
     if (holds_new && warp == 0) {
         float nk[E];
-        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, rc, rs, lane, nk);
+        rotate_head<E>(qkv + (size_t)(n_heads + kvh) * D, k_norm, norm_eps, rc, rs, lane, nk);
         const __half* vsrc = qkv + (size_t)(n_heads + n_kv + kvh) * D + lane * E;
         __half* kdst = k_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
         __half* vdst = v_cache + ((size_t)kvh * max_len + pos) * D + lane * E;
@@ -246,6 +358,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
 #pragma unroll
     for (int j = 0; j < kKeysPerWarp; ++j) {
         s[j] = warp_sum(s[j]);
+        if (softcap > 0.f) s[j] = softcap * tanhf(s[j] / softcap);  // Gemma 2's score soft-capping
         const int t = first + j;
         s[j] = (t >= lo && t < length) ? s[j] : -FLT_MAX;
         m = fmaxf(m, s[j]);
@@ -361,7 +474,7 @@ __global__ void silu_mul_kernel(const __half* gate_up, __half* __restrict__ out,
 template <int E>
 cudaError_t launch_attention_e(const void* qkv, const int* position, const float* cos_t, const float* sin_t,
                                void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int max_len, int window,
-                               float scale, void* workspace, cudaStream_t stream) {
+                               float scale, const AttentionExtras& x, void* workspace, cudaStream_t stream) {
     const int max_splits = (max_len + kSplitKeys - 1) / kSplitKeys;
     float* ws_o = static_cast<float*>(workspace);
     float2* ws_ml = reinterpret_cast<float2*>(ws_o + (size_t)n_heads * max_splits * 32 * E);
@@ -369,7 +482,8 @@ cudaError_t launch_attention_e(const void* qkv, const int* position, const float
     return launch_pdl(decode_attention_kernel<E>, dim3(n_heads, max_splits), dim3(kAttnThreads), 0, stream,
                       static_cast<const __half*>(qkv), position, cos_t, sin_t, static_cast<__half*>(k_cache),
                       static_cast<__half*>(v_cache), static_cast<__half*>(out), ws_o, ws_ml, tickets, n_heads, n_kv,
-                      max_len, window, max_splits, scale);
+                      max_len, window, max_splits, scale, static_cast<const __half*>(x.q_norm),
+                      static_cast<const __half*>(x.k_norm), x.norm_eps, x.softcap);
 }
 
 }  // namespace
@@ -384,6 +498,13 @@ cudaError_t launch_rmsnorm(const void* x, const void* w, void* y, int rows, int 
                       static_cast<const __half2*>(w), static_cast<__half2*>(y), dim / 2, eps);
 }
 
+cudaError_t launch_residual_norm(const void* y, const void* out_w, float* h, const void* next_w, void* x, int rows,
+                                 int dim, float eps, cudaStream_t stream) {
+    return launch_pdl(residual_norm_kernel, dim3(rows), dim3(kResThreads), 0, stream, static_cast<const __half2*>(y),
+                      static_cast<const __half2*>(out_w), reinterpret_cast<float2*>(h),
+                      static_cast<const __half2*>(next_w), static_cast<__half2*>(x), dim / 2, eps);
+}
+
 cudaError_t launch_rope_kv(const void* qkv, const int* positions, const float* cos_t, const float* sin_t, void* q_out,
                            void* k_cache, void* v_cache, int M, int n_heads, int n_kv, int head_dim, int max_len,
                            cudaStream_t stream) {
@@ -394,11 +515,12 @@ cudaError_t launch_rope_kv(const void* qkv, const int* positions, const float* c
 
 cudaError_t launch_decode_attention(const void* qkv, const int* position, const float* cos_t, const float* sin_t,
                                     void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
-                                    int max_len, int window, float scale, void* workspace, cudaStream_t stream) {
+                                    int max_len, int window, float scale, const AttentionExtras& extras,
+                                    void* workspace, cudaStream_t stream) {
 #define AWQE_ATTENTION_CASE(E)                                                                                     \
     case 32 * E:                                                                                                    \
         return launch_attention_e<E>(qkv, position, cos_t, sin_t, k_cache, v_cache, out, n_heads, n_kv, max_len,    \
-                                     window, scale, workspace, stream);
+                                     window, scale, extras, workspace, stream);
     switch (head_dim) {
         AWQE_ATTENTION_CASE(1)
         AWQE_ATTENTION_CASE(2)

@@ -349,6 +349,14 @@ __device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, 
     }
 }
 
+// The gate's activation in fp32 from its fp16 value, as PyTorch computes F.silu and F.gelu on fp16 tensors (the
+// caller rounds the result): kind 1 SiLU, 2 GELU with the tanh approximation (Gemma), 3 GELU with erf.
+__device__ __forceinline__ float gate_activation(int kind, float x) {
+    if (kind == 2) return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    if (kind == 3) return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+    return x / (1.f + __expf(-x));
+}
+
 // Block = the warps sharing one 16-row tile (and one slice of 8 * MT batch rows); MT mma n-tiles of 8 rows.
 // Warp w takes the chunks [w * per_warp, (w + 1) * per_warp) of the tile; per_warp is even.
 // Dynamic shared memory: each warp's ring of kDepth stages (sm_80+), then the cross-warp partial sums.
@@ -417,7 +425,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs 
             for (int i = 0; i < 4; ++i) acc[j][i] *= rs[j][i & 1];
     }
     // Accumulator fragment: element i is row g + 8 (i / 2) of the tile, batch row 2t + (i % 2) of the n-tile.
-    if (a.gated) {  // rows g (gate) and g + 8 (up) of a tile are one output: fp16(silu(gate)) * up, as PyTorch rounds
+    if (a.gated) {  // rows g (gate) and g + 8 (up) of a tile are one output: fp16(act(gate)) * up, as PyTorch rounds
         const int n = tile * (kTileRows / 2) + g, n_out = N / 2;
 #pragma unroll
         for (int j = 0; j < MT; ++j)
@@ -430,8 +438,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs 
                     gv += __half2float(__ushort_as_half(a.bias[tile * kTileRows + g]));
                     uv += __half2float(__ushort_as_half(a.bias[tile * kTileRows + g + 8]));
                 }
-                const float gate = __half2float(__float2half_rn(gv));
-                const __half act = __float2half_rn(gate / (1.f + __expf(-gate)));
+                const __half act = __float2half_rn(gate_activation(a.gated, __half2float(__float2half_rn(gv))));
                 a.y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
             }
         return;

@@ -61,7 +61,8 @@ struct GemmFold {
     const uint16_t* bias;  // or null
     uint16_t* y;
     int M, N, K;
-    // W's rows alternate in blocks of 8 between gate and up rows (N/2 of each); y [M, N/2] = fp16(silu(gate)) * up.
+    // Non-zero: W's rows alternate in blocks of 8 between gate and up rows (N/2 of each); y [M, N/2] =
+    // fp16(act(gate)) * up with act SiLU (1), GELU-tanh (2) or GELU-erf (3). 0: a plain product.
     int gated;
     // x = gamma * h pre-scaled by the caller and rms_x = h [M, K]: the sums are scaled by rsqrt(mean(h^2) + eps),
     // an RMSNorm folded into the product (before bias and gate). Null: none.
