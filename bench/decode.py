@@ -698,6 +698,7 @@ def main():
     result["transformers"] = transformers.__version__
     result["kernels_library"] = str(kernels.library_path())
     result["label"] = args.label
+    result["command"] = " ".join(["python -P bench/decode.py", *sys.argv[1:]])
     print(f"{result['device']}: copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     global SAVE
 

@@ -5,6 +5,7 @@ import json
 import math
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def main() -> None:
         "read_bandwidth_Bps": read_bandwidth(), "launch_floor_s": launch_floor(),
         "timing": "median per call over 20 CUDA-event-timed graph replays, each of >= 32 calls cycling over "
                   "weight sets totalling >= 2.5x L2",
-        "shapes": [],
+        "shapes": [], "command": " ".join(["python -P bench/kernels.py", *sys.argv[1:]]),
     }
     gen = torch.Generator().manual_seed(0)
     for n, k in SHAPES:

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 # Figure -> the results files (in --results) it is drawn from, in the order read. tests/test_plot.py checks that
 # the README or docs/results.md cites each of them.
-SOURCES = {"decode_vs_limit.png": ("decode.json", "decode_smollm2.json"),
+SOURCES = {"decode_vs_limit.png": ("decode_families.json",),
            "ppl_vs_size.png": ("onnx_g32.json", "onnx_defaults.json", "onnx_defaults_g64.json"),
            "quantiser_phases.png": ("quantize_cpu.json",)}
 # Runtime keys of bench/decode.py's results -> legend names, in the order drawn.
@@ -57,11 +57,12 @@ def save(fig, out: Path, name: str, sources: list) -> Path:
 
 def decode_figure(runs: list, out: Path, sources: list) -> Path:
     """Batch-1 decode tok/s per model and runtime, the bandwidth limit drawn over each model's bars."""
-    models = [(label, name, m) for label, r in runs for name, m in r["models"].items()]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    width = 0.8 / len(DECODE_RUNTIMES)
-    for j, (key, legend) in enumerate(DECODE_RUNTIMES.items()):
-        xs = [i + (j - (len(DECODE_RUNTIMES) - 1) / 2) * width for i, (_, _, m) in enumerate(models) if key in m]
+    models = [("real" if "checkpoint_dir" in m else label, name, m) for label, r in runs for name, m in r["models"].items()]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(models)), 4.6))
+    shown_runtimes = {k: v for k, v in DECODE_RUNTIMES.items() if any(k in m for _, _, m in models)}
+    width = 0.8 / len(shown_runtimes)
+    for j, (key, legend) in enumerate(shown_runtimes.items()):
+        xs = [i + (j - (len(shown_runtimes) - 1) / 2) * width for i, (_, _, m) in enumerate(models) if key in m]
         ys = [m[key]["tok_s"] for _, _, m in models if key in m]
         ax.bar(xs, ys, width, label=legend)
     for i, (_, _, m) in enumerate(models):
@@ -151,8 +152,7 @@ def main() -> int:
 
     decode = read("decode_vs_limit.png")
     if decode:
-        labels = {"decode.json": "random weights", "decode_smollm2.json": "real weights"}
-        runs = [(labels.get(p.name, p.stem), r) for p, r in decode]
+        runs = [("random", r) for p, r in decode]  # a model with a checkpoint is labelled real
         written.append((decode_figure(runs, out, [p for p, _ in decode]), [p for p, _ in decode]))
     onnx = read("ppl_vs_size.png")
     if onnx:
