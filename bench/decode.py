@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from awq_edge.arch import Spec, describe, rope_tables  # noqa: E402
 from awq_edge.runtime import kernels  # noqa: E402
+from awq_edge.runtime.sampling import Sampling, next_token  # noqa: E402
 from awq_edge.runtime.cuda import (CudaDecoder, CudaOps, DeviceLinear, Layer, Weights, features_of,  # noqa: E402
                                    load_weights)
 from bench.kernels import matmul_nbits_bytes  # noqa: E402
@@ -233,6 +235,32 @@ def time_runtime(dec: CudaDecoder, prompt: list, new: int, repeats: int) -> dict
     return {"tok_s": statistics.median(rates), "tok_s_all": rates, "ttft_s": statistics.median(ttfts)}
 
 
+SAMPLED = Sampling(temperature=0.8, top_p=0.95, top_k=50)  # a chat assistant's usual setting
+
+
+def time_sampled(dec: CudaDecoder, prompt: list, new: int, repeats: int, on_device: bool) -> dict:
+    """Decode tok/s sampling with SAMPLED: the choice on the GPU (CudaDecoder.sample_step, generate()'s path for
+    this backend), or from the logits copied to the host each step (next_token in numpy, the path of a decoder
+    that cannot sample)."""
+    import numpy as np
+
+    rates = []
+    for r in range(repeats + 1):  # the first run captures the graph and warms up
+        dec.reset()
+        rng, gen = np.random.default_rng(r), dec.device_generator(r)
+        first = next_token(dec.extend(prompt), SAMPLED, rng)
+
+        def loop(token=first):
+            for _ in range(new - 1):
+                token = (dec.sample_step(token, SAMPLED, gen) if on_device
+                         else next_token(dec.forward([token])[-1], SAMPLED, rng))
+
+        dt, _ = sync_time(loop)
+        if r:
+            rates.append((new - 1) / dt)
+    return {"tok_s": statistics.median(rates), "tok_s_all": rates, "sampling": asdict(SAMPLED)}
+
+
 def time_ours(weights: Weights, prompt: list, new: int, repeats: int, ops=None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     dec = CudaDecoder(weights, ops or CudaOps(weights))
@@ -350,6 +378,13 @@ def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
         res["ours_unfolded"] = time_ours(weights, prompt, args.new, args.repeats,
                                          CudaOps(weights, fold_norms=False))
         print(name, "ours_unfolded", res["ours_unfolded"], flush=True)
+    if "ours_sampled" in args.variants:  # sampling on the GPU against sampling from host logits, side by side
+        dec = CudaDecoder(weights, CudaOps(weights))
+        for key, on_device in (("ours_sampled", True), ("ours_sampled_host", False)):
+            res[key] = time_sampled(dec, prompt, args.new, args.repeats, on_device)
+            print(name, key, res[key], flush=True)
+        del dec
+        free()
     if args.breakdown:
         res["breakdown_us"] = breakdown_of(weights, args.prompt + args.new // 2)
         print(name, "breakdown us/layer", _rounded(res["breakdown_us"]), flush=True)
@@ -646,8 +681,9 @@ def parse_args(argv=None):
                          "its float folder for the transformers baselines (default: the checkpoint dequantised, "
                          "the same shapes); repeat, or separate several with commas")
     ap.add_argument("--variants", default="ours,torch_int4,hf",
-                    help="comma list of: ours (always run), ours_unfolded and torch_int4 (random-weight models "
-                         "only), hf (or one of hf_fp16_eager, hf_bf16_eager, hf_fp16_compiled, ...)")
+                    help="comma list of: ours (always run), ours_unfolded, ours_sampled (sampling on the GPU and, "
+                         "beside it, from host logits) and torch_int4 (random-weight models only), hf (or one of "
+                         "hf_fp16_eager, hf_bf16_eager, hf_fp16_compiled, ...)")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' compiled static-cache forward")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

@@ -17,6 +17,8 @@
 #   families  Gemma-3-270M (real) converted and quantised at the CLI's defaults, its perplexity and the float
 #             model's, beside the GPU tests; then, alone on the GPU, bench/decode.py on every family's shape and the
 #             real Gemma-3-270M (parity, speed), and bench/kernels.py (issue 22)
+#   sampling  the CUDA tests, then bench/decode.py's GPU sampling against host sampling and bench/kernels.py on
+#             every family's linear shapes
 #   status    what the background steps have written so far
 # A step can run in the background across calls (the machine stays warm while calls follow within 30 s):
 #   setsid nohup env OUT=/tmp/bg bash bench/device_chain.sh scale8b > /tmp/bg.log 2>&1 < /dev/null &
@@ -32,6 +34,11 @@ mv .mc/p/* /tmp/parts/ 2>/dev/null
 export PYTHONPATH=$PWD:/tmp/site AWQ_EDGE_CACHE=/tmp/cache AWQ_EDGE_WIKITEXT=$PWD/.mc/wt
 export AWQ_EDGE_KERNELS_LIB=/tmp/awqe/libawq_edge_kernels.so OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 WT=$PWD/.mc/wt
+# Every linear of bench/decode.py's family shapes, N x K (qkv, o, gate/up, down): Qwen2.5-7B, Qwen3-8B, Phi-3-mini,
+# Llama-3.2-1B, Gemma-3-4B, Gemma-2-9B, Gemma-3-270M
+FAMILY_GEMVS=4608x3584,3584x3584,37888x3584,3584x18944,6144x4096,4096x4096,24576x4096,4096x12288,9216x3072,\
+3072x3072,16384x3072,3072x8192,3072x2048,2048x2048,16384x2048,2048x8192,4096x2560,2560x2048,20480x2560,2560x10240,\
+8192x3584,3584x4096,28672x3584,3584x14336,1536x640,640x1024,4096x640,640x2048
 
 # convert NAME GGUF_NAME [TOKENIZER_DIR]: join /tmp/parts/NAME.* and write $AWQ_EDGE_CACHE/NAME-f16. The device's
 # transformers 5.17 rebuilds Gemma-3's GGUF tokenizer wrongly (check_converted_tokenizer refuses it), so Gemma's
@@ -54,7 +61,8 @@ c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v
 gpu_tests() {
   python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
     tests/test_quantize.py tests/test_api.py tests/test_gptq.py tests/test_bench_decode.py tests/test_bad_input.py \
-    tests/test_layout.py tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py -k "not whole_readme" \
+    tests/test_layout.py tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py tests/test_bench_kernels.py \
+    tests/test_runtime.py -k "not whole_readme" \
     > "$OUT/tests.txt" 2>&1
 }
 
@@ -207,6 +215,15 @@ for step in "$@"; do
       tail -40 "$OUT/decode_families.log"
       python -P bench/kernels.py --label families --out "$OUT/kernels_families.json" > "$OUT/kernels_families.log" 2>&1
       tail -12 "$OUT/kernels_families.log" ;;
+    sampling)
+      python -m pytest -q -ra tests/test_runtime_cuda.py tests/test_runtime.py tests/test_bench_decode.py \
+        tests/test_bench_kernels.py > "$OUT/tests_sampling.txt" 2>&1
+      tail -3 "$OUT/tests_sampling.txt"
+      python -P bench/decode.py --models llama3-8b,qwen3-8b,llama3.2-1b,gemma3-270m --variants ours,ours_sampled \
+        --out "$OUT/decode_sampling.json" --label "sampling on the GPU against host sampling" 2>&1 | grep -v Warn | tail -4
+      python -P bench/kernels.py --label family-shapes --out "$OUT/kernels_family_shapes.json" --shapes "$FAMILY_GEMVS" \
+        > "$OUT/kernels_family_shapes.log" 2>&1
+      grep -A40 "N x K" "$OUT/kernels_family_shapes.log" | grep -E "^ *[0-9]+x[0-9]+ +1 " ;;
     status)
       for f in "$OUT"/*.log /tmp/bg.log; do [ -f "$f" ] && { echo "-- $f"; tail -c 400 "$f"; echo; }; done ;;
     *) echo "unknown step $step"; exit 2 ;;

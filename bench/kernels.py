@@ -24,6 +24,20 @@ PREFILL_MS = [64, 512]  # beyond the GEMV's range: slices of 16 rows, for compar
 WARP_SWEEP = [0, 1, 2, 4, 8]  # warps per tile at M = 1 and 16; 0 = the library's own choice
 
 
+def parse_shapes(text: str) -> list:
+    """'NxK,NxK' -> [(N, K), ...]; K a multiple of the group size 128 (torch's int4 kernel needs it too)."""
+    shapes = []
+    for piece in text.split(","):
+        try:
+            n, k = (int(v) for v in piece.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{piece!r} is not N x K, e.g. 4096x4096") from None
+        if n < 8 or n % 8 or k < GROUP or k % GROUP:
+            raise argparse.ArgumentTypeError(f"{piece}: N must be a multiple of 8 and K of {GROUP}")
+        shapes.append((n, k))
+    return shapes
+
+
 def build(arch: str) -> None:
     build_dir = REPO / "plugins" / "build"
     subprocess.run(["cmake", "-S", str(REPO / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
@@ -217,6 +231,9 @@ def main() -> None:
     ap.add_argument("--build", metavar="ARCH", help="build plugins/build for this CUDA arch first, e.g. 90-real")
     ap.add_argument("--label", default="dev", help="kernel version named in the results")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kernels.json")
+    ap.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                    help="comma list of N x K weight shapes, e.g. 37888x3584,3584x18944 (default: the Llama-2-7B / "
+                         "Llama-3-8B linears); K a multiple of 128")
     args = ap.parse_args()
     t0 = time.time()
     if args.build:
@@ -233,7 +250,7 @@ def main() -> None:
         "shapes": [], "command": " ".join(["python -P bench/kernels.py", *sys.argv[1:]]),
     }
     gen = torch.Generator().manual_seed(0)
-    for n, k in SHAPES:
+    for n, k in args.shapes:
         errors = {bs: check_shape(n, k, bs, gen) for bs in kernels.BLOCK_SIZES}
         timing = time_shape(n, k, l2)
         result["shapes"].append({

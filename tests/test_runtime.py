@@ -130,6 +130,34 @@ def test_top_k_one_sampling_is_greedy_and_temperature_sampling_follows_the_distr
     assert {next_token(logits, Sampling(1.0, top_p=0.6), rng) for _ in range(50)} == {0}
 
 
+@pytest.mark.parametrize("s", [Sampling(0.7), Sampling(1.0, 0.8), Sampling(1.3, 1.0, 3), Sampling(0.9, 0.7, 4)],
+                         ids=["temperature", "top_p", "top_k", "top_k_and_top_p"])
+def test_device_sampling_draws_from_the_host_samplers_distribution(s):
+    """The CUDA backend's sampler (torch, on the logits' device; here the CPU) keeps next_token's support and
+    probabilities, and repeats with its generator's seed."""
+    from awq_edge.runtime.cuda import sample_on_device
+
+    logits = np.array([2.0, 1.5, 1.4, 0.2, -0.5, -3.0])
+    z = logits / s.temperature
+    if s.top_k:
+        z = np.where(z < np.sort(z)[-s.top_k], -np.inf, z)
+    p = np.exp(z - z.max())
+    p = top_p_filter(p / p.sum(), s.top_p) if s.top_p < 1 else p / p.sum()
+    p /= p.sum()
+    t = torch.tensor(logits)
+    gen = torch.Generator().manual_seed(1)
+    draws = [int(sample_on_device(t, s, gen)) for _ in range(4000)]
+    counts = np.bincount(draws, minlength=len(logits)) / len(draws)
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(p))
+    assert np.abs(counts - p).max() < 0.03
+    assert int(sample_on_device(t, Sampling(), torch.Generator())) == 0  # temperature 0: the argmax
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(7)
+        runs.append([int(sample_on_device(t, s, gen)) for _ in range(20)])
+    assert runs[0] == runs[1]
+
+
 def test_stream_text_never_emits_half_a_utf8_character():
     class Bytes:  # a byte-level tokenizer: each id is one byte
         def decode(self, ids, skip_special_tokens=True):

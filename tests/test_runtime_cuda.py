@@ -473,6 +473,33 @@ def test_cuda_decoder_matches_transformers_and_graph_replay_equals_eager(tmp_pat
     assert np.all((chosen == ref.max(-1)) | (ref.max(-1) - chosen < tol))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_gpu, needs_library])])
+def test_sampled_generation_chooses_on_the_decoder_and_repeats_with_its_seed(tmp_path, device, monkeypatch):
+    """With temperature > 0, generate() lets the decoder sample (only the id leaves the device); the same seed
+    gives the same tokens, through CUDA graphs on a GPU."""
+    from awq_edge.runtime.sampling import Sampling
+
+    write_checkpoint(tmp_path / "ck")
+    if device == "cuda":
+        dec = CudaDecoder.from_checkpoint(tmp_path / "ck", max_len=64)
+    else:
+        dec = torch_decoder(tmp_path / "ck")
+    dec.eos_ids = set()
+    calls = []
+    real = dec.sample_step
+    monkeypatch.setattr(dec, "sample_step", lambda *a: calls.append(a[0]) or real(*a))
+    s = Sampling(0.9, 0.9, 20)
+    runs = [list(generate(dec, PROMPT, 16, s, seed=seed)) for seed in (3, 3)]
+    assert runs[0] == runs[1] and len(runs[0]) == 16
+    assert len(calls) == 2 * 15 and calls[:15] == runs[0][:15]  # each sampled token is fed back
+    # Every sampled token is among the 20 most likely under fp32 logits of the same context (25: fp16's rounding
+    # may move a 20th token a few places).
+    ref = torch_decoder(tmp_path / "ck")
+    for i in range(1, 16):
+        logits = ref.extend(PROMPT + runs[0][:i])
+        assert runs[0][i] in np.argsort(-logits)[:20 if device == "cpu" else 25]
+
+
 @needs_library
 @needs_gpu
 def test_cuda_prefill_through_dequantised_cublas_matches_the_int4_gemm(tmp_path):

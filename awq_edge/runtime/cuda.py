@@ -33,6 +33,7 @@ from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import to_matmul_nbits
 from awq_edge.quant import FloatLinear, QuantLinear, as_float, fuse_rows
 from awq_edge.runtime.decoder import PrefixCachedDecoder
+from awq_edge.runtime.sampling import Sampling
 
 DEFAULT_MAX_LEN = 4096
 
@@ -367,6 +368,23 @@ class CudaOps(TorchOps):
         return self.k.silu_mul(gate_up, out)
 
 
+def sample_on_device(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """awq_edge.runtime.sampling.next_token's choice on the logits' own device: temperature, then the top_k most
+    likely (ties at the k-th broken by position, where the host keeps them all), then the smallest prefix of those
+    whose probability reaches top_p; the chosen id as a 1-element tensor there (nothing of the vocab travels)."""
+    z = logits.reshape(-1).float()
+    if s.temperature == 0:
+        return z.argmax().view(1)
+    z = z / s.temperature
+    if not s.top_k and s.top_p >= 1:
+        return torch.multinomial(torch.softmax(z, -1), 1, generator=generator)
+    vals, idx = (torch.topk(z, min(s.top_k, z.numel())) if s.top_k else torch.sort(z, descending=True))
+    probs = torch.softmax(vals, -1)
+    if s.top_p < 1:
+        probs = probs * ((probs.cumsum(-1) - probs) < s.top_p * probs.sum())  # the prefix that first reaches top_p
+    return idx[torch.multinomial(probs, 1, generator=generator)]
+
+
 def _prefill_attention(q, k_cache, v_cache, past: int, scale: float, window: int, softcap: float = 0.0):
     """q [M, H, D] of positions past .. past + M - 1 against the cache rows 0 .. past + M - 1, causal."""
     m, n_heads, d = q.shape
@@ -557,6 +575,16 @@ class CudaDecoder(PrefixCachedDecoder):
     def greedy_step(self, token: int) -> int:
         """Feed one token; the most likely next id (only 4 bytes come back to the host)."""
         return int(self._one(token)[1].item())
+
+    def device_generator(self, seed: int) -> torch.Generator:
+        """The random source of sample_step, on the decoder's device."""
+        return torch.Generator(device=self.w.embed.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def sample_step(self, token: int, sampling: Sampling, generator: torch.Generator) -> int:
+        """Feed one token; the next id chosen by `sampling` on the GPU (sample_on_device): only the id comes back to
+        the host, not the vocabulary's logits."""
+        return int(sample_on_device(self._one(token)[0], sampling, generator).item())
 
     @torch.inference_mode()
     def greedy_tokens(self, token: int, n: int):

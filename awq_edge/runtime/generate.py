@@ -25,12 +25,16 @@ def generate(decoder, prompt_ids, max_new_tokens: int, sampling: Sampling = Samp
                     return
                 yield token
         return
+    # Sampling: on the decoder's device where it samples itself (the CUDA backend), else from host logits.
+    on_device = sampling.temperature > 0 and hasattr(decoder, "sample_step")
+    generator = decoder.device_generator(seed) if on_device else None
     for i in range(max_new_tokens):
         if token in stops:
             return
         yield token
         if i + 1 < max_new_tokens:
-            token = next_token(decoder.forward([token])[-1], sampling, rng)
+            token = (decoder.sample_step(token, sampling, generator) if on_device
+                     else next_token(decoder.forward([token])[-1], sampling, rng))
 
 
 def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
