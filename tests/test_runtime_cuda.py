@@ -253,6 +253,19 @@ def test_rope_kv_kernel_rotates_q_k_and_writes_the_cache_at_each_position(m, hea
     assert torch.isnan(kc[:, untouched]).all() and torch.isnan(vc[:, untouched]).all()
 
 
+def attention_case(g, heads, kv, d, length, max_len, qkv_scale):
+    """Caches [kv, max_len, d] holding length - 1 random rows and NaN past them, their fp32 copies, one token's qkv,
+    rotary tables and the position length - 1."""
+    kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
+    vc = kc.clone()
+    kc[:, : length - 1] = (torch.randn(kv, length - 1, d, device="cuda", generator=g) * 2).half()
+    vc[:, : length - 1] = torch.randn(kv, length - 1, d, device="cuda", generator=g).half()
+    qkv = (torch.randn(1, (heads + 2 * kv) * d, device="cuda", generator=g) * qkv_scale).half()
+    angles = torch.outer(torch.arange(max_len, device="cuda").float(), torch.rand(d // 2, device="cuda", generator=g))
+    pos = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
+    return kc, vc, kc.float(), vc.float(), qkv, angles.cos().contiguous(), angles.sin().contiguous(), pos
+
+
 @needs_library
 @needs_gpu
 @pytest.mark.parametrize("heads, kv, d", [(4, 2, 32), (9, 3, 64), (6, 2, 96), (32, 8, 128), (8, 8, 256)])
@@ -261,15 +274,7 @@ def test_rope_kv_kernel_rotates_q_k_and_writes_the_cache_at_each_position(m, hea
 def test_decode_attention_kernel_matches_reference_and_reads_only_the_live_positions(heads, kv, d, length, window):
     g = gpu_case(length * 7 + d + window)
     max_len = max(320, length + 24)
-    kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
-    vc = kc.clone()
-    kc[:, : length - 1] = (torch.randn(kv, length - 1, d, device="cuda", generator=g) * 2).half()
-    vc[:, : length - 1] = torch.randn(kv, length - 1, d, device="cuda", generator=g).half()
-    kr, vr = kc.float(), vc.float()
-    qkv = (torch.randn(1, (heads + 2 * kv) * d, device="cuda", generator=g) * 2).half()
-    angles = torch.outer(torch.arange(max_len, device="cuda").float(), torch.rand(d // 2, device="cuda", generator=g))
-    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
-    pos = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
+    kc, vc, kr, vr, qkv, cos, sin, pos = attention_case(g, heads, kv, d, length, max_len, 2)
     out = torch.full((1, heads * d), float("nan"), device="cuda", dtype=torch.half)
     ws = kernels.attention_workspace(heads, d, max_len, "cuda")
     for step in range(2):  # twice: the merge's ticket counters must be back at zero after the first call
@@ -291,17 +296,9 @@ def test_decode_attention_with_head_norms_and_softcap_matches_reference(heads, k
     """Qwen3 / Gemma 3's q/k norms before the rotation and Gemma 2's score soft-capping, in the attention kernel."""
     g = gpu_case(length * 3 + d + window + int(softcap))
     max_len = length + 24
-    kc = torch.full((kv, max_len, d), float("nan"), device="cuda", dtype=torch.half)
-    vc = kc.clone()
-    kc[:, : length - 1] = (torch.randn(kv, length - 1, d, device="cuda", generator=g) * 2).half()
-    vc[:, : length - 1] = torch.randn(kv, length - 1, d, device="cuda", generator=g).half()
-    kr, vr = kc.float(), vc.float()
-    qkv = (torch.randn(1, (heads + 2 * kv) * d, device="cuda", generator=g) * 4).half()
+    kc, vc, kr, vr, qkv, cos, sin, pos = attention_case(g, heads, kv, d, length, max_len, 4)
     q_norm = (torch.rand(d, device="cuda", generator=g) * 2 + 0.5).half()
     k_norm = (torch.rand(d, device="cuda", generator=g) * 2 + 0.5).half()
-    angles = torch.outer(torch.arange(max_len, device="cuda").float(), torch.rand(d // 2, device="cuda", generator=g))
-    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
-    pos = torch.tensor([length - 1], dtype=torch.int32, device="cuda")
     out = torch.full((1, heads * d), float("nan"), device="cuda", dtype=torch.half)
     ws = kernels.attention_workspace(heads, d, max_len, "cuda")
     scale = 0.0625  # Gemma's query_pre_attn_scalar ** -0.5 at 256
