@@ -80,6 +80,60 @@ def test_gemm_norm_rejects_bad_folds_before_any_cuda_call(override, fragment):
 
 
 @needs_library
+def test_gemm_norm_refuses_an_unknown_gate_activation():
+    lib = kernels.load_library()
+    a = GOOD_GEMM
+    assert lib.awqe_gemm_norm_f16(a["x"], a["packed"], None, a["y"], 1, 64, 576, 64, 4, None, 0.0, None, None,
+                                  None) == kernels.INVALID_ARGUMENT
+    assert "GELU" in lib.awqe_last_error().decode()
+
+
+GOOD_RESIDUAL_NORM = dict(y=ALIGNED, out_norm=ALIGNED, h=ALIGNED * 2, next_norm=ALIGNED, x=ALIGNED * 4, rows=2,
+                          dim=640, eps=1e-6)
+
+
+@needs_library
+@pytest.mark.parametrize("override, fragment", [
+    (dict(dim=641), "even dim"),
+    (dict(rows=-1), "even dim"),
+    (dict(eps=float("inf")), "finite"),
+    (dict(eps=-1.0), "finite"),
+    (dict(h=ALIGNED * 2 + 4), "8-byte aligned"),
+    (dict(next_norm=None), "must be non-null"),
+    (dict(y=ALIGNED + 2), "4-byte aligned where given"),
+    (dict(x=ALIGNED * 2 + 8), "overlap"),      # inside h
+    (dict(x=ALIGNED + 1280), "overlap"),        # the second half of y's two rows
+])
+def test_residual_norm_rejects_bad_arguments_before_any_cuda_call(override, fragment):
+    a = {**GOOD_RESIDUAL_NORM, **override}
+    lib = kernels.load_library()
+    assert lib.awqe_residual_norm_f16(a["y"], a["out_norm"], a["h"], a["next_norm"], a["x"], a["rows"], a["dim"],
+                                      a["eps"], None) == kernels.INVALID_ARGUMENT
+    assert fragment in lib.awqe_last_error().decode()
+    # no rows: nothing to check beyond the arguments, no CUDA call
+    b = {**GOOD_RESIDUAL_NORM, "rows": 0}
+    assert lib.awqe_residual_norm_f16(b["y"], b["out_norm"], b["h"], b["next_norm"], b["x"], 0, b["dim"], b["eps"],
+                                      None) == kernels.OK
+
+
+@needs_library
+@pytest.mark.parametrize("q_norm, k_norm, eps, softcap, fragment", [
+    (ALIGNED, None, 1e-6, 0.0, "both be given"),
+    (ALIGNED, ALIGNED + 1, 1e-6, 0.0, "both be given"),
+    (ALIGNED, ALIGNED, float("inf"), 0.0, "finite eps"),
+    (None, None, 0.0, float("inf"), "softcap must be finite"),
+    (None, None, 0.0, -1.0, "softcap must be finite"),
+])
+def test_attention_with_head_norms_rejects_bad_arguments_before_any_cuda_call(q_norm, k_norm, eps, softcap, fragment):
+    lib = kernels.load_library()
+    ws = lib.awqe_attention_workspace_bytes(8, 128, 512)
+    status = lib.awqe_decode_attention_ex_f16(ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, 8, 2, 128,
+                                              512, 0, 0.088, q_norm, k_norm, eps, softcap, ALIGNED, ws, None)
+    assert status == kernels.INVALID_ARGUMENT
+    assert fragment in lib.awqe_last_error().decode()
+
+
+@needs_library
 def test_gemm_with_no_rows_succeeds_without_touching_memory():
     assert call_gemm(kernels.load_library(), M=0) == kernels.OK
 

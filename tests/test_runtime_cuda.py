@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_export import PROMPT, write_checkpoint
 
 from awq_edge.cli import main
@@ -370,6 +371,34 @@ def test_gated_gemm_equals_gemm_then_the_gate(m, activation):
                               + bias.double(), activation)
     assert torch.isfinite(y).all() and y.shape == (m, inter)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(kernels.GATES))
+def test_gated_epilogue_rounds_its_own_activation_as_pytorch_does(activation):
+    """With x = 0 every gate and up value is its bias, so the epilogue's fp16(act(gate)) * up is compared value by
+    value: close enough to tell GELU-tanh from GELU-erf, which differ after fp16 rounding on about half of [-4, 4]."""
+    from awq_edge.quant import QuantLinear
+    from awq_edge.runtime.cuda import interleave_gate_up
+
+    inter, k = 4096, 128
+    q, scales, zeros = quantize(torch.randn(2 * inter, k, generator=torch.Generator().manual_seed(0)),
+                                QConfig(4, 128, True))
+    gate, up = torch.linspace(-4, 4, inter).half(), torch.linspace(0.5, 2, inter).half()
+    lin = interleave_gate_up(QuantLinear(q, scales, zeros, 128, bias=torch.cat([gate, up]).float()))
+    nb = to_matmul_nbits(lin.q, lin.scales.half(), lin.zeros, 128, 4)
+    w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), k, 128)
+    y = kernels.gemm_gated(torch.zeros(1, k, dtype=torch.float16, device="cuda"), w, lin.bias.half().cuda(),
+                           activation)[0]
+    acts = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}
+    g, u = gate.cuda().float(), up.cuda()
+    refs = {name: act(g).half() * u for name, act in acts.items()}  # fp16(act(gate)) * up, rounded by PyTorch
+    ulp = torch.finfo(torch.float16).eps * refs[activation].float().abs().clamp_min(2 ** -14)
+    assert ((y.float() - refs[activation].float()).abs() <= ulp).all()
+    assert (y != refs[activation]).float().mean().item() < 0.01
+    other = {"gelu_tanh": "gelu", "gelu": "gelu_tanh", "silu": "gelu"}[activation]
+    assert (y != refs[other]).float().mean().item() > 0.2
 
 
 @needs_library

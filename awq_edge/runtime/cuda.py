@@ -340,7 +340,8 @@ class CudaOps(TorchOps):
 
     def norm_linear(self, x, norm_weight, eps, lin: DeviceLinear, gated: bool = False, prescaled=None,
                     activation: str = "silu"):
-        if prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows:
+        if (prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows
+                or (gated and activation not in self.k.GATES)):
             return super().norm_linear(x, norm_weight, eps, lin, gated, activation=activation)
         return self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=gated, rms_input=x, eps=eps,
                                 activation=activation)
@@ -370,8 +371,9 @@ class CudaOps(TorchOps):
 
 def sample_on_device(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
     """awq_edge.runtime.sampling.next_token's choice on the logits' own device: temperature, then the top_k most
-    likely (ties at the k-th broken by position, where the host keeps them all), then the smallest prefix of those
-    whose probability reaches top_p; the chosen id as a 1-element tensor there (nothing of the vocab travels)."""
+    likely (exactly k: ties at the k-th are cut in no set order, where the host keeps them all), then the smallest
+    prefix of those whose probability reaches top_p; the chosen id as a 1-element tensor there (nothing of the
+    vocabulary travels)."""
     z = logits.reshape(-1).float()
     if s.temperature == 0:
         return z.argmax().view(1)

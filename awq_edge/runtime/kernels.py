@@ -184,6 +184,12 @@ def _f16(*tensors):
                  "keep decoder activations and caches in fp16 on the GPU")
 
 
+def _same_device(first: torch.Tensor, *others) -> None:
+    """Every tensor given (None skipped) on first's GPU: a launch goes to one device's context."""
+    _require(all(t is None or t.device == first.device for t in others),
+             f"tensors on several devices; expected all on {first.device}", "move them to one GPU")
+
+
 def _require_rope_tables(what: str, cos: torch.Tensor, sin: torch.Tensor, max_len: int, d: int) -> None:
     _require(cos.dtype == torch.float32 and cos.shape == (max_len, d // 2) and sin.shape == cos.shape
              and cos.is_contiguous() and sin.is_contiguous(),
@@ -247,11 +253,13 @@ def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tenso
         _f16(q_norm, k_norm)
         _require(q_norm.numel() == d and k_norm.numel() == d, f"attention: q_norm and k_norm must be [{d}]",
                  "pass the per-head norm weights")
+    _same_device(qkv, position, cos, sin, k_cache, v_cache, out, workspace, q_norm, k_norm)
     lib = load_library()
-    check(lib, lib.awqe_decode_attention_ex_f16(qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                                k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv,
-                                                d, max_len, window, scale, _ptr(q_norm), _ptr(k_norm), eps, softcap,
-                                                workspace.data_ptr(), workspace.numel() * 8, _stream(qkv.device)))
+    with torch.cuda.device(qkv.device):
+        check(lib, lib.awqe_decode_attention_ex_f16(
+            qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv, d, max_len, window, scale, _ptr(q_norm), _ptr(k_norm),
+            eps, softcap, workspace.data_ptr(), workspace.numel() * 8, _stream(qkv.device)))
     return out
 
 
@@ -274,9 +282,11 @@ def residual_norm(y: torch.Tensor | None, out_norm: torch.Tensor | None, h: torc
         out = torch.empty(h.shape, dtype=torch.float16, device=h.device)
     _f16(out)
     _require(out.numel() == h.numel(), "residual_norm: out must have h's size", "let residual_norm allocate it")
+    _same_device(h, y, out_norm, next_norm, out)
     lib = load_library()
-    check(lib, lib.awqe_residual_norm_f16(_ptr(y), _ptr(out_norm), h.data_ptr(), next_norm.data_ptr(), out.data_ptr(),
-                                          h.numel() // dim, dim, eps, _stream(h.device)))
+    with torch.cuda.device(h.device):
+        check(lib, lib.awqe_residual_norm_f16(_ptr(y), _ptr(out_norm), h.data_ptr(), next_norm.data_ptr(),
+                                              out.data_ptr(), h.numel() // dim, dim, eps, _stream(h.device)))
     return out
 
 
@@ -294,7 +304,7 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
     (x @ W^T) + bias, where x = norm weight * rms_input was pre-scaled (by the previous call's norm_out); gated
     adds the gate of gemm_gated with `activation` (a key of GATES). With norm_weight, also norm_out =
     fp16(norm_weight * y). Returns y, or (y, norm_out) when norm_weight is given."""
-    _require(activation in GATES, f"gate activation {activation!r} is not one of {', '.join(GATES)}",
+    _require(not gated or activation in GATES, f"gate activation {activation!r} is not one of {', '.join(GATES)}",
              "run this MLP's gate in PyTorch")
     x2, bias = _gemm_inputs(x, w, bias)
     m, n_out = x2.shape[0], w.n // 2 if gated else w.n

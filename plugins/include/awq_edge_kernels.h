@@ -102,7 +102,8 @@ AWQE_API awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* p
 
 /* awqe_decode_attention_f16 with what some families add: q_norm and k_norm (fp16 [head_dim], both or neither) are
  * RMSNorms over each head of q and k before the rotation (Qwen3, Gemma 3), w * fp16(x * rsqrt(mean(x^2) + eps)) as
- * awqe_rmsnorm_f16 rounds; softcap > 0 caps the scaled scores at softcap * tanh(score / softcap) (Gemma 2). */
+ * awqe_rmsnorm_f16 rounds (norm_eps finite, >= 0); softcap > 0 (finite) caps the scaled scores at
+ * softcap * tanh(score / softcap) (Gemma 2). */
 AWQE_API awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* position, const float* cos,
                                                   const float* sin, void* k_cache, void* v_cache, void* out,
                                                   int n_heads, int n_kv, int head_dim, int max_len, int window,
@@ -114,7 +115,7 @@ AWQE_API awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t
  * h += out_norm * (y * rsqrt(mean(y^2) + eps)) for the block's fp16 output y [rows, dim] (out_norm NULL: h += y;
  * y NULL: h is left as it is), then x [rows, dim] = fp16(next_norm * (h * rsqrt(mean(h^2) + eps))), the next
  * product's input. Arithmetic in fp32, as transformers' Gemma RMSNorm; the norms hold the factor they multiply by
- * (Gemma's 1 + w). dim even; h 8-byte aligned, the others 4-byte aligned; x may not alias y or h. */
+ * (Gemma's 1 + w). dim even, eps finite; h 8-byte aligned, the others 4-byte aligned; x may not overlap y or h. */
 AWQE_API awqe_status awqe_residual_norm_f16(const void* y_or_null, const void* out_norm_or_null, float* h,
                                             const void* next_norm, void* x, int rows, int dim, float eps,
                                             cudaStream_t stream);

@@ -1,5 +1,6 @@
 // The C ABI: argument checks (all before any CUDA call), status codes, thread-local error detail.
 #include <atomic>
+#include <cmath>
 #include <cstdarg>
 #include <cstdio>
 
@@ -26,6 +27,13 @@ awqe_status cuda_status(cudaError_t e, const char* what) {
 }
 
 bool aligned(const void* p, size_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
+
+// Whether [a, a + a_bytes) and [b, b + b_bytes) share a byte (null never overlaps).
+bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+    if (!a || !b) return false;
+    const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+    return x < y + b_bytes && y < x + a_bytes;
+}
 
 awqe_status check_shape(int N, int K, int block_size) {
     if (block_size != 32 && block_size != 64 && block_size != 128)
@@ -239,11 +247,13 @@ awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* positio
     if (!qkv || !position || !cos || !sin || !k_cache || !v_cache || !out || !aligned(qkv, 4) ||
         !aligned(k_cache, 4) || !aligned(v_cache, 4) || !aligned(out, 2))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: a pointer is null, or qkv/caches are not 4-byte aligned");
-    if (!q_norm_or_null != !k_norm_or_null || (q_norm_or_null && (!aligned(q_norm_or_null, 2) ||
-                                                                  !aligned(k_norm_or_null, 2) || !(norm_eps >= 0.f))))
+    if (!q_norm_or_null != !k_norm_or_null ||
+        (q_norm_or_null && (!aligned(q_norm_or_null, 2) || !aligned(k_norm_or_null, 2) || !(norm_eps >= 0.f) ||
+                            !std::isfinite(norm_eps))))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: q_norm and k_norm must both be given (2-byte aligned, "
-                    "eps >= 0) or both be null");
-    if (!(softcap >= 0.f)) return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: softcap must be >= 0 (0: none)");
+                    "a finite eps >= 0) or both be null");
+    if (!(softcap >= 0.f) || !std::isfinite(softcap))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: softcap must be finite and >= 0 (0: none)");
     const size_t need = awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
     if (!workspace || !aligned(workspace, 8) || workspace_bytes < need)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: workspace must be 8-byte aligned and hold %zu bytes", need);
@@ -269,13 +279,15 @@ awqe_status awqe_residual_norm_f16(const void* y_or_null, const void* out_norm_o
     if (rows < 0 || dim < 2 || dim % 2)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm needs rows >= 0 and an even dim >= 2, got %d x %d", rows,
                     dim);
-    if (!(eps >= 0.f)) return fail(AWQE_ERR_INVALID_ARGUMENT, "eps must be >= 0");
+    if (!(eps >= 0.f) || !std::isfinite(eps))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm: eps must be finite and >= 0");
     if (!h || !next_norm || !x || !aligned(h, 8) || !aligned(next_norm, 4) || !aligned(x, 4) ||
         (y_or_null && !aligned(y_or_null, 4)) || (out_norm_or_null && !aligned(out_norm_or_null, 4)))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm: h (8-byte aligned), next_norm and x (4-byte aligned) "
                     "must be non-null, y and out_norm 4-byte aligned where given");
-    if (x == y_or_null || x == static_cast<const void*>(h))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm: x must not alias y or h");
+    const size_t values = (size_t)rows * dim;
+    if (overlap(x, 2 * values, y_or_null, 2 * values) || overlap(x, 2 * values, h, 4 * values))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "residual_norm: x must not overlap y or h");
     if (rows == 0) return AWQE_OK;
     return cuda_status(awqe::launch_residual_norm(y_or_null, out_norm_or_null, h, next_norm, x, rows, dim, eps, stream),
                        "residual_norm launch");

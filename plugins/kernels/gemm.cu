@@ -459,12 +459,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs 
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
 // blocks are resident at once, while every warp keeps at least one full stage of chunks.
-int choose_warps(int blocks, int chunks, int sm_count, int max_warps, bool gemv) {
-    // GEMV (M <= 8) with more tiles than ~16 per SM: even one-warp blocks do not all fit at once, and a second wave
-    // of whole tiles trails the first. Two warps a tile halve each block's time, so that wave is short (Qwen2.5-7B's
-    // gate/up, 37888 x 3584: 33.2 us with one warp, 29.3 with two; kernels_family_shapes.json). Larger M keeps the
-    // rule below (no measurement of its slices of 16 rows at such grids).
-    if (gemv && (size_t)blocks > (size_t)sm_count * 16 && kStage * 2 * 2 <= chunks) return 2;
+int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
     int w = 1;
     while (w < max_warps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && kStage * 2 * w <= chunks) w *= 2;
     return w;
@@ -501,7 +496,7 @@ cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaSt
     a.chunks = l.chunks, a.pblocks = l.pblocks;
     a.mslices = (f.M + 8 * MT - 1) / (8 * MT);
     const int blocks = l.tiles * a.mslices;
-    if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4, MT == 1);
+    if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const bool async_copy = kAsyncBuild && dev.major >= 8;
     if (warps <= 2) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, stream);
