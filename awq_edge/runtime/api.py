@@ -55,7 +55,8 @@ class Model:
 
     Sampling arguments of generate/stream/chat: max_new_tokens (256), temperature (0: greedy), top_p (1.0),
     top_k (0: no limit), seed (0). An answer ends at an end-of-sequence token, after max_new_tokens, or where
-    the model's context is full.
+    the model's context is full. The cuda backend samples on the GPU: a seed repeats its answers there, but
+    the same seed draws other tokens on the onnxruntime backend, which samples on the host.
     """
 
     def __init__(self, decoder, tokenizer, folder: Path, backend: str):

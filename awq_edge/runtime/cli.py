@@ -100,7 +100,8 @@ def add_sampling_args(p):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of sampling (the same answers again on one backend; cuda samples on the GPU)")
 
 
 def register(subparsers):
