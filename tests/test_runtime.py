@@ -51,10 +51,12 @@ def test_prefill_then_cached_single_token_steps_match_one_full_forward(exported,
     assert np.abs(np.concatenate(steps) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # Gemma 3: a 5-token sliding layer beside a global one
+def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logits(tmp_path, family):
     """GroupQueryAttention graphs keep one buffer per layer, grown by running the held tokens again: the logits
-    equal those of the separate past -> present tensors across the growth, after a reset and a reused prefix."""
-    write_checkpoint(tmp_path / "ck", max_position_embeddings=4096)
+    equal those of the separate past -> present tensors across the growth, after a reset and a reused prefix, and
+    transformers' own on the same weights (the sliding window honoured in the shared buffer)."""
+    model, _ = write_checkpoint(tmp_path / "ck", family=family, max_position_embeddings=4096)
     out = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions())
     apart = tmp_path / "apart"
     shutil.copytree(out, apart)
@@ -71,6 +73,13 @@ def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logi
     assert shared.capacity == 4096
     for a, b in zip(shared.steps, separate.steps):
         assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+    # transformers over the whole sequence the steps fed: the prompt, the 8 single steps, the 1100-token extension
+    fed = prompt + list(range(3, 11)) + [(5 * i) % 256 for i in range(1100)]
+    with torch.no_grad():
+        ref = model(torch.tensor([fed])).logits[0].numpy()
+    at = [len(prompt) - 1 + i for i in range(9)] + [len(fed) - 1]
+    for a, i in zip(shared.steps[:10], at):
+        assert np.abs(a - ref[i]).max() < 1e-3 * np.abs(ref[i]).max(), i
 
 
 def test_greedy_generation_matches_pytorch_generate(exported):
