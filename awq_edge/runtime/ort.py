@@ -1,6 +1,7 @@
 """onnxruntime backend: one decoder session holding its KV cache, fed prefill chunks or single tokens."""
 
 import re
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,13 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+@cache
+def _preload_cuda_libraries() -> None:
+    """CUDA and cuDNN from the nvidia-* wheels (PyTorch's) where the system has none: once a process."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def execution_providers(provider: str) -> list:
     """onnxruntime's provider list for a --provider name, or one error saying what to install."""
     if provider not in PROVIDERS:
@@ -25,8 +33,8 @@ def execution_providers(provider: str) -> list:
                            f"{', '.join(ort.get_available_providers())})",
                            "pip install 'awq-edge[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine with "
                            "CUDA, or use --provider cpu")
-    if name == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (PyTorch's), where the system has none
+    if name == "CUDAExecutionProvider":
+        _preload_cuda_libraries()
     return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
 
 
@@ -101,8 +109,10 @@ class OrtDecoder(PrefixCachedDecoder):
         # buffer, so a float32 graph on the GPU keeps separate past and present tensors.
         self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True and not (
             self.device == "cuda" and self.cache_dtype == np.float32)
-        self.binding, self.capacity = self.session.io_binding(), 0
-        self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
+        self.binding, self.capacity = None, 0
+        if self.shared:  # bound once, for every step
+            self.binding = self.session.io_binding()
+            self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
         self.reset()
 
     def reset(self):
@@ -113,10 +123,11 @@ class OrtDecoder(PrefixCachedDecoder):
         self.cache = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.kv_names]
         self.tokens = []
 
-    def _grow(self, held: list, ids: np.ndarray, total: int) -> np.ndarray:
+    def _grow(self, ids: np.ndarray, total: int) -> np.ndarray:
         """New shared buffers for at least `total` positions (multiples of 1024, doubling, at most the context: the
         cache grows as the conversation does), filled by running the held tokens again with the new ones;
         the new ones' logits."""
+        held = self.tokens
         self.capacity = min(self.context_length, max(2 * self.capacity, -(-total // 1024) * 1024))
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
         self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device, 0)
@@ -155,7 +166,7 @@ class OrtDecoder(PrefixCachedDecoder):
 
     def _run_shared(self, feed: dict, ids: np.ndarray, total: int) -> np.ndarray:
         if total > self.capacity:
-            return self._grow(self.tokens, ids, total)
+            return self._grow(ids, total)
         self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
         outs = self._run(self.binding, feed, total)
         self.tokens.extend(ids[0].tolist())
