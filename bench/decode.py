@@ -581,7 +581,7 @@ def breakdown_of(w: Weights, context: int) -> dict:
     # is a kernel in the real step; here every qkv GEMV is timed folded).
     parts = {
         "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=x) for l in L],
-        "attention": lambda: [layer_attention(dec, qkv, i) for i in range(n)],
+        "attention": lambda: [dec._attend(i, l, qkv, dec.pos, None) for i, l in enumerate(L)],  # as the step calls it
         "o_gemv_residual_norm": lambda: [ops.residual_linear(a, l.o, h, next_norm=l.post_norm) for l in L],
         "gate_up_gemv_silu_norm": lambda: [ops.norm_linear(h, l.post_norm, d.eps, l.gate_up, gated=True,
                                                            prescaled=x) for l in L],
@@ -613,15 +613,6 @@ def breakdown_of(w: Weights, context: int) -> dict:
     return res
 
 
-def layer_attention(dec: CudaDecoder, qkv, i: int):
-    """Layer i's decode attention as the step calls it: its RoPE tables, window, q/k norms and soft-capping."""
-    w, d, L = dec.w, dec.w.dims, dec.w.layers[i]
-    cos, sin = (w.cos, w.sin) if L.cos is None else (L.cos, L.sin)
-    return dec.ops.decode_attention(qkv, dec.pos, cos, sin, dec.k_cache[i], dec.v_cache[i], d.heads, dec.scale,
-                                    d.window if L.window is None else L.window, w.features.attn_softcap, L.q_norm,
-                                    L.k_norm, d.eps)
-
-
 def _sandwich_breakdown(dec: CudaDecoder, x, y, qkv, a, act, context: int) -> dict:
     """breakdown_of for Gemma 2/3's block: the products, attention (q/k norms, soft-capping) and the two block
     boundaries (residual_norm) per layer, the head, the whole step."""
@@ -631,7 +622,7 @@ def _sandwich_breakdown(dec: CudaDecoder, x, y, qkv, a, act, context: int) -> di
 
     parts = {
         "qkv_gemv": lambda: [ops.linear(x, l.qkv) for l in L],
-        "attention": lambda: [layer_attention(dec, qkv, i) for i in range(n)],
+        "attention": lambda: [dec._attend(i, l, qkv, dec.pos, None) for i, l in enumerate(L)],  # as the step calls it
         "o_gemv": lambda: [ops.linear(a, l.o) for l in L],
         "residual_norm_x2": lambda: [ops.residual_norm(y, l.attn_out_norm, h, l.post_norm, d.eps) for l in L for _ in
                                      range(2)],
