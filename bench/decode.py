@@ -154,7 +154,8 @@ def random_weights(shape: dict, max_len: int) -> Weights:
     for i in range(d.layers):
         cos, sin = tables[spec.rope_kinds[i]]
         layers.append(Layer(norm(d.hidden), norm(d.hidden), random_linear(q + 2 * kv, d.hidden, qkv_bias),
-                            random_linear(d.hidden, q), random_linear(2 * inter, d.hidden), random_linear(d.hidden, inter),
+                            random_linear(d.hidden, q), random_linear(2 * inter, d.hidden),
+                            random_linear(d.hidden, inter),
                             maybe(f.qk_norms, d.head_dim), maybe(f.qk_norms, d.head_dim),
                             maybe(f.attn_out_norm, d.hidden), maybe(f.mlp_out_norm, d.hidden), spec.windows[i],
                             cos, sin))
