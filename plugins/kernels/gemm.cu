@@ -458,10 +458,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs 
 }
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
-// blocks are resident at once, while every warp keeps at least one full stage of chunks.
+// blocks are resident at once, while every warp keeps at least one full stage of chunks. A grid of more than 16
+// one-warp tiles per SM takes two warps a tile instead, in two waves: Qwen2.5-7B's gate/up (37888 x 3584, 17.9
+// tiles per SM) ran 33.2 us with one warp and 29.3 with two, and its decode step 10.8% faster (bench/NOTES.md, r9);
+// at 10-14 tiles per SM (Llama's, Gemma-2's gate/up) one warp is faster.
 int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
     int w = 1;
     while (w < max_warps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && kStage * 2 * w <= chunks) w *= 2;
+    if (w == 1 && (size_t)blocks > (size_t)sm_count * 16 && max_warps >= 2 && kStage * 2 * 2 <= chunks) w = 2;
     return w;
 }
 
