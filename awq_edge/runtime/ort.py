@@ -109,10 +109,13 @@ class OrtDecoder(PrefixCachedDecoder):
         # buffer, so a float32 graph on the GPU keeps separate past and present tensors.
         self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True and not (
             self.device == "cuda" and self.cache_dtype == np.float32)
-        self.binding, self.capacity = None, 0
+        self.binding, self.capacity, self.step_logits = None, 0, None
         if self.shared:  # bound once, for every step
             self.binding = self.session.io_binding()
             self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
+            if self.vocab_size:  # a single token's logits land in one host array, read without get_outputs()
+                self.step_logits = np.empty((1, 1, self.vocab_size), _NP.get(outputs["logits"].type, np.float32))
+                self.step_logits_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
         self.reset()
 
     def reset(self):
@@ -167,18 +170,26 @@ class OrtDecoder(PrefixCachedDecoder):
     def _run_shared(self, feed: dict, ids: np.ndarray, total: int) -> np.ndarray:
         if total > self.capacity:
             return self._grow(ids, total)
+        if ids.shape[1] == 1 and self.step_logits is not None:
+            # Every output is bound to an array of ours, so the step reads no list of all 2 x layers + 1 outputs
+            # back (get_outputs() cost about as much as the rest of the Python around a step).
+            self.binding.bind_ortvalue_output("logits", self.step_logits_value)
+            self._run(self.binding, feed, total, outputs=False)
+            self.tokens.append(int(ids[0, 0]))
+            return self.step_logits[0].astype(np.float32)
         self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
         outs = self._run(self.binding, feed, total)
         self.tokens.extend(ids[0].tolist())
         return outs[0].numpy()[0].astype(np.float32)
 
-    def _run(self, binding, feed: dict, total: int) -> list:
-        """Bind feed and run; the outputs as bound, the logits first."""
+    def _run(self, binding, feed: dict, total: int, outputs: bool = True) -> list | None:
+        """Bind feed and run; the outputs as bound, the logits first (outputs=False: none, all were bound to
+        values of ours)."""
         for name, value in feed.items():
             binding.bind_ortvalue_input(name, value)
         try:
             self.session.run_with_iobinding(binding)
-            return binding.get_outputs()
+            return binding.get_outputs() if outputs else None
         except Exception as e:  # a graph that does not run as genai_config.json describes it (e.g. its context)
             raise AwqEdgeError(f"onnxruntime failed at token {total} of {self.folder}: {' '.join(str(e).split())}",
                                "re-export it with `awq-edge export`") from None
