@@ -554,6 +554,59 @@ def test_generate_command_runs_the_cuda_backend(tmp_path, capsys):
     json.loads((tmp_path / "ck" / "config.json").read_text())  # nothing rewritten
 
 
+def _cuda_checkpoint_with_template(folder):
+    """A tiny checkpoint with a tokenizer and a plain chat template (the chat command refuses a model without one)."""
+    from conftest import tiny_tokenizer
+
+    write_checkpoint(folder)
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(folder)
+    return folder
+
+
+@needs_library
+@needs_gpu
+def test_generate_command_samples_on_the_gpu_and_a_seed_repeats_its_text(tmp_path, capsys):
+    """`awq-edge generate --backend cuda --temperature ...` as a user types it: the sampler runs on the GPU; the
+    same seed gives the same text, other seeds other texts (12 tokens at temperature 1.5 over 256 ids)."""
+    ck = _cuda_checkpoint_with_template(tmp_path / "ck")
+    args = ["generate", str(ck), "--backend", "cuda", "--raw", "--prompt", "w5 w9 w12", "--max-new-tokens", "12",
+            "--temperature", "1.5", "--top-p", "0.95", "--top-k", "0", "--seed"]
+
+    def text(seed):
+        assert main(args + [str(seed)]) == 0
+        return capsys.readouterr().out
+
+    first = text(7)
+    assert first.endswith("\n") and text(7) == first
+    assert any(text(seed) != first for seed in (8, 9, 10))
+
+
+@needs_library
+@needs_gpu
+def test_chat_command_samples_on_the_gpu_turn_by_turn(tmp_path, capsys, monkeypatch):
+    """`awq-edge chat --backend cuda --temperature ...`: two turns and a /reset, seeded, answered twice alike."""
+    ck = _cuda_checkpoint_with_template(tmp_path / "ck")
+
+    def session():
+        lines = iter(["w5 w9", "/reset", "w12 w3"])
+
+        def fake_input(prompt=""):
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError
+
+        monkeypatch.setattr("builtins.input", fake_input)
+        assert main(["chat", str(ck), "--backend", "cuda", "--max-new-tokens", "6", "--temperature", "0.8",
+                     "--seed", "3"]) == 0
+        return capsys.readouterr().out
+
+    out = session()
+    assert out.count("\n") >= 2 and session() == out
+
+
 @needs_library
 @needs_gpu
 def test_pipelined_greedy_stops_cleanly_and_the_cache_holds_exactly_the_fed_tokens(tmp_path):
