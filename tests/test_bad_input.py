@@ -353,6 +353,35 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, cap
     assert re.fullmatch(re.escape(TABLE[case.name]).replace("…", ".*"), shown), f"the line is: {shown}"
 
 
+def test_provider_cuda_with_both_onnxruntime_wheels_names_the_uninstall(tmp_path, fx, capsys, monkeypatch):
+    """`pip install 'awq-edge[gpu]'` leaves onnxruntime and onnxruntime-gpu side by side and the CPU module wins
+    (tried on the CPU machine): the refusal then names the two commands that leave only the GPU wheel."""
+    from awq_edge.runtime import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "_installed", lambda distribution: True)
+    case = Case("generate --provider cuda with both wheels", cuda_provider_missing,
+                ("hides onnxruntime-gpu", "--no-deps onnxruntime-gpu"))
+    shown = as_shown(refused_and_unchanged(case, tmp_path, fx, capsys), tmp_path, fx)
+    me = "`test_provider_cuda_with_both_onnxruntime_wheels_names_the_uninstall`"
+    row = next(re.search("`([^`]*)`", r[1]).group(1) for r in table_rows() if len(r) == 3 and r[2] == me)
+    assert re.fullmatch(re.escape(row).replace("…", ".*"), shown), f"the line is: {shown}"
+
+
+def test_provider_cuda_that_cannot_start_is_one_line_not_a_silent_cpu_run(tmp_path, fx, capsys, monkeypatch):
+    """onnxruntime-gpu on a machine without a usable GPU or CUDA libraries creates the session on the CPU with only a
+    warning (tried on the CPU machine with onnxruntime-gpu 1.31.1): `--provider cuda` must refuse instead. Here the
+    CPU wheel is handed the CUDA provider's name, which it likewise drops."""
+    from awq_edge.runtime import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "execution_providers", lambda p: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    case = Case("generate --provider cuda where it cannot start", lambda tmp, f: gen(tmp, f, "--provider", "cuda"),
+                ("could not start its CUDAExecutionProvider", "--provider cpu"))
+    shown = as_shown(refused_and_unchanged(case, tmp_path, fx, capsys), tmp_path, fx)
+    me = "`test_provider_cuda_that_cannot_start_is_one_line_not_a_silent_cpu_run`"
+    row = next(re.search("`([^`]*)`", r[1]).group(1) for r in table_rows() if len(r) == 3 and r[2] == me)
+    assert re.fullmatch(re.escape(row).replace("…", ".*"), shown), f"the line is: {shown}"
+
+
 # ---- faults found at the output, refused before the work
 
 def test_quantize_into_a_read_only_place_is_refused_before_the_work(tmp_path, fx, capsys, monkeypatch):

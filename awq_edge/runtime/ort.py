@@ -1,7 +1,10 @@
 """onnxruntime backend: one decoder session holding its KV cache, fed prefill chunks or single tokens."""
 
+import contextlib
+import io
 import re
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,17 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 @cache
 def _preload_cuda_libraries() -> None:
     """CUDA and cuDNN from the nvidia-* wheels (PyTorch's) where the system has none: once a process."""
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
+    if hasattr(ort, "preload_dlls"):  # it prints what it could not find; a provider that then fails to start is
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # our error
+            ort.preload_dlls()
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.distribution(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def execution_providers(provider: str) -> list:
@@ -29,11 +41,15 @@ def execution_providers(provider: str) -> list:
         raise AwqEdgeError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}", "use --provider cpu or cuda")
     name = PROVIDERS[provider]
     if name not in ort.get_available_providers():
-        raise AwqEdgeError(f"this onnxruntime ({ort.__version__}) has no {name} (it has "
-                           f"{', '.join(ort.get_available_providers())})",
-                           "pip install 'awq-edge[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine with "
-                           "CUDA, or use --provider cpu")
+        has = f"this onnxruntime ({ort.__version__}) has no {name} (it has {', '.join(ort.get_available_providers())})"
+        if name == "CUDAExecutionProvider" and _installed("onnxruntime-gpu") and _installed("onnxruntime"):
+            # `pip install 'awq-edge[gpu]'` leaves both wheels, and both install the module `onnxruntime`
+            raise AwqEdgeError(f"{has}: the CPU wheel onnxruntime hides onnxruntime-gpu, both installed",
+                               "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu")
+        raise AwqEdgeError(has, "pip install 'awq-edge[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine "
+                                "with CUDA, or use --provider cpu")
     if name == "CUDAExecutionProvider":
+        ort.set_default_logger_severity(4)  # a provider that fails to start is our one-line error, not its log
         _preload_cuda_libraries()
     return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
 
@@ -89,6 +105,11 @@ class OrtDecoder(PrefixCachedDecoder):
         except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
             cause = " ".join(str(e).split())  # its messages span lines; ours is one
             raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
+        if providers[0] not in self.session.get_providers():  # onnxruntime falls back to the CPU without a word
+            raise AwqEdgeError(f"onnxruntime could not start its {providers[0]} (no usable NVIDIA GPU, or its CUDA 13 "
+                               "and cuDNN 9 libraries are missing)",
+                               "run on a machine with an NVIDIA GPU and CUDA 13 + cuDNN 9 (system or PyTorch's "
+                               "nvidia-* wheels), or use --provider cpu")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layers = dec["num_hidden_layers"]
         self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
