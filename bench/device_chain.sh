@@ -13,7 +13,6 @@
 #             at its defaults on SmolLM2 (quantize -> eval); the GPU tests
 #   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (wheels joined from parts ortgpu.* and genai.*): the ONNX
 #             CUDA tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
-#   onnxgpu_quick  the same wheels and ONNX CUDA tests, then bench/onnx_gpu.py at the Llama-2-7B shape only
 #   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
 #   families  Gemma-3-270M (real) converted and quantised at the CLI's defaults, its perplexity and the float
 #             model's, beside the GPU tests; then, alone on the GPU, bench/decode.py on every family's shape and the
@@ -180,7 +179,7 @@ for step in "$@"; do
         sed -n '5,30p' "$OUT/quality_defaults_$t.md" | grep '^|'
       done
       tail -3 "$OUT/scale_smollm2.log"; tail -8 "$OUT/tests.txt" ;;
-    onnxgpu|onnxgpu_quick)
+    onnxgpu)
       for w in ortgpu:onnxruntime_gpu-1.31.1 genai:onnxruntime_genai_cuda-0.18.0; do
         [ -f /tmp/g/${w#*:}-cp312-cp312-manylinux_2_28_x86_64.whl ] ||
           cat /tmp/parts/${w%%:*}.* > /tmp/g/${w#*:}-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -190,11 +189,6 @@ for step in "$@"; do
       convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
       python -m pytest -q -ra tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py > "$OUT/tests_ort_cuda.txt" 2>&1
       tail -12 "$OUT/tests_ort_cuda.txt"
-      if [ "$step" = onnxgpu_quick ]; then  # no SmolLM2: our loop against onnxruntime-genai at one shape
-        python -P bench/onnx_gpu.py --shape llama2-7b --rows ours_default,cuda_backend --work /tmp/og_quick \
-          --out "$OUT/onnx_gpu_llama2-7b" > "$OUT/onnx_gpu_llama2-7b.log" 2>&1; tail -12 "$OUT/onnx_gpu_llama2-7b.log"
-        continue
-      fi
       [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
         > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \

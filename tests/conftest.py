@@ -88,3 +88,16 @@ def rtn_checkpoint_and_export(name: str, root: Path):
     quantize(name, method="rtn", group_size=64, device="cpu", progress=False, log=lambda *a: None).save(root / "ck")
     qmodel, tokenizer = load_quantized_model(root / "ck")
     return root / "ck", export(root / "ck", root / "onnx"), qmodel.eval(), tokenizer
+
+
+def chat_session(monkeypatch, typed):
+    """Feed `typed` to the chat command's input(), then EOF; an exception instance in it is raised there instead."""
+    feed = iter(typed)
+
+    def fake_input(prompt=""):
+        item = next(feed, EOFError())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr("builtins.input", fake_input)

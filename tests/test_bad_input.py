@@ -18,7 +18,7 @@ from typing import Callable
 import onnx
 import pytest
 from awq_edge.export.api import export
-from conftest import save_tiny_tokenizer, tiny_model
+from conftest import chat_session, save_tiny_tokenizer, tiny_model
 from test_engine import tiny_decoder, write_onnx_dir
 from test_export import write_checkpoint
 from test_runtime import save_byte_tokenizer
@@ -353,6 +353,14 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, tmp_path, fx, cap
     assert re.fullmatch(re.escape(TABLE[case.name]).replace("…", ".*"), shown), f"the line is: {shown}"
 
 
+def assert_line_of_named_row(case, test, tmp_path, fx, capsys) -> None:
+    """The case's one error line is the message (in backticks) of the table row that names `test`."""
+    shown = as_shown(refused_and_unchanged(case, tmp_path, fx, capsys), tmp_path, fx)
+    me = f"`{test.__name__}`"
+    row = next(re.search("`([^`]*)`", r[1]).group(1) for r in table_rows() if len(r) == 3 and r[2] == me)
+    assert re.fullmatch(re.escape(row).replace("…", ".*"), shown), f"the line is: {shown}"
+
+
 def test_provider_cuda_with_both_onnxruntime_wheels_names_the_uninstall(tmp_path, fx, capsys, monkeypatch):
     """`pip install 'awq-edge[gpu]'` leaves onnxruntime and onnxruntime-gpu side by side and the CPU module wins
     (tried on the CPU machine): the refusal then names the two commands that leave only the GPU wheel."""
@@ -361,10 +369,8 @@ def test_provider_cuda_with_both_onnxruntime_wheels_names_the_uninstall(tmp_path
     monkeypatch.setattr(ort_backend, "_installed", lambda distribution: True)
     case = Case("generate --provider cuda with both wheels", cuda_provider_missing,
                 ("hides onnxruntime-gpu", "--no-deps onnxruntime-gpu"))
-    shown = as_shown(refused_and_unchanged(case, tmp_path, fx, capsys), tmp_path, fx)
-    me = "`test_provider_cuda_with_both_onnxruntime_wheels_names_the_uninstall`"
-    row = next(re.search("`([^`]*)`", r[1]).group(1) for r in table_rows() if len(r) == 3 and r[2] == me)
-    assert re.fullmatch(re.escape(row).replace("…", ".*"), shown), f"the line is: {shown}"
+    assert_line_of_named_row(case, test_provider_cuda_with_both_onnxruntime_wheels_names_the_uninstall, tmp_path,
+                             fx, capsys)
 
 
 def test_provider_cuda_that_cannot_start_is_one_line_not_a_silent_cpu_run(tmp_path, fx, capsys, monkeypatch):
@@ -376,10 +382,8 @@ def test_provider_cuda_that_cannot_start_is_one_line_not_a_silent_cpu_run(tmp_pa
     monkeypatch.setattr(ort_backend, "execution_providers", lambda p: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     case = Case("generate --provider cuda where it cannot start", lambda tmp, f: gen(tmp, f, "--provider", "cuda"),
                 ("could not start its CUDAExecutionProvider", "--provider cpu"))
-    shown = as_shown(refused_and_unchanged(case, tmp_path, fx, capsys), tmp_path, fx)
-    me = "`test_provider_cuda_that_cannot_start_is_one_line_not_a_silent_cpu_run`"
-    row = next(re.search("`([^`]*)`", r[1]).group(1) for r in table_rows() if len(r) == 3 and r[2] == me)
-    assert re.fullmatch(re.escape(row).replace("…", ".*"), shown), f"the line is: {shown}"
+    assert_line_of_named_row(case, test_provider_cuda_that_cannot_start_is_one_line_not_a_silent_cpu_run, tmp_path,
+                             fx, capsys)
 
 
 # ---- faults found at the output, refused before the work
@@ -518,19 +522,6 @@ def test_generate_into_a_closed_pipe_is_one_line_and_exit_141(fx, capsys, monkey
     code, lines, _ = run(capsys, "generate", fx["onnx"], "--prompt", "hi", "--max-new-tokens", "8")
     os.close(w)
     assert code == 141 and len(lines) == 1 and "output pipe was closed" in lines[0] and "fix:" in lines[0]
-
-
-def chat_session(monkeypatch, typed):
-    """Feed `typed` to the chat's input(); an exception instance in it is raised there instead."""
-    feed = iter(typed)
-
-    def fake_input(prompt=""):
-        item = next(feed, EOFError())
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    monkeypatch.setattr("builtins.input", fake_input)
 
 
 def test_chat_reports_an_over_long_message_and_answers_the_next(fx, capsys, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from awq_edge.export.api import export
 from awq_edge.export.decoder import ExportOptions
+from conftest import chat_session
 from test_export import PROMPT, write_checkpoint
 
 from awq_edge.cli import main
@@ -230,15 +231,7 @@ def test_generate_command_streams_the_greedy_reply(exported, capsys):
 
 def test_chat_command_answers_each_turn_and_reset_forgets_the_conversation(exported, capsys, monkeypatch):
     folder = exported[0]["ort"]
-    lines = iter(["hi", "/reset", "", "yo"])
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    chat_session(monkeypatch, ["hi", "/reset", "", "yo"])
     assert main(["chat", str(folder), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert out == expected_reply(folder, "hi", 6) + "\n" + expected_reply(folder, "yo", 6) + "\n"

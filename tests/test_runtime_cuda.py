@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import chat_session
 from test_export import PROMPT, write_checkpoint
 
 from awq_edge.cli import main
@@ -590,15 +591,7 @@ def test_chat_command_samples_on_the_gpu_turn_by_turn(tmp_path, capsys, monkeypa
     ck = _cuda_checkpoint_with_template(tmp_path / "ck")
 
     def session():
-        lines = iter(["w5 w9", "/reset", "w12 w3"])
-
-        def fake_input(prompt=""):
-            try:
-                return next(lines)
-            except StopIteration:
-                raise EOFError
-
-        monkeypatch.setattr("builtins.input", fake_input)
+        chat_session(monkeypatch, ["w5 w9", "/reset", "w12 w3"])
         assert main(["chat", str(ck), "--backend", "cuda", "--max-new-tokens", "6", "--temperature", "0.8",
                      "--seed", "3"]) == 0
         return capsys.readouterr().out
