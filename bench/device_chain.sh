@@ -11,8 +11,8 @@
 #   probe     the layer loop's steps (time, where the GPU peak is) on a 4-layer Llama-3-8B, for awq and awq-gptq
 #   defaults  RTN / AWQ / AWQ+GPTQ / GPTQ at g64 and g128, 128 and 16 samples, both models side by side; the CLI
 #             at its defaults on SmolLM2 (quantize -> eval); the GPU tests
-#   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (wheels joined from parts ortgpu.* and genai.*): the ONNX
-#             CUDA tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
+#   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (from the bundle.* parts, see unbundle): the ONNX CUDA
+#             tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
 #   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
 #   families  Gemma-3-270M (real) converted and quantised at the CLI's defaults, its perplexity and the float
 #             model's, beside the GPU tests; then, alone on the GPU, bench/decode.py on every family's shape and the
@@ -56,6 +56,19 @@ convert() {
 from pathlib import Path; from transformers import AutoTokenizer
 from awq_edge.quantizer.source import convert_gguf as c, cache_root
 c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v Warn | tail -3
+}
+
+# unbundle: /tmp/parts/bundle.* (one call's part each) joined: a tar of the onnxruntime-gpu wheel's files as
+# ortgpu.tar.xz (xz: a fifth smaller than the wheel's zip), the onnxruntime-genai-cuda wheel and SmolLM2's GGUF as
+# smollm2-135m.gguf.xz; both wheels go to /tmp/site (ahead of the image's CPU onnxruntime on PYTHONPATH). Made with
+#   tar -cf bundle.tar -C DIR .  then  head -c 57500000 (the first call also carries .mc and .whl) and split -b 63500000
+#   (later calls carry only .mc/p)
+unbundle() {
+  [ -f /tmp/site/onnxruntime/capi/libonnxruntime_providers_cuda.so ] && return 0
+  mkdir -p /tmp/bundle && cat /tmp/parts/bundle.* | tar -x -C /tmp/bundle && rm -f /tmp/parts/bundle.* || return 1
+  python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/site', filter='data')"
+  pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 | grep -v WARN
+  python -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/bundle/smollm2-135m.gguf.xz'), open('/tmp/parts/smollm2-135m.00', 'wb'))"
 }
 
 # gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop, the decode benchmark's
@@ -180,11 +193,7 @@ for step in "$@"; do
       done
       tail -3 "$OUT/scale_smollm2.log"; tail -8 "$OUT/tests.txt" ;;
     onnxgpu)
-      for w in ortgpu:onnxruntime_gpu-1.31.1 genai:onnxruntime_genai_cuda-0.18.0; do
-        [ -f /tmp/g/${w#*:}-cp312-cp312-manylinux_2_28_x86_64.whl ] ||
-          cat /tmp/parts/${w%%:*}.* > /tmp/g/${w#*:}-cp312-cp312-manylinux_2_28_x86_64.whl
-      done
-      pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/g/onnxruntime_*.whl 2>&1 | tail -2
+      unbundle
       python -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
       convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
       python -m pytest -q -ra tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py > "$OUT/tests_ort_cuda.txt" 2>&1
@@ -192,11 +201,12 @@ for step in "$@"; do
       [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
         > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
-        --work /tmp/og --wikitext "$WT" --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
-      tail -16 "$OUT/onnx_gpu_smollm2.log" ;;
+        --rows ours_default,ours_exact,ours_split_head,peer,cuda_backend --work /tmp/og --wikitext "$WT" \
+        --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
+      tail -24 "$OUT/onnx_gpu_smollm2.log" ;;
     onnxgpu_shapes)
       for m in llama2-7b llama3-8b; do
-        python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_exact,cuda_backend --work /tmp/og_$m \
+        python -P bench/onnx_gpu.py --shape $m --rows ours_default,peer,cuda_backend --repeats 2 --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
         rm -rf /tmp/og_$m
       done ;;

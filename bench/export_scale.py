@@ -93,7 +93,7 @@ def write_checkpoint(name: str, folder: Path, symmetric: bool) -> None:
         save(1 + first // 4, part)
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=2).to_dict()
+                         eos_token_id=2, architectures=["LlamaForCausalLM"]).to_dict()
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True,
                                      "version": "gemm"}
     (tmp / "config.json").write_text(json.dumps(config))

@@ -1,5 +1,7 @@
 """Our ONNX export on an NVIDIA GPU: onnxruntime-genai-cuda and our onnxruntime backend (--provider cuda) beside
 onnxruntime-genai's own int4 CUDA build of the same float model (the peer) and our CUDA backend.
+At a random shape (--shape) there is no float model: the peer is the model builder's build of the same random
+AutoAWQ checkpoint (its quantised-model path, group 128 as ours; from a float model it would round in groups of 32).
 
 Per row: batch-1 decode tok/s (greedy, PROMPT tokens then NEW), time to first token, WikiText-2 perplexity (real
 models; the graph run whole on the same provider) and the nodes onnxruntime placed on the CPU (from its profile).
@@ -15,6 +17,7 @@ Usage on the GPU machine (onnxruntime-gpu and onnxruntime-genai-cuda installed):
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -33,8 +36,9 @@ from awq_edge.export.api import export, export_options  # noqa: E402
 from awq_edge.runtime.ort import OrtDecoder, execution_providers, session_options  # noqa: E402
 from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_builder  # noqa: E402
 
-# name -> export_options overrides: the default export and the exact one, both with fp16 activations (the GPU's)
-EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}}
+# name -> export_options overrides, all with fp16 activations (the GPU's): the default export, the exact one, and
+# the default with the CPU default's head (4 bits, its 64 largest input channels 8-bit: two MatMulNBits)
+EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64}}
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
@@ -67,16 +71,34 @@ def time_genai(model, prompt: list, new: int) -> tuple:
     return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens
 
 
+class TimedRun:
+    """Wraps a session's run_with_iobinding: the seconds spent inside onnxruntime's run since the last reset."""
+
+    def __init__(self, session):
+        self.run, self.seconds = session.run_with_iobinding, 0.0
+        session.run_with_iobinding = self
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
 def time_ort(dec: OrtDecoder, prompt: list, new: int) -> tuple:
-    """The same through our onnxruntime backend (the KV cache bound where the provider runs)."""
+    """The same through our onnxruntime backend (the KV cache bound where the provider runs); with the time per
+    decode step spent inside onnxruntime's run (the rest of the step is ours: binding, the logits, argmax)."""
+    timer = dec.session.run_with_iobinding
     dec.reset()
     t0 = time.perf_counter()
     tokens = [int(np.argmax(dec.forward(prompt)[-1]))]
     t1 = time.perf_counter()
+    timer.seconds = 0.0
     while len(tokens) < new:
         tokens.append(int(np.argmax(dec.forward([tokens[-1]])[-1])))
     t2 = time.perf_counter()
-    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens
+    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens, timer.seconds / (len(tokens) - 1)
 
 
 def time_cuda_backend(dec, prompt: list, new: int) -> tuple:
@@ -91,6 +113,59 @@ def time_cuda_backend(dec, prompt: list, new: int) -> tuple:
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens
+
+
+def profile_summary(path: Path, skip_runs: int) -> dict:
+    """onnxruntime's profile of one session: per run after the first skip_runs (the prompt), the medians of the
+    whole run (model_run) and of the time in each op type's nodes (on the CUDA provider that is the host's time to
+    launch them, not the GPU's), and the per-run node count."""
+    events = json.loads(path.read_text())
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])[skip_runs:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = []
+    for r in runs:
+        ops = {}
+        for e in nodes:
+            if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
+                op = e.get("args", {}).get("op_name", "?")
+                ops[op] = ops.get(op, 0) + e["dur"]
+        per_run.append((r["dur"], ops))
+    names = {op for _, ops in per_run for op in ops}
+    by_op = {op: statistics.median(ops.get(op, 0) for _, ops in per_run) for op in names}
+    return {"runs": len(per_run), "model_run_us": statistics.median(d for d, _ in per_run),
+            "nodes_us": statistics.median(sum(ops.values()) for _, ops in per_run),
+            "by_op_us": dict(sorted(by_op.items(), key=lambda t: -t[1]))}
+
+
+def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: Path) -> dict:
+    """ORT's own profile of `steps` greedy decode steps after the prompt, through our loop and through
+    onnxruntime-genai, on the same folder: is our loop's extra time inside onnxruntime's run, and in which nodes?"""
+    import onnxruntime_genai as og
+
+    out = {}
+    prefix = work / f"profile_ours_{folder.name}"
+    dec = OrtDecoder(folder, provider=provider, profile=str(prefix))
+    TimedRun(dec.session)
+    _, tok_s, _, inside = time_ort(dec, prompt, steps + 1)
+    out["awq-edge-ort"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside,
+                           **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
+    twin = work / f"profile_genai_{folder.name}"  # the same files, with profiling on in genai_config.json
+    shutil.rmtree(twin, ignore_errors=True)
+    twin.mkdir(parents=True)
+    for f in folder.iterdir():
+        if f.name != "genai_config.json":
+            (twin / f.name).symlink_to(f.resolve())
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["enable_profiling"] = str(twin / "ort_profile")
+    (twin / "genai_config.json").write_text(json.dumps(config))
+    model = genai_model(twin, provider)
+    _, tok_s, _ = time_genai(model, prompt, steps + 1)
+    del model  # onnxruntime writes the profile when the session ends
+    files = sorted(twin.glob("ort_profile*.json"))
+    if files:
+        out["onnxruntime-genai"] = {"ms_per_step": 1e3 / tok_s, **profile_summary(files[-1], skip_runs=1)}
+    return out
 
 
 def placement(folder: Path, provider: str, work: Path) -> dict:
@@ -157,9 +232,11 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         t0 = time.perf_counter()
         folders[name] = export(quant_dir, work / name, export_options("ort", dtype="fp16", **extra))
         res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
-    if "peer" in args.rows_of and args.hf_dir:
+    peer_source = args.hf_dir or (quant_dir if args.shape else None)  # see the module's docstring
+    if "peer" in args.rows_of and peer_source:
         folders["peer_int4"] = work / f"peer_int4_{args.provider}"
-        res["export_seconds"]["peer_int4"] = run_peer_builder(Path(args.hf_dir), folders["peer_int4"], "int4",
+        res["peer_source"] = "float model" if args.hf_dir else "the same AutoAWQ checkpoint"
+        res["export_seconds"]["peer_int4"] = run_peer_builder(Path(peer_source), folders["peer_int4"], "int4",
                                                                 provider=args.provider)
     rows = {}
     for name, folder in folders.items():
@@ -167,6 +244,7 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
         if name.startswith("ours"):
             dec = OrtDecoder(folder, provider=args.provider)
+            TimedRun(dec.session)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
@@ -183,16 +261,26 @@ def markdown(res: dict) -> str:
              f"onnxruntime-genai {res['versions']['onnxruntime_genai']})", "",
              f"Batch 1, greedy, {res['prompt_tokens']}-token prompt then {res['new_tokens']} tokens; medians of "
              f"{res['repeats']} rounds, every row in turn each round.", "",
-             "| model | runtime | tok/s | TTFT ms | WikiText-2 ppl | CPU nodes (MatMulNBits + attention) | MB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | runtime | tok/s | TTFT ms | WikiText-2 ppl | CPU nodes (MatMulNBits + attention) | MB | "
+             "ms a step inside onnxruntime's run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") else ""
         cpu = f"{r['cpu_nodes']} ({r['cpu_nodes_matmul_attention']})" if "cpu_nodes" in r else ""
         size = f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else ""
+        inside = f"{r['ort_run_ms_per_step']:.3f} of {r['ms_per_step']:.3f}" if "ort_run_ms_per_step" in r else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {r['tok_s']:.1f} | {1e3 * r['ttft_s']:.1f} | {ppl} | "
-                     f"{cpu} | {size} |")
+                     f"{cpu} | {size} | {inside} |")
     if res.get("ratios"):
         lines += ["", "Ratios (same run): " + "; ".join(f"{k} {v:.3f}x" for k, v in res["ratios"].items())]
+    if res.get("profile"):
+        lines += ["", "onnxruntime's profile of ours_default's decode steps (medians per step, us; node times are the "
+                  "host's time in each node, launches on the CUDA provider):", "",
+                  "| loop | wall per step | model_run | in nodes | top op types |", "| --- | --- | --- | --- | --- |"]
+        for loop, p in res["profile"].items():
+            top = ", ".join(f"{op} {us:.0f}" for op, us in list(p["by_op_us"].items())[:6])
+            lines.append(f"| {loop} | {1e3 * p['ms_per_step']:.0f} | {p['model_run_us']:.0f} | {p['nodes_us']:.0f} | "
+                         f"{top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +289,8 @@ def ratios(rows: list) -> dict:
     out = {}
     for a, b in (("ours_default/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_exact/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_split_head/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
@@ -216,13 +306,16 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", help="instead: random weights at this shape (bench/export_scale.py's names)")
     ap.add_argument("--work", required=True, help="where the checkpoint, exports and profiles are written")
     ap.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend")
+    ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend",
+                    help=f"comma list of {', '.join(EXPORTS)}, peer, cuda_backend")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=64,
+                    help="then onnxruntime's profile of this many steps of ours_default, our loop and genai's (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_gpu"))
     args = ap.parse_args(argv)
     if bool(args.shape) == bool(args.quant_dir):
@@ -250,15 +343,18 @@ def main(argv=None) -> int:
     tokens = {}
     for r in range(args.repeats + 1):  # round 0 warms every row up
         for name, (_, run) in (rows.items() if r % 2 else reversed(rows.items())):
-            ttft, tok_s, toks = run(prompt)
+            ttft, tok_s, toks, *inside = run(prompt)
             tokens[name] = toks
             if r:
-                times[name].append((ttft, tok_s))
+                times[name].append((ttft, tok_s, *inside))
     res["rows"] = []
     for name, (folder, _) in rows.items():
         model, runtime = name.split("/")
         row = {"model": model, "runtime": runtime, "tok_s": statistics.median(t[1] for t in times[name]),
                "ttft_s": statistics.median(t[0] for t in times[name]), "tok_s_all": [t[1] for t in times[name]]}
+        if len(times[name][0]) > 2:  # our onnxruntime loop: how much of a step is onnxruntime's run
+            row["ort_run_ms_per_step"] = 1e3 * statistics.median(t[2] for t in times[name])
+            row["ms_per_step"] = 1e3 / row["tok_s"]
         if runtime != "onnxruntime-genai" and f"{model}/onnxruntime-genai" in tokens:  # same folder, same tokens
             row["greedy_equal_to_genai"] = tokens[name] == tokens[f"{model}/onnxruntime-genai"]
         if folder is not None:
@@ -272,6 +368,10 @@ def main(argv=None) -> int:
         save()
     res["ratios"] = ratios(res["rows"])
     save()
+    folder = next((f for n, (f, _) in rows.items() if n == "ours_default/awq-edge-ort"), None)
+    if args.profile_steps and folder is not None:
+        res["profile"] = profile_loops(folder, args.provider, prompt, args.profile_steps, work)
+        save()
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
     return 0

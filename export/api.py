@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from awq_edge.export.decoder import AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder, head_outliers
+from awq_edge.export.decoder import AUTO_BITS, AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder, resolve_head
 from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
                                     is_export, staged, write_folder)
 
@@ -19,13 +19,18 @@ from awq_edge.quant import check_group_size
 # 8 bits, channels and scales chosen on the final norm's statistics the quantiser stored in the checkpoint.
 ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
                 "head_symmetric": False, "head_outliers": AUTO_OUTLIERS}
+# --dtype fp16, the GPU's export: the same but a head of one MatMulNBits (export/decoder.py, GPU_HEAD8_MAX_WEIGHTS):
+# 8 bits for small heads, 4 for large ones, no outlier split (bench/results/onnx_gpu.json).
+GPU_DEFAULTS = {"head_bits": AUTO_BITS, "head_outliers": 0}
 HEAD_OPTIONS = ("head_bits", "head_group", "head_calib", "head_symmetric", "head_outliers")
 
 
 def export_options(target: str = "ort", exact: bool = False, **overrides) -> ExportOptions:
     """The options `awq-edge export` uses: ORT_DEFAULTS for onnxruntime unless exact (bit-exact int4 of the
-    checkpoint, float head); overrides (None: not given) apply on top."""
+    checkpoint, float head), with GPU_DEFAULTS' head for fp16; overrides (None: not given) apply on top."""
     opts = dict(ORT_DEFAULTS) if target == "ort" and not exact else {}
+    if opts and overrides.get("dtype") == "fp16":
+        opts.update(GPU_DEFAULTS)
     if overrides.get("head_bits") == 0:  # a float head: the defaults for rounding one do not apply
         opts = {k: v for k, v in opts.items() if k not in HEAD_OPTIONS}
     opts.update({k: v for k, v in overrides.items() if v is not None})
@@ -64,6 +69,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
         raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
                            f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
                            "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
+    opts = resolve_head(opts, ck.spec.dims.vocab, ck.spec.dims.hidden)  # the head the defaults chose, recorded
     with staged(out) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
             model = build_decoder(ck, opts, ExternalData(data, out))
@@ -74,7 +80,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
             "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-            "head_outliers": head_outliers(opts, ck.spec.dims.hidden),  # the count the default chose
+            "head_outliers": opts.head_outliers,
             "group_size": ck.group_size, "model_type": ck.config["model_type"],
         }
         write_folder(tmp, out, model, genai, folder, extra)

@@ -1,6 +1,6 @@
 """Assemble a decoder with KV cache as one ONNX graph from a quantised checkpoint, as its family's Spec describes."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -21,6 +21,12 @@ OPSET = 21
 TARGETS = ("ort", "trt")
 FROM_CHECKPOINT = "checkpoint"  # --head-calib: the statistics the quantiser stored in the checkpoint
 AUTO_OUTLIERS = -1  # head_outliers: the default's choice, made once the model's width is known
+AUTO_BITS = -1  # head_bits: the GPU default's choice (8 or 4), made once the head's size is known
+# The fp16 (GPU) default's head is one MatMulNBits: at batch 1 onnxruntime's CUDA provider spends about as long
+# launching a node as reading 20 MB, so the outlier split's four nodes (two Gathers, a second MatMulNBits, an Add;
+# three more in a tied embedding) cost more than its bytes save. 8 bits (near-exact) while the 8-bit head's extra
+# bytes over a 4-bit one stay under this; 4 bits above it (7B/8B heads: 260 MB more at 8 bits).
+GPU_HEAD8_MAX_WEIGHTS = 64 << 20  # vocab x hidden: SmolLM2-135M 28M; Qwen2.5-0.5B 136M, Llama-3.2-1B 263M
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,8 @@ class ExportOptions:
     dtype: str = "fp32"
     trt_native: bool = False  # trt only: int4 DequantizeLinear + MatMul instead of MatMulNBits
     accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 activations (faster on CPU)
-    head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits
+    head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits (AUTO_BITS:
+    # 8 up to GPU_HEAD8_MAX_WEIGHTS, else 4)
     head_group: int = 32  # group size for head_bits: one matrix, so finer scales cost little
     head_calib: str = ""  # head_bits: "" rounds to nearest; scales searched on the final norm's statistics: "checkpoint"
     # (measured by the quantiser), or "builtin"/"mixed"/a text file (measured here, the model run in PyTorch)
@@ -182,13 +189,18 @@ class HeadPart:
     channels: np.ndarray | None = None
 
 
-def head_outliers(opts: ExportOptions, hidden: int) -> int:
-    """The head's input channels kept at 8 bits: opts.head_outliers, or for AUTO_OUTLIERS 64 (at least one head
-    group) where the head is calibrated at 4 bits and that is at most half its width, else none."""
-    if opts.head_outliers != AUTO_OUTLIERS:
-        return opts.head_outliers
-    n8 = max(64, opts.head_group)
-    return n8 if opts.head_bits == 4 and opts.head_calib and 2 * n8 <= hidden else 0
+def resolve_head(opts: ExportOptions, vocab: int, hidden: int) -> ExportOptions:
+    """The options with the defaults' automatic head choices made for this model: AUTO_BITS -> 8 while
+    vocab x hidden <= GPU_HEAD8_MAX_WEIGHTS, else 4; AUTO_OUTLIERS -> 64 input channels (at least one head group)
+    where the head is calibrated at 4 bits and that is at most half its width, else none."""
+    bits = opts.head_bits
+    if bits == AUTO_BITS:
+        bits = 8 if vocab * hidden <= GPU_HEAD8_MAX_WEIGHTS else 4
+    n8 = opts.head_outliers
+    if n8 == AUTO_OUTLIERS:
+        n8 = max(64, opts.head_group)
+        n8 = n8 if bits == 4 and opts.head_calib and 2 * n8 <= hidden else 0
+    return replace(opts, head_bits=bits, head_outliers=n8)
 
 
 def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions) -> list[HeadPart] | None:
@@ -210,7 +222,7 @@ def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions
     if "lm_head.qweight" in ck:
         raise AwqEdgeError("the checkpoint's lm_head is already 4-bit", "export without --head-bits")
     d = spec.dims
-    group, n8 = opts.head_group, head_outliers(opts, d.hidden)
+    group, n8 = opts.head_group, opts.head_outliers
     if group not in (16, 32, 64, 128, 256) or d.hidden % group:
         raise AwqEdgeError(f"--head-group {group} is not a power of two in 16..256 dividing hidden size {d.hidden}",
                            "pick --head-group 32 or 64, or export without --head-bits")
@@ -395,6 +407,7 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions, external=None) -> onnx.Mo
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
     spec, f = ck.spec, ck.spec.family
     d = spec.dims
+    opts = resolve_head(opts, d.vocab, d.hidden)
     g = ops.Graph(opts.dtype, external)
     io_spec(g, d, opts)
     head = quantized_head(g, ck, spec, opts)

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 _spec = importlib.util.spec_from_file_location("onnx_gpu", Path(__file__).resolve().parents[1] / "bench" / "onnx_gpu.py")
 onnx_gpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(onnx_gpu)
-SMALL = ["--provider", "cpu", "--prompt-tokens", "8", "--new-tokens", "12", "--repeats", "1"]
+SMALL = ["--provider", "cpu", "--prompt-tokens", "8", "--new-tokens", "12", "--repeats", "1", "--profile-steps", "4"]
 
 
 def check_rows(out: Path, expected: list) -> list:
@@ -27,10 +27,25 @@ def check_rows(out: Path, expected: list) -> list:
 
 
 def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
+    """Every export, our loop timed inside and outside onnxruntime's run, and the peer built from the same random
+    AutoAWQ checkpoint (no float model at a shape)."""
     out = tmp_path / "res"
-    assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), *SMALL]) == 0
-    check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
-                     "ours_exact/onnxruntime-genai", "ours_exact/awq-edge-ort"])
+    assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
+                          "ours_default,ours_exact,ours_split_head,peer", *SMALL]) == 0
+    rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
+                            "ours_exact/onnxruntime-genai", "ours_exact/awq-edge-ort",
+                            "ours_split_head/onnxruntime-genai", "ours_split_head/awq-edge-ort",
+                            "peer_int4/onnxruntime-genai"])
+    for r in rows:
+        if r["runtime"] == "awq-edge-ort":
+            assert 0 < r["ort_run_ms_per_step"] < r["ms_per_step"], r
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["peer_source"] == "the same AutoAWQ checkpoint"
+    for loop in ("awq-edge-ort", "onnxruntime-genai"):  # onnxruntime's profile of both loops on one folder
+        p = res["profile"][loop]
+        assert p["runs"] >= 3 and 0 < p["nodes_us"] < p["model_run_us"] and p["by_op_us"]["MatMulNBits"] > 0, p
+    assert "| onnxruntime-genai |" in out.with_suffix(".md").read_text()
+    assert "ours_split_head/onnxruntime-genai vs peer_int4/onnxruntime-genai tok/s" in res["ratios"]
 
 
 def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):

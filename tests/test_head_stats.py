@@ -103,6 +103,36 @@ def test_the_default_outliers_follow_the_head_flags_and_the_width(tmp_path, over
                   if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")) == bits
 
 
+@pytest.mark.parametrize("overrides, bits", [({"dtype": "fp16"}, [8]), ({"dtype": "fp16", "head_bits": 4}, [4]),
+                                              ({"dtype": "fp16", "head_outliers": 64, "head_bits": 4}, [4, 8])])
+def test_the_gpu_default_head_is_one_node(tmp_path, capsys, overrides, bits):
+    """--dtype fp16 (onnxruntime's CUDA provider): the head is one MatMulNBits unless asked otherwise, and the
+    tied embeddings one GatherBlockQuantized; the CLI says which head it chose."""
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": [1.0] * 128}))
+    out = export(tmp_path / "ck", tmp_path / "onnx", export_options("ort", **overrides))
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    assert sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes
+                  if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")) == bits
+    info = json.loads((out / "awq_edge_export.json").read_text())
+    assert (info["head_bits"], info["head_outliers"]) == (bits[0], 64 if len(bits) == 2 else 0)
+    if not overrides.get("head_bits"):
+        assert main(["export", str(tmp_path / "ck"), "-o", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
+        assert "head: 8 bits g64)" in capsys.readouterr().out
+
+
+def test_the_gpu_default_head_is_4_bit_past_64mi_weights():
+    from awq_edge.export.decoder import AUTO_BITS, resolve_head
+
+    opts = export_options("ort", dtype="fp16")
+    assert opts.head_bits == AUTO_BITS and opts.head_outliers == 0
+    assert resolve_head(opts, 49152, 576).head_bits == 8  # SmolLM2-135M
+    assert resolve_head(opts, 65536, 1024).head_bits == 8  # 64Mi weights exactly
+    assert resolve_head(opts, 128256, 4096).head_bits == 4  # Llama-3-8B
+    assert resolve_head(opts, 151936, 896).head_bits == 4  # Qwen2.5-0.5B
+    assert (resolve_head(export_options("ort"), 49152, 576).head_bits, export_options("ort").head_outliers) == (4, -1)
+
+
 @pytest.mark.parametrize("value", [-1, 2.5, "64"])
 def test_head_outliers_must_be_a_whole_number(value):
     with pytest.raises(AwqEdgeError, match="is not a whole number >= 0"):

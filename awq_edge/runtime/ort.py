@@ -89,8 +89,10 @@ def check_graph(folder: Path, inputs: dict, outputs: dict, n_layers: int, kv_dim
 class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
-    def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None):
-        """config_entries: onnxruntime session config entries on top of session_options' (benchmarks)."""
+    def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None,
+                 profile: str | None = None):
+        """config_entries: onnxruntime session config entries on top of session_options' (benchmarks); profile:
+        a path prefix for onnxruntime's profile of every run (session.end_profiling() writes it)."""
         self.folder = Path(folder)
         providers = execution_providers(provider)
         self.device = "cuda" if provider == "cuda" else "cpu"  # where the KV cache stays between steps
@@ -99,6 +101,8 @@ class OrtDecoder(PrefixCachedDecoder):
         opts = session_options(self.folder, threads)
         for key, value in (config_entries or {}).items():
             opts.add_session_config_entry(key, value)
+        if profile:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile
         try:
             self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
                                                 providers=providers)
