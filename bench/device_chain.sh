@@ -19,6 +19,7 @@
 #             real Gemma-3-270M (parity, speed), and bench/kernels.py (issue 22)
 #   shapes    bench/decode.py on every family's shape (random weights; ours and torch int4, the breakdown) and
 #             bench/kernels.py on their linear shapes, alone on the GPU
+#   h200      issue 22's decode_h200.json and kernels_h200.json (every family's shape, the kernel shapes)
 #   sampling  the CUDA tests, then bench/decode.py's GPU sampling against host sampling and bench/kernels.py on
 #             every family's linear shapes
 #   status    what the background steps have written so far
@@ -235,6 +236,17 @@ for step in "$@"; do
       python -P bench/kernels.py --label r9-family-shapes --out "$OUT/kernels_shapes.json" --shapes "$FAMILY_GEMVS" \
         > "$OUT/kernels_shapes.log" 2>&1
       grep -A40 "N x K" "$OUT/kernels_shapes.log" | grep -E "^ *[0-9]+x[0-9]+ +1 " ;;
+    h200)
+      # issue 22's must-show files: every family's shape (ours, torch int4, the breakdown) and the kernels at the
+      # Llama shapes plus every family's, alone on the GPU; the files name the GPU (an H100 only if no H200 came)
+      python -P bench/decode.py --models llama2-7b,llama3-8b,llama3.2-1b,qwen2.5-7b,qwen3-8b,phi3-mini,gemma3-4b,gemma2-9b \
+        --variants ours,torch_int4 --breakdown --out "$OUT/decode_h200.json" \
+        --label "issue 22: every family's shape (random weights), r10 not merged" > "$OUT/decode_h200.log" 2>&1
+      grep -E "^[a-z0-9.-]+ (ours|torch_int4) " "$OUT/decode_h200.log" | cut -c1-90
+      python -P bench/kernels.py --label h200 --out "$OUT/kernels_h200.json" \
+        --shapes "4096x4096,11008x4096,4096x11008,14336x4096,4096x14336,28672x4096,$FAMILY_GEMVS" \
+        > "$OUT/kernels_h200.log" 2>&1
+      grep -A60 "N x K" "$OUT/kernels_h200.log" | grep -E "^ *[0-9]+x[0-9]+ +1 " | head -12 ;;
     sampling)
       python -m pytest -q -ra tests/test_runtime_cuda.py tests/test_runtime.py tests/test_bench_decode.py \
         tests/test_bench_kernels.py > "$OUT/tests_sampling.txt" 2>&1
