@@ -37,7 +37,8 @@ def register(subparsers):
                    help="with --target ort: the checkpoint's int4 weights exactly, float activations and float head "
                         "(the default instead uses int8 activations and a calibrated 4-bit head: smaller, faster, "
                         "and lower perplexity than onnxruntime-genai's int4)")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="activation dtype (fp32 is fastest on CPU; fp16 for onnxruntime's CUDA provider)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="activation dtype (fp32 is fastest on CPU; fp16 for onnxruntime's CUDA provider)")
     p.add_argument("--trt-native", action="store_true",
                    help="with --target trt: int4 DequantizeLinear + MatMul (symmetric checkpoints only)")
     p.add_argument("--int8-activations", action=argparse.BooleanOptionalAction, default=None,

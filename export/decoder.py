@@ -25,7 +25,8 @@ AUTO_BITS = -1  # head_bits: the GPU default's choice (8 or 4), made once the he
 # The fp16 (GPU) default's head is one MatMulNBits: at batch 1 onnxruntime's CUDA provider spends about as long
 # launching a node as reading 20 MB, so the outlier split's four nodes (two Gathers, a second MatMulNBits, an Add;
 # three more in a tied embedding) cost more than its bytes save. 8 bits (near-exact) while the 8-bit head's extra
-# bytes over a 4-bit one stay under this; 4 bits above it (7B/8B heads: 260 MB more at 8 bits).
+# bytes over a 4-bit one (vocab x hidden / 2) stay within 32 MiB, about what those launches cost; 4 bits above
+# (a Llama-3-8B head would read 260 MB more at 8 bits).
 GPU_HEAD8_MAX_WEIGHTS = 64 << 20  # vocab x hidden: SmolLM2-135M 28M; Qwen2.5-0.5B 136M, Llama-3.2-1B 263M
 
 
