@@ -246,6 +246,10 @@ def make_rows(args, work: Path, res: dict) -> tuple:
             dec = OrtDecoder(folder, provider=args.provider)
             TimedRun(dec.session)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
+            if name == "ours_default":  # one intra-op thread: a step's nodes are many and small (a CPU A/B)
+                dec1 = OrtDecoder(folder, threads=1, provider=args.provider)
+                TimedRun(dec1.session)
+                rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
 
@@ -293,6 +297,7 @@ def ratios(rows: list) -> dict:
                  ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
         if a in by and b in by:
             out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]
