@@ -59,17 +59,19 @@ from awq_edge.quantizer.source import convert_gguf as c, cache_root
 c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v Warn | tail -3
 }
 
-# unbundle: /tmp/parts/bundle.* (one call's part each) joined: a tar of the onnxruntime-gpu wheel's files as
-# ortgpu.tar.xz (xz: a fifth smaller than the wheel's zip), the onnxruntime-genai-cuda wheel and SmolLM2's GGUF as
-# smollm2-135m.gguf.xz; both wheels go to /tmp/site (ahead of the image's CPU onnxruntime on PYTHONPATH). Made with
-#   tar -cf bundle.tar -C DIR .  then  head -c 57500000 (the first call also carries .mc and .whl) and split -b 63500000
+# unbundle: /tmp/parts/bundle.* (one call's part each) joined: a tar of the onnxruntime-genai-cuda wheel, the
+# onnxruntime-gpu wheel's files as ortgpu.tar.xz (xz: a fifth smaller than the wheel's zip) and, last, SmolLM2's GGUF
+# as smollm2-135m.gguf.xz (onnxgpu_shapes needs no GGUF, so the last part can stay behind); both wheels go to /tmp/site (ahead of the image's CPU onnxruntime on PYTHONPATH). Made with
+#   tar -cf bundle.tar -C DIR genai.whl ortgpu.tar.xz smollm2-135m.gguf.xz  then  head -c 57500000 (the first call also carries .mc and .whl) and split -b 63500000
 #   (later calls carry only .mc/p)
 unbundle() {
   [ -f /tmp/site/onnxruntime/capi/libonnxruntime_providers_cuda.so ] && return 0
-  mkdir -p /tmp/bundle && cat /tmp/parts/bundle.* | tar -x -C /tmp/bundle && rm -f /tmp/parts/bundle.* || return 1
-  python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/site', filter='data')"
+  mkdir -p /tmp/bundle && cat /tmp/parts/bundle.* | tar -x -C /tmp/bundle 2>/dev/null  # without the last part:
+  rm -f /tmp/parts/bundle.*                                                              # no GGUF, the wheels whole
+  python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/site', filter='data')" || return 1
   pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 | grep -v WARN
-  python -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/bundle/smollm2-135m.gguf.xz'), open('/tmp/parts/smollm2-135m.00', 'wb'))"
+  python -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/bundle/smollm2-135m.gguf.xz'), open('/tmp/parts/smollm2-135m.00', 'wb'))" 2>/dev/null ||
+    { rm -f /tmp/parts/smollm2-135m.00; echo "no SmolLM2 in the bundle (its last part did not come)"; }
 }
 
 # gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop, the decode benchmark's
@@ -206,6 +208,7 @@ for step in "$@"; do
         --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
       tail -24 "$OUT/onnx_gpu_smollm2.log" ;;
     onnxgpu_shapes)
+      unbundle
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
         python -P bench/onnx_gpu.py --shape $m --rows ours_default,peer,cuda_backend --repeats 2 --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
