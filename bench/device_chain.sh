@@ -65,13 +65,17 @@ c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v
 #   tar -cf bundle.tar -C DIR genai.whl ortgpu.tar.xz smollm2-135m.gguf.xz  then  head -c 57500000 (the first call also carries .mc and .whl) and split -b 63500000
 #   (later calls carry only .mc/p)
 unbundle() {
-  [ -f /tmp/site/onnxruntime/capi/libonnxruntime_providers_cuda.so ] && return 0
-  mkdir -p /tmp/bundle && cat /tmp/parts/bundle.* | tar -x -C /tmp/bundle 2>/dev/null  # without the last part:
-  rm -f /tmp/parts/bundle.*                                                              # no GGUF, the wheels whole
-  python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/site', filter='data')" || return 1
-  pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 | grep -v WARN
+  local n; n=$(ls /tmp/parts/bundle.* 2>/dev/null | wc -l)
+  [ "$n" = "$(cat /tmp/bundle/.parts 2>/dev/null)" ] && return 0  # no part came since the last time
+  mkdir -p /tmp/bundle && cat /tmp/parts/bundle.* | tar -x -C /tmp/bundle 2>/dev/null  # without the last part: no
+  echo "$n" > /tmp/bundle/.parts                                                         # GGUF, the wheels whole
+  [ -f /tmp/site/onnxruntime/capi/libonnxruntime_providers_cuda.so ] ||
+    python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/site', filter='data')" ||
+    return 1
+  [ -d /tmp/site/onnxruntime_genai ] ||
+    pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 | grep -v WARN
   python -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/bundle/smollm2-135m.gguf.xz'), open('/tmp/parts/smollm2-135m.00', 'wb'))" 2>/dev/null ||
-    { rm -f /tmp/parts/smollm2-135m.00; echo "no SmolLM2 in the bundle (its last part did not come)"; }
+    { rm -f /tmp/parts/smollm2-135m.00; echo "no SmolLM2 in the bundle yet (its last part has not come)"; }
 }
 
 # gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop, the decode benchmark's
