@@ -37,8 +37,10 @@ from awq_edge.runtime.ort import OrtDecoder, execution_providers, session_option
 from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_builder  # noqa: E402
 
 # name -> export_options overrides, all with fp16 activations (the GPU's): the default export, the exact one, and
-# the default with the CPU default's head (4 bits, its 64 largest input channels 8-bit: two MatMulNBits)
-EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64}}
+# the default with the CPU default's head (4 bits, its 64 largest input channels 8-bit: two MatMulNBits), and the
+# default without int8 activations (MatMulNBits accuracy_level 0; the peer's CUDA build leaves it unset)
+EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64},
+           "ours_float_act": {"accuracy_level": 0}}
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
@@ -295,6 +297,7 @@ def ratios(rows: list) -> dict:
                  ("ours_exact/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_split_head/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
+                 ("ours_float_act/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
@@ -320,7 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=64,
-                    help="then onnxruntime's profile of this many steps of ours_default, our loop and genai's (0: none)")
+                    help="then onnxruntime's profile of this many steps of ours_default, our loop's and genai's "
+                         "(0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx_gpu"))
     args = ap.parse_args(argv)
     if bool(args.shape) == bool(args.quant_dir):

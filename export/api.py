@@ -4,7 +4,8 @@
 import json
 from pathlib import Path
 
-from awq_edge.export.decoder import AUTO_BITS, AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder, resolve_head
+from awq_edge.export.decoder import (AUTO_BITS, AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder,
+                                     resolve_head)
 from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
                                     is_export, staged, write_folder)
 
