@@ -94,7 +94,7 @@ def time_ort(dec: OrtDecoder, prompt: list, new: int) -> tuple:
     timer = dec.session.run_with_iobinding
     dec.reset()
     t0 = time.perf_counter()
-    tokens = [int(np.argmax(dec.forward(prompt)[-1]))]
+    tokens = [int(np.argmax(dec.extend(prompt)))]  # as `awq-edge generate` feeds a prompt
     t1 = time.perf_counter()
     timer.seconds = 0.0
     while len(tokens) < new:

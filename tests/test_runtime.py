@@ -52,6 +52,21 @@ def test_prefill_then_cached_single_token_steps_match_one_full_forward(exported,
     assert np.abs(np.concatenate(steps) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_a_prompt_with_last_only_converts_only_its_last_row(exported, target):
+    """extend() (every prompt of generate and chat) asks for the last row only: the same float32 row as the whole
+    prompt's last, through the shared buffer's first growth (ort) and the separate past -> present tensors (trt)."""
+    folders, _, _ = exported
+    d = OrtDecoder(folders[target])
+    whole = d.forward(PROMPT)
+    d.reset()
+    last = d.forward(PROMPT, last_only=True)
+    assert whole.shape == (len(PROMPT), whole.shape[1]) and last.shape == (1, whole.shape[1])
+    assert last.dtype == np.float32 and np.array_equal(last, whole[-1:])
+    d.reset()
+    assert np.array_equal(d.extend(PROMPT), whole[-1])
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # Gemma 3: a 5-token sliding layer beside a global one
 def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logits(tmp_path, family):
     """GroupQueryAttention graphs keep one buffer per layer, grown by running the held tokens again: the logits
