@@ -252,6 +252,13 @@ def make_rows(args, work: Path, res: dict) -> tuple:
                 dec1 = OrtDecoder(folder, threads=1, provider=args.provider)
                 TimedRun(dec1.session)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
+            if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands
+                stream = torch.cuda.Stream()                       # the provider its own
+                decs = OrtDecoder(folder, provider="cuda", provider_options={"user_compute_stream":
+                                                                             str(stream.cuda_stream)})
+                decs.stream = stream  # kept alive with the session
+                TimedRun(decs.session)
+                rows[f"{name}/awq-edge-ort-stream"] = (folder, lambda p, d=decs: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
 
@@ -301,6 +308,7 @@ def ratios(rows: list) -> dict:
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort-stream", "ours_default/onnxruntime-genai"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
         if a in by and b in by:
             out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]

@@ -95,11 +95,15 @@ class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
     def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None,
-                 profile: str | None = None):
+                 profile: str | None = None, provider_options: dict | None = None):
         """config_entries: onnxruntime session config entries on top of session_options' (benchmarks); profile:
-        a path prefix for onnxruntime's profile of every run (session.end_profiling() writes it)."""
+        a path prefix for onnxruntime's profile of every run (session.end_profiling() writes it);
+        provider_options: options of the provider asked for (benchmarks: e.g. the CUDA provider's
+        user_compute_stream)."""
         self.folder = Path(folder)
         providers = execution_providers(provider)
+        if provider_options:
+            providers = [(providers[0], dict(provider_options)), *providers[1:]]
         self.device = "cuda" if provider == "cuda" else "cpu"  # where the KV cache stays between steps
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
@@ -114,8 +118,9 @@ class OrtDecoder(PrefixCachedDecoder):
         except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
             cause = " ".join(str(e).split())  # its messages span lines; ours is one
             raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
-        if providers[0] not in self.session.get_providers():  # onnxruntime falls back to the CPU without a word
-            raise AwqEdgeError(f"onnxruntime could not start its {providers[0]} (no usable NVIDIA GPU, or its CUDA 13 "
+        name = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if name not in self.session.get_providers():  # onnxruntime falls back to the CPU without a word
+            raise AwqEdgeError(f"onnxruntime could not start its {name} (no usable NVIDIA GPU, or its CUDA 13 "
                                "and cuDNN 9 libraries are missing)",
                                "run on a machine with an NVIDIA GPU and CUDA 13 + cuDNN 9 (system or PyTorch's "
                                "nvidia-* wheels), or use --provider cpu")
