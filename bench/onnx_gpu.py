@@ -38,9 +38,10 @@ from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_buil
 
 # name -> export_options overrides, all with fp16 activations (the GPU's): the default export, the exact one, and
 # the default with the CPU default's head (4 bits, its 64 largest input channels 8-bit: two MatMulNBits), and the
-# default without int8 activations (MatMulNBits accuracy_level 0; the peer's CUDA build leaves it unset)
+# default without int8 activations (MatMulNBits accuracy_level 0; the peer's CUDA build leaves it unset), and the
+# default with float32 logits cast in the graph (no fp16 -> float32 conversion on the host per step)
 EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64},
-           "ours_float_act": {"accuracy_level": 0}}
+           "ours_float_act": {"accuracy_level": 0}, "ours_float_logits": {"float_logits": True}}
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
@@ -305,6 +306,7 @@ def ratios(rows: list) -> dict:
                  ("ours_split_head/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
                  ("ours_float_act/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_float_logits/awq-edge-ort", "ours_default/awq-edge-ort"),
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),

@@ -45,6 +45,8 @@ class ExportOptions:
     head_outliers: int = 0  # head_bits 4 with head_calib: this many input channels (largest E[x^2]) kept at 8 bits;
     # AUTO_OUTLIERS: 64 (or one head group) where the head is calibrated at 4 bits and that leaves half its channels
     rope_in_graph: bool = True  # ort only: RoPE tables computed at session load instead of stored (2 MB for 8k)
+    float_logits: bool = False  # ort only: fp16 graphs cast their logits to float32 in the graph (on the GPU)
+    # instead of leaving the host to convert them (bench/onnx_gpu.py's ours_float_logits row)
 
 
 def rope_tables_in_graph(g: ops.Graph, rope, max_positions: int, base: str):
@@ -316,7 +318,8 @@ def io_spec(g: ops.Graph, d: Dims, opts: ExportOptions):
     ]
     if opts.target == "trt":
         g.inputs.append(ops.value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
-    g.outputs = [ops.value_info("logits", g.elem, ["batch_size", "sequence_length", d.vocab])]
+    logits_type = TensorProto.FLOAT if opts.float_logits and opts.target == "ort" else g.elem
+    g.outputs = [ops.value_info("logits", logits_type, ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
         for kind in ("key", "value"):
             g.inputs.append(ops.value_info(f"past_key_values.{i}.{kind}", g.elem, kv_in))
@@ -431,7 +434,10 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions, external=None) -> onnx.Mo
             m = out_norm(m, f"{p}.{f.mlp_out_norm}")
         nxt = f"{spec.layer(i + 1)}.{f.attn_norm}" if i + 1 < d.layers else f.final_norm
         x, residual = skip_norm(m, residual, nxt)
-    rename_output(g, lm_head(g, ck, spec, x, head, opts), "logits")
+    logits = lm_head(g, ck, spec, x, head, opts)
+    if opts.float_logits and opts.target == "ort" and g.elem != TensorProto.FLOAT:
+        logits = g.node("Cast", [logits], "/lm_head/CastFloat", to=TensorProto.FLOAT)
+    rename_output(g, logits, "logits")
 
     graph = helper.make_graph(g.nodes, "awq_edge_decoder", g.inputs, g.outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(ops.MS, 1)]

@@ -31,12 +31,14 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
     AutoAWQ checkpoint (no float model at a shape)."""
     out = tmp_path / "res"
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
-                          "ours_default,ours_exact,ours_split_head,ours_float_act,peer", *SMALL]) == 0
+                          "ours_default,ours_exact,ours_split_head,ours_float_act,ours_float_logits,peer",
+                          *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
                             "ours_default/awq-edge-ort-1thread", "ours_exact/onnxruntime-genai",
                             "ours_exact/awq-edge-ort", "ours_split_head/onnxruntime-genai",
                             "ours_split_head/awq-edge-ort", "ours_float_act/onnxruntime-genai",
-                            "ours_float_act/awq-edge-ort", "peer_int4/onnxruntime-genai"])
+                            "ours_float_act/awq-edge-ort", "ours_float_logits/onnxruntime-genai",
+                            "ours_float_logits/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     for r in rows:
         if r["runtime"].startswith("awq-edge-ort"):
             assert 0 < r["ort_run_ms_per_step"] < r["ms_per_step"], r

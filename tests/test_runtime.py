@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from awq_edge.export.api import export
@@ -65,6 +66,22 @@ def test_a_prompt_with_last_only_converts_only_its_last_row(exported, target):
     assert last.dtype == np.float32 and np.array_equal(last, whole[-1:])
     d.reset()
     assert np.array_equal(d.extend(PROMPT), whole[-1])
+
+
+def test_float_logits_cast_in_an_fp16_graph_give_the_fp16_graphs_logits(tmp_path):
+    """ExportOptions.float_logits: an fp16 graph whose logits output is float32 (cast on the provider) gives the
+    same logits as the fp16 graph's output converted on the host, step by step."""
+    write_checkpoint(tmp_path / "ck")
+    half = export(tmp_path / "ck", tmp_path / "half", ExportOptions(dtype="fp16"))
+    full = export(tmp_path / "ck", tmp_path / "full", ExportOptions(dtype="fp16", float_logits=True))
+    types = {f: onnx.load(str(f / "model.onnx"), load_external_data=False).graph.output[0].type.tensor_type.elem_type
+             for f in (half, full)}
+    assert (types[half], types[full]) == (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)
+    a, b = OrtDecoder(half), OrtDecoder(full)
+    assert a.step_logits.dtype == np.float16 and b.step_logits.dtype == np.float32
+    for d in (a, b):
+        d.steps = [d.extend(PROMPT[:5])] + [d.forward([t])[-1] for t in PROMPT[5:]]
+    assert np.array_equal(np.stack(a.steps), np.stack(b.steps))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # Gemma 3: a 5-token sliding layer beside a global one
