@@ -208,13 +208,13 @@ for step in "$@"; do
       [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
         > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
-        --rows ${ONNX_ROWS:-ours_default,ours_exact,ours_split_head,peer,cuda_backend} --work /tmp/og --wikitext "$WT" \
+        --rows ${ONNX_ROWS:-ours_default,ours_float_act,ours_float_logits,peer,cuda_backend} --work /tmp/og --wikitext "$WT" \
         --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
       tail -24 "$OUT/onnx_gpu_smollm2.log" ;;
     onnxgpu_shapes)
       unbundle
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
-        python -P bench/onnx_gpu.py --shape $m --rows ours_default,peer,cuda_backend --repeats 2 --work /tmp/og_$m \
+        python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_float_logits,peer,cuda_backend --repeats 2 --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
         rm -rf /tmp/og_$m
       done ;;
