@@ -214,7 +214,8 @@ for step in "$@"; do
     onnxgpu_shapes)
       unbundle
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
-        python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_float_logits,peer,cuda_backend --repeats 2 --work /tmp/og_$m \
+        python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_float_logits,peer,cuda_backend --repeats 2 \
+          --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
         rm -rf /tmp/og_$m
       done ;;
