@@ -81,7 +81,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
             "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-            "head_outliers": opts.head_outliers,
+            "head_outliers": opts.head_outliers, "float_logits": opts.float_logits,
             "group_size": ck.group_size, "model_type": ck.config["model_type"],
         }
         write_folder(tmp, out, model, genai, folder, extra)
