@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU session's steps, one device call each while the machine stays warm (bench/NOTES.md, "device chain").
-# The real models travel as GGUF parts in .mc/p (at most 64 MiB a call): each call moves its part to /tmp/parts.
+# The GPU session's steps, one device call each while the machine stays warm.
+# The real models (and the onnxruntime GPU wheels, see unbundle) travel as parts in .mc/p (at most 64 MiB a call,
+# the whole tree counted): each call moves its part to /tmp/parts.
 # Usage on the GPU machine, from the repository root: OUT=dir bash bench/device_chain.sh STEP...
 #   setup     install the carried gguf wheel, build the kernel library
 #   tests     the GPU tests: kernels, CUDA runtime (every family), the quantiser's CLI on the GPU
