@@ -62,21 +62,29 @@ c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v
 
 # unbundle: /tmp/parts/bundle.* (one call's part each) joined: a tar of the onnxruntime-genai-cuda wheel, the
 # onnxruntime-gpu wheel's files as ortgpu.tar.xz (xz: a fifth smaller than the wheel's zip) and, last, SmolLM2's GGUF
-# as smollm2-135m.gguf.xz (onnxgpu_shapes needs no GGUF, so the last part can stay behind); both wheels go to /tmp/site (ahead of the image's CPU onnxruntime on PYTHONPATH). Made with
-#   tar -cf bundle.tar -C DIR genai.whl ortgpu.tar.xz smollm2-135m.gguf.xz  then  head -c 57500000 (the first call also carries .mc and .whl) and split -b 63500000
+# as smollm2-135m.gguf.xz (onnxgpu_shapes needs no GGUF, so the last part can stay behind); both wheels go to
+# /tmp/site (ahead of the image's CPU onnxruntime on PYTHONPATH). Made with
+#   tar -cf bundle.tar -C DIR onnxruntime_genai_cuda-0.18.0-cp312-cp312-manylinux_2_28_x86_64.whl ortgpu.tar.xz \
+#     smollm2-135m.gguf.xz  then  head -c 57500000 (the first call also carries .mc and .whl) and split -b 63500000
 #   (later calls carry only .mc/p)
 unbundle() {
   local n; n=$(ls /tmp/parts/bundle.* 2>/dev/null | wc -l)
-  [ "$n" = "$(cat /tmp/bundle/.parts 2>/dev/null)" ] && return 0  # no part came since the last time
+  [ "$n" = "$(cat /tmp/bundle/.parts 2>/dev/null)" ] && return 0  # no part came since the last complete unpacking
   mkdir -p /tmp/bundle && cat /tmp/parts/bundle.* | tar -x -C /tmp/bundle 2>/dev/null  # without the last part: no
-  echo "$n" > /tmp/bundle/.parts                                                         # GGUF, the wheels whole
-  [ -f /tmp/site/onnxruntime/capi/libonnxruntime_providers_cuda.so ] ||
-    python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/site', filter='data')" ||
-    return 1
+  if [ ! -f /tmp/site/.ortgpu-ok ]; then                                                 # GGUF, the wheels whole
+    rm -rf /tmp/ortgpu && mkdir -p /tmp/ortgpu &&
+      python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/ortgpu', filter='data')" 2>/dev/null ||
+      { echo "the onnxruntime-gpu wheel is not whole yet ($n parts)"; return 1; }
+    mkdir -p /tmp/site && rm -rf /tmp/site/onnxruntime /tmp/site/onnxruntime_gpu-*.dist-info &&
+      mv /tmp/ortgpu/* /tmp/site/ && touch /tmp/site/.ortgpu-ok || return 1
+  fi
   [ -d /tmp/site/onnxruntime_genai ] ||
-    pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 | grep -v WARN
+    pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 |
+      grep -v WARN
+  [ -d /tmp/site/onnxruntime_genai ] || { echo "onnxruntime-genai-cuda did not install"; return 1; }
   python -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/bundle/smollm2-135m.gguf.xz'), open('/tmp/parts/smollm2-135m.00', 'wb'))" 2>/dev/null ||
     { rm -f /tmp/parts/smollm2-135m.00; echo "no SmolLM2 in the bundle yet (its last part has not come)"; }
+  echo "$n" > /tmp/bundle/.parts
 }
 
 # gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop, the decode benchmark's
@@ -201,7 +209,7 @@ for step in "$@"; do
       done
       tail -3 "$OUT/scale_smollm2.log"; tail -8 "$OUT/tests.txt" ;;
     onnxgpu)
-      unbundle
+      unbundle || exit 1
       python -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
       convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
       python -m pytest -q -ra tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py > "$OUT/tests_ort_cuda.txt" 2>&1
@@ -213,8 +221,8 @@ for step in "$@"; do
         --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
       tail -24 "$OUT/onnx_gpu_smollm2.log" ;;
     onnxgpu_shapes)
-      unbundle
-      for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
+      unbundle || exit 1
+      for m in ${ONNX_SHAPES:-llama3-8b}; do  # one shape is about 6 minutes (two exports, the peer's build)
         python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_float_logits,peer,cuda_backend --repeats 2 \
           --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
