@@ -237,7 +237,7 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
     peer_source = args.hf_dir or (quant_dir if args.shape else None)  # see the module's docstring
     if "peer" in args.rows_of and peer_source:
-        folders["peer_int4"] = work / f"peer_int4_{args.provider}"
+        folders["peer_int4"] = work / f"peer_int4_{args.shape or Path(args.quant_dir).name}_{args.provider}"
         res["peer_source"] = "float model" if args.hf_dir else "the same AutoAWQ checkpoint"
         res["export_seconds"]["peer_int4"] = run_peer_builder(Path(peer_source), folders["peer_int4"], "int4",
                                                                 provider=args.provider)

@@ -38,6 +38,8 @@ def export_options(target: str = "ort", exact: bool = False, **overrides) -> Exp
     n8 = overrides.get("head_outliers")
     if n8 is not None and (type(n8) is not int or n8 < 0):
         raise AwqEdgeError(f"--head-outliers {n8!r} is not a whole number >= 0", "use --head-outliers 64, or 0 for none")
+    if n8 and opts.get("head_bits") == AUTO_BITS:  # an outlier split belongs to a 4-bit head
+        opts["head_bits"] = 4
     head = sorted(k for k in HEAD_OPTIONS if overrides.get(k))
     if target != "ort" and head:
         flags = ", ".join("--" + k.replace("_", "-") for k in head)
@@ -81,7 +83,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
             "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
-            "head_outliers": opts.head_outliers, "float_logits": opts.float_logits,
+            "head_outliers": opts.head_outliers,
+            "float_logits": opts.float_logits and opts.target == "ort" and opts.dtype != "fp32",  # cast in the graph
             "group_size": ck.group_size, "model_type": ck.config["model_type"],
         }
         write_folder(tmp, out, model, genai, folder, extra)

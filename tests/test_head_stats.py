@@ -104,7 +104,8 @@ def test_the_default_outliers_follow_the_head_flags_and_the_width(tmp_path, over
 
 
 @pytest.mark.parametrize("overrides, bits", [({"dtype": "fp16"}, [8]), ({"dtype": "fp16", "head_bits": 4}, [4]),
-                                              ({"dtype": "fp16", "head_outliers": 64, "head_bits": 4}, [4, 8])])
+                                              ({"dtype": "fp16", "head_outliers": 64, "head_bits": 4}, [4, 8]),
+                                              ({"dtype": "fp16", "head_outliers": 64}, [4, 8])])
 def test_the_gpu_default_head_is_one_node(tmp_path, capsys, overrides, bits):
     """--dtype fp16 (onnxruntime's CUDA provider): the head is one MatMulNBits unless asked otherwise, and the
     tied embeddings one GatherBlockQuantized; the CLI says which head it chose."""
@@ -114,6 +115,7 @@ def test_the_gpu_default_head_is_one_node(tmp_path, capsys, overrides, bits):
     nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
     assert sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes
                   if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")) == bits
+    assert sum(n.op_type == "GatherBlockQuantized" for n in nodes) == len(bits)  # the tied embeddings: one per part
     info = json.loads((out / "awq_edge_export.json").read_text())
     assert (info["head_bits"], info["head_outliers"]) == (bits[0], 64 if len(bits) == 2 else 0)
     if not overrides.get("head_bits"):

@@ -77,6 +77,9 @@ def test_float_logits_cast_in_an_fp16_graph_give_the_fp16_graphs_logits(tmp_path
     types = {f: onnx.load(str(f / "model.onnx"), load_external_data=False).graph.output[0].type.tensor_type.elem_type
              for f in (half, full)}
     assert (types[half], types[full]) == (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)
+    fp32 = export(tmp_path / "ck", tmp_path / "fp32", ExportOptions(float_logits=True))  # nothing to cast
+    assert [json.loads((f / "awq_edge_export.json").read_text())["float_logits"] for f in (half, full, fp32)] == [
+        False, True, False]
     a, b = OrtDecoder(half), OrtDecoder(full)
     assert a.step_logits.dtype == np.float16 and b.step_logits.dtype == np.float32
     for d in (a, b):
