@@ -89,6 +89,13 @@ class TimedRun:
             self.seconds += time.perf_counter() - t0
 
 
+def timed_decoder(folder: Path, **kwargs) -> OrtDecoder:
+    """An OrtDecoder whose session's run is timed (TimedRun), as time_ort reads it."""
+    dec = OrtDecoder(folder, **kwargs)
+    TimedRun(dec.session)
+    return dec
+
+
 def time_ort(dec: OrtDecoder, prompt: list, new: int) -> tuple:
     """The same through our onnxruntime backend (the KV cache bound where the provider runs); with the time per
     decode step spent inside onnxruntime's run (the rest of the step is ours: binding, the logits, argmax)."""
@@ -148,8 +155,7 @@ def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: P
 
     out = {}
     prefix = work / f"profile_ours_{folder.name}"
-    dec = OrtDecoder(folder, provider=provider, profile=str(prefix))
-    TimedRun(dec.session)
+    dec = timed_decoder(folder, provider=provider, profile=str(prefix))
     _, tok_s, _, inside = time_ort(dec, prompt, steps + 1)
     out["awq-edge-ort"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside,
                            **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
@@ -246,19 +252,16 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         model = genai_model(folder, args.provider)
         rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
         if name.startswith("ours"):
-            dec = OrtDecoder(folder, provider=args.provider)
-            TimedRun(dec.session)
+            dec = timed_decoder(folder, provider=args.provider)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
             if name == "ours_default":  # one intra-op thread: a step's nodes are many and small (a CPU A/B)
-                dec1 = OrtDecoder(folder, threads=1, provider=args.provider)
-                TimedRun(dec1.session)
+                dec1 = timed_decoder(folder, threads=1, provider=args.provider)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
             if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands
                 stream = torch.cuda.Stream()                       # the provider its own
-                decs = OrtDecoder(folder, provider="cuda", provider_options={"user_compute_stream":
-                                                                             str(stream.cuda_stream)})
+                decs = timed_decoder(folder, provider="cuda",
+                                     provider_options={"user_compute_stream": str(stream.cuda_stream)})
                 decs.stream = stream  # kept alive with the session
-                TimedRun(decs.session)
                 rows[f"{name}/awq-edge-ort-stream"] = (folder, lambda p, d=decs: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights

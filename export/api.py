@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from awq_edge.export.decoder import (AUTO_BITS, AUTO_OUTLIERS, FROM_CHECKPOINT, ExportOptions, build_decoder,
-                                     resolve_head)
+                                     casts_logits, resolve_head)
 from awq_edge.export.folder import (DATA_FILE, EXPORT_FILES, GENAI_CONFIG, ExternalData, genai_config,
                                     is_export, staged, write_folder)
 
@@ -84,7 +84,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,
             "head_group": opts.head_group, "head_calib": opts.head_calib, "head_symmetric": opts.head_symmetric,
             "head_outliers": opts.head_outliers,
-            "float_logits": opts.float_logits and opts.target == "ort" and opts.dtype != "fp32",  # cast in the graph
+            "float_logits": casts_logits(opts),
             "group_size": ck.group_size, "model_type": ck.config["model_type"],
         }
         write_folder(tmp, out, model, genai, folder, extra)

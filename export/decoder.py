@@ -192,6 +192,11 @@ class HeadPart:
     channels: np.ndarray | None = None
 
 
+def casts_logits(opts: ExportOptions) -> bool:
+    """Whether the graph casts its logits to float32 (float_logits, for an onnxruntime graph that is not fp32)."""
+    return opts.float_logits and opts.target == "ort" and opts.dtype != "fp32"
+
+
 def resolve_head(opts: ExportOptions, vocab: int, hidden: int) -> ExportOptions:
     """The options with the defaults' automatic head choices made for this model: AUTO_BITS -> 8 while
     vocab x hidden <= GPU_HEAD8_MAX_WEIGHTS, else 4; AUTO_OUTLIERS -> 64 input channels (at least one head group)
@@ -318,7 +323,7 @@ def io_spec(g: ops.Graph, d: Dims, opts: ExportOptions):
     ]
     if opts.target == "trt":
         g.inputs.append(ops.value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
-    logits_type = TensorProto.FLOAT if opts.float_logits and opts.target == "ort" else g.elem
+    logits_type = TensorProto.FLOAT if casts_logits(opts) else g.elem
     g.outputs = [ops.value_info("logits", logits_type, ["batch_size", "sequence_length", d.vocab])]
     for i in range(d.layers):
         for kind in ("key", "value"):
@@ -435,7 +440,7 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions, external=None) -> onnx.Mo
         nxt = f"{spec.layer(i + 1)}.{f.attn_norm}" if i + 1 < d.layers else f.final_norm
         x, residual = skip_norm(m, residual, nxt)
     logits = lm_head(g, ck, spec, x, head, opts)
-    if opts.float_logits and opts.target == "ort" and g.elem != TensorProto.FLOAT:
+    if casts_logits(opts):
         logits = g.node("Cast", [logits], "/lm_head/CastFloat", to=TensorProto.FLOAT)
     rename_output(g, logits, "logits")
 

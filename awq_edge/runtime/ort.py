@@ -102,8 +102,9 @@ class OrtDecoder(PrefixCachedDecoder):
         user_compute_stream)."""
         self.folder = Path(folder)
         providers = execution_providers(provider)
+        name = providers[0]
         if provider_options:
-            providers = [(providers[0], dict(provider_options)), *providers[1:]]
+            providers = [(name, dict(provider_options)), *providers[1:]]
         self.device = "cuda" if provider == "cuda" else "cpu"  # where the KV cache stays between steps
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
@@ -118,7 +119,6 @@ class OrtDecoder(PrefixCachedDecoder):
         except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
             cause = " ".join(str(e).split())  # its messages span lines; ours is one
             raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
-        name = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if name not in self.session.get_providers():  # onnxruntime falls back to the CPU without a word
             raise AwqEdgeError(f"onnxruntime could not start its {name} (no usable NVIDIA GPU, or its CUDA 13 "
                                "and cuDNN 9 libraries are missing)",
@@ -214,7 +214,7 @@ class OrtDecoder(PrefixCachedDecoder):
             self.binding.bind_ortvalue_output("logits", self.step_logits_value)
             self._run(self.binding, feed, total, outputs=False)
             self.tokens.append(int(ids[0, 0]))
-            return self.step_logits[0].astype(np.float32)
+            return _rows(self.step_logits, last_only)
         self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
         outs = self._run(self.binding, feed, total)
         self.tokens.extend(ids[0].tolist())
