@@ -15,6 +15,8 @@
 #   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (from the bundle.* parts, see unbundle): the ONNX CUDA
 #             tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
 #   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
+#   gpuinstall  docs/onnxruntime-gpu.md's `pip install -e '.[gpu]'` as written (offline, in a fresh venv), then the
+#             installed CLI and awq_edge.load on onnxgpu's fp16 export with --provider cuda
 #   families  Gemma-3-270M (real) converted and quantised at the CLI's defaults, its perplexity and the float
 #             model's, beside the GPU tests; then, alone on the GPU, bench/decode.py on every family's shape and the
 #             real Gemma-3-270M (parity, speed), and bench/kernels.py (issue 22)
@@ -227,17 +229,37 @@ for step in "$@"; do
       [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
         > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
-        --rows ${ONNX_ROWS:-ours_default,ours_float_act,ours_float_logits,peer,cuda_backend} --work /tmp/og --wikitext "$WT" \
+        --rows ${ONNX_ROWS:-ours_default,ours_float_act,ours_float_logits,ours_head4,peer,cuda_backend} --work /tmp/og --wikitext "$WT" \
         --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
       tail -24 "$OUT/onnx_gpu_smollm2.log" ;;
     onnxgpu_shapes)
       unbundle || exit 1
-      for m in ${ONNX_SHAPES:-llama3-8b}; do  # one shape is about 6 minutes (two exports, the peer's build)
-        python -P bench/onnx_gpu.py --shape $m --rows ours_default,ours_float_logits,peer,cuda_backend --repeats 2 \
+      for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do  # one shape is about 5 minutes (the export, the peer's build)
+        python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,peer,cuda_backend} --repeats 2 \
           --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
         rm -rf /tmp/og_$m
       done ;;
+    gpuinstall)
+      # docs/onnxruntime-gpu.md's install as written, in a fresh venv over the image's packages (no network here:
+      # pip reads the onnxruntime-gpu wheel, re-zipped from the bundle's files, and setuptools from a folder), then
+      # the installed `awq-edge export --dtype fp16` of onnxgpu's checkpoint, `generate --provider cuda` and
+      # awq_edge.load on it
+      unbundle || exit 1
+      rm -rf /tmp/wh /tmp/ortwhl /tmp/gv && mkdir -p /tmp/wh /tmp/ortwhl && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
+      python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/ortwhl', filter='data')"
+      (cd /tmp/ortwhl && python -m zipfile -c /tmp/wh/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl *)
+      python -m venv --system-site-packages /tmp/gv
+      (unset PYTHONPATH; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh; . /tmp/gv/bin/activate
+       set -x
+       pip install -q -e '.[gpu]' 2>&1 | tail -3
+       pip uninstall -y onnxruntime 2>&1 | tail -2 && pip install -q --force-reinstall --no-deps onnxruntime-gpu 2>&1 | tail -2
+       python -c "import onnxruntime as o, awq_edge; print(o.__file__, o.__version__, o.get_available_providers(), awq_edge.__file__)"
+       awq-edge export /tmp/ck_smollm2 -o /tmp/gx --dtype fp16 2>&1 | tail -4
+       awq-edge generate /tmp/gx --provider cuda --prompt "The capital of France is" --max-new-tokens 16
+       python -c "import awq_edge; m = awq_edge.load('/tmp/gx', provider='cuda'); print(type(m).__name__, repr(m.generate('Water boils at', max_new_tokens=12)))"
+      ) > "$OUT/gpu_install.txt" 2>&1
+      cat "$OUT/gpu_install.txt" | cut -c1-200 | tail -25 ;;
     families)
       convert gemma3-270m gemma-3-270m-q4_k_m.gguf .mc/gtok
       gpu_tests &

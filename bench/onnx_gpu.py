@@ -39,9 +39,11 @@ from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_buil
 # name -> export_options overrides, all with fp16 activations (the GPU's): the default export, the exact one, and
 # the default with the CPU default's head (4 bits, its 64 largest input channels 8-bit: two MatMulNBits), and the
 # default without int8 activations (MatMulNBits accuracy_level 0; the peer's CUDA build leaves it unset), and the
-# default with float32 logits cast in the graph (no fp16 -> float32 conversion on the host per step)
+# default with float32 logits cast in the graph (no fp16 -> float32 conversion on the host per step), and the
+# default with a plain 4-bit head (one MatMulNBits as the 8-bit one, half its bytes)
 EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64},
-           "ours_float_act": {"accuracy_level": 0}, "ours_float_logits": {"float_logits": True}}
+           "ours_float_act": {"accuracy_level": 0}, "ours_float_logits": {"float_logits": True},
+           "ours_head4": {"head_bits": 4, "head_outliers": 0}}
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
@@ -257,6 +259,9 @@ def make_rows(args, work: Path, res: dict) -> tuple:
             if name == "ours_default":  # one intra-op thread: a step's nodes are many and small (a CPU A/B)
                 dec1 = timed_decoder(folder, threads=1, provider=args.provider)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
+                # a step's mask and positions as new host arrays (what OrtDecoder did before it bound them once)
+                dech = timed_decoder(folder, provider=args.provider, bound_inputs=False)
+                rows[f"{name}/awq-edge-ort-hostin"] = (folder, lambda p, d=dech: time_ort(d, p, args.new_tokens))
             if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands
                 stream = torch.cuda.Stream()                       # the provider its own
                 decs = timed_decoder(folder, provider="cuda",
@@ -309,11 +314,14 @@ def ratios(rows: list) -> dict:
                  ("ours_split_head/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
                  ("ours_float_act/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_head4/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_float_logits/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_float_logits/awq-edge-ort", "ours_default/awq-edge-ort"),
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-stream", "ours_default/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-hostin"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
         if a in by and b in by:
             out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]

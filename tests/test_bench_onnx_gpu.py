@@ -31,14 +31,16 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
     AutoAWQ checkpoint (no float model at a shape)."""
     out = tmp_path / "res"
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
-                          "ours_default,ours_exact,ours_split_head,ours_float_act,ours_float_logits,peer",
+                          "ours_default,ours_exact,ours_split_head,ours_float_act,ours_float_logits,ours_head4,peer",
                           *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
-                            "ours_default/awq-edge-ort-1thread", "ours_exact/onnxruntime-genai",
+                            "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin",
+                            "ours_exact/onnxruntime-genai",
                             "ours_exact/awq-edge-ort", "ours_split_head/onnxruntime-genai",
                             "ours_split_head/awq-edge-ort", "ours_float_act/onnxruntime-genai",
                             "ours_float_act/awq-edge-ort", "ours_float_logits/onnxruntime-genai",
-                            "ours_float_logits/awq-edge-ort", "peer_int4/onnxruntime-genai"])
+                            "ours_float_logits/awq-edge-ort", "ours_head4/onnxruntime-genai",
+                            "ours_head4/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     for r in rows:
         if r["runtime"].startswith("awq-edge-ort"):
             assert 0 < r["ort_run_ms_per_step"] < r["ms_per_step"], r
@@ -65,7 +67,8 @@ def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):
                           str(tmp_path / "w"), "--out", str(out), "--wikitext", str(wt), "--eval-tokens", "256",
                           "--seqlen", "64", *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
-                            "ours_default/awq-edge-ort-1thread", "ours_exact/onnxruntime-genai",
+                            "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin",
+                            "ours_exact/onnxruntime-genai",
                             "ours_exact/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     assert all(r["ppl"] > 1 for r in rows if r["runtime"] == "onnxruntime-genai")
 
@@ -85,7 +88,7 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
         "ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-1thread",
-        "ours_default/awq-edge-ort-stream", "peer_int4/onnxruntime-genai"]
+        "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-stream", "peer_int4/onnxruntime-genai"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
     assert set(res["profile"]) == {"awq-edge-ort", "onnxruntime-genai"}

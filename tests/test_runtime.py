@@ -100,15 +100,17 @@ def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logi
     config["search"]["past_present_share_buffer"] = False
     (apart / "genai_config.json").write_text(json.dumps(config))
     shared, separate = OrtDecoder(out), OrtDecoder(apart)
-    assert shared.shared and not separate.shared
+    hostin = OrtDecoder(out, bound_inputs=False)  # a step's mask and positions as new host arrays, not views
+    assert shared.shared and not separate.shared and shared.bound_inputs and not hostin.bound_inputs
     prompt = [(7 * i) % 256 for i in range(1020)]
-    for d in (shared, separate):  # a prompt, steps across 1024, a longer prompt across 2048 that extends the cache
+    for d in (shared, separate, hostin):  # a prompt, steps across 1024, a longer prompt across 2048 that extends the cache
         d.steps = [d.extend(prompt)] + [d.forward([t])[-1] for t in range(3, 11)]
         d.steps.append(d.extend(d.tokens + [(5 * i) % 256 for i in range(1100)]))
         d.steps.append(d.extend([1, 2, 3]))  # not a prefix: a reset, the grown buffers kept
     assert shared.capacity == 4096
-    for a, b in zip(shared.steps, separate.steps):
+    for a, b, c in zip(shared.steps, separate.steps, hostin.steps):
         assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+        assert np.array_equal(a, c)
     # transformers over the whole sequence the steps fed: the prompt, the 8 single steps, the 1100-token extension
     fed = prompt + list(range(3, 11)) + [(5 * i) % 256 for i in range(1100)]
     with torch.no_grad():

@@ -95,11 +95,12 @@ class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
     def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None,
-                 profile: str | None = None, provider_options: dict | None = None):
+                 profile: str | None = None, provider_options: dict | None = None, bound_inputs: bool = True):
         """config_entries: onnxruntime session config entries on top of session_options' (benchmarks); profile:
         a path prefix for onnxruntime's profile of every run (session.end_profiling() writes it);
         provider_options: options of the provider asked for (benchmarks: e.g. the CUDA provider's
-        user_compute_stream)."""
+        user_compute_stream); bound_inputs=False: a single step's attention mask and positions are new host arrays
+        each step, as before (benchmarks: what binding them once saves)."""
         self.folder = Path(folder)
         providers = execution_providers(provider)
         name = providers[0]
@@ -145,6 +146,7 @@ class OrtDecoder(PrefixCachedDecoder):
         self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True and not (
             self.device == "cuda" and self.cache_dtype == np.float32)
         self.binding, self.capacity, self.step_logits = None, 0, None
+        self.bound_inputs = bound_inputs and self.shared
         if self.shared:  # bound once, for every step
             self.binding = self.session.io_binding()
             self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
@@ -173,6 +175,11 @@ class OrtDecoder(PrefixCachedDecoder):
         for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
+        if self.bound_inputs:  # where the provider reads them: a step's mask and positions are views into these
+            self.mask = ort.OrtValue.ortvalue_from_numpy(np.ones((1, self.capacity), np.int64), self.device, 0)
+            self.positions = ort.OrtValue.ortvalue_from_numpy(np.arange(self.capacity, dtype=np.int64)[None],
+                                                              self.device, 0)
+            self.step_id = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), self.device, 0)
         self.tokens = []
         logits = self.forward(held + ids[0].tolist(), last_only)
         return logits if last_only else logits[len(held):]
@@ -183,16 +190,13 @@ class OrtDecoder(PrefixCachedDecoder):
         128-token prompt's fp16 rows to float32 takes 12.8 ms on the 2-core machine for SmolLM2's vocabulary, the
         last row 0.1 ms, where the GPU run's time to first token was 14.5 ms against onnxruntime-genai's 3.7)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        past, total = len(self.tokens), len(self.tokens) + ids.shape[1]
+        total = len(self.tokens) + ids.shape[1]
         if total > self.context_length:
             raise AwqEdgeError(f"{total} tokens exceed the model's context of {self.context_length}",
                                "shorten the prompt or lower --max-new-tokens")
-        feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
-                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, total), np.int64))}
-        if self.needs_positions:
-            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.arange(past, total, dtype=np.int64)[None])
         if self.shared:
-            return self._run_shared(feed, ids, total, last_only)
+            return self._run_shared(ids, total, last_only)
+        feed = self._feed(ids, total)
         feed.update(zip(self.kv_names, self.cache))
         # A binding per step (a bound output already allocated would be reused as the next step's buffer): the
         # cache is written where the next step reads it (on the GPU with --provider cuda, no host round trip per
@@ -205,20 +209,41 @@ class OrtDecoder(PrefixCachedDecoder):
         self.tokens.extend(ids[0].tolist())
         return _rows(outs[0].numpy(), last_only)
 
-    def _run_shared(self, feed: dict, ids: np.ndarray, total: int, last_only: bool) -> np.ndarray:
+    def _feed(self, ids: np.ndarray, total: int) -> dict:
+        """New host arrays for the ids, the attention mask over all `total` positions and the ids' positions."""
+        feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, total), np.int64))}
+        if self.needs_positions:
+            positions = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
+            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(positions)
+        return feed
+
+    def _run_shared(self, ids: np.ndarray, total: int, last_only: bool) -> np.ndarray:
         if total > self.capacity:
             return self._grow(ids, total, last_only)
         if ids.shape[1] == 1 and self.step_logits is not None:
             # Every output is bound to an array of ours, so the step reads no list of all 2 x layers + 1 outputs
             # back (get_outputs() cost about as much as the rest of the Python around a step).
             self.binding.bind_ortvalue_output("logits", self.step_logits_value)
+            if self.bound_inputs:  # the id is the one value copied to the provider; the mask and the position
+                self.step_id.update_inplace(ids)  # are views of buffers already there
+                feed = {"input_ids": self.step_id}
+                self._bind_view("attention_mask", self.mask, 0, total)
+                if self.needs_positions:
+                    self._bind_view("position_ids", self.positions, total - 1, 1)
+            else:
+                feed = self._feed(ids, total)
             self._run(self.binding, feed, total, outputs=False)
             self.tokens.append(int(ids[0, 0]))
             return _rows(self.step_logits, last_only)
         self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
-        outs = self._run(self.binding, feed, total)
+        outs = self._run(self.binding, self._feed(ids, total), total)
         self.tokens.extend(ids[0].tolist())
         return _rows(outs[0].numpy(), last_only)
+
+    def _bind_view(self, name: str, buffer: ort.OrtValue, start: int, length: int) -> None:
+        """Bind int64 elements [start, start + length) of a [1, capacity] buffer as the input `name` [1, length]."""
+        self.binding.bind_input(name, self.device, 0, np.int64, [1, length], buffer.data_ptr() + 8 * start)
 
     def _run(self, binding, feed: dict, total: int, outputs: bool = True) -> list | None:
         """Bind feed and run; the outputs as bound, the logits first (outputs=False: none, all were bound to
