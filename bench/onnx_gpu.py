@@ -16,6 +16,7 @@ Usage on the GPU machine (onnxruntime-gpu and onnxruntime-genai-cuda installed):
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -47,14 +48,25 @@ EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head":
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
-def genai_model(folder: Path, provider: str):
+# onnxruntime's CUTLASS weight-only (fpA_intB) path for MatMulNBits on CUDA, off by default; the environment
+# variable is read when a session builds its kernels (genai's sessions), the config entry is the session's own.
+FPA_INTB_ENV, FPA_INTB_ENTRY = "ORT_FPA_INTB_GEMM", "ep.cuda.fpa_intb_gemm"
+
+
+def genai_model(folder: Path, provider: str, fpa_intb: bool = False):
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     config.clear_providers()
     if provider == "cuda":
         config.append_provider("cuda")
-    return og.Model(config)
+    if not fpa_intb:
+        return og.Model(config)
+    os.environ[FPA_INTB_ENV] = "1"
+    try:
+        return og.Model(config)
+    finally:
+        del os.environ[FPA_INTB_ENV]
 
 
 def time_genai(model, prompt: list, new: int) -> tuple:
@@ -253,6 +265,9 @@ def make_rows(args, work: Path, res: dict) -> tuple:
     for name, folder in folders.items():
         model = genai_model(folder, args.provider)
         rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
+        if args.provider == "cuda" and name in ("ours_default", "peer_int4"):  # onnxruntime's weight-only GEMM path
+            model = genai_model(folder, args.provider, fpa_intb=True)
+            rows[f"{name}/onnxruntime-genai-fpaintb"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
         if name.startswith("ours"):
             dec = timed_decoder(folder, provider=args.provider)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
@@ -268,6 +283,8 @@ def make_rows(args, work: Path, res: dict) -> tuple:
                                      provider_options={"user_compute_stream": str(stream.cuda_stream)})
                 decs.stream = stream  # kept alive with the session
                 rows[f"{name}/awq-edge-ort-stream"] = (folder, lambda p, d=decs: time_ort(d, p, args.new_tokens))
+                decf = timed_decoder(folder, provider="cuda", config_entries={FPA_INTB_ENTRY: "1"})
+                rows[f"{name}/awq-edge-ort-fpaintb"] = (folder, lambda p, d=decf: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
 
@@ -322,6 +339,10 @@ def ratios(rows: list) -> dict:
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-stream", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-hostin"),
+                 ("ours_default/onnxruntime-genai-fpaintb", "ours_default/onnxruntime-genai"),
+                 ("peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai"),
+                 ("ours_default/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-fpaintb"),
+                 ("ours_default/awq-edge-ort-fpaintb", "ours_default/awq-edge-ort"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
         if a in by and b in by:
             out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]

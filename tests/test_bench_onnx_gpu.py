@@ -75,8 +75,8 @@ def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):
 
 @pytest.mark.gpu
 def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
-    """On the CUDA provider the bench adds our loop on a CUDA stream of its own; every row runs, every
-    MatMulNBits and attention node on the GPU."""
+    """On the CUDA provider the bench adds our loop on a CUDA stream of its own and onnxruntime's weight-only GEMM
+    path (fpA_intB) for genai and our loop; every row runs, every MatMulNBits and attention node on the GPU."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -87,8 +87,9 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
                           "ours_default,peer", "--provider", "cuda", *SMALL[2:]]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
-        "ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-1thread",
-        "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-stream", "peer_int4/onnxruntime-genai"]
+        "ours_default/onnxruntime-genai", "ours_default/onnxruntime-genai-fpaintb", "ours_default/awq-edge-ort",
+        "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-stream",
+        "ours_default/awq-edge-ort-fpaintb", "peer_int4/onnxruntime-genai", "peer_int4/onnxruntime-genai-fpaintb"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
     assert set(res["profile"]) == {"awq-edge-ort", "onnxruntime-genai"}
