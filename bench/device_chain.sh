@@ -241,7 +241,8 @@ for step in "$@"; do
         rm -rf /tmp/og_$m
       done ;;
     gpuinstall)
-      # docs/onnxruntime-gpu.md's install as written, in a fresh venv over the image's packages (no network here:
+      # docs/onnxruntime-gpu.md's install as written, into the image's Python (a venv over it sees none of its
+      # packages), so run it last: it replaces the image's CPU onnxruntime. No network here:
       # pip reads the onnxruntime-gpu wheel, re-zipped from the bundle's files, and setuptools from a folder), then
       # the installed `awq-edge export --dtype fp16` of onnxgpu's checkpoint, `generate --provider cuda` and
       # awq_edge.load on it
@@ -249,11 +250,10 @@ for step in "$@"; do
       rm -rf /tmp/wh /tmp/ortwhl /tmp/gv && mkdir -p /tmp/wh /tmp/ortwhl && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
       python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/ortwhl', filter='data')"
       (cd /tmp/ortwhl && python -m zipfile -c /tmp/wh/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl *)
-      python -m venv --system-site-packages /tmp/gv
-      (unset PYTHONPATH; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh; . /tmp/gv/bin/activate
+      (unset PYTHONPATH; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh PIP_ROOT_USER_ACTION=ignore PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
        set -x
-       pip install -q -e '.[gpu]' 2>&1 | tail -3
-       pip uninstall -y onnxruntime 2>&1 | tail -2 && pip install -q --force-reinstall --no-deps onnxruntime-gpu 2>&1 | tail -2
+       python -m pip install -q -e '.[gpu]' 2>&1 | tail -3
+       python -m pip uninstall -y onnxruntime 2>&1 | tail -2 && python -m pip install -q --force-reinstall --no-deps onnxruntime-gpu 2>&1 | tail -2
        python -c "import onnxruntime as o, awq_edge; print(o.__file__, o.__version__, o.get_available_providers(), awq_edge.__file__)"
        awq-edge export /tmp/ck_smollm2 -o /tmp/gx --dtype fp16 2>&1 | tail -4
        awq-edge generate /tmp/gx --provider cuda --prompt "The capital of France is" --max-new-tokens 16

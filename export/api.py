@@ -20,9 +20,11 @@ from awq_edge.quant import check_group_size
 # 8 bits, channels and scales chosen on the final norm's statistics the quantiser stored in the checkpoint.
 ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
                 "head_symmetric": False, "head_outliers": AUTO_OUTLIERS}
-# --dtype fp16, the GPU's export: the same but a head of one MatMulNBits (export/decoder.py, GPU_HEAD8_MAX_WEIGHTS):
-# 8 bits for small heads, 4 for large ones, no outlier split (bench/results/onnx_gpu.json).
-GPU_DEFAULTS = {"head_bits": AUTO_BITS, "head_outliers": 0}
+# --dtype fp16, the GPU's export: a small head (export/decoder.py, GPU_HEAD8_MAX_WEIGHTS) is one 8-bit MatMulNBits,
+# faster on the CUDA provider than the split's five more nodes; a large one is the CPU default's split head. One
+# plain 4-bit node is not a default: on the CUDA provider it read SmolLM2's perplexity as 380 where the CPU reads
+# 31.4 from the same graph (bench/results/onnx_gpu.json, ours_head4).
+GPU_DEFAULTS = {"head_bits": AUTO_BITS, "head_outliers": AUTO_OUTLIERS}
 HEAD_OPTIONS = ("head_bits", "head_group", "head_calib", "head_symmetric", "head_outliers")
 
 

@@ -37,7 +37,7 @@ class ExportOptions:
     trt_native: bool = False  # trt only: int4 DequantizeLinear + MatMul instead of MatMulNBits
     accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 activations (faster on CPU)
     head_bits: int = 0  # ort only: re-quantise the float lm_head (and tied embeddings) to 8 or 4 bits (AUTO_BITS:
-    # 8 up to GPU_HEAD8_MAX_WEIGHTS, else 4)
+    # 8 up to GPU_HEAD8_MAX_WEIGHTS, else 4 with AUTO_OUTLIERS' split)
     head_group: int = 32  # group size for head_bits: one matrix, so finer scales cost little
     head_calib: str = ""  # head_bits: "" rounds to nearest; scales searched on the final norm's statistics: "checkpoint"
     # (measured by the quantiser), or "builtin"/"mixed"/a text file (measured here, the model run in PyTorch)

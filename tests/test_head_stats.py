@@ -103,12 +103,14 @@ def test_the_default_outliers_follow_the_head_flags_and_the_width(tmp_path, over
                   if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")) == bits
 
 
-@pytest.mark.parametrize("overrides, bits", [({"dtype": "fp16"}, [8]), ({"dtype": "fp16", "head_bits": 4}, [4]),
+@pytest.mark.parametrize("overrides, bits", [({"dtype": "fp16"}, [8]), ({"dtype": "fp16", "head_bits": 4}, [4, 8]),
+                                              ({"dtype": "fp16", "head_bits": 4, "head_outliers": 0}, [4]),
                                               ({"dtype": "fp16", "head_outliers": 64, "head_bits": 4}, [4, 8]),
                                               ({"dtype": "fp16", "head_outliers": 64}, [4, 8])])
 def test_the_gpu_default_head_is_one_node(tmp_path, capsys, overrides, bits):
-    """--dtype fp16 (onnxruntime's CUDA provider): the head is one MatMulNBits unless asked otherwise, and the
-    tied embeddings one GatherBlockQuantized; the CLI says which head it chose."""
+    """--dtype fp16 (onnxruntime's CUDA provider): a small head is one 8-bit MatMulNBits and the tied embeddings
+    one GatherBlockQuantized; a 4-bit head is split as on the CPU unless asked otherwise; the CLI says which head it
+    chose."""
     write_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": [1.0] * 128}))
     out = export(tmp_path / "ck", tmp_path / "onnx", export_options("ort", **overrides))
@@ -123,15 +125,20 @@ def test_the_gpu_default_head_is_one_node(tmp_path, capsys, overrides, bits):
         assert "head: 8 bits g64)" in capsys.readouterr().out
 
 
-def test_the_gpu_default_head_is_4_bit_past_64mi_weights():
-    from awq_edge.export.decoder import AUTO_BITS, resolve_head
+def test_the_gpu_default_head_is_the_split_4_bit_one_past_64mi_weights():
+    from awq_edge.export.decoder import AUTO_BITS, AUTO_OUTLIERS, resolve_head
 
     opts = export_options("ort", dtype="fp16")
-    assert opts.head_bits == AUTO_BITS and opts.head_outliers == 0
-    assert resolve_head(opts, 49152, 576).head_bits == 8  # SmolLM2-135M
-    assert resolve_head(opts, 65536, 1024).head_bits == 8  # 64Mi weights exactly
-    assert resolve_head(opts, 128256, 4096).head_bits == 4  # Llama-3-8B
-    assert resolve_head(opts, 151936, 896).head_bits == 4  # Qwen2.5-0.5B
+    assert opts.head_bits == AUTO_BITS and opts.head_outliers == AUTO_OUTLIERS
+
+    def head(vocab, hidden):
+        r = resolve_head(opts, vocab, hidden)
+        return r.head_bits, r.head_outliers
+
+    assert head(49152, 576) == (8, 0)  # SmolLM2-135M: one 8-bit node
+    assert head(65536, 1024) == (8, 0)  # 64Mi weights exactly
+    assert head(128256, 4096) == (4, 64)  # Llama-3-8B: 4 bits, 64 input channels at 8
+    assert head(151936, 896) == (4, 64)  # Qwen2.5-0.5B
     assert (resolve_head(export_options("ort"), 49152, 576).head_bits, export_options("ort").head_outliers) == (4, -1)
 
 
