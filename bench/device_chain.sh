@@ -15,8 +15,9 @@
 #   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (from the bundle.* parts, see unbundle): the ONNX CUDA
 #             tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
 #   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
-#   gpuinstall  docs/onnxruntime-gpu.md's `pip install -e '.[gpu]'` as written (offline, in a fresh venv), then the
-#             installed CLI and awq_edge.load on onnxgpu's fp16 export with --provider cuda
+#   gpuinstall  docs/onnxruntime-gpu.md's `pip install -e '.[gpu]'` as written (offline, into the image's Python:
+#             last, it replaces the image's onnxruntime), then the installed CLI and awq_edge.load with --provider cuda
+#             on an fp16 export of onnxgpu's checkpoint
 #   families  Gemma-3-270M (real) converted and quantised at the CLI's defaults, its perplexity and the float
 #             model's, beside the GPU tests; then, alone on the GPU, bench/decode.py on every family's shape and the
 #             real Gemma-3-270M (parity, speed), and bench/kernels.py (issue 22)
@@ -246,12 +247,14 @@ for step in "$@"; do
       # pip reads the onnxruntime-gpu wheel, re-zipped from the bundle's files, and setuptools from a folder), then
       # the installed `awq-edge export --dtype fp16` of onnxgpu's checkpoint, `generate --provider cuda` and
       # awq_edge.load on it
+      [ "$step" = "${*: -1}" ] || { echo "gpuinstall replaces the image's onnxruntime: make it the last step"; exit 2; }
+      [ -f /tmp/ck_smollm2/config.json ] || { echo "no /tmp/ck_smollm2: run the onnxgpu step first"; exit 1; }
       unbundle || exit 1
-      rm -rf /tmp/wh /tmp/ortwhl /tmp/gv && mkdir -p /tmp/wh /tmp/ortwhl && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
+      rm -rf /tmp/wh /tmp/ortwhl && mkdir -p /tmp/wh /tmp/ortwhl && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
       python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/ortwhl', filter='data')"
       (cd /tmp/ortwhl && python -m zipfile -c /tmp/wh/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl *)
       (unset PYTHONPATH; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh PIP_ROOT_USER_ACTION=ignore PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
-       set -x
+       set -ex
        python -m pip install -q -e '.[gpu]' 2>&1 | tail -3
        python -m pip uninstall -y onnxruntime 2>&1 | tail -2 && python -m pip install -q --force-reinstall --no-deps onnxruntime-gpu 2>&1 | tail -2
        python -c "import onnxruntime as o, awq_edge; print(o.__file__, o.__version__, o.get_available_providers(), awq_edge.__file__)"
@@ -259,7 +262,9 @@ for step in "$@"; do
        awq-edge generate /tmp/gx --provider cuda --prompt "The capital of France is" --max-new-tokens 16
        python -c "import awq_edge; m = awq_edge.load('/tmp/gx', provider='cuda'); print(type(m).__name__, repr(m.generate('Water boils at', max_new_tokens=12)))"
       ) > "$OUT/gpu_install.txt" 2>&1
-      cat "$OUT/gpu_install.txt" | cut -c1-200 | tail -25 ;;
+      rc=$?
+      cut -c1-200 "$OUT/gpu_install.txt" | tail -25
+      [ $rc = 0 ] || { echo "gpuinstall failed ($rc)"; exit 1; } ;;
     families)
       convert gemma3-270m gemma-3-270m-q4_k_m.gguf .mc/gtok
       gpu_tests &

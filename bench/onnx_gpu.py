@@ -41,10 +41,11 @@ from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_buil
 # the default with the CPU default's head (4 bits, its 64 largest input channels 8-bit: two MatMulNBits), and the
 # default without int8 activations (MatMulNBits accuracy_level 0; the peer's CUDA build leaves it unset), and the
 # default with float32 logits cast in the graph (no fp16 -> float32 conversion on the host per step), and the
-# default with a plain 4-bit head (one MatMulNBits as the 8-bit one, half its bytes)
+# default with a plain 4-bit head (one MatMulNBits as the 8-bit one, half its bytes) in groups of 32, so that a tied
+# table has an even number of groups a row (export/decoder.py, odd_gather_groups)
 EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64},
            "ours_float_act": {"accuracy_level": 0}, "ours_float_logits": {"float_logits": True},
-           "ours_head4": {"head_bits": 4, "head_outliers": 0}}
+           "ours_head4": {"head_bits": 4, "head_outliers": 0, "head_group": 32}}
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 

@@ -21,9 +21,9 @@ from awq_edge.quant import check_group_size
 ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
                 "head_symmetric": False, "head_outliers": AUTO_OUTLIERS}
 # --dtype fp16, the GPU's export: a small head (export/decoder.py, GPU_HEAD8_MAX_WEIGHTS) is one 8-bit MatMulNBits,
-# faster on the CUDA provider than the split's five more nodes; a large one is the CPU default's split head. One
-# plain 4-bit node is not a default: on the CUDA provider it read SmolLM2's perplexity as 380 where the CPU reads
-# 31.4 from the same graph (bench/results/onnx_gpu.json, ours_head4).
+# faster on the CUDA provider than the split's five more nodes; a large one is the CPU default's split head (one
+# plain 4-bit node of SmolLM2's tied head read perplexity 380 on the CUDA provider: export/decoder.py,
+# odd_gather_groups; bench/results/onnx_gpu.json).
 GPU_DEFAULTS = {"head_bits": AUTO_BITS, "head_outliers": AUTO_OUTLIERS}
 HEAD_OPTIONS = ("head_bits", "head_group", "head_calib", "head_symmetric", "head_outliers")
 
@@ -67,6 +67,8 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
     to the exact export; `awq-edge export` and awq_edge's API pass export_options()."""
     ck = Checkpoint(check_source(quant_dir), allow_float)
     folder = ck.folder
+    d = ck.spec.dims
+    opts = resolve_head(opts, d.vocab, d.hidden, d.tied)  # the head the defaults chose, recorded; checked
     out = check_output_dir(out_dir, inputs=[folder], is_ours=is_export, our_files=EXPORT_FILES, what="export")
     remove_stale(out)
     measures_here = opts.head_calib and (opts.head_calib != FROM_CHECKPOINT or ck.head_moments() is None)
@@ -74,7 +76,6 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
         raise AwqEdgeError(f"--head-calib needs the checkpoint's tokenizer, and {folder} has none (the default "
                            f"export calibrates its 4-bit head on {opts.head_calib!r} text)",
                            "copy the model's tokenizer files into it, or pass --head-calib none or --exact")
-    opts = resolve_head(opts, ck.spec.dims.vocab, ck.spec.dims.hidden)  # the head the defaults chose, recorded
     with staged(out) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
             model = build_decoder(ck, opts, ExternalData(data, out))

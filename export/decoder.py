@@ -197,18 +197,41 @@ def casts_logits(opts: ExportOptions) -> bool:
     return opts.float_logits and opts.target == "ort" and opts.dtype != "fp32"
 
 
-def resolve_head(opts: ExportOptions, vocab: int, hidden: int) -> ExportOptions:
+def resolve_head(opts: ExportOptions, vocab: int, hidden: int, tied: bool = False) -> ExportOptions:
     """The options with the defaults' automatic head choices made for this model: AUTO_BITS -> 8 while
-    vocab x hidden <= GPU_HEAD8_MAX_WEIGHTS, else 4; AUTO_OUTLIERS -> 64 input channels (at least one head group)
+    vocab x hidden <= GPU_HEAD8_MAX_WEIGHTS, else 4; AUTO_OUTLIERS -> 64 input channels (at least one head group;
+    one group more where a tied 4-bit table would keep an odd number of groups a row, see odd_gather_groups)
     where the head is calibrated at 4 bits and that is at most half its width, else none."""
-    bits = opts.head_bits
+    bits, group = opts.head_bits, opts.head_group
     if bits == AUTO_BITS:
         bits = 8 if vocab * hidden <= GPU_HEAD8_MAX_WEIGHTS else 4
     n8 = opts.head_outliers
     if n8 == AUTO_OUTLIERS:
-        n8 = max(64, opts.head_group)
+        n8 = max(64, group)
+        if tied and group and ((hidden - n8) // group) % 2:
+            n8 += group
         n8 = n8 if bits == 4 and opts.head_calib and 2 * n8 <= hidden else 0
-    return replace(opts, head_bits=bits, head_outliers=n8)
+    opts = replace(opts, head_bits=bits, head_outliers=n8)
+    groups = odd_gather_groups(opts, hidden, tied)
+    if groups and opts.dtype == "fp16":
+        raise AwqEdgeError(f"a tied 4-bit head with zero points in {groups} groups a row (hidden size {hidden} less "
+                           f"{n8} outlier channels, in groups of {group}): onnxruntime's CUDA GatherBlockQuantized "
+                           "reads the zero points of an odd number of groups a row wrongly",
+                           f"use --head-outliers {n8 + group}, --head-symmetric or --head-bits 8")
+    return opts
+
+
+def odd_gather_groups(opts: ExportOptions, hidden: int, tied: bool) -> int:
+    """The number of groups a row of the tied embeddings' 4-bit table (GatherBlockQuantized) holds where it is odd
+    and the table has zero points, else 0. The op packs two zero points a byte with each row padded to whole bytes
+    (onnxruntime's CPU kernel checks that shape); its CUDA kernel (1.31) reads them as if unpadded, so every row
+    after the first takes its neighbours' zero points: SmolLM2's plain 4-bit head (9 groups) read perplexity 380
+    on the CUDA provider, 31.4 on the CPU."""
+    group, n8 = opts.head_group, opts.head_outliers
+    if not tied or opts.head_bits != 4 or opts.head_symmetric or not group or hidden % group or n8 % group:
+        return 0
+    groups = (hidden - n8) // group
+    return groups if groups % 2 else 0
 
 
 def quantized_head(g: ops.Graph, ck: Checkpoint, spec: Spec, opts: ExportOptions) -> list[HeadPart] | None:
@@ -416,7 +439,7 @@ def build_decoder(ck: Checkpoint, opts: ExportOptions, external=None) -> onnx.Mo
         raise AwqEdgeError("--trt-native applies to --target trt only", "add --target trt or drop --trt-native")
     spec, f = ck.spec, ck.spec.family
     d = spec.dims
-    opts = resolve_head(opts, d.vocab, d.hidden)
+    opts = resolve_head(opts, d.vocab, d.hidden, d.tied)
     g = ops.Graph(opts.dtype, external)
     io_spec(g, d, opts)
     head = quantized_head(g, ck, spec, opts)

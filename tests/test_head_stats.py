@@ -2,6 +2,7 @@
 them in the checkpoint; the default export searches its 4-bit head on them without running the model again."""
 
 import json
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -91,10 +92,13 @@ def test_bad_head_outliers_are_one_clear_error(tmp_path, overrides, needle):
     assert not (tmp_path / "onnx").exists()
 
 
-@pytest.mark.parametrize("overrides, bits", [({}, [4, 8]), ({"head_group": 128}, [4]), ({"head_calib": ""}, [4]),
-                                              ({"head_bits": 8}, [8]), ({"head_group": 32}, [4, 8])])
+@pytest.mark.parametrize("overrides, bits", [({}, [4]), ({"head_group": 128}, [4]), ({"head_calib": ""}, [4]),
+                                              ({"head_bits": 8}, [8]), ({"head_group": 32}, [4, 8]),
+                                              ({"head_group": 32, "head_outliers": 64}, [4, 8])])
 def test_the_default_outliers_follow_the_head_flags_and_the_width(tmp_path, overrides, bits):
-    """64 channels (or one group) at 8 bits where the head is calibrated at 4 bits and at most half its width."""
+    """64 channels (or one group) at 8 bits where the head is calibrated at 4 bits and at most half its width; a
+    tied table of hidden size 128 in groups of 64 would keep one group (odd) beside 64 outliers, and 128 is more
+    than half: no split (test_a_tied_4_bit_table_keeps_an_even_number_of_groups_a_row)."""
     write_checkpoint(tmp_path / "ck")  # hidden size 128
     (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": [1.0] * 128}))
     out = export(tmp_path / "ck", tmp_path / "onnx", export_options("ort", **overrides))
@@ -103,11 +107,13 @@ def test_the_default_outliers_follow_the_head_flags_and_the_width(tmp_path, over
                   if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")) == bits
 
 
-@pytest.mark.parametrize("overrides, bits", [({"dtype": "fp16"}, [8]), ({"dtype": "fp16", "head_bits": 4}, [4, 8]),
+@pytest.mark.parametrize("overrides, bits", [({"dtype": "fp16"}, [8]),
+                                              ({"dtype": "fp16", "head_bits": 4, "head_group": 32}, [4, 8]),
                                               ({"dtype": "fp16", "head_bits": 4, "head_outliers": 0}, [4]),
-                                              ({"dtype": "fp16", "head_outliers": 64, "head_bits": 4}, [4, 8]),
-                                              ({"dtype": "fp16", "head_outliers": 64}, [4, 8])])
-def test_the_gpu_default_head_is_one_node(tmp_path, capsys, overrides, bits):
+                                              ({"dtype": "fp16", "head_outliers": 64, "head_bits": 4, "head_group": 32},
+                                               [4, 8]),
+                                              ({"dtype": "fp16", "head_outliers": 64, "head_group": 32}, [4, 8])])
+def test_the_gpu_default_head(tmp_path, capsys, overrides, bits):
     """--dtype fp16 (onnxruntime's CUDA provider): a small head is one 8-bit MatMulNBits and the tied embeddings
     one GatherBlockQuantized; a 4-bit head is split as on the CPU unless asked otherwise; the CLI says which head it
     chose."""
@@ -137,9 +143,39 @@ def test_the_gpu_default_head_is_the_split_4_bit_one_past_64mi_weights():
 
     assert head(49152, 576) == (8, 0)  # SmolLM2-135M: one 8-bit node
     assert head(65536, 1024) == (8, 0)  # 64Mi weights exactly
-    assert head(128256, 4096) == (4, 64)  # Llama-3-8B: 4 bits, 64 input channels at 8
-    assert head(151936, 896) == (4, 64)  # Qwen2.5-0.5B
+    assert head(128256, 4096) == (4, 64)  # Llama-3-8B (untied): 4 bits, 64 input channels at 8
+    assert head(151936, 896) == (4, 64)  # an untied Qwen2.5-0.5B
     assert (resolve_head(export_options("ort"), 49152, 576).head_bits, export_options("ort").head_outliers) == (4, -1)
+
+
+@pytest.mark.parametrize("vocab, hidden, outliers", [(49152, 576, 64), (151936, 896, 128), (128256, 2048, 128),
+                                                     (262144, 640, 128), (262144, 1152, 128)])
+def test_a_tied_4_bit_table_keeps_an_even_number_of_groups_a_row(vocab, hidden, outliers):
+    """The default's outlier channels leave a tied 4-bit table an even number of groups of 64 a row (onnxruntime's
+    CUDA GatherBlockQuantized misreads the zero points of an odd one): SmolLM2 512 / 64 = 8 with 64 outliers;
+    Qwen2.5-0.5B, Llama-3.2-1B, Gemma-3-270M and Gemma-3-1B need 128. The CPU default does the same."""
+    from awq_edge.export.decoder import odd_gather_groups, resolve_head
+
+    for opts in (export_options("ort", dtype="fp16"), export_options("ort")):
+        r = resolve_head(replace(opts, head_bits=4), vocab, hidden, tied=True)
+        assert (r.head_bits, r.head_outliers) == (4, outliers) and not odd_gather_groups(r, hidden, True)
+        assert ((hidden - outliers) // 64) % 2 == 0
+
+
+def test_an_odd_tied_4_bit_table_for_the_gpu_is_one_clear_error(tmp_path):
+    """Asked for explicitly in fp16 (the GPU's export), a tied 4-bit table of an odd number of groups a row stops
+    before any file is written; symmetric (no zero points), fp32 or an even count export."""
+    write_checkpoint(tmp_path / "ck")  # tied, hidden size 128
+    (tmp_path / "ck" / HEAD_STATS_FILE).write_text(json.dumps({"final_norm_sq_mean": [1.0] * 128}))
+    odd = {"head_bits": 4, "head_outliers": 0, "head_group": 128}  # one group a row
+    with pytest.raises(AwqEdgeError, match="1 groups a row .* odd number of groups a row wrongly"):
+        export(tmp_path / "ck", tmp_path / "bad", export_options("ort", dtype="fp16", **odd))
+    assert not (tmp_path / "bad").exists()
+    assert main(["export", str(tmp_path / "ck"), "-o", str(tmp_path / "cli"), "--dtype", "fp16", "--head-bits", "4",
+                 "--head-outliers", "0", "--head-group", "128"]) != 0
+    for name, extra in {"sym": {"dtype": "fp16", "head_symmetric": True}, "fp32": {},
+                        "even": {"dtype": "fp16", "head_group": 64}}.items():
+        export(tmp_path / "ck", tmp_path / name, export_options("ort", **{**odd, **extra}))
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, "64"])
@@ -151,9 +187,9 @@ def test_head_outliers_must_be_a_whole_number(value):
 def test_a_checkpoint_without_statistics_is_measured_on_builtin_text_as_before(tmp_path, capsys):
     model, _ = write_checkpoint(tmp_path / "ck")
     save_tiny_tokenizer(tmp_path / "ck")
-    export(tmp_path / "ck", tmp_path / "a", export_options("ort", head_calib="checkpoint"))
+    export(tmp_path / "ck", tmp_path / "a", export_options("ort", head_calib="checkpoint", head_group=32))
     assert "holds no head statistics" in capsys.readouterr().out
-    export(tmp_path / "ck", tmp_path / "b", export_options("ort", head_calib="builtin"))
+    export(tmp_path / "ck", tmp_path / "b", export_options("ort", head_calib="builtin", head_group=32))
     assert json.loads((tmp_path / "a" / "awq_edge_export.json").read_text())["head_outliers"] == 64  # split too
     assert (tmp_path / "a" / "model.onnx.data").read_bytes() == (tmp_path / "b" / "model.onnx.data").read_bytes()
 
