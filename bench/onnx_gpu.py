@@ -166,8 +166,6 @@ def profile_summary(path: Path, skip_runs: int) -> dict:
 def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: Path) -> dict:
     """ORT's own profile of `steps` greedy decode steps after the prompt, through our loop and through
     onnxruntime-genai, on the same folder: is our loop's extra time inside onnxruntime's run, and in which nodes?"""
-    import onnxruntime_genai as og
-
     out = {}
     prefix = work / f"profile_ours_{folder.name}"
     dec = timed_decoder(folder, provider=provider, profile=str(prefix))
@@ -275,7 +273,7 @@ def make_rows(args, work: Path, res: dict) -> tuple:
             if name == "ours_default":  # one intra-op thread: a step's nodes are many and small (a CPU A/B)
                 dec1 = timed_decoder(folder, threads=1, provider=args.provider)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
-                # a step's mask and positions as new host arrays (what OrtDecoder did before it bound them once)
+                # a step's attention mask as a new host array (what OrtDecoder did before it bound it once)
                 dech = timed_decoder(folder, provider=args.provider, bound_inputs=False)
                 rows[f"{name}/awq-edge-ort-hostin"] = (folder, lambda p, d=dech: time_ort(d, p, args.new_tokens))
             if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands

@@ -93,20 +93,18 @@ def smollm2_fp16(tmp_path_factory, smollm2_dir):
     vocabularies) and the split 4-bit one (large ones); the tokens of real text."""
     from conftest import rtn_checkpoint_and_export
 
+    from awq_edge.quantizer.calib import domain_text
+
     root = tmp_path_factory.mktemp("smollm2_fp16")
     ck, _, _, tokenizer = rtn_checkpoint_and_export("smollm2-135m", root)
     heads = {"head8": {}, "split4": {"head_bits": 4}, "plain4_g32": {"head_bits": 4, "head_outliers": 0, "head_group": 32}}
     folders = {n: export(ck, root / n, export_options("ort", dtype="fp16", **o)) for n, o in heads.items()}
-    text = (awq_edge.__path__[0] + "/data/calibration/prose.txt")
-    ids = tokenizer(open(text, encoding="utf-8").read())["input_ids"][:192]
+    ids = tokenizer(domain_text("prose"))["input_ids"][:192]
     return folders, ids
 
 
 def _cross_entropy(logits: np.ndarray, targets: list) -> float:
-    logits = logits.astype(np.float64)
-    top = logits.max(-1, keepdims=True)
-    logz = (top[:, 0] + np.log(np.exp(logits - top).sum(-1)))
-    return float(np.mean(logz - logits[np.arange(len(targets)), targets]))
+    return torch.nn.functional.cross_entropy(torch.from_numpy(logits).double(), torch.tensor(targets)).item()
 
 
 @pytest.mark.slow
