@@ -15,7 +15,6 @@ from awq_edge.checkpoint.reader import Checkpoint
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
 from awq_edge.export.api import export, export_options
-from awq_edge.export.decoder import ExportOptions
 from awq_edge.export.head import quantize_weighted
 from awq_edge.quant import dequantize
 from awq_edge.quantizer.calib import calibration_blocks
