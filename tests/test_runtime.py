@@ -15,7 +15,7 @@ from test_export import PROMPT, write_checkpoint
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
 from awq_edge.runtime.generate import generate, stream_text
-from awq_edge.runtime.ort import OrtDecoder
+from awq_edge.runtime.ort import OrtDecoder, argmax
 from awq_edge.runtime.sampling import Sampling, next_token, top_p_filter
 
 
@@ -85,6 +85,33 @@ def test_float_logits_cast_in_an_fp16_graph_give_the_fp16_graphs_logits(tmp_path
     for d in (a, b):
         d.steps = [d.extend(PROMPT[:5])] + [d.forward([t])[-1] for t in PROMPT[5:]]
     assert np.array_equal(np.stack(a.steps), np.stack(b.steps))
+    # generate's greedy loop reads the fp16 graph's logits without converting them: the forward loop's tokens
+    for d in (a, b):
+        d.extend(PROMPT)
+    first = int(np.argmax(a.forward([PROMPT[-1]])[-1]))
+    b.forward([PROMPT[-1]])
+    expected = [first]
+    for _ in range(11):
+        expected.append(int(np.argmax(b.forward([expected[-1]])[-1])))
+    assert [first] + list(a.greedy_tokens(first, 11)) == expected
+
+
+def test_argmax_of_float16_logits_is_numpys_of_their_float32_values():
+    """runtime.ort.argmax compares float16 logits as ordered integers: the index np.argmax gives their float32
+    values, the first of equal values, with negatives, infinities, and +0 / -0 (equal) as the largest."""
+    rng = np.random.default_rng(0)
+    with np.errstate(over="ignore"):  # the widest row saturates to +-inf
+        rows = [(rng.standard_normal(4099) * s).astype(np.float16) for s in (0.01, 3, 60000)]
+    rows.append(-np.abs(rows[1]) - 1)  # all negative
+    rows.append(np.round(rows[1]))  # many ties
+    rows.append(np.array([-np.inf, -3, -np.inf], np.float16))
+    rows.append(np.array([1, np.inf, 2, np.inf], np.float16))
+    rows.append(np.array([-1, -0.0, -2, 0.0, -0.0], np.float16))  # -0 first: float says index 1
+    rows.append(np.array([-1, 0.0, -0.0], np.float16))
+    rows.append(np.array([-1, -0.0, -2], np.float16))
+    for row in rows:
+        assert argmax(row) == int(np.argmax(row.astype(np.float32)))
+        assert argmax(row.astype(np.float32)) == int(np.argmax(row.astype(np.float32)))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # Gemma 3: a 5-token sliding layer beside a global one
@@ -111,6 +138,15 @@ def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logi
     for a, b, c in zip(shared.steps, separate.steps, hostin.steps):
         assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
         assert np.array_equal(a, c)
+    # generate's greedy loop across the growth: the bound step, then the general path where the cache grows
+    greedy = [OrtDecoder(out), OrtDecoder(out, bound_inputs=False)]
+    for d in (*greedy, separate):
+        d.first = int(np.argmax(d.extend(prompt)))
+    expected = [separate.first]
+    for _ in range(8):
+        expected.append(int(np.argmax(separate.forward([expected[-1]])[-1])))
+    for d in greedy:
+        assert [d.first] + list(d.greedy_tokens(d.first, 8)) == expected and d.capacity == 2048
     # transformers over the whole sequence the steps fed: the prompt, the 8 single steps, the 1100-token extension
     fed = prompt + list(range(3, 11)) + [(5 * i) % 256 for i in range(1100)]
     with torch.no_grad():

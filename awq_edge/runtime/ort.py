@@ -91,6 +91,19 @@ def _rows(logits: np.ndarray, last_only: bool) -> np.ndarray:
     return (logits[0, -1:] if last_only else logits[0]).astype(np.float32)
 
 
+def argmax(row: np.ndarray) -> int:
+    """np.argmax of a float32 or float16 row [vocab] without converting float16 to float32 (a step's cost on
+    the host: 187 us a step for SmolLM2's 49,152 logits on the 2-core machine, the argmax below 16). float16
+    bits read as int16 order as the values once a negative value's magnitude bits are flipped; +0 and -0 (keys 0
+    and -1) are told apart only where a zero is the largest logit, then the first zero wins, as in float. NaNs
+    aside, the same index as np.argmax(row.astype(np.float32))."""
+    if row.dtype != np.float16:
+        return int(np.argmax(row))
+    bits = row.view(np.int16)
+    i = int(np.argmax(bits ^ ((bits >> 15) & 0x7FFF)))
+    return int(np.argmax(row == 0)) if row[i] == 0 else i
+
+
 class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
@@ -153,6 +166,9 @@ class OrtDecoder(PrefixCachedDecoder):
             if self.vocab_size:  # a single token's logits land in one host array, read without get_outputs()
                 self.step_logits = np.empty((1, 1, self.vocab_size), _NP.get(outputs["logits"].type, np.float32))
                 self.step_logits_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
+                self.step_ids = np.zeros((1, 1), np.int64)
+                self.step_ids_value = ort.OrtValue.ortvalue_from_numpy(self.step_ids)
+        self.step_bound = False
         self.reset()
 
     def reset(self):
@@ -220,22 +236,41 @@ class OrtDecoder(PrefixCachedDecoder):
         if total > self.capacity:
             return self._grow(ids, total, last_only)
         if ids.shape[1] == 1 and self.step_logits is not None:
-            # Every output is bound to an array of ours, so the step reads no list of all 2 x layers + 1 outputs
-            # back (get_outputs() cost about as much as the rest of the Python around a step).
-            self.binding.bind_ortvalue_output("logits", self.step_logits_value)
-            if self.bound_inputs:  # the id is the one host value, copied by onnxruntime on its own stream; the
-                feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids)}  # mask is a view of a buffer there
-                self.binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total],
-                                        self.mask.data_ptr())
-            else:
-                feed = self._feed(ids, total)
-            self._run(self.binding, feed, total, outputs=False)
-            self.tokens.append(int(ids[0, 0]))
-            return _rows(self.step_logits, last_only)
+            return _rows(self._step(int(ids[0, 0]), total)[None, None], last_only)
         self.binding.bind_output("logits", "cpu")  # a new host tensor (prompt and step differ in shape), same slot
+        self.step_bound = False
         outs = self._run(self.binding, self._feed(ids, total), total)
         self.tokens.extend(ids[0].tolist())
         return _rows(outs[0].numpy(), last_only)
+
+    def _step(self, token: int, total: int) -> np.ndarray:
+        """One token through the bound buffers (total <= capacity); its logits row [vocab] as the graph wrote them,
+        valid until the next run. Every output is bound to an array of ours, so the step reads no list of all
+        2 x layers + 1 outputs back (get_outputs() cost about as much as the rest of the Python around a step), and
+        the id is one host array of ours, rewritten in place (onnxruntime has read it when the run returns)."""
+        if not self.step_bound:  # a prompt's run bound its own ids and logits
+            self.binding.bind_ortvalue_output("logits", self.step_logits_value)
+            self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
+            self.step_bound = True
+        self.step_ids[0, 0] = token
+        if self.bound_inputs:  # the mask is a view of a buffer where the provider runs
+            self.binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.mask.data_ptr())
+            self._run(self.binding, {}, total, outputs=False)
+        else:  # new host arrays (the ids' value is the same array)
+            self._run(self.binding, self._feed(self.step_ids, total), total, outputs=False)
+        self.tokens.append(token)
+        return self.step_logits[0, 0]
+
+    def greedy_tokens(self, token: int, n: int):
+        """Feed `token`, then each argmax in turn: yields the n ids that follow (generate's greedy loop). A step
+        picks its argmax from the logits as the graph wrote them (argmax: no float32 copy of them)."""
+        for _ in range(n):
+            total = len(self.tokens) + 1
+            if self.step_logits is not None and total <= self.capacity:
+                token = argmax(self._step(token, total))
+            else:  # the cache grows (or no bound buffers): the general path
+                token = argmax(self.forward([token], last_only=True)[-1])
+            yield token
 
     def _run(self, binding, feed: dict, total: int, outputs: bool = True) -> list | None:
         """Bind feed and run; the outputs as bound, the logits first (outputs=False: none, all were bound to
