@@ -88,8 +88,8 @@ unbundle() {
     rm -rf /tmp/ortgpu && mkdir -p /tmp/ortgpu &&
       python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/ortgpu', filter='data')" 2>/dev/null ||
       { echo "the onnxruntime-gpu wheel is not whole yet ($n parts)"; return 1; }
-    mkdir -p /tmp/site && rm -rf /tmp/site/onnxruntime /tmp/site/onnxruntime_gpu-*.dist-info &&
-      mv /tmp/ortgpu/* /tmp/site/ && touch /tmp/site/.ortgpu-ok || return 1
+    mkdir -p /tmp/site && rm -rf /tmp/site/onnxruntime /tmp/site/onnxruntime_gpu-*.dist-info &&  # /tmp/ortgpu
+      cp -r /tmp/ortgpu/. /tmp/site/ && touch /tmp/site/.ortgpu-ok || return 1  # stays as the wheel had it: gpuinstall
   fi
   [ -d /tmp/site/onnxruntime_genai ] ||
     pip install -q --no-index --no-deps --upgrade --target /tmp/site /tmp/bundle/onnxruntime_genai_cuda-*.whl 2>&1 |
@@ -250,9 +250,8 @@ for step in "$@"; do
       [ "$step" = "${*: -1}" ] || { echo "gpuinstall replaces the image's onnxruntime: make it the last step"; exit 2; }
       [ -f /tmp/ck_smollm2/config.json ] || { echo "no /tmp/ck_smollm2: run the onnxgpu step first"; exit 1; }
       unbundle || exit 1
-      rm -rf /tmp/wh /tmp/ortwhl && mkdir -p /tmp/wh /tmp/ortwhl && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
-      python -c "import tarfile; tarfile.open('/tmp/bundle/ortgpu.tar.xz').extractall('/tmp/ortwhl', filter='data')"
-      (cd /tmp/ortwhl && python -m zipfile -c /tmp/wh/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl *)
+      rm -rf /tmp/wh && mkdir -p /tmp/wh && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
+      (cd /tmp/ortgpu && python -m zipfile -c /tmp/wh/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl *)
       (unset PYTHONPATH; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh PIP_ROOT_USER_ACTION=ignore PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
        set -ex
        python -m pip install -q -e '.[gpu]' 2>&1 | tail -3

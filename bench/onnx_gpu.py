@@ -63,11 +63,15 @@ def genai_model(folder: Path, provider: str, fpa_intb: bool = False):
         config.append_provider("cuda")
     if not fpa_intb:
         return og.Model(config)
+    before = os.environ.get(FPA_INTB_ENV)
     os.environ[FPA_INTB_ENV] = "1"
     try:
         return og.Model(config)
-    finally:
-        del os.environ[FPA_INTB_ENV]
+    finally:  # the caller's value back (or none)
+        if before is None:
+            del os.environ[FPA_INTB_ENV]
+        else:
+            os.environ[FPA_INTB_ENV] = before
 
 
 def time_genai(model, prompt: list, new: int) -> tuple:
