@@ -52,8 +52,11 @@ def test_cuda_greedy_tokens_equal_the_cpu_providers(folders, name):
     for provider in ("cpu", "cuda"):
         d = OrtDecoder(out[name], provider=provider)
         d.eos_ids = set()
-        tokens[provider] = list(generate(d, PROMPT, 16))
-    assert len(tokens["cuda"]) == 16 and tokens["cuda"] == tokens["cpu"]
+        tokens[provider] = list(generate(d, PROMPT, 16))  # greedy_tokens: argmax of the logits as written
+    loop = [int(np.argmax(d.extend(PROMPT)))]  # the float32 logits of forward() on CUDA
+    while len(loop) < 16:
+        loop.append(int(np.argmax(d.forward([loop[-1]])[-1])))
+    assert len(tokens["cuda"]) == 16 and tokens["cuda"] == tokens["cpu"] == loop
 
 
 @pytest.mark.parametrize("name, shared", [("exact_fp16", True), ("exact_fp32", False)])
