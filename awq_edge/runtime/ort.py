@@ -247,12 +247,14 @@ class OrtDecoder(PrefixCachedDecoder):
         """One token through the bound buffers (total <= capacity); its logits row [vocab] as the graph wrote them,
         valid until the next run. Every output is bound to an array of ours, so the step reads no list of all
         2 x layers + 1 outputs back (get_outputs() cost about as much as the rest of the Python around a step), and
-        the id is one host array of ours, rewritten in place (onnxruntime has read it when the run returns)."""
-        if not self.step_bound:  # a prompt's run bound its own ids and logits
+        the id is one host array of ours, rewritten in place and bound again."""
+        if not self.step_bound:  # a prompt's run bound its own logits
             self.binding.bind_ortvalue_output("logits", self.step_logits_value)
-            self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
             self.step_bound = True
         self.step_ids[0, 0] = token
+        # Bound again each step: binding copies a host value to the device where a node there reads it (the CUDA
+        # provider's embedding), so a value bound once keeps feeding its first id.
+        self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
         if self.bound_inputs:  # the mask is a view of a buffer where the provider runs
             self.binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.mask.data_ptr())
             self._run(self.binding, {}, total, outputs=False)
