@@ -115,9 +115,11 @@ def _cross_entropy(logits: np.ndarray, targets: list) -> float:
 def test_real_smollm2_heads_read_the_same_on_cuda_as_on_the_cpu(smollm2_fp16, head):
     """The fp16 defaults' heads on the real model, and a plain 4-bit one in groups of 32 (18 a row, even): the
     next-token cross-entropy of a 160-token prompt (onnxruntime's many-row MatMulNBits path) and of 31 single steps
-    after it (the one-row GEMV) on the CUDA provider within 0.02 nats of the CPU provider's, on the same folder
+    after it (the one-row GEMV) on the CUDA provider within 0.05 nats of the CPU provider's, on the same folder
     (a plain 4-bit head in groups of 64, 9 a row, read SmolLM2's perplexity as 380 on the CUDA provider and 30.96
-    on the CPU: bench/results/onnx_gpu.md; test_an_odd_tied_table_is_misread_by_the_cuda_gather)."""
+    on the CPU, 2.5 nats apart: bench/results/onnx_gpu.md; test_an_odd_tied_table_is_misread_by_the_cuda_gather).
+    The CPU provider quantises these exports' activations to int8 and the CUDA provider does not: on an H200 the
+    prompt differed by 0.024 nats with the g32 head, the steps by 0.0003 (gpu_tests_ort_cuda_h200.txt)."""
     folders, ids = smollm2_fp16
     prompt, steps = ids[:160], ids[160:]
     ce = {}
@@ -128,14 +130,16 @@ def test_real_smollm2_heads_read_the_same_on_cuda_as_on_the_cpu(smollm2_fp16, he
         logits = np.concatenate(rows)
         ce[provider] = (_cross_entropy(logits[:159], prompt[1:]), _cross_entropy(logits[159:], steps))
     assert ce["cpu"][0] < 5 and ce["cpu"][1] < 5, ce  # a real model on real text
-    assert abs(ce["cuda"][0] - ce["cpu"][0]) < 0.02 and abs(ce["cuda"][1] - ce["cpu"][1]) < 0.02, ce
+    assert abs(ce["cuda"][0] - ce["cpu"][0]) < 0.05 and abs(ce["cuda"][1] - ce["cpu"][1]) < 0.05, ce
 
 
 def test_an_odd_tied_table_is_misread_by_the_cuda_gather(tmp_path, monkeypatch):
     """Why the export refuses a tied 4-bit table of an odd number of groups a row for the GPU
     (export/decoder.py, odd_gather_groups): with one group of 128 a row, onnxruntime's CUDA GatherBlockQuantized
     gives embeddings unlike its CPU kernel's; with two groups of 64 they agree. When this fails for the odd table,
-    onnxruntime has fixed its kernel and the refusal can go."""
+    onnxruntime has fixed its kernel and the refusal can go. Float activations on both providers (accuracy level
+    0): with the CPU's int8 activations the even table's logits differed by 11% of their largest on an H200, the
+    odd table's by 162% (gpu_tests_ort_cuda_h200.txt)."""
     from awq_edge.export import decoder
 
     monkeypatch.setattr(decoder, "odd_gather_groups", lambda *a: 0)  # export what the check refuses
@@ -144,7 +148,7 @@ def test_an_odd_tied_table_is_misread_by_the_cuda_gather(tmp_path, monkeypatch):
     spread = {}
     for group in (128, 64):
         folder = export(tmp_path / "ck", tmp_path / f"g{group}", export_options(
-            "ort", dtype="fp16", head_bits=4, head_outliers=0, head_group=group))
+            "ort", dtype="fp16", head_bits=4, head_outliers=0, head_group=group, accuracy_level=0))
         cpu, cuda = (OrtDecoder(folder, provider=p).forward(PROMPT) for p in ("cpu", "cuda"))
         spread[group] = float(np.abs(cuda - cpu).max() / np.abs(cpu).max())
     assert spread[64] < 2e-2 and spread[128] > 0.1, spread
