@@ -96,6 +96,20 @@ def test_float_logits_cast_in_an_fp16_graph_give_the_fp16_graphs_logits(tmp_path
     assert [first] + list(a.greedy_tokens(first, 11)) == expected
 
 
+def test_each_greedy_step_binds_its_id_again(exported):
+    """Binding copies a host input to the device where a node there reads it (the CUDA provider's embedding), so a
+    step must bind its id again, not only rewrite the host array bound before: an H200 run of the bound-once form
+    fed the first id to every step (bench/results/gpu_tests_ort_cuda_h200_bindonce.txt). The CPU provider reads the
+    array itself, so this checks the binding calls."""
+    d = OrtDecoder(exported[0]["ort"])
+    first = int(np.argmax(d.extend(PROMPT)))
+    bound, bind = [], d.binding.bind_ortvalue_input
+    d.binding.bind_ortvalue_input = lambda name, value: bound.append((name, int(value.numpy().ravel()[0]))) or bind(
+        name, value)
+    tokens = list(d.greedy_tokens(first, 5))
+    assert [v for n, v in bound if n == "input_ids"] == [first] + tokens[:-1]
+
+
 def test_argmax_of_float16_logits_is_numpys_of_their_float32_values():
     """runtime.ort.argmax compares float16 logits as ordered integers: the index np.argmax gives their float32
     values, the first of equal values, with negatives, infinities, and +0 / -0 (equal) as the largest."""
