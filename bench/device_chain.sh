@@ -251,6 +251,8 @@ for step in "$@"; do
       [ -f /tmp/ck_smollm2/config.json ] || { echo "no /tmp/ck_smollm2: run the onnxgpu step first"; exit 1; }
       unbundle || exit 1
       rm -rf /tmp/wh && mkdir -p /tmp/wh && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
+      [ -d /tmp/ortgpu/onnxruntime ] ||
+        { echo "no /tmp/ortgpu (unbundle's copy of the wheel's files): rm /tmp/site/.ortgpu-ok and rerun"; exit 1; }
       (cd /tmp/ortgpu && python -m zipfile -c /tmp/wh/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl *)
       (unset PYTHONPATH; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wh PIP_ROOT_USER_ACTION=ignore PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
        set -ex

@@ -99,15 +99,17 @@ def test_float_logits_cast_in_an_fp16_graph_give_the_fp16_graphs_logits(tmp_path
 def test_each_greedy_step_binds_its_id_again(exported):
     """Binding copies a host input to the device where a node there reads it (the CUDA provider's embedding), so a
     step must bind its id again, not only rewrite the host array bound before: an H200 run of the bound-once form
-    fed the first id to every step (bench/results/gpu_tests_ort_cuda_h200_bindonce.txt). The CPU provider reads the
-    array itself, so this checks the binding calls."""
-    d = OrtDecoder(exported[0]["ort"])
-    first = int(np.argmax(d.extend(PROMPT)))
-    bound, bind = [], d.binding.bind_ortvalue_input
-    d.binding.bind_ortvalue_input = lambda name, value: bound.append((name, int(value.numpy().ravel()[0]))) or bind(
-        name, value)
-    tokens = list(d.greedy_tokens(first, 5))
-    assert [v for n, v in bound if n == "input_ids"] == [first] + tokens[:-1]
+    fed every step the id the array held when it was bound (bench/results/gpu_tests_ort_cuda_h200_bindonce.txt). The
+    CPU provider reads the array itself, so this checks the binding calls, on both step paths."""
+    for bound_inputs in (True, False):
+        d = OrtDecoder(exported[0]["ort"], bound_inputs=bound_inputs)
+        assert d.step_logits is not None and d.bound_inputs == bound_inputs  # the steps take _step, not forward
+        first = int(np.argmax(d.extend(PROMPT)))
+        bound, bind = [], d.binding.bind_ortvalue_input
+        d.binding.bind_ortvalue_input = lambda name, value, bound=bound, bind=bind: bound.append(
+            (name, int(value.numpy().ravel()[0]))) or bind(name, value)
+        tokens = list(d.greedy_tokens(first, 5))
+        assert [v for n, v in bound if n == "input_ids"] == [first] + tokens[:-1], bound_inputs  # once a step
 
 
 def test_argmax_of_float16_logits_is_numpys_of_their_float32_values():

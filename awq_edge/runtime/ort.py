@@ -252,13 +252,13 @@ class OrtDecoder(PrefixCachedDecoder):
             self.binding.bind_ortvalue_output("logits", self.step_logits_value)
             self.step_bound = True
         self.step_ids[0, 0] = token
-        # Bound again each step: binding copies a host value to the device where a node there reads it (the CUDA
-        # provider's embedding), so a value bound once keeps feeding its first id.
-        self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
         if self.bound_inputs:  # the mask is a view of a buffer where the provider runs
+            # The id is bound again each step: binding copies a host value to the device where a node there reads
+            # it (the CUDA provider's embedding), so a value bound once keeps feeding what it held then.
+            self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
             self.binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.mask.data_ptr())
             self._run(self.binding, {}, total, outputs=False)
-        else:  # new host arrays (the ids' value is the same array)
+        else:  # new host values each step (the ids' wraps the same array)
             self._run(self.binding, self._feed(self.step_ids, total), total, outputs=False)
         self.tokens.append(token)
         return self.step_logits[0, 0]
