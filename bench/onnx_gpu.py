@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from awq_edge.errors import AwqEdgeError  # noqa: E402
 from awq_edge.export.api import export, export_options  # noqa: E402
 from awq_edge.runtime.ort import OrtDecoder, execution_providers, session_options  # noqa: E402
 from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_builder  # noqa: E402
@@ -280,6 +281,19 @@ def make_rows(args, work: Path, res: dict) -> tuple:
                 # a step's attention mask as a new host array (what OrtDecoder did before it bound it once)
                 dech = timed_decoder(folder, provider=args.provider, bound_inputs=False)
                 rows[f"{name}/awq-edge-ort-hostin"] = (folder, lambda p, d=dech: time_ort(d, p, args.new_tokens))
+                # a step through buffers of fixed address and shape, and (CUDA) those replayed as a CUDA graph:
+                # experimental rows, so one that onnxruntime refuses is recorded in row_errors, not fatal
+                variants = [("fixed", {"fixed_buffers": True})]
+                if args.provider == "cuda":
+                    variants.append(("graph", {"cuda_graph": True}))
+                for label, kw in variants:
+                    try:
+                        decx = timed_decoder(folder, provider=args.provider, **kw)
+                    except AwqEdgeError as e:
+                        res.setdefault("row_errors", {})[f"{name}/awq-edge-ort-{label}"] = str(e)
+                        continue
+                    rows[f"{name}/awq-edge-ort-{label}"] = (folder,
+                                                            lambda p, d=decx: time_ort(d, p, args.new_tokens))
             if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands
                 stream = torch.cuda.Stream()                       # the provider its own
                 decs = timed_decoder(folder, provider="cuda",
@@ -315,6 +329,8 @@ def markdown(res: dict) -> str:
                      f"{cpu} | {size} | {inside} |")
     if res.get("ratios"):
         lines += ["", "Ratios (same run): " + "; ".join(f"{k} {v:.3f}x" for k, v in res["ratios"].items())]
+    if res.get("row_errors"):
+        lines += ["", "Rows that did not run: " + "; ".join(f"{k}: {v}" for k, v in res["row_errors"].items())]
     if res.get("profile"):
         lines += ["", "onnxruntime's profile of ours_default's decode steps (medians per step, us; node times are the "
                   "host's time in each node, launches on the CUDA provider):", "",
@@ -340,6 +356,8 @@ def ratios(rows: list) -> dict:
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort-fixed", "ours_default/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort-graph", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-stream", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-hostin"),
                  ("ours_default/onnxruntime-genai-fpaintb", "ours_default/onnxruntime-genai"),
@@ -396,8 +414,15 @@ def main(argv=None) -> int:
     times = {name: [] for name in rows}
     tokens = {}
     for r in range(args.repeats + 1):  # round 0 warms every row up
-        for name, (_, run) in (rows.items() if r % 2 else reversed(rows.items())):
-            ttft, tok_s, toks, *inside = run(prompt)
+        for name, (_, run) in (list(rows.items()) if r % 2 else list(reversed(rows.items()))):
+            try:
+                ttft, tok_s, toks, *inside = run(prompt)
+            except AwqEdgeError as e:  # an experimental row onnxruntime could not run: recorded, dropped
+                if not name.endswith(("-fixed", "-graph")):
+                    raise
+                res.setdefault("row_errors", {})[name] = str(e)
+                del rows[name], times[name]
+                continue
             tokens[name] = toks
             if r:
                 times[name].append((ttft, tok_s, *inside))

@@ -35,7 +35,7 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
                           *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
                             "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin",
-                            "ours_exact/onnxruntime-genai",
+                            "ours_default/awq-edge-ort-fixed", "ours_exact/onnxruntime-genai",
                             "ours_exact/awq-edge-ort", "ours_split_head/onnxruntime-genai",
                             "ours_split_head/awq-edge-ort", "ours_float_act/onnxruntime-genai",
                             "ours_float_act/awq-edge-ort", "ours_float_logits/onnxruntime-genai",
@@ -68,15 +68,16 @@ def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):
                           "--seqlen", "64", *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
                             "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin",
-                            "ours_exact/onnxruntime-genai",
+                            "ours_default/awq-edge-ort-fixed", "ours_exact/onnxruntime-genai",
                             "ours_exact/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     assert all(r["ppl"] > 1 for r in rows if r["runtime"] == "onnxruntime-genai")
 
 
 @pytest.mark.gpu
 def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
-    """On the CUDA provider the bench adds our loop on a CUDA stream of its own and onnxruntime's weight-only GEMM
-    path (fpA_intB) for genai and our loop; every row runs, every MatMulNBits and attention node on the GPU."""
+    """On the CUDA provider the bench adds our loop replayed as a CUDA graph, our loop on a CUDA stream of its own
+    and onnxruntime's weight-only GEMM path (fpA_intB) for genai and our loop; every row runs, every MatMulNBits and
+    attention node on the GPU."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -86,10 +87,12 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
                           "ours_default,peer", "--provider", "cuda", *SMALL[2:]]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
+    assert "row_errors" not in res, res["row_errors"]  # the CUDA graph row ran
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
         "ours_default/onnxruntime-genai", "ours_default/onnxruntime-genai-fpaintb", "ours_default/awq-edge-ort",
-        "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-stream",
-        "ours_default/awq-edge-ort-fpaintb", "peer_int4/onnxruntime-genai", "peer_int4/onnxruntime-genai-fpaintb"]
+        "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed",
+        "ours_default/awq-edge-ort-graph", "ours_default/awq-edge-ort-stream", "ours_default/awq-edge-ort-fpaintb",
+        "peer_int4/onnxruntime-genai", "peer_int4/onnxruntime-genai-fpaintb"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
     assert set(res["profile"]) == {"awq-edge-ort", "onnxruntime-genai"}

@@ -112,6 +112,16 @@ def test_each_greedy_step_binds_its_id_again(exported):
         assert [v for n, v in bound if n == "input_ids"] == [first] + tokens[:-1], bound_inputs  # once a step
 
 
+def test_fixed_buffers_and_cuda_graphs_refuse_what_they_cannot_run(exported, tmp_path):
+    """A CUDA graph needs the CUDA provider; fixed buffers need GroupQueryAttention's shared cache (the trt target's
+    graph keeps separate past and present tensors)."""
+    folders = exported[0]
+    with pytest.raises(AwqEdgeError, match="CUDA graph needs the CUDA provider"):
+        OrtDecoder(folders["ort"], cuda_graph=True)
+    with pytest.raises(AwqEdgeError, match="cannot step through fixed buffers"):
+        OrtDecoder(folders["trt"], fixed_buffers=True)
+
+
 def test_argmax_of_float16_logits_is_numpys_of_their_float32_values():
     """runtime.ort.argmax compares float16 logits as ordered integers: the index np.argmax gives their float32
     values, the first of equal values, with negatives, infinities, and +0 / -0 (equal) as the largest."""
@@ -154,8 +164,9 @@ def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logi
     for a, b, c in zip(shared.steps, separate.steps, hostin.steps):
         assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
         assert np.array_equal(a, c)
-    # generate's greedy loop across the growth: the bound step, then the general path where the cache grows
-    greedy = [OrtDecoder(out), OrtDecoder(out, bound_inputs=False)]
+    # generate's greedy loop across the growth: the bound step, then the general path where the cache grows (and
+    # the fixed buffers are made again for the new size)
+    greedy = [OrtDecoder(out), OrtDecoder(out, bound_inputs=False), OrtDecoder(out, fixed_buffers=True)]
     for d in (*greedy, separate):
         d.first = int(np.argmax(d.extend(prompt)))
     expected = [separate.first]
@@ -163,6 +174,14 @@ def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logi
         expected.append(int(np.argmax(separate.forward([expected[-1]])[-1])))
     for d in greedy:
         assert [d.first] + list(d.greedy_tokens(d.first, 8)) == expected and d.capacity == 2048
+    fixed = OrtDecoder(out, fixed_buffers=True)  # its single steps' logits, through a reset and the growth
+    fixed.steps = [fixed.extend(prompt)] + [fixed.forward([t])[-1] for t in range(3, 11)]
+    fixed.steps.append(fixed.extend(fixed.tokens + [(5 * i) % 256 for i in range(1100)]))
+    fixed.steps.append(fixed.extend([1, 2, 3]))
+    fixed.steps.append(fixed.forward([4])[-1])  # a step after the reset: the mask holds 4 ones, not 2048
+    shared.steps.append(shared.forward([4])[-1])
+    for a, b in zip(fixed.steps, shared.steps):
+        assert np.array_equal(a, b)
     # transformers over the whole sequence the steps fed: the prompt, the 8 single steps, the 1100-token extension
     fed = prompt + list(range(3, 11)) + [(5 * i) % 256 for i in range(1100)]
     with torch.no_grad():

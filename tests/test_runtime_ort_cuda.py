@@ -152,3 +152,16 @@ def test_an_odd_tied_table_is_misread_by_the_cuda_gather(tmp_path, monkeypatch):
         cpu, cuda = (OrtDecoder(folder, provider=p).forward(PROMPT) for p in ("cpu", "cuda"))
         spread[group] = float(np.abs(cuda - cpu).max() / np.abs(cpu).max())
     assert spread[64] < 2e-2 and spread[128] > 0.1, spread
+
+
+def test_a_cuda_graph_replays_the_default_loops_steps(folders):
+    """OrtDecoder(cuda_graph=True): prompts run without a graph, each single step is replayed from one captured
+    through buffers of fixed address and shape: the default loop's greedy tokens and step logits, through a reset."""
+    folder = folders[0]["exact_fp16"]
+    a, b = OrtDecoder(folder, provider="cuda"), OrtDecoder(folder, provider="cuda", cuda_graph=True)
+    for d in (a, b):
+        d.eos_ids = set()
+        d.tokens_out = list(generate(d, PROMPT, 16))
+        d.steps = np.stack([d.extend(PROMPT[:5])] + [d.forward([t])[-1] for t in PROMPT[5:]])
+    assert b.graphs == 1 and a.tokens_out == b.tokens_out
+    assert np.isfinite(b.steps).all() and np.abs(a.steps - b.steps).max() <= 1e-3 * np.abs(a.steps).max()

@@ -108,17 +108,26 @@ class OrtDecoder(PrefixCachedDecoder):
     """Batch-1 decoder over an exported folder; `tokens` are the ids its cache holds."""
 
     def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None,
-                 profile: str | None = None, provider_options: dict | None = None, bound_inputs: bool = True):
+                 profile: str | None = None, provider_options: dict | None = None, bound_inputs: bool = True,
+                 fixed_buffers: bool = False, cuda_graph: bool = False):
         """config_entries: onnxruntime session config entries on top of session_options' (benchmarks); profile:
         a path prefix for onnxruntime's profile of every run (session.end_profiling() writes it);
         provider_options: options of the provider asked for (benchmarks: e.g. the CUDA provider's
         user_compute_stream); bound_inputs=False: a single step's attention mask is a new host array each step, as
-        before (benchmarks: what binding it once saves; with SmolLM2 1.000x on an H100, 0.979x on an H200, in noise)."""
+        before (benchmarks: what binding it once saves; with SmolLM2 1.000x on an H100, 0.979x on an H200, in noise).
+        fixed_buffers: a single step reads and writes buffers of fixed address and shape where the provider runs
+        (the id, a mask as long as the cache with zeros after the held tokens, the logits), rewritten in place;
+        cuda_graph: that, replayed as one CUDA graph per cache size (the CUDA provider's enable_cuda_graph, prompts
+        run without one). Experimental (benchmarks): on the CPU provider they read the same logits as the
+        default steps; the graph has not run on a GPU yet."""
         self.folder = Path(folder)
         providers = execution_providers(provider)
         name = providers[0]
-        if provider_options:
-            providers = [(name, dict(provider_options)), *providers[1:]]
+        if cuda_graph and provider != "cuda":
+            raise AwqEdgeError("a CUDA graph needs the CUDA provider", "use --provider cuda, or no CUDA graph")
+        if provider_options or cuda_graph:
+            extra = {"enable_cuda_graph": "1"} if cuda_graph else {}
+            providers = [(name, {**(provider_options or {}), **extra}), *providers[1:]]
         self.device = "cuda" if provider == "cuda" else "cpu"  # where the KV cache stays between steps
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
@@ -160,6 +169,15 @@ class OrtDecoder(PrefixCachedDecoder):
             self.device == "cuda" and self.cache_dtype == np.float32)
         self.binding, self.capacity, self.step_logits = None, 0, None
         self.bound_inputs = bound_inputs and self.shared and not self.needs_positions  # (our graphs take none)
+        self.fixed, self.cuda_graph = fixed_buffers or cuda_graph, cuda_graph
+        if self.fixed and not (self.bound_inputs and isinstance(width, int) and width > 0):
+            raise AwqEdgeError(f"{self.folder} cannot step through fixed buffers: that needs a shared KV buffer "
+                               "(GroupQueryAttention), no position ids and a fixed vocabulary",
+                               "re-export it with `awq-edge export`, or step without fixed buffers")
+        # With a CUDA graph every run says which graph it is: -1 none (prompts), else one per cache size.
+        self.eager, self.graphs = ort.RunOptions(), 0
+        if cuda_graph:
+            self.eager.add_run_config_entry("gpu_graph_id", "-1")
         if self.shared:  # bound once, for every step
             self.binding = self.session.io_binding()
             self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in the order bound
@@ -194,6 +212,8 @@ class OrtDecoder(PrefixCachedDecoder):
         if self.bound_inputs:  # where the provider reads it: a step's mask is a view into this (made once, as the
             # cache buffers; the binding's old view is replaced by the run that follows)
             self.mask = ort.OrtValue.ortvalue_from_numpy(np.ones((1, self.capacity), np.int64), self.device, 0)
+        if self.fixed:
+            self._fix_buffers()
         self.tokens = []
         logits = self.forward(held + ids[0].tolist(), last_only)
         return logits if last_only else logits[len(held):]
@@ -248,6 +268,8 @@ class OrtDecoder(PrefixCachedDecoder):
         valid until the next run. Every output is bound to an array of ours, so the step reads no list of all
         2 x layers + 1 outputs back (get_outputs() cost about as much as the rest of the Python around a step), and
         the id is one host array of ours, rewritten in place and bound again."""
+        if self.fixed:
+            return self._fixed_step(token, total)
         if not self.step_bound:  # a prompt's run bound its own logits
             self.binding.bind_ortvalue_output("logits", self.step_logits_value)
             self.step_bound = True
@@ -263,6 +285,38 @@ class OrtDecoder(PrefixCachedDecoder):
         self.tokens.append(token)
         return self.step_logits[0, 0]
 
+    def _fix_buffers(self):
+        """The fixed step's buffers for this cache size, bound once in a binding of their own, and its graph id."""
+        self.fixed_mask = np.zeros((1, self.capacity), np.int64)
+        self.fixed_values = {"input_ids": ort.OrtValue.ortvalue_from_numpy(self.step_ids, self.device, 0),
+                             "attention_mask": ort.OrtValue.ortvalue_from_numpy(self.fixed_mask, self.device, 0)}
+        self.fixed_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            [1, 1, self.vocab_size], self.step_logits.dtype, self.device, 0)
+        binding = self.fixed_binding = self.session.io_binding()
+        binding.bind_ortvalue_output("logits", self.fixed_logits)
+        for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        for name, value in self.fixed_values.items():
+            binding.bind_ortvalue_input(name, value)
+        self.replay = ort.RunOptions()
+        if self.cuda_graph:  # a new graph for the new buffers; the last one is not replayed again
+            self.replay.add_run_config_entry("gpu_graph_id", str(self.graphs))
+            self.graphs += 1
+
+    def _fixed_step(self, token: int, total: int) -> np.ndarray:
+        """_step through the fixed buffers: the id and the mask rewritten in place (update_inplace copies and
+        waits), the logits read back from where the provider wrote them."""
+        self.step_ids[0, 0] = token
+        self.fixed_mask[0, :total] = 1
+        self.fixed_mask[0, total:] = 0
+        if self.device != "cpu":  # (on the CPU the values are these arrays)
+            for name, array in (("input_ids", self.step_ids), ("attention_mask", self.fixed_mask)):
+                self.fixed_values[name].update_inplace(array)
+        self._run(self.fixed_binding, {}, total, outputs=False, options=self.replay)
+        self.tokens.append(token)
+        return self.fixed_logits.numpy()[0, 0]
+
     def greedy_tokens(self, token: int, n: int):
         """Feed `token`, then each argmax in turn: yields the n ids that follow (generate's greedy loop). A step
         picks its argmax from the logits as the graph wrote them (argmax: no float32 copy of them)."""
@@ -274,13 +328,13 @@ class OrtDecoder(PrefixCachedDecoder):
                 token = argmax(self.forward([token], last_only=True)[-1])
             yield token
 
-    def _run(self, binding, feed: dict, total: int, outputs: bool = True) -> list | None:
+    def _run(self, binding, feed: dict, total: int, outputs: bool = True, options=None) -> list | None:
         """Bind feed and run; the outputs as bound, the logits first (outputs=False: none, all were bound to
-        values of ours)."""
+        values of ours). options: the run's RunOptions (a CUDA graph's id), else no graph."""
         for name, value in feed.items():
             binding.bind_ortvalue_input(name, value)
         try:
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, options or self.eager)
             return binding.get_outputs() if outputs else None
         except Exception as e:  # a graph that does not run as genai_config.json describes it (e.g. its context)
             raise AwqEdgeError(f"onnxruntime failed at token {total} of {self.folder}: {' '.join(str(e).split())}",
