@@ -63,12 +63,13 @@ from awq_edge.quantizer.source import convert_gguf as c, cache_root
 c(Path('/tmp/g'), '$2', cache_root() / '$1-f16', tokenizer=$tok)" 2>&1 | grep -v Warn | tail -3
 }
 
-# family_shapes TAG LABEL KERNEL_LABEL GEMVS: bench/decode.py on every family's shape (ours and torch int4, the
-# breakdown) into decode_TAG.json, then bench/kernels.py on GEMVS into kernels_TAG.json, alone on the GPU
+# family_shapes TAG LABEL KERNEL_LABEL GEMVS [VARIANTS]: bench/decode.py on every family's shape (VARIANTS, default
+# ours and torch int4; the breakdown) into decode_TAG.json, then bench/kernels.py on GEMVS into kernels_TAG.json,
+# alone on the GPU
 family_shapes() {
   python -P bench/decode.py --models llama2-7b,llama3-8b,llama3.2-1b,qwen2.5-7b,qwen3-8b,phi3-mini,gemma3-4b,gemma2-9b \
-    --variants ours,torch_int4 --breakdown --out "$OUT/decode_$1.json" --label "$2" > "$OUT/decode_$1.log" 2>&1
-  grep -E "^[a-z0-9.-]+ (ours|torch_int4) " "$OUT/decode_$1.log" | cut -c1-90
+    --variants "${5:-ours,torch_int4}" --breakdown --out "$OUT/decode_$1.json" --label "$2" > "$OUT/decode_$1.log" 2>&1
+  grep -E "^[a-z0-9.-]+ (ours|torch_int4|hf[a-z0-9_]*) " "$OUT/decode_$1.log" | cut -c1-90
   python -P bench/kernels.py --label "$3" --out "$OUT/kernels_$1.json" --shapes "$4" > "$OUT/kernels_$1.log" 2>&1
   grep -A60 "N x K" "$OUT/kernels_$1.log" | grep -E "^ *[0-9]+x[0-9]+ +1 "
 }
@@ -286,10 +287,10 @@ for step in "$@"; do
     shapes)
       family_shapes shapes "issue 22: every family's shape (random weights) after r9" r9-family-shapes "$FAMILY_GEMVS" ;;
     h200)
-      # issue 22's must-show files, with the Llama shapes in the kernels too; the files name the GPU (an H100 only
-      # if no H200 came)
+      # issue 22's must-show files, with the Llama shapes in the kernels too and transformers fp16 beside ours (its
+      # 10x target); the files name the GPU (an H100 only if no H200 came)
       family_shapes h200 "issue 22: every family's shape (random weights), r10 not merged" h200 \
-        "4096x4096,11008x4096,4096x11008,14336x4096,4096x14336,28672x4096,$FAMILY_GEMVS" ;;
+        "4096x4096,11008x4096,4096x11008,14336x4096,4096x14336,28672x4096,$FAMILY_GEMVS" ours,torch_int4,hf ;;
     sampling)
       python -m pytest -q -ra tests/test_runtime_cuda.py tests/test_runtime.py tests/test_bench_decode.py \
         tests/test_bench_kernels.py > "$OUT/tests_sampling.txt" 2>&1
