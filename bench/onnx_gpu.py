@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the onnx package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -62,17 +63,8 @@ def genai_model(folder: Path, provider: str, fpa_intb: bool = False):
     config.clear_providers()
     if provider == "cuda":
         config.append_provider("cuda")
-    if not fpa_intb:
+    with mock.patch.dict(os.environ, {FPA_INTB_ENV: "1"} if fpa_intb else {}):  # the caller's environment after
         return og.Model(config)
-    before = os.environ.get(FPA_INTB_ENV)
-    os.environ[FPA_INTB_ENV] = "1"
-    try:
-        return og.Model(config)
-    finally:  # the caller's value back (or none)
-        if before is None:
-            del os.environ[FPA_INTB_ENV]
-        else:
-            os.environ[FPA_INTB_ENV] = before
 
 
 def time_genai(model, prompt: list, new: int) -> tuple:

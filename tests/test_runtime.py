@@ -89,11 +89,17 @@ def test_float_logits_cast_in_an_fp16_graph_give_the_fp16_graphs_logits(tmp_path
     for d in (a, b):
         d.extend(PROMPT)
     first = int(np.argmax(a.forward([PROMPT[-1]])[-1]))
-    b.forward([PROMPT[-1]])
-    expected = [first]
-    for _ in range(11):
-        expected.append(int(np.argmax(b.forward([expected[-1]])[-1])))
-    assert [first] + list(a.greedy_tokens(first, 11)) == expected
+    assert [first] + list(a.greedy_tokens(first, 11)) == forward_greedy(b, PROMPT[-1], 12)
+
+
+def forward_greedy(d, token: int, n: int) -> list:
+    """The n ids that follow `token` through forward() and numpy's argmax of its float32 logits: the loop
+    greedy_tokens must equal."""
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(d.forward([token])[-1]))
+        out.append(token)
+    return out
 
 
 def test_each_greedy_step_binds_its_id_again(exported):
@@ -169,9 +175,7 @@ def test_the_shared_cache_grows_past_its_first_1024_positions_with_the_same_logi
     greedy = [OrtDecoder(out), OrtDecoder(out, bound_inputs=False), OrtDecoder(out, fixed_buffers=True)]
     for d in (*greedy, separate):
         d.first = int(np.argmax(d.extend(prompt)))
-    expected = [separate.first]
-    for _ in range(8):
-        expected.append(int(np.argmax(separate.forward([expected[-1]])[-1])))
+    expected = [separate.first] + forward_greedy(separate, separate.first, 8)
     for d in greedy:
         assert [d.first] + list(d.greedy_tokens(d.first, 8)) == expected and d.capacity == 2048
     fixed = OrtDecoder(out, fixed_buffers=True)  # its single steps' logits, through a reset and the growth

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from test_export import PROMPT, write_checkpoint
-from test_runtime import genai_greedy, save_byte_tokenizer
+from test_runtime import forward_greedy, genai_greedy, save_byte_tokenizer
 
 import awq_edge
 from awq_edge.cli import main
@@ -53,9 +53,8 @@ def test_cuda_greedy_tokens_equal_the_cpu_providers(folders, name):
         d = OrtDecoder(out[name], provider=provider)
         d.eos_ids = set()
         tokens[provider] = list(generate(d, PROMPT, 16))  # greedy_tokens: argmax of the logits as written
-    loop = [int(np.argmax(d.extend(PROMPT)))]  # the float32 logits of forward() on CUDA
-    while len(loop) < 16:
-        loop.append(int(np.argmax(d.forward([loop[-1]])[-1])))
+    first = int(np.argmax(d.extend(PROMPT)))  # the float32 logits of forward() on CUDA
+    loop = [first] + forward_greedy(d, first, 15)
     assert len(tokens["cuda"]) == 16 and tokens["cuda"] == tokens["cpu"] == loop
 
 

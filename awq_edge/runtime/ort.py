@@ -268,28 +268,28 @@ class OrtDecoder(PrefixCachedDecoder):
         valid until the next run. Every output is bound to an array of ours, so the step reads no list of all
         2 x layers + 1 outputs back (get_outputs() cost about as much as the rest of the Python around a step), and
         the id is one host array of ours, rewritten in place and bound again."""
-        if self.fixed:
-            return self._fixed_step(token, total)
-        if not self.step_bound:  # a prompt's run bound its own logits
-            self.binding.bind_ortvalue_output("logits", self.step_logits_value)
-            self.step_bound = True
         self.step_ids[0, 0] = token
-        if self.bound_inputs:  # the mask is a view of a buffer where the provider runs
-            # The id is bound again each step: binding copies a host value to the device where a node there reads
-            # it (the CUDA provider's embedding), so a value bound once keeps feeding what it held then.
-            self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
-            self.binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.mask.data_ptr())
-            self._run(self.binding, {}, total, outputs=False)
-        else:  # new host values each step (the ids' wraps the same array)
-            self._run(self.binding, self._feed(self.step_ids, total), total, outputs=False)
+        if self.fixed:
+            row = self._fixed_step(total)
+        else:
+            if not self.step_bound:  # a prompt's run bound its own logits
+                self.binding.bind_ortvalue_output("logits", self.step_logits_value)
+                self.step_bound = True
+            if self.bound_inputs:  # the mask is a view of a buffer where the provider runs
+                # The id is bound again each step: binding copies a host value to the device where a node there
+                # reads it (the CUDA provider's embedding), so a value bound once keeps feeding what it held then.
+                self.binding.bind_ortvalue_input("input_ids", self.step_ids_value)
+                self.binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.mask.data_ptr())
+                self._run(self.binding, {}, total, outputs=False)
+            else:  # new host values each step (the ids' wraps the same array)
+                self._run(self.binding, self._feed(self.step_ids, total), total, outputs=False)
+            row = self.step_logits[0, 0]
         self.tokens.append(token)
-        return self.step_logits[0, 0]
+        return row
 
     def _fix_buffers(self):
         """The fixed step's buffers for this cache size, bound once in a binding of their own, and its graph id."""
         self.fixed_mask = np.zeros((1, self.capacity), np.int64)
-        self.fixed_values = {"input_ids": ort.OrtValue.ortvalue_from_numpy(self.step_ids, self.device, 0),
-                             "attention_mask": ort.OrtValue.ortvalue_from_numpy(self.fixed_mask, self.device, 0)}
         self.fixed_logits = ort.OrtValue.ortvalue_from_shape_and_type(
             [1, 1, self.vocab_size], self.step_logits.dtype, self.device, 0)
         binding = self.fixed_binding = self.session.io_binding()
@@ -297,24 +297,25 @@ class OrtDecoder(PrefixCachedDecoder):
         for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        for name, value in self.fixed_values.items():
+        self.fixed_inputs = []  # (value where the provider runs, the host array it mirrors)
+        for name, array in (("input_ids", self.step_ids), ("attention_mask", self.fixed_mask)):
+            value = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
             binding.bind_ortvalue_input(name, value)
+            self.fixed_inputs.append((value, array))
         self.replay = ort.RunOptions()
         if self.cuda_graph:  # a new graph for the new buffers; the last one is not replayed again
             self.replay.add_run_config_entry("gpu_graph_id", str(self.graphs))
             self.graphs += 1
 
-    def _fixed_step(self, token: int, total: int) -> np.ndarray:
-        """_step through the fixed buffers: the id and the mask rewritten in place (update_inplace copies and
-        waits), the logits read back from where the provider wrote them."""
-        self.step_ids[0, 0] = token
+    def _fixed_step(self, total: int) -> np.ndarray:
+        """_step's run through the fixed buffers: the id (step_ids) and the mask rewritten in place (update_inplace
+        copies and waits), the logits read back from where the provider wrote them."""
         self.fixed_mask[0, :total] = 1
         self.fixed_mask[0, total:] = 0
         if self.device != "cpu":  # (on the CPU the values are these arrays)
-            for name, array in (("input_ids", self.step_ids), ("attention_mask", self.fixed_mask)):
-                self.fixed_values[name].update_inplace(array)
+            for value, array in self.fixed_inputs:
+                value.update_inplace(array)
         self._run(self.fixed_binding, {}, total, outputs=False, options=self.replay)
-        self.tokens.append(token)
         return self.fixed_logits.numpy()[0, 0]
 
     def greedy_tokens(self, token: int, n: int):
