@@ -93,7 +93,8 @@ def _rows(logits: np.ndarray, last_only: bool) -> np.ndarray:
 
 def argmax(row: np.ndarray) -> int:
     """np.argmax of a float32 or float16 row [vocab] without converting float16 to float32 (on the 2-core
-    machine, a row in cache: 73 us for the float32 copy of SmolLM2's 49,152 logits and its argmax, 16 for this). float16
+    machine, a row in cache: 75 us for the float32 copy of SmolLM2's 49,152 logits and its argmax, 14 for this:
+    bench/results/ort_host_costs_cpu.json). float16
     bits read as int16 order as the values once a negative value's magnitude bits are flipped; +0 and -0 (keys 0
     and -1) are told apart only where a zero is the largest logit, then the first zero wins, as in float. NaNs
     aside, the same index as np.argmax(row.astype(np.float32))."""
