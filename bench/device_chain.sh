@@ -13,7 +13,8 @@
 #   defaults  RTN / AWQ / AWQ+GPTQ / GPTQ at g64 and g128, 128 and 16 samples, both models side by side; the CLI
 #             at its defaults on SmolLM2 (quantize -> eval); the GPU tests
 #   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (from the bundle.* parts, see unbundle): the ONNX CUDA
-#             tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build)
+#             tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build) and
+#             bench/ort_host_costs.py on its default export
 #   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
 #   gpuinstall  docs/onnxruntime-gpu.md's `pip install -e '.[gpu]'` as written (offline, into the image's Python:
 #             last, it replaces the image's onnxruntime), then the installed CLI and awq_edge.load with --provider cuda
@@ -233,7 +234,9 @@ for step in "$@"; do
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
         --rows ${ONNX_ROWS:-ours_default,ours_float_act,ours_float_logits,ours_head4,peer,cuda_backend} --work /tmp/og --wikitext "$WT" \
         --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
-      tail -24 "$OUT/onnx_gpu_smollm2.log" ;;
+      tail -24 "$OUT/onnx_gpu_smollm2.log"
+      python -P bench/ort_host_costs.py --folder /tmp/og/ours_default --provider cuda --out "$OUT/ort_host_costs_cuda" \
+        > "$OUT/ort_host_costs_cuda.log" 2>&1; tail -12 "$OUT/ort_host_costs_cuda.log" ;;
     onnxgpu_shapes)
       unbundle || exit 1
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do  # one shape is about 5 minutes (the export, the peer's build)
