@@ -462,10 +462,15 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs 
 // one-warp tiles per SM takes two warps a tile instead, in two waves: Qwen2.5-7B's gate/up (37888 x 3584, 17.9
 // tiles per SM) ran 33.2 us with one warp and 29.3 with two, and its decode step 10.8% faster (bench/NOTES.md, r9);
 // at 10-14 tiles per SM (Llama's, Gemma-2's gate/up) one warp is faster.
+// -DAWQE_WARP_BUDGET=N aims at N warps per SM instead, for A/B timing (24 lost 2-5% on the H100, r9).
+#ifndef AWQE_WARP_BUDGET
+#define AWQE_WARP_BUDGET 16
+#endif
 int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
+    constexpr size_t kBudget = AWQE_WARP_BUDGET;
     int w = 1;
-    while (w < max_warps && (size_t)blocks * 2 * w <= (size_t)sm_count * 16 && kStage * 2 * w <= chunks) w *= 2;
-    if (w == 1 && (size_t)blocks > (size_t)sm_count * 16 && max_warps >= 2 && kStage * 2 * 2 <= chunks) w = 2;
+    while (w < max_warps && (size_t)blocks * 2 * w <= (size_t)sm_count * kBudget && kStage * 2 * w <= chunks) w *= 2;
+    if (w == 1 && (size_t)blocks > (size_t)sm_count * kBudget && max_warps >= 2 && kStage * 2 * 2 <= chunks) w = 2;
     return w;
 }
 
