@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from awq_edge.errors import AwqEdgeError  # noqa: E402
 from awq_edge.export.api import export, export_options  # noqa: E402
 from awq_edge.runtime.ort import OrtDecoder, execution_providers, session_options  # noqa: E402
 from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_builder  # noqa: E402
@@ -161,13 +160,14 @@ def profile_summary(path: Path, skip_runs: int) -> dict:
 
 
 def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: Path) -> dict:
-    """ORT's own profile of `steps` greedy decode steps after the prompt, through our loop and through
-    onnxruntime-genai, on the same folder: is our loop's extra time inside onnxruntime's run, and in which nodes?"""
+    """ORT's own profile of `steps` greedy decode steps after the prompt, through our loop without a CUDA graph (a
+    replayed graph's nodes are not profiled) and through onnxruntime-genai, on the same folder: is our loop's extra
+    time inside onnxruntime's run, and in which nodes?"""
     out = {}
     prefix = work / f"profile_ours_{folder.name}"
-    dec = timed_decoder(folder, provider=provider, profile=str(prefix))
+    dec = timed_decoder(folder, provider=provider, profile=str(prefix), cuda_graph=False)
     _, tok_s, _, inside = time_ort(dec, prompt, steps + 1)
-    out["awq-edge-ort"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside,
+    out["awq-edge-ort-eager"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside,
                            **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
     twin = work / f"profile_genai_{folder.name}"  # the same files, with profiling on in genai_config.json
     shutil.rmtree(twin, ignore_errors=True)
@@ -264,35 +264,30 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         if args.provider == "cuda" and name in ("ours_default", "peer_int4"):  # onnxruntime's weight-only GEMM path
             model = genai_model(folder, args.provider, fpa_intb=True)
             rows[f"{name}/onnxruntime-genai-fpaintb"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
-        if name.startswith("ours"):
+        if name.startswith("ours"):  # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
             dec = timed_decoder(folder, provider=args.provider)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
-            if name == "ours_default":  # one intra-op thread: a step's nodes are many and small (a CPU A/B)
-                dec1 = timed_decoder(folder, threads=1, provider=args.provider)
+            if name == "ours_default":  # the A/B rows below step without a CUDA graph (cuda_graph=False)
+                eager = {"provider": args.provider, "cuda_graph": False}
+                if args.provider == "cuda":  # the loop before the graph became the default
+                    dece = timed_decoder(folder, **eager)
+                    rows[f"{name}/awq-edge-ort-eager"] = (folder, lambda p, d=dece: time_ort(d, p, args.new_tokens))
+                # one intra-op thread: a step's nodes are many and small (a CPU A/B)
+                dec1 = timed_decoder(folder, threads=1, **eager)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
                 # a step's attention mask as a new host array (what OrtDecoder did before it bound it once)
-                dech = timed_decoder(folder, provider=args.provider, bound_inputs=False)
+                dech = timed_decoder(folder, bound_inputs=False, **eager)
                 rows[f"{name}/awq-edge-ort-hostin"] = (folder, lambda p, d=dech: time_ort(d, p, args.new_tokens))
-                # a step through buffers of fixed address and shape, and (CUDA) those replayed as a CUDA graph:
-                # experimental rows, so one that onnxruntime refuses is recorded in row_errors, not fatal
-                variants = [("fixed", {"fixed_buffers": True})]
-                if args.provider == "cuda":
-                    variants.append(("graph", {"cuda_graph": True}))
-                for label, kw in variants:
-                    try:
-                        decx = timed_decoder(folder, provider=args.provider, **kw)
-                    except AwqEdgeError as e:
-                        res.setdefault("row_errors", {})[f"{name}/awq-edge-ort-{label}"] = str(e)
-                        continue
-                    rows[f"{name}/awq-edge-ort-{label}"] = (folder,
-                                                            lambda p, d=decx: time_ort(d, p, args.new_tokens))
+                # a step through buffers of fixed address and shape without the graph
+                decx = timed_decoder(folder, fixed_buffers=True, **eager)
+                rows[f"{name}/awq-edge-ort-fixed"] = (folder, lambda p, d=decx: time_ort(d, p, args.new_tokens))
             if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands
                 stream = torch.cuda.Stream()                       # the provider its own
-                decs = timed_decoder(folder, provider="cuda",
-                                     provider_options={"user_compute_stream": str(stream.cuda_stream)})
+                decs = timed_decoder(folder, provider_options={"user_compute_stream": str(stream.cuda_stream)},
+                                     **eager)
                 decs.stream = stream  # kept alive with the session
                 rows[f"{name}/awq-edge-ort-stream"] = (folder, lambda p, d=decs: time_ort(d, p, args.new_tokens))
-                decf = timed_decoder(folder, provider="cuda", config_entries={FPA_INTB_ENTRY: "1"})
+                decf = timed_decoder(folder, config_entries={FPA_INTB_ENTRY: "1"}, **eager)
                 rows[f"{name}/awq-edge-ort-fpaintb"] = (folder, lambda p, d=decf: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
@@ -321,8 +316,6 @@ def markdown(res: dict) -> str:
                      f"{cpu} | {size} | {inside} |")
     if res.get("ratios"):
         lines += ["", "Ratios (same run): " + "; ".join(f"{k} {v:.3f}x" for k, v in res["ratios"].items())]
-    if res.get("row_errors"):
-        lines += ["", "Rows that did not run: " + "; ".join(f"{k}: {v}" for k, v in res["row_errors"].items())]
     if res.get("profile"):
         lines += ["", "onnxruntime's profile of ours_default's decode steps (medians per step, us; node times are the "
                   "host's time in each node, launches on the CUDA provider):", "",
@@ -347,15 +340,16 @@ def ratios(rows: list) -> dict:
                  ("ours_float_logits/awq-edge-ort", "ours_default/awq-edge-ort"),
                  ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai"),
                  ("ours_exact/awq-edge-ort", "ours_exact/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort-eager", "ours_default/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-eager"),
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-fixed", "ours_default/onnxruntime-genai"),
-                 ("ours_default/awq-edge-ort-graph", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-stream", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-hostin"),
                  ("ours_default/onnxruntime-genai-fpaintb", "ours_default/onnxruntime-genai"),
                  ("peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-fpaintb"),
-                 ("ours_default/awq-edge-ort-fpaintb", "ours_default/awq-edge-ort"),
+                 ("ours_default/awq-edge-ort-fpaintb", "ours_default/awq-edge-ort-eager"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
         if a in by and b in by:
             out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]
@@ -407,14 +401,7 @@ def main(argv=None) -> int:
     tokens = {}
     for r in range(args.repeats + 1):  # round 0 warms every row up
         for name, (_, run) in (list(rows.items()) if r % 2 else list(reversed(rows.items()))):
-            try:
-                ttft, tok_s, toks, *inside = run(prompt)
-            except AwqEdgeError as e:  # an experimental row onnxruntime could not run: recorded, dropped
-                if not name.endswith(("-fixed", "-graph")):
-                    raise
-                res.setdefault("row_errors", {})[name] = str(e)
-                del rows[name], times[name]
-                continue
+            ttft, tok_s, toks, *inside = run(prompt)
             tokens[name] = toks
             if r:
                 times[name].append((ttft, tok_s, *inside))

@@ -5,7 +5,8 @@ Two parts, on the machine it runs on:
   a float32 copy (what a step did before OrtDecoder.greedy_tokens) against awq_edge.runtime.ort.argmax (ordered
   int16 keys), medians of many calls on a row in cache;
 - on an exported folder: the greedy loop's step time, the part inside onnxruntime's run, and the rest (ours), as
-  bench/onnx_gpu.py times it, for the bound step and the fixed-buffer step.
+  bench/onnx_gpu.py times it, for the bound step and the fixed-buffer step without a CUDA graph, and (CUDA) the
+  default, those replayed as CUDA graphs.
 Writes OUT.json.
 
   python -P bench/ort_host_costs.py --folder EXPORT [--provider cpu|cuda] [--vocab 49152,128256] --out OUT
@@ -50,7 +51,10 @@ def argmax_costs(vocab: int, calls: int) -> dict:
 def step_costs(folder: str, provider: str, prompt: int, new: int, rounds: int) -> dict:
     ids = list(range(100, 100 + prompt))
     out = {}
-    for label, kw in (("bound", {}), ("fixed", {"fixed_buffers": True})):
+    loops = [("bound", {"cuda_graph": False}), ("fixed", {"fixed_buffers": True, "cuda_graph": False})]
+    if provider == "cuda":  # the default there: the fixed buffers' steps replayed as CUDA graphs
+        loops.append(("graph", {}))
+    for label, kw in loops:
         dec = timed_decoder(folder, provider=provider, **kw)
         runs = [time_ort(dec, ids, new) for _ in range(rounds + 1)][1:]  # one warm-up round
         step = statistics.median(1e6 / r[1] for r in runs)

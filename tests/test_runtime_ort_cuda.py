@@ -153,11 +153,14 @@ def test_an_odd_tied_table_is_misread_by_the_cuda_gather(tmp_path, monkeypatch):
     assert spread[64] < 2e-2 and spread[128] > 0.1, spread
 
 
-def test_a_cuda_graph_replays_the_default_loops_steps(folders):
-    """OrtDecoder(cuda_graph=True): prompts run without a graph, each single step is replayed from one captured
-    through buffers of fixed address and shape: the default loop's greedy tokens and step logits, through a reset."""
-    folder = folders[0]["exact_fp16"]
-    a, b = OrtDecoder(folder, provider="cuda"), OrtDecoder(folder, provider="cuda", cuda_graph=True)
+def test_the_default_cuda_graph_replays_the_eager_loops_steps(folders):
+    """OrtDecoder on the CUDA provider replays its steps' CUDA graph by default: prompts run without a graph, each
+    single step is replayed from one captured through buffers of fixed address and shape: the eager loop's greedy
+    tokens and step logits, through a reset. A float32 export (no shared cache on the CUDA provider) runs without."""
+    out = folders[0]
+    folder = out["exact_fp16"]
+    a, b = OrtDecoder(folder, provider="cuda", cuda_graph=False), OrtDecoder(folder, provider="cuda")
+    assert b.cuda_graph and not a.cuda_graph and not OrtDecoder(out["exact_fp32"], provider="cuda").cuda_graph
     for d in (a, b):
         d.eos_ids = set()
         d.tokens_out = list(generate(d, PROMPT, 16))

@@ -3,7 +3,7 @@
 import contextlib
 import io
 import re
-from functools import cache
+from functools import cache, partial
 from importlib import metadata
 from pathlib import Path
 
@@ -110,7 +110,7 @@ class OrtDecoder(PrefixCachedDecoder):
 
     def __init__(self, folder, threads: int = 0, provider: str = "cpu", config_entries: dict | None = None,
                  profile: str | None = None, provider_options: dict | None = None, bound_inputs: bool = True,
-                 fixed_buffers: bool = False, cuda_graph: bool = False):
+                 fixed_buffers: bool = False, cuda_graph: bool | None = None):
         """config_entries: onnxruntime session config entries on top of session_options' (benchmarks); profile:
         a path prefix for onnxruntime's profile of every run (session.end_profiling() writes it);
         provider_options: options of the provider asked for (benchmarks: e.g. the CUDA provider's
@@ -119,35 +119,29 @@ class OrtDecoder(PrefixCachedDecoder):
         fixed_buffers: a single step reads and writes buffers of fixed address and shape where the provider runs
         (the id, a mask as long as the cache with zeros after the held tokens, the logits), rewritten in place;
         cuda_graph: that, replayed as one CUDA graph per cache size (the CUDA provider's enable_cuda_graph, prompts
-        run without one). Experimental (benchmarks): on the CPU provider they read the same logits as the
-        default steps; the graph has not run on a GPU yet."""
+        run without one). None (the default): on with the CUDA provider wherever the folder allows fixed buffers
+        (our GroupQueryAttention exports), off elsewhere. Measured on an H200 (bench/results/onnx_gpu.json,
+        onnx_gpu_llama2-7b.json): 1.35x onnxruntime-genai-cuda's tok/s on SmolLM2 and 1.12x at the Llama-2-7B shape
+        on the same folder, where the steps without the graph ran at 0.84x and 0.95x; the same greedy tokens
+        (tests/test_runtime_ort_cuda.py). fixed_buffers alone (benchmarks): on the CPU provider the same logits as
+        the default steps."""
         self.folder = Path(folder)
-        providers = execution_providers(provider)
-        name = providers[0]
         if cuda_graph and provider != "cuda":
             raise AwqEdgeError("a CUDA graph needs the CUDA provider", "use --provider cuda, or no CUDA graph")
-        if provider_options or cuda_graph:
-            extra = {"enable_cuda_graph": "1"} if cuda_graph else {}
-            providers = [(name, {**(provider_options or {}), **extra}), *providers[1:]]
         self.device = "cuda" if provider == "cuda" else "cpu"  # where the KV cache stays between steps
         self.config = read_genai_config(self.folder)
         dec = self.config["model"]["decoder"]
-        opts = session_options(self.folder, threads)
-        for key, value in (config_entries or {}).items():
-            opts.add_session_config_entry(key, value)
-        if profile:
-            opts.enable_profiling, opts.profile_file_prefix = True, profile
+        auto = cuda_graph is None
+        if auto:  # the session must be made with the graph on: ask for it where the folder's config may allow it
+            cuda_graph = provider == "cuda" and bound_inputs and self._shares_buffer()
+        make = partial(self._session, dec["filename"], provider, threads, config_entries, profile, provider_options)
         try:
-            self.session = ort.InferenceSession(str(self.folder / dec["filename"]), opts,
-                                                providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
-            cause = " ".join(str(e).split())  # its messages span lines; ours is one
-            raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
-        if name not in self.session.get_providers():  # onnxruntime falls back to the CPU without a word
-            raise AwqEdgeError(f"onnxruntime could not start its {name} (no usable NVIDIA GPU, or its CUDA 13 "
-                               "and cuDNN 9 libraries are missing)",
-                               "run on a machine with an NVIDIA GPU and CUDA 13 + cuDNN 9 (system or PyTorch's "
-                               "nvidia-* wheels), or use --provider cpu")
+            self.session = make(cuda_graph)
+        except AwqEdgeError:
+            if not (auto and cuda_graph):
+                raise
+            cuda_graph = False  # without the graph: a folder onnxruntime cannot capture still runs (or says why not)
+            self.session = make(cuda_graph)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layers = dec["num_hidden_layers"]
         self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
@@ -166,12 +160,16 @@ class OrtDecoder(PrefixCachedDecoder):
         # growing past -> present tensors of each step.
         # The CUDA provider has no float32 GroupQueryAttention: onnxruntime runs it on the host, on a copy of the
         # buffer, so a float32 graph on the GPU keeps separate past and present tensors.
-        self.shared = self.config.get("search", {}).get("past_present_share_buffer") is True and not (
+        self.shared = self._shares_buffer() and not (
             self.device == "cuda" and self.cache_dtype == np.float32)
         self.binding, self.capacity, self.step_logits = None, 0, None
         self.bound_inputs = bound_inputs and self.shared and not self.needs_positions  # (our graphs take none)
+        fixed_ok = self.bound_inputs and isinstance(width, int) and width > 0
+        if auto and cuda_graph and not fixed_ok:  # (a float32 cache, position ids): the same session without it
+            cuda_graph = False
+            self.session = make(cuda_graph)
         self.fixed, self.cuda_graph = fixed_buffers or cuda_graph, cuda_graph
-        if self.fixed and not (self.bound_inputs and isinstance(width, int) and width > 0):
+        if self.fixed and not fixed_ok:
             raise AwqEdgeError(f"{self.folder} cannot step through fixed buffers: that needs a shared KV buffer "
                                "(GroupQueryAttention), no position ids and a fixed vocabulary",
                                "re-export it with `awq-edge export`, or step without fixed buffers")
@@ -189,6 +187,34 @@ class OrtDecoder(PrefixCachedDecoder):
                 self.step_ids_value = ort.OrtValue.ortvalue_from_numpy(self.step_ids)
         self.step_bound = False
         self.reset()
+
+    def _shares_buffer(self) -> bool:
+        return self.config.get("search", {}).get("past_present_share_buffer") is True
+
+    def _session(self, filename: str, provider: str, threads: int, config_entries, profile, provider_options,
+                 cuda_graph: bool):
+        """The onnxruntime session on the provider asked for (and its graph capture), or one clear error."""
+        providers = execution_providers(provider)
+        name = providers[0]
+        if provider_options or cuda_graph:
+            extra = {"enable_cuda_graph": "1"} if cuda_graph else {}
+            providers = [(name, {**(provider_options or {}), **extra}), *providers[1:]]
+        opts = session_options(self.folder, threads)
+        for key, value in (config_entries or {}).items():
+            opts.add_session_config_entry(key, value)
+        if profile:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile
+        try:
+            session = ort.InferenceSession(str(self.folder / filename), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
+            cause = " ".join(str(e).split())  # its messages span lines; ours is one
+            raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
+        if name not in session.get_providers():  # onnxruntime falls back to the CPU without a word
+            raise AwqEdgeError(f"onnxruntime could not start its {name} (no usable NVIDIA GPU, or its CUDA 13 "
+                               "and cuDNN 9 libraries are missing)",
+                               "run on a machine with an NVIDIA GPU and CUDA 13 + cuDNN 9 (system or PyTorch's "
+                               "nvidia-* wheels), or use --provider cpu")
+        return session
 
     def reset(self):
         if self.shared:  # the buffers stay: the attention mask says how much of them holds the cache
