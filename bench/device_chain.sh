@@ -15,7 +15,9 @@
 #   onnxgpu   onnxruntime-gpu and onnxruntime-genai-cuda (from the bundle.* parts, see unbundle): the ONNX CUDA
 #             tests, then bench/onnx_gpu.py on SmolLM2 (CLI defaults, against the peer's int4 CUDA build) and
 #             bench/ort_host_costs.py on its default export
-#   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights)
+#   orttests  onnxgpu's tests alone
+#   onnxgpu_shapes  bench/onnx_gpu.py at the Llama-2-7B and Llama-3-8B shapes (random weights; ONNX_SHAPES,
+#             ONNX_SHAPE_ROWS, ONNX_REPEATS)
 #   gpuinstall  docs/onnxruntime-gpu.md's `pip install -e '.[gpu]'` as written (offline, into the image's Python:
 #             last, it replaces the image's onnxruntime), then the installed CLI and awq_edge.load with --provider cuda
 #             on an fp16 export of onnxgpu's checkpoint
@@ -223,12 +225,13 @@ for step in "$@"; do
         sed -n '5,30p' "$OUT/quality_defaults_$t.md" | grep '^|'
       done
       tail -3 "$OUT/scale_smollm2.log"; tail -8 "$OUT/tests.txt" ;;
-    onnxgpu)
+    orttests|onnxgpu)
       unbundle || exit 1
       python -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
       convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
       python -m pytest -q -ra tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py > "$OUT/tests_ort_cuda.txt" 2>&1
       tail -12 "$OUT/tests_ort_cuda.txt"
+      [ "$step" = orttests ] && continue
       [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
         > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
@@ -240,7 +243,8 @@ for step in "$@"; do
     onnxgpu_shapes)
       unbundle || exit 1
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do  # one shape is about 5 minutes (the export, the peer's build)
-        python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,peer,cuda_backend} --repeats 2 \
+        python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,peer,cuda_backend} \
+          --repeats ${ONNX_REPEATS:-2} \
           --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"
         rm -rf /tmp/og_$m
