@@ -24,7 +24,7 @@ ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_cal
 # --dtype fp16, the GPU's export: a small head (export/decoder.py, GPU_HEAD8_MAX_WEIGHTS) is one 8-bit MatMulNBits,
 # faster on the CUDA provider than the split's five more nodes; a large one is the CPU default's split head (one
 # plain 4-bit node of SmolLM2's tied head read perplexity 380 on the CUDA provider: export/decoder.py,
-# odd_gather_groups; bench/results/onnx_gpu.json).
+# odd_gather_groups; bench/results/history/onnx_gpu_h100.json).
 GPU_DEFAULTS = {"head_bits": AUTO_BITS, "head_outliers": AUTO_OUTLIERS}
 HEAD_OPTIONS = ("head_bits", "head_group", "head_calib", "head_symmetric", "head_outliers")
 

@@ -116,7 +116,7 @@ def test_real_smollm2_heads_read_the_same_on_cuda_as_on_the_cpu(smollm2_fp16, he
     next-token cross-entropy of a 160-token prompt (onnxruntime's many-row MatMulNBits path) and of 31 single steps
     after it (the one-row GEMV) on the CUDA provider within 0.05 nats of the CPU provider's, on the same folder
     (a plain 4-bit head in groups of 64, 9 a row, read SmolLM2's perplexity as 380 on the CUDA provider and 30.96
-    on the CPU, 2.5 nats apart: bench/results/onnx_gpu.md; test_an_odd_tied_table_is_misread_by_the_cuda_gather).
+    on the CPU, 2.5 nats apart: bench/results/history/onnx_gpu_h100.md; test_an_odd_tied_table_is_misread_by_the_cuda_gather).
     The CPU provider quantises these exports' activations to int8 and the CUDA provider does not: on an H200 the
     prompt differed by 0.024 nats with the g32 head, the steps by 0.0003 (gpu_tests_ort_cuda_h200.txt)."""
     folders, ids = smollm2_fp16
