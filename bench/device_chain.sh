@@ -27,6 +27,7 @@
 #   shapes    bench/decode.py on every family's shape (random weights; ours and torch int4, the breakdown) and
 #             bench/kernels.py on their linear shapes, alone on the GPU
 #   h200      issue 22's decode_h200.json and kernels_h200.json (every family's shape, the kernel shapes)
+#   h200hf    bench/decode.py: ours beside transformers fp16 at the Llama-2-7B and Llama-3-8B shapes
 #   sampling  the CUDA tests, then bench/decode.py's GPU sampling against host sampling and bench/kernels.py on
 #             every family's linear shapes
 #   status    what the background steps have written so far
@@ -298,6 +299,11 @@ for step in "$@"; do
       # 10x target); the files name the GPU (an H100 only if no H200 came)
       family_shapes h200 "issue 22: every family's shape (random weights), r10 not merged" h200 \
         "4096x4096,11008x4096,4096x11008,14336x4096,4096x14336,28672x4096,$FAMILY_GEMVS" ours,torch_int4,hf ;;
+    h200hf)
+      # issue 22's 10x over transformers fp16, side by side with ours in one run, at the two Llama shapes
+      python -P bench/decode.py --models llama2-7b,llama3-8b --variants ours,hf --out "$OUT/decode_h200_hf.json" \
+        --label "issue 22: ours beside transformers fp16 (eager, static cache)" > "$OUT/decode_h200_hf.log" 2>&1
+      grep -E "^[a-z0-9.-]+ (ours|hf[a-z0-9_]*) " "$OUT/decode_h200_hf.log" | cut -c1-110 ;;
     sampling)
       python -m pytest -q -ra tests/test_runtime_cuda.py tests/test_runtime.py tests/test_bench_decode.py \
         tests/test_bench_kernels.py > "$OUT/tests_sampling.txt" 2>&1
