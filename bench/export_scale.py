@@ -97,10 +97,16 @@ def write_checkpoint(name: str, folder: Path, symmetric: bool) -> None:
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True,
                                      "version": "gemm"}
     (tmp / "config.json").write_text(json.dumps(config))
-    (tmp / "awq_edge_head_stats.json").write_text(json.dumps(
-        {"final_norm_sq_mean": (torch.rand(h, generator=gen) + 0.5).tolist()}))
+    write_head_stats(tmp, h, gen)
     byte_tokenizer().save_pretrained(tmp)
     tmp.rename(folder)
+
+
+def write_head_stats(folder: Path, hidden: int, gen: torch.Generator) -> None:
+    """Random final-norm statistics where the quantiser would store measured ones (the export's head calibration
+    reads them; without, it would run the whole model on the CPU to measure them)."""
+    (folder / "awq_edge_head_stats.json").write_text(json.dumps(
+        {"final_norm_sq_mean": (torch.rand(hidden, generator=gen) + 0.5).tolist()}))
 
 
 def byte_tokenizer():

@@ -1,7 +1,9 @@
 """Our ONNX export on an NVIDIA GPU: onnxruntime-genai-cuda and our onnxruntime backend (--provider cuda) beside
 onnxruntime-genai's own int4 CUDA build of the same float model (the peer) and our CUDA backend.
-At a random shape (--shape) there is no float model: the peer is the model builder's build of the same random
-AutoAWQ checkpoint (its quantised-model path, group 128 as ours; from a float model it would round in groups of 32).
+At a random shape (--shape) the float model is random fp16 weights: our rows quantise it with `awq-edge quantize
+--method rtn` (group 128) and the peer is the builder's own int4 of it (its groups of 32), as for a real model;
+--shape-peer checkpoint builds the peer from a random AutoAWQ checkpoint instead (the builder's quantised-model path
+keeps our group 128 and layout, so only the graphs and runtimes differ).
 
 Per row: batch-1 decode tok/s (greedy, PROMPT tokens then NEW), time to first token, WikiText-2 perplexity (real
 models; the graph run whole on the same provider) and the nodes onnxruntime placed on the CPU (from its profile).
@@ -20,6 +22,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -231,11 +234,34 @@ def prompt_of(args, tokenizer, vocab: int) -> list:
     return [(7 * i + 3) % min(vocab, 256) for i in range(args.prompt_tokens)]
 
 
+def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path) -> None:
+    """A random fp16 model at the shape (bench/quantize_scale.py's writer, a byte-level tokenizer), quantised by
+    `awq-edge quantize --method rtn` (group 128), with random head statistics (RTN measures none, and the export
+    would otherwise run the whole model on the CPU for them)."""
+    from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
+    from bench.quantize_scale import write_random_model
+
+    if not (quant_dir / "config.json").is_file():
+        tok = float_dir.with_name(float_dir.name + ".tokenizer")
+        byte_tokenizer().save_pretrained(tok)
+        write_random_model(shape, float_dir, tok, shape=SHAPES[shape])
+        tmp = quant_dir.with_name(quant_dir.name + ".tmp")
+        subprocess.run([sys.executable, "-m", "awq_edge.cli", "quantize", str(float_dir), "-o", str(tmp), "--method",
+                        "rtn", "--group-size", "128"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        write_head_stats(tmp, SHAPES[shape]["hidden_size"], torch.Generator().manual_seed(0))
+        tmp.rename(quant_dir)
+
+
 def make_rows(args, work: Path, res: dict) -> tuple:
     """{row name: (runtime, runner)} and the tokenizer (None for a random shape)."""
     from awq_edge.checkpoint.hf_folder import load_tokenizer
 
-    if args.shape:
+    float_dir = None
+    if args.shape and args.shape_peer == "float":
+        float_dir, quant_dir = work / f"float_{args.shape}", work / f"ck_{args.shape}_rtn"
+        quantize_float_shape(args.shape, float_dir, quant_dir)
+        tokenizer = None
+    elif args.shape:
         from bench.export_scale import write_checkpoint
 
         quant_dir = work / f"ck_{args.shape}"
@@ -251,10 +277,10 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         t0 = time.perf_counter()
         folders[name] = export(quant_dir, work / name, export_options("ort", dtype="fp16", **extra))
         res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
-    peer_source = args.hf_dir or (quant_dir if args.shape else None)  # see the module's docstring
+    peer_source = args.hf_dir or float_dir or (quant_dir if args.shape else None)  # see the module's docstring
     if "peer" in args.rows_of and peer_source:
-        folders["peer_int4"] = work / f"peer_int4_{args.shape or Path(args.quant_dir).name}_{args.provider}"
-        res["peer_source"] = "float model" if args.hf_dir else "the same AutoAWQ checkpoint"
+        folders["peer_int4"] = work / f"peer_int4_{Path(peer_source).name}_{args.provider}"
+        res["peer_source"] = "float model" if args.hf_dir or float_dir else "the same AutoAWQ checkpoint"
         res["export_seconds"]["peer_int4"] = run_peer_builder(Path(peer_source), folders["peer_int4"], "int4",
                                                                 provider=args.provider)
     rows = {}
@@ -361,6 +387,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quant-dir", help="an `awq-edge quantize` checkpoint of a real model")
     ap.add_argument("--hf-dir", help="its float model, for the peer's int4 build (no peer row without it)")
     ap.add_argument("--shape", help="instead: random weights at this shape (bench/export_scale.py's names)")
+    ap.add_argument("--shape-peer", choices=("float", "checkpoint"), default="float",
+                    help="--shape's peer: the builder's own int4 of a random float model that our row quantises with "
+                         "RTN (float, as for a real model), or its build of our random AutoAWQ checkpoint (the same "
+                         "MatMulNBits layout as ours: the runtimes alone compared)")
     ap.add_argument("--work", required=True, help="where the checkpoint, exports and profiles are written")
     ap.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend",

@@ -32,20 +32,23 @@ SHAPES = {
 }
 
 
-def write_random_model(name: str, folder: Path, tokenizer: Path, layers: int | None = None) -> None:
+def write_random_model(name: str, folder: Path, tokenizer: Path, layers: int | None = None,
+                       shape: dict | None = None) -> None:
     """A Llama folder with random fp16 weights (std 0.02, norms 1), one shard per 4 layers, and the tokenizer.
-    layers: fewer decoder layers than the model has (a quick profile of the layer loop)."""
+    layers: fewer decoder layers than the model has (a quick profile of the layer loop); shape: the config's sizes
+    where the name is not one of SHAPES."""
     if (folder / "config.json").is_file():
         return
     from transformers import LlamaConfig
 
-    shape = dict(SHAPES[name], **({"num_hidden_layers": layers} if layers else {}))
+    shape = dict(shape or SHAPES[name], **({"num_hidden_layers": layers} if layers else {}))
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="float16",
-                         bos_token_id=1, eos_token_id=2)
+                         bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    h, inter, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"] * 128
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(dev).manual_seed(0)
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 from conftest import save_tiny_tokenizer, tiny_model
 from test_export import write_calibration_text, write_checkpoint
@@ -28,9 +29,10 @@ def check_rows(out: Path, expected: list) -> list:
 
 def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
     """Every export, our loop timed inside and outside onnxruntime's run, and the peer built from the same random
-    AutoAWQ checkpoint (no float model at a shape)."""
+    AutoAWQ checkpoint (--shape-peer checkpoint)."""
     out = tmp_path / "res"
-    assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
+    assert onnx_gpu.main(["--shape", "tiny", "--shape-peer", "checkpoint", "--work", str(tmp_path / "w"), "--out",
+                          str(out), "--rows",
                           "ours_default,ours_exact,ours_split_head,ours_float_act,ours_float_logits,ours_head4,peer",
                           *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
@@ -51,6 +53,31 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
         assert p["runs"] >= 3 and 0 < p["nodes_us"] < p["model_run_us"] and p["by_op_us"]["MatMulNBits"] > 0, p
     assert "| onnxruntime-genai |" in out.with_suffix(".md").read_text()
     assert "ours_split_head/onnxruntime-genai vs peer_int4/onnxruntime-genai tok/s" in res["ratios"]
+
+
+def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_path):
+    """--shape's default: a random fp16 model at the shape, ours quantised from it by the CLI (RTN, group 128, the
+    random head statistics the export's head reads), the peer the builder's own int4 of the same float model."""
+    out, work = tmp_path / "res", tmp_path / "w"
+    assert onnx_gpu.main(["--shape", "tiny", "--work", str(work), "--out", str(out), "--rows", "ours_default,peer",
+                          *SMALL]) == 0
+    check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-1thread",
+                     "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed",
+                     "peer_int4/onnxruntime-genai"])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["peer_source"] == "float model" and res["quant_dir"] == str(work / "ck_tiny_rtn")
+    ck = json.loads((work / "ck_tiny_rtn" / "config.json").read_text())["quantization_config"]
+    assert ck["quant_method"] == "awq" and ck["group_size"] == 128
+    assert (work / "ck_tiny_rtn" / "awq_edge_head_stats.json").is_file()
+    peer = json.loads((work / "peer_int4_float_tiny_cpu" / "genai_config.json").read_text())
+    assert peer["model"]["decoder"]["filename"] == "model.onnx"
+    # the peer's own rounding of the float weights (its groups of 32), where ours keep the checkpoint's 128
+    blocks = {}
+    for name in ("peer_int4_float_tiny_cpu", "ours_default"):
+        graph = onnx.load(work / name / "model.onnx", load_external_data=False).graph
+        blocks[name] = {next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node
+                        if n.op_type == "MatMulNBits" and "layers." in n.name}
+    assert blocks == {"peer_int4_float_tiny_cpu": {32}, "ours_default": {128}}, blocks
 
 
 def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):
