@@ -243,7 +243,9 @@ for step in "$@"; do
         > "$OUT/ort_host_costs_cuda.log" 2>&1; tail -12 "$OUT/ort_host_costs_cuda.log" ;;
     onnxgpu_shapes)
       unbundle || exit 1
-      for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do  # one shape is about 5 minutes (the export, the peer's build)
+      # a shape was about 5 minutes with --shape-peer checkpoint (the export, the peer's build); the default float
+      # peer adds the random fp16 model, its RTN quantisation and the builder's own rounding (not timed yet)
+      for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
         python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,peer,cuda_backend} \
           --repeats ${ONNX_REPEATS:-2} \
           --work /tmp/og_$m \
