@@ -200,15 +200,15 @@ def casts_logits(opts: ExportOptions) -> bool:
 def resolve_head(opts: ExportOptions, vocab: int, hidden: int, tied: bool = False) -> ExportOptions:
     """The options with the defaults' automatic head choices made for this model: AUTO_BITS -> 8 while
     vocab x hidden <= GPU_HEAD8_MAX_WEIGHTS, else 4; AUTO_OUTLIERS -> 64 input channels (at least one head group;
-    one group more where a tied 4-bit table would keep an odd number of groups a row, see odd_gather_groups)
-    where the head is calibrated at 4 bits and that is at most half its width, else none."""
+    one group more where a tied 4-bit table with zero points would keep an odd number of groups a row, see
+    odd_gather_groups) where the head is calibrated at 4 bits and that is at most half its width, else none."""
     bits, group = opts.head_bits, opts.head_group
     if bits == AUTO_BITS:
         bits = 8 if vocab * hidden <= GPU_HEAD8_MAX_WEIGHTS else 4
     n8 = opts.head_outliers
     if n8 == AUTO_OUTLIERS:
         n8 = max(64, group)
-        if tied and group and ((hidden - n8) // group) % 2:
+        if odd_gather_groups(replace(opts, head_bits=bits, head_outliers=n8), hidden, tied):
             n8 += group
         n8 = n8 if bits == 4 and opts.head_calib and 2 * n8 <= hidden else 0
     opts = replace(opts, head_bits=bits, head_outliers=n8)

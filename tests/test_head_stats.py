@@ -161,6 +161,16 @@ def test_a_tied_4_bit_table_keeps_an_even_number_of_groups_a_row(vocab, hidden, 
         assert ((hidden - outliers) // 64) % 2 == 0
 
 
+def test_a_symmetric_tied_table_keeps_the_default_64_outliers():
+    """Without zero points there is nothing for the CUDA gather to misread: an odd count a row is kept (Qwen2.5-0.5B's
+    896 - 64 = 13 groups of 64), not bumped to 128 outlier channels at 8 bits."""
+    from awq_edge.export.decoder import odd_gather_groups, resolve_head
+
+    opts = replace(export_options("ort", dtype="fp16"), head_bits=4, head_symmetric=True)
+    r = resolve_head(opts, 151936, 896, tied=True)
+    assert (r.head_bits, r.head_outliers) == (4, 64) and not odd_gather_groups(r, 896, True)
+
+
 def test_an_odd_tied_4_bit_table_for_the_gpu_is_one_clear_error(tmp_path):
     """Asked for explicitly in fp16 (the GPU's export), a tied 4-bit table of an odd number of groups a row stops
     before any file is written; symmetric (no zero points), fp32 or an even count export."""
