@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from awq_edge.export.api import export
@@ -126,6 +127,29 @@ def test_fixed_buffers_and_cuda_graphs_refuse_what_they_cannot_run(exported, tmp
         OrtDecoder(folders["ort"], cuda_graph=True)
     with pytest.raises(AwqEdgeError, match="cannot step through fixed buffers"):
         OrtDecoder(folders["trt"], fixed_buffers=True)
+
+
+def test_a_graph_step_onnxruntime_refuses_falls_back_to_the_same_buffers_without_it(exported, capsys):
+    """Where onnxruntime cannot capture or replay a step's CUDA graph, the decoder says so once on stderr and steps
+    through the same fixed buffers without the graph (-1), with the default steps' logits. On the CPU the graph's
+    replay options are stood in for and refused by the session's run."""
+    folder = exported[0]["ort"]
+    ref, d = OrtDecoder(folder), OrtDecoder(folder, fixed_buffers=True)
+    for dec in (ref, d):
+        dec.extend(PROMPT[:5])
+    d.cuda_graph, d.replay = True, ort.RunOptions()  # as a graph's first replay would be
+    run, seen = d.session.run_with_iobinding, []
+
+    def refuse_graphs(binding, options):
+        seen.append(options is d.eager)
+        if options is not d.eager:
+            raise RuntimeError("CUDA graph capture failed")
+        return run(binding, options)
+
+    d.session.run_with_iobinding = refuse_graphs
+    steps = [(d.forward([t])[-1], ref.forward([t])[-1]) for t in PROMPT[5:9]]
+    assert all(np.array_equal(a, b) for a, b in steps) and seen == [False, True, True, True, True]
+    assert not d.cuda_graph and capsys.readouterr().err.count("stepping without a CUDA graph") == 1
 
 
 def test_argmax_of_float16_logits_is_numpys_of_their_float32_values():

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import re
+import sys
 from functools import cache, partial
 from importlib import metadata
 from pathlib import Path
@@ -120,7 +121,8 @@ class OrtDecoder(PrefixCachedDecoder):
         (the id, a mask as long as the cache with zeros after the held tokens, the logits), rewritten in place;
         cuda_graph: that, replayed as one CUDA graph per cache size (the CUDA provider's enable_cuda_graph, prompts
         run without one). None (the default): on with the CUDA provider wherever the folder allows fixed buffers
-        (our GroupQueryAttention exports), off elsewhere. Measured on an H200 (bench/results/onnx_gpu.json,
+        (our GroupQueryAttention exports), off elsewhere; a step onnxruntime cannot capture or replay falls back to
+        the same buffers without the graph, said once on stderr. Measured on an H200 (bench/results/onnx_gpu.json,
         onnx_gpu_llama2-7b.json): 1.35x onnxruntime-genai-cuda's tok/s on SmolLM2 and 1.12x at the Llama-2-7B shape
         on the same folder, where the steps without the graph ran at 0.84x and 0.95x; the same greedy tokens
         (tests/test_runtime_ort_cuda.py). fixed_buffers alone (benchmarks): on the CPU provider the same logits as
@@ -329,8 +331,9 @@ class OrtDecoder(PrefixCachedDecoder):
             value = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
             binding.bind_ortvalue_input(name, value)
             self.fixed_inputs.append((value, array))
-        self.replay = ort.RunOptions()
+        self.replay = self.eager  # without a graph (on a session with graphs on: id -1)
         if self.cuda_graph:  # a new graph for the new buffers; the last one is not replayed again
+            self.replay = ort.RunOptions()
             self.replay.add_run_config_entry("gpu_graph_id", str(self.graphs))
             self.graphs += 1
 
@@ -342,7 +345,16 @@ class OrtDecoder(PrefixCachedDecoder):
         if self.device != "cpu":  # (on the CPU the values are these arrays)
             for value, array in self.fixed_inputs:
                 value.update_inplace(array)
-        self._run(self.fixed_binding, {}, total, outputs=False, options=self.replay)
+        try:
+            self._run(self.fixed_binding, {}, total, outputs=False, options=self.replay)
+        except AwqEdgeError as e:
+            if not self.cuda_graph:
+                raise
+            # onnxruntime could not capture or replay the step (a build or GPU without it): the same buffers without
+            # the graph from here on, said once; a fault of the model itself fails again below
+            print(f"awq-edge: stepping without a CUDA graph ({e})", file=sys.stderr, flush=True)
+            self.cuda_graph, self.replay = False, self.eager
+            self._run(self.fixed_binding, {}, total, outputs=False, options=self.replay)
         return self.fixed_logits.numpy()[0, 0]
 
     def greedy_tokens(self, token: int, n: int):
