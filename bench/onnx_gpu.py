@@ -113,7 +113,8 @@ def timed_decoder(folder: Path, **kwargs) -> OrtDecoder:
 def time_ort(dec: OrtDecoder, prompt: list, new: int) -> tuple:
     """The same through our onnxruntime backend (the KV cache bound where the provider runs), as `awq-edge
     generate` runs it greedily (extend, then greedy_tokens); with the time per decode step spent inside
-    onnxruntime's run (the rest of the step is ours: binding, argmax)."""
+    onnxruntime's run (the rest of the step is ours: binding, argmax) and whether its steps still replay CUDA graphs
+    at the end (a refused graph falls back without one)."""
     timer = dec.session.run_with_iobinding
     dec.reset()
     t0 = time.perf_counter()
@@ -122,7 +123,7 @@ def time_ort(dec: OrtDecoder, prompt: list, new: int) -> tuple:
     timer.seconds = 0.0
     tokens += list(dec.greedy_tokens(tokens[0], new - 1))
     t2 = time.perf_counter()
-    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens, timer.seconds / (len(tokens) - 1)
+    return t1 - t0, (len(tokens) - 1) / (t2 - t1), tokens, timer.seconds / (len(tokens) - 1), dec.cuda_graph
 
 
 def time_cuda_backend(dec, prompt: list, new: int) -> tuple:
@@ -169,7 +170,7 @@ def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: P
     out = {}
     prefix = work / f"profile_ours_{folder.name}"
     dec = timed_decoder(folder, provider=provider, profile=str(prefix), cuda_graph=False)
-    _, tok_s, _, inside = time_ort(dec, prompt, steps + 1)
+    _, tok_s, _, inside, _ = time_ort(dec, prompt, steps + 1)
     out["awq-edge-ort-eager"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside,
                            **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
     twin = work / f"profile_genai_{folder.name}"  # the same files, with profiling on in genai_config.json
@@ -241,10 +242,10 @@ def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path) -> None:
     from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
     from bench.quantize_scale import write_random_model
 
+    tok = float_dir.with_name(float_dir.name + ".tokenizer")
+    byte_tokenizer().save_pretrained(tok)
+    write_random_model(shape, float_dir, tok, shape=SHAPES[shape])  # (kept where it was written before)
     if not (quant_dir / "config.json").is_file():
-        tok = float_dir.with_name(float_dir.name + ".tokenizer")
-        byte_tokenizer().save_pretrained(tok)
-        write_random_model(shape, float_dir, tok, shape=SHAPES[shape])
         tmp = quant_dir.with_name(quant_dir.name + ".tmp")
         subprocess.run([sys.executable, "-m", "awq_edge.cli", "quantize", str(float_dir), "-o", str(tmp), "--method",
                         "rtn", "--group-size", "128"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -371,12 +372,15 @@ def ratios(rows: list) -> dict:
                  ("ours_default/awq-edge-ort-1thread", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-fixed", "ours_default/onnxruntime-genai"),
                  ("ours_default/awq-edge-ort-stream", "ours_default/onnxruntime-genai"),
-                 ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-hostin"),
+                 ("ours_default/awq-edge-ort-eager", "ours_default/awq-edge-ort-hostin"),
+                 ("ours_default/awq-edge-ort", "ours_default/awq-edge-ort-fixed"),
                  ("ours_default/onnxruntime-genai-fpaintb", "ours_default/onnxruntime-genai"),
                  ("peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-fpaintb"),
                  ("ours_default/awq-edge-ort-fpaintb", "ours_default/awq-edge-ort-eager"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
+        if a.endswith("-eager") and a not in by:  # the CPU: the default loop is the eager one
+            a = a.removesuffix("-eager")
         if a in by and b in by:
             out[f"{a} vs {b} tok/s"] = by[a]["tok_s"] / by[b]["tok_s"]
     return out
@@ -443,6 +447,7 @@ def main(argv=None) -> int:
         if len(times[name][0]) > 2:  # our onnxruntime loop: how much of a step is onnxruntime's run
             row["ort_run_ms_per_step"] = 1e3 * statistics.median(t[2] for t in times[name])
             row["ms_per_step"] = 1e3 / row["tok_s"]
+            row["cuda_graph"] = all(t[3] for t in times[name])  # each step replayed a graph to the end of each round
         if runtime != "onnxruntime-genai" and f"{model}/onnxruntime-genai" in tokens:  # same folder, same tokens
             row["greedy_equal_to_genai"] = tokens[name] == tokens[f"{model}/onnxruntime-genai"]
         if folder is not None:

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from awq_edge.export.folder import read_export_info  # noqa: E402
 from awq_edge.runtime.ort import argmax  # noqa: E402
-from bench.onnx_gpu import time_ort, timed_decoder  # noqa: E402
+from bench.onnx_gpu import gpu_name, time_ort, timed_decoder  # noqa: E402
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -59,7 +59,8 @@ def step_costs(folder: str, provider: str, prompt: int, new: int, rounds: int) -
         runs = [time_ort(dec, ids, new) for _ in range(rounds + 1)][1:]  # one warm-up round
         step = statistics.median(1e6 / r[1] for r in runs)
         inside = statistics.median(1e6 * r[3] for r in runs)
-        out[label] = {"step_us": step, "inside_run_us": inside, "outside_run_us": step - inside}
+        out[label] = {"step_us": step, "inside_run_us": inside, "outside_run_us": step - inside,
+                      "cuda_graph": all(r[4] for r in runs)}
     return out
 
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    res = {"command": "python -P " + " ".join(sys.argv), "host": platform.platform(),
+    res = {"command": "python -P " + " ".join(sys.argv), "device": gpu_name(args.provider), "host": platform.platform(),
            "processor": platform.processor() or platform.machine(), "provider": args.provider,
            "export": read_export_info(Path(args.folder)),
            "argmax": {v: argmax_costs(int(v), args.calls) for v in args.vocab.split(",")},

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("quantize_scale", ROOT / "bench" / "quantize_scale.py")
 quantize_scale = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quantize_scale)
-# tiny: a shape that runs in a second (tests/test_bench_weight_scan.py); head size 128, as write_random_model takes
+# tiny: a shape that runs in a second (tests/test_bench_weight_scan.py); head size 128 (hidden / heads)
 SHAPES = {**quantize_scale.SHAPES, "tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
                                                 rope_theta=10000.0)}

@@ -45,7 +45,7 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
                             "ours_head4/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     for r in rows:
         if r["runtime"].startswith("awq-edge-ort"):
-            assert 0 < r["ort_run_ms_per_step"] < r["ms_per_step"], r
+            assert 0 < r["ort_run_ms_per_step"] < r["ms_per_step"] and r["cuda_graph"] is False, r
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["peer_source"] == "the same AutoAWQ checkpoint"
     for loop in ("awq-edge-ort-eager", "onnxruntime-genai"):  # onnxruntime's profile of both loops on one folder
@@ -53,9 +53,10 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
         assert p["runs"] >= 3 and 0 < p["nodes_us"] < p["model_run_us"] and p["by_op_us"]["MatMulNBits"] > 0, p
     assert "| onnxruntime-genai |" in out.with_suffix(".md").read_text()
     assert "ours_split_head/onnxruntime-genai vs peer_int4/onnxruntime-genai tok/s" in res["ratios"]
+    assert "ours_default/awq-edge-ort vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]  # the eager loop
 
 
-def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_path):
+def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_path, capsys):
     """--shape's default: a random fp16 model at the shape, ours quantised from it by the CLI (RTN, group 128, the
     random head statistics the export's head reads), the peer the builder's own int4 of the same float model."""
     out, work = tmp_path / "res", tmp_path / "w"
@@ -66,9 +67,10 @@ def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_
                      "peer_int4/onnxruntime-genai"])
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["peer_source"] == "float model" and res["quant_dir"] == str(work / "ck_tiny_rtn")
-    ck = json.loads((work / "ck_tiny_rtn" / "config.json").read_text())["quantization_config"]
-    assert ck["quant_method"] == "awq" and ck["group_size"] == 128
-    assert (work / "ck_tiny_rtn" / "awq_edge_head_stats.json").is_file()
+    ck = json.loads((work / "ck_tiny_rtn" / "config.json").read_text())
+    assert ck["quantization_config"]["group_size"] == 128 and ck["awq_edge"]["method"] == "rtn"
+    assert ck["awq_edge"]["source_model"] == str(work / "float_tiny")
+    assert "holds no head statistics" not in capsys.readouterr().out  # the export's head read the written ones
     peer = json.loads((work / "peer_int4_float_tiny_cpu" / "genai_config.json").read_text())
     assert peer["model"]["decoder"]["filename"] == "model.onnx"
     # the peer's own rounding of the float weights (its groups of 32), where ours keep the checkpoint's 128
@@ -121,4 +123,7 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
         "peer_int4/onnxruntime-genai", "peer_int4/onnxruntime-genai-fpaintb"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
+        if r["runtime"].startswith("awq-edge-ort"):  # only the default loop replays graphs, to the end
+            assert r["cuda_graph"] == (r["runtime"] == "awq-edge-ort"), r
+    assert "ours_default/awq-edge-ort-eager vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]
     assert set(res["profile"]) == {"awq-edge-ort-eager", "onnxruntime-genai"}

@@ -26,4 +26,5 @@ def test_both_parts_run_on_a_tiny_export(tmp_path):
     assert all(v > 0 for a in res["argmax"].values() for v in a.values())
     for part in ("bound", "fixed"):
         s = res["step"][part]
-        assert 0 < s["inside_run_us"] < s["step_us"] and s["outside_run_us"] > 0, s
+        assert 0 < s["inside_run_us"] < s["step_us"] and s["outside_run_us"] > 0 and s["cuda_graph"] is False, s
+    assert set(res["step"]) == {"bound", "fixed"} and res["device"].startswith("CPU")  # (the graph: CUDA only)

@@ -153,7 +153,7 @@ def test_an_odd_tied_table_is_misread_by_the_cuda_gather(tmp_path, monkeypatch):
     assert spread[64] < 2e-2 and spread[128] > 0.1, spread
 
 
-def test_the_default_cuda_graph_replays_the_eager_loops_steps(folders):
+def test_the_default_cuda_graph_replays_the_eager_loops_steps(folders, capsys):
     """OrtDecoder on the CUDA provider replays its steps' CUDA graph by default: prompts run without a graph, each
     single step is replayed from one captured through buffers of fixed address and shape: the eager loop's greedy
     tokens and step logits, through a reset. A float32 export (no shared cache on the CUDA provider) runs without."""
@@ -166,4 +166,5 @@ def test_the_default_cuda_graph_replays_the_eager_loops_steps(folders):
         d.tokens_out = list(generate(d, PROMPT, 16))
         d.steps = np.stack([d.extend(PROMPT[:5])] + [d.forward([t])[-1] for t in PROMPT[5:]])
     assert b.graphs == 1 and a.tokens_out == b.tokens_out
+    assert b.cuda_graph and "without a CUDA graph" not in capsys.readouterr().err  # it replayed, no fallback
     assert np.isfinite(b.steps).all() and np.abs(a.steps - b.steps).max() <= 1e-3 * np.abs(a.steps).max()

@@ -137,13 +137,7 @@ class OrtDecoder(PrefixCachedDecoder):
         if auto:  # the session must be made with the graph on: ask for it where the folder's config may allow it
             cuda_graph = provider == "cuda" and bound_inputs and self._shares_buffer()
         make = partial(self._session, dec["filename"], provider, threads, config_entries, profile, provider_options)
-        try:
-            self.session = make(cuda_graph)
-        except AwqEdgeError:
-            if not (auto and cuda_graph):
-                raise
-            cuda_graph = False  # without the graph: a folder onnxruntime cannot capture still runs (or says why not)
-            self.session = make(cuda_graph)
+        self.session, cuda_graph = make(cuda_graph, fallback=auto)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layers = dec["num_hidden_layers"]
         self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
@@ -168,8 +162,9 @@ class OrtDecoder(PrefixCachedDecoder):
         self.bound_inputs = bound_inputs and self.shared and not self.needs_positions  # (our graphs take none)
         fixed_ok = self.bound_inputs and isinstance(width, int) and width > 0
         if auto and cuda_graph and not fixed_ok:  # (a float32 cache, position ids): the same session without it
-            cuda_graph = False
-            self.session = make(cuda_graph)
+            inputs = outputs = self.session = None  # (their node args hold the session: one model in memory at once)
+            self.session, cuda_graph = make(False)
+            outputs = {o.name: o for o in self.session.get_outputs()}
         self.fixed, self.cuda_graph = fixed_buffers or cuda_graph, cuda_graph
         if self.fixed and not fixed_ok:
             raise AwqEdgeError(f"{self.folder} cannot step through fixed buffers: that needs a shared KV buffer "
@@ -194,8 +189,9 @@ class OrtDecoder(PrefixCachedDecoder):
         return self.config.get("search", {}).get("past_present_share_buffer") is True
 
     def _session(self, filename: str, provider: str, threads: int, config_entries, profile, provider_options,
-                 cuda_graph: bool):
-        """The onnxruntime session on the provider asked for (and its graph capture), or one clear error."""
+                 cuda_graph: bool, fallback: bool = False):
+        """(the onnxruntime session on the provider asked for, whether its graph capture is on), or one clear error.
+        fallback: where onnxruntime cannot make it with graph capture on, make it without."""
         providers = execution_providers(provider)
         name = providers[0]
         if provider_options or cuda_graph:
@@ -206,17 +202,21 @@ class OrtDecoder(PrefixCachedDecoder):
             opts.add_session_config_entry(key, value)
         if profile:
             opts.enable_profiling, opts.profile_file_prefix = True, profile
+        session, cause = None, None
         try:
             session = ort.InferenceSession(str(self.folder / filename), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types; name the file and the cause
             cause = " ".join(str(e).split())  # its messages span lines; ours is one
+        if session is None and cuda_graph and fallback:  # (outside the except: the failed load is released)
+            return self._session(filename, provider, threads, config_entries, profile, provider_options, False)
+        if session is None:
             raise AwqEdgeError(f"onnxruntime cannot load {self.folder}: {cause}", "re-export it with `awq-edge export`")
         if name not in session.get_providers():  # onnxruntime falls back to the CPU without a word
             raise AwqEdgeError(f"onnxruntime could not start its {name} (no usable NVIDIA GPU, or its CUDA 13 "
                                "and cuDNN 9 libraries are missing)",
                                "run on a machine with an NVIDIA GPU and CUDA 13 + cuDNN 9 (system or PyTorch's "
                                "nvidia-* wheels), or use --provider cpu")
-        return session
+        return session, cuda_graph
 
     def reset(self):
         if self.shared:  # the buffers stay: the attention mask says how much of them holds the cache
@@ -352,9 +352,9 @@ class OrtDecoder(PrefixCachedDecoder):
                 raise
             # onnxruntime could not capture or replay the step (a build or GPU without it): the same buffers without
             # the graph from here on, said once; a fault of the model itself fails again below
+            self._run(self.fixed_binding, {}, total, outputs=False, options=self.eager)
             print(f"awq-edge: stepping without a CUDA graph ({e})", file=sys.stderr, flush=True)
             self.cuda_graph, self.replay = False, self.eager
-            self._run(self.fixed_binding, {}, total, outputs=False, options=self.replay)
         return self.fixed_logits.numpy()[0, 0]
 
     def greedy_tokens(self, token: int, n: int):
