@@ -17,7 +17,8 @@ from awq_edge.quant import check_group_size
 # --target ort's default: the configuration that beats onnxruntime-genai's own int4 build of the same model on
 # the CPU (bench/results/onnx_defaults_outliers.json): int8 activations in MatMulNBits, and the float head (with
 # the tied embeddings) at 4 bits with zero points in groups of 64, its 64 input channels of largest activation
-# (128 where a tied table would keep an odd number of groups a row: export/decoder.py, odd_gather_groups) at 8 bits,
+# (128 where a tied table with zero points would keep an odd number of groups a row: export/decoder.py,
+# odd_gather_groups) at 8 bits,
 # channels and scales chosen on the final norm's statistics the quantiser stored in the checkpoint.
 ORT_DEFAULTS = {"accuracy_level": 4, "head_bits": 4, "head_group": 64, "head_calib": FROM_CHECKPOINT,
                 "head_symmetric": False, "head_outliers": AUTO_OUTLIERS}
