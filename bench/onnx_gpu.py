@@ -235,17 +235,20 @@ def prompt_of(args, tokenizer, vocab: int) -> list:
     return [(7 * i + 3) % min(vocab, 256) for i in range(args.prompt_tokens)]
 
 
-def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path) -> None:
+def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: bool) -> None:
     """A random fp16 model at the shape (bench/quantize_scale.py's writer, a byte-level tokenizer), quantised by
     `awq-edge quantize --method rtn` (group 128), with random head statistics (RTN measures none, and the export
-    would otherwise run the whole model on the CPU for them)."""
+    would otherwise run the whole model on the CPU for them). The float model is written where the checkpoint or
+    the peer (peer) needs it."""
     from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
     from bench.quantize_scale import write_random_model
 
-    tok = float_dir.with_name(float_dir.name + ".tokenizer")
-    byte_tokenizer().save_pretrained(tok)
-    write_random_model(shape, float_dir, tok, shape=SHAPES[shape])  # (kept where it was written before)
-    if not (quant_dir / "config.json").is_file():
+    have_ck = (quant_dir / "config.json").is_file()
+    if peer or not have_ck:  # (write_random_model keeps a folder written before)
+        tok = float_dir.with_name(float_dir.name + ".tokenizer")
+        byte_tokenizer().save_pretrained(tok)
+        write_random_model(shape, float_dir, tok, shape=SHAPES[shape])
+    if not have_ck:
         tmp = quant_dir.with_name(quant_dir.name + ".tmp")
         subprocess.run([sys.executable, "-m", "awq_edge.cli", "quantize", str(float_dir), "-o", str(tmp), "--method",
                         "rtn", "--group-size", "128"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -260,7 +263,7 @@ def make_rows(args, work: Path, res: dict) -> tuple:
     float_dir = None
     if args.shape and args.shape_peer == "float":
         float_dir, quant_dir = work / f"float_{args.shape}", work / f"ck_{args.shape}_rtn"
-        quantize_float_shape(args.shape, float_dir, quant_dir)
+        quantize_float_shape(args.shape, float_dir, quant_dir, peer="peer" in args.rows_of)
         tokenizer = None
     elif args.shape:
         from bench.export_scale import write_checkpoint
