@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -241,7 +240,7 @@ def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: boo
     would otherwise run the whole model on the CPU for them). The float model is written where the checkpoint or
     the peer (peer) needs it."""
     from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
-    from bench.quantize_scale import write_random_model
+    from bench.quantize_scale import run_cli, write_random_model
 
     have_ck = (quant_dir / "config.json").is_file()
     if peer or not have_ck:  # (write_random_model keeps a folder written before)
@@ -250,8 +249,8 @@ def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: boo
         write_random_model(shape, float_dir, tok, shape=SHAPES[shape])
     if not have_ck:
         tmp = quant_dir.with_name(quant_dir.name + ".tmp")
-        subprocess.run([sys.executable, "-m", "awq_edge.cli", "quantize", str(float_dir), "-o", str(tmp), "--method",
-                        "rtn", "--group-size", "128"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        run_cli(["quantize", str(float_dir), "-o", str(tmp), "--method", "rtn", "--group-size", "128"],
+                quant_dir.with_name(quant_dir.name + ".log"))
         write_head_stats(tmp, SHAPES[shape]["hidden_size"], torch.Generator().manual_seed(0))
         tmp.rename(quant_dir)
 
@@ -437,7 +436,7 @@ def main(argv=None) -> int:
     times = {name: [] for name in rows}
     tokens = {}
     for r in range(args.repeats + 1):  # round 0 warms every row up
-        for name, (_, run) in (list(rows.items()) if r % 2 else list(reversed(rows.items()))):
+        for name, (_, run) in (rows.items() if r % 2 else reversed(rows.items())):
             ttft, tok_s, toks, *inside = run(prompt)
             tokens[name] = toks
             if r:

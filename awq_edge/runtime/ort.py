@@ -235,9 +235,7 @@ class OrtDecoder(PrefixCachedDecoder):
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
         self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.device, 0)
                       for _ in self.kv_names]
-        for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
+        self._bind_cache(self.binding)
         if self.bound_inputs:  # where the provider reads it: a step's mask is a view into this (made once, as the
             # cache buffers; the binding's old view is replaced by the run that follows)
             self.mask = ort.OrtValue.ortvalue_from_numpy(np.ones((1, self.capacity), np.int64), self.device, 0)
@@ -316,6 +314,12 @@ class OrtDecoder(PrefixCachedDecoder):
         self.tokens.append(token)
         return row
 
+    def _bind_cache(self, binding):
+        """Each layer's shared KV buffer as both its past input and its present output (read and written in place)."""
+        for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
     def _fix_buffers(self):
         """The fixed step's buffers for this cache size, bound once in a binding of their own, and its graph id."""
         self.fixed_mask = np.zeros((1, self.capacity), np.int64)
@@ -323,9 +327,7 @@ class OrtDecoder(PrefixCachedDecoder):
             [1, 1, self.vocab_size], self.step_logits.dtype, self.device, 0)
         binding = self.fixed_binding = self.session.io_binding()
         binding.bind_ortvalue_output("logits", self.fixed_logits)
-        for past, present, value in zip(self.kv_names, self.output_names[1:], self.cache):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        self._bind_cache(binding)
         self.fixed_inputs = []  # (value where the provider runs, the host array it mirrors)
         for name, array in (("input_ids", self.step_ids), ("attention_mask", self.fixed_mask)):
             value = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
