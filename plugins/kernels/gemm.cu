@@ -200,16 +200,23 @@ __device__ __forceinline__ void load_stage_x(uint4 (&xv)[kStage][MT][2], const u
     }
 }
 
-// acc += the products of the stage in `slot`; x loaded here (L1/L2 hits). kGuard as in run_stage.
+// acc += the products of the stage in `slot` with its activations xv (load_stage_x). kGuard as in run_stage.
 template <int MT, int BS, bool kGuard>
-__device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, const uint16_t* const (&xrow)[MT],
-                                              int c, int end, int K, int lane) {
+__device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, const uint4 (&xv)[kStage][MT][2],
+                                              int c, int end, int lane) {
+#if defined(AWQE_PROBE_STREAM_ONLY)
+    // Timing probe (wrong results): the weight stream alone, each landed vector read back from shared memory but no
+    // products; with the default build it splits a GEMV's time into stream and compute (bench/NOTES.md, r12).
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+        const uint4 w = slot[u * 32 + lane];
+        acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w) & 0x3f800000u);
+    }
+#else
     constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;
     constexpr int kUnits = kChunkK / kUnitK;
-    const int g = lane >> 2, t = lane & 3;
-    const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + g;
-    uint4 xv[kStage][MT][2];
-    load_stage_x<MT, kGuard>(xv, xrow, c, end, K, t);
+    const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + (lane >> 2);
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
         if (kGuard && c + u >= end) break;
@@ -218,7 +225,32 @@ __device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* 
         for (int v = 0; v < kUnits; ++v) p[v] = params[(u * kChunkK + v * kUnitK) / BS * 8];
         compute_chunk<MT, kUnits>(acc, slot[u * 32 + lane], p, xv[u]);
     }
+#endif
 }
+
+// A stage's activations for this lane (L1/L2 hits), or with -DAWQE_PROBE_NO_X (a timing probe, wrong results)
+// none: x read as 1.0 everywhere. kGuard: chunks from `end` on skipped, activations past K read as zeros.
+template <int MT, bool kGuard>
+__device__ __forceinline__ void stage_x(uint4 (&xv)[kStage][MT][2], const uint16_t* const (&xrow)[MT], int c, int end,
+                                        int K, int lane) {
+#if defined(AWQE_PROBE_NO_X) || defined(AWQE_PROBE_STREAM_ONLY)
+#pragma unroll
+    for (int u = 0; u < kStage; ++u)
+#pragma unroll
+        for (int j = 0; j < MT; ++j) xv[u][j][0] = xv[u][j][1] = make_uint4(0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u);
+#else
+    load_stage_x<MT, kGuard>(xv, xrow, c, end, K, lane & 3);
+#endif
+}
+
+// -DAWQE_X_EARLY: each stage's activation loads are issued before the wait for its weights, so their latency
+// overlaps the weights' (r12: the x loads cost 0.9-1.3 us of a 4096-row GEMV on the H100). Off by default: not
+// run on a GPU yet.
+#if defined(AWQE_X_EARLY)
+[[maybe_unused]] constexpr bool kXEarly = true;
+#else
+[[maybe_unused]] constexpr bool kXEarly = false;
+#endif
 
 // The warp's chunks [begin, end) through its ring of kDepth stages: issue(s) copies stage s into its slot.
 template <int BS, int kDepth>
@@ -256,11 +288,22 @@ struct AsyncStream {
     template <int MT>
     __device__ __forceinline__ void run(float (&acc)[MT][4], const uint16_t* const (&xrow)[MT], int fast_end, int K) {
         for (int s = 0; s < stages; ++s) {
+            const int c = begin + s * kStage;
+            const bool fast = c + kStage <= fast_end;
+            uint4 xv[kStage][MT][2];
+            if constexpr (kXEarly) {
+                if (fast) stage_x<MT, false>(xv, xrow, c, end, K, lane);
+                else stage_x<MT, true>(xv, xrow, c, end, K, lane);
+            }
             cp_async_wait<kDepth - 1>();  // stage s's group: kDepth + s committed, the newest kDepth - 1 may pend
             __syncwarp();  // block parameters are read by lanes other than the one that copied them
-            const int c = begin + s * kStage;
-            if (c + kStage <= fast_end) compute_stage<MT, BS, false>(acc, slot(s), xrow, c, end, K, lane);
-            else compute_stage<MT, BS, true>(acc, slot(s), xrow, c, end, K, lane);
+            if (fast) {
+                if constexpr (!kXEarly) stage_x<MT, false>(xv, xrow, c, end, K, lane);
+                compute_stage<MT, BS, false>(acc, slot(s), xv, c, end, lane);
+            } else {
+                if constexpr (!kXEarly) stage_x<MT, true>(xv, xrow, c, end, K, lane);
+                compute_stage<MT, BS, true>(acc, slot(s), xv, c, end, lane);
+            }
             __syncwarp();  // every lane has read the slot before any lane refills it
             issue(s + kDepth);
         }
