@@ -236,7 +236,7 @@ for step in "$@"; do
       [ -f /tmp/ck_smollm2/config.json ] || python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 \
         > "$OUT/quantize_smollm2.log" 2>&1; tail -c 300 "$OUT/quantize_smollm2.log"
       python -P bench/onnx_gpu.py --quant-dir /tmp/ck_smollm2 --hf-dir "$AWQ_EDGE_CACHE/smollm2-135m-f16" \
-        --rows ${ONNX_ROWS:-ours_default,ours_float_act,ours_float_logits,ours_head4,peer,cuda_backend} --work /tmp/og --wikitext "$WT" \
+        --rows ${ONNX_ROWS:-ours_default,ours_float_act,ours_float_logits,ours_head4,peer,cuda_backend,genai_graph,ab} --work /tmp/og --wikitext "$WT" \
         --out "$OUT/onnx_gpu_smollm2" > "$OUT/onnx_gpu_smollm2.log" 2>&1
       tail -24 "$OUT/onnx_gpu_smollm2.log"
       python -P bench/ort_host_costs.py --folder /tmp/og/ours_default --provider cuda --out "$OUT/ort_host_costs_cuda" \
@@ -246,7 +246,7 @@ for step in "$@"; do
       # a shape was about 5 minutes with --shape-peer checkpoint (the export, the peer's build); the default float
       # peer adds the random fp16 model, its RTN quantisation and the builder's own rounding (not timed yet)
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
-        python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,peer,cuda_backend} \
+        python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,ours_head4,peer,cuda_backend,genai_graph} \
           --repeats ${ONNX_REPEATS:-2} \
           --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"

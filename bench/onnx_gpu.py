@@ -50,6 +50,10 @@ from bench.onnx import OnnxLM, empty_feed, kv_shape_of, onnx_size, run_peer_buil
 EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head": {"head_bits": 4, "head_outliers": 64},
            "ours_float_act": {"accuracy_level": 0}, "ours_float_logits": {"float_logits": True},
            "ours_head4": {"head_bits": 4, "head_outliers": 0, "head_group": 32}}
+# what --rows may name: the exports, the peer, the checkpoint on our CUDA backend, genai's CUDA-graph mode for
+# ours_default and the peer, and the A/B rows (our loop's eager variants, onnxruntime's fpA_intB path on genai and on
+# our loop): each row holds a session, and at 8B an 80 GB GPU holds about a dozen
+ROWS = (*EXPORTS, "peer", "cuda_backend", "genai_graph", "ab")
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
@@ -58,13 +62,18 @@ ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 FPA_INTB_ENV, FPA_INTB_ENTRY = "ORT_FPA_INTB_GEMM", "ep.cuda.fpa_intb_gemm"
 
 
-def genai_model(folder: Path, provider: str, fpa_intb: bool = False):
+def genai_model(folder: Path, provider: str, fpa_intb: bool = False, graph: bool = False):
+    """onnxruntime-genai's model of the folder on the provider, as the benchmark's rows run it: the folder's own
+    provider options replaced by the provider alone (the builder writes `enable_cuda_graph` 0, ours none), or with
+    graph, genai's CUDA-graph decode (`enable_cuda_graph` 1, the builder's `enable_cuda_graph` option)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     config.clear_providers()
     if provider == "cuda":
         config.append_provider("cuda")
+        if graph:
+            config.set_provider_option("cuda", "enable_cuda_graph", "1")
     with mock.patch.dict(os.environ, {FPA_INTB_ENV: "1"} if fpa_intb else {}):  # the caller's environment after
         return og.Model(config)
 
@@ -291,17 +300,23 @@ def make_rows(args, work: Path, res: dict) -> tuple:
     for name, folder in folders.items():
         model = genai_model(folder, args.provider)
         rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
-        if args.provider == "cuda" and name in ("ours_default", "peer_int4"):  # onnxruntime's weight-only GEMM path
-            model = genai_model(folder, args.provider, fpa_intb=True)
-            rows[f"{name}/onnxruntime-genai-fpaintb"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
+        if args.provider == "cuda" and name in ("ours_default", "peer_int4"):
+            if "ab" in args.rows_of:  # onnxruntime's weight-only GEMM path
+                model = genai_model(folder, args.provider, fpa_intb=True)
+                rows[f"{name}/onnxruntime-genai-fpaintb"] = (folder,
+                                                             lambda p, m=model: time_genai(m, p, args.new_tokens))
+            if "genai_graph" in args.rows_of:  # genai replaying its decode steps as CUDA graphs, both folders alike
+                model = genai_model(folder, args.provider, graph=True)
+                rows[f"{name}/onnxruntime-genai-graph"] = (folder,
+                                                           lambda p, m=model: time_genai(m, p, args.new_tokens))
         if name.startswith("ours"):  # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
             dec = timed_decoder(folder, provider=args.provider)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
-            if name == "ours_default":  # the A/B rows below step without a CUDA graph (cuda_graph=False)
-                eager = {"provider": args.provider, "cuda_graph": False}
-                if args.provider == "cuda":  # the loop before the graph became the default
-                    dece = timed_decoder(folder, **eager)
-                    rows[f"{name}/awq-edge-ort-eager"] = (folder, lambda p, d=dece: time_ort(d, p, args.new_tokens))
+            eager = {"provider": args.provider, "cuda_graph": False}
+            if name == "ours_default" and args.provider == "cuda":  # the loop before the graph became the default
+                dece = timed_decoder(folder, **eager)
+                rows[f"{name}/awq-edge-ort-eager"] = (folder, lambda p, d=dece: time_ort(d, p, args.new_tokens))
+            if name == "ours_default" and "ab" in args.rows_of:  # A/B rows, stepping without the graph
                 # one intra-op thread: a step's nodes are many and small (a CPU A/B)
                 dec1 = timed_decoder(folder, threads=1, **eager)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
@@ -311,8 +326,8 @@ def make_rows(args, work: Path, res: dict) -> tuple:
                 # a step through buffers of fixed address and shape without the graph
                 decx = timed_decoder(folder, fixed_buffers=True, **eager)
                 rows[f"{name}/awq-edge-ort-fixed"] = (folder, lambda p, d=decx: time_ort(d, p, args.new_tokens))
-            if name == "ours_default" and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands
-                stream = torch.cuda.Stream()                       # the provider its own
+            if name == "ours_default" and args.provider == "cuda" and "ab" in args.rows_of:  # a stream of
+                stream = torch.cuda.Stream()  # ours, as onnxruntime-genai hands the provider its own
                 decs = timed_decoder(folder, provider_options={"user_compute_stream": str(stream.cuda_stream)},
                                      **eager)
                 decs.stream = stream  # kept alive with the session
@@ -381,6 +396,10 @@ def ratios(rows: list) -> dict:
                  ("peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-fpaintb"),
                  ("ours_default/awq-edge-ort-fpaintb", "ours_default/awq-edge-ort-eager"),
+                 ("ours_default/onnxruntime-genai-graph", "peer_int4/onnxruntime-genai-graph"),
+                 ("ours_default/onnxruntime-genai-graph", "ours_default/onnxruntime-genai"),
+                 ("peer_int4/onnxruntime-genai-graph", "peer_int4/onnxruntime-genai"),
+                 ("ours_default/awq-edge-ort", "ours_default/onnxruntime-genai-graph"),
                  ("checkpoint/awq-edge-cuda", "ours_default/onnxruntime-genai")):
         if a.endswith("-eager") and a not in by:  # the CPU: the default loop is the eager one
             a = a.removesuffix("-eager")
@@ -400,8 +419,9 @@ def main(argv=None) -> int:
                          "MatMulNBits layout as ours: the runtimes alone compared)")
     ap.add_argument("--work", required=True, help="where the checkpoint, exports and profiles are written")
     ap.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend",
-                    help=f"comma list of {', '.join(EXPORTS)}, peer, cuda_backend")
+    ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend,ab",
+                    help=f"comma list of {', '.join(ROWS)} (genai_graph: ours_default and the peer on genai with "
+                         "its CUDA graphs too, CUDA only)")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -416,6 +436,8 @@ def main(argv=None) -> int:
     if bool(args.shape) == bool(args.quant_dir):
         ap.error("pass --quant-dir (a real checkpoint) or --shape (random weights), one of them")
     args.rows_of = set(args.rows.split(","))
+    if args.rows_of - set(ROWS):
+        ap.error(f"--rows: unknown {', '.join(sorted(args.rows_of - set(ROWS)))}; pick from {', '.join(ROWS)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     import onnxruntime_genai as og

@@ -33,7 +33,7 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
     out = tmp_path / "res"
     assert onnx_gpu.main(["--shape", "tiny", "--shape-peer", "checkpoint", "--work", str(tmp_path / "w"), "--out",
                           str(out), "--rows",
-                          "ours_default,ours_exact,ours_split_head,ours_float_act,ours_float_logits,ours_head4,peer",
+                          "ours_default,ours_exact,ours_split_head,ours_float_act,ours_float_logits,ours_head4,peer,ab",
                           *SMALL]) == 0
     rows = check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort",
                             "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin",
@@ -62,9 +62,8 @@ def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_
     out, work = tmp_path / "res", tmp_path / "w"
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(work), "--out", str(out), "--rows", "ours_default,peer",
                           *SMALL]) == 0
-    check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-1thread",
-                     "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed",
-                     "peer_int4/onnxruntime-genai"])
+    # without `ab` in --rows, no A/B rows (the shapes' runs: each row holds a session of the model)
+    check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["peer_source"] == "float model" and res["quant_dir"] == str(work / "ck_tiny_rtn")
     ck = json.loads((work / "ck_tiny_rtn" / "config.json").read_text())
@@ -114,16 +113,26 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
     out = tmp_path / "res"
     assert SMALL[:2] == ["--provider", "cpu"]
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
-                          "ours_default,peer", "--provider", "cuda", *SMALL[2:]]) == 0
+                          "ours_default,peer,genai_graph,ab", "--provider", "cuda", *SMALL[2:]]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
-        "ours_default/onnxruntime-genai", "ours_default/onnxruntime-genai-fpaintb", "ours_default/awq-edge-ort",
-        "ours_default/awq-edge-ort-eager", "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin",
-        "ours_default/awq-edge-ort-fixed", "ours_default/awq-edge-ort-stream", "ours_default/awq-edge-ort-fpaintb",
-        "peer_int4/onnxruntime-genai", "peer_int4/onnxruntime-genai-fpaintb"]
+        "ours_default/onnxruntime-genai", "ours_default/onnxruntime-genai-fpaintb",
+        "ours_default/onnxruntime-genai-graph", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-eager",
+        "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed",
+        "ours_default/awq-edge-ort-stream", "ours_default/awq-edge-ort-fpaintb", "peer_int4/onnxruntime-genai",
+        "peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-graph"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
         if r["runtime"].startswith("awq-edge-ort"):  # only the default loop replays graphs, to the end
             assert r["cuda_graph"] == (r["runtime"] == "awq-edge-ort"), r
     assert "ours_default/awq-edge-ort-eager vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]
+    assert "ours_default/onnxruntime-genai-graph vs peer_int4/onnxruntime-genai-graph tok/s" in res["ratios"]
     assert set(res["profile"]) == {"awq-edge-ort-eager", "onnxruntime-genai"}
+
+
+def test_an_unknown_row_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--rows", "ours_default,peers", *SMALL])
+    assert stop.value.code == 2
+    assert "--rows: unknown peers; pick from ours_default" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
