@@ -524,7 +524,13 @@ int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
 #ifndef AWQE_DEPTH
 #define AWQE_DEPTH 3
 #endif
-constexpr int kDeep = AWQE_DEPTH, kShallow = 2;
+// -DAWQE_DEEP_WARPS=4 gives blocks of 4 warps the deep ring too, for A/B timing: r12's stream alone ran 15-20% faster
+// at 4 warps a tile than at one on the wide products (22016 and 28672 rows), where the whole kernel at 4 warps, with
+// 2 stages a warp, was slower; bench/kernels.py's warps-a-tile columns show both.
+#ifndef AWQE_DEEP_WARPS
+#define AWQE_DEEP_WARPS 2
+#endif
+constexpr int kDeep = AWQE_DEPTH, kShallow = 2, kDeepWarps = AWQE_DEEP_WARPS;
 
 template <int MT, int BS, int kDepth>
 cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStream_t stream) {
@@ -551,7 +557,7 @@ cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaSt
     if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const bool async_copy = kAsyncBuild && dev.major >= 8;
-    if (warps <= 2) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, stream);
+    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, stream);
     return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, stream);
 }
 
