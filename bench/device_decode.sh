@@ -3,11 +3,13 @@
 # tests on the default build, then bench/decode.py with each library, one after the other in the same call.
 # Usage on the GPU machine, from the repository root:
 #   OUT=dir [BUILDS="default= register=-DAWQE_REGISTER_STREAM"] bash bench/device_decode.sh
+# KERNEL_SHAPES="4096x4096,22016x4096": also bench/kernels.py on those shapes with each library (kernels_NAME.json),
+# before the decode runs; MODELS="" runs no decode (the r12 probe builds give wrong results, so only their times).
 set -uo pipefail
 OUT=${OUT:?set OUT to a results folder}
 ARCH=${ARCH:-90-real}
 BUILDS=${BUILDS:-"default= register=-DAWQE_REGISTER_STREAM"}
-MODELS=${MODELS:-llama2-7b,llama3-8b}
+MODELS=${MODELS-llama2-7b,llama3-8b}
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
 [ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD
@@ -32,6 +34,16 @@ if [ "${SANITIZE:-0}" = 1 ]; then
     tests/test_kernels.py tests/test_runtime_cuda.py -k "float64 or warp_split or attention or folded" 2>&1 |
     tail -4 | tee "$OUT/memcheck.txt"
 fi
+if [ -n "${KERNEL_SHAPES:-}" ]; then
+  for b in $BUILDS; do
+    name=${b%%=*} flags=${b#*=}
+    AWQ_EDGE_KERNELS_LIB=/tmp/awqe-$name/libawq_edge_kernels.so python -P bench/kernels.py --shapes "$KERNEL_SHAPES" \
+      --label "$name build: CMAKE_CUDA_FLAGS='$flags'" --out "$OUT/kernels_$name.json" > "$OUT/kernels_$name.log" 2>&1 ||
+      { echo "bench/kernels.py failed with the $name build"; tail -3 "$OUT/kernels_$name.log"; exit 1; }
+    echo "== kernels, $name build"; grep -A80 "N x K" "$OUT/kernels_$name.log" | grep -E "^ *[0-9]+x[0-9]+ +1 "
+  done
+fi
+[ -n "$MODELS" ] || exit 0
 for b in $BUILDS; do
   name=${b%%=*} flags=${b#*=}
   AWQ_EDGE_KERNELS_LIB=/tmp/awqe-$name/libawq_edge_kernels.so python -P bench/decode.py --models "$MODELS" \
