@@ -467,6 +467,7 @@ def main(argv=None) -> int:
     # Every runtime goes before the placement sessions and the perplexity runs: at 8B the rows' sessions, caches and
     # graphs together fill an 80 GB GPU, and one more session did not fit (H100, 2026-12-07).
     rows = {name: folder for name, (folder, _) in rows.items()}
+    del run  # the timing loop's last runner, still bound after it
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,8 +1,10 @@
 """bench/onnx_gpu.py runs every row on the CPU on tiny models (the GPU run differs only in the provider), so a
 broken row fails here, not on the GPU machine."""
 
+import gc
 import importlib.util
 import json
+import types
 from pathlib import Path
 
 import onnx
@@ -56,12 +58,24 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
     assert "ours_default/awq-edge-ort vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]  # the eager loop
 
 
-def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_path, capsys):
+def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_path, capsys, monkeypatch):
     """--shape's default: a random fp16 model at the shape, ours quantised from it by the CLI (RTN, group 128, the
-    random head statistics the export's head reads), the peer the builder's own int4 of the same float model."""
+    random head statistics the export's head reads), the peer the builder's own int4 of the same float model. The
+    rows' runtimes are gone before the placement sessions open (at 8B they filled an 80 GB GPU)."""
     out, work = tmp_path / "res", tmp_path / "w"
+    alive, placement = [], onnx_gpu.placement
+
+    def counting_placement(*args, **kwargs):
+        gc.collect()
+        alive.append([o for o in gc.get_objects() if issubclass(type(o), onnx_gpu.OrtDecoder) or (
+            type(o) is types.FunctionType and o.__name__ == "<lambda>" and o.__code__.co_filename == onnx_gpu.__file__
+            and o.__code__.co_varnames[:1] == ("p",))])  # the rows' runners (type(): no attribute hooks run)
+        return placement(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_gpu, "placement", counting_placement)
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(work), "--out", str(out), "--rows", "ours_default,peer",
                           *SMALL]) == 0
+    assert alive == [[], [], []], alive  # one placement a row, nothing of the runtimes left
     # without `ab` in --rows, no A/B rows (the shapes' runs: each row holds a session of the model)
     check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "peer_int4/onnxruntime-genai"])
     res = json.loads(out.with_suffix(".json").read_text())

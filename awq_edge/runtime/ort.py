@@ -122,10 +122,10 @@ class OrtDecoder(PrefixCachedDecoder):
         cuda_graph: that, replayed as one CUDA graph per cache size (the CUDA provider's enable_cuda_graph, prompts
         run without one). None (the default): on with the CUDA provider wherever the folder allows fixed buffers
         (our GroupQueryAttention exports), off elsewhere; a step onnxruntime cannot capture or replay falls back to
-        the same buffers without the graph, said once on stderr. Measured on an H200 (bench/results/onnx_gpu.json,
-        onnx_gpu_llama2-7b.json): 1.35x onnxruntime-genai-cuda's tok/s on SmolLM2 and 1.12x at the Llama-2-7B shape
-        on the same folder, where the steps without the graph ran at 0.84x and 0.95x; the same greedy tokens
-        (tests/test_runtime_ort_cuda.py). fixed_buffers alone (benchmarks): on the CPU provider the same logits as
+        the same buffers without the graph, said once on stderr. Measured: 1.35x onnxruntime-genai-cuda's tok/s on
+        SmolLM2 (H200, bench/results/onnx_gpu.json), 1.16x and 1.14x at the Llama-2-7B and Llama-3-8B shapes (H100,
+        onnx_gpu_llama2-7b.json, onnx_gpu_llama3-8b.json) on the same folder, where the steps without the graph ran
+        at 0.84x, 0.98x and 0.95x; the same greedy tokens (tests/test_runtime_ort_cuda.py). fixed_buffers alone (benchmarks): on the CPU provider the same logits as
         the default steps."""
         self.folder = Path(folder)
         if cuda_graph and provider != "cuda":

@@ -33,6 +33,9 @@ constexpr bool kAsyncBuild = true;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(AWQE_REGISTER_STREAM)
 #define AWQE_ASYNC_STREAM 1
 #endif
+#if (defined(AWQE_PROBE_STREAM_ONLY) || defined(AWQE_PROBE_NO_X) || defined(AWQE_X_EARLY)) && defined(AWQE_REGISTER_STREAM)
+#error "the r12 probes and AWQE_X_EARLY change the cp.async stream only; build them without AWQE_REGISTER_STREAM"
+#endif
 // Chunks per warp prefetched to L2 while the previous kernel finishes (8 KB a warp; the path without cp.async).
 [[maybe_unused]] constexpr int kPrefetchChunks = 16;
 
@@ -200,34 +203,6 @@ __device__ __forceinline__ void load_stage_x(uint4 (&xv)[kStage][MT][2], const u
     }
 }
 
-// acc += the products of the stage in `slot` with its activations xv (load_stage_x). kGuard as in run_stage.
-template <int MT, int BS, bool kGuard>
-__device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, const uint4 (&xv)[kStage][MT][2],
-                                              int c, int end, int lane) {
-#if defined(AWQE_PROBE_STREAM_ONLY)
-    // Timing probe (wrong results): the weight stream alone, each landed vector read back from shared memory but no
-    // products; with the default build it splits a GEMV's time into stream and compute (bench/NOTES.md, r12).
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-        if (kGuard && c + u >= end) break;
-        const uint4 w = slot[u * 32 + lane];
-        acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w) & 0x3f800000u);
-    }
-#else
-    constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;
-    constexpr int kUnits = kChunkK / kUnitK;
-    const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + (lane >> 2);
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-        if (kGuard && c + u >= end) break;
-        uint2 p[kUnits];
-#pragma unroll
-        for (int v = 0; v < kUnits; ++v) p[v] = params[(u * kChunkK + v * kUnitK) / BS * 8];
-        compute_chunk<MT, kUnits>(acc, slot[u * 32 + lane], p, xv[u]);
-    }
-#endif
-}
-
 // A stage's activations for this lane (L1/L2 hits), or with -DAWQE_PROBE_NO_X (a timing probe, wrong results)
 // none: x read as 1.0 everywhere. kGuard: chunks from `end` on skipped, activations past K read as zeros.
 template <int MT, bool kGuard>
@@ -251,6 +226,35 @@ __device__ __forceinline__ void stage_x(uint4 (&xv)[kStage][MT][2], const uint16
 #else
 [[maybe_unused]] constexpr bool kXEarly = false;
 #endif
+
+// acc += the products of the stage in `slot` with its activations xv (load_stage_x). kGuard as in run_stage.
+template <int MT, int BS, bool kGuard>
+__device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, uint4 (&xv)[kStage][MT][2],
+                                              const uint16_t* const (&xrow)[MT], int c, int end, int K, int lane) {
+#if defined(AWQE_PROBE_STREAM_ONLY)
+    // Timing probe (wrong results): the weight stream alone, each landed vector read back from shared memory but no
+    // products; with the default build it splits a GEMV's time into stream and compute (bench/NOTES.md, r12).
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+        const uint4 w = slot[u * 32 + lane];
+        acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w) & 0x3f800000u);
+    }
+#else
+    constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;
+    constexpr int kUnits = kChunkK / kUnitK;
+    const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + (lane >> 2);
+    if constexpr (!kXEarly) stage_x<MT, kGuard>(xv, xrow, c, end, K, lane);
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+        if (kGuard && c + u >= end) break;
+        uint2 p[kUnits];
+#pragma unroll
+        for (int v = 0; v < kUnits; ++v) p[v] = params[(u * kChunkK + v * kUnitK) / BS * 8];
+        compute_chunk<MT, kUnits>(acc, slot[u * 32 + lane], p, xv[u]);
+    }
+#endif
+}
 
 // The warp's chunks [begin, end) through its ring of kDepth stages: issue(s) copies stage s into its slot.
 template <int BS, int kDepth>
@@ -288,21 +292,20 @@ struct AsyncStream {
     template <int MT>
     __device__ __forceinline__ void run(float (&acc)[MT][4], const uint16_t* const (&xrow)[MT], int fast_end, int K) {
         for (int s = 0; s < stages; ++s) {
-            const int c = begin + s * kStage;
-            const bool fast = c + kStage <= fast_end;
             uint4 xv[kStage][MT][2];
             if constexpr (kXEarly) {
-                if (fast) stage_x<MT, false>(xv, xrow, c, end, K, lane);
+                const int c = begin + s * kStage;
+                if (c + kStage <= fast_end) stage_x<MT, false>(xv, xrow, c, end, K, lane);
                 else stage_x<MT, true>(xv, xrow, c, end, K, lane);
             }
             cp_async_wait<kDepth - 1>();  // stage s's group: kDepth + s committed, the newest kDepth - 1 may pend
             __syncwarp();  // block parameters are read by lanes other than the one that copied them
+            const int c = begin + s * kStage;
+            const bool fast = c + kStage <= fast_end;
             if (fast) {
-                if constexpr (!kXEarly) stage_x<MT, false>(xv, xrow, c, end, K, lane);
-                compute_stage<MT, BS, false>(acc, slot(s), xv, c, end, lane);
+                compute_stage<MT, BS, false>(acc, slot(s), xv, xrow, c, end, K, lane);
             } else {
-                if constexpr (!kXEarly) stage_x<MT, true>(xv, xrow, c, end, K, lane);
-                compute_stage<MT, BS, true>(acc, slot(s), xv, c, end, lane);
+                compute_stage<MT, BS, true>(acc, slot(s), xv, xrow, c, end, K, lane);
             }
             __syncwarp();  // every lane has read the slot before any lane refills it
             issue(s + kDepth);
@@ -524,13 +527,15 @@ int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
 #ifndef AWQE_DEPTH
 #define AWQE_DEPTH 3
 #endif
-// -DAWQE_DEEP_WARPS=4 gives blocks of 4 warps the deep ring too, for A/B timing: r12's stream alone ran 15-20% faster
+// -DAWQE_DEEP_WARPS=4 gives blocks of 4 warps the deep ring too, for A/B timing: r12's stream alone ran 15-23% faster
 // at 4 warps a tile than at one on the wide products (22016 and 28672 rows), where the whole kernel at 4 warps, with
 // 2 stages a warp, was slower; bench/kernels.py's warps-a-tile columns show both.
 #ifndef AWQE_DEEP_WARPS
 #define AWQE_DEEP_WARPS 2
 #endif
 constexpr int kDeep = AWQE_DEPTH, kShallow = 2, kDeepWarps = AWQE_DEEP_WARPS;
+static_assert(kDeepWarps >= 2 && kDeepWarps <= kMaxWarps && (kDeepWarps & (kDeepWarps - 1)) == 0,
+              "AWQE_DEEP_WARPS: a power of two from 2 (the default) to 8");
 
 template <int MT, int BS, int kDepth>
 cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStream_t stream) {
