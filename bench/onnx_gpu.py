@@ -312,11 +312,13 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         if name.startswith("ours"):  # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
             dec = timed_decoder(folder, provider=args.provider)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
+            if name != "ours_default":
+                continue
             eager = {"provider": args.provider, "cuda_graph": False}
-            if name == "ours_default" and args.provider == "cuda":  # the loop before the graph became the default
+            if args.provider == "cuda":  # the loop before the graph became the default
                 dece = timed_decoder(folder, **eager)
                 rows[f"{name}/awq-edge-ort-eager"] = (folder, lambda p, d=dece: time_ort(d, p, args.new_tokens))
-            if name == "ours_default" and "ab" in args.rows_of:  # A/B rows, stepping without the graph
+            if "ab" in args.rows_of:  # A/B rows, stepping without the graph
                 # one intra-op thread: a step's nodes are many and small (a CPU A/B)
                 dec1 = timed_decoder(folder, threads=1, **eager)
                 rows[f"{name}/awq-edge-ort-1thread"] = (folder, lambda p, d=dec1: time_ort(d, p, args.new_tokens))
@@ -326,8 +328,8 @@ def make_rows(args, work: Path, res: dict) -> tuple:
                 # a step through buffers of fixed address and shape without the graph
                 decx = timed_decoder(folder, fixed_buffers=True, **eager)
                 rows[f"{name}/awq-edge-ort-fixed"] = (folder, lambda p, d=decx: time_ort(d, p, args.new_tokens))
-            if name == "ours_default" and args.provider == "cuda" and "ab" in args.rows_of:  # a stream of
-                stream = torch.cuda.Stream()  # ours, as onnxruntime-genai hands the provider its own
+            if "ab" in args.rows_of and args.provider == "cuda":  # a stream of ours, as onnxruntime-genai hands the
+                stream = torch.cuda.Stream()                     # provider its own
                 decs = timed_decoder(folder, provider_options={"user_compute_stream": str(stream.cuda_stream)},
                                      **eager)
                 decs.stream = stream  # kept alive with the session

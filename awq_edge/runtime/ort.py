@@ -125,8 +125,8 @@ class OrtDecoder(PrefixCachedDecoder):
         the same buffers without the graph, said once on stderr. Measured: 1.35x onnxruntime-genai-cuda's tok/s on
         SmolLM2 (H200, bench/results/onnx_gpu.json), 1.16x and 1.14x at the Llama-2-7B and Llama-3-8B shapes (H100,
         onnx_gpu_llama2-7b.json, onnx_gpu_llama3-8b.json) on the same folder, where the steps without the graph ran
-        at 0.84x, 0.98x and 0.95x; the same greedy tokens (tests/test_runtime_ort_cuda.py). fixed_buffers alone (benchmarks): on the CPU provider the same logits as
-        the default steps."""
+        at 0.84x, 0.98x and 0.95x; the same greedy tokens (tests/test_runtime_ort_cuda.py). fixed_buffers alone
+        (benchmarks): on the CPU provider the same logits as the default steps."""
         self.folder = Path(folder)
         if cuda_graph and provider != "cuda":
             raise AwqEdgeError("a CUDA graph needs the CUDA provider", "use --provider cuda, or no CUDA graph")
