@@ -1,9 +1,11 @@
-"""bench/kernels.py: its shape option on the CPU, and the whole script on one shape on a GPU."""
+"""bench/kernels.py: its shape option on the CPU, and the whole script on one shape on a GPU; bench/device_decode.sh
+(the build-per-variant A/B that drives it and bench/decode.py) on a GPU with nvcc."""
 
 import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,30 @@ def test_the_benchmark_checks_and_times_a_shape_end_to_end(tmp_path):
     shape = r["shapes"][0]
     assert max(max(e.values()) for e in shape["rel_error"].values()) < 1e-3
     assert [row["M"] for row in shape["rows"]] == bench_kernels.MS and all(row["ours_s"] > 0 for row in shape["rows"])
+
+
+def test_the_device_decode_script_needs_a_results_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_decode.sh")], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=60)
+    assert proc.returncode != 0 and "set OUT to a results folder" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not (shutil.which("nvcc") and shutil.which("cmake")),
+                    reason="needs an NVIDIA GPU, nvcc and cmake (the script builds the kernel library per variant)")
+def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp_path):
+    """bench/device_decode.sh as a GPU session runs it (NOTES r12's A/B), on one small shape and the tiny model:
+    two builds (the default and a flag), bench/kernels.py and bench/decode.py with each library."""
+    major, minor = torch.cuda.get_device_capability()
+    env = {**os.environ, "OUT": str(tmp_path), "ARCH": f"{major}{minor}-real", "TESTS": "0",
+           "BUILDS": "default= early=-DAWQE_X_EARLY", "KERNEL_SHAPES": "1536x640", "MODELS": "tiny",
+           "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1"}
+    proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for name in ("default", "early"):
+        k = json.loads((tmp_path / f"kernels_{name}.json").read_text())
+        assert k["label"].startswith(f"{name} build") and [(s["N"], s["K"]) for s in k["shapes"]] == [(1536, 640)]
+        assert max(max(e.values()) for e in k["shapes"][0]["rel_error"].values()) < 1e-3
+        d = json.loads((tmp_path / f"decode_{name}.json").read_text())
+        assert d["models"]["tiny"]["ours"]["tok_s"] > 0, d["models"]["tiny"]
