@@ -151,52 +151,60 @@ def time_cuda_backend(dec, prompt: list, new: int) -> tuple:
 
 def profile_summary(path: Path, skip_runs: int) -> dict:
     """onnxruntime's profile of one session: per run after the first skip_runs (the prompt), the medians of the
-    whole run (model_run) and of the time in each op type's nodes (on the CUDA provider that is the host's time to
-    launch them, not the GPU's), and the per-run node count."""
+    whole run (model_run), of the time in each op type's nodes (on the CUDA provider that is the host's time to
+    launch them, not the GPU's) and of the number of nodes a run; the runs profiled and those that ran nodes (a
+    replayed CUDA graph runs no node of onnxruntime's own: a graph loop's steps outnumber its runs with nodes)."""
     events = json.loads(path.read_text())
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])[skip_runs:]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_run = []
     for r in runs:
-        ops = {}
+        ops, count = {}, 0
         for e in nodes:
             if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
                 op = e.get("args", {}).get("op_name", "?")
                 ops[op] = ops.get(op, 0) + e["dur"]
-        per_run.append((r["dur"], ops))
-    names = {op for _, ops in per_run for op in ops}
-    by_op = {op: statistics.median(ops.get(op, 0) for _, ops in per_run) for op in names}
-    return {"runs": len(per_run), "model_run_us": statistics.median(d for d, _ in per_run),
-            "nodes_us": statistics.median(sum(ops.values()) for _, ops in per_run),
+                count += 1
+        per_run.append((r["dur"], ops, count))
+    if not per_run:
+        return {"runs": 0, "runs_with_nodes": 0}
+    names = {op for _, ops, _ in per_run for op in ops}
+    by_op = {op: statistics.median(ops.get(op, 0) for _, ops, _ in per_run) for op in names}
+    return {"runs": len(per_run), "runs_with_nodes": sum(n > 0 for _, _, n in per_run),
+            "model_run_us": statistics.median(d for d, _, _ in per_run),
+            "nodes_us": statistics.median(sum(ops.values()) for _, ops, _ in per_run),
+            "nodes_per_run": statistics.median(n for _, _, n in per_run),
             "by_op_us": dict(sorted(by_op.items(), key=lambda t: -t[1]))}
 
 
-def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: Path) -> dict:
+def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: Path, genai_graph: bool = False) -> dict:
     """ORT's own profile of `steps` greedy decode steps after the prompt, through our loop without a CUDA graph (a
     replayed graph's nodes are not profiled) and through onnxruntime-genai, on the same folder: is our loop's extra
-    time inside onnxruntime's run, and in which nodes?"""
+    time inside onnxruntime's run, and in which nodes? With genai_graph, genai's CUDA-graph decode too: whether it
+    replays (fewer of its runs ran nodes than it took steps)."""
     out = {}
     prefix = work / f"profile_ours_{folder.name}"
     dec = timed_decoder(folder, provider=provider, profile=str(prefix), cuda_graph=False)
     _, tok_s, _, inside, _ = time_ort(dec, prompt, steps + 1)
-    out["awq-edge-ort-eager"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside,
-                           **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
-    twin = work / f"profile_genai_{folder.name}"  # the same files, with profiling on in genai_config.json
-    shutil.rmtree(twin, ignore_errors=True)
-    twin.mkdir(parents=True)
-    for f in folder.iterdir():
-        if f.name != "genai_config.json":
-            (twin / f.name).symlink_to(f.resolve())
-    config = json.loads((folder / "genai_config.json").read_text())
-    config["model"]["decoder"].setdefault("session_options", {})["enable_profiling"] = str(twin / "ort_profile")
-    (twin / "genai_config.json").write_text(json.dumps(config))
-    model = genai_model(twin, provider)
-    _, tok_s, _ = time_genai(model, prompt, steps + 1)
-    del model  # onnxruntime writes the profile when the session ends
-    files = sorted(twin.glob("ort_profile*.json"))
-    if files:
-        out["onnxruntime-genai"] = {"ms_per_step": 1e3 / tok_s, **profile_summary(files[-1], skip_runs=1)}
+    out["awq-edge-ort-eager"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside, "steps": steps,
+                                 **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
+    for loop, graph in (("onnxruntime-genai", False), ("onnxruntime-genai-graph", True))[:1 + genai_graph]:
+        twin = work / f"profile_{loop}_{folder.name}"  # the same files, with profiling on in genai_config.json
+        shutil.rmtree(twin, ignore_errors=True)
+        twin.mkdir(parents=True)
+        for f in folder.iterdir():
+            if f.name != "genai_config.json":
+                (twin / f.name).symlink_to(f.resolve())
+        config = json.loads((folder / "genai_config.json").read_text())
+        config["model"]["decoder"].setdefault("session_options", {})["enable_profiling"] = str(twin / "ort_profile")
+        (twin / "genai_config.json").write_text(json.dumps(config))
+        model = genai_model(twin, provider, graph=graph)
+        _, tok_s, _ = time_genai(model, prompt, steps + 1)
+        del model  # onnxruntime writes the profile when the session ends
+        files = sorted(twin.glob("ort_profile*.json"))
+        if files:
+            out[loop] = {"ms_per_step": 1e3 / tok_s, "steps": steps, **profile_summary(files[-1], skip_runs=1)}
     return out
 
 
@@ -366,11 +374,16 @@ def markdown(res: dict) -> str:
     if res.get("profile"):
         lines += ["", "onnxruntime's profile of ours_default's decode steps (medians per step, us; node times are the "
                   "host's time in each node, launches on the CUDA provider):", "",
-                  "| loop | wall per step | model_run | in nodes | top op types |", "| --- | --- | --- | --- | --- |"]
+                  "| loop | wall per step | runs with nodes of steps | model_run | in nodes | nodes a run | top op "
+                  "types |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for loop, p in res["profile"].items():
+            if not p["runs"]:  # a graph loop that replayed every step
+                lines.append(f"| {loop} | {1e3 * p['ms_per_step']:.0f} | 0 of {p['steps']} | | | | |")
+                continue
             top = ", ".join(f"{op} {us:.0f}" for op, us in list(p["by_op_us"].items())[:6])
-            lines.append(f"| {loop} | {1e3 * p['ms_per_step']:.0f} | {p['model_run_us']:.0f} | {p['nodes_us']:.0f} | "
-                         f"{top} |")
+            lines.append(f"| {loop} | {1e3 * p['ms_per_step']:.0f} | {p['runs_with_nodes']} of {p['steps']} | "
+                         f"{p['model_run_us']:.0f} | {p['nodes_us']:.0f} | {p['nodes_per_run']:.0f} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -497,7 +510,8 @@ def main(argv=None) -> int:
     save()
     folder = rows.get("ours_default/awq-edge-ort")
     if args.profile_steps and folder is not None:
-        res["profile"] = profile_loops(folder, args.provider, prompt, args.profile_steps, work)
+        res["profile"] = profile_loops(folder, args.provider, prompt, args.profile_steps, work,
+                                       genai_graph=args.provider == "cuda" and "genai_graph" in args.rows_of)
         save()
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))

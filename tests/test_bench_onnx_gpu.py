@@ -53,6 +53,9 @@ def test_every_row_runs_on_a_random_tiny_shape(tmp_path):
     for loop in ("awq-edge-ort-eager", "onnxruntime-genai"):  # onnxruntime's profile of both loops on one folder
         p = res["profile"][loop]
         assert p["runs"] >= 3 and 0 < p["nodes_us"] < p["model_run_us"] and p["by_op_us"]["MatMulNBits"] > 0, p
+        assert p["steps"] == p["runs"] == p["runs_with_nodes"] == 4, p
+    nodes = {loop: p["nodes_per_run"] for loop, p in res["profile"].items()}  # one graph: the same nodes a step
+    assert nodes["awq-edge-ort-eager"] == nodes["onnxruntime-genai"] > 10, nodes
     assert "| onnxruntime-genai |" in out.with_suffix(".md").read_text()
     assert "ours_split_head/onnxruntime-genai vs peer_int4/onnxruntime-genai tok/s" in res["ratios"]
     assert "ours_default/awq-edge-ort vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]  # the eager loop
@@ -127,7 +130,8 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
     out = tmp_path / "res"
     assert SMALL[:2] == ["--provider", "cpu"]
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
-                          "ours_default,peer,genai_graph,ab", "--provider", "cuda", *SMALL[2:]]) == 0
+                          "ours_default,peer,genai_graph,ab", "--provider", "cuda", *SMALL[2:],
+                          "--profile-steps", "16"]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
         "ours_default/onnxruntime-genai", "ours_default/onnxruntime-genai-fpaintb",
@@ -141,7 +145,13 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
             assert r["cuda_graph"] == (r["runtime"] == "awq-edge-ort"), r
     assert "ours_default/awq-edge-ort-eager vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]
     assert "ours_default/onnxruntime-genai-graph vs peer_int4/onnxruntime-genai-graph tok/s" in res["ratios"]
-    assert set(res["profile"]) == {"awq-edge-ort-eager", "onnxruntime-genai"}
+    prof = res["profile"]
+    assert set(prof) == {"awq-edge-ort-eager", "onnxruntime-genai", "onnxruntime-genai-graph"}
+    graph, eager = prof["onnxruntime-genai-graph"], prof["onnxruntime-genai"]
+    # genai's graph mode replays: a replayed step runs no node of onnxruntime's, where the eager genai ran them all
+    # at every step (16 steps: onnxruntime runs a few before it captures)
+    assert eager["runs_with_nodes"] == eager["steps"] == 16 and eager["nodes_per_run"] > 10, eager
+    assert graph["steps"] == 16 and graph["runs_with_nodes"] < graph["steps"] // 2, graph
 
 
 def test_an_unknown_row_is_refused_before_any_work(tmp_path, capsys):
