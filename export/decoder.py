@@ -81,8 +81,9 @@ def project(g: ops.Graph, x: str, name: str, lin, opts: ExportOptions) -> str:
                 "re-quantise with `awq-edge quantize --no-zero-point`, or export without --trt-native",
             )
         y = ops.dequantize_matmul(g, x, name, lin.q, lin.scales, lin.group_size)
-    else:
-        weights = ops.nbits_weights(g, name, lin.q, lin.scales, lin.zeros, lin.group_size)
+    else:  # a symmetric linear (every zero point 8, the op's default) stores none: the kernels' no-zero-point path
+        weights = ops.nbits_weights(g, name, lin.q, lin.scales, lin.zeros, lin.group_size,
+                                    implicit_zeros=bool((lin.zeros == 8).all()))
         y = ops.matmul_nbits(g, x, name, weights, lin.shape[1], lin.shape[0], lin.group_size, opts.accuracy_level)
     return ops.add_bias(g, y, name, lin.bias)
 

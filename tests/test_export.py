@@ -202,23 +202,34 @@ def initializers(folder) -> dict:
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_matmul_nbits_holds_the_checkpoint_integers_scales_and_zero_points_bit_for_bit(tmp_path, symmetric):
-    _, ints = write_checkpoint(tmp_path / "ck", symmetric=symmetric)
+    """A symmetric checkpoint's linears store no zero points (each is 8, MatMulNBits' default) and read the same."""
+    model, ints = write_checkpoint(tmp_path / "ck", symmetric=symmetric)
     out = export(tmp_path / "ck", tmp_path / "onnx")
     w = initializers(out)
+
+    def weights(name, k):
+        b, s = torch.from_numpy(w[f"{name}.qweight"]), torch.from_numpy(w[f"{name}.scales"])
+        assert (f"{name}.qzeros" in w) != symmetric, name
+        z = torch.from_numpy(w[f"{name}.qzeros"]) if not symmetric else torch.full(
+            (b.shape[0], (b.shape[1] + 1) // 2), 0x88, dtype=torch.uint8)
+        return from_matmul_nbits(b, s, z, k=k, block_size=32, bits=4)
+
     for layer in range(2):
         p = f"model.layers.{layer}"
-        qkv = f"{p}.self_attn.qkv_proj"
-        b, s, z = (torch.from_numpy(w[f"{qkv}.{k}"]) for k in ("qweight", "scales", "qzeros"))
-        q, scales, zeros = from_matmul_nbits(b, s, z, k=128, block_size=32, bits=4)
+        q, scales, zeros = weights(f"{p}.self_attn.qkv_proj", 128)
         parts = [ints[f"{p}.self_attn.{n}_proj"] for n in "qkv"]
         assert torch.equal(q, torch.cat([x[0] for x in parts]))
         assert torch.equal(scales, torch.cat([x[1] for x in parts]))
         assert torch.equal(zeros, torch.cat([x[2] for x in parts]))
         for name in (f"{p}.self_attn.o_proj", f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj", f"{p}.mlp.down_proj"):
             q0, s0, z0 = ints[name]
-            b, s, z = (torch.from_numpy(w[f"{name}.{k}"]) for k in ("qweight", "scales", "qzeros"))
-            q, scales, zeros = from_matmul_nbits(b, s, z, k=q0.shape[1], block_size=32, bits=4)
+            q, scales, zeros = weights(name, q0.shape[1])
             assert torch.equal(q, q0) and torch.equal(scales, s0) and torch.equal(zeros, z0)
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    assert {len(n.input) for n in nodes if n.op_type == "MatMulNBits"} == {3 if symmetric else 4}
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(run_full(out, PROMPT) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
 def test_trt_native_int4_weights_are_the_checkpoint_integers_minus_eight(tmp_path):
