@@ -52,8 +52,11 @@ EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head":
            "ours_head4": {"head_bits": 4, "head_outliers": 0, "head_group": 32}}
 # what --rows may name: the exports, the peer, the checkpoint on our CUDA backend, genai's CUDA-graph mode for
 # ours_default and the peer, and the A/B rows (our loop's eager variants, onnxruntime's fpA_intB path on genai and on
-# our loop): each row holds a session, and at 8B an 80 GB GPU holds about a dozen
-ROWS = (*EXPORTS, "peer", "cuda_backend", "genai_graph", "ab")
+# our loop): each row holds a session, and at 8B an 80 GB GPU holds about a dozen. ours_sym (--shape with the float
+# peer only): the same float model quantised without zero points (`--no-zero-point`, RTN group 128), exported at the
+# defaults, whose layers then store none: onnxruntime's MatMulNBits path without zero points, an A/B for the layer
+# format against ours_default (asymmetric, AWQ's) at the same group, not a configuration we ship
+ROWS = (*EXPORTS, "ours_sym", "peer", "cuda_backend", "genai_graph", "ab")
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
@@ -252,11 +255,11 @@ def prompt_of(args, tokenizer, vocab: int) -> list:
     return [(7 * i + 3) % min(vocab, 256) for i in range(args.prompt_tokens)]
 
 
-def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: bool) -> None:
+def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: bool, cli_args: tuple = ()) -> None:
     """A random fp16 model at the shape (bench/quantize_scale.py's writer, a byte-level tokenizer), quantised by
-    `awq-edge quantize --method rtn` (group 128), with random head statistics (RTN measures none, and the export
-    would otherwise run the whole model on the CPU for them). The float model is written where the checkpoint or
-    the peer (peer) needs it."""
+    `awq-edge quantize --method rtn` (group 128; cli_args added), with random head statistics (RTN measures none,
+    and the export would otherwise run the whole model on the CPU for them). The float model is written where the
+    checkpoint or the peer (peer) needs it."""
     from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
     from bench.quantize_scale import run_cli, write_random_model
 
@@ -267,7 +270,7 @@ def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: boo
         write_random_model(shape, float_dir, tok, shape=SHAPES[shape])
     if not have_ck:
         tmp = quant_dir.with_name(quant_dir.name + ".tmp")
-        run_cli(["quantize", str(float_dir), "-o", str(tmp), "--method", "rtn", "--group-size", "128"],
+        run_cli(["quantize", str(float_dir), "-o", str(tmp), "--method", "rtn", "--group-size", "128", *cli_args],
                 quant_dir.with_name(quant_dir.name + ".log"))
         write_head_stats(tmp, SHAPES[shape]["hidden_size"], torch.Generator().manual_seed(0))
         tmp.rename(quant_dir)
@@ -298,6 +301,12 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         t0 = time.perf_counter()
         folders[name] = export(quant_dir, work / name, export_options("ort", dtype="fp16", **extra))
         res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
+    if "ours_sym" in args.rows_of:
+        sym_dir = work / f"ck_{args.shape}_rtn_sym"
+        quantize_float_shape(args.shape, float_dir, sym_dir, peer=False, cli_args=("--no-zero-point",))
+        t0 = time.perf_counter()
+        folders["ours_sym"] = export(sym_dir, work / "ours_sym", export_options("ort", dtype="fp16"))
+        res["export_seconds"]["ours_sym"] = round(time.perf_counter() - t0, 1)
     peer_source = args.hf_dir or float_dir or (quant_dir if args.shape else None)  # see the module's docstring
     if "peer" in args.rows_of and peer_source:
         folders["peer_int4"] = work / f"peer_int4_{Path(peer_source).name}_{args.provider}"
@@ -391,6 +400,8 @@ def ratios(rows: list) -> dict:
     by = {f"{r['model']}/{r['runtime']}": r for r in rows}
     out = {}
     for a, b in (("ours_default/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_sym/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_sym/onnxruntime-genai", "ours_default/onnxruntime-genai"),
                  ("ours_exact/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_split_head/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
@@ -453,6 +464,8 @@ def main(argv=None) -> int:
     args.rows_of = set(args.rows.split(","))
     if args.rows_of - set(ROWS):
         ap.error(f"--rows: unknown {', '.join(sorted(args.rows_of - set(ROWS)))}; pick from {', '.join(ROWS)}")
+    if "ours_sym" in args.rows_of and not (args.shape and args.shape_peer == "float"):
+        ap.error("--rows ours_sym quantises the float model of a --shape: use it with --shape (and the float peer)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     import onnxruntime_genai as og
