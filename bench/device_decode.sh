@@ -5,9 +5,11 @@
 #   OUT=dir [BUILDS="default= register=-DAWQE_REGISTER_STREAM"] bash bench/device_decode.sh
 # KERNEL_SHAPES="4096x4096,22016x4096": also bench/kernels.py on those shapes with each library (kernels_NAME.json),
 # before the decode runs; MODELS="" runs no decode (the r12 probe builds give wrong results, so only their times).
+# BUILD_ROOT (default /tmp): where each build's folder awqe-NAME goes.
 set -uo pipefail
 OUT=${OUT:?set OUT to a results folder}
 ARCH=${ARCH:-90-real}
+BUILD_ROOT=${BUILD_ROOT:-/tmp}
 BUILDS=${BUILDS:-"default= register=-DAWQE_REGISTER_STREAM"}
 MODELS=${MODELS-llama2-7b,llama3-8b}
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
@@ -15,14 +17,15 @@ MODELS=${MODELS-llama2-7b,llama3-8b}
 export PYTHONPATH=$PWD
 for b in $BUILDS; do
   name=${b%%=*} flags=${b#*=}
-  ( cmake -S plugins -B /tmp/awqe-$name -DCMAKE_CUDA_ARCHITECTURES=$ARCH "-DCMAKE_CUDA_FLAGS=$flags" >/dev/null &&
-    cmake --build /tmp/awqe-$name -j 8 2>&1 | grep -iE "error|spill" ) &
+  rm -f "$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so"  # a library left by an earlier build is not this one
+  ( cmake -S plugins -B "$BUILD_ROOT/awqe-$name" -DCMAKE_CUDA_ARCHITECTURES=$ARCH "-DCMAKE_CUDA_FLAGS=$flags" \
+      >/dev/null && cmake --build "$BUILD_ROOT/awqe-$name" -j 8 2>&1 | grep -iE "error|spill" ) &
 done
 wait
 for b in $BUILDS; do
-  [ -f /tmp/awqe-${b%%=*}/libawq_edge_kernels.so ] || { echo "build ${b%%=*} failed"; exit 1; }
+  [ -f "$BUILD_ROOT/awqe-${b%%=*}/libawq_edge_kernels.so" ] || { echo "build ${b%%=*} failed"; exit 1; }
 done
-export AWQ_EDGE_KERNELS_LIB=/tmp/awqe-default/libawq_edge_kernels.so
+export AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-default/libawq_edge_kernels.so
 if [ "${TESTS:-1}" = 1 ]; then
   python -m pytest -q -x tests/test_kernels.py tests/test_runtime_cuda.py > "$OUT/tests.txt" 2>&1
   status=$?
@@ -37,8 +40,9 @@ fi
 if [ -n "${KERNEL_SHAPES:-}" ]; then
   for b in $BUILDS; do
     name=${b%%=*} flags=${b#*=}
-    AWQ_EDGE_KERNELS_LIB=/tmp/awqe-$name/libawq_edge_kernels.so python -P bench/kernels.py --shapes "$KERNEL_SHAPES" \
-      --label "$name build: CMAKE_CUDA_FLAGS='$flags'" --out "$OUT/kernels_$name.json" > "$OUT/kernels_$name.log" 2>&1 ||
+    AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -P bench/kernels.py \
+      --shapes "$KERNEL_SHAPES" --label "$name build: CMAKE_CUDA_FLAGS='$flags'" --out "$OUT/kernels_$name.json" \
+      > "$OUT/kernels_$name.log" 2>&1 ||
       { echo "bench/kernels.py failed with the $name build"; tail -3 "$OUT/kernels_$name.log"; exit 1; }
     echo "== kernels, $name build"; grep -A80 "N x K" "$OUT/kernels_$name.log" | grep -E "^ *[0-9]+x[0-9]+ +1 "
   done
@@ -46,7 +50,7 @@ fi
 [ -n "$MODELS" ] || exit 0
 for b in $BUILDS; do
   name=${b%%=*} flags=${b#*=}
-  AWQ_EDGE_KERNELS_LIB=/tmp/awqe-$name/libawq_edge_kernels.so python -P bench/decode.py --models "$MODELS" \
+  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -P bench/decode.py --models "$MODELS" \
     --variants ${VARIANTS:-ours,ours_unfolded} ${BENCH_ARGS:---breakdown} --out "$OUT/decode_$name.json" \
     --label "$name build: CMAKE_CUDA_FLAGS='$flags'" 2>&1 | grep -v Warning | grep -v '^ ' | grep -v '^[{}]'
 done

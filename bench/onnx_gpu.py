@@ -55,7 +55,7 @@ EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head":
 # our loop): each row holds a session, and at 8B an 80 GB GPU holds about a dozen. ours_sym (--shape with the float
 # peer only): the same float model quantised without zero points (`--no-zero-point`, RTN group 128), exported at the
 # defaults, whose layers then store none: onnxruntime's MatMulNBits path without zero points, an A/B for the layer
-# format against ours_default (asymmetric, AWQ's) at the same group, not a configuration we ship
+# format against ours_default (zero points, AWQ's format; RTN at --shape) at the same group, not a configuration we ship
 ROWS = (*EXPORTS, "ours_sym", "peer", "cuda_backend", "genai_graph", "ab")
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
@@ -156,7 +156,8 @@ def profile_summary(path: Path, skip_runs: int) -> dict:
     """onnxruntime's profile of one session: per run after the first skip_runs (the prompt), the medians of the
     whole run (model_run), of the time in each op type's nodes (on the CUDA provider that is the host's time to
     launch them, not the GPU's) and of the number of nodes a run; the runs profiled and those that ran nodes (a
-    replayed CUDA graph runs no node of onnxruntime's own: a graph loop's steps outnumber its runs with nodes)."""
+    replayed CUDA graph runs no node of onnxruntime's own, whether or not its run is recorded: a graph loop's steps
+    outnumber its runs with nodes)."""
     events = json.loads(path.read_text())
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])[skip_runs:]
@@ -387,7 +388,7 @@ def markdown(res: dict) -> str:
                   "types |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for loop, p in res["profile"].items():
-            if not p["runs"]:  # a graph loop that replayed every step
+            if not p["runs"]:  # no model_run event after the prompt's: an empty profile
                 lines.append(f"| {loop} | {1e3 * p['ms_per_step']:.0f} | 0 of {p['steps']} | | | | |")
                 continue
             top = ", ".join(f"{op} {us:.0f}" for op, us in list(p["by_op_us"].items())[:6])

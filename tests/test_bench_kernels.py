@@ -57,6 +57,7 @@ def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp
     two builds (the default and a flag), bench/kernels.py and bench/decode.py with each library."""
     major, minor = torch.cuda.get_device_capability()
     env = {**os.environ, "OUT": str(tmp_path), "ARCH": f"{major}{minor}-real", "TESTS": "0",
+           "BUILD_ROOT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "BUILDS": "default= early=-DAWQE_X_EARLY", "KERNEL_SHAPES": "1536x640", "MODELS": "tiny",
            "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1"}
     proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -250,6 +250,27 @@ def test_trt_native_refuses_asymmetric_weights_naming_no_zero_point(tmp_path, ck
     assert not (tmp_path / "onnx").exists()
 
 
+def test_a_symmetric_trt_export_reaches_the_engine_check_without_zero_points(tmp_path):
+    """A --no-zero-point checkpoint's --target trt export now stores no zero points on its MatMulNBits (above), so the
+    engine's int4 check lets it past TensorRT-RTX's refusal of zero points (the plugin library is still asked for);
+    an asymmetric one is refused as before."""
+    from awq_edge.engine import plan
+    from awq_edge.engine.devices import get_profile
+
+    rtx = get_profile("rtx-4090")
+    for symmetric in (True, False):
+        write_checkpoint(tmp_path / f"ck{symmetric}", symmetric=symmetric)
+        out = export(tmp_path / f"ck{symmetric}", tmp_path / f"onnx{symmetric}", ExportOptions(target="trt"))
+        counts = plan.int4_nodes(onnx.load(str(out / "model.onnx"), load_external_data=False))
+        assert counts["matmul_nbits"] > 0 and counts["matmul_nbits_zero_points"] == (0 if symmetric else
+                                                                                      counts["matmul_nbits"])
+        if symmetric:
+            plan.check_int4_path(counts, rtx, "libawq_edge_trt_plugin.so")
+        else:
+            with pytest.raises(AwqEdgeError, match="refuses zero points"):
+                plan.check_int4_path(counts, rtx, "libawq_edge_trt_plugin.so")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("native", [False, True])
 def test_trt_target_uses_only_ops_tensorrt_parses(tmp_path, native, family):
