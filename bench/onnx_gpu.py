@@ -193,7 +193,8 @@ def profile_loops(folder: Path, provider: str, prompt: list, steps: int, work: P
     _, tok_s, _, inside, _ = time_ort(dec, prompt, steps + 1)
     out["awq-edge-ort-eager"] = {"ms_per_step": 1e3 / tok_s, "ort_run_ms_per_step": 1e3 * inside, "steps": steps,
                                  **profile_summary(Path(dec.session.end_profiling()), skip_runs=1)}
-    for loop, graph in (("onnxruntime-genai", False), ("onnxruntime-genai-graph", True))[:1 + genai_graph]:
+    loops = [("onnxruntime-genai", False)] + ([("onnxruntime-genai-graph", True)] if genai_graph else [])
+    for loop, graph in loops:
         twin = work / f"profile_{loop}_{folder.name}"  # the same files, with profiling on in genai_config.json
         shutil.rmtree(twin, ignore_errors=True)
         twin.mkdir(parents=True)
@@ -295,19 +296,16 @@ def make_rows(args, work: Path, res: dict) -> tuple:
     else:
         quant_dir, tokenizer = Path(args.quant_dir), load_tokenizer(Path(args.quant_dir))
     res["quant_dir"] = str(quant_dir)
-    folders, res["export_seconds"] = {}, {}
-    for name, extra in EXPORTS.items():
-        if name not in args.rows_of:
-            continue
-        t0 = time.perf_counter()
-        folders[name] = export(quant_dir, work / name, export_options("ort", dtype="fp16", **extra))
-        res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
+    # row -> (checkpoint, export options): EXPORTS' rows from quant_dir, ours_sym's defaults from its own checkpoint
+    sources = {name: (quant_dir, extra) for name, extra in EXPORTS.items() if name in args.rows_of}
     if "ours_sym" in args.rows_of:
-        sym_dir = work / f"ck_{args.shape}_rtn_sym"
-        quantize_float_shape(args.shape, float_dir, sym_dir, peer=False, cli_args=("--no-zero-point",))
+        sources["ours_sym"] = (work / f"ck_{args.shape}_rtn_sym", {})
+        quantize_float_shape(args.shape, float_dir, sources["ours_sym"][0], peer=False, cli_args=("--no-zero-point",))
+    folders, res["export_seconds"] = {}, {}
+    for name, (ck, extra) in sources.items():
         t0 = time.perf_counter()
-        folders["ours_sym"] = export(sym_dir, work / "ours_sym", export_options("ort", dtype="fp16"))
-        res["export_seconds"]["ours_sym"] = round(time.perf_counter() - t0, 1)
+        folders[name] = export(ck, work / name, export_options("ort", dtype="fp16", **extra))
+        res["export_seconds"][name] = round(time.perf_counter() - t0, 1)
     peer_source = args.hf_dir or float_dir or (quant_dir if args.shape else None)  # see the module's docstring
     if "peer" in args.rows_of and peer_source:
         folders["peer_int4"] = work / f"peer_int4_{Path(peer_source).name}_{args.provider}"
