@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,18 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKITEXT = Path(os.environ.get("AWQ_EDGE_WIKITEXT", SHARED / "data" / "wikitext-2"))
+# The most the suite holds under the temp folder at once (measured: see MIN_FREE_GIB's check), with a margin.
+MIN_FREE_GIB = 2.0
+
+
+def pytest_sessionstart(session):
+    """Refuse to start on a nearly full temp disk: every test that writes would otherwise fail in its setup, one
+    'No space left on device' each, and hide the one cause."""
+    root = tempfile.gettempdir()
+    free = shutil.disk_usage(root).free / 2**30
+    if free < MIN_FREE_GIB:
+        pytest.exit(f"only {free:.2f} GiB free under {root}, the tests need {MIN_FREE_GIB} GiB: free some space there "
+                    f"or point TMPDIR at a larger disk", returncode=1)
 
 
 def builtin_model_available(name: str) -> bool:
