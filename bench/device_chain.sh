@@ -245,8 +245,9 @@ for step in "$@"; do
       unbundle || exit 1
       # a shape was about 5 minutes with --shape-peer checkpoint (the export, the peer's build); the default float
       # peer adds the random fp16 model, its RTN quantisation and the builder's own rounding (not timed yet)
+      rows=${ONNX_SHAPE_ROWS:-ours_default,ours_head4,ours_sym,ours_sym32,peer,cuda_backend,genai_graph}
       for m in ${ONNX_SHAPES:-llama2-7b llama3-8b}; do
-        python -P bench/onnx_gpu.py --shape $m --rows ${ONNX_SHAPE_ROWS:-ours_default,ours_head4,ours_sym,peer,cuda_backend,genai_graph} \
+        python -P bench/onnx_gpu.py --shape $m --rows $rows \
           --repeats ${ONNX_REPEATS:-2} \
           --work /tmp/og_$m \
           --out "$OUT/onnx_gpu_$m" > "$OUT/onnx_gpu_$m.log" 2>&1; tail -12 "$OUT/onnx_gpu_$m.log"

@@ -52,23 +52,31 @@ EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head":
            "ours_head4": {"head_bits": 4, "head_outliers": 0, "head_group": 32}}
 # what --rows may name: the exports, the peer, the checkpoint on our CUDA backend, genai's CUDA-graph mode for
 # ours_default and the peer, and the A/B rows (our loop's eager variants, onnxruntime's fpA_intB path on genai and on
-# our loop): each row holds a session, and at 8B an 80 GB GPU holds about a dozen. ours_sym (--shape with the float
-# peer only): the same float model quantised without zero points (`--no-zero-point`, RTN group 128), exported at the
-# defaults, whose layers then store none: onnxruntime's MatMulNBits path without zero points, an A/B for the layer
-# format against ours_default (zero points, AWQ's format; RTN at --shape) at the same group, not a configuration we ship
-ROWS = (*EXPORTS, "ours_sym", "peer", "cuda_backend", "genai_graph", "ab")
+# our loop): each row holds a session, and at 8B an 80 GB GPU holds about a dozen. The layer-format rows (--shape with
+# the float peer only), FORMATS: the same float model quantised again by RTN without zero points (`--no-zero-point`),
+# exported at the defaults, whose layers then store none. ours_sym in groups of 128: onnxruntime's MatMulNBits without
+# zero points against ours_default (zero points, AWQ's format; RTN at --shape) at the same group. ours_sym32 in groups
+# of 32, the peer's layer format, which the pip wheel's fpA_intB build also takes (its compact kernel set: g32, no zero
+# points), so on CUDA it runs on genai with that path too. A/B rows for the format, not configurations we ship; on
+# genai only (our loop runs the same kernels as genai).
+FORMATS = {"ours_sym": 128, "ours_sym32": 32}
+ROWS = (*EXPORTS, *FORMATS, "peer", "cuda_backend", "genai_graph", "ab")
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
 # onnxruntime's CUTLASS weight-only (fpA_intB) path for MatMulNBits on CUDA, off by default; the environment
-# variable is read when a session builds its kernels (genai's sessions), the config entry is the session's own.
+# variables are read when a session builds its kernels (genai's sessions), the config entries are the session's own.
+# Each eligible node times its tactics when the session is made, by default for M up to 2048; the rows run two M, the
+# prompt's and 1, so only those are profiled (a comma list).
 FPA_INTB_ENV, FPA_INTB_ENTRY = "ORT_FPA_INTB_GEMM", "ep.cuda.fpa_intb_gemm"
+FPA_INTB_M_ENV, FPA_INTB_M_ENTRY = "ORT_FPA_INTB_PROFILE_M", "ep.cuda.fpa_intb_profile_m"
 
 
-def genai_model(folder: Path, provider: str, fpa_intb: bool = False, graph: bool = False):
+def genai_model(folder: Path, provider: str, fpa_intb: str | None = None, graph: bool = False):
     """onnxruntime-genai's model of the folder on the provider, as the benchmark's rows run it: the folder's own
     provider options replaced by the provider alone (the builder writes `enable_cuda_graph` 0, ours none), or with
-    graph, genai's CUDA-graph decode (`enable_cuda_graph` 1, the builder's `enable_cuda_graph` option)."""
+    graph, genai's CUDA-graph decode (`enable_cuda_graph` 1, the builder's `enable_cuda_graph` option); fpa_intb:
+    onnxruntime's fpA_intB path on, profiled at these M (a comma list)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -77,7 +85,7 @@ def genai_model(folder: Path, provider: str, fpa_intb: bool = False, graph: bool
         config.append_provider("cuda")
         if graph:
             config.set_provider_option("cuda", "enable_cuda_graph", "1")
-    with mock.patch.dict(os.environ, {FPA_INTB_ENV: "1"} if fpa_intb else {}):  # the caller's environment after
+    with mock.patch.dict(os.environ, {FPA_INTB_ENV: "1", FPA_INTB_M_ENV: fpa_intb} if fpa_intb else {}):  # the caller's environment after
         return og.Model(config)
 
 
@@ -257,9 +265,10 @@ def prompt_of(args, tokenizer, vocab: int) -> list:
     return [(7 * i + 3) % min(vocab, 256) for i in range(args.prompt_tokens)]
 
 
-def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: bool, cli_args: tuple = ()) -> None:
+def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: bool, cli_args: tuple = (),
+                         group: int = 128) -> None:
     """A random fp16 model at the shape (bench/quantize_scale.py's writer, a byte-level tokenizer), quantised by
-    `awq-edge quantize --method rtn` (group 128; cli_args added), with random head statistics (RTN measures none,
+    `awq-edge quantize --method rtn` in groups of `group` (cli_args added), with random head statistics (RTN measures none,
     and the export would otherwise run the whole model on the CPU for them). The float model is written where the
     checkpoint or the peer (peer) needs it."""
     from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
@@ -272,7 +281,7 @@ def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: boo
         write_random_model(shape, float_dir, tok, shape=SHAPES[shape])
     if not have_ck:
         tmp = quant_dir.with_name(quant_dir.name + ".tmp")
-        run_cli(["quantize", str(float_dir), "-o", str(tmp), "--method", "rtn", "--group-size", "128", *cli_args],
+        run_cli(["quantize", str(float_dir), "-o", str(tmp), "--method", "rtn", "--group-size", str(group), *cli_args],
                 quant_dir.with_name(quant_dir.name + ".log"))
         write_head_stats(tmp, SHAPES[shape]["hidden_size"], torch.Generator().manual_seed(0))
         tmp.rename(quant_dir)
@@ -296,11 +305,13 @@ def make_rows(args, work: Path, res: dict) -> tuple:
     else:
         quant_dir, tokenizer = Path(args.quant_dir), load_tokenizer(Path(args.quant_dir))
     res["quant_dir"] = str(quant_dir)
-    # row -> (checkpoint, export options): EXPORTS' rows from quant_dir, ours_sym's defaults from its own checkpoint
+    # row -> (checkpoint, export options): EXPORTS' rows from quant_dir, FORMATS' defaults from their own checkpoints
     sources = {name: (quant_dir, extra) for name, extra in EXPORTS.items() if name in args.rows_of}
-    if "ours_sym" in args.rows_of:
-        sources["ours_sym"] = (work / f"ck_{args.shape}_rtn_sym", {})
-        quantize_float_shape(args.shape, float_dir, sources["ours_sym"][0], peer=False, cli_args=("--no-zero-point",))
+    for name, group in FORMATS.items():
+        if name in args.rows_of:
+            sources[name] = (work / f"ck_{args.shape}_rtn_{name.removeprefix('ours_')}", {})
+            quantize_float_shape(args.shape, float_dir, sources[name][0], peer=False, cli_args=("--no-zero-point",),
+                                 group=group)
     folders, res["export_seconds"] = {}, {}
     for name, (ck, extra) in sources.items():
         t0 = time.perf_counter()
@@ -312,20 +323,21 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         res["peer_source"] = "float model" if args.hf_dir or float_dir else "the same AutoAWQ checkpoint"
         res["export_seconds"]["peer_int4"] = run_peer_builder(Path(peer_source), folders["peer_int4"], "int4",
                                                                 provider=args.provider)
-    rows = {}
+    rows, profile_m = {}, f"1,{args.prompt_tokens}"
     for name, folder in folders.items():
         model = genai_model(folder, args.provider)
         rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
-        if args.provider == "cuda" and name in ("ours_default", "peer_int4"):
-            if "ab" in args.rows_of:  # onnxruntime's weight-only GEMM path
-                model = genai_model(folder, args.provider, fpa_intb=True)
-                rows[f"{name}/onnxruntime-genai-fpaintb"] = (folder,
-                                                             lambda p, m=model: time_genai(m, p, args.new_tokens))
-            if "genai_graph" in args.rows_of:  # genai replaying its decode steps as CUDA graphs, both folders alike
-                model = genai_model(folder, args.provider, graph=True)
-                rows[f"{name}/onnxruntime-genai-graph"] = (folder,
-                                                           lambda p, m=model: time_genai(m, p, args.new_tokens))
-        if name.startswith("ours"):  # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
+        if args.provider == "cuda" and (name == "ours_sym32" or name in ("ours_default", "peer_int4")
+                                        and "ab" in args.rows_of):
+            # onnxruntime's weight-only (fpA_intB) path; the pip wheel's compact build takes only g32 layers without
+            # zero points (the peer's, ours_sym32's), so ours_default stays on the legacy kernel: a control row
+            model = genai_model(folder, args.provider, fpa_intb=profile_m)
+            rows[f"{name}/onnxruntime-genai-fpaintb"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
+        if args.provider == "cuda" and name in ("ours_default", "peer_int4") and "genai_graph" in args.rows_of:
+            model = genai_model(folder, args.provider, graph=True)  # genai replaying its decode steps as CUDA graphs
+            rows[f"{name}/onnxruntime-genai-graph"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
+        # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
+        if name.startswith("ours") and name not in FORMATS:
             dec = timed_decoder(folder, provider=args.provider)
             rows[f"{name}/awq-edge-ort"] = (folder, lambda p, d=dec: time_ort(d, p, args.new_tokens))
             if name != "ours_default":
@@ -350,7 +362,8 @@ def make_rows(args, work: Path, res: dict) -> tuple:
                                      **eager)
                 decs.stream = stream  # kept alive with the session
                 rows[f"{name}/awq-edge-ort-stream"] = (folder, lambda p, d=decs: time_ort(d, p, args.new_tokens))
-                decf = timed_decoder(folder, config_entries={FPA_INTB_ENTRY: "1"}, **eager)
+                decf = timed_decoder(folder, config_entries={FPA_INTB_ENTRY: "1", FPA_INTB_M_ENTRY: profile_m},
+                                     **eager)
                 rows[f"{name}/awq-edge-ort-fpaintb"] = (folder, lambda p, d=decf: time_ort(d, p, args.new_tokens))
     if "cuda_backend" in args.rows_of and args.provider == "cuda":
         from awq_edge.runtime.cuda import CudaDecoder, CudaOps, load_weights
@@ -401,6 +414,11 @@ def ratios(rows: list) -> dict:
     for a, b in (("ours_default/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_sym/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_sym/onnxruntime-genai", "ours_default/onnxruntime-genai"),
+                 ("ours_sym32/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
+                 ("ours_sym32/onnxruntime-genai", "ours_sym/onnxruntime-genai"),
+                 ("ours_sym32/onnxruntime-genai-fpaintb", "ours_sym32/onnxruntime-genai"),
+                 ("ours_sym32/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai"),
+                 ("ours_sym32/onnxruntime-genai-fpaintb", "ours_default/onnxruntime-genai"),
                  ("ours_exact/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_split_head/onnxruntime-genai", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai", "ours_split_head/onnxruntime-genai"),
@@ -463,8 +481,9 @@ def main(argv=None) -> int:
     args.rows_of = set(args.rows.split(","))
     if args.rows_of - set(ROWS):
         ap.error(f"--rows: unknown {', '.join(sorted(args.rows_of - set(ROWS)))}; pick from {', '.join(ROWS)}")
-    if "ours_sym" in args.rows_of and not (args.shape and args.shape_peer == "float"):
-        ap.error("--rows ours_sym quantises the float model of a --shape: use it with --shape (and the float peer)")
+    if args.rows_of & set(FORMATS) and not (args.shape and args.shape_peer == "float"):
+        ap.error(f"--rows {', '.join(sorted(args.rows_of & set(FORMATS)))} quantise the float model of a --shape: use "
+                 "them with --shape (and the float peer)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     import onnxruntime_genai as og

@@ -98,27 +98,32 @@ def test_a_shapes_default_peer_is_the_builders_int4_of_a_random_float_model(tmp_
     assert blocks == {"peer_int4_float_tiny_cpu": {32}, "ours_default": {128}}, blocks
 
 
-def test_the_symmetric_row_quantises_the_same_float_model_without_zero_points(tmp_path):
-    """ours_sym: the shape's float model quantised again with --no-zero-point, exported at the defaults: its layers'
-    MatMulNBits store no zero points where ours_default's do, in the same groups of 128 (the layer-format A/B)."""
+def test_the_format_rows_quantise_the_same_float_model_without_zero_points(tmp_path):
+    """ours_sym and ours_sym32: the shape's float model quantised again with --no-zero-point, exported at the
+    defaults: their layers' MatMulNBits store no zero points where ours_default's do, in groups of 128 (ours_default's)
+    and of 32 (the peer's); genai runs them, our loop does not (the layer-format A/B)."""
     out, work = tmp_path / "res", tmp_path / "w"
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(work), "--out", str(out), "--rows",
-                          "ours_default,ours_sym", *SMALL]) == 0
+                          "ours_default,ours_sym,ours_sym32", *SMALL]) == 0
     check_rows(out, ["ours_default/onnxruntime-genai", "ours_default/awq-edge-ort", "ours_sym/onnxruntime-genai",
-                     "ours_sym/awq-edge-ort"])
-    ck = json.loads((work / "ck_tiny_rtn_sym" / "config.json").read_text())
-    assert ck["awq_edge"]["symmetric"] is True and ck["awq_edge"]["source_model"] == str(work / "float_tiny")
+                     "ours_sym32/onnxruntime-genai"])
+    for name, group in (("sym", 128), ("sym32", 32)):
+        ck = json.loads((work / f"ck_tiny_rtn_{name}" / "config.json").read_text())
+        assert ck["quantization_config"]["group_size"] == group, ck["quantization_config"]
+        assert ck["awq_edge"]["symmetric"] is True and ck["awq_edge"]["source_model"] == str(work / "float_tiny")
     layers = {}
-    for name in ("ours_default", "ours_sym"):
+    for name in ("ours_default", "ours_sym", "ours_sym32"):
         graph = onnx.load(work / name / "model.onnx", load_external_data=False).graph
         layers[name] = {(len(n.input), next(a.i for a in n.attribute if a.name == "block_size")) for n in graph.node
                         if n.op_type == "MatMulNBits" and "layers." in n.name}
-    assert layers == {"ours_default": {(4, 128)}, "ours_sym": {(3, 128)}}, layers
-    assert "ours_sym/onnxruntime-genai vs ours_default/onnxruntime-genai tok/s" in json.loads(
-        out.with_suffix(".json").read_text())["ratios"]
-    with pytest.raises(SystemExit):  # a checkpoint of its own needs the shape's float model
-        onnx_gpu.main(["--shape", "tiny", "--shape-peer", "checkpoint", "--work", str(work), "--rows", "ours_sym",
-                       *SMALL])
+    assert layers == {"ours_default": {(4, 128)}, "ours_sym": {(3, 128)}, "ours_sym32": {(3, 32)}}, layers
+    ratios = json.loads(out.with_suffix(".json").read_text())["ratios"]
+    assert {"ours_sym/onnxruntime-genai vs ours_default/onnxruntime-genai tok/s",
+            "ours_sym32/onnxruntime-genai vs ours_sym/onnxruntime-genai tok/s"} <= set(ratios), ratios
+    for row in ("ours_sym", "ours_sym32"):  # a checkpoint of its own needs the shape's float model
+        with pytest.raises(SystemExit):
+            onnx_gpu.main(["--shape", "tiny", "--shape-peer", "checkpoint", "--work", str(work), "--rows", row,
+                           *SMALL])
 
 
 def test_a_real_checkpoint_gets_perplexity_and_the_peers_build(tmp_path):
@@ -153,7 +158,7 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
     out = tmp_path / "res"
     assert SMALL[:2] == ["--provider", "cpu"]
     assert onnx_gpu.main(["--shape", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--rows",
-                          "ours_default,ours_sym,peer,genai_graph,ab", "--provider", "cuda", *SMALL[2:],
+                          "ours_default,ours_sym,ours_sym32,peer,genai_graph,ab", "--provider", "cuda", *SMALL[2:],
                           "--profile-steps", "16"]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
@@ -161,7 +166,7 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
         "ours_default/onnxruntime-genai-graph", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-eager",
         "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed",
         "ours_default/awq-edge-ort-stream", "ours_default/awq-edge-ort-fpaintb", "ours_sym/onnxruntime-genai",
-        "ours_sym/awq-edge-ort", "peer_int4/onnxruntime-genai",
+        "ours_sym32/onnxruntime-genai", "ours_sym32/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai",
         "peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-graph"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
