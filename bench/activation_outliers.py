@@ -3,8 +3,10 @@
 For SmolLM2 on 4 x 512 tokens of the shipped mixed calibration text: per linear input of every fifth layer, the
 median token norm, the largest token norms and their positions, the tokens above 20x the median, and the share of
 round-to-nearest's squared output error (w4, group 64) that position 0 and those tokens carry. CPU, ~15 s.
-Usage: python -P bench/activation_outliers.py > bench/results/activation_outliers.txt
+Usage: python -P bench/activation_outliers.py [--model smollm2-135m] > bench/results/activation_outliers.txt
 """
+
+import argparse
 
 import torch
 
@@ -14,8 +16,11 @@ from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
 
 @torch.no_grad()
-def main():
-    model, tok = load_float_model(resolve_model_dir("smollm2-135m"))
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m", help="a builtin model name or a Hugging Face folder")
+    args = ap.parse_args(argv)
+    model, tok = load_float_model(resolve_model_dir(args.model))
     model.eval()
     ids = calib.calibration_blocks(tok, calib.MIXED, 4, 512)
     layers = model.model.layers

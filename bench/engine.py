@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ from pathlib import Path
 from awq_edge.export.folder import MODEL_FILE
 
 from awq_edge.engine import build, manifest, plan
+from awq_edge.errors import AwqEdgeError
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 
@@ -48,8 +50,12 @@ def main(argv=None) -> int:
     p.add_argument("--plugin", help="libawq_edge_trt_plugin.so, for ONNX with MatMulNBits")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    model = plan.load_graph(args.onnx_dir)
-    results = [bench_device(args.onnx_dir, d, args.plugin) for d in args.devices.split(",")]
+    try:
+        model = plan.load_graph(args.onnx_dir)
+        results = [bench_device(args.onnx_dir, d, args.plugin) for d in args.devices.split(",")]
+    except AwqEdgeError as e:  # one line, as `awq-edge build` prints it (no TensorRT here, a bad folder, ...)
+        print(f"bench/engine.py: error: {e}", file=sys.stderr)
+        return 2
     export_info = args.onnx_dir / "awq_edge_export.json"
     report = {
         "what": "awq-edge build: TensorRT engine size and build time per device (one process, back to back)",

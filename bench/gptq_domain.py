@@ -3,7 +3,7 @@
 For a few SmolLM2 linears: inputs recorded on 24 x 512 tokens of the shipped mixed calibration text and of
 WikiText-2 valid; a Hessian from two thirds of one text; the relative output error ||x W_q - x W||^2 / ||x W||^2
 on the last third of each text, for RTN and for GPTQ at dampening 0.01 and 0.1 (w4 g64). CPU, about a minute.
-Usage: python -P bench/gptq_domain.py [--wikitext DIR] > bench/results/gptq_domain.txt
+Usage: python -P bench/gptq_domain.py [--model M] [--linears A,B] [--wikitext DIR] > bench/results/gptq_domain.txt
 """
 
 import argparse
@@ -43,18 +43,28 @@ def error(x, w, wq):
 
 
 @torch.no_grad()
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m", help="a builtin model name or a Hugging Face folder")
+    ap.add_argument("--linears", default=",".join(NAMES), help="comma-separated linear names (default: %(default)s)")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
-    args = ap.parse_args()
-    model, tok = load_float_model(resolve_model_dir("smollm2-135m"))
+    args = ap.parse_args(argv)
+    names = [n for n in args.linears.split(",") if n]
+    model, tok = load_float_model(resolve_model_dir(args.model))
     model.eval()
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [n for n in names if n not in linears]
+    if unknown:
+        ap.error(f"--linears: {', '.join(unknown)} not a linear of {args.model}")
+    if not names or len(set(names)) < len(names):
+        ap.error(f"--linears {args.linears!r}: give each linear once")
     texts = {"mixed": calib.calibration_blocks(tok, calib.MIXED, 24, 512),
              "wiki": calib.calibration_blocks(tok, str(Path(args.wikitext) / "valid.txt"), 24, 512)}
-    inputs = {key: {n: x.flatten(0, 1) for n, x in per.items()} for key, per in record_inputs(model, NAMES, texts).items()}
+    inputs = {key: {n: x.flatten(0, 1) for n, x in per.items()}
+              for key, per in record_inputs(model, names, texts).items()}
     cfg = QConfig(4, 64, True)
     print("relative output error on the held-out third of each text (w4 g64)")
-    for n in NAMES:
+    for n in names:
         w = model.get_submodule(n).weight.float()
         xm, xw = inputs["mixed"][n], inputs["wiki"][n]
         cut = xm.shape[0] * 2 // 3

@@ -5,7 +5,7 @@ RTN's in bench/results/history/quality.md): inputs recorded on 24 x 512 tokens o
 the first 18 blocks) and 8 x 512 of WikiText-2 valid; per linear the relative output error at position 0 of each
 block, at positions 1-3 and at the rest, for RTN, for GPTQ, and for GPTQ whose Hessian counts each block's first
 token as if it were a tenth of the block ("sink x51"). w4 g64, dampening 0.1. CPU, about a minute.
-Usage: python -P bench/gptq_sink.py [--layer 18] [--wikitext DIR] > bench/results/gptq_sink.txt
+Usage: python -P bench/gptq_sink.py [--model smollm2-135m] [--layer 18] [--wikitext DIR] > bench/results/gptq_sink.txt
 """
 
 import argparse
@@ -22,6 +22,8 @@ from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder, for its sibling
 from gptq_domain import record_inputs  # noqa: E402
 
+sys.path.remove(str(Path(__file__).resolve().parent))  # left there, bench/kernels.py hides the kernels package
+
 ROOT = Path(__file__).resolve().parent.parent
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -29,13 +31,16 @@ SEQLEN = 512
 
 
 @torch.no_grad()
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m", help="a builtin model name or a Hugging Face folder")
     ap.add_argument("--layer", type=int, default=18)
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
-    args = ap.parse_args()
-    model, tok = load_float_model(resolve_model_dir("smollm2-135m"))
+    args = ap.parse_args(argv)
+    model, tok = load_float_model(resolve_model_dir(args.model))
     model.eval()
+    if not 0 <= args.layer < len(model.model.layers):
+        ap.error(f"--layer {args.layer}: {args.model} has layers 0 to {len(model.model.layers) - 1}")
     texts = {"mixed": calib.calibration_blocks(tok, calib.MIXED, 24, SEQLEN),
              "wiki": calib.calibration_blocks(tok, str(Path(args.wikitext) / "valid.txt"), 8, SEQLEN)}
     names = [f"model.layers.{args.layer}.{n}" for n in LINEARS]

@@ -169,9 +169,10 @@ def render(out: Path, env: dict, rows: list, layer_errors: dict, valid_errors: d
     out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "layer_errors": layer_errors,
                                                     "valid_layer_errors": valid_errors},
                                                    indent=2) + "\n")
+    noise = f", weights moved off their grid by noise of {env['grid_noise']} 4-bit steps" if env.get("grid_noise") else ""
+    where = f"{env['device']} ({env['gpu']})" if env.get("gpu") else env["device"]  # the GPU named in every file
     lines = [f"WikiText-2 test perplexity, {rows[0]['eval_tokens']} tokens, seqlen {env['seqlen']}; {env['model']} on "
-             f"{env['device']}{', weights moved off their grid by noise of %s 4-bit steps' % env['grid_noise'] if env.get('grid_noise') else ''}. "
-             "Calibration never includes WikiText-2 test.", "",
+             f"{where}{noise}. Calibration never includes WikiText-2 test.", "",
              "| method | bits | group | calibration | samples | flags | ppl | RTN's gap closed | scales kept "
              "| duo scales | clip groups kept | layer error, WikiText-2 valid | quantise s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

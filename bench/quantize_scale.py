@@ -29,6 +29,9 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=49152, rope_theta=10000.0),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # For the tests only (tests/test_bench_scripts.py): seconds on a CPU; widths of 128 keep the default group size.
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, rope_theta=10000.0),
 }
 
 
@@ -106,9 +109,9 @@ def run_cli(args: list, log: Path) -> dict:
                          and "it/s" not in line and "layer/s" not in line][-8:]}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="llama2-7b,llama3-8b")
+    ap.add_argument("--models", default="llama2-7b,llama3-8b", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--tokenizer", required=True, help="folder with the tokenizer files to put beside the weights")
     ap.add_argument("--work", required=True, help="scratch folder for the random models and checkpoints")
     ap.add_argument("--smollm2", help="SmolLM2 float folder: also quantise it and evaluate its perplexity")
@@ -116,7 +119,10 @@ def main() -> int:
     ap.add_argument("--quantize-args", default="", help="extra arguments for every quantize run")
     ap.add_argument("--layers", type=int, help="write the random models with this many layers (a quick profile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize_scale.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    if unknown := [m for m in models if m not in SHAPES]:
+        ap.error(f"--models: unknown {', '.join(unknown)}; use a comma list of {', '.join(SHAPES)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -129,12 +135,16 @@ def main() -> int:
         out.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
 
     extra = args.quantize_args.split()
-    for name in [m for m in args.models.split(",") if m]:
+    for name in models:
         folder = work / (name if not args.layers else f"{name}-{args.layers}layers")
         t0 = time.perf_counter()
-        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way).
-        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); import quantize_scale as q; "
-                        f"q.write_random_model({name!r}, q.Path({str(folder)!r}), q.Path({args.tokenizer!r}), {args.layers})"],
+        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way). This file
+        # is loaded by its path: bench/ on sys.path would shadow packages named like its scripts (transformers
+        # imports `kernels`).
+        subprocess.run([sys.executable, "-c", "import importlib.util as u; "
+                        f"s = u.spec_from_file_location('quantize_scale', {__file__!r}); q = u.module_from_spec(s); "
+                        f"s.loader.exec_module(q); q.write_random_model({name!r}, q.Path({str(folder)!r}), "
+                        f"q.Path({args.tokenizer!r}), {args.layers})"],
                        check=True, cwd=ROOT)
         print(f"{name}: random fp16 folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
         row = {"model": folder.name, "weights": "random fp16", **run_cli(
