@@ -1,6 +1,6 @@
 """The benchmark scripts no other test runs, each end to end on a tiny shape: bench/quantize_cpu.py and
 bench/quantize_scale.py on the CPU, bench/layer_costs.py on a GPU (its refusal without one on the CPU),
-bench/engine.py's one-line refusals here and its real build where TensorRT-RTX is installed."""
+bench/engine.py's one-line refusals here and its real build where TensorRT-RTX is installed, bench/device_gemma.sh's CPU dry run."""
 
 import importlib.util
 import json
@@ -175,3 +175,33 @@ def test_engine_bench_builds_every_rtx_profile_and_reports_its_size_and_time(tmp
     assert r["onnx"]["sha256"] == manifest.model_hash(d) and r["onnx"]["bytes"] == bench_engine.onnx_bytes(d) > 0
     assert r["onnx"]["int4_nodes"] == plan.int4_nodes(tiny_decoder("native"))
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_the_gemma_device_script_dry_runs_its_chain_on_the_cpu(tmp_path):
+    """bench/device_gemma.sh as its usage's CPU dry run: a float folder already there (here a tiny Gemma 3), RTN on
+    the CPU, both evaluations; the GPU's steps (the environment listing with nvidia-smi and gguf, the decode
+    benchmark) fail, are named in the summary and do not stop the others."""
+    float_dir, wt, out = tmp_path / "float", tmp_path / "wt", tmp_path / "out"
+    tiny_model("gemma3_text").save_pretrained(float_dir)
+    save_tiny_tokenizer(float_dir)
+    wt.mkdir()
+    (wt / "test.txt").write_text(" ".join(f"w{3 + (7 * i) % 250}" for i in range(600)) + "\n")
+    env = {**os.environ, "OUT": str(out), "WT": str(wt), "FLOAT": str(float_dir), "CKPT": str(tmp_path / "ck"),
+           "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "QUANT_ARGS": "--method rtn --group-size 32",
+           "EVAL_ARGS": "--seqlen 64 --max-tokens 256", "DECODE_ARGS": "--new 4 --repeats 1",
+           "AWQ_EDGE_KERNELS_LIB": str(tmp_path / "none.so"), "PATH": f"{Path(sys.executable).parent}:"
+           f"{os.environ['PATH']}", "STEP_TIMEOUT": "240"}
+    proc = subprocess.run(["bash", "bench/device_gemma.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=900)
+    assert proc.returncode != 0, proc.stdout[-2000:]  # its GPU steps cannot pass here
+    summary = (out / "summary.txt").read_text().split(":", 1)[1].split()
+    assert "decode" in summary and not {"quantize", "eval_awq", "eval_float"} & set(summary), proc.stdout[-3000:]
+    assert "bench/decode.py needs an NVIDIA GPU" in (out / "decode.txt").read_text()  # its one line, no traceback
+    assert (out / "convert.txt").read_text().startswith(f"== convert: {float_dir} exists, kept")
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    ppl = {}
+    for step in ("eval_awq", "eval_float"):
+        text = (out / f"{step}.txt").read_text()
+        assert f"== {step}: exit 0 after" in text, text[-2000:]
+        ppl[step] = json.loads(next(line for line in text.splitlines() if line.startswith("{")))["ppl"]
+    assert all(math.isfinite(p) and p > 1 for p in ppl.values()) and ppl["eval_awq"] != ppl["eval_float"], ppl
