@@ -1,6 +1,7 @@
 """The benchmark scripts no other test runs, each end to end on a tiny shape: bench/quantize_cpu.py and
 bench/quantize_scale.py on the CPU, bench/layer_costs.py on a GPU (its refusal without one on the CPU),
-bench/engine.py's one-line refusals here and its real build where TensorRT-RTX is installed, bench/device_gemma.sh's CPU dry run."""
+bench/engine.py's one-line refusals here and its real build where TensorRT-RTX is installed,
+bench/device_gemma.sh's CPU dry run."""
 
 import importlib.util
 import json
