@@ -10,7 +10,8 @@ model's inputs. Flags, joined by +: `noguard` keeps every AWQ choice (llm-awq's
 behaviour) instead of only those that beat round-to-nearest on the held-out
 samples; `duo`/`noduo` add or drop AutoAWQ's weight-aware scale candidates;
 `seq`/`noseq` feed each layer the quantised model's activations or the float
-model's; `dampX` sets GPTQ's dampening to X; `sinkX` counts each sequence's first token again
+model's; `sym` quantises without zero points (every zero point 8, `--no-zero-point`);
+`dampX` sets GPTQ's dampening to X; `sinkX` counts each sequence's first token again
 in GPTQ's Hessian, X x seqlen times; `tf32emu` rounds the inputs of GPTQ's matmuls (the Hessian, the block
 updates) to TF32 as the GPU's layer loop does, to measure that on the CPU. `--grid-noise` moves the GGUF-derived
 weights off their grid first.
@@ -43,7 +44,7 @@ DEFAULT_ROWS = ("rtn:4:64:mixed:128,awq:4:64:mixed:128,awq:4:64:mixed:128:noguar
                 "gptq:4:128:mixed:128,awq:4:128:mixed:16")
 
 
-FLAGS = ("noguard", "duo", "noduo", "seq", "noseq", "tf32emu")
+FLAGS = ("noguard", "duo", "noduo", "seq", "noseq", "tf32emu", "sym")
 
 
 def parse_row(spec: str) -> dict:
@@ -56,7 +57,7 @@ def parse_row(spec: str) -> dict:
                          "share of GPTQ's Hessian each sequence's first token gets again)")
     row = {"method": parts[0], "w_bit": int(parts[1]), "group_size": int(parts[2]),
            "calibration": parts[3] if len(parts) > 3 else None, "n_samples": int(parts[4]) if len(parts) > 4 else 0,
-           "guard": "noguard" not in flags, "flags": "+".join(flags)}
+           "guard": "noguard" not in flags, "zero_point": "sym" not in flags, "flags": "+".join(flags)}
     if damps:
         try:
             row["gptq_damp"] = float(damps[-1][4:])
@@ -288,7 +289,7 @@ def main() -> int:
                  "ppl": round(r["ppl"], 4), "eval_tokens": r["tokens"], "eval_seconds": round(time.perf_counter() - t, 1)})
     print(json.dumps(rows[-1]), flush=True)
     for spec in specs:
-        cfg = QConfig(spec["w_bit"], spec["group_size"], True)
+        cfg = QConfig(spec["w_bit"], spec["group_size"], spec["zero_point"])
         ids = calib_ids.get((spec["calibration"], spec["n_samples"]), torch.zeros(1, 2, dtype=torch.long))
         m = copy.deepcopy(base)
         options = {{"seq": "sequential"}.get(k, k): spec[k] for k in ("duo", "seq", "gptq_damp", "gptq_sink")

@@ -34,6 +34,7 @@ ROWS = [
     (f"gptq:4:64:{VALID}:4:damp0.05+sink0.1+tf32emu", True, {"gptq_damp": 0.05, "gptq_sink": 0.1}, True),
     (f"awq-gptq:4:32:{VALID}:4:tf32emu+damp0.01+noseq", True, {"gptq_damp": 0.01, "sequential": False}, True),
     ("awq:4:64:mixed:4", True, {}, False),  # the shipped text DEFAULT_ROWS calibrate on
+    (f"awq:4:32:{VALID}:4:sym", True, {}, False),  # no zero points
 ]
 
 
@@ -71,7 +72,7 @@ def every_row(folders):
         emulated = quality.layerwise.gptq_quantize is not gptq_quantize
         assert emulated == (quality.gptq.HessianAccumulator.add is not add)
         options = {k: v for k, v in kw.items() if k not in ("device", "progress", "guard")}
-        calls.append((method, cfg.group_size, ids.clone(), kw["guard"], options, emulated))
+        calls.append((method, cfg.group_size, ids.clone(), kw["guard"], options, emulated, cfg.zero_point))
         return inner(m, adapter, cfg, method, ids, **kw)
 
     out = folders / "res" / "quality"
@@ -128,7 +129,8 @@ def test_every_flag_reaches_the_quantiser(every_row):
         (spec.split(":")[0], int(spec.split(":")[2]), guard, options, tf32) for spec, guard, options, tf32 in ROWS]
     ids = [c[2] for c in calls]
     assert torch.equal(ids[0], torch.zeros(1, 2, dtype=torch.long))  # RTN without calibration
-    assert [tuple(i.shape) for i in ids[1:]] == [(8, SEQLEN)] + [(4, SEQLEN)] * 7
+    assert [tuple(i.shape) for i in ids[1:]] == [(8, SEQLEN)] + [(4, SEQLEN)] * 8
+    assert [c[6] for c in calls] == [not spec.endswith(":sym") for spec, *_ in ROWS]  # the zero points asked for
     assert torch.equal(ids[2], ids[1][:4]) and torch.equal(ids[3], ids[1][:4])  # n4: the n8 blocks' first ones
     assert not torch.equal(ids[4], ids[2])  # sampled text, not WikiText-2 valid
     assert not torch.equal(ids[8], ids[2]) and not torch.equal(ids[8], ids[4])  # the shipped text, another again
@@ -207,7 +209,7 @@ def test_grid_noise_moves_the_float_row_and_runs_merge_only_on_equal_float_rows(
 
 
 @pytest.mark.parametrize("row,message", [
-    (f"awq:4:32:{VALID}:4:fast", "flags are noguard+duo+noduo+seq+noseq+tf32emu, dampX"),
+    (f"awq:4:32:{VALID}:4:fast", "flags are noguard+duo+noduo+seq+noseq+tf32emu+sym, dampX"),
     (f"awq:4:32:{VALID}:4:duo+noduo", "duo and noduo together"),
     (f"awq:4:32:{VALID}:4:seq+noseq", "seq and noseq together"),
     (f"gptq:4:32:{VALID}:4:dampx", "write GPTQ's dampening as dampX"),
