@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("quantize_scale", ROOT / "bench" / "quantize_scale.py")
 _quantize_scale = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_quantize_scale)
-SHAPES = {**_quantize_scale.SHAPES, "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=1024, rope_theta=10000.0)}
+SHAPES = _quantize_scale.SHAPES
 GROUP = 128
 # name -> (export flags, symmetric checkpoint)
 TARGETS = {

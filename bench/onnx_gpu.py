@@ -56,9 +56,8 @@ EXPORTS = {"ours_default": {}, "ours_exact": {"exact": True}, "ours_split_head":
 # the float peer only), FORMATS: the same float model quantised again by RTN without zero points (`--no-zero-point`),
 # exported at the defaults, whose layers then store none. ours_sym in groups of 128: onnxruntime's MatMulNBits without
 # zero points against ours_default (zero points, AWQ's format; RTN at --shape) at the same group. ours_sym32 in groups
-# of 32, the peer's layer format, which the pip wheel's fpA_intB build also takes (its compact kernel set: g32, no zero
-# points), so on CUDA it runs on genai with that path too. A/B rows for the format, not configurations we ship; on
-# genai only (our loop runs the same kernels as genai).
+# of 32, the peer's layer format (with ab, on CUDA, also on onnxruntime's fpA_intB path, whose pip build takes only
+# this format). A/B rows for the format, not configurations we ship; on genai only (our loop runs genai's kernels).
 FORMATS = {"ours_sym": 128, "ours_sym32": 32}
 ROWS = (*EXPORTS, *FORMATS, "peer", "cuda_backend", "genai_graph", "ab")
 ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
@@ -85,7 +84,8 @@ def genai_model(folder: Path, provider: str, fpa_intb: str | None = None, graph:
         config.append_provider("cuda")
         if graph:
             config.set_provider_option("cuda", "enable_cuda_graph", "1")
-    with mock.patch.dict(os.environ, {FPA_INTB_ENV: "1", FPA_INTB_M_ENV: fpa_intb} if fpa_intb else {}):  # the caller's environment after
+    fpa = {FPA_INTB_ENV: "1", FPA_INTB_M_ENV: fpa_intb} if fpa_intb else {}
+    with mock.patch.dict(os.environ, fpa):  # the caller's environment after
         return og.Model(config)
 
 
@@ -268,8 +268,8 @@ def prompt_of(args, tokenizer, vocab: int) -> list:
 def quantize_float_shape(shape: str, float_dir: Path, quant_dir: Path, peer: bool, cli_args: tuple = (),
                          group: int = 128) -> None:
     """A random fp16 model at the shape (bench/quantize_scale.py's writer, a byte-level tokenizer), quantised by
-    `awq-edge quantize --method rtn` in groups of `group` (cli_args added), with random head statistics (RTN measures none,
-    and the export would otherwise run the whole model on the CPU for them). The float model is written where the
+    `awq-edge quantize --method rtn` in groups of `group` (cli_args added), with random head statistics (RTN measures
+    none, and the export would otherwise run the whole model on the CPU for them). The float model is written where the
     checkpoint or the peer (peer) needs it."""
     from bench.export_scale import SHAPES, byte_tokenizer, write_head_stats
     from bench.quantize_scale import run_cli, write_random_model
@@ -327,8 +327,7 @@ def make_rows(args, work: Path, res: dict) -> tuple:
     for name, folder in folders.items():
         model = genai_model(folder, args.provider)
         rows[f"{name}/onnxruntime-genai"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
-        if args.provider == "cuda" and (name == "ours_sym32" or name in ("ours_default", "peer_int4")
-                                        and "ab" in args.rows_of):
+        if args.provider == "cuda" and name in ("ours_default", "ours_sym32", "peer_int4") and "ab" in args.rows_of:
             # onnxruntime's weight-only (fpA_intB) path; the pip wheel's compact build takes only g32 layers without
             # zero points (the peer's, ours_sym32's), so ours_default stays on the legacy kernel: a control row
             model = genai_model(folder, args.provider, fpa_intb=profile_m)

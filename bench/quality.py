@@ -164,16 +164,17 @@ def render(out: Path, env: dict, rows: list, layer_errors: dict, valid_errors: d
     float_ppl = rows[0]["ppl"]
     for row in rows[1:]:
         rtn = next((r for r in rows if r["method"] == "rtn" and r["w_bit"] == row["w_bit"]
-                    and r["group_size"] == row["group_size"]), None)
+                    and r["group_size"] == row["group_size"]
+                    and r.get("zero_point", True) == row.get("zero_point", True)), None)  # (older files: True)
         if rtn and row is not rtn and rtn["ppl"] != float_ppl:
             row["gap_closed_vs_rtn"] = round((rtn["ppl"] - row["ppl"]) / (rtn["ppl"] - float_ppl), 4)
     out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "layer_errors": layer_errors,
                                                     "valid_layer_errors": valid_errors},
                                                    indent=2) + "\n")
-    noise = f", weights moved off their grid by noise of {env['grid_noise']} 4-bit steps" if env.get("grid_noise") else ""
+    noise = env.get("grid_noise") and f", weights moved off their grid by noise of {env['grid_noise']} 4-bit steps"
     where = f"{env['device']} ({env['gpu']})" if env.get("gpu") else env["device"]  # the GPU named in every file
     lines = [f"WikiText-2 test perplexity, {rows[0]['eval_tokens']} tokens, seqlen {env['seqlen']}; {env['model']} on "
-             f"{where}{noise}. Calibration never includes WikiText-2 test.", "",
+             f"{where}{noise or ''}. Calibration never includes WikiText-2 test.", "",
              "| method | bits | group | calibration | samples | flags | ppl | RTN's gap closed | scales kept "
              "| duo scales | clip groups kept | layer error, WikiText-2 valid | quantise s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

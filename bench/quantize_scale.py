@@ -29,9 +29,9 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=49152, rope_theta=10000.0),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    # For the tests only (tests/test_bench_scripts.py): seconds on a CPU; widths of 128 keep the default group size.
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, rope_theta=10000.0),
+    # For the tests (tests/test_bench_scripts.py, and bench/export_scale.py's): seconds on a CPU, group size 128.
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, rope_theta=10000.0),
 }
 
 

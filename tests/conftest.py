@@ -19,7 +19,10 @@ MIN_FREE_GIB = 1.0
 def pytest_sessionstart(session):
     """Refuse to start on a nearly full temp disk: every test that writes would otherwise fail in its setup, one
     'No space left on device' each, and hide the one cause."""
-    root = tempfile.gettempdir()
+    root = session.config.option.basetemp or tempfile.gettempdir()  # --basetemp may be on another disk
+    root = Path(root).resolve()
+    while not root.exists():  # a --basetemp pytest has yet to make
+        root = root.parent
     free = shutil.disk_usage(root).free / 2**30
     if free < MIN_FREE_GIB:
         pytest.exit(f"only {free:.2f} GiB free under {root}, the tests need {MIN_FREE_GIB} GiB: free some space there "

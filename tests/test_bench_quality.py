@@ -109,9 +109,12 @@ def test_every_method_and_flag_gets_a_finite_perplexity_and_its_row(every_row):
     assert "duo" not in by_spec[f"awq:4:32:{VALID}:4"]  # unset: the quantiser's default
     gptq_rows = {s: (r["gptq_damp"], r.get("gptq_sink")) for s, r in by_spec.items() if "gptq" in r["method"]}
     assert list(gptq_rows.values()) == [(quality.gptq.DAMP, None), (0.05, 0.1), (0.01, None)]
-    # RTN's gap closed, against the first RTN row of the same bits and group
+    # RTN's gap closed, against the first RTN row of the same bits, group and zero points (none here without them)
     rtn = {32: rows[1]["ppl"], 64: rows[2]["ppl"]}
     for r in rows[3:]:
+        if not r["zero_point"]:
+            assert "gap_closed_vs_rtn" not in r, r
+            continue
         assert r["gap_closed_vs_rtn"] == round((rtn[r["group_size"]] - r["ppl"]) / (rtn[r["group_size"]] - float_ppl),
                                                4), r
     assert "gap_closed_vs_rtn" not in rows[1] and "gap_closed_vs_rtn" not in rows[2]
