@@ -163,6 +163,7 @@ def render(out: Path, env: dict, rows: list, layer_errors: dict, valid_errors: d
     """OUT.json and OUT.md from the rows (the first is the float model's) and the per-layer errors."""
     float_ppl = rows[0]["ppl"]
     for row in rows[1:]:
+        row.pop("gap_closed_vs_rtn", None)  # a merged run's, computed against its own rows
         rtn = next((r for r in rows if r["method"] == "rtn" and r["w_bit"] == row["w_bit"]
                     and r["group_size"] == row["group_size"]
                     and r.get("zero_point", True) == row.get("zero_point", True)), None)  # (older files: True)
