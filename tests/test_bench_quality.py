@@ -39,9 +39,10 @@ ROWS = [
 
 
 def run(mp, folders, out, *args) -> int:
-    """quality.main() with these arguments (it reads sys.argv)."""
+    """quality.main() with these arguments (it reads sys.argv), on the CPU unless they name a device (its default is
+    the GPU where there is one: the CPU tests' ids and TF32 emulation are the CPU's)."""
     mp.setattr(sys, "argv", ["bench/quality.py", "--model", str(folders / "model"), "--wikitext",
-                             str(folders / "wt"), "--out", str(out), *args])
+                             str(folders / "wt"), "--out", str(out), "--device", "cpu", *args])
     return quality.main()
 
 
