@@ -106,12 +106,13 @@ unbundle() {
 }
 
 # gpu_tests: the GPU tests (kernels, CUDA runtime, the quantiser's CLI, GPTQ's Triton loop, the decode benchmark's
-# variants, the CLI's bad input on a GPU machine, the layout) into $OUT/tests.txt
+# variants, the CLI's bad input on a GPU machine, the layout, quality.py and layer_costs.py on the GPU) into
+# $OUT/tests.txt
 gpu_tests() {
   python -m pytest -q -ra tests/test_kernels.py tests/test_runtime_cuda.py tests/test_quantize_pipeline.py \
     tests/test_quantize.py tests/test_api.py tests/test_gptq.py tests/test_bench_decode.py tests/test_bad_input.py \
     tests/test_layout.py tests/test_runtime_ort_cuda.py tests/test_bench_onnx_gpu.py tests/test_bench_kernels.py \
-    tests/test_runtime.py -k "not whole_readme" \
+    tests/test_runtime.py tests/test_bench_quality.py tests/test_bench_scripts.py -k "not whole_readme" \
     > "$OUT/tests.txt" 2>&1
 }
 

@@ -1,7 +1,8 @@
 """The benchmark scripts no other test runs, each end to end on a tiny shape: bench/quantize_cpu.py and
 bench/quantize_scale.py on the CPU, bench/layer_costs.py on a GPU (its refusal without one on the CPU),
 bench/engine.py's one-line refusals here and its real build where TensorRT-RTX is installed,
-bench/device_gemma.sh's CPU dry run."""
+bench/device_gemma.sh's CPU dry run; every device script parses, and bench/device_chain.sh refuses what it cannot run
+(its steps run the bench scripts tested here and beside)."""
 
 import importlib.util
 import json
@@ -214,3 +215,28 @@ def test_the_gemma_device_script_dry_runs_its_chain_on_the_cpu(tmp_path):
         assert f"== {step}: exit 0 after" in text, text[-2000:]
         ppl[step] = json.loads(next(line for line in text.splitlines() if line.startswith("{")))["ppl"]
     assert all(math.isfinite(p) and p > 1 for p in ppl.values()) and ppl["eval_awq"] != ppl["eval_float"], ppl
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.sh")))
+def test_each_device_script_parses(script):
+    """The device scripts run only on a lent GPU machine: a syntax error there costs a machine start."""
+    proc = subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_device_chain_needs_a_results_folder_and_refuses_an_unknown_step(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", "bench/device_chain.sh", "status"], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+    assert proc.returncode != 0 and "set OUT to a results folder" in proc.stderr, proc.stderr
+    links = [ROOT / "awq_edge" / "export", ROOT / "awq_edge" / "device_profiles"]  # the script makes these (the
+    made = [p for p in links if not os.path.lexists(p)]                              # installed layout): not kept
+    try:
+        proc = subprocess.run(["bash", "bench/device_chain.sh", "no-such-step"], capture_output=True, text=True,
+                              cwd=ROOT, env={**env, "OUT": str(tmp_path / "out")})
+    finally:
+        for p in made:
+            if p.is_symlink():
+                p.unlink()
+    assert proc.returncode == 2 and "unknown step no-such-step" in proc.stdout, (proc.stdout, proc.stderr)
+    assert not (tmp_path / "out" / "results.tgz").exists()
