@@ -9,7 +9,7 @@ Usage: python -P bench/gptq_sink.py [--model smollm2-135m] [--layer 18] [--wikit
 """
 
 import argparse
-import sys
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -19,12 +19,13 @@ from awq_edge.quantizer import calib
 from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize
 from awq_edge.quantizer.source import load_float_model, resolve_model_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder, for its sibling
-from gptq_domain import record_inputs  # noqa: E402
-
-sys.path.remove(str(Path(__file__).resolve().parent))  # left there, bench/kernels.py hides the kernels package
-
 ROOT = Path(__file__).resolve().parent.parent
+# The sibling by its path, as bench/export_scale.py reads bench/quantize_scale.py: bench/ on sys.path would hide
+# packages named like its scripts (transformers imports `kernels`).
+_spec = importlib.util.spec_from_file_location("gptq_domain", ROOT / "bench" / "gptq_domain.py")
+_gptq_domain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_gptq_domain)
+record_inputs = _gptq_domain.record_inputs
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 SEQLEN = 512

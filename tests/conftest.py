@@ -4,12 +4,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 WIKITEXT = Path(os.environ.get("AWQ_EDGE_WIKITEXT", SHARED / "data" / "wikitext-2"))
 # The suite held at most 0.37 GB under the temp folder at once (a clean clone's `make test`, 2026-12-07, sampled every
 # 5 s; 1.6 GB before passing tests' folders were removed), so this leaves a margin of about 2.7x.
@@ -27,6 +29,29 @@ def pytest_sessionstart(session):
     if free < MIN_FREE_GIB:
         pytest.exit(f"only {free:.2f} GiB free under {root}, the tests need {MIN_FREE_GIB} GiB: free some space there "
                     f"or point TMPDIR at a larger disk", returncode=1)
+
+
+def bench_script(name: str):
+    """bench/NAME.py as a module, loaded by its path: the scripts run as `python -P`, and bench/ on sys.path would
+    shadow packages named like them (transformers imports `kernels`)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def layout_links_removed():
+    """The device scripts link awq_edge/export and awq_edge/device_profiles into the checkout (the layout pip install
+    maps); a test that runs one removes the links it made, so the checkout stays as it was."""
+    links = [ROOT / "awq_edge" / "export", ROOT / "awq_edge" / "device_profiles"]
+    made = [p for p in links if not os.path.lexists(p)]
+    try:
+        yield
+    finally:
+        for p in made:
+            if p.is_symlink():
+                p.unlink()
 
 
 def builtin_model_available(name: str) -> bool:

@@ -3,7 +3,6 @@
 not on the next run against SmolLM2. The model reads bytes: the word-level test tokenizer would turn the shipped
 mixed text into one unknown word after another, the same input at every position."""
 
-import importlib.util
 import math
 import re
 import sys
@@ -11,27 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import bench_script, tiny_model
 from test_export import write_calibration_text
 
 from awq_edge.errors import AwqEdgeError
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-activation_outliers = load("activation_outliers")
-gptq_domain = load("gptq_domain")
+activation_outliers = bench_script("activation_outliers")
+gptq_domain = bench_script("gptq_domain")
 _path = list(sys.path)
-gptq_sink = load("gptq_sink")
+gptq_sink = bench_script("gptq_sink")
 _path_after = list(sys.path)  # read now: later test modules' imports change sys.path before any test runs
 
 
@@ -161,9 +152,9 @@ def test_gptq_sink_rows_for_the_seven_linears_of_a_layer(folders, capsys):
     assert sum(rows[n, "gptq, sink x51"][0] for n in LINEARS) < 0.9 * sum(rows[n, "gptq"][0] for n in LINEARS), rows
 
 
-def test_gptq_sink_takes_bench_off_sys_path_after_its_sibling():
+def test_gptq_sink_reads_its_sibling_without_putting_bench_on_sys_path():
     """Left first on sys.path, bench/kernels.py hid the kernels package: transformers could not read a Llama config
-    and `python -P bench/gptq_sink.py` failed before any work."""
+    and `python -P bench/gptq_sink.py` failed before any work. It now loads bench/gptq_domain.py by its path."""
     assert _path_after == _path
 
 

@@ -1,19 +1,15 @@
 """bench/decode.py's real-model options and its greedy parity check, on the CPU (its CUDA calls run on a GPU only)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_tokenizer
+from conftest import bench_script, save_tiny_tokenizer
 from test_export import write_checkpoint
 
 from awq_edge.runtime.cuda import CudaDecoder, TorchOps, load_weights
 
-_spec = importlib.util.spec_from_file_location("bench_decode",
-                                               Path(__file__).resolve().parents[1] / "bench" / "decode.py")
-decode = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(decode)
+decode = bench_script("decode")
 
 
 def test_real_models_come_from_repeated_or_comma_separated_options_and_the_smollm2_alias(tmp_path):

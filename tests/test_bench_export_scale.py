@@ -1,13 +1,10 @@
 """bench/export_scale.py runs every target on a tiny shape, so a broken variant fails here, not on a long run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("export_scale",
-                                               Path(__file__).resolve().parents[1] / "bench" / "export_scale.py")
-export_scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_scale)
+from conftest import bench_script
+
+export_scale = bench_script("export_scale")
 
 
 def test_every_export_target_runs_measures_and_decodes_consistently_on_a_tiny_shape(tmp_path):

@@ -2,7 +2,6 @@
 (the build-per-variant A/B that drives it and bench/decode.py) on a GPU with nvcc."""
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -12,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script, layout_links_removed
 
 from awq_edge.runtime import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-bench_kernels = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_kernels)
+bench_kernels = bench_script("kernels")
 
 
 def test_shapes_are_n_by_k_with_k_a_multiple_of_the_group():
@@ -60,8 +58,9 @@ def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp
            "BUILD_ROOT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "BUILDS": "default= early=-DAWQE_X_EARLY", "KERNEL_SHAPES": "1536x640", "MODELS": "tiny",
            "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1"}
-    proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=900)
+    with layout_links_removed():
+        proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for name in ("default", "early"):
         k = json.loads((tmp_path / f"kernels_{name}.json").read_text())

@@ -2,20 +2,17 @@
 broken row fails here, not on the GPU machine."""
 
 import gc
-import importlib.util
 import json
 import types
 from pathlib import Path
 
 import onnx
 import pytest
-from conftest import save_tiny_tokenizer, tiny_model
+from conftest import bench_script, save_tiny_tokenizer, tiny_model
 from test_export import write_calibration_text, write_checkpoint
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-_spec = importlib.util.spec_from_file_location("onnx_gpu", Path(__file__).resolve().parents[1] / "bench" / "onnx_gpu.py")
-onnx_gpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(onnx_gpu)
+onnx_gpu = bench_script("onnx_gpu")
 SMALL = ["--provider", "cpu", "--prompt-tokens", "8", "--new-tokens", "12", "--repeats", "1", "--profile-steps", "4"]
 
 

@@ -1,18 +1,14 @@
 """bench/ort_host_costs.py runs every part on a tiny export on the CPU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from conftest import bench_script
 from test_export import write_checkpoint
 
 from awq_edge.export.api import export
 from awq_edge.export.decoder import ExportOptions
 
-_spec = importlib.util.spec_from_file_location(
-    "ort_host_costs", Path(__file__).resolve().parents[1] / "bench" / "ort_host_costs.py")
-ort_host_costs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ort_host_costs)
+ort_host_costs = bench_script("ort_host_costs")
 
 
 def test_both_parts_run_on_a_tiny_export(tmp_path):

@@ -2,21 +2,17 @@
 row fails here, not after an hour of a real run. One main() call holds all the rows; the flags are checked where
 they reach the quantiser, since on random weights no flag has a perplexity it must reach."""
 
-import importlib.util
 import json
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_tokenizer, tiny_model
+from conftest import bench_script, save_tiny_tokenizer, tiny_model
 from test_export import write_calibration_text
 
-_spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
+quality = bench_script("quality")
 
 SEQLEN = 32
 EVAL = ["--seqlen", str(SEQLEN), "--eval-tokens", "256"]  # 8 windows of 32 tokens, 31 predicted in each

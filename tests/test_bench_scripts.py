@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_tokenizer, tiny_model
+from conftest import bench_script, layout_links_removed, save_tiny_tokenizer, tiny_model
 from test_engine import tiny_decoder, write_onnx_dir
 
 from awq_edge.engine import manifest, plan
@@ -22,17 +22,9 @@ from awq_edge.engine import manifest, plan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    # By path: bench/ on sys.path would shadow packages named like its scripts (transformers imports `kernels`).
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quantize_scale = _load("quantize_scale")
-layer_costs = _load("layer_costs")
-bench_engine = _load("engine")
+quantize_scale = bench_script("quantize_scale")
+layer_costs = bench_script("layer_costs")
+bench_engine = bench_script("engine")
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +186,9 @@ def test_the_gemma_device_script_dry_runs_its_chain_on_the_cpu(tmp_path):
            "EVAL_ARGS": "--seqlen 64 --max-tokens 256", "DECODE_ARGS": "--new 4 --repeats 1",
            "AWQ_EDGE_KERNELS_LIB": str(tmp_path / "none.so"), "PATH": f"{Path(sys.executable).parent}:"
            f"{os.environ['PATH']}", "STEP_TIMEOUT": "240"}
-    links = [ROOT / "awq_edge" / "export", ROOT / "awq_edge" / "device_profiles"]  # the script makes these (the
-    made = [p for p in links if not os.path.lexists(p)]                              # installed layout): not kept
-    try:
+    with layout_links_removed():
         proc = subprocess.run(["bash", "bench/device_gemma.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
                               timeout=900)
-    finally:
-        for p in made:
-            if p.is_symlink():
-                p.unlink()
     assert proc.returncode != 0, proc.stdout[-2000:]  # its GPU steps cannot pass here
     summary = (out / "summary.txt").read_text().split(":", 1)[1].split()
     assert "decode" in summary and not {"quantize", "eval_awq", "eval_float"} & set(summary), proc.stdout[-3000:]
@@ -229,14 +215,8 @@ def test_the_device_chain_needs_a_results_folder_and_refuses_an_unknown_step(tmp
     proc = subprocess.run(["bash", "bench/device_chain.sh", "status"], capture_output=True, text=True, cwd=ROOT,
                           env=env)
     assert proc.returncode != 0 and "set OUT to a results folder" in proc.stderr, proc.stderr
-    links = [ROOT / "awq_edge" / "export", ROOT / "awq_edge" / "device_profiles"]  # the script makes these (the
-    made = [p for p in links if not os.path.lexists(p)]                              # installed layout): not kept
-    try:
+    with layout_links_removed():
         proc = subprocess.run(["bash", "bench/device_chain.sh", "no-such-step"], capture_output=True, text=True,
                               cwd=ROOT, env={**env, "OUT": str(tmp_path / "out")})
-    finally:
-        for p in made:
-            if p.is_symlink():
-                p.unlink()
     assert proc.returncode == 2 and "unknown step no-such-step" in proc.stdout, (proc.stdout, proc.stderr)
     assert not (tmp_path / "out" / "results.tgz").exists()

@@ -1,15 +1,10 @@
 """bench/weight_scan.py runs on a tiny shape, so an interface change breaks a test, not a long run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-from conftest import save_tiny_tokenizer
+from conftest import bench_script, save_tiny_tokenizer
 
-_spec = importlib.util.spec_from_file_location("weight_scan",
-                                               Path(__file__).resolve().parents[1] / "bench" / "weight_scan.py")
-weight_scan = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(weight_scan)
+weight_scan = bench_script("weight_scan")
 
 
 def test_the_weight_scan_benchmark_times_the_scan_on_a_tiny_random_folder(tmp_path):
