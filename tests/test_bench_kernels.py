@@ -56,13 +56,13 @@ def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp
     major, minor = torch.cuda.get_device_capability()
     env = {**os.environ, "OUT": str(tmp_path), "ARCH": f"{major}{minor}-real", "TESTS": "0",
            "BUILD_ROOT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "BUILDS": "default= early=-DAWQE_X_EARLY", "KERNEL_SHAPES": "1536x640", "MODELS": "tiny",
+           "BUILDS": "default= deep4w=-DAWQE_DEEP_WARPS=4", "KERNEL_SHAPES": "1536x640", "MODELS": "tiny",
            "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1"}
     with layout_links_removed():
         proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
                               timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    for name in ("default", "early"):
+    for name in ("default", "deep4w"):
         k = json.loads((tmp_path / f"kernels_{name}.json").read_text())
         assert k["label"].startswith(f"{name} build") and [(s["N"], s["K"]) for s in k["shapes"]] == [(1536, 640)]
         assert max(max(e.values()) for e in k["shapes"][0]["rel_error"].values()) < 1e-3

@@ -33,8 +33,8 @@ constexpr bool kAsyncBuild = true;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(AWQE_REGISTER_STREAM)
 #define AWQE_ASYNC_STREAM 1
 #endif
-#if (defined(AWQE_PROBE_STREAM_ONLY) || defined(AWQE_PROBE_NO_X) || defined(AWQE_X_EARLY)) && defined(AWQE_REGISTER_STREAM)
-#error "the r12 probes and AWQE_X_EARLY change the cp.async stream only; build them without AWQE_REGISTER_STREAM"
+#if (defined(AWQE_PROBE_STREAM_ONLY) || defined(AWQE_PROBE_NO_X)) && defined(AWQE_REGISTER_STREAM)
+#error "the r12 probes change the cp.async stream only; build them without AWQE_REGISTER_STREAM"
 #endif
 // Chunks per warp prefetched to L2 while the previous kernel finishes (8 KB a warp; the path without cp.async).
 [[maybe_unused]] constexpr int kPrefetchChunks = 16;
@@ -218,15 +218,6 @@ __device__ __forceinline__ void stage_x(uint4 (&xv)[kStage][MT][2], const uint16
 #endif
 }
 
-// -DAWQE_X_EARLY: each stage's activation loads are issued before the wait for its weights, so their latency
-// overlaps the weights' (r12: the x loads cost 0.9-1.3 us of a 4096-row GEMV on the H100). Off by default: not
-// run on a GPU yet.
-#if defined(AWQE_X_EARLY)
-[[maybe_unused]] constexpr bool kXEarly = true;
-#else
-[[maybe_unused]] constexpr bool kXEarly = false;
-#endif
-
 // acc += the products of the stage in `slot` with its activations xv (load_stage_x). kGuard as in run_stage.
 template <int MT, int BS, bool kGuard>
 __device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* slot, uint4 (&xv)[kStage][MT][2],
@@ -244,7 +235,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[MT][4], const uint4* 
     constexpr int kUnitK = BS < kChunkK ? BS : kChunkK;
     constexpr int kUnits = kChunkK / kUnitK;
     const uint2* params = reinterpret_cast<const uint2*>(slot + kStage * 32) + (lane >> 2);
-    if constexpr (!kXEarly) stage_x<MT, kGuard>(xv, xrow, c, end, K, lane);
+    stage_x<MT, kGuard>(xv, xrow, c, end, K, lane);
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
         if (kGuard && c + u >= end) break;
@@ -293,11 +284,6 @@ struct AsyncStream {
     __device__ __forceinline__ void run(float (&acc)[MT][4], const uint16_t* const (&xrow)[MT], int fast_end, int K) {
         for (int s = 0; s < stages; ++s) {
             uint4 xv[kStage][MT][2];
-            if constexpr (kXEarly) {
-                const int c = begin + s * kStage;
-                if (c + kStage <= fast_end) stage_x<MT, false>(xv, xrow, c, end, K, lane);
-                else stage_x<MT, true>(xv, xrow, c, end, K, lane);
-            }
             cp_async_wait<kDepth - 1>();  // stage s's group: kDepth + s committed, the newest kDepth - 1 may pend
             __syncwarp();  // block parameters are read by lanes other than the one that copied them
             const int c = begin + s * kStage;
@@ -529,7 +515,8 @@ int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
 #endif
 // -DAWQE_DEEP_WARPS=4 gives blocks of 4 warps the deep ring too, for A/B timing: r12's stream alone ran 15-23% faster
 // at 4 warps a tile than at one on the wide products (22016 and 28672 rows), where the whole kernel at 4 warps, with
-// 2 stages a warp, was slower; bench/kernels.py's warps-a-tile columns show both.
+// 2 stages a warp, was slower. r13 (H100): the deep ring did not help them, 19.5 -> 20.3 us and 24.2 -> 25.2 us at
+// 4 warps a tile (bench/NOTES.md); the default stays 2.
 #ifndef AWQE_DEEP_WARPS
 #define AWQE_DEEP_WARPS 2
 #endif
