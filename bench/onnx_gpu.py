@@ -73,17 +73,16 @@ FPA_INTB_M_ENV, FPA_INTB_M_ENTRY = "ORT_FPA_INTB_PROFILE_M", "ep.cuda.fpa_intb_p
 
 def genai_model(folder: Path, provider: str, fpa_intb: str | None = None, graph: bool = False):
     """onnxruntime-genai's model of the folder on the provider, as the benchmark's rows run it: the folder's own
-    provider options replaced by the provider alone (the builder writes `enable_cuda_graph` 0, ours none), or with
-    graph, genai's CUDA-graph decode (`enable_cuda_graph` 1, the builder's `enable_cuda_graph` option); fpa_intb:
+    provider with `enable_cuda_graph` 0 (eager steps; the builder writes 0, our fp16 export 1), or with graph,
+    genai's CUDA-graph decode (`enable_cuda_graph` 1); fpa_intb:
     onnxruntime's fpA_intB path on, profiled at these M (a comma list)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
-    config.clear_providers()
+    config.clear_providers()  # (it keeps the options the file gave a provider appended again: ours turn graphs on)
     if provider == "cuda":
         config.append_provider("cuda")
-        if graph:
-            config.set_provider_option("cuda", "enable_cuda_graph", "1")
+        config.set_provider_option("cuda", "enable_cuda_graph", "1" if graph else "0")
     fpa = {FPA_INTB_ENV: "1", FPA_INTB_M_ENV: fpa_intb} if fpa_intb else {}
     with mock.patch.dict(os.environ, fpa):  # the caller's environment after
         return og.Model(config)

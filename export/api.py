@@ -83,7 +83,7 @@ def export(quant_dir, out_dir, opts: ExportOptions = ExportOptions(), allow_floa
             model = build_decoder(ck, opts, ExternalData(data, out))
         gen_path = folder / "generation_config.json"
         generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        genai = genai_config(ck.config, generation, model, ck.spec.dims)
+        genai = genai_config(ck.config, generation, model, ck.spec.dims, opts.dtype)
         extra = {
             "target": opts.target, "dtype": opts.dtype, "trt_native": opts.trt_native,
             "accuracy_level": opts.accuracy_level, "head_bits": opts.head_bits,

@@ -26,12 +26,17 @@ def token_ids(value) -> list:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def genai_config(config: dict, generation: dict, model, d) -> dict:
-    """onnxruntime-genai's description of the decoder: I/O names, shapes of the cache, stop tokens."""
+def genai_config(config: dict, generation: dict, model, d, dtype: str = "fp32") -> dict:
+    """onnxruntime-genai's description of the decoder: I/O names, shapes of the cache, stop tokens, and for the
+    fp16 (GPU) export its provider."""
     inputs = {i.name for i in model.graph.input}
     # GroupQueryAttention reads and writes one KV buffer of max_length in place (onnxruntime-genai's own builds do
     # the same): no cache copy per step. The plain attention of --target trt needs past and present apart.
     share = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    # The fp16 export is the GPU's: it names the CUDA provider, as the builder's `-e cuda` folders do (with none,
+    # onnxruntime-genai runs a folder on the CPU), and turns on genai's CUDA-graph decode, which the builder leaves
+    # off: 1.16x genai's eager steps on it at the Llama-3-8B shape (H100, bench/results/onnx_gpu_llama3-8b.md).
+    providers = [{"cuda": {"enable_cuda_graph": "1"}}] if share and dtype == "fp16" else []
     eos = token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
     bos = token_ids(generation.get("bos_token_id", config.get("bos_token_id")))
     pad = token_ids(generation.get("pad_token_id", config.get("pad_token_id"))) or eos[:1]
@@ -44,7 +49,7 @@ def genai_config(config: dict, generation: dict, model, d) -> dict:
             "bos_token_id": bos[0] if bos else None,
             "context_length": d.max_positions,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},
                 "filename": MODEL_FILE,
                 "head_size": d.head_dim,
                 "hidden_size": d.hidden,

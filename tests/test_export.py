@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from awq_edge.export import folder
-from awq_edge.export.api import export
+from awq_edge.export.api import export, export_options
 from awq_edge.export.decoder import IR_VERSION, OPSET, ExportOptions
 from safetensors.torch import save_file
 
@@ -300,6 +300,16 @@ def test_model_declares_ir_10_and_opset_21_with_weights_as_external_data(tmp_pat
     assert (out / folder.DATA_FILE).stat().st_size > (out / folder.MODEL_FILE).stat().st_size
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2 and genai["model"]["eos_token_id"] == 0
+
+
+@pytest.mark.parametrize("options, providers", [
+    ({}, []), ({"dtype": "fp16"}, [{"cuda": {"enable_cuda_graph": "1"}}]), ({"target": "trt", "dtype": "fp16"}, [])])
+def test_genai_config_names_cuda_with_graphs_for_the_fp16_onnxruntime_export(tmp_path, ckpt, options, providers):
+    """The fp16 export is the GPU's: onnxruntime-genai runs it on CUDA, replaying its decode steps as CUDA graphs,
+    with no provider set by the caller; the CPU (fp32) and TensorRT folders name none."""
+    out = export(ckpt[0], tmp_path / "onnx", export_options(options.pop("target", "ort"), exact=True, **options))
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == providers
 
 
 def test_sharded_hub_checkpoint_exports_like_a_single_file(tmp_path, ckpt):

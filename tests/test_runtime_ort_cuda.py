@@ -76,13 +76,20 @@ def test_generate_cli_and_load_run_on_cuda(folders, capsys):
     assert model.generate(PROMPT, max_new_tokens=8) == list(generate(OrtDecoder(folder), PROMPT, 8))[:8]
 
 
+@pytest.mark.parametrize("graph", [True, False], ids=["as-exported", "eager"])
 @pytest.mark.parametrize("name", ["exact_fp16", "default_fp16"])
-def test_onnxruntime_genai_cuda_gives_our_backends_greedy_tokens(folders, name):
+def test_onnxruntime_genai_cuda_gives_our_backends_greedy_tokens(folders, name, graph):
+    """As exported, the fp16 folder's genai_config.json names the CUDA provider with genai's CUDA-graph decode;
+    eager: its graphs turned off."""
     og = pytest.importorskip("onnxruntime_genai")
     folder = folders[0][name]
     config = og.Config(str(folder))
-    config.clear_providers()
-    config.append_provider("cuda")
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+        "provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]
+    if not graph:  # (clear_providers keeps the options the file gave the provider appended again)
+        config.clear_providers()
+        config.append_provider("cuda")
+        config.set_provider_option("cuda", "enable_cuda_graph", "0")
     theirs = genai_greedy(og.Model(config), PROMPT, 12)
     d = OrtDecoder(folder, provider="cuda")
     d.eos_ids = set()
