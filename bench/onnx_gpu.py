@@ -334,6 +334,13 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         if args.provider == "cuda" and name in ("ours_default", "peer_int4") and "genai_graph" in args.rows_of:
             model = genai_model(folder, args.provider, graph=True)  # genai replaying its decode steps as CUDA graphs
             rows[f"{name}/onnxruntime-genai-graph"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
+            # the folder as its writer left it, `og.Model(folder)`: what a genai user gets (ours: CUDA with graphs,
+            # the builder's: CUDA without)
+            import onnxruntime_genai as og
+
+            model = og.Model(str(folder))
+            rows[f"{name}/onnxruntime-genai-as-written"] = (folder,
+                                                             lambda p, m=model: time_genai(m, p, args.new_tokens))
         # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
         if name.startswith("ours") and name not in FORMATS:
             dec = timed_decoder(folder, provider=args.provider)
@@ -437,6 +444,7 @@ def ratios(rows: list) -> dict:
                  ("peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai"),
                  ("ours_default/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-fpaintb"),
                  ("ours_default/awq-edge-ort-fpaintb", "ours_default/awq-edge-ort-eager"),
+                 ("ours_default/onnxruntime-genai-as-written", "peer_int4/onnxruntime-genai-as-written"),
                  ("ours_default/onnxruntime-genai-graph", "peer_int4/onnxruntime-genai-graph"),
                  ("ours_default/onnxruntime-genai-graph", "ours_default/onnxruntime-genai"),
                  ("peer_int4/onnxruntime-genai-graph", "peer_int4/onnxruntime-genai"),
@@ -462,7 +470,7 @@ def main(argv=None) -> int:
     ap.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--rows", default="ours_default,ours_exact,peer,cuda_backend,ab",
                     help=f"comma list of {', '.join(ROWS)} (genai_graph: ours_default and the peer on genai with "
-                         "its CUDA graphs too, CUDA only)")
+                         "its CUDA graphs too, and each folder as its writer left it, CUDA only)")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"))
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -160,17 +160,20 @@ def test_every_cuda_row_runs_on_a_random_tiny_shape(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())
     assert [f"{r['model']}/{r['runtime']}" for r in res["rows"]] == [
         "ours_default/onnxruntime-genai", "ours_default/onnxruntime-genai-fpaintb",
-        "ours_default/onnxruntime-genai-graph", "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-eager",
-        "ours_default/awq-edge-ort-1thread", "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed",
-        "ours_default/awq-edge-ort-stream", "ours_default/awq-edge-ort-fpaintb", "ours_sym/onnxruntime-genai",
+        "ours_default/onnxruntime-genai-graph", "ours_default/onnxruntime-genai-as-written",
+        "ours_default/awq-edge-ort", "ours_default/awq-edge-ort-eager", "ours_default/awq-edge-ort-1thread",
+        "ours_default/awq-edge-ort-hostin", "ours_default/awq-edge-ort-fixed", "ours_default/awq-edge-ort-stream",
+        "ours_default/awq-edge-ort-fpaintb", "ours_sym/onnxruntime-genai",
         "ours_sym32/onnxruntime-genai", "ours_sym32/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai",
-        "peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-graph"]
+        "peer_int4/onnxruntime-genai-fpaintb", "peer_int4/onnxruntime-genai-graph",
+        "peer_int4/onnxruntime-genai-as-written"]
     for r in res["rows"]:  # random weights: near-tied logits, so no claim on equal greedy tokens
         assert r["tok_s"] > 0 and r["cpu_nodes_matmul_attention"] == 0, r
         if r["runtime"].startswith("awq-edge-ort"):  # only the default loop replays graphs, to the end
             assert r["cuda_graph"] == (r["runtime"] == "awq-edge-ort"), r
     assert "ours_default/awq-edge-ort-eager vs ours_default/awq-edge-ort-hostin tok/s" in res["ratios"]
     assert "ours_default/onnxruntime-genai-graph vs peer_int4/onnxruntime-genai-graph tok/s" in res["ratios"]
+    assert "ours_default/onnxruntime-genai-as-written vs peer_int4/onnxruntime-genai-as-written tok/s" in res["ratios"]
     prof = res["profile"]
     assert set(prof) == {"awq-edge-ort-eager", "onnxruntime-genai", "onnxruntime-genai-graph"}
     graph, eager = prof["onnxruntime-genai-graph"], prof["onnxruntime-genai"]
