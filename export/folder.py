@@ -33,9 +33,9 @@ def genai_config(config: dict, generation: dict, model, d, dtype: str = "fp32") 
     # GroupQueryAttention reads and writes one KV buffer of max_length in place (onnxruntime-genai's own builds do
     # the same): no cache copy per step. The plain attention of --target trt needs past and present apart.
     share = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
-    # The fp16 export is the GPU's: it names the CUDA provider, as the builder's `-e cuda` folders do (with none,
-    # onnxruntime-genai runs a folder on the CPU), and turns on genai's CUDA-graph decode, which the builder leaves
-    # off: 1.16x genai's eager steps on it at the Llama-3-8B shape (H100, bench/results/onnx_gpu_llama3-8b.md).
+    # The fp16 export is the GPU's: it names the CUDA provider, as the builder's `-e cuda` folders do (so that
+    # og.Model(folder) needs no provider from the caller), and turns on genai's CUDA-graph decode, which the builder
+    # leaves off: 1.16x genai's eager steps at the Llama-3-8B shape (H100, bench/results/onnx_gpu_llama3-8b.md).
     providers = [{"cuda": {"enable_cuda_graph": "1"}}] if share and dtype == "fp16" else []
     eos = token_ids(generation.get("eos_token_id", config.get("eos_token_id")))
     bos = token_ids(generation.get("bos_token_id", config.get("bos_token_id")))
