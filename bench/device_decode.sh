@@ -3,6 +3,7 @@
 # tests on the default build, then bench/decode.py with each library, one after the other in the same call.
 # Usage on the GPU machine, from the repository root:
 #   OUT=dir [BUILDS="default= register=-DAWQE_REGISTER_STREAM"] bash bench/device_decode.sh
+# (a build of several flags separates them with commas: "mb3b24=-DAWQE_MIN_BLOCKS=3,-DAWQE_WARP_BUDGET=24")
 # KERNEL_SHAPES="4096x4096,22016x4096": also bench/kernels.py on those shapes with each library (kernels_NAME.json),
 # before the decode runs; MODELS="" runs no decode (the r12 probe builds give wrong results, so only their times).
 # BUILD_ROOT (default /tmp): where each build's folder awqe-NAME goes.
@@ -16,7 +17,7 @@ MODELS=${MODELS-llama2-7b,llama3-8b}
 [ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD
 for b in $BUILDS; do
-  name=${b%%=*} flags=${b#*=}
+  name=${b%%=*} flags=${b#*=} flags=${flags//,/ }
   rm -f "$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so"  # a library left by an earlier build is not this one
   ( cmake -S plugins -B "$BUILD_ROOT/awqe-$name" -DCMAKE_CUDA_ARCHITECTURES=$ARCH "-DCMAKE_CUDA_FLAGS=$flags" \
       >/dev/null && cmake --build "$BUILD_ROOT/awqe-$name" -j 8 2>&1 | grep -iE "error|spill" ) &
@@ -39,7 +40,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then
 fi
 if [ -n "${KERNEL_SHAPES:-}" ]; then
   for b in $BUILDS; do
-    name=${b%%=*} flags=${b#*=}
+    name=${b%%=*} flags=${b#*=} flags=${flags//,/ }
     AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -P bench/kernels.py \
       --shapes "$KERNEL_SHAPES" --label "$name build: CMAKE_CUDA_FLAGS='$flags'" --out "$OUT/kernels_$name.json" \
       > "$OUT/kernels_$name.log" 2>&1 ||
@@ -49,7 +50,7 @@ if [ -n "${KERNEL_SHAPES:-}" ]; then
 fi
 [ -n "$MODELS" ] || exit 0
 for b in $BUILDS; do
-  name=${b%%=*} flags=${b#*=}
+  name=${b%%=*} flags=${b#*=} flags=${flags//,/ }
   AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -P bench/decode.py --models "$MODELS" \
     --variants ${VARIANTS:-ours,ours_unfolded} ${BENCH_ARGS:---breakdown} --out "$OUT/decode_$name.json" \
     --label "$name build: CMAKE_CUDA_FLAGS='$flags'" 2>&1 | grep -v Warning | grep -v '^ ' | grep -v '^[{}]'

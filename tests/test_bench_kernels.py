@@ -48,6 +48,22 @@ def test_the_device_decode_script_needs_a_results_folder(tmp_path):
     assert proc.returncode != 0 and "set OUT to a results folder" in proc.stderr
 
 
+@pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("cmake")), reason="needs nvcc and cmake")
+def test_the_device_decode_script_builds_a_variant_of_several_comma_separated_flags(tmp_path):
+    """The build step alone (no GPU needed: no kernel shapes, no models): a variant's flags, comma-separated, reach
+    CMAKE_CUDA_FLAGS as one space-separated string, and the library is built with them."""
+    env = {**os.environ, "OUT": str(tmp_path), "ARCH": "90-real", "TESTS": "0", "MODELS": "",
+           "BUILD_ROOT": str(tmp_path), "BUILDS": "mb3b24=-DAWQE_MIN_BLOCKS=3,-DAWQE_WARP_BUDGET=24"}
+    env.pop("KERNEL_SHAPES", None)
+    with layout_links_removed():
+        proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    cache = (tmp_path / "awqe-mb3b24" / "CMakeCache.txt").read_text()
+    assert "CMAKE_CUDA_FLAGS:STRING=-DAWQE_MIN_BLOCKS=3 -DAWQE_WARP_BUDGET=24\n" in cache
+    assert (tmp_path / "awqe-mb3b24" / "libawq_edge_kernels.so").is_file()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not (shutil.which("nvcc") and shutil.which("cmake")),
                     reason="needs an NVIDIA GPU, nvcc and cmake (the script builds the kernel library per variant)")
 def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp_path):

@@ -394,8 +394,14 @@ __device__ __forceinline__ float gate_activation(int kind, float x) {
 // Dynamic shared memory: each warp's ring of kDepth stages (sm_80+), then the cross-warp partial sums.
 // Registers: as many as the kernel asks (~100 for MT = 1, ~167 for MT = 2; the default heuristic chose 80 for
 // MT = 1 and spilled), so MT = 2 runs at most 4 warps a tile by default (choose_warps).
+// -DAWQE_MIN_BLOCKS=3 caps the M <= 8 kernels at 80 registers (from 103-107; 8-40 bytes spilled), so a SM holds 24-25
+// warps instead of 16, for A/B timing with -DAWQE_WARP_BUDGET=24: r9/r11's budget of 24 warps a SM ran grids of
+// more than 16 warps a SM in two waves (bench/NOTES.md, r13's ncu: registers and shared memory cap occupancy at 16).
+#ifndef AWQE_MIN_BLOCKS
+#define AWQE_MIN_BLOCKS 1
+#endif
 template <int MT, int BS, int kDepth>
-__global__ void __launch_bounds__(32 * kMaxWarps, 1) gemm_kernel(const GemmArgs a) {
+__global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1) gemm_kernel(const GemmArgs a) {
     extern __shared__ uint4 smem[];
     const int tile = blockIdx.x / a.mslices, m0 = (blockIdx.x % a.mslices) * 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
