@@ -71,13 +71,17 @@ FPA_INTB_ENV, FPA_INTB_ENTRY = "ORT_FPA_INTB_GEMM", "ep.cuda.fpa_intb_gemm"
 FPA_INTB_M_ENV, FPA_INTB_M_ENTRY = "ORT_FPA_INTB_PROFILE_M", "ep.cuda.fpa_intb_profile_m"
 
 
-def genai_model(folder: Path, provider: str, fpa_intb: str | None = None, graph: bool = False):
+def genai_model(folder: Path, provider: str, fpa_intb: str | None = None, graph: bool = False,
+                as_written: bool = False):
     """onnxruntime-genai's model of the folder on the provider, as the benchmark's rows run it: the folder's own
     provider with `enable_cuda_graph` 0 (eager steps; the builder writes 0, our fp16 export 1), or with graph,
-    genai's CUDA-graph decode (`enable_cuda_graph` 1); fpa_intb:
-    onnxruntime's fpA_intB path on, profiled at these M (a comma list)."""
+    genai's CUDA-graph decode (`enable_cuda_graph` 1); fpa_intb: onnxruntime's fpA_intB path on, profiled at these M
+    (a comma list); as_written: the folder's genai_config.json as its writer left it, nothing overridden (what a
+    genai user who opens the folder gets)."""
     import onnxruntime_genai as og
 
+    if as_written:
+        return og.Model(str(folder))
     config = og.Config(str(folder))
     config.clear_providers()  # (it keeps the options the file gave a provider appended again: ours turn graphs on)
     if provider == "cuda":
@@ -334,11 +338,7 @@ def make_rows(args, work: Path, res: dict) -> tuple:
         if args.provider == "cuda" and name in ("ours_default", "peer_int4") and "genai_graph" in args.rows_of:
             model = genai_model(folder, args.provider, graph=True)  # genai replaying its decode steps as CUDA graphs
             rows[f"{name}/onnxruntime-genai-graph"] = (folder, lambda p, m=model: time_genai(m, p, args.new_tokens))
-            # the folder as its writer left it, `og.Model(folder)`: what a genai user gets (ours: CUDA with graphs,
-            # the builder's: CUDA without)
-            import onnxruntime_genai as og
-
-            model = og.Model(str(folder))
+            model = genai_model(folder, args.provider, as_written=True)  # ours: graphs on, the builder's: off
             rows[f"{name}/onnxruntime-genai-as-written"] = (folder,
                                                              lambda p, m=model: time_genai(m, p, args.new_tokens))
         # as `awq-edge generate` runs it: on the CUDA provider, its steps' CUDA graphs
