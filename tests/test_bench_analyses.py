@@ -6,12 +6,12 @@ mixed text into one unknown word after another, the same input at every position
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import bench_script, tiny_model
 from test_export import write_calibration_text
+from test_runtime import save_byte_tokenizer
 
 from awq_edge.errors import AwqEdgeError
 
@@ -24,17 +24,6 @@ gptq_domain = bench_script("gptq_domain")
 _path = list(sys.path)
 gptq_sink = bench_script("gptq_sink")
 _path_after = list(sys.path)  # read now: later test modules' imports change sys.path before any test runs
-
-
-def save_byte_tokenizer(folder: Path) -> None:
-    """Each of the 256 bytes its own id, the tiny model's whole vocabulary; no special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
