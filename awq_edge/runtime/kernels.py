@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +45,7 @@ _SIGNATURES = {
                            _int),
     "awqe_set_programmatic_launch": ([_int], None),
     "awqe_silu_mul_f16": ([_vp, _vp, _int, _int, _vp], _int),
+    "awqe_probe_placement": ([_vp, _int], _int),
 }
 
 
@@ -336,6 +338,20 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
 def set_programmatic_launch(enable: bool) -> None:
     """Programmatic dependent launch on sm_90+ (default on); off for A/B timing."""
     load_library().awqe_set_programmatic_launch(int(enable))
+
+
+PROBE_FIELDS = ("entry_ns", "released_ns", "done_ns", "sm", "wait_cycles", "done_cycles", "threads")
+
+
+def probe_placement(max_blocks: int) -> list[tuple] | None:
+    """Blocks [0, max_blocks) of the last M <= 8 GEMM launched, one tuple of PROBE_FIELDS each (awq_edge_kernels.h's
+    awqe_probe_placement; the records are cleared after), from a library built with -DAWQE_PROBE_PLACEMENT; None
+    from any other build."""
+    buf = ctypes.create_string_buffer(40 * max_blocks)
+    n = load_library().awqe_probe_placement(ctypes.addressof(buf), max_blocks)
+    if n < 0:
+        return None
+    return list(struct.iter_unpack("<QQQIIII", buf.raw[:40 * n]))
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,13 @@ AWQE_API awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, c
  * that off, 1 back on (default). */
 AWQE_API void awqe_set_programmatic_launch(int enable);
 
+/* A timing probe for benchmarks (bench/placement.py), live only in a library built with -DAWQE_PROBE_PLACEMENT:
+ * copies, for blocks [0, max_blocks) of the last M <= 8 GEMM launched, 40-byte records (uint64 %globaltimer ns at
+ * the block's entry, when its wait for the kernel before returned, and when its sums were done; uint32 SM, SM clock
+ * cycles from entry to that return and to done, the block's threads) into out, clears them, and returns the count
+ * copied; -1 in any other build or on a CUDA error. */
+AWQE_API int awqe_probe_placement(void* out, int max_blocks);
+
 #ifdef __cplusplus
 }
 #endif

@@ -303,4 +303,10 @@ awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, 
     return cuda_status(awqe::launch_silu_mul(gate_up, out, M, inter, stream), "silu_mul launch");
 }
 
+int awqe_probe_placement(void* out, int max_blocks) {
+    static_assert(sizeof(awqe::ProbeRecord) == 40, "the C API's record layout");
+    if (!out || max_blocks <= 0) return -1;
+    return awqe::probe_placement(static_cast<awqe::ProbeRecord*>(out), max_blocks);
+}
+
 }  // extern "C"

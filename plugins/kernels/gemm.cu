@@ -8,6 +8,8 @@
 // their results are dropped.
 #include <cuda_fp16.h>
 
+#include <vector>
+
 #include "layout.cuh"
 #include "pdl.cuh"
 
@@ -38,6 +40,24 @@ constexpr bool kAsyncBuild = true;
 #endif
 // Chunks per warp prefetched to L2 while the previous kernel finishes (8 KB a warp; the path without cp.async).
 [[maybe_unused]] constexpr int kPrefetchChunks = 16;
+
+// -DAWQE_PROBE_PLACEMENT (timing probe, bench/placement.py): each block of the M <= 8 kernel records its SM, and
+// %globaltimer and its SM's clock at entry, when the PDL wait returns and when its tile's sums are done, so the
+// placement of a launch's blocks and the SMs' idle time at its ramp and tail can be read back
+// (awqe_probe_placement). Every launch writes the same slots: what is read back is the last launch's.
+#if defined(AWQE_PROBE_PLACEMENT)
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned sm_id() {
+    unsigned s;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+    return s;
+}
+__device__ ProbeRecord g_probe[kProbeBlocks];
+#endif
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
@@ -407,6 +427,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int M = a.M, N = a.N, K = a.K;
+#if defined(AWQE_PROBE_PLACEMENT)
+    const unsigned long long probe_t0 = global_ns();
+    const long long probe_c0 = clock64();
+#endif
     const uint4* wt = a.weights + (size_t)tile * a.chunks * 32 + lane;
     // Lanes of batch rows >= M read row M - 1: their products land in accumulator columns nobody writes.
     const uint16_t* xrow[MT];
@@ -430,6 +454,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
 #endif
     pdl_launch_dependents();
     pdl_wait();
+#if defined(AWQE_PROBE_PLACEMENT)
+    const unsigned long long probe_t1 = global_ns();
+    const long long probe_c1 = clock64();
+#endif
     // The folded RMSNorm's 1/rms per batch row, for the warp that writes the outputs; its loads of h (L2) overlap
     // the weight stages already in flight.
     float rs[MT][2];
@@ -456,6 +484,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 for (int i = 0; i < 4; ++i) acc[j][i] += theirs[j * 4 + i];
         }
     }
+#if defined(AWQE_PROBE_PLACEMENT)
+    if (MT == 1 && lane == 0 && blockIdx.x < kProbeBlocks)  // warp 0: the others have returned
+        g_probe[blockIdx.x] = ProbeRecord{probe_t0, probe_t1, global_ns(), sm_id(), (unsigned)(probe_c1 - probe_c0),
+                                          (unsigned)(clock64() - probe_c0), (unsigned)blockDim.x};
+#endif
     if (a.rms_x) {  // the folded RMSNorm: scale each batch row's sums by its rsqrt(mean(h^2) + eps)
 #pragma unroll
         for (int j = 0; j < MT; ++j)
@@ -569,6 +602,20 @@ cudaError_t launch_mt(const GemmFold& f, int block_size, int warps, const Device
 }
 
 }  // namespace
+
+int probe_placement(ProbeRecord* out, int max_blocks) {
+#if defined(AWQE_PROBE_PLACEMENT)
+    const int n = max_blocks < kProbeBlocks ? max_blocks : kProbeBlocks;
+    if (n <= 0 || cudaDeviceSynchronize() != cudaSuccess) return -1;
+    if (cudaMemcpyFromSymbol(out, g_probe, n * sizeof(ProbeRecord)) != cudaSuccess) return -1;
+    static const std::vector<ProbeRecord> zeros(kProbeBlocks);  // cleared: a slot no block of the next launch
+    if (cudaMemcpyToSymbol(g_probe, zeros.data(), kProbeBlocks * sizeof(ProbeRecord)) != cudaSuccess) return -1;
+    return n;                                                    // writes reads as zero
+#else
+    (void)out, (void)max_blocks;
+    return -1;
+#endif
+}
 
 cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev,
                         cudaStream_t stream) {

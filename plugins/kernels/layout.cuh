@@ -75,4 +75,16 @@ struct GemmFold {
 
 cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev, cudaStream_t stream);
 
+// What a -DAWQE_PROBE_PLACEMENT build's M <= 8 GEMV records per block (gemm.cu; 40 bytes, the C API's layout):
+// %globaltimer at entry, when the PDL wait returned and when the tile's sums were done; the SM; the SM's clock
+// cycles from entry to the wait's return and to done; the block's threads.
+struct ProbeRecord {
+    unsigned long long entry_ns, released_ns, done_ns;
+    unsigned sm, wait_cycles, done_cycles, threads;
+};
+constexpr int kProbeBlocks = 16384;
+// Copies the last launch's records of blocks [0, max_blocks) into out and clears them: the count copied, or -1
+// (not a probe build, or a CUDA error).
+int probe_placement(ProbeRecord* out, int max_blocks);
+
 }  // namespace awqe
