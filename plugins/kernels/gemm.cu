@@ -35,6 +35,9 @@ constexpr bool kAsyncBuild = true;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(AWQE_REGISTER_STREAM)
 #define AWQE_ASYNC_STREAM 1
 #endif
+#if defined(AWQE_BULK_STREAM) && defined(AWQE_REGISTER_STREAM)
+#error "AWQE_BULK_STREAM replaces the cp.async stream's copies; build it without AWQE_REGISTER_STREAM"
+#endif
 #if (defined(AWQE_PROBE_STREAM_ONLY) || defined(AWQE_PROBE_NO_X)) && defined(AWQE_REGISTER_STREAM)
 #error "the r12 probes change the cp.async stream only; build them without AWQE_REGISTER_STREAM"
 #endif
@@ -185,6 +188,31 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// -DAWQE_BULK_STREAM (sm_90, for A/B timing, bench/NOTES.md r16): lane 0 of each warp copies a whole stage (its
+// kStage contiguous chunks, then its block parameters) with two TMA bulk copies that complete on the slot's
+// mbarrier, instead of 32 lanes issuing a 16-byte cp.async each. Why: the wide one-warp GEMVs take as long on the
+// H200 as on the H100 (22016 x 4096: 19.1 / 19.0 us), so a limit on each SM's requests in flight, not DRAM, may
+// pace them; a bulk copy is one request of up to 2 KB to the SM's copy engine.
+#if defined(AWQE_BULK_STREAM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define AWQE_BULK 1
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, uint32_t phase) {
+    asm volatile("{\n .reg .pred p;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 " @!p bra WAIT;\n}" ::"r"(smem_u32(bar)), "r"(phase) : "memory");
+}
+#endif
+
 // A stage's block parameters: kStage * kChunkK / BS blocks of 8 uint2 (64 bytes) each, contiguous per tile.
 template <int BS>
 __host__ __device__ constexpr int stage_param_vectors() { return kStage * kChunkK / BS * 4; }
@@ -274,21 +302,46 @@ struct AsyncStream {
     const uint4* wt;
     const uint4* ptile;
     int begin, end, lane, stages;
+#if defined(AWQE_BULK)
+    unsigned long long* bars;  // the warp's kDepth mbarriers, one a slot
 
     __device__ __forceinline__ AsyncStream(uint4* ring_, const uint4* wt_, const uint4* ptile_, int begin_, int end_,
-                                           int lane_)
+                                           int lane_, unsigned long long* bars_)
+        : ring(ring_), wt(wt_ - lane_), ptile(ptile_), begin(begin_), end(end_), lane(lane_),
+          stages(end_ > begin_ ? (end_ - begin_ + kStage - 1) / kStage : 0), bars(bars_) {
+        if (lane == 0) {
+            for (int i = 0; i < kDepth; ++i) mbar_init(bars + i);
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncwarp();
+    }
+#else
+    __device__ __forceinline__ AsyncStream(uint4* ring_, const uint4* wt_, const uint4* ptile_, int begin_, int end_,
+                                           int lane_, unsigned long long* = nullptr)
         : ring(ring_), wt(wt_), ptile(ptile_), begin(begin_), end(end_), lane(lane_),
           stages(end_ > begin_ ? (end_ - begin_ + kStage - 1) / kStage : 0) {}
+#endif
 
     __device__ __forceinline__ uint4* slot(int s) const { return ring + (s % kDepth) * stage_vectors<BS>(); }
 
     __device__ __forceinline__ void issue(int s) {
         const int c = begin + s * kStage;
+#if defined(AWQE_BULK)
+        if (s < stages && lane == 0) {  // the stage's chunks before `end` and the blocks that start in them
+            const int n = min(kStage, end - c);
+            const int np = min(stage_param_vectors<BS>(), 4 * ((n * kChunkK + BS - 1) / BS));
+            unsigned long long* bar = bars + s % kDepth;
+            mbar_expect_tx(bar, n * kChunkBytes + np * 16);
+            bulk_copy(slot(s), wt + c * 32, n * kChunkBytes, bar);
+            bulk_copy(slot(s) + kStage * 32, ptile + c * kChunkK / BS * 4, np * 16, bar);
+        }
+#else
         if (s < stages) {
             if (c + kStage <= end) issue_stage<BS, false>(slot(s), wt, ptile, c, end, lane);
             else issue_stage<BS, true>(slot(s), wt, ptile, c, end, lane);
         }
         cp_async_commit();  // empty groups past the end keep the group count uniform
+#endif
     }
 
     // Before the PDL wait: the first kDepth stages, a slot each (weights are constants). For the small products
@@ -304,8 +357,12 @@ struct AsyncStream {
     __device__ __forceinline__ void run(float (&acc)[MT][4], const uint16_t* const (&xrow)[MT], int fast_end, int K) {
         for (int s = 0; s < stages; ++s) {
             uint4 xv[kStage][MT][2];
+#if defined(AWQE_BULK)
+            mbar_wait(bars + s % kDepth, (s / kDepth) & 1);  // the slot's (s / kDepth)-th fill has landed
+#else
             cp_async_wait<kDepth - 1>();  // stage s's group: kDepth + s committed, the newest kDepth - 1 may pend
             __syncwarp();  // block parameters are read by lanes other than the one that copied them
+#endif
             const int c = begin + s * kStage;
             const bool fast = c + kStage <= fast_end;
             if (fast) {
@@ -316,7 +373,9 @@ struct AsyncStream {
             __syncwarp();  // every lane has read the slot before any lane refills it
             issue(s + kDepth);
         }
+#if !defined(AWQE_BULK)
         cp_async_wait<0>();
+#endif
     }
 };
 
@@ -441,9 +500,14 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
     const int begin = warp * a.per_warp, end = min(a.chunks, begin + a.per_warp);
     const int fast_end = min(end, K / kChunkK);  // chunks whose activations all lie inside K
 #if defined(AWQE_ASYNC_STREAM)
+#if defined(AWQE_BULK)
+    __shared__ alignas(8) unsigned long long bars[kMaxWarps * kDepth];
+#else
+    unsigned long long* bars = nullptr;
+#endif
     AsyncStream<BS, kDepth> stream(smem + warp * kDepth * stage_vectors<BS>(), wt,
                                    reinterpret_cast<const uint4*>(a.params + (size_t)tile * a.pblocks * 8), begin, end,
-                                   lane);
+                                   lane, bars ? bars + warp * kDepth : nullptr);
     stream.prologue();
     float* partial = reinterpret_cast<float*>(smem + nwarps * kDepth * stage_vectors<BS>());
 #else
