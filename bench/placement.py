@@ -43,9 +43,9 @@ def chain_for(shape: tuple, mode: str, length: int) -> list:
     return [layer[(end - (length - 1 - i)) % len(layer)] for i in range(length)]
 
 
-def analyse(records: list, calls_s: float, n_sm: int) -> dict:
+def analyse(records: list, product_s: float, n_sm: int) -> dict:
     """Per-launch figures from the probe's records (tuples of kernels.PROBE_FIELDS) on a GPU of n_sm SMs, times in
-    microseconds."""
+    microseconds; product_s: the graph's seconds over its products."""
     rec = [dict(zip(kernels.PROBE_FIELDS, r)) for r in records]
     if not rec or any(r["done_ns"] == 0 for r in rec):
         raise ValueError("a block left no record: the library is not a probe build, or the launch did not run")
@@ -72,7 +72,7 @@ def analyse(records: list, calls_s: float, n_sm: int) -> dict:
         "sms_used": len(per_sm),
         "blocks_per_sm": {"min": counts[0], "median": statistics.median(counts), "max": counts[-1]},
         "blocks_per_sm_histogram": {str(c): counts.count(c) for c in sorted(set(counts))},
-        "time_per_call_us": calls_s * 1e6,
+        "graph_us_per_product": product_s * 1e6,  # the graph's time over its products (layer: their mean)
         "span_us": span * us,
         "early_us": (release - min(r["entry_ns"] for r in rec)) * us,  # first block resident before the release
         "last_entry_us": (max(r["entry_ns"] for r in rec) - release) * us,  # last block's start after it
@@ -162,7 +162,7 @@ def main() -> None:
     l2 = props.L2_cache_size
     result = {"device": props.name, "sm_count": props.multi_processor_count, "label": args.label,
               "what": __doc__.split("\n\n")[1].replace("\n", " "), "probes": []}
-    print(f"{props.name}: {'shape':>11} {'mode':>5} {'warps':>5} {'blk/SM':>9} {'call us':>7} {'span us':>7} "
+    print(f"{props.name}: {'shape':>11} {'mode':>5} {'warps':>5} {'blk/SM':>9} {'us/prod':>7} {'span us':>7} "
           f"{'last in':>7} {'tail us':>7} {'SM busy':>7}")
     for shape in args.shapes:
         for mode in modes:
@@ -171,7 +171,7 @@ def main() -> None:
             result["probes"].append(r)
             b = r["blocks_per_sm"]
             print(f"{'':{len(props.name) + 1}} {r['shape']:>11} {mode:>5} {r['warps_a_block']:>5} "
-                  f"{b['min']:>3}-{b['max']:<5} {r['time_per_call_us']:7.1f} {r['span_us']:7.1f} "
+                  f"{b['min']:>3}-{b['max']:<5} {r['graph_us_per_product']:7.1f} {r['span_us']:7.1f} "
                   f"{r['last_entry_us']:7.1f} {r['tail_us']:7.1f} {r['sm_busy_share']:7.0%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -46,7 +46,7 @@ def test_the_analysis_reads_placement_span_and_tail_from_the_records():
     assert r["blocks_per_sm"] == {"min": 1, "median": 2.0, "max": 3}
     assert r["blocks_per_sm_histogram"] == {"1": 1, "3": 1}
     assert r["span_us"] == pytest.approx(9.0) and r["early_us"] == pytest.approx(0.5)
-    assert r["last_entry_us"] == pytest.approx(2.0) and r["time_per_call_us"] == pytest.approx(5.0)
+    assert r["last_entry_us"] == pytest.approx(2.0) and r["graph_us_per_product"] == pytest.approx(5.0)
     assert r["tail_us"] == pytest.approx((10000 - 7000) / 1000)  # the median of the SMs' ends, 10000 and 4000
     assert r["sm_busy_share"] == pytest.approx((9000 + 3000) / (4 * 9000))
     assert r["sm_end_us_by_blocks"] == {"1": pytest.approx(3.0), "3": pytest.approx(9.0)}
