@@ -7,6 +7,9 @@
 # KERNEL_SHAPES="4096x4096,22016x4096": also bench/kernels.py on those shapes with each library (kernels_NAME.json),
 # before the decode runs; MODELS="" runs no decode (the r12 probe builds give wrong results, so only their times).
 # BUILD_ROOT (default /tmp): where each build's folder awqe-NAME goes.
+# TEST_BUILDS="bulk": also the kernel tests (tests/test_kernels.py) with each named build's library (tests_NAME.txt).
+# PLACEMENT=1: also a -DAWQE_PROBE_PLACEMENT build (awqe-probe) and bench/placement.py with it (placement.json),
+# after the kernel shapes and before the decode runs.
 set -uo pipefail
 OUT=${OUT:?set OUT to a results folder}
 ARCH=${ARCH:-90-real}
@@ -16,14 +19,16 @@ MODELS=${MODELS-llama2-7b,llama3-8b}
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
 [ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD
-for b in $BUILDS; do
+ALL=$BUILDS
+[ "${PLACEMENT:-0}" = 1 ] && ALL="$ALL probe=-DAWQE_PROBE_PLACEMENT"
+for b in $ALL; do
   name=${b%%=*} flags=${b#*=} flags=${flags//,/ }
   rm -f "$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so"  # a library left by an earlier build is not this one
   ( cmake -S plugins -B "$BUILD_ROOT/awqe-$name" -DCMAKE_CUDA_ARCHITECTURES=$ARCH "-DCMAKE_CUDA_FLAGS=$flags" \
       >/dev/null && cmake --build "$BUILD_ROOT/awqe-$name" -j 8 2>&1 | grep -iE "error|spill" ) &
 done
 wait
-for b in $BUILDS; do
+for b in $ALL; do
   [ -f "$BUILD_ROOT/awqe-${b%%=*}/libawq_edge_kernels.so" ] || { echo "build ${b%%=*} failed"; exit 1; }
 done
 export AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-default/libawq_edge_kernels.so
@@ -33,6 +38,11 @@ if [ "${TESTS:-1}" = 1 ]; then
   tail -4 "$OUT/tests.txt"
   [ $status = 0 ] || { echo "GPU tests failed: no benchmark"; exit 1; }
 fi
+for name in ${TEST_BUILDS:-}; do
+  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -m pytest -q -x tests/test_kernels.py \
+    > "$OUT/tests_$name.txt" 2>&1 || { echo "kernel tests failed with the $name build"; tail -4 "$OUT/tests_$name.txt"; exit 1; }
+  echo "== kernel tests, $name build: $(tail -1 "$OUT/tests_$name.txt")"
+done
 if [ "${SANITIZE:-0}" = 1 ]; then
   timeout 240 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x \
     tests/test_kernels.py tests/test_runtime_cuda.py -k "float64 or warp_split or attention or folded" 2>&1 |
@@ -47,6 +57,12 @@ if [ -n "${KERNEL_SHAPES:-}" ]; then
       { echo "bench/kernels.py failed with the $name build"; tail -3 "$OUT/kernels_$name.log"; exit 1; }
     echo "== kernels, $name build"; grep -A80 "N x K" "$OUT/kernels_$name.log" | grep -E "^ *[0-9]+x[0-9]+ +1 "
   done
+fi
+if [ "${PLACEMENT:-0}" = 1 ]; then
+  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-probe/libawq_edge_kernels.so python -P bench/placement.py \
+    --label "probe build: CMAKE_CUDA_FLAGS='-DAWQE_PROBE_PLACEMENT'" --out "$OUT/placement.json" \
+    > "$OUT/placement.log" 2>&1 || { echo "bench/placement.py failed"; tail -3 "$OUT/placement.log"; exit 1; }
+  cat "$OUT/placement.log"
 fi
 [ -n "$MODELS" ] || exit 0
 for b in $BUILDS; do
