@@ -260,11 +260,18 @@ for step in "$@"; do
       # docs/onnxruntime-gpu.md's install as written, into the image's Python (a venv over it sees none of its
       # packages), so run it last: it replaces the image's CPU onnxruntime. No network here:
       # pip reads the onnxruntime-gpu wheel, re-zipped from the bundle's files, and setuptools from a folder), then
-      # the installed `awq-edge export --dtype fp16` of onnxgpu's checkpoint, `generate --provider cuda` and
+      # the installed `awq-edge export --dtype fp16` of SmolLM2's checkpoint (onnxgpu's, else quantised here at the
+      # CLI's defaults from the bundle's GGUF, without onnxgpu's benchmark), `generate --provider cuda` and
       # awq_edge.load on it
       [ "$step" = "${*: -1}" ] || { echo "gpuinstall replaces the image's onnxruntime: make it the last step"; exit 2; }
-      [ -f /tmp/ck_smollm2/config.json ] || { echo "no /tmp/ck_smollm2: run the onnxgpu step first"; exit 1; }
       unbundle || exit 1
+      if [ ! -f /tmp/ck_smollm2/config.json ]; then
+        [ -f /tmp/parts/smollm2-135m.00 ] || [ -f "$AWQ_EDGE_CACHE/smollm2-135m-f16/config.json" ] ||
+          { echo "no SmolLM2: carry the bundle's last part (its GGUF), or run the onnxgpu step first"; exit 1; }
+        convert smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf
+        python -m awq_edge.cli quantize smollm2-135m -o /tmp/ck_smollm2 > "$OUT/quantize_smollm2.log" 2>&1 ||
+          { echo "quantize failed"; tail -3 "$OUT/quantize_smollm2.log"; exit 1; }
+      fi
       rm -rf /tmp/wh && mkdir -p /tmp/wh && cp .whl/build/*.whl .whl/*.whl /tmp/wh/
       [ -d /tmp/ortgpu/onnxruntime ] ||
         { echo "no /tmp/ortgpu (unbundle's copy of the wheel's files): rm /tmp/site/.ortgpu-ok and rerun"; exit 1; }
