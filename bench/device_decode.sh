@@ -8,8 +8,8 @@
 # before the decode runs; MODELS="" runs no decode (the r12 probe builds give wrong results, so only their times).
 # BUILD_ROOT (default /tmp): where each build's folder awqe-NAME goes.
 # TEST_BUILDS="bulk": also the kernel tests (tests/test_kernels.py) with each named build's library (tests_NAME.txt).
-# PLACEMENT=1: also a -DAWQE_PROBE_PLACEMENT build (awqe-probe) and bench/placement.py with it (placement.json),
-# after the kernel shapes and before the decode runs.
+# PLACEMENT=1: also a -DAWQE_PROBE_PLACEMENT build (awqe-probe) and bench/placement.py with it (placement.json; its
+# options in PLACEMENT_ARGS), after the kernel shapes and before the decode runs.
 set -uo pipefail
 OUT=${OUT:?set OUT to a results folder}
 ARCH=${ARCH:-90-real}
@@ -59,7 +59,7 @@ if [ -n "${KERNEL_SHAPES:-}" ]; then
   done
 fi
 if [ "${PLACEMENT:-0}" = 1 ]; then
-  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-probe/libawq_edge_kernels.so python -P bench/placement.py \
+  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-probe/libawq_edge_kernels.so python -P bench/placement.py ${PLACEMENT_ARGS:-} \
     --label "probe build: CMAKE_CUDA_FLAGS='-DAWQE_PROBE_PLACEMENT'" --out "$OUT/placement.json" \
     > "$OUT/placement.log" 2>&1 || { echo "bench/placement.py failed"; tail -3 "$OUT/placement.log"; exit 1; }
   cat "$OUT/placement.log"
