@@ -680,9 +680,10 @@ int probe_placement(ProbeRecord* out, int max_blocks) {
     const int n = max_blocks < kProbeBlocks ? max_blocks : kProbeBlocks;
     if (n <= 0 || cudaDeviceSynchronize() != cudaSuccess) return -1;
     if (cudaMemcpyFromSymbol(out, g_probe, n * sizeof(ProbeRecord)) != cudaSuccess) return -1;
-    static const std::vector<ProbeRecord> zeros(kProbeBlocks);  // cleared: a slot no block of the next launch
+    // Cleared, so that a slot no block of the next launch writes reads as zero (bench/placement.py refuses those).
+    static const std::vector<ProbeRecord> zeros(kProbeBlocks);
     if (cudaMemcpyToSymbol(g_probe, zeros.data(), kProbeBlocks * sizeof(ProbeRecord)) != cudaSuccess) return -1;
-    return n;                                                    // writes reads as zero
+    return n;
 #else
     (void)out, (void)max_blocks;
     return -1;
