@@ -153,6 +153,9 @@ def main() -> None:
     modes = args.modes.split(",")
     if bad := [m for m in modes if m not in ("alone", "layer")]:
         parser.error(f"--modes: unknown {bad}; choose from alone, layer")
+    if "layer" in modes and (alone := [f"{n}x{k}" for n, k in args.shapes if not any((n, k) in la for la in LAYERS)]):
+        parser.error(f"--modes layer: {', '.join(alone)} in no Llama layer of this script; probe them with --modes "
+                     "alone")
     if not torch.cuda.is_available():
         sys.exit("bench/placement.py: no CUDA GPU; run it on the GPU machine")
     if kernels.probe_placement(1) is None:

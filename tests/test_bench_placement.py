@@ -32,6 +32,14 @@ def test_every_chain_ends_with_the_probed_shape(mode):
         placement.chain_for((1536, 640), "layer", 8)
 
 
+def test_a_shape_outside_the_layers_is_refused_for_the_layer_mode_before_any_gpu_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "bench" / "placement.py"), "--shapes", "1536x640",
+                           "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "1536x640 in no Llama layer" in proc.stderr and "--modes alone" in proc.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
 def _record(sm, entry, released, done, threads=32):
     return (entry, released, done, sm, 100, 2 * (done - entry), threads)
 
