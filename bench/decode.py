@@ -538,6 +538,13 @@ def bench_real(name: str, ckpt: Path, float_dir: Path | None, args, copy_bw: flo
 
 def graph_time(fn, reps: int = 20) -> float:
     """Median seconds of one replay of a CUDA graph of fn() (warmed up on a side stream first)."""
+    return statistics.median(graph_times(fn, reps))
+
+
+def graph_times(fn, reps: int = 20, after=None) -> list:
+    """Seconds of each of reps timed replays of a CUDA graph of fn() (warmed up on a side stream first, then 5
+    untimed replays); after(), if given, runs once each timed replay has finished (bench/placement.py reads its
+    probe there)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -556,7 +563,9 @@ def graph_time(fn, reps: int = 20) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
+        if after:
+            after()
+    return times
 
 
 @torch.inference_mode()

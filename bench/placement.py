@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from awq_edge.runtime import kernels  # noqa: E402
+from bench.decode import graph_times  # noqa: E402
 from bench.kernels import n_sets_for, matmul_nbits_bytes, parse_shapes, random_matmul_nbits  # noqa: E402
 
 GROUP = 128
@@ -108,26 +109,8 @@ def probe(shape: tuple, mode: str, length: int, l2: int, reps: int) -> dict:
         for s, i in steps:
             kernels.gemm(xs[s[1]], weights[s][i], out=ys[s])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(3):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    launches = []
-    blocks = _blocks(shape)
-    for start, stop in events:
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        launches.append(kernels.probe_placement(blocks))
-    graph_s = statistics.median(s.elapsed_time(e) for s, e in events) * 1e-3
+    launches, blocks = [], _blocks(shape)
+    graph_s = statistics.median(graph_times(run, reps, after=lambda: launches.append(kernels.probe_placement(blocks))))
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     runs = [analyse(r, graph_s / len(steps), n_sm) for r in launches]
     mid = sorted(runs, key=lambda r: r["span_us"])[len(runs) // 2]  # the replay of median span
