@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 from awq_edge.arch import Spec, describe, rope_tables  # noqa: E402
 from awq_edge.runtime import kernels  # noqa: E402
 from awq_edge.runtime.sampling import Sampling, next_token  # noqa: E402
-from awq_edge.runtime.cuda import (CudaDecoder, CudaOps, DeviceLinear, Layer, Weights, features_of,  # noqa: E402
-                                   load_weights)
+from awq_edge.runtime.cuda import (CudaDecoder, CudaOps, DeviceLinear, Layer, Prescaled, Weights,  # noqa: E402
+                                   features_of, load_weights)
 from bench.kernels import matmul_nbits_bytes  # noqa: E402
 
 GROUP = 128
@@ -587,14 +587,16 @@ def breakdown_of(w: Weights, context: int) -> dict:
     if dec.sandwich:
         return _sandwich_breakdown(dec, x, h, qkv, a, act, context)
     nxt = [l.input_norm for l in L[1:]] + [None]  # the last down GEMV writes no gamma * h (the final norm is a kernel)
+    # gamma * h with its per-tile sums of squares, as the GEMV before a norm leaves it in the step (mean square 1)
+    xp = Prescaled(x, torch.full((1, kernels.sumsq_parts(d.hidden)), 16.0, device="cuda")) if ops.norm_sums else x
     # The step's operations as the decoder calls them, norms folded into the GEMVs beside them (layer 0's input norm
     # is a kernel in the real step; here every qkv GEMV is timed folded).
     parts = {
-        "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=x) for l in L],
+        "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=xp) for l in L],
         "attention": lambda: [dec._attend(i, l, qkv, dec.pos, None) for i, l in enumerate(L)],  # as the step calls it
         "o_gemv_residual_norm": lambda: [ops.residual_linear(a, l.o, h, next_norm=l.post_norm) for l in L],
         "gate_up_gemv_silu_norm": lambda: [ops.norm_linear(h, l.post_norm, d.eps, l.gate_up, gated=True,
-                                                           prescaled=x) for l in L],
+                                                           prescaled=xp) for l in L],
         "down_gemv_residual_norm": lambda: [ops.residual_linear(act, l.down, h, next_norm=nxt[i])
                                             for i, l in enumerate(L)],
     }
@@ -609,11 +611,20 @@ def breakdown_of(w: Weights, context: int) -> dict:
     res = {k: graph_time(f) / n * 1e6 for k, f in parts.items()}
     res["sum_per_layer"] = sum(res.values())
     res["unfolded"] = {k: graph_time(f) / n * 1e6 for k, f in unfolded.items()}
+    norm_rows = {  # r18's A/B per product: the folded norms' GEMVs reading h's rows for the mean, not the sums
+        "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=x) for l in L],
+        "gate_up_gemv_silu_norm": lambda: [ops.norm_linear(h, l.post_norm, d.eps, l.gate_up, gated=True,
+                                                           prescaled=x) for l in L],
+    }
+    res["norm_rows"] = {k: graph_time(f) / n * 1e6 for k, f in norm_rows.items()}
     res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(dec._norm(h, w.norm))) * 1e6
     res["full_step_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(False)
     res["full_step_no_pdl_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(True)
+    ops.norm_sums = False  # r18's A/B: each folded norm's GEMV reads h's rows for the mean (r17's step)
+    res["full_step_norm_rows_us"] = graph_time(dec._step) * 1e6
+    ops.norm_sums = True
     ops.fold_norms = False
     res["full_step_unfolded_us"] = graph_time(dec._step) * 1e6
     ops.fold_norms = True

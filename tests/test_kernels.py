@@ -69,12 +69,18 @@ def test_gemm_rejects_bad_arguments_before_any_cuda_call(override, status, fragm
     (dict(rms=ALIGNED, eps=-1.0), "eps must"),
     (dict(norm_w=ALIGNED, norm_out=ALIGNED), "norm_out not y"),
     (dict(gated=1, N=24), "multiple of 16"),
+    (dict(rms_sumsq=ALIGNED), "rms_input_sumsq needs rms_input"),
+    (dict(rms=ALIGNED, rms_sumsq=ALIGNED + 2), "rms_input_sumsq needs rms_input"),
+    (dict(sumsq_out=ALIGNED + 2), "sumsq_out must be 4-byte aligned"),
+    (dict(sumsq_out=ALIGNED, gated=1), "sumsq_out must be 4-byte aligned and is not available when gated"),
 ])
 def test_gemm_norm_rejects_bad_folds_before_any_cuda_call(override, fragment):
-    a = {**GOOD_GEMM, "gated": 0, "rms": None, "eps": 1e-5, "norm_w": None, "norm_out": None, **override}
+    a = {**GOOD_GEMM, "gated": 0, "rms": None, "rms_sumsq": None, "eps": 1e-5, "norm_w": None, "norm_out": None,
+         "sumsq_out": None, **override}
     lib = kernels.load_library()
     status = lib.awqe_gemm_norm_f16(a["x"], a["packed"], a["bias"], a["y"], a["M"], a["N"], a["K"], a["block_size"],
-                                    a["gated"], a["rms"], a["eps"], a["norm_w"], a["norm_out"], None)
+                                    a["gated"], a["rms"], a["rms_sumsq"], a["eps"], a["norm_w"], a["norm_out"],
+                                    a["sumsq_out"], None)
     assert status == kernels.INVALID_ARGUMENT
     assert fragment in lib.awqe_last_error().decode()
 
@@ -83,8 +89,8 @@ def test_gemm_norm_rejects_bad_folds_before_any_cuda_call(override, fragment):
 def test_gemm_norm_refuses_an_unknown_gate_activation():
     lib = kernels.load_library()
     a = GOOD_GEMM
-    assert lib.awqe_gemm_norm_f16(a["x"], a["packed"], None, a["y"], 1, 64, 576, 64, 4, None, 0.0, None, None,
-                                  None) == kernels.INVALID_ARGUMENT
+    assert lib.awqe_gemm_norm_f16(a["x"], a["packed"], None, a["y"], 1, 64, 576, 64, 4, None, None, 0.0, None, None,
+                                  None, None) == kernels.INVALID_ARGUMENT
     assert "GELU" in lib.awqe_last_error().decode()
 
 

@@ -158,14 +158,30 @@ class EmulatedKernels:
         self._f16(x, bias)
         return self.gemm_norm(x, w, bias)
 
-    def gemm_norm(self, x, w, bias=None, gated=False, rms_input=None, eps=0.0, norm_weight=None, activation="silu"):
+    sumsq_parts = staticmethod(kernels.sumsq_parts)
+
+    @staticmethod
+    def _tile_sums(h):
+        """Sums of h^2 over each 16 columns (the last tile partial), fp32 [rows, sumsq_parts(cols)]."""
+        return F.pad(h.float().pow(2), (0, 16 * kernels.sumsq_parts(h.shape[-1]) - h.shape[-1])).view(
+            h.shape[0], -1, 16).sum(-1)
+
+    def gemm_norm(self, x, w, bias=None, gated=False, rms_input=None, eps=0.0, norm_weight=None, activation="silu",
+                  rms_sumsq=None, sumsq_out=None):
         self._f16(x, bias, rms_input, norm_weight)
         assert activation in self.GATES
+        assert rms_sumsq is None or (rms_input is not None and rms_sumsq.dtype == torch.float32)
+        assert sumsq_out is None or (not gated and sumsq_out.shape == (x.shape[0], kernels.sumsq_parts(w.shape[0])))
         y = torch.nn.functional.linear(x.float(), w.float())
-        if rms_input is not None:
+        if rms_sumsq is not None:  # the mean from the sums the product before wrote, as the kernel takes it
+            torch.testing.assert_close(rms_sumsq, self._tile_sums(rms_input))
+            y = y * torch.rsqrt(rms_sumsq.sum(-1, keepdim=True) / rms_input.shape[-1] + eps)
+        elif rms_input is not None:
             y = y * TorchOps._rstd(rms_input, eps)
         y = (y if bias is None else y + bias.float()).half()
         y = TorchOps().gate_act(y, activation) if gated else y
+        if sumsq_out is not None:
+            sumsq_out.copy_(self._tile_sums(y))
         return y if norm_weight is None else (y, norm_weight * y)
 
     def gemm_gated(self, x, w, bias=None, activation="silu"):
@@ -428,10 +444,20 @@ def test_gemm_with_folded_norms_matches_float64(m, gated, bias, block):
     nxt = (torch.rand(n, generator=gen) + 0.5).half().cuda()
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
     norm_out = torch.full_like(out, float("nan"))
-    y, g = kernels.gemm_norm(x, w, b, rms_input=h, eps=eps, norm_weight=nxt, out=out, norm_out=norm_out)
+    sumsq = torch.full((m, kernels.sumsq_parts(n)), float("nan"), device="cuda")
+    y, g = kernels.gemm_norm(x, w, b, rms_input=h, eps=eps, norm_weight=nxt, out=out, norm_out=norm_out,
+                             sumsq_out=sumsq)
     assert torch.isfinite(y).all() and torch.isfinite(g).all()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
     assert torch.equal(g, nxt * y)  # exactly fp16(gamma' * y), as PyTorch rounds
+    tiles = F.pad(y.double().pow(2), (0, 16 * sumsq.shape[1] - n)).view(m, -1, 16).sum(-1)  # the last tile partial
+    assert torch.allclose(sumsq.double(), tiles, rtol=1e-5, atol=0)
+    # The next product's mean from h's tile sums instead of h's rows: the same y up to fp32 summation order.
+    h_sums = F.pad(h.float().pow(2), (0, 16 * kernels.sumsq_parts(k) - k)).view(m, -1, 16).sum(-1).contiguous()
+    y_sums = kernels.gemm_norm(x, w, b, rms_input=h, eps=eps, rms_sumsq=h_sums)
+    assert ((y_sums.double() - ref).norm() / ref.norm()).item() < 2e-3
+    assert ((y_sums.float() - y.float()).abs() <= 2e-3 * y.float().abs() + 1e-3).all()
+    assert not torch.equal(kernels.gemm_norm(x, w, b, rms_input=h, eps=eps, rms_sumsq=h_sums * 4), y_sums)
     plain = kernels.gemm_norm(h, w, b)  # no folds: the plain product
     ref_plain = h.double() @ wd.T + (b.double() if bias else 0)
     assert ((plain.double() - ref_plain).norm() / ref_plain.norm()).item() < 2e-3
@@ -439,13 +465,20 @@ def test_gemm_with_folded_norms_matches_float64(m, gated, bias, block):
 
 @needs_library
 @needs_gpu
-def test_gemm_norm_refuses_norm_out_with_the_gated_epilogue():
+def test_gemm_norm_refuses_bad_folds_before_the_library():
     q, scales, zeros = quantize(torch.randn(32, 128), QConfig(4, 128, True))
     nb = to_matmul_nbits(q, scales.half(), zeros, 128, 4)
     w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), 128, 128)
     x = torch.randn(1, 128).half().cuda()
     with pytest.raises(AwqEdgeError, match="not gated"):
         kernels.gemm_norm(x, w, gated=True, norm_weight=torch.ones(32).half().cuda())
+    sums = torch.ones(1, 8, device="cuda")
+    with pytest.raises(AwqEdgeError, match="not available with the gated epilogue"):
+        kernels.gemm_norm(x, w, gated=True, sumsq_out=sums[:, :2])
+    with pytest.raises(AwqEdgeError, match="needs rms_input"):
+        kernels.gemm_norm(x, w, rms_sumsq=sums)
+    with pytest.raises(AwqEdgeError, match=r"sumsq_out must be a contiguous fp32 CUDA tensor of \[1, 2\]"):
+        kernels.gemm_norm(x, w, sumsq_out=sums)
 
 
 @needs_library
@@ -453,7 +486,7 @@ def test_gemm_norm_refuses_norm_out_with_the_gated_epilogue():
 @pytest.mark.parametrize("case", ["llama", "qwen2_bias", "untied", "qwen3_qk_norms", "phi3_fused", "gemma_gelu"])
 def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_folding(tmp_path, case, monkeypatch):
     write_checkpoint(tmp_path / "ck", **CASES[case])
-    calls = {"rms_input": 0, "norm_weight": 0}
+    calls = {"rms_input": 0, "norm_weight": 0, "rms_sumsq": 0, "sumsq_out": 0}
     real = kernels.gemm_norm
 
     def counting(*args, **kw):
@@ -467,11 +500,14 @@ def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_
     out = {}
     for name, dec in {"folded": CudaDecoder(weights, CudaOps(weights, fold_norms=True), use_graphs=True),
                       "unfolded": CudaDecoder(weights, CudaOps(weights, fold_norms=False), use_graphs=True),
+                      "folded_rows": CudaDecoder(weights, CudaOps(weights, norm_sums=False), use_graphs=True),
                       "torch_folded": CudaDecoder(dense, TorchOps(fold_norms=True), use_graphs=False)}.items():
         out[name] = np.stack([dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]])
-    assert calls["rms_input"] > 0 and calls["norm_weight"] > 0  # the folded decoder did fold
+    assert calls["rms_input"] > 0 and calls["norm_weight"] > 0  # the folded decoders did fold
+    assert calls["rms_sumsq"] > 0 and calls["sumsq_out"] > 0  # and the default one took the means from tile sums
     scale = np.abs(out["unfolded"]).max()
     np.testing.assert_allclose(out["folded"], out["unfolded"], atol=1e-2 * scale)
+    np.testing.assert_allclose(out["folded"], out["folded_rows"], atol=2e-3 * scale)
     np.testing.assert_allclose(out["folded"], out["torch_folded"], atol=1e-2 * scale)
 
 

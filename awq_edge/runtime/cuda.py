@@ -22,6 +22,7 @@ runs the decoder structure on a CPU in the tests.
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -300,13 +301,26 @@ class TorchOps:
         return self.gate_act(y, activation) if gated else y
 
 
-class CudaOps(TorchOps):
-    """The same operations on awq-edge's CUDA kernels; dense (fp16 fallback) linears go through cuBLAS."""
+class Prescaled(NamedTuple):
+    """CudaOps' `prescaled`: gamma * h, and the per-16-column sums of h^2 its GEMV wrote (kernels.gemm_norm's
+    sumsq_out), from which the next GEMV takes h's mean square without reading h's rows."""
+    x: torch.Tensor
+    sumsq: torch.Tensor
 
-    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True):
+
+class CudaOps(TorchOps):
+    """The same operations on awq-edge's CUDA kernels; dense (fp16 fallback) linears go through cuBLAS.
+
+    norm_sums (with fold_norms): the GEMV before a folded norm also writes its output's per-tile sums of squares, so
+    each block of the GEMV after it reads hidden / 16 floats for the row's mean instead of the whole row of h (the
+    blocks of Llama-2-7B's gate/up read 11 MB of L2 otherwise). Off: the rows are read (r17's step), for A/B timing.
+    """
+
+    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = True):
         from awq_edge.runtime import kernels
 
         super().__init__(fold_norms)
+        self.norm_sums = norm_sums
         self.k = kernels
         d = weights.dims
         self.workspace = kernels.attention_workspace(d.heads, d.head_dim, weights.max_len, weights.embed.device)
@@ -335,7 +349,11 @@ class CudaOps(TorchOps):
     def residual_linear(self, x, lin: DeviceLinear, residual, next_norm=None):
         if (self.fold_norms and next_norm is not None and x.shape[0] == 1 and lin.packed is not None
                 and lin.bias is None):  # residual as the GEMV's bias, gamma * h from its epilogue
-            return self.k.gemm_norm(x, lin.packed, bias=residual.view(-1), norm_weight=next_norm)
+            if not self.norm_sums:
+                return self.k.gemm_norm(x, lin.packed, bias=residual.view(-1), norm_weight=next_norm)
+            sumsq = torch.empty(1, self.k.sumsq_parts(lin.n), dtype=torch.float32, device=x.device)
+            h, g = self.k.gemm_norm(x, lin.packed, bias=residual.view(-1), norm_weight=next_norm, sumsq_out=sumsq)
+            return h, Prescaled(g, sumsq)
         return self.linear(x, lin, residual=residual), None
 
     def norm_linear(self, x, norm_weight, eps, lin: DeviceLinear, gated: bool = False, prescaled=None,
@@ -343,8 +361,9 @@ class CudaOps(TorchOps):
         if (prescaled is None or lin.packed is None or x.shape[0] >= self.dense_rows
                 or (gated and activation not in self.k.GATES)):
             return super().norm_linear(x, norm_weight, eps, lin, gated, activation=activation)
+        prescaled, sumsq = prescaled if isinstance(prescaled, Prescaled) else (prescaled, None)
         return self.k.gemm_norm(prescaled, lin.packed, lin.bias, gated=gated, rms_input=x, eps=eps,
-                                activation=activation)
+                                activation=activation, rms_sumsq=sumsq)
 
     def rope_kv(self, qkv, positions, cos, sin, k_cache, v_cache, n_heads):
         q = torch.empty(qkv.shape[0], n_heads, k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)

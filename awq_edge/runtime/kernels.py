@@ -41,8 +41,8 @@ _SIGNATURES = {
                                       _vp, _vp, ctypes.c_float, ctypes.c_float, _vp, _size, _vp], _int),
     "awqe_residual_norm_f16": ([_vp, _vp, _vp, _vp, _vp, _int, _int, ctypes.c_float, _vp], _int),
     "awqe_gemm_gated_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp], _int),
-    "awqe_gemm_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp, ctypes.c_float, _vp, _vp, _vp],
-                           _int),
+    "awqe_gemm_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp, _vp, ctypes.c_float, _vp, _vp,
+                            _vp, _vp], _int),
     "awqe_set_programmatic_launch": ([_int], None),
     "awqe_silu_mul_f16": ([_vp, _vp, _int, _int, _vp], _int),
     "awqe_probe_placement": ([_vp, _int], _int),
@@ -299,13 +299,21 @@ def gemm_gated(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None,
     return gemm_norm(x, w, bias, gated=True, activation=activation)
 
 
+def sumsq_parts(n: int) -> int:
+    """Per-row floats of gemm_norm's sumsq_out for a product of n output columns: one per 16 rows of W."""
+    return (n + 15) // 16
+
+
 def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, gated: bool = False,
               rms_input: torch.Tensor | None = None, eps: float = 0.0, norm_weight: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, norm_out: torch.Tensor | None = None, activation: str = "silu"):
+              out: torch.Tensor | None = None, norm_out: torch.Tensor | None = None, activation: str = "silu",
+              rms_sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None):
     """The product with RMSNorms folded in (see awqe_gemm_norm_f16): y = rsqrt(mean(rms_input^2) + eps) *
     (x @ W^T) + bias, where x = norm weight * rms_input was pre-scaled (by the previous call's norm_out); gated
     adds the gate of gemm_gated with `activation` (a key of GATES). With norm_weight, also norm_out =
-    fp16(norm_weight * y). Returns y, or (y, norm_out) when norm_weight is given."""
+    fp16(norm_weight * y). With sumsq_out (fp32 [m, sumsq_parts(n)], not gated), also the sums of fp16(y)^2 over
+    each 16 columns, which the next call takes as rms_sumsq (with rms_input = this y) instead of re-reading y's rows
+    for its mean. Returns y, or (y, norm_out) when norm_weight is given."""
     _require(not gated or activation in GATES, f"gate activation {activation!r} is not one of {', '.join(GATES)}",
              "run this MLP's gate in PyTorch")
     x2, bias = _gemm_inputs(x, w, bias)
@@ -318,6 +326,15 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
         _f16(rms_input)
         _require(rms_input.numel() == m * w.k, f"rms_input must hold [{m}, {w.k}] values",
                  "pass the un-normalised hidden state the pre-scaled x came from")
+    for name, t, cols in (("rms_sumsq", rms_sumsq, sumsq_parts(w.k)), ("sumsq_out", sumsq_out, sumsq_parts(w.n))):
+        if t is not None:
+            _require(t.dtype == torch.float32 and t.is_cuda and t.is_contiguous() and t.numel() == m * cols,
+                     f"{name} must be a contiguous fp32 CUDA tensor of [{m}, {cols}] values",
+                     "allocate it as torch.empty(m, sumsq_parts(n), dtype=torch.float32, device='cuda')")
+    _require(rms_sumsq is None or rms_input is not None, "rms_sumsq needs rms_input",
+             "pass the hidden state its sums came from as rms_input")
+    _require(sumsq_out is None or not gated, "sumsq_out is not available with the gated epilogue",
+             "take the sums from a plain product")
     if norm_weight is not None:
         _f16(norm_weight)
         _require(not gated and norm_weight.numel() == w.n, f"norm_weight must be [{w.n}] (and not gated)",
@@ -329,9 +346,10 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
     lib = load_library()
     with torch.cuda.device(x.device):
         check(lib, lib.awqe_gemm_norm_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), out.data_ptr(), m, w.n, w.k,
-                                          w.block_size, GATES[activation] if gated else 0, _ptr(rms_input), eps,
-                                          _ptr(norm_weight),
-                                          _ptr(norm_out) if norm_weight is not None else None, _stream(x.device)))
+                                          w.block_size, GATES[activation] if gated else 0, _ptr(rms_input),
+                                          _ptr(rms_sumsq), eps, _ptr(norm_weight),
+                                          _ptr(norm_out) if norm_weight is not None else None, _ptr(sumsq_out),
+                                          _stream(x.device)))
     return out if norm_weight is None else (out, norm_out)
 
 

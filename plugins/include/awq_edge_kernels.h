@@ -136,13 +136,18 @@ AWQE_API awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, 
  * fp16(act(fp16(gate))) * up with act 1 SiLU, 2 GELU with the tanh approximation (Gemma), 3 GELU with erf; 0 none.
  * rms_input NULL: no norm on the input. norm_weight [N] non-NULL (not with gated): also
  * norm_out [M, N] = fp16(norm_weight * y), the pre-scaled x of the next folded norm (y's own values rounded).
+ * sumsq_out [M, ceil(N / 16)] fp32 non-NULL (not with gated): also, for each 16 rows of W, the sum of fp16(y)^2
+ * over those columns of y, summed in a fixed order; the next product takes them as rms_input_sumsq (with
+ * rms_input = this y), so that each of its blocks reads ceil(K / 16) floats for the mean instead of y's whole rows.
  * Equals awqe_rmsnorm_f16 then awqe_gemm_f16 up to fp16 rounding: the norm weight is applied before 1/rms, not
- * after. rms_input 16-byte aligned, eps >= 0; norm_weight and norm_out 2-byte aligned, norm_out not y; y and
- * norm_out may not overlap x or rms_input. Otherwise as awqe_gemm_f16. */
+ * after. rms_input 16-byte aligned, eps >= 0; rms_input_sumsq (only with rms_input) and sumsq_out 4-byte aligned;
+ * norm_weight and norm_out 2-byte aligned, norm_out not y; y, norm_out and sumsq_out may not overlap x, rms_input
+ * or rms_input_sumsq. Otherwise as awqe_gemm_f16. */
 AWQE_API awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
                                         void* y_f16, int M, int N, int K, int block_size, int gated,
-                                        const void* rms_input_or_null, float eps, const void* norm_weight_or_null,
-                                        void* norm_out_or_null, cudaStream_t stream);
+                                        const void* rms_input_or_null, const float* rms_input_sumsq_or_null,
+                                        float eps, const void* norm_weight_or_null, void* norm_out_or_null,
+                                        float* sumsq_out_or_null, cudaStream_t stream);
 
 /* Kernels of this library launch with programmatic dependent launch on compute capability 9.0 and newer, so each
  * overlaps the tail of the kernel before it (also inside CUDA graphs); GEMMs with M > 8 launch plainly. 0 turns

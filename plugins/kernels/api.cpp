@@ -90,6 +90,10 @@ awqe_status run_gemm(awqe::GemmFold f, int block_size, int warps_per_tile, cudaS
         return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_out is not available with the gated epilogue");
     if (f.norm_w && (!aligned(f.norm_w, 2) || !aligned(f.y_norm, 2) || f.y_norm == f.y))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_weight and norm_out must be 2-byte aligned, norm_out not y");
+    if (f.rms_sumsq && (!f.rms_x || !aligned(f.rms_sumsq, 4)))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rms_input_sumsq needs rms_input and 4-byte alignment");
+    if (f.sumsq_out && (f.gated || !aligned(f.sumsq_out, 4)))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "sumsq_out must be 4-byte aligned and is not available when gated");
     if (warps_per_tile != 0 && warps_per_tile != 1 && warps_per_tile != 2 && warps_per_tile != 4 &&
         warps_per_tile != 8)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "warps_per_tile must be 0, 1, 2, 4 or 8, got %d", warps_per_tile);
@@ -176,14 +180,16 @@ awqe_status awqe_gemm_gated_f16(const void* x_f16, const void* packed, const voi
 
 awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16,
                                int M, int N, int K, int block_size, int gated, const void* rms_input_or_null,
-                               float eps, const void* norm_weight_or_null, void* norm_out_or_null,
-                               cudaStream_t stream) {
+                               const float* rms_input_sumsq_or_null, float eps, const void* norm_weight_or_null,
+                               void* norm_out_or_null, float* sumsq_out_or_null, cudaStream_t stream) {
     if (gated < 0 || gated > 3)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "gated must be 0 (none), 1 (SiLU), 2 (GELU-tanh) or 3 (GELU), got %d",
                     gated);
     awqe::GemmFold f = plain(x_f16, packed, bias_f16_or_null, y_f16, M, N, K, gated);
     f.rms_x = static_cast<const uint16_t*>(rms_input_or_null);
+    f.rms_sumsq = rms_input_sumsq_or_null;
     f.eps = eps;
+    f.sumsq_out = sumsq_out_or_null;
     f.norm_w = static_cast<const uint16_t*>(norm_weight_or_null);
     f.y_norm = static_cast<uint16_t*>(norm_out_or_null);
     return run_gemm(f, block_size, 0, stream);

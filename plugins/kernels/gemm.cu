@@ -460,6 +460,35 @@ __device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, 
     }
 }
 
+// The same from the per-tile sums of squares of h the product before wrote (GemmFold::rms_sumsq): K / 16 floats a
+// row instead of K halves, so the blocks of a wide product read 1/8 of the bytes from L2 before their first stage.
+template <int MT>
+__device__ __forceinline__ void row_rstd_sums(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
+    const int t = lane & 3;
+    const int rows = min(8 * MT, a.M - m0), parts = (a.K + kTileRows - 1) / kTileRows;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) rs[j][0] = rs[j][1] = 1.f;
+    for (int r = 0; r < rows; ++r) {
+        const float* p = a.rms_sumsq + (size_t)(m0 + r) * parts;
+        float ss = 0.f;
+        for (int i0 = lane; i0 < parts; i0 += 32 * 8) {  // 8 loads in flight: K = 8192 in one L2 latency
+            float v[8];
+#pragma unroll
+            for (int b = 0; b < 8; ++b) v[b] = i0 + 32 * b < parts ? p[i0 + 32 * b] : 0.f;
+#pragma unroll
+            for (int b = 0; b < 8; ++b) ss += v[b];
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float r_std = rsqrtf(ss / a.K + a.eps);
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                if (r == 8 * j + 2 * t + i) rs[j][i] = r_std;
+    }
+}
+
 // The gate's activation in fp32 from its fp16 value, as PyTorch computes F.silu and F.gelu on fp16 tensors (the
 // caller rounds the result): kind 1 SiLU, 2 GELU with the tanh approximation (Gemma), 3 GELU with erf.
 __device__ __forceinline__ float gate_activation(int kind, float x) {
@@ -530,7 +559,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
     // The folded RMSNorm's 1/rms per batch row, for the warp that writes the outputs; its loads of h (L2) overlap
     // the weight stages already in flight.
     float rs[MT][2];
-    if (a.rms_x && warp == 0) row_rstd<MT>(rs, a, m0, lane);
+    if (a.rms_x && warp == 0) {
+        if (a.rms_sumsq)
+            row_rstd_sums<MT>(rs, a, m0, lane);
+        else
+            row_rstd<MT>(rs, a, m0, lane);
+    }
 #if defined(AWQE_ASYNC_STREAM)
     stream.template run<MT>(acc, xrow, fast_end, K);
 #else
@@ -598,6 +632,28 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
             a.y[(size_t)m * N + n] = __half_as_ushort(out);
             if (a.norm_w) a.y_norm[(size_t)m * N + n] = __half_as_ushort(__hmul(__ushort_as_half(a.norm_w[n]), out));
         }
+    if (a.sumsq_out) {  // the tile's 16 rows of fp16(y)^2: summed over g (lanes 4g + t) in a fixed order
+        const int tiles = gridDim.x / a.mslices;
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float v = 0.f;
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {  // rows g and g + 8: accumulator elements i and i + 2
+                    const int n = tile * kTileRows + g + 8 * r;
+                    if (n >= N) continue;
+                    float o = acc[j][i + 2 * r];
+                    if (a.bias) o += __half2float(__ushort_as_half(a.bias[n]));
+                    o = __half2float(__float2half_rn(o));  // y as written
+                    v += o * o;
+                }
+#pragma unroll
+                for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                const int m = m0 + 8 * j + 2 * t + i;
+                if (g == 0 && m < M) a.sumsq_out[(size_t)m * tiles + tile] = v;
+            }
+    }
 }
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all

@@ -68,9 +68,15 @@ struct GemmFold {
     // an RMSNorm folded into the product (before bias and gate). Null: none.
     const uint16_t* rms_x;
     float eps;
+    // With rms_x: rms_sumsq [M, ceil(K / 16)] fp32, the per-tile sums of squares of rms_x that the product which
+    // wrote it left (sumsq_out below); the mean is taken from them instead of re-reading rms_x's rows. Null: rms_x.
+    const float* rms_sumsq;
     // Also y_norm [M, N] = fp16(norm_w * y), the next RMSNorm's pre-scaled input. Null: none (not with gated).
     const uint16_t* norm_w;
     uint16_t* y_norm;
+    // Also sumsq_out [M, ceil(N / 16)] fp32: for each tile of 16 rows, the sum of fp16(y)^2 over its rows, in a
+    // fixed order (not with gated). Null: none.
+    float* sumsq_out;
 };
 
 cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev, cudaStream_t stream);
