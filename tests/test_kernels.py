@@ -70,9 +70,12 @@ def test_gemm_rejects_bad_arguments_before_any_cuda_call(override, status, fragm
     (dict(norm_w=ALIGNED, norm_out=ALIGNED), "norm_out not y"),
     (dict(gated=1, N=24), "multiple of 16"),
     (dict(rms_sumsq=ALIGNED), "rms_input_sumsq needs rms_input"),
-    (dict(rms=ALIGNED, rms_sumsq=ALIGNED + 2), "rms_input_sumsq needs rms_input"),
-    (dict(sumsq_out=ALIGNED + 2), "sumsq_out must be 4-byte aligned"),
-    (dict(sumsq_out=ALIGNED, gated=1), "sumsq_out must be 4-byte aligned and is not available when gated"),
+    (dict(rms=ALIGNED, rms_sumsq=ALIGNED + 2), "rms_input_sumsq must be a 4-byte aligned"),
+    (dict(sumsq_out=ALIGNED + 2), "sumsq_out must be a 4-byte aligned"),
+    (dict(sumsq_out=ALIGNED * 64, gated=1), "sumsq_out is not available with the gated epilogue"),
+    (dict(rms=ALIGNED * 32, rms_sumsq=ALIGNED * 64, sumsq_out=ALIGNED * 64 + 4), "rms_input_sumsq must not overlap"),
+    (dict(sumsq_out=ALIGNED + 4), "sumsq_out must not overlap"),  # inside y
+    (dict(rms=ALIGNED * 32, rms_sumsq=ALIGNED + 8), "rms_input_sumsq must not overlap y"),
 ])
 def test_gemm_norm_rejects_bad_folds_before_any_cuda_call(override, fragment):
     a = {**GOOD_GEMM, "gated": 0, "rms": None, "rms_sumsq": None, "eps": 1e-5, "norm_w": None, "norm_out": None,

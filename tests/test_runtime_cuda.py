@@ -436,10 +436,16 @@ def test_gemm_with_folded_norms_matches_float64(m, gated, bias, block):
     x = gamma * h  # what the product before would have written as norm_out
     rstd = torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + eps)
     ref = (x.double() @ wd.T) * rstd + (b.double() if bias else 0)
+    # h's sums of squares over each 16 columns, as the product before writes them (sumsq_out): the mean from these
+    h_sums = F.pad(h.float().pow(2), (0, 16 * kernels.sumsq_parts(k) - k)).view(m, -1, 16).sum(-1).contiguous()
     if gated:
         ref = TorchOps().silu_mul(ref)
         y = kernels.gemm_norm(x, w, b, gated=True, rms_input=h, eps=eps)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
+        y_sums = kernels.gemm_norm(x, w, b, gated=True, rms_input=h, eps=eps, rms_sumsq=h_sums)
+        assert ((y_sums.double() - ref).norm() / ref.norm()).item() < 3e-3
+        assert not torch.equal(kernels.gemm_norm(x, w, b, gated=True, rms_input=h, eps=eps, rms_sumsq=h_sums * 4),
+                               y_sums)
         return
     nxt = (torch.rand(n, generator=gen) + 0.5).half().cuda()
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
@@ -453,7 +459,6 @@ def test_gemm_with_folded_norms_matches_float64(m, gated, bias, block):
     tiles = F.pad(y.double().pow(2), (0, 16 * sumsq.shape[1] - n)).view(m, -1, 16).sum(-1)  # the last tile partial
     assert torch.allclose(sumsq.double(), tiles, rtol=1e-5, atol=0)
     # The next product's mean from h's tile sums instead of h's rows: the same y up to fp32 summation order.
-    h_sums = F.pad(h.float().pow(2), (0, 16 * kernels.sumsq_parts(k) - k)).view(m, -1, 16).sum(-1).contiguous()
     y_sums = kernels.gemm_norm(x, w, b, rms_input=h, eps=eps, rms_sumsq=h_sums)
     assert ((y_sums.double() - ref).norm() / ref.norm()).item() < 2e-3
     assert ((y_sums.float() - y.float()).abs() <= 2e-3 * y.float().abs() + 1e-3).all()

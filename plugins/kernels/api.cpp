@@ -90,10 +90,25 @@ awqe_status run_gemm(awqe::GemmFold f, int block_size, int warps_per_tile, cudaS
         return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_out is not available with the gated epilogue");
     if (f.norm_w && (!aligned(f.norm_w, 2) || !aligned(f.y_norm, 2) || f.y_norm == f.y))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "norm_weight and norm_out must be 2-byte aligned, norm_out not y");
-    if (f.rms_sumsq && (!f.rms_x || !aligned(f.rms_sumsq, 4)))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "rms_input_sumsq needs rms_input and 4-byte alignment");
-    if (f.sumsq_out && (f.gated || !aligned(f.sumsq_out, 4)))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "sumsq_out must be 4-byte aligned and is not available when gated");
+    if (f.rms_sumsq && !f.rms_x)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rms_input_sumsq needs rms_input (the hidden state they sum)");
+    if (f.rms_sumsq && !aligned(f.rms_sumsq, 4))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "rms_input_sumsq must be a 4-byte aligned fp32 array");
+    if (f.sumsq_out && f.gated)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "sumsq_out is not available with the gated epilogue");
+    if (f.sumsq_out && !aligned(f.sumsq_out, 4))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "sumsq_out must be a 4-byte aligned fp32 array");
+    if (M > 0 && (f.rms_sumsq || f.sumsq_out)) {  // blocks read the sums others write: no sharing of a byte
+        const size_t m = (size_t)M, y_bytes = m * (f.gated ? N / 2 : N) * 2, out_bytes = m * ((N + 15) / 16) * 4;
+        const size_t in_bytes = m * ((K + 15) / 16) * 4;
+        if (overlap(f.rms_sumsq, in_bytes, f.y, y_bytes) || overlap(f.rms_sumsq, in_bytes, f.y_norm, y_bytes) ||
+            overlap(f.rms_sumsq, in_bytes, f.sumsq_out, out_bytes))
+            return fail(AWQE_ERR_INVALID_ARGUMENT, "rms_input_sumsq must not overlap y, norm_out or sumsq_out");
+        if (overlap(f.sumsq_out, out_bytes, f.y, y_bytes) || overlap(f.sumsq_out, out_bytes, f.y_norm, y_bytes) ||
+            overlap(f.sumsq_out, out_bytes, f.x, m * K * 2) || overlap(f.sumsq_out, out_bytes, f.rms_x, m * K * 2) ||
+            overlap(f.sumsq_out, out_bytes, f.bias, (size_t)N * 2))
+            return fail(AWQE_ERR_INVALID_ARGUMENT, "sumsq_out must not overlap x, bias, y, rms_input or norm_out");
+    }
     if (warps_per_tile != 0 && warps_per_tile != 1 && warps_per_tile != 2 && warps_per_tile != 4 &&
         warps_per_tile != 8)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "warps_per_tile must be 0, 1, 2, 4 or 8, got %d", warps_per_tile);

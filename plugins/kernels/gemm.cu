@@ -620,6 +620,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
             }
         return;
     }
+    // sumsq_out: this lane's squares of the y it writes (batch row 2t + (i % 2) of each n-tile), taken as written
+    // (bias may be y itself, an in-place residual add), then summed over the tile's 16 rows (g: lanes 4g + t) in a
+    // fixed order.
+    float ss[MT][2] = {};
 #pragma unroll
     for (int j = 0; j < MT; ++j)
 #pragma unroll
@@ -631,23 +635,16 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
             const __half out = __float2half_rn(v);
             a.y[(size_t)m * N + n] = __half_as_ushort(out);
             if (a.norm_w) a.y_norm[(size_t)m * N + n] = __half_as_ushort(__hmul(__ushort_as_half(a.norm_w[n]), out));
+            const float o = __half2float(out);
+            ss[j][i & 1] += o * o;
         }
-    if (a.sumsq_out) {  // the tile's 16 rows of fp16(y)^2: summed over g (lanes 4g + t) in a fixed order
+    if (a.sumsq_out) {
         const int tiles = gridDim.x / a.mslices;
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                float v = 0.f;
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {  // rows g and g + 8: accumulator elements i and i + 2
-                    const int n = tile * kTileRows + g + 8 * r;
-                    if (n >= N) continue;
-                    float o = acc[j][i + 2 * r];
-                    if (a.bias) o += __half2float(__ushort_as_half(a.bias[n]));
-                    o = __half2float(__float2half_rn(o));  // y as written
-                    v += o * o;
-                }
+                float v = ss[j][i];
 #pragma unroll
                 for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
                 const int m = m0 + 8 * j + 2 * t + i;
