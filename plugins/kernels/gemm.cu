@@ -689,16 +689,44 @@ static_assert(kDeepWarps >= 2 && kDeepWarps <= kMaxWarps && (kDeepWarps & (kDeep
               "AWQE_DEEP_WARPS: a power of two from 2 (the default) to 8");
 
 template <int MT, int BS, int kDepth>
-cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, cudaStream_t stream) {
+cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, int sm_count, cudaStream_t stream) {
     const size_t partial = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const size_t ring = async_copy ? (size_t)warps * kDepth * stage_vectors<BS>() * sizeof(uint4) : 0;
-    if (ring + partial > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(ring + partial));
+#if defined(AWQE_BULK_STREAM)  // the static mbarriers count towards the 48 KB a launch gets without opting in
+    constexpr size_t kStatic = sizeof(unsigned long long) * kMaxWarps * kDepth;
+#else
+    constexpr size_t kStatic = 0;
+#endif
+    size_t dynamic = ring + partial;
+#if defined(AWQE_SPREAD)
+    // -DAWQE_SPREAD (for A/B timing, bench/NOTES.md r19): each block asks for enough shared memory that a SM holds
+    // at most ceil(blocks / SMs) of them. r15's probe (H100) found Llama-2-7B's gate/up, 1376 one-warp blocks, on
+    // 107 of 132 SMs, 69 of them with 16 blocks: placed early (programmatic launch) into the SMs the kernel before
+    // left first, up to the register limit.
+    if (MT == 1 && blocks > sm_count) {
+        int dev = 0, per_sm_bytes = 0, reserved = 0;
+        cudaError_t e = cudaGetDevice(&dev);
+        if (e == cudaSuccess)
+            e = cudaDeviceGetAttribute(&per_sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+        if (e != cudaSuccess) return e;
+        const int per_sm = (blocks + sm_count - 1) / sm_count;
+        const size_t cap = (size_t)per_sm_bytes / per_sm - reserved - kStatic;
+        if (cap > dynamic) dynamic = cap;
+        e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared);
         if (e != cudaSuccess) return e;
     }
-    return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps),
-                         ring + partial, stream, a);
+#else
+    (void)sm_count;
+#endif
+    if (dynamic + kStatic > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dynamic);
+        if (e != cudaSuccess) return e;
+    }
+    return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps), dynamic,
+                         stream, a);
 }
 
 template <int MT, int BS>
@@ -713,8 +741,8 @@ cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaSt
     if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const bool async_copy = kAsyncBuild && dev.major >= 8;
-    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, stream);
-    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, stream);
+    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, dev.sm_count, stream);
+    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, dev.sm_count, stream);
 }
 
 template <int MT>
