@@ -587,8 +587,9 @@ def breakdown_of(w: Weights, context: int) -> dict:
     if dec.sandwich:
         return _sandwich_breakdown(dec, x, h, qkv, a, act, context)
     nxt = [l.input_norm for l in L[1:]] + [None]  # the last down GEMV writes no gamma * h (the final norm is a kernel)
-    # gamma * h with its per-tile sums of squares, as the GEMV before a norm leaves it in the step (mean square 1)
-    xp = Prescaled(x, torch.full((1, kernels.sumsq_parts(d.hidden)), 16.0, device="cuda")) if ops.norm_sums else x
+    # gamma * h with its per-tile sums of squares, as the GEMV before a norm leaves it with norm_sums (mean square 1)
+    x_sums = Prescaled(x, torch.full((1, kernels.sumsq_parts(d.hidden)), 16.0, device="cuda"))
+    xp = x_sums if ops.norm_sums else x
     # The step's operations as the decoder calls them, norms folded into the GEMVs beside them (layer 0's input norm
     # is a kernel in the real step; here every qkv GEMV is timed folded).
     parts = {
@@ -611,20 +612,31 @@ def breakdown_of(w: Weights, context: int) -> dict:
     res = {k: graph_time(f) / n * 1e6 for k, f in parts.items()}
     res["sum_per_layer"] = sum(res.values())
     res["unfolded"] = {k: graph_time(f) / n * 1e6 for k, f in unfolded.items()}
-    norm_rows = {  # r18's A/B per product: the folded norms' GEMVs reading h's rows for the mean, not the sums
-        "qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=x) for l in L],
-        "gate_up_gemv_silu_norm": lambda: [ops.norm_linear(h, l.post_norm, d.eps, l.gate_up, gated=True,
-                                                           prescaled=x) for l in L],
-    }
-    res["norm_rows"] = {k: graph_time(f) / n * 1e6 for k, f in norm_rows.items()}
+    def consumers(given):  # the folded norms' GEMVs with the mean from h's rows (x) or from the tile sums (x_sums)
+        return {"qkv_gemv_norm": lambda: [ops.norm_linear(h, l.input_norm, d.eps, l.qkv, prescaled=given) for l in L],
+                "gate_up_gemv_silu_norm": lambda: [ops.norm_linear(h, l.post_norm, d.eps, l.gate_up, gated=True,
+                                                                   prescaled=given) for l in L]}
+
+    def producers(sums):  # o and down with or without writing the tile sums
+        was, ops.norm_sums = ops.norm_sums, sums
+        t = {"o_gemv_residual_norm": graph_time(parts["o_gemv_residual_norm"]) / n * 1e6,
+             "down_gemv_residual_norm": graph_time(parts["down_gemv_residual_norm"]) / n * 1e6}
+        ops.norm_sums = was
+        return t
+
+    # r18's A/B per product: norm_rows without the sums, norm_sums with them
+    res["norm_rows"] = {**{k: graph_time(f) / n * 1e6 for k, f in consumers(x).items()}, **producers(False)}
+    res["norm_sums"] = {**{k: graph_time(f) / n * 1e6 for k, f in consumers(x_sums).items()}, **producers(True)}
     res["lm_head_and_final_norm_us"] = graph_time(lambda: dec._logits(dec._norm(h, w.norm))) * 1e6
     res["full_step_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(False)
     res["full_step_no_pdl_us"] = graph_time(dec._step) * 1e6
     kernels.set_programmatic_launch(True)
-    ops.norm_sums = False  # r18's A/B: each folded norm's GEMV reads h's rows for the mean (r17's step)
-    res["full_step_norm_rows_us"] = graph_time(dec._step) * 1e6
-    ops.norm_sums = True
+    was = ops.norm_sums  # r18's A/B: the means from h's rows (the default) or from the tile sums
+    for sums in (False, True):
+        ops.norm_sums = sums
+        res["full_step_norm_sums_us" if sums else "full_step_norm_rows_us"] = graph_time(dec._step) * 1e6
+    ops.norm_sums = was
     ops.fold_norms = False
     res["full_step_unfolded_us"] = graph_time(dec._step) * 1e6
     ops.fold_norms = True

@@ -73,5 +73,6 @@ def test_every_decode_variant_runs_on_a_tiny_random_shape_and_a_tiny_real_checkp
         assert timed[shape] == {"ours", "ours_unfolded", "ours_sampled", "ours_sampled_host", "torch_int4",
                                 "hf_fp16_static_eager", "hf_fp16_static_compiled"}, shape
     assert {"ours", "hf_fp16_static_eager"} <= timed["real"]
-    assert {"full_step_norm_rows_us", "norm_rows"} <= set(models["tiny"]["breakdown_us"])  # r18's A/B
+    assert {"full_step_norm_rows_us", "full_step_norm_sums_us", "norm_rows", "norm_sums"} <= set(
+        models["tiny"]["breakdown_us"])  # r18's A/B
     assert "full_step_us" in models["tiny"]["breakdown_us"] and "residual_norm_x2" in models["tiny-gemma3"]["breakdown_us"]

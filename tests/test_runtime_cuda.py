@@ -218,8 +218,8 @@ def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tm
     for L in weights.layers:
         L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
     monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
-    for fold in (True, False):
-        ops = CudaOps(weights, fold_norms=fold)
+    for fold, sums in ((True, False), (True, True), (False, False)):
+        ops = CudaOps(weights, fold_norms=fold, norm_sums=sums)
         ops.k = EmulatedKernels()
         dec = CudaDecoder(weights, ops, use_graphs=False)
         steps = [dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]]
@@ -505,14 +505,14 @@ def test_cuda_decode_steps_with_folded_norms_match_the_unfolded_steps_and_torch_
     out = {}
     for name, dec in {"folded": CudaDecoder(weights, CudaOps(weights, fold_norms=True), use_graphs=True),
                       "unfolded": CudaDecoder(weights, CudaOps(weights, fold_norms=False), use_graphs=True),
-                      "folded_rows": CudaDecoder(weights, CudaOps(weights, norm_sums=False), use_graphs=True),
+                      "folded_sums": CudaDecoder(weights, CudaOps(weights, norm_sums=True), use_graphs=True),
                       "torch_folded": CudaDecoder(dense, TorchOps(fold_norms=True), use_graphs=False)}.items():
         out[name] = np.stack([dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]])
     assert calls["rms_input"] > 0 and calls["norm_weight"] > 0  # the folded decoders did fold
-    assert calls["rms_sumsq"] > 0 and calls["sumsq_out"] > 0  # and the default one took the means from tile sums
+    assert calls["rms_sumsq"] > 0 and calls["sumsq_out"] > 0  # and folded_sums took the means from tile sums
     scale = np.abs(out["unfolded"]).max()
     np.testing.assert_allclose(out["folded"], out["unfolded"], atol=1e-2 * scale)
-    np.testing.assert_allclose(out["folded"], out["folded_rows"], atol=2e-3 * scale)
+    np.testing.assert_allclose(out["folded"], out["folded_sums"], atol=2e-3 * scale)
     np.testing.assert_allclose(out["folded"], out["torch_folded"], atol=1e-2 * scale)
 
 

@@ -313,10 +313,11 @@ class CudaOps(TorchOps):
 
     norm_sums (with fold_norms): the GEMV before a folded norm also writes its output's per-tile sums of squares, so
     each block of the GEMV after it reads hidden / 16 floats for the row's mean instead of the whole row of h (the
-    blocks of Llama-2-7B's gate/up read 11 MB of L2 otherwise). Off: the rows are read (r17's step), for A/B timing.
+    blocks of Llama-2-7B's gate/up read 11 MB of L2 for it). Off by default: on the H100 the step with the sums ran
+    0.2-1.4% slower than with the rows read (bench/NOTES.md, r18); on for A/B timing.
     """
 
-    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = True):
+    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = False):
         from awq_edge.runtime import kernels
 
         super().__init__(fold_norms)
