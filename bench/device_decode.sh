@@ -9,7 +9,8 @@
 # BUILD_ROOT (default /tmp): where each build's folder awqe-NAME goes.
 # TEST_BUILDS="bulk": also the kernel tests (tests/test_kernels.py) with each named build's library (tests_NAME.txt).
 # PLACEMENT=1: also a -DAWQE_PROBE_PLACEMENT build (awqe-probe) and bench/placement.py with it (placement.json; its
-# options in PLACEMENT_ARGS), after the kernel shapes and before the decode runs.
+# options in PLACEMENT_ARGS), after the kernel shapes and before the decode runs. PROBES="spread=-DAWQE_SPREAD": also
+# the probe with each named build's flags (awqe-probe-NAME, placement-NAME.json), with or without PLACEMENT=1.
 set -uo pipefail
 OUT=${OUT:?set OUT to a results folder}
 ARCH=${ARCH:-90-real}
@@ -20,7 +21,10 @@ MODELS=${MODELS-llama2-7b,llama3-8b}
 [ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD
 ALL=$BUILDS
-[ "${PLACEMENT:-0}" = 1 ] && ALL="$ALL probe=-DAWQE_PROBE_PLACEMENT"
+PROBE_BUILDS=""  # name=flags of each probe build: awqe-NAME, placement results under its name
+[ "${PLACEMENT:-0}" = 1 ] && PROBE_BUILDS="probe=-DAWQE_PROBE_PLACEMENT"
+for b in ${PROBES:-}; do PROBE_BUILDS="$PROBE_BUILDS probe-${b%%=*}=-DAWQE_PROBE_PLACEMENT,${b#*=}"; done
+ALL="$ALL $PROBE_BUILDS"
 for b in $ALL; do
   name=${b%%=*} flags=${b#*=} flags=${flags//,/ }
   rm -f "$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so"  # a library left by an earlier build is not this one
@@ -58,12 +62,14 @@ if [ -n "${KERNEL_SHAPES:-}" ]; then
     echo "== kernels, $name build"; grep -A80 "N x K" "$OUT/kernels_$name.log" | grep -E "^ *[0-9]+x[0-9]+ +1 "
   done
 fi
-if [ "${PLACEMENT:-0}" = 1 ]; then
-  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-probe/libawq_edge_kernels.so python -P bench/placement.py ${PLACEMENT_ARGS:-} \
-    --label "probe build: CMAKE_CUDA_FLAGS='-DAWQE_PROBE_PLACEMENT'" --out "$OUT/placement.json" \
-    > "$OUT/placement.log" 2>&1 || { echo "bench/placement.py failed"; tail -3 "$OUT/placement.log"; exit 1; }
-  cat "$OUT/placement.log"
-fi
+for b in $PROBE_BUILDS; do
+  name=${b%%=*} flags=${b#*=} flags=${flags//,/ }
+  file=placement${name#probe}  # probe -> placement, probe-spread -> placement-spread
+  AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -P bench/placement.py ${PLACEMENT_ARGS:-} \
+    --label "$name build: CMAKE_CUDA_FLAGS='$flags'" --out "$OUT/$file.json" \
+    > "$OUT/$file.log" 2>&1 || { echo "bench/placement.py failed with the $name build"; tail -3 "$OUT/$file.log"; exit 1; }
+  cat "$OUT/$file.log"
+done
 [ -n "$MODELS" ] || exit 0
 for b in $BUILDS; do
   name=${b%%=*} flags=${b#*=} flags=${flags//,/ }

@@ -67,23 +67,31 @@ def test_the_device_decode_script_builds_a_variant_of_several_comma_separated_fl
 @pytest.mark.skipif(not torch.cuda.is_available() or not (shutil.which("nvcc") and shutil.which("cmake")),
                     reason="needs an NVIDIA GPU, nvcc and cmake (the script builds the kernel library per variant)")
 def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp_path):
-    """bench/device_decode.sh as a GPU session runs it (NOTES r12's A/B, r15 and r16), on one small shape and the
-    tiny model: two builds (the default and the bulk stream), the kernel tests with the second, bench/kernels.py and
-    bench/decode.py with each library, and the placement probe's build through bench/placement.py."""
+    """bench/device_decode.sh as a GPU session runs it (NOTES r12's A/B, r15, r16 and r19), on small shapes and the
+    tiny model: three builds (the default, the bulk stream, the spread placement), the kernel tests with the last two,
+    bench/kernels.py and bench/decode.py with each library, and the placement probe's builds (plain and spread)
+    through bench/placement.py."""
     major, minor = torch.cuda.get_device_capability()
     env = {**os.environ, "OUT": str(tmp_path), "ARCH": f"{major}{minor}-real", "TESTS": "0",
            "BUILD_ROOT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "BUILDS": "default= bulk=-DAWQE_BULK_STREAM", "KERNEL_SHAPES": "1536x640", "MODELS": "tiny",
-           "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1", "TEST_BUILDS": "bulk",
-           "PLACEMENT": "1", "PLACEMENT_ARGS": "--shapes 4096x4096 --modes alone --length 8 --reps 3"}
+           "BUILDS": "default= bulk=-DAWQE_BULK_STREAM spread=-DAWQE_SPREAD", "KERNEL_SHAPES": "1536x640",
+           "MODELS": "tiny", "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1",
+           "TEST_BUILDS": "bulk spread", "PLACEMENT": "1", "PROBES": "spread=-DAWQE_SPREAD",
+           "PLACEMENT_ARGS": "--shapes 4096x4096,22016x4096 --modes alone --length 8 --reps 3"}
     with layout_links_removed():
         proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
                               timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert " passed" in (tmp_path / "tests_bulk.txt").read_text().splitlines()[-1]
-    placed = json.loads((tmp_path / "placement.json").read_text())["probes"]
-    assert [(p["shape"], p["mode"], p["blocks"]) for p in placed] == [("4096x4096", "alone", 256)]
-    for name in ("default", "bulk"):
+    for name in ("bulk", "spread"):
+        assert " passed" in (tmp_path / f"tests_{name}.txt").read_text().splitlines()[-1]
+    placed = json.loads((tmp_path / "placement.json").read_text())
+    assert [(p["shape"], p["mode"], p["blocks"]) for p in placed["probes"]] == [("4096x4096", "alone", 256),
+                                                                              ("22016x4096", "alone", 1376)]
+    # -DAWQE_SPREAD: no SM holds more than its share of gate/up's blocks (r19)
+    spread = json.loads((tmp_path / "placement-spread.json").read_text())
+    assert spread["label"].startswith("probe-spread build")
+    assert spread["probes"][1]["blocks_per_sm"]["max"] <= -(-1376 // spread["sm_count"])
+    for name in ("default", "bulk", "spread"):
         k = json.loads((tmp_path / f"kernels_{name}.json").read_text())
         assert k["label"].startswith(f"{name} build") and [(s["N"], s["K"]) for s in k["shapes"]] == [(1536, 640)]
         assert max(max(e.values()) for e in k["shapes"][0]["rel_error"].values()) < 1e-3
