@@ -11,7 +11,6 @@ Usage: python -P bench/export_scale.py --work DIR [--models llama2-7b,llama3-8b]
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -21,16 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 ROOT = Path(__file__).resolve().parent.parent
-# The quantiser benchmark's shapes, read from its file (bench/ on sys.path would shadow packages named like its
-# scripts: transformers imports `kernels`).
-_spec = importlib.util.spec_from_file_location("quantize_scale", ROOT / "bench" / "quantize_scale.py")
-_quantize_scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_quantize_scale)
-SHAPES = _quantize_scale.SHAPES
+# bench/ off sys.path (a script run without -P puts it first, and its files would shadow packages: transformers
+# imports `kernels`), the repository on it: siblings come as bench.NAME.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from bench.quantize_scale import SHAPES  # noqa: E402  (the quantiser benchmark's shapes)
 GROUP = 128
 # name -> (export flags, symmetric checkpoint)
 TARGETS = {

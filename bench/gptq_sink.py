@@ -9,23 +9,22 @@ Usage: python -P bench/gptq_sink.py [--model smollm2-135m] [--layer 18] [--wikit
 """
 
 import argparse
-import importlib.util
+import sys
 from pathlib import Path
 
-import torch
-
-from awq_edge.quant import QConfig, dequantize, quantize
-from awq_edge.quantizer import calib
-from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize
-from awq_edge.quantizer.source import load_float_model, resolve_model_dir
-
 ROOT = Path(__file__).resolve().parent.parent
-# The sibling by its path, as bench/export_scale.py reads bench/quantize_scale.py: bench/ on sys.path would hide
-# packages named like its scripts (transformers imports `kernels`).
-_spec = importlib.util.spec_from_file_location("gptq_domain", ROOT / "bench" / "gptq_domain.py")
-_gptq_domain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_gptq_domain)
-record_inputs = _gptq_domain.record_inputs
+# bench/ off sys.path (a script run without -P puts it first, and its files would shadow packages: transformers
+# imports `kernels`), the repository on it: siblings come as bench.NAME.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from awq_edge.quant import QConfig, dequantize, quantize  # noqa: E402
+from awq_edge.quantizer import calib  # noqa: E402
+from awq_edge.quantizer.gptq import HessianAccumulator, gptq_quantize  # noqa: E402
+from awq_edge.quantizer.source import load_float_model, resolve_model_dir  # noqa: E402
+from bench.gptq_domain import record_inputs  # noqa: E402
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 SEQLEN = 512

@@ -138,13 +138,11 @@ def main(argv=None) -> int:
     for name in models:
         folder = work / (name if not args.layers else f"{name}-{args.layers}layers")
         t0 = time.perf_counter()
-        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way). This file
-        # is loaded by its path: bench/ on sys.path would shadow packages named like its scripts (transformers
-        # imports `kernels`).
-        subprocess.run([sys.executable, "-c", "import importlib.util as u; "
-                        f"s = u.spec_from_file_location('quantize_scale', {__file__!r}); q = u.module_from_spec(s); "
-                        f"s.loader.exec_module(q); q.write_random_model({name!r}, q.Path({str(folder)!r}), "
-                        f"q.Path({args.tokenizer!r}), {args.layers})"],
+        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way); it runs
+        # in the repository (`-c` puts the working folder first on sys.path), so this file is bench.quantize_scale.
+        subprocess.run([sys.executable, "-c", "from pathlib import Path; from bench.quantize_scale import "
+                        f"write_random_model; write_random_model({name!r}, Path({str(folder)!r}), "
+                        f"Path({args.tokenizer!r}), {args.layers})"],
                        check=True, cwd=ROOT)
         print(f"{name}: random fp16 folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
         row = {"model": folder.name, "weights": "random fp16", **run_cli(

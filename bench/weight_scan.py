@@ -5,7 +5,6 @@ Writes bench/results/weight_scan.json. Usage: python -P bench/weight_scan.py --w
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -14,9 +13,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("quantize_scale", ROOT / "bench" / "quantize_scale.py")
-quantize_scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quantize_scale)
+# bench/ off sys.path (a script run without -P puts it first, and its files would shadow packages: transformers
+# imports `kernels`), the repository on it: siblings come as bench.NAME.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+from bench import quantize_scale  # noqa: E402
 # tiny: a shape that runs in a second (tests/test_bench_weight_scan.py); head size 128 (hidden / heads)
 SHAPES = {**quantize_scale.SHAPES, "tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
@@ -49,11 +51,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "weight_scan.json"))
     args = ap.parse_args(argv)
-    quantize_scale.SHAPES.update(SHAPES)
     rows = []
     for model in args.models.split(","):
         folder = Path(args.work) / model
-        quantize_scale.write_random_model(model, folder, Path(args.tokenizer))
+        quantize_scale.write_random_model(model, folder, Path(args.tokenizer), shape=SHAPES[model])
         proc = subprocess.run([sys.executable, "-c", _SCAN, str(folder)], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])

@@ -6,10 +6,11 @@ mixed text into one unknown word after another, the same input at every position
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import bench_script, tiny_model
+from conftest import ROOT, bench_script, tiny_model
 from test_export import write_calibration_text
 from test_runtime import save_byte_tokenizer
 
@@ -143,8 +144,12 @@ def test_gptq_sink_rows_for_the_seven_linears_of_a_layer(folders, capsys):
 
 def test_gptq_sink_reads_its_sibling_without_putting_bench_on_sys_path():
     """Left first on sys.path, bench/kernels.py hid the kernels package: transformers could not read a Llama config
-    and `python -P bench/gptq_sink.py` failed before any work. It now loads bench/gptq_domain.py by its path."""
-    assert _path_after == _path
+    and `python -P bench/gptq_sink.py` failed before any work. Its sibling comes as bench.gptq_domain, with the
+    repository on sys.path and bench/ itself off it (also where a run without -P had put it first)."""
+    bench_dir = (ROOT / "bench").resolve()
+    assert all(Path(p or ".").resolve() != bench_dir for p in _path_after)
+    assert str(ROOT) in _path_after and set(_path_after) - {str(ROOT)} <= set(_path)
+    assert gptq_sink.record_inputs.__module__ == "bench.gptq_domain"
 
 
 @pytest.mark.parametrize("layer", [None, "6", "-1"])
