@@ -423,61 +423,57 @@ struct GemmArgs : GemmFold {
     int chunks, pblocks, mslices, per_warp;
 };
 
-// rsqrt(mean(h^2) + eps) of the batch rows this lane's accumulator columns hold (2t and 2t + 1 of each n-tile).
-// h is read 16 vectors per lane at a time (8 for MT = 2, which holds twice the accumulators): 4096 values in one
-// round trip to L2 (4 at a time cost the decode GEMVs 1-2 us each).
+// This lane's share of batch row m's sum of squares of h. From h itself: 16 vectors per lane at a time (8 for
+// MT = 2, which holds twice the accumulators), 4096 values in one round trip to L2 (4 at a time cost the decode GEMVs
+// 1-2 us each).
 template <int MT>
-__device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
+__device__ __forceinline__ float lane_sumsq(const GemmArgs& a, int m, int lane) {
     constexpr int kRmsBatch = 16 / MT;
-    const int t = lane & 3;
-    const int rows = min(8 * MT, a.M - m0), vecs = a.K / 8;
+    const int vecs = a.K / 8;
+    const uint4* h = reinterpret_cast<const uint4*>(a.rms_x + (size_t)m * a.K);
+    float ss = 0.f;
+    for (int i0 = lane; i0 < vecs; i0 += 32 * kRmsBatch) {  // kRmsBatch loads in flight: one L2 latency
+        uint4 v[kRmsBatch];
 #pragma unroll
-    for (int j = 0; j < MT; ++j) rs[j][0] = rs[j][1] = 1.f;
-    for (int r = 0; r < rows; ++r) {
-        const uint4* h = reinterpret_cast<const uint4*>(a.rms_x + (size_t)(m0 + r) * a.K);
-        float ss = 0.f;
-        for (int i0 = lane; i0 < vecs; i0 += 32 * kRmsBatch) {  // kRmsBatch loads in flight: one L2 latency
-            uint4 v[kRmsBatch];
+        for (int b = 0; b < kRmsBatch; ++b) v[b] = i0 + 32 * b < vecs ? h[i0 + 32 * b] : make_uint4(0, 0, 0, 0);
 #pragma unroll
-            for (int b = 0; b < kRmsBatch; ++b)
-                v[b] = i0 + 32 * b < vecs ? h[i0 + 32 * b] : make_uint4(0, 0, 0, 0);
+        for (int b = 0; b < kRmsBatch; ++b)
 #pragma unroll
-            for (int b = 0; b < kRmsBatch; ++b)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float2 f = __half22float2(as_half2(word(v[b], e)));
-                    ss += f.x * f.x + f.y * f.y;
-                }
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        const float r_std = rsqrtf(ss / a.K + a.eps);
-#pragma unroll
-        for (int j = 0; j < MT; ++j)
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-                if (r == 8 * j + 2 * t + i) rs[j][i] = r_std;
+            for (int e = 0; e < 4; ++e) {
+                const float2 f = __half22float2(as_half2(word(v[b], e)));
+                ss += f.x * f.x + f.y * f.y;
+            }
     }
+    return ss;
 }
 
-// The same from the per-tile sums of squares of h the product before wrote (GemmFold::rms_sumsq): K / 16 floats a
-// row instead of K halves, so the blocks of a wide product read 1/8 of the bytes from L2 before their first stage.
-template <int MT>
-__device__ __forceinline__ void row_rstd_sums(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
+// From the per-tile sums of squares the product before wrote (GemmFold::rms_sumsq): K / 16 floats a row instead of
+// K halves, 8 loads a lane in flight (K = 8192 in one round trip).
+__device__ __forceinline__ float lane_sumsq_of_tiles(const GemmArgs& a, int m, int lane) {
+    const int parts = (a.K + kTileRows - 1) / kTileRows;
+    const float* p = a.rms_sumsq + (size_t)m * parts;
+    float ss = 0.f;
+    for (int i0 = lane; i0 < parts; i0 += 32 * 8) {
+        float v[8];
+#pragma unroll
+        for (int b = 0; b < 8; ++b) v[b] = i0 + 32 * b < parts ? p[i0 + 32 * b] : 0.f;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) ss += v[b];
+    }
+    return ss;
+}
+
+// rsqrt(mean(h^2) + eps) of the batch rows this lane's accumulator columns hold (2t and 2t + 1 of each n-tile), from
+// h (kTiles false) or from its tiles' sums. Two instances, not a branch inside one loop: the branch cost the hot
+// kernels 8 registers (r18).
+template <int MT, bool kTiles>
+__device__ __forceinline__ void row_rstd(float (&rs)[MT][2], const GemmArgs& a, int m0, int lane) {
     const int t = lane & 3;
-    const int rows = min(8 * MT, a.M - m0), parts = (a.K + kTileRows - 1) / kTileRows;
+    const int rows = min(8 * MT, a.M - m0);
 #pragma unroll
     for (int j = 0; j < MT; ++j) rs[j][0] = rs[j][1] = 1.f;
     for (int r = 0; r < rows; ++r) {
-        const float* p = a.rms_sumsq + (size_t)(m0 + r) * parts;
-        float ss = 0.f;
-        for (int i0 = lane; i0 < parts; i0 += 32 * 8) {  // 8 loads in flight: K = 8192 in one L2 latency
-            float v[8];
-#pragma unroll
-            for (int b = 0; b < 8; ++b) v[b] = i0 + 32 * b < parts ? p[i0 + 32 * b] : 0.f;
-#pragma unroll
-            for (int b = 0; b < 8; ++b) ss += v[b];
-        }
+        float ss = kTiles ? lane_sumsq_of_tiles(a, m0 + r, lane) : lane_sumsq<MT>(a, m0 + r, lane);
 #pragma unroll
         for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
         const float r_std = rsqrtf(ss / a.K + a.eps);
@@ -561,9 +557,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
     float rs[MT][2];
     if (a.rms_x && warp == 0) {
         if (a.rms_sumsq)
-            row_rstd_sums<MT>(rs, a, m0, lane);
+            row_rstd<MT, true>(rs, a, m0, lane);
         else
-            row_rstd<MT>(rs, a, m0, lane);
+            row_rstd<MT, false>(rs, a, m0, lane);
     }
 #if defined(AWQE_ASYNC_STREAM)
     stream.template run<MT>(acc, xrow, fast_end, K);
