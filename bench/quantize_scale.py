@@ -11,6 +11,7 @@ Usage: python -P bench/quantize_scale.py --tokenizer DIR --work DIR [--models ll
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -138,12 +139,12 @@ def main(argv=None) -> int:
     for name in models:
         folder = work / (name if not args.layers else f"{name}-{args.layers}layers")
         t0 = time.perf_counter()
-        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way); it runs
-        # in the repository (`-c` puts the working folder first on sys.path), so this file is bench.quantize_scale.
+        # In a child process, so this one never holds the weights (the CLI's RSS is its own either way), with the
+        # repository on its path: this file is bench.quantize_scale there.
         subprocess.run([sys.executable, "-c", "from pathlib import Path; from bench.quantize_scale import "
                         f"write_random_model; write_random_model({name!r}, Path({str(folder)!r}), "
                         f"Path({args.tokenizer!r}), {args.layers})"],
-                       check=True, cwd=ROOT)
+                       check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         print(f"{name}: random fp16 folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
         row = {"model": folder.name, "weights": "random fp16", **run_cli(
             ["quantize", str(folder), "-o", str(work / f"{folder.name}-q"), *extra], work / f"{folder.name}.log")}

@@ -74,7 +74,7 @@ def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp
     major, minor = torch.cuda.get_device_capability()
     env = {**os.environ, "OUT": str(tmp_path), "ARCH": f"{major}{minor}-real", "TESTS": "0",
            "BUILD_ROOT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "BUILDS": "default= bulk=-DAWQE_BULK_STREAM spread=-DAWQE_SPREAD", "KERNEL_SHAPES": "1536x640",
+           "BUILDS": "default= bulk=-DAWQE_BULK_STREAM spread=-DAWQE_SPREAD", "KERNEL_SHAPES": "1536x640,22016x4096",
            "MODELS": "tiny", "VARIANTS": "ours", "BENCH_ARGS": "--prompt 8 --new 4 --repeats 1",
            "TEST_BUILDS": "bulk spread", "PLACEMENT": "1", "PROBES": "spread=-DAWQE_SPREAD",
            "PLACEMENT_ARGS": "--shapes 4096x4096,22016x4096 --modes alone --length 8 --reps 3"}
@@ -90,10 +90,14 @@ def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp
     # -DAWQE_SPREAD: no SM holds more than its share of gate/up's blocks (r19)
     spread = json.loads((tmp_path / "placement-spread.json").read_text())
     assert spread["label"].startswith("probe-spread build")
-    assert spread["probes"][1]["blocks_per_sm"]["max"] <= -(-1376 // spread["sm_count"])
+    gate_up = spread["probes"][1]
+    assert gate_up["blocks_per_sm"]["max"] <= -(-1376 // spread["sm_count"])
+    assert gate_up["last_entry_us"] < 0.5 * gate_up["block_us"]["median"]  # in one wave: none waited for a slot
     for name in ("default", "bulk", "spread"):
         k = json.loads((tmp_path / f"kernels_{name}.json").read_text())
-        assert k["label"].startswith(f"{name} build") and [(s["N"], s["K"]) for s in k["shapes"]] == [(1536, 640)]
-        assert max(max(e.values()) for e in k["shapes"][0]["rel_error"].values()) < 1e-3
+        assert k["label"].startswith(f"{name} build")
+        assert [(s["N"], s["K"]) for s in k["shapes"]] == [(1536, 640), (22016, 4096)]  # the second spread (r19)
+        for shape in k["shapes"]:
+            assert max(max(e.values()) for e in shape["rel_error"].values()) < 1e-3
         d = json.loads((tmp_path / f"decode_{name}.json").read_text())
         assert d["models"]["tiny"]["ours"]["tok_s"] > 0, d["models"]["tiny"]

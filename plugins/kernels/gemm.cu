@@ -699,19 +699,24 @@ cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, int sm_co
     // at most ceil(blocks / SMs) of them. r15's probe (H100) found Llama-2-7B's gate/up, 1376 one-warp blocks, on
     // 107 of 132 SMs, 69 of them with 16 blocks: placed early (programmatic launch) into the SMs the kernel before
     // left first, up to the register limit.
-    if (MT == 1 && blocks > sm_count) {
+    // Only where that is fewer warps than the registers let in (16 a SM): o and down's 8-warp blocks already sit 2
+    // a SM, and holding them there with shared memory would only keep the next kernel's blocks out.
+    const int per_sm = (blocks + sm_count - 1) / sm_count;
+    if (MT == 1 && blocks > sm_count && per_sm * warps < 16) {
         int dev = 0, per_sm_bytes = 0, reserved = 0;
         cudaError_t e = cudaGetDevice(&dev);
         if (e == cudaSuccess)
             e = cudaDeviceGetAttribute(&per_sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
         if (e == cudaSuccess) e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
         if (e != cudaSuccess) return e;
-        const int per_sm = (blocks + sm_count - 1) / sm_count;
-        const size_t cap = (size_t)per_sm_bytes / per_sm - reserved - kStatic;
-        if (cap > dynamic) dynamic = cap;
-        e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared);
-        if (e != cudaSuccess) return e;
+        // A block's share, in the 128-byte units shared memory is allocated in (dynamic + static + reserved)
+        const size_t share = (size_t)per_sm_bytes / per_sm / 128 * 128;
+        if (share > reserved + kStatic + dynamic) {
+            dynamic = share - reserved - kStatic;
+            e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                     cudaSharedmemCarveoutMaxShared);
+            if (e != cudaSuccess) return e;
+        }
     }
 #else
     (void)sm_count;
