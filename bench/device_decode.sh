@@ -17,6 +17,13 @@ ARCH=${ARCH:-90-real}
 BUILD_ROOT=${BUILD_ROOT:-/tmp}
 BUILDS=${BUILDS:-"default= register=-DAWQE_REGISTER_STREAM"}
 MODELS=${MODELS-llama2-7b,llama3-8b}
+for b in $BUILDS ${PROBES:-}; do  # each NAME=FLAGS (FLAGS may be empty), NAME a plain word: it names a folder and files
+  [[ $b =~ ^[A-Za-z0-9_]+= ]] ||
+    { echo "BUILDS/PROBES entry '$b' is not NAME=FLAGS (e.g. spread=-DAWQE_SPREAD, default=): fix the entry"; exit 2; }
+done
+for name in ${TEST_BUILDS:-}; do
+  [[ " $BUILDS " == *" $name="* ]] || { echo "TEST_BUILDS names '$name', which BUILDS does not build: add it there"; exit 2; }
+done
 [ -e awq_edge/export ] || ln -sfn ../export awq_edge/export  # the source tree layout pip install maps
 [ -e awq_edge/device_profiles ] || ln -sfn ../devices awq_edge/device_profiles
 export PYTHONPATH=$PWD

@@ -48,6 +48,23 @@ def test_the_device_decode_script_needs_a_results_folder(tmp_path):
     assert proc.returncode != 0 and "set OUT to a results folder" in proc.stderr
 
 
+@pytest.mark.parametrize("env, message", [
+    (dict(BUILDS="spread"), "BUILDS/PROBES entry 'spread' is not NAME=FLAGS"),
+    (dict(BUILDS="default=", PROBES="-DAWQE_SPREAD"), "entry '-DAWQE_SPREAD' is not NAME=FLAGS"),
+    (dict(BUILDS="default=", TEST_BUILDS="bulk"), "TEST_BUILDS names 'bulk', which BUILDS does not build"),
+])
+def test_the_device_decode_script_refuses_a_malformed_variant_before_any_build(tmp_path, env, message):
+    env = {**os.environ, "OUT": str(tmp_path), "BUILD_ROOT": str(tmp_path), "MODELS": "", **env}
+    link = ROOT / "awq_edge" / "export"
+    had_link = os.path.lexists(link)
+    with layout_links_removed():
+        proc = subprocess.run(["bash", "bench/device_decode.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=60)
+        assert os.path.lexists(link) == had_link  # refused before it touches the checkout
+    assert proc.returncode == 2 and message in proc.stdout, proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("cmake")), reason="needs nvcc and cmake")
 def test_the_device_decode_script_builds_a_variant_of_several_comma_separated_flags(tmp_path):
     """The build step alone (no GPU needed: no kernel shapes, no models): a variant's flags, comma-separated, reach
