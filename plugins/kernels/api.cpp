@@ -45,26 +45,40 @@ awqe_status check_shape(int N, int K, int block_size) {
     return AWQE_OK;
 }
 
-// Multiprocessor count and compute capability per device, read once: every GEMM launch needs them.
+// Multiprocessor count, compute capability and shared memory per device, read once: every GEMM launch needs them.
 std::atomic<int> g_sm_count[64];
 std::atomic<int> g_cc_major[64];
+std::atomic<int> g_smem_per_sm[64];
+std::atomic<int> g_smem_reserved[64];
 
 awqe_status device_info(awqe::Device* out) {
     int dev = 0;
     if (awqe_status s = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return s;
     if (dev < 0 || dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", dev);
     int n = g_sm_count[dev].load(std::memory_order_relaxed), major = g_cc_major[dev].load(std::memory_order_relaxed);
-    if (n == 0 || major == 0) {
+    int smem = g_smem_per_sm[dev].load(std::memory_order_relaxed);
+    int reserved = g_smem_reserved[dev].load(std::memory_order_relaxed);
+    if (n == 0 || major == 0 || smem == 0) {
         if (awqe_status s = cuda_status(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev),
                                         "cudaDeviceGetAttribute(multiProcessorCount)"))
             return s;
         if (awqe_status s = cuda_status(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
                                         "cudaDeviceGetAttribute(computeCapabilityMajor)"))
             return s;
+        if (awqe_status s =
+                cuda_status(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+                            "cudaDeviceGetAttribute(maxSharedMemoryPerMultiprocessor)"))
+            return s;
+        if (awqe_status s =
+                cuda_status(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev),
+                            "cudaDeviceGetAttribute(reservedSharedMemoryPerBlock)"))
+            return s;
         g_sm_count[dev].store(n, std::memory_order_relaxed);
         g_cc_major[dev].store(major, std::memory_order_relaxed);
+        g_smem_per_sm[dev].store(smem, std::memory_order_relaxed);
+        g_smem_reserved[dev].store(reserved, std::memory_order_relaxed);
     }
-    *out = awqe::Device{n, major};
+    *out = awqe::Device{n, major, smem, reserved};
     return AWQE_OK;
 }
 

@@ -685,7 +685,7 @@ static_assert(kDeepWarps >= 2 && kDeepWarps <= kMaxWarps && (kDeepWarps & (kDeep
               "AWQE_DEEP_WARPS: a power of two from 2 (the default) to 8");
 
 template <int MT, int BS, int kDepth>
-cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, int sm_count, cudaStream_t stream) {
+cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, const Device& dev, cudaStream_t stream) {
     const size_t partial = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const size_t ring = async_copy ? (size_t)warps * kDepth * stage_vectors<BS>() * sizeof(uint4) : 0;
 #if defined(AWQE_BULK_STREAM)  // the static mbarriers count towards the 48 KB a launch gets without opting in
@@ -701,25 +701,18 @@ cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, int sm_co
     // left first, up to the register limit.
     // Only where that is fewer warps than the registers let in (16 a SM): o and down's 8-warp blocks already sit 2
     // a SM, and holding them there with shared memory would only keep the next kernel's blocks out.
-    const int per_sm = (blocks + sm_count - 1) / sm_count;
-    if (MT == 1 && blocks > sm_count && per_sm * warps < 16) {
-        int dev = 0, per_sm_bytes = 0, reserved = 0;
-        cudaError_t e = cudaGetDevice(&dev);
-        if (e == cudaSuccess)
-            e = cudaDeviceGetAttribute(&per_sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
-        if (e != cudaSuccess) return e;
+    const int per_sm = (blocks + dev.sm_count - 1) / dev.sm_count;
+    if (MT == 1 && blocks > dev.sm_count && per_sm * warps < 16) {
         // A block's share, in the 128-byte units shared memory is allocated in (dynamic + static + reserved)
-        const size_t share = (size_t)per_sm_bytes / per_sm / 128 * 128;
+        const size_t share = (size_t)dev.smem_per_sm / per_sm / 128 * 128, reserved = dev.smem_reserved;
         if (share > reserved + kStatic + dynamic) {
             dynamic = share - reserved - kStatic;
-            e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                     cudaSharedmemCarveoutMaxShared);
+            const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
+                                                       cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                       cudaSharedmemCarveoutMaxShared);
             if (e != cudaSuccess) return e;
         }
     }
-#else
-    (void)sm_count;
 #endif
     if (dynamic + kStatic > 48 * 1024) {
         const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
@@ -742,8 +735,8 @@ cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaSt
     if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const bool async_copy = kAsyncBuild && dev.major >= 8;
-    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, dev.sm_count, stream);
-    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, dev.sm_count, stream);
+    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, dev, stream);
+    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, dev, stream);
 }
 
 template <int MT>

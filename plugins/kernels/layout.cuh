@@ -51,7 +51,9 @@ cudaError_t launch_dequantize(const void* packed, int N, int K, int block_size, 
 
 struct Device {
     int sm_count;
-    int major;  // compute capability
+    int major;          // compute capability
+    int smem_per_sm;    // shared memory a SM holds, bytes
+    int smem_reserved;  // of it, what the system reserves per resident block
 };
 
 // One product y [M, N] = x [M, K] @ W^T (+ bias) and what its epilogue may fold in.
