@@ -670,8 +670,11 @@ int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
 // stages in flight each; blocks of 4-8 warps have more warps per SM, so 2 each are as many bytes and keep a
 // block's shared memory at 44 KB with the cross-warp sums (48 KB for M > 8 at 8 warps): within what every
 // architecture gives without opting in. Larger builds (-DAWQE_STAGE=8) opt in at launch.
+// kDeep is 2 as well since r20 (bench/NOTES.md, H100): the products alone timed the same at 2 and 3 stages, but
+// the chained decode step ran 3.7% faster at Llama-2-7B (1825.8 -> 1758.4 us) and 1.3% at Llama-3-8B; 4 had lost
+// 1.5% against 3 (r7). -DAWQE_DEPTH=3 builds the old default for A/B timing.
 #ifndef AWQE_DEPTH
-#define AWQE_DEPTH 3
+#define AWQE_DEPTH 2
 #endif
 // -DAWQE_DEEP_WARPS=4 gives blocks of 4 warps the deep ring too, for A/B timing: r12's stream alone ran 15-23% faster
 // at 4 warps a tile than at one on the wide products (22016 and 28672 rows), where the whole kernel at 4 warps, with
