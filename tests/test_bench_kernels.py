@@ -118,3 +118,26 @@ def test_the_device_decode_script_runs_each_build_through_kernels_and_decode(tmp
             assert max(max(e.values()) for e in shape["rel_error"].values()) < 1e-3
         d = json.loads((tmp_path / f"decode_{name}.json").read_text())
         assert d["models"]["tiny"]["ours"]["tok_s"] > 0, d["models"]["tiny"]
+
+
+# Every A/B build bench/NOTES.md names (bench/device_decode.sh's BUILDS and PROBES), compiled for sm_90 as ptxas sees
+# it: a flag no default build uses rots unseen otherwise (the bulk build's 48 KB launch fault was found on a GPU).
+AB_BUILDS = {
+    "gemm.cu": ["-DAWQE_BULK_STREAM -DAWQE_SPREAD", "-DAWQE_DEPTH=3 -DAWQE_PRE_WAIT=2", "-DAWQE_DEPTH=1",
+                "-DAWQE_PRE_WAIT=0", "-DAWQE_PDL_LATE", "-DAWQE_REGISTER_STREAM",
+                "-DAWQE_MIN_BLOCKS=3 -DAWQE_WARP_BUDGET=24", "-DAWQE_DEEP_WARPS=4", "-DAWQE_STAGE=8",
+                "-DAWQE_PROBE_PLACEMENT -DAWQE_SPREAD",
+                "-DAWQE_PROBE_STREAM_ONLY", "-DAWQE_PROBE_NO_X"],
+    "decode.cu": ["-DAWQE_ATTN_WAIT_FIRST"],
+}
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc (CUDA toolkit) to compile the kernels")
+@pytest.mark.parametrize("source,flags", [(s, f) for s, fs in AB_BUILDS.items() for f in fs])
+def test_every_ab_build_flag_compiles_for_sm90(source, flags, tmp_path):
+    plugins = ROOT / "plugins"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90", *flags.split(), "-I", str(plugins / "include"),
+                           "-I", str(plugins / "kernels"), "-c", str(plugins / "kernels" / source), "-o",
+                           str(tmp_path / "k.o"), "-Xptxas", "-v"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ptxas info" in proc.stderr and (tmp_path / "k.o").stat().st_size > 0

@@ -346,10 +346,23 @@ struct AsyncStream {
 
     // Before the PDL wait: the first kDepth stages, a slot each (weights are constants). For the small products
     // (o: 2 stages a warp) that is all of them, so their weights arrive while attention runs.
+    // -DAWQE_PRE_WAIT=N (for A/B timing, bench/NOTES.md r21): only the first N of them before the wait, the rest
+    // after it (prologue_rest), to tell r20's gain apart: fewer bytes requested beside the kernel still running, or
+    // fewer in flight once streaming. Either way every slot is issued, and committed, before run's first wait.
     __device__ __forceinline__ void prologue() {
 #pragma unroll
-        for (int s = 0; s < kDepth; ++s) issue(s);
+        for (int s = 0; s < kPreWait; ++s) issue(s);
     }
+    __device__ __forceinline__ void prologue_rest() {
+#pragma unroll
+        for (int s = kPreWait; s < kDepth; ++s) issue(s);
+    }
+#if defined(AWQE_PRE_WAIT)
+    static constexpr int kPreWait = AWQE_PRE_WAIT < kDepth ? AWQE_PRE_WAIT : kDepth;
+    static_assert(AWQE_PRE_WAIT >= 0, "AWQE_PRE_WAIT: how many ring stages go out before the PDL wait, 0 or more");
+#else
+    static constexpr int kPreWait = kDepth;
+#endif
 
     // After it: each stage is computed once it has landed, then its slot refilled with the stage kDepth ahead,
     // so kDepth - 1 stages stay in flight. fast_end: chunks whose activations all lie inside K.
@@ -551,6 +564,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
 #if defined(AWQE_PROBE_PLACEMENT)
     const unsigned long long probe_t1 = global_ns();
     const long long probe_c1 = clock64();
+#endif
+#if defined(AWQE_ASYNC_STREAM)
+    stream.prologue_rest();  // the slots the prologue left (none unless -DAWQE_PRE_WAIT)
 #endif
     // The folded RMSNorm's 1/rms per batch row, for the warp that writes the outputs; its loads of h (L2) overlap
     // the weight stages already in flight.
