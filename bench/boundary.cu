@@ -1,0 +1,213 @@
+// What a kernel boundary costs in a CUDA graph of dependent kernels, and what a flag chain would save (bench/NOTES.md,
+// r22). Built and run by bench/boundary.py; prints one JSON object.
+//
+// A chain of `kernels` launches of one kernel, `blocks` blocks of one warp each, each block busy for `work_ns`
+// (%globaltimer) after its dependency resolves, then writing a word the next launch checks. Three ways to resolve it:
+//   plain: no launch attribute (the next kernel starts once this one has finished and flushed);
+//   pdl:   programmatic dependent launch, launch_dependents at entry, griddepcontrol.wait (the decode step today);
+//   flag:  the same launch, no griddepcontrol.wait: each block of launch k spins (ld.acquire.gpu) on a counter that
+//          every block of launch k - 1 increments (__threadfence, atomicAdd) after writing its word.
+// Per launch: the graph's time over its launches; less work_ns, the boundary's cost. Every block checks the word of
+// the launch before it (this replay's epoch), so a chain that let a kernel run early counts errors.
+// Deadlock-free without the wait: launch k + 1 is scheduled only once every block of launch k has called
+// launch_dependents, i.e. is resident, so a spinning block only waits on blocks already running.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define CHECK(x)                                                                                     \
+    do {                                                                                             \
+        cudaError_t e_ = (x);                                                                        \
+        if (e_ != cudaSuccess) {                                                                     \
+            std::fprintf(stderr, "boundary: %s failed: %s (line %d)\n", #x, cudaGetErrorString(e_), \
+                         __LINE__);                                                                  \
+            std::exit(1);                                                                            \
+        }                                                                                            \
+    } while (0)
+
+enum Mode { kPlain = 0, kPdl = 1, kFlag = 2 };
+static const char* kModeNames[] = {"plain", "pdl", "flag"};
+
+struct Chain {
+    unsigned* counters;  // [kernels]: blocks of launch k done (flag mode); the last launch resets them
+    int* words;          // [kernels][blocks]: launch k's blocks write epoch * kernels + k
+    int* epoch;          // one word: the replay's number, advanced by the last launch
+    int* errors;         // words found wrong
+};
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+template <int kMode>
+__global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (kMode != kPlain) asm volatile("griddepcontrol.launch_dependents;" :::);
+    if (kMode == kPdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    if (kMode == kFlag && k > 0) {
+        if (threadIdx.x == 0)
+            while (load_acquire(c.counters + k - 1) < (unsigned)blocks) {
+            }
+        __syncwarp();
+    }
+    // epoch: written by the previous replay's last launch, which finished before this replay began
+    const int epoch = *(volatile int*)c.epoch;
+    if (threadIdx.x == 0 && k > 0) {
+        const int seen = *(volatile int*)(c.words + (size_t)(k - 1) * blocks + blockIdx.x);
+        if (seen != epoch * kernels + k - 1) atomicAdd(c.errors, 1);
+    }
+    const unsigned long long t0 = global_ns();
+    if (threadIdx.x == 0)
+        while (global_ns() - t0 < work_ns) {
+        }
+    __syncwarp();
+    if (threadIdx.x == 0) {
+        c.words[(size_t)k * blocks + blockIdx.x] = epoch * kernels + k;
+        if (kMode == kFlag && k < kernels - 1) {  // the last launch has no successor; its counter counts below
+            __threadfence();
+            atomicAdd(c.counters + k, 1u);
+        }
+    }
+    if (k == kernels - 1 && threadIdx.x == 0) {
+        // every launch before this one has finished its checks (its counter, or the wait, says so); one block
+        // advances the epoch and clears the counters for the next replay once all of this launch's blocks read it
+        unsigned* last = c.counters + kernels - 1;
+        if (atomicAdd(last, 1u) == (unsigned)blocks - 1) {
+            for (int i = 0; i < kernels; ++i) c.counters[i] = 0;
+            __threadfence();
+            *(volatile int*)c.epoch = epoch + 1;
+        }
+    }
+}
+
+static void launch(int mode, bool programmatic, cudaStream_t s, Chain c, int k, int kernels, int blocks,
+                   unsigned work_ns) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(32);
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = programmatic ? 1 : 0;
+    if (mode == kPlain) CHECK(cudaLaunchKernelEx(&cfg, link<kPlain>, c, k, kernels, blocks, work_ns));
+    if (mode == kPdl) CHECK(cudaLaunchKernelEx(&cfg, link<kPdl>, c, k, kernels, blocks, work_ns));
+    if (mode == kFlag) CHECK(cudaLaunchKernelEx(&cfg, link<kFlag>, c, k, kernels, blocks, work_ns));
+}
+
+static std::vector<int> parse_list(const char* s) {
+    std::vector<int> v;
+    for (const char* p = s; *p;) {
+        char* end;
+        const long x = std::strtol(p, &end, 10);
+        if (end == p || x < 0 || x > 1000000000) {
+            std::fprintf(stderr, "boundary: '%s' is not a comma-separated list of counts\n", s);
+            std::exit(2);
+        }
+        v.push_back((int)x);
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') {
+            std::fprintf(stderr, "boundary: '%s' is not a comma-separated list of counts\n", s);
+            std::exit(2);
+        }
+    }
+    return v;
+}
+
+int main(int argc, char** argv) {
+    int kernels = 64, reps = 200;
+    std::vector<int> block_counts = {132, 1376}, works = {0, 2000};
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!std::strcmp(argv[i], "--kernels")) kernels = std::atoi(argv[i + 1]);
+        else if (!std::strcmp(argv[i], "--reps")) reps = std::atoi(argv[i + 1]);
+        else if (!std::strcmp(argv[i], "--blocks")) block_counts = parse_list(argv[i + 1]);
+        else if (!std::strcmp(argv[i], "--work-ns")) works = parse_list(argv[i + 1]);
+        else {
+            std::fprintf(stderr, "boundary: unknown option %s (--kernels, --reps, --blocks, --work-ns)\n", argv[i]);
+            return 2;
+        }
+    }
+    if (argc % 2 == 0 || kernels < 2 || reps < 1 || block_counts.empty() || works.empty() ||
+        *std::min_element(block_counts.begin(), block_counts.end()) < 1) {
+        std::fprintf(stderr, "boundary: --kernels >= 2, --reps >= 1 and --blocks >= 1, each option with a value\n");
+        return 2;
+    }
+    int dev = 0, count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        std::fprintf(stderr, "boundary: no CUDA GPU (or no driver for this CUDA runtime); run it on the GPU machine\n");
+        return 1;
+    }
+    cudaDeviceProp prop;
+    CHECK(cudaGetDevice(&dev));
+    CHECK(cudaGetDeviceProperties(&prop, dev));
+    const bool has_pdl = prop.major >= 9;
+    const int max_blocks = *std::max_element(block_counts.begin(), block_counts.end());
+
+    Chain c;
+    CHECK(cudaMalloc(&c.counters, sizeof(unsigned) * kernels));
+    CHECK(cudaMalloc(&c.words, sizeof(int) * (size_t)kernels * max_blocks));
+    CHECK(cudaMalloc(&c.epoch, sizeof(int)));
+    CHECK(cudaMalloc(&c.errors, sizeof(int)));
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+
+    std::string rows;
+    for (int blocks : block_counts)
+        for (int work : works)
+            for (int mode = 0; mode < 3; ++mode) {
+                if (mode != kPlain && !has_pdl) continue;  // griddepcontrol needs sm_90
+                CHECK(cudaMemset(c.counters, 0, sizeof(unsigned) * kernels));
+                CHECK(cudaMemset(c.words, 0xff, sizeof(int) * (size_t)kernels * max_blocks));
+                CHECK(cudaMemset(c.epoch, 0, sizeof(int)));
+                CHECK(cudaMemset(c.errors, 0, sizeof(int)));
+                cudaGraph_t graph;
+                cudaGraphExec_t exec;
+                CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+                for (int k = 0; k < kernels; ++k) launch(mode, mode != kPlain && k > 0, s, c, k, kernels, blocks, work);
+                CHECK(cudaStreamEndCapture(s, &graph));
+                CHECK(cudaGraphInstantiate(&exec, graph, 0));
+                for (int w = 0; w < 5; ++w) CHECK(cudaGraphLaunch(exec, s));  // warm-up
+                CHECK(cudaStreamSynchronize(s));
+                CHECK(cudaEventRecord(e0, s));
+                for (int r = 0; r < reps; ++r) CHECK(cudaGraphLaunch(exec, s));
+                CHECK(cudaEventRecord(e1, s));
+                CHECK(cudaEventSynchronize(e1));
+                CHECK(cudaGetLastError());
+                float ms = 0;
+                CHECK(cudaEventElapsedTime(&ms, e0, e1));
+                int errors = 0, epoch = 0;
+                CHECK(cudaMemcpy(&errors, c.errors, sizeof(int), cudaMemcpyDeviceToHost));
+                CHECK(cudaMemcpy(&epoch, c.epoch, sizeof(int), cudaMemcpyDeviceToHost));
+                const double us = ms * 1e3 / ((double)reps * kernels);
+                char row[320];
+                std::snprintf(row, sizeof row,
+                              "%s{\"mode\": \"%s\", \"blocks\": %d, \"work_ns\": %d, \"us_per_kernel\": %.4f, "
+                              "\"boundary_us\": %.4f, \"errors\": %d, \"replays\": %d}",
+                              rows.empty() ? "" : ",\n  ", kModeNames[mode], blocks, work, us, us - work * 1e-3,
+                              errors, epoch);
+                rows += row;
+                CHECK(cudaGraphExecDestroy(exec));
+                CHECK(cudaGraphDestroy(graph));
+            }
+    std::printf("{\"device\": \"%s\", \"sm_count\": %d, \"kernels\": %d, \"reps\": %d, \"rows\": [\n  %s]}\n",
+                prop.name, prop.multiProcessorCount, kernels, reps, rows.c_str());
+    return 0;
+}

@@ -1,0 +1,106 @@
+"""What a kernel boundary costs in a CUDA graph of dependent kernels (bench/NOTES.md, r22): builds bench/boundary.cu
+with nvcc for this GPU, runs it, and writes its rows with the command, as JSON and a Markdown table.
+
+A chain of launches of one kernel (one-warp blocks, each busy for a set time once its dependency resolves) resolved
+three ways: plain stream order, programmatic dependent launch with griddepcontrol.wait (the decode step today), and a
+flag chain (each block spins on a counter the previous launch's blocks increment). Per launch, the graph's time
+over its launches less the busy time is the boundary's cost; every block checks the word the launch before it
+wrote, so a chain that let a kernel run early shows errors.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "bench" / "boundary.cu"
+
+
+def counts(text: str) -> list:
+    """A comma-separated list of non-negative integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': counts are integers >= 0")
+    return values
+
+
+def build(nvcc: str, arch: str, work: Path) -> Path:
+    exe = work / "boundary"
+    proc = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", str(SOURCE), "-o", str(exe)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench/boundary.py: nvcc failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+    return exe
+
+
+def table(result: dict) -> str:
+    lines = [f"# Kernel boundaries in a CUDA graph on {result['device']}", "",
+             f"`{result['command']}`: {result['kernels']} launches a graph, {result['reps']} replays; us per launch "
+             "(the graph's time over its launches) and the boundary (that less the busy time).", "",
+             "| blocks | busy us | plain | pdl | flag | pdl boundary | flag boundary | flag vs pdl | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by = {}
+    for r in result["rows"]:
+        by.setdefault((r["blocks"], r["work_ns"]), {})[r["mode"]] = r
+    for (blocks, work), m in by.items():
+        def us(mode, key="us_per_kernel"):
+            return f"{m[mode][key]:.2f}" if mode in m else ""
+        ratio = f"{m['pdl']['us_per_kernel'] / m['flag']['us_per_kernel']:.3f}x" if {"pdl", "flag"} <= m.keys() else ""
+        errors = sum(r["errors"] for r in m.values())
+        lines.append(f"| {blocks} | {work / 1000:g} | {us('plain')} | {us('pdl')} | {us('flag')} | "
+                     f"{us('pdl', 'boundary_us')} | {us('flag', 'boundary_us')} | {ratio} | {errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", type=int, default=64, help="launches in the graph (>= 2)")
+    parser.add_argument("--reps", type=int, default=200, help="graph replays timed")
+    parser.add_argument("--blocks", type=counts, default=[132, 768, 1376],
+                        help="blocks a launch, comma list (132: one a SM on an H100; 768 and 1376: Llama-2-7B's qkv "
+                             "and gate/up tiles)")
+    parser.add_argument("--work-ns", type=counts, default=[0, 2000, 8000], help="each block's busy time, comma list")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "boundary",
+                        help="results stem: writes STEM.json and STEM.md")
+    args = parser.parse_args()
+    if args.kernels < 2 or args.reps < 1 or min(args.blocks) < 1:
+        parser.error("--kernels >= 2, --reps >= 1 and --blocks >= 1")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        sys.exit("bench/boundary.py: nvcc not found; put the CUDA toolkit's bin on PATH")
+    import torch  # only here: the argument errors above need no torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/boundary.py: no CUDA GPU; run it on the GPU machine")
+    major, minor = torch.cuda.get_device_capability(0)
+    command = "python -P bench/boundary.py " + " ".join(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as work:
+        exe = build(nvcc, f"sm_{major}{minor}", Path(work))
+        proc = subprocess.run([str(exe), "--kernels", str(args.kernels), "--reps", str(args.reps), "--blocks",
+                               ",".join(map(str, args.blocks)), "--work-ns", ",".join(map(str, args.work_ns))],
+                              capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        sys.exit(f"bench/boundary.py: the benchmark failed: {proc.stderr.strip()[-2000:]}")
+    result = json.loads(proc.stdout)
+    result.update(command=command, arch=f"sm_{major}{minor}", what=__doc__.split("\n\n")[1].replace("\n", " "))
+    md = table(result)
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", md)):
+        path = args.out.with_name(args.out.name + suffix)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    if any(r["errors"] for r in result["rows"]):
+        sys.exit("bench/boundary.py: a launch read its predecessor's word before it was written (errors above)")
+
+
+if __name__ == "__main__":
+    main()
