@@ -7,8 +7,11 @@
 //   pdl:   programmatic dependent launch, launch_dependents at entry, griddepcontrol.wait (the decode step today);
 //   flag:  the same launch, no griddepcontrol.wait: each block of launch k spins (ld.acquire.gpu) on a counter that
 //          every block of launch k - 1 increments (__threadfence, atomicAdd) after writing its word.
-// Per launch: the graph's time over its launches; less work_ns, the boundary's cost. Every block checks the word of
-// the launch before it (this replay's epoch), so a chain that let a kernel run early counts errors.
+// Per launch: the graph's time over its launches (us_per_kernel, which carries 1/kernels of the gap between
+// replays); the boundary: the time a launch adds, from graphs of `kernels` and kernels / 2 launches, less work_ns.
+// Every block checks the word of the launch before it (this replay's epoch, which the last launch advances: the
+// driver checks it moved once a replay), so a chain that let a kernel run early counts errors. Every launch must fit
+// on the GPU at once (the busy time is paid once), which main checks.
 // Deadlock-free without the wait: launch k + 1 is scheduled only once every block of launch k has called
 // launch_dependents, i.e. is resident, so a spinning block only waits on blocks already running.
 #include <cuda_runtime.h>
@@ -86,6 +89,7 @@ __global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) 
         // every launch before this one has finished its checks (its counter, or the wait, says so); one block
         // advances the epoch and clears the counters for the next replay once all of this launch's blocks read it
         unsigned* last = c.counters + kernels - 1;
+        __threadfence();  // this block's reads of the epoch and the words come before its count
         if (atomicAdd(last, 1u) == (unsigned)blocks - 1) {
             for (int i = 0; i < kernels; ++i) c.counters[i] = 0;
             __threadfence();
@@ -129,9 +133,45 @@ static std::vector<int> parse_list(const char* s) {
     return v;
 }
 
+struct Timed {
+    double ms;
+    int errors, epoch;
+};
+
+// `reps` replays (after 5 untimed) of a graph of n launches in one mode; counters, words and epoch start cleared.
+static Timed time_chain(int mode, Chain c, int n, int blocks, int work, int reps, int max_kernels, int max_blocks,
+                        cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1) {
+    CHECK(cudaMemset(c.counters, 0, sizeof(unsigned) * max_kernels));
+    CHECK(cudaMemset(c.words, 0xff, sizeof(int) * (size_t)max_kernels * max_blocks));
+    CHECK(cudaMemset(c.epoch, 0, sizeof(int)));
+    CHECK(cudaMemset(c.errors, 0, sizeof(int)));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int k = 0; k < n; ++k) launch(mode, mode != kPlain && k > 0, s, c, k, n, blocks, (unsigned)work);
+    CHECK(cudaStreamEndCapture(s, &graph));
+    CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int w = 0; w < 5; ++w) CHECK(cudaGraphLaunch(exec, s));  // warm-up
+    CHECK(cudaStreamSynchronize(s));
+    CHECK(cudaEventRecord(e0, s));
+    for (int r = 0; r < reps; ++r) CHECK(cudaGraphLaunch(exec, s));
+    CHECK(cudaEventRecord(e1, s));
+    CHECK(cudaEventSynchronize(e1));
+    CHECK(cudaGetLastError());
+    Timed t = {};
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    t.ms = ms;
+    CHECK(cudaMemcpy(&t.errors, c.errors, sizeof(int), cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(&t.epoch, c.epoch, sizeof(int), cudaMemcpyDeviceToHost));
+    CHECK(cudaGraphExecDestroy(exec));
+    CHECK(cudaGraphDestroy(graph));
+    return t;
+}
+
 int main(int argc, char** argv) {
     int kernels = 64, reps = 200;
-    std::vector<int> block_counts = {132, 1376}, works = {0, 2000};
+    std::vector<int> block_counts = {132, 768, 1376}, works = {0, 2000, 8000};  // as bench/boundary.py's defaults
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!std::strcmp(argv[i], "--kernels")) kernels = std::atoi(argv[i + 1]);
         else if (!std::strcmp(argv[i], "--reps")) reps = std::atoi(argv[i + 1]);
@@ -142,9 +182,9 @@ int main(int argc, char** argv) {
             return 2;
         }
     }
-    if (argc % 2 == 0 || kernels < 2 || reps < 1 || block_counts.empty() || works.empty() ||
+    if (argc % 2 == 0 || kernels < 4 || reps < 1 || block_counts.empty() || works.empty() ||
         *std::min_element(block_counts.begin(), block_counts.end()) < 1) {
-        std::fprintf(stderr, "boundary: --kernels >= 2, --reps >= 1 and --blocks >= 1, each option with a value\n");
+        std::fprintf(stderr, "boundary: --kernels >= 4, --reps >= 1 and --blocks >= 1, each option with a value\n");
         return 2;
     }
     int dev = 0, count = 0;
@@ -157,6 +197,19 @@ int main(int argc, char** argv) {
     CHECK(cudaGetDeviceProperties(&prop, dev));
     const bool has_pdl = prop.major >= 9;
     const int max_blocks = *std::max_element(block_counts.begin(), block_counts.end());
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, link<kFlag>, 32, 0));
+    if (max_blocks > per_sm * prop.multiProcessorCount) {
+        std::fprintf(stderr, "boundary: --blocks %d is more than %s holds at once (%d): the busy time would be paid in "
+                     "waves; use at most %d\n", max_blocks, prop.name, per_sm * prop.multiProcessorCount,
+                     per_sm * prop.multiProcessorCount);
+        return 2;
+    }
+    std::string name;
+    for (const char* p = prop.name; *p; ++p) {
+        if (*p == '"' || *p == '\\') name += '\\';
+        name += *p;
+    }
 
     Chain c;
     CHECK(cudaMalloc(&c.counters, sizeof(unsigned) * kernels));
@@ -169,45 +222,29 @@ int main(int argc, char** argv) {
     CHECK(cudaEventCreate(&e0));
     CHECK(cudaEventCreate(&e1));
 
+    const int half = kernels / 2;
     std::string rows;
     for (int blocks : block_counts)
         for (int work : works)
             for (int mode = 0; mode < 3; ++mode) {
                 if (mode != kPlain && !has_pdl) continue;  // griddepcontrol needs sm_90
-                CHECK(cudaMemset(c.counters, 0, sizeof(unsigned) * kernels));
-                CHECK(cudaMemset(c.words, 0xff, sizeof(int) * (size_t)kernels * max_blocks));
-                CHECK(cudaMemset(c.epoch, 0, sizeof(int)));
-                CHECK(cudaMemset(c.errors, 0, sizeof(int)));
-                cudaGraph_t graph;
-                cudaGraphExec_t exec;
-                CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-                for (int k = 0; k < kernels; ++k) launch(mode, mode != kPlain && k > 0, s, c, k, kernels, blocks, work);
-                CHECK(cudaStreamEndCapture(s, &graph));
-                CHECK(cudaGraphInstantiate(&exec, graph, 0));
-                for (int w = 0; w < 5; ++w) CHECK(cudaGraphLaunch(exec, s));  // warm-up
-                CHECK(cudaStreamSynchronize(s));
-                CHECK(cudaEventRecord(e0, s));
-                for (int r = 0; r < reps; ++r) CHECK(cudaGraphLaunch(exec, s));
-                CHECK(cudaEventRecord(e1, s));
-                CHECK(cudaEventSynchronize(e1));
-                CHECK(cudaGetLastError());
-                float ms = 0;
-                CHECK(cudaEventElapsedTime(&ms, e0, e1));
-                int errors = 0, epoch = 0;
-                CHECK(cudaMemcpy(&errors, c.errors, sizeof(int), cudaMemcpyDeviceToHost));
-                CHECK(cudaMemcpy(&epoch, c.epoch, sizeof(int), cudaMemcpyDeviceToHost));
-                const double us = ms * 1e3 / ((double)reps * kernels);
-                char row[320];
+                const Timed full = time_chain(mode, c, kernels, blocks, work, reps, kernels, max_blocks, s, e0, e1);
+                const Timed part = time_chain(mode, c, half, blocks, work, reps, kernels, max_blocks, s, e0, e1);
+                const double us = full.ms * 1e3 / ((double)reps * kernels);
+                const double added = (full.ms - part.ms) * 1e3 / ((double)reps * (kernels - half));
+                char row[400];
                 std::snprintf(row, sizeof row,
                               "%s{\"mode\": \"%s\", \"blocks\": %d, \"work_ns\": %d, \"us_per_kernel\": %.4f, "
-                              "\"boundary_us\": %.4f, \"errors\": %d, \"replays\": %d}",
-                              rows.empty() ? "" : ",\n  ", kModeNames[mode], blocks, work, us, us - work * 1e-3,
-                              errors, epoch);
+                              "\"us_per_added_kernel\": %.4f, \"boundary_us\": %.4f, \"errors\": %d, "
+                              "\"replays\": %d}",
+                              rows.empty() ? "" : ",\n  ", kModeNames[mode], blocks, work, us, added,
+                              added - work * 1e-3, full.errors + part.errors,
+                              full.epoch == part.epoch ? full.epoch : -1);
                 rows += row;
-                CHECK(cudaGraphExecDestroy(exec));
-                CHECK(cudaGraphDestroy(graph));
             }
-    std::printf("{\"device\": \"%s\", \"sm_count\": %d, \"kernels\": %d, \"reps\": %d, \"rows\": [\n  %s]}\n",
-                prop.name, prop.multiProcessorCount, kernels, reps, rows.c_str());
+    std::printf("{\"device\": \"%s\", \"sm_count\": %d, \"blocks_at_once\": %d, \"kernels\": %d, "
+                "\"reps\": %d, \"rows\": [\n  %s]}\n",
+                name.c_str(), prop.multiProcessorCount, per_sm * prop.multiProcessorCount, kernels, reps,
+                rows.c_str());
     return 0;
 }

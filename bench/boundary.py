@@ -3,9 +3,9 @@ with nvcc for this GPU, runs it, and writes its rows with the command, as JSON a
 
 A chain of launches of one kernel (one-warp blocks, each busy for a set time once its dependency resolves) resolved
 three ways: plain stream order, programmatic dependent launch with griddepcontrol.wait (the decode step today), and a
-flag chain (each block spins on a counter the previous launch's blocks increment). Per launch, the graph's time
-over its launches less the busy time is the boundary's cost; every block checks the word the launch before it
-wrote, so a chain that let a kernel run early shows errors.
+flag chain (each block spins on a counter the previous launch's blocks increment). The boundary: what a launch adds
+to the graph (graphs of `kernels` and kernels / 2 launches, so the gap between replays cancels) less the busy time.
+Every block checks the word the launch before it wrote, so a chain that let a kernel run early shows errors.
 """
 
 import argparse
@@ -42,17 +42,19 @@ def build(nvcc: str, arch: str, work: Path) -> Path:
 
 def table(result: dict) -> str:
     lines = [f"# Kernel boundaries in a CUDA graph on {result['device']}", "",
-             f"`{result['command']}`: {result['kernels']} launches a graph, {result['reps']} replays; us per launch "
-             "(the graph's time over its launches) and the boundary (that less the busy time).", "",
+             f"`{result['command']}`: graphs of {result['kernels']} and {result['kernels'] // 2} launches, "
+             f"{result['reps']} replays each; us a launch adds (the difference over the launches between them) and "
+             "the boundary (that less the busy time).", "",
              "| blocks | busy us | plain | pdl | flag | pdl boundary | flag boundary | flag vs pdl | errors |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by = {}
     for r in result["rows"]:
         by.setdefault((r["blocks"], r["work_ns"]), {})[r["mode"]] = r
     for (blocks, work), m in by.items():
-        def us(mode, key="us_per_kernel"):
+        def us(mode, key="us_per_added_kernel"):
             return f"{m[mode][key]:.2f}" if mode in m else ""
-        ratio = f"{m['pdl']['us_per_kernel'] / m['flag']['us_per_kernel']:.3f}x" if {"pdl", "flag"} <= m.keys() else ""
+        ratio = (f"{m['pdl']['us_per_added_kernel'] / m['flag']['us_per_added_kernel']:.3f}x"
+                 if {"pdl", "flag"} <= m.keys() else "")
         errors = sum(r["errors"] for r in m.values())
         lines.append(f"| {blocks} | {work / 1000:g} | {us('plain')} | {us('pdl')} | {us('flag')} | "
                      f"{us('pdl', 'boundary_us')} | {us('flag', 'boundary_us')} | {ratio} | {errors} |")
@@ -61,7 +63,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", type=int, default=64, help="launches in the graph (>= 2)")
+    parser.add_argument("--kernels", type=int, default=64, help="launches in the longer graph (>= 4)")
     parser.add_argument("--reps", type=int, default=200, help="graph replays timed")
     parser.add_argument("--blocks", type=counts, default=[132, 768, 1376],
                         help="blocks a launch, comma list (132: one a SM on an H100; 768 and 1376: Llama-2-7B's qkv "
@@ -70,8 +72,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "boundary",
                         help="results stem: writes STEM.json and STEM.md")
     args = parser.parse_args()
-    if args.kernels < 2 or args.reps < 1 or min(args.blocks) < 1:
-        parser.error("--kernels >= 2, --reps >= 1 and --blocks >= 1")
+    if args.kernels < 4 or args.reps < 1 or min(args.blocks) < 1:
+        parser.error("--kernels >= 4, --reps >= 1 and --blocks >= 1")
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         sys.exit("bench/boundary.py: nvcc not found; put the CUDA toolkit's bin on PATH")
@@ -83,9 +85,13 @@ def main() -> None:
     command = "python -P bench/boundary.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as work:
         exe = build(nvcc, f"sm_{major}{minor}", Path(work))
-        proc = subprocess.run([str(exe), "--kernels", str(args.kernels), "--reps", str(args.reps), "--blocks",
-                               ",".join(map(str, args.blocks)), "--work-ns", ",".join(map(str, args.work_ns))],
-                              capture_output=True, text=True, timeout=1800)
+        try:
+            proc = subprocess.run([str(exe), "--kernels", str(args.kernels), "--reps", str(args.reps), "--blocks",
+                                   ",".join(map(str, args.blocks)), "--work-ns", ",".join(map(str, args.work_ns))],
+                                  capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            sys.exit("bench/boundary.py: the benchmark ran past 30 minutes (a flag chain that never resolves?); "
+                     "fewer --reps or --blocks")
     if proc.returncode != 0:
         sys.exit(f"bench/boundary.py: the benchmark failed: {proc.stderr.strip()[-2000:]}")
     result = json.loads(proc.stdout)
@@ -100,6 +106,10 @@ def main() -> None:
         tmp.replace(path)
     if any(r["errors"] for r in result["rows"]):
         sys.exit("bench/boundary.py: a launch read its predecessor's word before it was written (errors above)")
+    if stuck := [r for r in result["rows"] if r["replays"] != args.reps + 5]:  # + the 5 warm-up replays
+        sys.exit(f"bench/boundary.py: the epoch did not advance once a replay ({stuck[0]['mode']}, "
+                 f"{stuck[0]['blocks']} blocks: {stuck[0]['replays']} for {args.reps + 5}), so the error check "
+                 "could not see an early start")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ def test_counts_are_comma_separated_non_negative_integers():
 
 
 def test_the_table_sets_each_mode_side_by_side_with_the_flag_chain_against_pdl():
-    rows = [{"mode": m, "blocks": 132, "work_ns": 2000, "us_per_kernel": us, "boundary_us": us - 2, "errors": 0,
-             "replays": 8} for m, us in (("plain", 6.0), ("pdl", 4.0), ("flag", 3.2))]
+    rows = [{"mode": m, "blocks": 132, "work_ns": 2000, "us_per_kernel": us + 0.1, "us_per_added_kernel": us,
+             "boundary_us": us - 2, "errors": 0, "replays": 8}
+            for m, us in (("plain", 6.0), ("pdl", 4.0), ("flag", 3.2))]
     md = boundary.table({"device": "GPU X", "command": "python -P bench/boundary.py", "kernels": 64, "reps": 3,
                          "rows": rows})
     assert "GPU X" in md
@@ -34,7 +35,7 @@ def test_the_table_sets_each_mode_side_by_side_with_the_flag_chain_against_pdl()
 
 
 def test_bad_options_stop_before_any_build():
-    for argv in (["--kernels", "1"], ["--blocks", "0"], ["--work-ns", "x"]):
+    for argv in (["--kernels", "3"], ["--blocks", "0"], ["--work-ns", "x"]):
         proc = subprocess.run([sys.executable, "-P", "bench/boundary.py", *argv], capture_output=True, text=True,
                               cwd=ROOT, timeout=60)
         assert proc.returncode == 2 and "error:" in proc.stderr, proc.stderr
@@ -47,7 +48,7 @@ def test_the_cuda_program_compiles_and_refuses_unknown_options(tmp_path):
                            str(exe)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for argv, message in ((["--bogus", "1"], "unknown option --bogus"), (["--blocks", "1,x"], "'1,x' is not"),
-                          (["--kernels", "1"], "--kernels >= 2")):
+                          (["--kernels", "3"], "--kernels >= 4")):
         run = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr, run.stderr
 
@@ -65,6 +66,6 @@ def test_the_benchmark_runs_a_tiny_chain_on_the_gpu(tmp_path):
         (b, w, m) for b in (2, 300) for w in (0, 1000) for m in modes)
     for r in result["rows"]:
         assert r["errors"] == 0 and r["replays"] == 3 + 5  # the timed replays and the warm-up, each advancing the epoch
-        assert r["us_per_kernel"] > r["work_ns"] * 1e-3
+        assert r["us_per_kernel"] > r["work_ns"] * 1e-3 and r["us_per_added_kernel"] > 0
     assert result["device"] == torch.cuda.get_device_name(0)
     assert out.with_name("boundary.md").read_text().startswith("# Kernel boundaries in a CUDA graph on ")

@@ -164,7 +164,8 @@ __device__ __forceinline__ void compute_chunk(float (&acc)[MT][4], uint4 w, cons
 // Each warp owns a ring of kDepth stages (kStage chunks of weights and their block parameters). Lanes copy their
 // own 16-byte vectors with cp.async, so the bytes in flight per warp are kDepth - 1 to kDepth stages, not the
 // registers a warp can spare (v4 held one stage in registers). The first kDepth stages are issued before the PDL
-// wait (weights are constants), so a GEMV after a latency-bound kernel has its first bytes on chip already.
+// wait (weights are constants; -DAWQE_PRE_WAIT=N: the first N), so a GEMV after a latency-bound kernel has its first
+// bytes on chip already.
 // A lane reads back its own weight vectors, but the block parameters (one 16-byte vector serves lanes of two
 // values of g) cross lanes: a __syncwarp after each stage lands and before its slot is refilled.
 
@@ -348,7 +349,8 @@ struct AsyncStream {
     // (o: 2 stages a warp) that is all of them, so their weights arrive while attention runs.
     // -DAWQE_PRE_WAIT=N (for A/B timing, bench/NOTES.md r21): only the first N of them before the wait, the rest
     // after it (prologue_rest), to tell r20's gain apart: fewer bytes requested beside the kernel still running, or
-    // fewer in flight once streaming. Either way every slot is issued, and committed, before run's first wait.
+    // fewer in flight once streaming. Either way every slot is issued, and committed, before run's first wait. (A
+    // bare -DAWQE_PRE_WAIT is N = 1; the register stream, -DAWQE_REGISTER_STREAM, has no ring and ignores it.)
     __device__ __forceinline__ void prologue() {
 #pragma unroll
         for (int s = 0; s < kPreWait; ++s) issue(s);
@@ -683,19 +685,19 @@ int choose_warps(int blocks, int chunks, int sm_count, int max_warps) {
 }
 
 // Ring depth per warp (sm_80+): blocks of one or two warps (the large shapes, ~10-16 warps per SM) keep kDeep
-// stages in flight each; blocks of 4-8 warps have more warps per SM, so 2 each are as many bytes and keep a
-// block's shared memory at 44 KB with the cross-warp sums (48 KB for M > 8 at 8 warps): within what every
-// architecture gives without opting in. Larger builds (-DAWQE_STAGE=8) opt in at launch.
-// kDeep is 2 as well since r20 (bench/NOTES.md, H100): the products alone timed the same at 2 and 3 stages, but
-// the chained decode step ran 3.7% faster at Llama-2-7B (1825.8 -> 1758.4 us) and 1.3% at Llama-3-8B; 4 had lost
-// 1.5% against 3 (r7). -DAWQE_DEPTH=3 builds the old default for A/B timing.
+// stages in flight each, blocks of 4-8 warps kShallow = 2 (their block's shared memory stays at 44 KB with the
+// cross-warp sums, 48 KB for M > 8 at 8 warps: within what every architecture gives without opting in; larger
+// builds, -DAWQE_STAGE=8, opt in at launch). kDeep was 3 until r20 (bench/NOTES.md, H100): the products alone timed
+// the same at 2 and 3 stages, but the chained decode step ran 1.035x the tok/s at Llama-2-7B (1825.8 -> 1758.4 us a
+// step) and 1.012x at Llama-3-8B; 4 had lost 1.5% against 3 (r7). So both are 2 now, and -DAWQE_DEPTH=3 (or
+// -DAWQE_DEEP_WARPS=4 with it) builds the deeper ring for A/B timing.
 #ifndef AWQE_DEPTH
 #define AWQE_DEPTH 2
 #endif
 // -DAWQE_DEEP_WARPS=4 gives blocks of 4 warps the deep ring too, for A/B timing: r12's stream alone ran 15-23% faster
 // at 4 warps a tile than at one on the wide products (22016 and 28672 rows), where the whole kernel at 4 warps, with
 // 2 stages a warp, was slower. r13 (H100): the deep ring did not help them, 19.5 -> 20.3 us and 24.2 -> 25.2 us at
-// 4 warps a tile (bench/NOTES.md); the default stays 2.
+// 4 warps a tile (bench/NOTES.md); the default stays 2. It changes nothing unless AWQE_DEPTH is not 2.
 #ifndef AWQE_DEEP_WARPS
 #define AWQE_DEEP_WARPS 2
 #endif
