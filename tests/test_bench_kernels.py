@@ -129,8 +129,9 @@ AB_BUILDS = {
                 "-DAWQE_DEPTH=3 -DAWQE_PRE_WAIT=2", "-DAWQE_PRE_WAIT=1", "-DAWQE_PRE_WAIT=0", "-DAWQE_DEPTH=1",
                 "-DAWQE_PDL_LATE", "-DAWQE_REGISTER_STREAM", "-DAWQE_MIN_BLOCKS=3 -DAWQE_WARP_BUDGET=24",
                 "-DAWQE_DEPTH=3 -DAWQE_DEEP_WARPS=4", "-DAWQE_STAGE=8", "-DAWQE_PROBE_PLACEMENT -DAWQE_SPREAD",
-                "-DAWQE_PROBE_STREAM_ONLY", "-DAWQE_PROBE_NO_X"],
-    "decode.cu": ["-DAWQE_ATTN_WAIT_FIRST"],
+                "-DAWQE_PROBE_STREAM_ONLY", "-DAWQE_PROBE_NO_X", "-DAWQE_FLAG_CHAIN",
+                "-DAWQE_FLAG_CHAIN -DAWQE_BULK_STREAM -DAWQE_SPREAD"],
+    "decode.cu": ["-DAWQE_ATTN_WAIT_FIRST", "-DAWQE_FLAG_CHAIN"],
 }
 
 
@@ -143,3 +144,13 @@ def test_every_ab_build_flag_compiles_for_sm90(source, flags, tmp_path):
                            str(tmp_path / "k.o"), "-Xptxas", "-v"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ptxas info" in proc.stderr and (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc (CUDA toolkit) to compile the kernels")
+def test_a_flag_chain_build_refuses_the_attention_diagnostic_that_waits_twice(tmp_path):
+    plugins = ROOT / "plugins"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-DAWQE_FLAG_CHAIN", "-DAWQE_ATTN_WAIT_FIRST", "-I",
+                           str(plugins / "include"), "-I", str(plugins / "kernels"), "-c",
+                           str(plugins / "kernels" / "decode.cu"), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "AWQE_ATTN_WAIT_FIRST waits twice" in proc.stderr

@@ -146,7 +146,50 @@ awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* 
 // Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
 std::atomic<int> g_pdl_switch{1};
 
+// r23's flag chain (pdl.cuh): the chain open on this thread, one stream at a time. counters: kMaxChain done
+// counters, then the timeout count; a chain longer than kMaxChain closes itself (later launches wait as usual).
+constexpr int kMaxChain = 4096;
+struct ChainState {
+    cudaStream_t stream = nullptr;
+    bool open = false, linked = false;
+    int index = 0, device = -1;
+    int dirty_first = 0, dirty_count = 0;  // counters a chain closed by a foreign launch left set
+    unsigned prev_blocks = 0;
+    unsigned* counters = nullptr;
+};
+thread_local ChainState g_chain;
+
 }  // namespace
+
+awqe::ChainLink awqe::chain_next(cudaStream_t stream, unsigned blocks) {
+    ChainLink c;
+    ChainState& s = g_chain;
+    if (!s.open || stream != s.stream || s.index >= kMaxChain) return c;
+    const int i = s.index++;
+    c.done = s.counters + i;
+    c.timeouts = s.counters + kMaxChain;
+    if (i > 0) {
+        c.wait = s.counters + i - 1;
+        c.wait_for = s.prev_blocks;
+    }
+    if (i >= 2) c.reset0 = s.counters + i - 2;  // launch i - 1's blocks have all passed their wait on it
+    s.prev_blocks = blocks;
+    s.linked = true;
+    return c;
+}
+
+void awqe::chain_launching(cudaStream_t stream) {
+    ChainState& s = g_chain;
+    if (s.linked) {
+        s.linked = false;
+        return;
+    }
+    if (s.open && stream == s.stream) {  // closed by a launch that is not chained: its last two counters stay set
+        s.open = false;
+        s.dirty_first = s.index >= 2 ? s.index - 2 : 0;
+        s.dirty_count = s.index - s.dirty_first;
+    }
+}
 
 bool awqe::pdl_enabled() {
     awqe::Device dev{};
@@ -225,6 +268,62 @@ awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void
 }
 
 void awqe_set_programmatic_launch(int enable) { g_pdl_switch.store(enable ? 1 : 0, std::memory_order_relaxed); }
+
+awqe_status awqe_chain_begin(cudaStream_t stream) {
+    if (!awqe::flag_chain_built())
+        return fail(AWQE_ERR_UNSUPPORTED, "flag chains need a library built with -DAWQE_FLAG_CHAIN (an A/B build, "
+                                          "bench/NOTES.md r23); this one was built without");
+    ChainState& s = g_chain;
+    int dev = 0;
+    if (awqe_status st = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return st;
+    if (s.counters == nullptr || s.device != dev) {  // allocated once, zeroed; never inside a stream capture
+        cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+        if (awqe_status st = cuda_status(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing"))
+            return st;
+        if (capturing != cudaStreamCaptureStatusNone)
+            return fail(AWQE_ERR_INVALID_ARGUMENT, "the first flag chain on a device must begin outside a stream "
+                                                   "capture (it allocates the chain's counters)");
+        unsigned* counters = nullptr;
+        const size_t bytes = sizeof(unsigned) * (kMaxChain + 1);
+        if (awqe_status st = cuda_status(cudaMalloc(reinterpret_cast<void**>(&counters), bytes), "cudaMalloc"))
+            return st;
+        if (awqe_status st = cuda_status(cudaMemset(counters, 0, bytes), "cudaMemset")) return st;
+        s = ChainState{};
+        s.counters = counters, s.device = dev;
+    }
+    if (s.open) {
+        if (awqe_status st = awqe_chain_end(s.stream)) return st;
+    }
+    if (s.dirty_count > 0) {  // a chain closed by a foreign launch: clear what it left, in stream order
+        if (awqe_status st = cuda_status(awqe::launch_chain_reset(s.counters + s.dirty_first, s.dirty_count, stream),
+                                         "chain reset launch"))
+            return st;
+        s.dirty_count = 0;
+    }
+    s.open = true, s.linked = false, s.stream = stream, s.index = 0, s.prev_blocks = 0;
+    return AWQE_OK;
+}
+
+// Closes the chain open on `stream` and clears its last two counters (every earlier one was cleared by the launch
+// two after it) with a one-block kernel that waits for the chain's last launch to complete.
+awqe_status awqe_chain_end(cudaStream_t stream) {
+    ChainState& s = g_chain;
+    if (!s.open || s.stream != stream) return AWQE_OK;
+    s.open = false;
+    const int first = s.index >= 2 ? s.index - 2 : 0, count = s.index - first;
+    if (count == 0) return AWQE_OK;
+    return cuda_status(awqe::launch_chain_reset(s.counters + first, count, stream), "chain reset launch");
+}
+
+int awqe_chain_timeouts(void) {
+    ChainState& s = g_chain;
+    if (!awqe::flag_chain_built() || s.counters == nullptr) return -1;
+    unsigned n = 0;
+    if (cudaMemcpy(&n, s.counters + kMaxChain, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess ||
+        cudaMemset(s.counters + kMaxChain, 0, sizeof n) != cudaSuccess)
+        return -1;
+    return (int)n;
+}
 
 awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16, int M,
                           int N, int K, int block_size, void* workspace, size_t workspace_bytes,

@@ -436,6 +436,9 @@ struct GemmArgs : GemmFold {
     const uint4* weights;
     const uint2* params;
     int chunks, pblocks, mslices, per_warp;
+#if defined(AWQE_FLAG_CHAIN)
+    ChainLink chain;  // r23's A/B (pdl.cuh)
+#endif
 };
 
 // This lane's share of batch row m's sum of squares of h. From h itself: 16 vectors per lane at a time (8 for
@@ -562,7 +565,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
 #if !defined(AWQE_PDL_LATE)
     pdl_launch_dependents();
 #endif
+#if defined(AWQE_FLAG_CHAIN)
+    chain_wait(a.chain);
+#else
     pdl_wait();
+#endif
 #if defined(AWQE_PROBE_PLACEMENT)
     const unsigned long long probe_t1 = global_ns();
     const long long probe_c1 = clock64();
@@ -632,6 +639,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 const __half act = __float2half_rn(gate_activation(a.gated, __half2float(__float2half_rn(gv))));
                 a.y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
             }
+#if defined(AWQE_FLAG_CHAIN)
+        chain_signal_warp(a.chain);  // warp 0 only: the block's other warps have returned
+#endif
         return;
     }
     // sumsq_out: this lane's squares of the y it writes (batch row 2t + (i % 2) of each n-tile), taken as written
@@ -665,6 +675,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 if (g == 0 && m < M) a.sumsq_out[(size_t)m * tiles + tile] = v;
             }
     }
+#if defined(AWQE_FLAG_CHAIN)
+    chain_signal_warp(a.chain);
+#endif
 }
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
@@ -740,6 +753,9 @@ cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, const Dev
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dynamic);
         if (e != cudaSuccess) return e;
     }
+#if defined(AWQE_FLAG_CHAIN)
+    if (kProgrammatic<MT>) a.chain = chain_next(stream, (unsigned)blocks);  // a plain launch closes the chain
+#endif
     return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps), dynamic,
                          stream, a);
 }
@@ -783,6 +799,34 @@ int probe_placement(ProbeRecord* out, int max_blocks) {
 #else
     (void)out, (void)max_blocks;
     return -1;
+#endif
+}
+
+bool flag_chain_built() {
+#if defined(AWQE_FLAG_CHAIN)
+    return true;
+#else
+    return false;
+#endif
+}
+
+#if defined(AWQE_FLAG_CHAIN)
+namespace {
+__global__ void chain_reset_kernel(unsigned* counters, int count) {
+    pdl_launch_dependents();
+    pdl_wait();  // the chain's last launch has completed: every chained block has passed its wait
+    if ((int)threadIdx.x < count) counters[threadIdx.x] = 0;
+}
+}  // namespace
+#endif
+
+cudaError_t launch_chain_reset(unsigned* counters, int count, cudaStream_t stream) {
+#if defined(AWQE_FLAG_CHAIN)
+    if (count < 1 || count > 32) return cudaErrorInvalidValue;
+    return launch_pdl(chain_reset_kernel, dim3(1), dim3(32), 0, stream, counters, count);
+#else
+    (void)counters, (void)count, (void)stream;
+    return cudaErrorNotSupported;
 #endif
 }
 

@@ -31,6 +31,31 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // off with awqe_set_programmatic_launch(0) (kept for A/B timing).
 bool pdl_enabled();
 
+// -DAWQE_FLAG_CHAIN (r23, for A/B timing, bench/NOTES.md): inside a chain the host opens on a stream
+// (awqe_chain_begin/end), each chained launch resolves its dependency on the launch before it by a counter instead
+// of griddepcontrol.wait: every block of launch i, once its last write is done, fences and increments done[i]; every
+// block of launch i + 1 spins (acquire loads) until done[i] holds launch i's block count. So a launch starts when the
+// last block before it has signalled, not when that grid has completed and flushed. Deadlock-free with PDL's rule
+// (launch i + 1 is scheduled only once every block of launch i has called launch_dependents, so a spinning block
+// waits on resident blocks only). Each counter is cleared in the chain: done[i] by block 0 of launch i + 2 (all of
+// launch i + 1's blocks have passed their wait by then), the last two by a one-block kernel awqe_chain_end launches
+// (it waits for the last launch's completion). The first launch of a chain waits with griddepcontrol.wait (its
+// predecessor is not chained), and so does whatever follows the chain. A spin that outlives
+// kChainSpinNs counts a timeout (awqe_chain_timeouts) and goes on: wrong results, never a hang.
+struct ChainLink {
+    unsigned* wait = nullptr;  // done counter of the launch before (null: griddepcontrol.wait)
+    unsigned wait_for = 0;     // the launch before's block count
+    unsigned* done = nullptr;  // this launch's done counter (null: not chained)
+    unsigned* reset0 = nullptr;  // the counter block 0 clears after its wait (see above)
+    unsigned* timeouts = nullptr;  // spins that gave up
+};
+
+// The link for the next launch of `blocks` blocks on `stream`: a chained one while a chain is open on that stream,
+// else the default (griddepcontrol.wait, no signal). chain_launching: called by every launch; one that took no link
+// closes the chain open on its stream (its predecessor in a chain would otherwise not wait for it). In api.cpp.
+ChainLink chain_next(cudaStream_t stream, unsigned blocks);
+void chain_launching(cudaStream_t stream);
+
 // programmatic: launch with the attribute (where enabled); false gives a plain launch, which starts only once the
 // kernel before it has finished and flushed, so the kernel may read its predecessor's output through __ldg.
 template <typename... KernelArgs, typename... Args>
@@ -46,8 +71,58 @@ cudaError_t launch_kernel(bool programmatic, void (*kernel)(KernelArgs...), dim3
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
     config.numAttrs = programmatic && pdl_enabled() ? 1 : 0;
+#if defined(AWQE_FLAG_CHAIN)
+    chain_launching(stream);
+#endif
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
+
+#if defined(AWQE_FLAG_CHAIN)
+constexpr unsigned long long kChainSpinNs = 200000000ull;  // 0.2 s
+
+__device__ __forceinline__ unsigned chain_load_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// In place of pdl_wait(), by every thread of the block at the same point.
+__device__ __forceinline__ void chain_wait(const ChainLink& c) {
+    if (!c.wait) {
+        pdl_wait();
+    } else if (threadIdx.x == 0 && threadIdx.y == 0) {
+        unsigned long long t0;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        while (chain_load_acquire(c.wait) < c.wait_for) {
+            unsigned long long t;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (t - t0 > kChainSpinNs) {
+                atomicAdd(c.timeouts, 1u);
+                break;
+            }
+        }
+    }
+    if (c.wait) __syncthreads();
+    if (c.reset0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
+        atomicExch(c.reset0, 0u);
+}
+
+// The block's signal, after its last write, by every thread of the block at the same point.
+__device__ __forceinline__ void chain_signal_block(const ChainLink& c) {
+    if (!c.done) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) atomicAdd(c.done, 1u);
+}
+
+// The same from one warp (the GEMV's warp 0, once the block's other warps have returned).
+__device__ __forceinline__ void chain_signal_warp(const ChainLink& c) {
+    if (!c.done) return;
+    __threadfence();
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) atomicAdd(c.done, 1u);
+}
+#endif
 
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
