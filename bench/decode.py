@@ -644,7 +644,7 @@ def breakdown_of(w: Weights, context: int) -> dict:
         ops.flag_chain = False
         res["full_step_no_chain_us"] = graph_time(dec._step) * 1e6
         ops.flag_chain = True
-        res["chain_timeouts"] = kernels.chain_timeouts()
+        res["chain_timeouts"] = kernels.chain_timeouts(w.embed.device)
     res["context"] = context
     del dec
     free()

@@ -327,7 +327,8 @@ class CudaOps(TorchOps):
         super().__init__(fold_norms)
         self.norm_sums = norm_sums
         self.k = kernels
-        built = weights.embed.device.type == "cuda" and flag_chain is not False and kernels.flag_chain_built()
+        device = weights.embed.device
+        built = device.type == "cuda" and flag_chain is not False and kernels.flag_chain_built(device)
         if flag_chain and not built:
             raise AwqEdgeError(f"flag_chain needs a kernel library built with -DAWQE_FLAG_CHAIN; "
                                f"{kernels.library_path()} was built without",
@@ -506,27 +507,29 @@ class CudaDecoder(PrefixCachedDecoder):
             return x
         g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
         chain = past is None and self._chainable()
-        for i, L in enumerate(w.layers):
-            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
-            if chain and i == 0:  # from layer 0's attention to the last down product, every launch is a kernel of ours
-                ops.k.chain_begin(qkv.device)
-            a = self._attend(i, L, qkv, positions, past)
-            h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
-            act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
-                                  activation=feats.activation)
-            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
-            h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
-        if chain:
-            ops.k.chain_end(h.device)
+        try:
+            for i, L in enumerate(w.layers):
+                qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
+                if chain and i == 0:  # from layer 0's attention to the last down product: our chained kernels only
+                    ops.k.chain_begin(qkv.device)
+                a = self._attend(i, L, qkv, positions, past)
+                h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
+                act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
+                                      activation=feats.activation)
+                nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
+                h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
+        finally:
+            if chain:  # also after an error: a chain left open would take in later launches of the library
+                ops.k.chain_end(h.device)
         return self._norm(h, w.norm)
 
     def _chainable(self) -> bool:
         """Whether a single-token step may chain its launches (CudaOps.flag_chain): only where every launch between
         layer 0's attention and the last down product is one of the library's chained kernels (folded norms, gates
-        in the GEMV's epilogue, o and down without a bias of their own, every linear int4), since a launch of anything
-        else inside a chain would not be waited for."""
+        in the GEMV's epilogue, o and down without a bias of their own, every linear int4 and on the GEMV, not
+        dequantised for cuBLAS), since a launch of anything else inside a chain would not be waited for."""
         ops, feats = self.ops, self.w.features
-        if not getattr(ops, "flag_chain", False) or self.sandwich or not ops.fold_norms:
+        if not getattr(ops, "flag_chain", False) or self.sandwich or not ops.fold_norms or ops.dense_rows <= 1:
             return False
         return feats.activation in ops.k.GATES and all(
             lin.packed is not None for L in self.w.layers for lin in (L.qkv, L.o, L.gate_up, L.down)) and all(

@@ -146,18 +146,28 @@ awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* 
 // Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
 std::atomic<int> g_pdl_switch{1};
 
-// r23's flag chain (pdl.cuh): the chain open on this thread, one stream at a time. counters: kMaxChain done
-// counters, then the timeout count; a chain longer than kMaxChain closes itself (later launches wait as usual).
+// r23's flag chain (pdl.cuh): the chain open on this thread, one stream at a time, and each device's counters
+// (kMaxChain done counters, then the timeout count). Chains share their device's counters, so two must not run on
+// the device at once. A chain longer than kMaxChain closes itself (later launches wait as usual).
 constexpr int kMaxChain = 4096;
 struct ChainState {
     cudaStream_t stream = nullptr;
     bool open = false, linked = false;
-    int index = 0, device = -1;
-    int dirty_first = 0, dirty_count = 0;  // counters a chain closed by a foreign launch left set
+    int index = 0, device = -1, last_length = -1;
     unsigned prev_blocks = 0;
     unsigned* counters = nullptr;
 };
 thread_local ChainState g_chain;
+unsigned* g_chain_counters[64] = {};
+
+// Closes the open chain and clears its last two counters (each earlier one was cleared by the launch two after it)
+// with a one-block kernel queued on its stream, which waits for the chain's last launch to complete.
+cudaError_t close_chain(ChainState& s) {
+    s.open = false;
+    s.last_length = s.index;
+    const int first = s.index >= 2 ? s.index - 2 : 0, count = s.index - first;
+    return count ? awqe::launch_chain_reset(s.counters + first, count, s.stream) : cudaSuccess;
+}
 
 }  // namespace
 
@@ -184,11 +194,12 @@ void awqe::chain_launching(cudaStream_t stream) {
         s.linked = false;
         return;
     }
-    if (s.open && stream == s.stream) {  // closed by a launch that is not chained: its last two counters stay set
-        s.open = false;
-        s.dirty_first = s.index >= 2 ? s.index - 2 : 0;
-        s.dirty_count = s.index - s.dirty_first;
-    }
+    if (s.open && stream == s.stream) close_chain(s);  // a launch that is not chained: the chain ends before it
+}
+
+void awqe::chain_launch_failed() {
+    ChainState& s = g_chain;
+    if (s.open) close_chain(s);  // the failed launch never counts; its successors must not wait for it
 }
 
 bool awqe::pdl_enabled() {
@@ -276,7 +287,11 @@ awqe_status awqe_chain_begin(cudaStream_t stream) {
     ChainState& s = g_chain;
     int dev = 0;
     if (awqe_status st = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return st;
-    if (s.counters == nullptr || s.device != dev) {  // allocated once, zeroed; never inside a stream capture
+    if (dev < 0 || dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", dev);
+    if (s.open && s.device != dev)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "a flag chain is open on device %d; end it before one on device %d",
+                    s.device, dev);
+    if (g_chain_counters[dev] == nullptr) {  // allocated once a device, zeroed; never inside a stream capture
         cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
         if (awqe_status st = cuda_status(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing"))
             return st;
@@ -288,41 +303,48 @@ awqe_status awqe_chain_begin(cudaStream_t stream) {
         if (awqe_status st = cuda_status(cudaMalloc(reinterpret_cast<void**>(&counters), bytes), "cudaMalloc"))
             return st;
         if (awqe_status st = cuda_status(cudaMemset(counters, 0, bytes), "cudaMemset")) return st;
-        s = ChainState{};
-        s.counters = counters, s.device = dev;
+        g_chain_counters[dev] = counters;
     }
     if (s.open) {
-        if (awqe_status st = awqe_chain_end(s.stream)) return st;
+        if (awqe_status st = cuda_status(close_chain(s), "chain reset launch")) return st;
     }
-    if (s.dirty_count > 0) {  // a chain closed by a foreign launch: clear what it left, in stream order
-        if (awqe_status st = cuda_status(awqe::launch_chain_reset(s.counters + s.dirty_first, s.dirty_count, stream),
-                                         "chain reset launch"))
-            return st;
-        s.dirty_count = 0;
-    }
-    s.open = true, s.linked = false, s.stream = stream, s.index = 0, s.prev_blocks = 0;
+    s.open = true, s.linked = false, s.stream = stream, s.index = 0, s.prev_blocks = 0, s.device = dev;
+    s.counters = g_chain_counters[dev];
     return AWQE_OK;
 }
 
-// Closes the chain open on `stream` and clears its last two counters (every earlier one was cleared by the launch
-// two after it) with a one-block kernel that waits for the chain's last launch to complete.
 awqe_status awqe_chain_end(cudaStream_t stream) {
     ChainState& s = g_chain;
     if (!s.open || s.stream != stream) return AWQE_OK;
-    s.open = false;
-    const int first = s.index >= 2 ? s.index - 2 : 0, count = s.index - first;
-    if (count == 0) return AWQE_OK;
-    return cuda_status(awqe::launch_chain_reset(s.counters + first, count, stream), "chain reset launch");
+    return cuda_status(close_chain(s), "chain reset launch");
 }
 
+int awqe_chain_launches(void) { return g_chain.last_length; }
+
+// Synchronises the device first (chains run on the caller's streams); a count above zero also zeroes every counter,
+// since a wait that gave up leaves late increments behind.
 int awqe_chain_timeouts(void) {
-    ChainState& s = g_chain;
-    if (!awqe::flag_chain_built() || s.counters == nullptr) return -1;
-    unsigned n = 0;
-    if (cudaMemcpy(&n, s.counters + kMaxChain, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess ||
-        cudaMemset(s.counters + kMaxChain, 0, sizeof n) != cudaSuccess)
+    int dev = 0;
+    if (!awqe::flag_chain_built() || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 ||
+        g_chain_counters[dev] == nullptr || cudaDeviceSynchronize() != cudaSuccess)
         return -1;
+    unsigned* counters = g_chain_counters[dev];
+    unsigned n = 0;
+    if (cudaMemcpy(&n, counters + kMaxChain, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    if (n && cudaMemset(counters, 0, sizeof(unsigned) * (kMaxChain + 1)) != cudaSuccess) return -1;
     return (int)n;
+}
+
+int awqe_chain_dirty(void) {
+    int dev = 0;
+    if (!awqe::flag_chain_built() || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 ||
+        g_chain_counters[dev] == nullptr || cudaDeviceSynchronize() != cudaSuccess)
+        return -1;
+    static thread_local unsigned host[kMaxChain];
+    if (cudaMemcpy(host, g_chain_counters[dev], sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    int n = 0;
+    for (unsigned v : host) n += v != 0;
+    return n;
 }
 
 awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16, int M,

@@ -306,6 +306,9 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
     const int length = pos + 1;
     const int n_splits = (length + kSplitKeys - 1) / kSplitKeys;
     if (split >= n_splits) {  // the active splits wait
+#if defined(AWQE_FLAG_CHAIN)
+        if (!chain.wait) pdl_wait();  // a chain's first launch: count into done[0] only once its reset is complete
+#endif
         AWQE_SIGNAL();
         return;
     }

@@ -813,9 +813,10 @@ bool flag_chain_built() {
 #if defined(AWQE_FLAG_CHAIN)
 namespace {
 __global__ void chain_reset_kernel(unsigned* counters, int count) {
-    pdl_launch_dependents();
     pdl_wait();  // the chain's last launch has completed: every chained block has passed its wait
     if ((int)threadIdx.x < count) counters[threadIdx.x] = 0;
+    __syncwarp();
+    pdl_launch_dependents();  // only now: a chain's first launch after it may count into these at once
 }
 }  // namespace
 #endif

@@ -40,7 +40,8 @@ bool pdl_enabled();
 // waits on resident blocks only). Each counter is cleared in the chain: done[i] by block 0 of launch i + 2 (all of
 // launch i + 1's blocks have passed their wait by then), the last two by a one-block kernel awqe_chain_end launches
 // (it waits for the last launch's completion). The first launch of a chain waits with griddepcontrol.wait (its
-// predecessor is not chained), and so does whatever follows the chain. A spin that outlives
+// predecessor is not chained; so do its inactive attention splits), and so does whatever follows the chain; a launch
+// that takes no link closes the chain first (the reset kernel goes before it). A spin that outlives
 // kChainSpinNs counts a timeout (awqe_chain_timeouts) and goes on: wrong results, never a hang.
 struct ChainLink {
     unsigned* wait = nullptr;  // done counter of the launch before (null: griddepcontrol.wait)
@@ -55,6 +56,7 @@ struct ChainLink {
 // closes the chain open on its stream (its predecessor in a chain would otherwise not wait for it). In api.cpp.
 ChainLink chain_next(cudaStream_t stream, unsigned blocks);
 void chain_launching(cudaStream_t stream);
+void chain_launch_failed();
 
 // programmatic: launch with the attribute (where enabled); false gives a plain launch, which starts only once the
 // kernel before it has finished and flushed, so the kernel may read its predecessor's output through __ldg.
@@ -73,27 +75,34 @@ cudaError_t launch_kernel(bool programmatic, void (*kernel)(KernelArgs...), dim3
     config.numAttrs = programmatic && pdl_enabled() ? 1 : 0;
 #if defined(AWQE_FLAG_CHAIN)
     chain_launching(stream);
-#endif
+    const cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+    if (e != cudaSuccess) chain_launch_failed();
+    return e;
+#else
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+#endif
 }
 
 #if defined(AWQE_FLAG_CHAIN)
 constexpr unsigned long long kChainSpinNs = 200000000ull;  // 0.2 s
 
-__device__ __forceinline__ unsigned chain_load_acquire(const unsigned* p) {
+__device__ __forceinline__ unsigned chain_load_relaxed(const unsigned* p) {
     unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 
-// In place of pdl_wait(), by every thread of the block at the same point.
+// In place of pdl_wait(), by every thread of the block at the same point: thread 0 polls with relaxed loads (an
+// acquire load would invalidate the SM's L1 at every poll) and a short sleep, then one acquire fence; the barrier
+// hands the order on to the block.
 __device__ __forceinline__ void chain_wait(const ChainLink& c) {
     if (!c.wait) {
         pdl_wait();
     } else if (threadIdx.x == 0 && threadIdx.y == 0) {
         unsigned long long t0;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-        while (chain_load_acquire(c.wait) < c.wait_for) {
+        while (chain_load_relaxed(c.wait) < c.wait_for) {
+            __nanosleep(32);
             unsigned long long t;
             asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
             if (t - t0 > kChainSpinNs) {
@@ -101,26 +110,30 @@ __device__ __forceinline__ void chain_wait(const ChainLink& c) {
                 break;
             }
         }
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
     }
     if (c.wait) __syncthreads();
     if (c.reset0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
         atomicExch(c.reset0, 0u);
 }
 
-// The block's signal, after its last write, by every thread of the block at the same point.
+__device__ __forceinline__ void chain_release_add(unsigned* p) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(p) : "memory");
+}
+
+// The block's signal, after its last memory access, by every thread of the block at the same point: the barrier
+// orders the block's accesses before thread 0's release.
 __device__ __forceinline__ void chain_signal_block(const ChainLink& c) {
     if (!c.done) return;
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) atomicAdd(c.done, 1u);
+    if (threadIdx.x == 0 && threadIdx.y == 0) chain_release_add(c.done);
 }
 
 // The same from one warp (the GEMV's warp 0, once the block's other warps have returned).
 __device__ __forceinline__ void chain_signal_warp(const ChainLink& c) {
     if (!c.done) return;
-    __threadfence();
     __syncwarp();
-    if ((threadIdx.x & 31) == 0) atomicAdd(c.done, 1u);
+    if ((threadIdx.x & 31) == 0) chain_release_add(c.done);
 }
 #endif
 
