@@ -5,8 +5,9 @@
 // (%globaltimer) after its dependency resolves, then writing a word the next launch checks. Three ways to resolve it:
 //   plain: no launch attribute (the next kernel starts once this one has finished and flushed);
 //   pdl:   programmatic dependent launch, launch_dependents at entry, griddepcontrol.wait (the decode step today);
-//   flag:  the same launch, no griddepcontrol.wait: each block of launch k spins (ld.acquire.gpu) on a counter that
-//          every block of launch k - 1 increments (__threadfence, atomicAdd) after writing its word.
+//   flag:  the same launch, no griddepcontrol.wait: each block of launch k polls a counter (relaxed loads, a 32 ns
+//          sleep, then one acquire fence) that every block of launch k - 1 adds to with one red.release.gpu after
+//          writing its word: as the decode kernels' -DAWQE_FLAG_CHAIN build does (plugins/kernels/pdl.cuh).
 // Per launch: the graph's time over its launches (us_per_kernel, which carries 1/kernels of the gap between
 // replays); the boundary: the time a launch adds, from graphs of `kernels` and kernels / 2 launches, less work_ns.
 // Every block checks the word of the launch before it (this replay's epoch, which the last launch advances: the
@@ -49,9 +50,9 @@ __device__ __forceinline__ unsigned long long global_ns() {
     return t;
 }
 
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
     unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -62,9 +63,10 @@ __global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) 
     if (kMode == kPdl) asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     if (kMode == kFlag && k > 0) {
-        if (threadIdx.x == 0)
-            while (load_acquire(c.counters + k - 1) < (unsigned)blocks) {
-            }
+        if (threadIdx.x == 0) {
+            while (load_relaxed(c.counters + k - 1) < (unsigned)blocks) __nanosleep(32);
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        }
         __syncwarp();
     }
     // epoch: written by the previous replay's last launch, which finished before this replay began
@@ -80,10 +82,8 @@ __global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) 
     __syncwarp();
     if (threadIdx.x == 0) {
         c.words[(size_t)k * blocks + blockIdx.x] = epoch * kernels + k;
-        if (kMode == kFlag && k < kernels - 1) {  // the last launch has no successor; its counter counts below
-            __threadfence();
-            atomicAdd(c.counters + k, 1u);
-        }
+        if (kMode == kFlag && k < kernels - 1)  // the last launch has no successor; its counter counts below
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c.counters + k) : "memory");
     }
     if (k == kernels - 1 && threadIdx.x == 0) {
         // every launch before this one has finished its checks (its counter, or the wait, says so); one block
