@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from awq_edge.outputs import write_atomic  # noqa: E402
+
 SOURCE = ROOT / "bench" / "boundary.cu"
 
 
@@ -98,12 +102,8 @@ def main() -> None:
     result.update(command=command, arch=f"sm_{major}{minor}", what=__doc__.split("\n\n")[1].replace("\n", " "))
     md = table(result)
     print(md)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", md)):
-        path = args.out.with_name(args.out.name + suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(args.out.with_name(args.out.name + suffix), text.encode())
     if any(r["errors"] for r in result["rows"]):
         sys.exit("bench/boundary.py: a launch read its predecessor's word before it was written (errors above)")
     if stuck := [r for r in result["rows"] if r["replays"] != args.reps + 5]:  # + the 5 warm-up replays

@@ -52,8 +52,9 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 for name in ${TEST_BUILDS:-}; do
   AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -m pytest -q -x tests/test_kernels.py \
-    tests/test_runtime_cuda.py > "$OUT/tests_$name.txt" 2>&1 || { echo "kernel tests failed with the $name build"; tail -4 "$OUT/tests_$name.txt"; exit 1; }
-  echo "== kernel tests, $name build: $(tail -1 "$OUT/tests_$name.txt")"
+    tests/test_runtime_cuda.py > "$OUT/tests_$name.txt" 2>&1 ||
+    { echo "kernel or CUDA runtime tests failed with the $name build"; tail -4 "$OUT/tests_$name.txt"; exit 1; }
+  echo "== kernel and CUDA runtime tests, $name build: $(tail -1 "$OUT/tests_$name.txt")"
 done
 if [ "${SANITIZE:-0}" = 1 ]; then
   timeout 240 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x \

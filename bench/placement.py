@@ -22,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from awq_edge.outputs import write_atomic  # noqa: E402
 from awq_edge.runtime import kernels  # noqa: E402
 from bench.decode import graph_times  # noqa: E402
 from bench.kernels import n_sets_for, matmul_nbits_bytes, parse_shapes, random_matmul_nbits  # noqa: E402
@@ -159,10 +160,7 @@ def main() -> None:
             print(f"{'':{len(props.name) + 1}} {r['shape']:>11} {mode:>5} {r['warps_a_block']:>5} "
                   f"{b['min']:>3}-{b['max']:<5} {r['graph_us_per_product']:7.1f} {r['span_us']:7.1f} "
                   f"{r['last_entry_us']:7.1f} {r['tail_us']:7.1f} {r['sm_busy_share']:7.0%}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -51,10 +51,16 @@ std::atomic<int> g_cc_major[64];
 std::atomic<int> g_smem_per_sm[64];
 std::atomic<int> g_smem_reserved[64];
 
+// The current device's index, within the 64 the per-device caches hold.
+awqe_status current_device(int* dev) {
+    if (awqe_status s = cuda_status(cudaGetDevice(dev), "cudaGetDevice")) return s;
+    if (*dev < 0 || *dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", *dev);
+    return AWQE_OK;
+}
+
 awqe_status device_info(awqe::Device* out) {
     int dev = 0;
-    if (awqe_status s = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return s;
-    if (dev < 0 || dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", dev);
+    if (awqe_status s = current_device(&dev)) return s;
     int n = g_sm_count[dev].load(std::memory_order_relaxed), major = g_cc_major[dev].load(std::memory_order_relaxed);
     int smem = g_smem_per_sm[dev].load(std::memory_order_relaxed);
     int reserved = g_smem_reserved[dev].load(std::memory_order_relaxed);
@@ -155,7 +161,6 @@ struct ChainState {
     bool open = false, linked = false;
     int index = 0, device = -1, last_length = -1;
     unsigned prev_blocks = 0;
-    unsigned* counters = nullptr;
 };
 thread_local ChainState g_chain;
 unsigned* g_chain_counters[64] = {};
@@ -166,7 +171,17 @@ cudaError_t close_chain(ChainState& s) {
     s.open = false;
     s.last_length = s.index;
     const int first = s.index >= 2 ? s.index - 2 : 0, count = s.index - first;
-    return count ? awqe::launch_chain_reset(s.counters + first, count, s.stream) : cudaSuccess;
+    return count ? awqe::launch_chain_reset(g_chain_counters[s.device] + first, count, s.stream) : cudaSuccess;
+}
+
+// The current device's chain counters once the device is idle (the chains run on the caller's streams); null in a
+// build without chains, before any chain on the device, or on a CUDA error.
+unsigned* idle_chain_counters() {
+    int dev = 0;
+    if (!awqe::flag_chain_built() || current_device(&dev) != AWQE_OK || g_chain_counters[dev] == nullptr ||
+        cudaDeviceSynchronize() != cudaSuccess)
+        return nullptr;
+    return g_chain_counters[dev];
 }
 
 }  // namespace
@@ -175,14 +190,15 @@ awqe::ChainLink awqe::chain_next(cudaStream_t stream, unsigned blocks) {
     ChainLink c;
     ChainState& s = g_chain;
     if (!s.open || stream != s.stream || s.index >= kMaxChain) return c;
+    unsigned* counters = g_chain_counters[s.device];
     const int i = s.index++;
-    c.done = s.counters + i;
-    c.timeouts = s.counters + kMaxChain;
+    c.done = counters + i;
+    c.timeouts = counters + kMaxChain;
     if (i > 0) {
-        c.wait = s.counters + i - 1;
+        c.wait = counters + i - 1;
         c.wait_for = s.prev_blocks;
     }
-    if (i >= 2) c.reset0 = s.counters + i - 2;  // launch i - 1's blocks have all passed their wait on it
+    if (i >= 2) c.reset0 = counters + i - 2;  // launch i - 1's blocks have all passed their wait on it
     s.prev_blocks = blocks;
     s.linked = true;
     return c;
@@ -286,8 +302,7 @@ awqe_status awqe_chain_begin(cudaStream_t stream) {
                                           "bench/NOTES.md r23); this one was built without");
     ChainState& s = g_chain;
     int dev = 0;
-    if (awqe_status st = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return st;
-    if (dev < 0 || dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", dev);
+    if (awqe_status st = current_device(&dev)) return st;
     if (s.open && s.device != dev)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "a flag chain is open on device %d; end it before one on device %d",
                     s.device, dev);
@@ -309,7 +324,6 @@ awqe_status awqe_chain_begin(cudaStream_t stream) {
         if (awqe_status st = cuda_status(close_chain(s), "chain reset launch")) return st;
     }
     s.open = true, s.linked = false, s.stream = stream, s.index = 0, s.prev_blocks = 0, s.device = dev;
-    s.counters = g_chain_counters[dev];
     return AWQE_OK;
 }
 
@@ -321,27 +335,19 @@ awqe_status awqe_chain_end(cudaStream_t stream) {
 
 int awqe_chain_launches(void) { return g_chain.last_length; }
 
-// Synchronises the device first (chains run on the caller's streams); a count above zero also zeroes every counter,
-// since a wait that gave up leaves late increments behind.
+// A count above zero also zeroes every counter, since a wait that gave up leaves late increments behind.
 int awqe_chain_timeouts(void) {
-    int dev = 0;
-    if (!awqe::flag_chain_built() || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 ||
-        g_chain_counters[dev] == nullptr || cudaDeviceSynchronize() != cudaSuccess)
-        return -1;
-    unsigned* counters = g_chain_counters[dev];
+    unsigned* counters = idle_chain_counters();
     unsigned n = 0;
-    if (cudaMemcpy(&n, counters + kMaxChain, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    if (!counters || cudaMemcpy(&n, counters + kMaxChain, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
     if (n && cudaMemset(counters, 0, sizeof(unsigned) * (kMaxChain + 1)) != cudaSuccess) return -1;
     return (int)n;
 }
 
 int awqe_chain_dirty(void) {
-    int dev = 0;
-    if (!awqe::flag_chain_built() || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 ||
-        g_chain_counters[dev] == nullptr || cudaDeviceSynchronize() != cudaSuccess)
-        return -1;
+    unsigned* counters = idle_chain_counters();
     static thread_local unsigned host[kMaxChain];
-    if (cudaMemcpy(host, g_chain_counters[dev], sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    if (!counters || cudaMemcpy(host, counters, sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
     int n = 0;
     for (unsigned v : host) n += v != 0;
     return n;

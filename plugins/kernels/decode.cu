@@ -273,13 +273,11 @@ __device__ __forceinline__ void load_rope(const float* cos_row, const float* sin
 #error "AWQE_ATTN_WAIT_FIRST waits twice; build it without AWQE_FLAG_CHAIN"
 #endif
 #define AWQE_CHAIN_PARAM , const ChainLink chain
-#define AWQE_WAIT() chain_wait(chain)
-#define AWQE_SIGNAL() chain_signal_block(chain)
 #else
 #define AWQE_CHAIN_PARAM
-#define AWQE_WAIT() pdl_wait()
-#define AWQE_SIGNAL() ((void)0)
 #endif
+#define AWQE_WAIT() AWQE_CHAIN_WAIT(chain)
+#define AWQE_SIGNAL() AWQE_CHAIN_SIGNAL_BLOCK(chain)
 
 template <int E>  // E = head_dim / 32 values per lane
 __global__ void __launch_bounds__(kAttnThreads)

@@ -565,11 +565,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
 #if !defined(AWQE_PDL_LATE)
     pdl_launch_dependents();
 #endif
-#if defined(AWQE_FLAG_CHAIN)
-    chain_wait(a.chain);
-#else
-    pdl_wait();
-#endif
+    AWQE_CHAIN_WAIT(a.chain);
 #if defined(AWQE_PROBE_PLACEMENT)
     const unsigned long long probe_t1 = global_ns();
     const long long probe_c1 = clock64();
@@ -639,9 +635,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 const __half act = __float2half_rn(gate_activation(a.gated, __half2float(__float2half_rn(gv))));
                 a.y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
             }
-#if defined(AWQE_FLAG_CHAIN)
-        chain_signal_warp(a.chain);  // warp 0 only: the block's other warps have returned
-#endif
+        AWQE_CHAIN_SIGNAL_WARP(a.chain);  // warp 0 only: the block's other warps have returned
         return;
     }
     // sumsq_out: this lane's squares of the y it writes (batch row 2t + (i % 2) of each n-tile), taken as written
@@ -675,9 +669,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 if (g == 0 && m < M) a.sumsq_out[(size_t)m * tiles + tile] = v;
             }
     }
-#if defined(AWQE_FLAG_CHAIN)
-    chain_signal_warp(a.chain);
-#endif
+    AWQE_CHAIN_SIGNAL_WARP(a.chain);
 }
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all

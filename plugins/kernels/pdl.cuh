@@ -33,8 +33,9 @@ bool pdl_enabled();
 
 // -DAWQE_FLAG_CHAIN (r23, for A/B timing, bench/NOTES.md): inside a chain the host opens on a stream
 // (awqe_chain_begin/end), each chained launch resolves its dependency on the launch before it by a counter instead
-// of griddepcontrol.wait: every block of launch i, once its last write is done, fences and increments done[i]; every
-// block of launch i + 1 spins (acquire loads) until done[i] holds launch i's block count. So a launch starts when the
+// of griddepcontrol.wait: every block of launch i, after its last memory access, adds 1 to done[i] with one release
+// add; thread 0 of every block of launch i + 1 polls done[i] until it holds launch i's block count, then one acquire
+// fence (chain_wait, below). So a launch starts when the
 // last block before it has signalled, not when that grid has completed and flushed. Deadlock-free with PDL's rule
 // (launch i + 1 is scheduled only once every block of launch i has called launch_dependents, so a spinning block
 // waits on resident blocks only). Each counter is cleared in the chain: done[i] by block 0 of launch i + 2 (all of
@@ -135,6 +136,18 @@ __device__ __forceinline__ void chain_signal_warp(const ChainLink& c) {
     __syncwarp();
     if ((threadIdx.x & 31) == 0) chain_release_add(c.done);
 }
+#endif
+
+// What a kernel that may be chained calls: with -DAWQE_FLAG_CHAIN its link's wait and signals; otherwise pdl_wait()
+// and nothing (the link is not even a kernel argument there, so the default build's code stays as it was).
+#if defined(AWQE_FLAG_CHAIN)
+#define AWQE_CHAIN_WAIT(link) chain_wait(link)
+#define AWQE_CHAIN_SIGNAL_BLOCK(link) chain_signal_block(link)
+#define AWQE_CHAIN_SIGNAL_WARP(link) chain_signal_warp(link)
+#else
+#define AWQE_CHAIN_WAIT(link) pdl_wait()
+#define AWQE_CHAIN_SIGNAL_BLOCK(link) ((void)0)
+#define AWQE_CHAIN_SIGNAL_WARP(link) ((void)0)
 #endif
 
 template <typename... KernelArgs, typename... Args>
