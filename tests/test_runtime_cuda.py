@@ -227,17 +227,24 @@ class EmulatedKernels:
                                                      softcap, q_norm, k_norm, eps))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tmp_path, case, monkeypatch):
+def emulated_weights(folder, monkeypatch):
+    """The checkpoint's weights on the CPU for CudaOps around EmulatedKernels: each linear "packed" as its dense fp16
+    W, and no attention workspace (the emulation needs none)."""
     from awq_edge.runtime.cuda import DeviceLinear
 
+    weights = load_weights(folder, "cpu", torch.float16, packed=False, max_len=64)
+    for L in weights.layers:
+        L.qkv, L.o, L.gate_up, L.down = (DeviceLinear(x.n, x.k, packed=x.weight, bias=x.bias)
+                                         for x in (L.qkv, L.o, L.gate_up, L.down))
+    monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
+    return weights
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tmp_path, case, monkeypatch):
     model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
     ref = hf_logits(model, PROMPT)
-    weights = load_weights(tmp_path / "ck", "cpu", torch.float16, packed=False, max_len=64)
-    as_packed = lambda lin: DeviceLinear(lin.n, lin.k, packed=lin.weight, bias=lin.bias)  # noqa: E731
-    for L in weights.layers:
-        L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
-    monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
+    weights = emulated_weights(tmp_path / "ck", monkeypatch)
     for fold, sums in ((True, False), (True, True), (False, False)):
         ops = CudaOps(weights, fold_norms=fold, norm_sums=sums)
         ops.k = EmulatedKernels()
@@ -258,14 +265,8 @@ def test_a_flag_chain_holds_only_the_chained_kernels_and_changes_no_logit(tmp_pa
     norms). Emulated on the CPU, where the chain changes no logit."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from awq_edge.runtime.cuda import DeviceLinear
-
     write_checkpoint(tmp_path / "ck", **CASES[case])
-    weights = load_weights(tmp_path / "ck", "cpu", torch.float16, packed=False, max_len=64)
-    as_packed = lambda lin: DeviceLinear(lin.n, lin.k, packed=lin.weight, bias=lin.bias)  # noqa: E731
-    for L in weights.layers:
-        L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
-    monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
+    weights = emulated_weights(tmp_path / "ck", monkeypatch)
     emulated = EmulatedKernels()
     inside = []  # PyTorch ops run inside a chain outside the emulated kernels
 
