@@ -7,8 +7,8 @@
 # KERNEL_SHAPES="4096x4096,22016x4096": also bench/kernels.py on those shapes with each library (kernels_NAME.json),
 # before the decode runs; MODELS="" runs no decode (the r12 probe builds give wrong results, so only their times).
 # BUILD_ROOT (default /tmp): where each build's folder awqe-NAME goes.
-# TEST_BUILDS="bulk": also the kernel and CUDA runtime tests (tests/test_kernels.py, tests/test_runtime_cuda.py) with
-# each named build's library (tests_NAME.txt).
+# TEST_BUILDS="bulk": also the kernel and CUDA runtime tests (tests/test_kernels.py, tests/test_runtime_cuda.py) and
+# bench/kernels.py's tests on one shape with each named build's library (tests_NAME.txt).
 # PLACEMENT=1: also a -DAWQE_PROBE_PLACEMENT build (awqe-probe) and bench/placement.py with it (placement.json; its
 # options in PLACEMENT_ARGS), after the kernel shapes and before the decode runs. PROBES="spread=-DAWQE_SPREAD": also
 # the probe with each named build's flags (awqe-probe-NAME, placement-NAME.json), with or without PLACEMENT=1.
@@ -52,7 +52,8 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 for name in ${TEST_BUILDS:-}; do
   AWQ_EDGE_KERNELS_LIB=$BUILD_ROOT/awqe-$name/libawq_edge_kernels.so python -m pytest -q -x tests/test_kernels.py \
-    tests/test_runtime_cuda.py > "$OUT/tests_$name.txt" 2>&1 ||
+    tests/test_runtime_cuda.py tests/test_bench_kernels.py::test_the_benchmark_checks_and_times_a_shape_end_to_end \
+    > "$OUT/tests_$name.txt" 2>&1 ||
     { echo "kernel or CUDA runtime tests failed with the $name build"; tail -4 "$OUT/tests_$name.txt"; exit 1; }
   echo "== kernel and CUDA runtime tests, $name build: $(tail -1 "$OUT/tests_$name.txt")"
 done

@@ -39,6 +39,11 @@ def test_the_benchmark_checks_and_times_a_shape_end_to_end(tmp_path):
     shape = r["shapes"][0]
     assert max(max(e.values()) for e in shape["rel_error"].values()) < 1e-3
     assert [row["M"] for row in shape["rows"]] == bench_kernels.MS and all(row["ours_s"] > 0 for row in shape["rows"])
+    # a -DAWQE_FLAG_CHAIN library (device_decode.sh's TEST_BUILDS=chain) also times M = 1 in a chain, none gave up
+    chained = [row["M"] for row in shape["rows"] if "ours_chained_s" in row]
+    assert r["flag_chain"] == kernels.flag_chain_built(torch.device("cuda"))
+    assert chained == ([1] if r["flag_chain"] else []) and (r["launch_floor_chained_s"] is not None) == r["flag_chain"]
+    assert r.get("chain_timeouts", 0) == 0
 
 
 def test_the_device_decode_script_needs_a_results_folder(tmp_path):
