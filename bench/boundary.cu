@@ -8,6 +8,9 @@
 //   flag:  the same launch, no griddepcontrol.wait: each block of launch k polls a counter (relaxed loads, a 32 ns
 //          sleep, then one acquire fence) that every block of launch k - 1 adds to with one red.release.gpu after
 //          writing its word: as the decode kernels' -DAWQE_FLAG_CHAIN build does (plugins/kernels/pdl.cuh).
+//   flag_pad, flag_late, flag_late_pad (r24, after r22 measured flag at 8-10 us a boundary): the counters 128 bytes
+//          apart instead of adjacent (pad), and launch_dependents after the poll instead of at entry (late, so only
+//          the launch after the running one is resident and polling, not every launch that fits).
 // Per launch: the graph's time over its launches (us_per_kernel, which carries 1/kernels of the gap between
 // replays); the boundary: the time a launch adds, from graphs of `kernels` and kernels / 2 launches, less work_ns.
 // Every block checks the word of the launch before it (this replay's epoch, which the last launch advances: the
@@ -34,11 +37,18 @@
         }                                                                                            \
     } while (0)
 
-enum Mode { kPlain = 0, kPdl = 1, kFlag = 2 };
-static const char* kModeNames[] = {"plain", "pdl", "flag"};
+enum Mode { kPlain = 0, kPdl = 1, kFlag = 2, kFlagPad = 3, kFlagLate = 4, kFlagLatePad = 5, kModes = 6 };
+static const char* kModeNames[] = {"plain", "pdl", "flag", "flag_pad", "flag_late", "flag_late_pad"};
+constexpr int kPadWords = 32;  // one counter a 128-byte line in the padded modes
+
+__host__ __device__ constexpr bool is_flag(int mode) { return mode >= kFlag; }
+__host__ __device__ constexpr bool is_late(int mode) { return mode == kFlagLate || mode == kFlagLatePad; }
+__host__ __device__ constexpr int stride_of(int mode) {
+    return mode == kFlagPad || mode == kFlagLatePad ? kPadWords : 1;
+}
 
 struct Chain {
-    unsigned* counters;  // [kernels]: blocks of launch k done (flag mode); the last launch resets them
+    unsigned* counters;  // [kernels * stride]: blocks of launch k done (flag modes); the last launch resets them
     int* words;          // [kernels][blocks]: launch k's blocks write epoch * kernels + k
     int* epoch;          // one word: the replay's number, advanced by the last launch
     int* errors;         // words found wrong
@@ -58,17 +68,22 @@ __device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
 
 template <int kMode>
 __global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) {
+    constexpr int stride = stride_of(kMode);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (kMode != kPlain) asm volatile("griddepcontrol.launch_dependents;" :::);
+    if (kMode != kPlain && !is_late(kMode)) asm volatile("griddepcontrol.launch_dependents;" :::);
     if (kMode == kPdl) asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-    if (kMode == kFlag && k > 0) {
+    if (is_flag(kMode) && k > 0) {
         if (threadIdx.x == 0) {
-            while (load_relaxed(c.counters + k - 1) < (unsigned)blocks) __nanosleep(32);
+            while (load_relaxed(c.counters + (size_t)(k - 1) * stride) < (unsigned)blocks) __nanosleep(32);
             asm volatile("fence.acq_rel.gpu;" ::: "memory");
         }
         __syncwarp();
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // late: launch k + 1 is scheduled once every block of this one has seen launch k - 1 done
+    if (is_late(kMode)) asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
     // epoch: written by the previous replay's last launch, which finished before this replay began
     const int epoch = *(volatile int*)c.epoch;
     if (threadIdx.x == 0 && k > 0) {
@@ -82,16 +97,16 @@ __global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) 
     __syncwarp();
     if (threadIdx.x == 0) {
         c.words[(size_t)k * blocks + blockIdx.x] = epoch * kernels + k;
-        if (kMode == kFlag && k < kernels - 1)  // the last launch has no successor; its counter counts below
-            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c.counters + k) : "memory");
+        if (is_flag(kMode) && k < kernels - 1)  // the last launch has no successor; its counter counts below
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c.counters + (size_t)k * stride) : "memory");
     }
     if (k == kernels - 1 && threadIdx.x == 0) {
         // every launch before this one has finished its checks (its counter, or the wait, says so); one block
         // advances the epoch and clears the counters for the next replay once all of this launch's blocks read it
-        unsigned* last = c.counters + kernels - 1;
+        unsigned* last = c.counters + (size_t)(kernels - 1) * stride;
         __threadfence();  // this block's reads of the epoch and the words come before its count
         if (atomicAdd(last, 1u) == (unsigned)blocks - 1) {
-            for (int i = 0; i < kernels; ++i) c.counters[i] = 0;
+            for (int i = 0; i < kernels; ++i) c.counters[(size_t)i * stride] = 0;
             __threadfence();
             *(volatile int*)c.epoch = epoch + 1;
         }
@@ -112,6 +127,9 @@ static void launch(int mode, bool programmatic, cudaStream_t s, Chain c, int k, 
     if (mode == kPlain) CHECK(cudaLaunchKernelEx(&cfg, link<kPlain>, c, k, kernels, blocks, work_ns));
     if (mode == kPdl) CHECK(cudaLaunchKernelEx(&cfg, link<kPdl>, c, k, kernels, blocks, work_ns));
     if (mode == kFlag) CHECK(cudaLaunchKernelEx(&cfg, link<kFlag>, c, k, kernels, blocks, work_ns));
+    if (mode == kFlagPad) CHECK(cudaLaunchKernelEx(&cfg, link<kFlagPad>, c, k, kernels, blocks, work_ns));
+    if (mode == kFlagLate) CHECK(cudaLaunchKernelEx(&cfg, link<kFlagLate>, c, k, kernels, blocks, work_ns));
+    if (mode == kFlagLatePad) CHECK(cudaLaunchKernelEx(&cfg, link<kFlagLatePad>, c, k, kernels, blocks, work_ns));
 }
 
 static std::vector<int> parse_list(const char* s) {
@@ -141,7 +159,7 @@ struct Timed {
 // `reps` replays (after 5 untimed) of a graph of n launches in one mode; counters, words and epoch start cleared.
 static Timed time_chain(int mode, Chain c, int n, int blocks, int work, int reps, int max_kernels, int max_blocks,
                         cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1) {
-    CHECK(cudaMemset(c.counters, 0, sizeof(unsigned) * max_kernels));
+    CHECK(cudaMemset(c.counters, 0, sizeof(unsigned) * max_kernels * kPadWords));
     CHECK(cudaMemset(c.words, 0xff, sizeof(int) * (size_t)max_kernels * max_blocks));
     CHECK(cudaMemset(c.epoch, 0, sizeof(int)));
     CHECK(cudaMemset(c.errors, 0, sizeof(int)));
@@ -212,7 +230,7 @@ int main(int argc, char** argv) {
     }
 
     Chain c;
-    CHECK(cudaMalloc(&c.counters, sizeof(unsigned) * kernels));
+    CHECK(cudaMalloc(&c.counters, sizeof(unsigned) * kernels * kPadWords));
     CHECK(cudaMalloc(&c.words, sizeof(int) * (size_t)kernels * max_blocks));
     CHECK(cudaMalloc(&c.epoch, sizeof(int)));
     CHECK(cudaMalloc(&c.errors, sizeof(int)));
@@ -226,7 +244,7 @@ int main(int argc, char** argv) {
     std::string rows;
     for (int blocks : block_counts)
         for (int work : works)
-            for (int mode = 0; mode < 3; ++mode) {
+            for (int mode = 0; mode < kModes; ++mode) {
                 if (mode != kPlain && !has_pdl) continue;  // griddepcontrol needs sm_90
                 const Timed full = time_chain(mode, c, kernels, blocks, work, reps, kernels, max_blocks, s, e0, e1);
                 const Timed part = time_chain(mode, c, half, blocks, work, reps, kernels, max_blocks, s, e0, e1);

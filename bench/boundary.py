@@ -3,7 +3,8 @@ with nvcc for this GPU, runs it, and writes its rows with the command, as JSON a
 
 A chain of launches of one kernel (one-warp blocks, each busy for a set time once its dependency resolves) resolved
 three ways: plain stream order, programmatic dependent launch with griddepcontrol.wait (the decode step today), and a
-flag chain (each block spins on a counter the previous launch's blocks increment). The boundary: what a launch adds
+flag chain (each block spins on a counter the previous launch's blocks increment), the last in four forms (r24:
+counters adjacent or a line apart, dependents triggered at entry or after the poll). The boundary: what a launch adds
 to the graph (graphs of `kernels` and kernels / 2 launches, so the gap between replays cancels) less the busy time.
 Every block checks the word the launch before it wrote, so a chain that let a kernel run early shows errors.
 """
@@ -44,24 +45,29 @@ def build(nvcc: str, arch: str, work: Path) -> Path:
     return exe
 
 
+MODES = ("plain", "pdl", "flag", "flag_pad", "flag_late", "flag_late_pad")  # boundary.cu's kModeNames, in order
+
+
 def table(result: dict) -> str:
+    """Per blocks and busy time: each mode's boundary (us a launch adds less the busy time) side by side, the best
+    flag mode against pdl's, and the errors of all modes."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in result["rows"])]
     lines = [f"# Kernel boundaries in a CUDA graph on {result['device']}", "",
              f"`{result['command']}`: graphs of {result['kernels']} and {result['kernels'] // 2} launches, "
-             f"{result['reps']} replays each; us a launch adds (the difference over the launches between them) and "
-             "the boundary (that less the busy time).", "",
-             "| blocks | busy us | plain | pdl | flag | pdl boundary | flag boundary | flag vs pdl | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{result['reps']} replays each; the boundary in us: what a launch adds (the difference over the "
+             "launches between them) less the busy time. pad: counters 128 bytes apart; late: launch_dependents "
+             "after the poll.", "",
+             "| blocks | busy us | " + " | ".join(modes) + " | best flag vs pdl | errors |",
+             "| --- | --- | " + " | ".join("---" for _ in modes) + " | --- | --- |"]
     by = {}
     for r in result["rows"]:
         by.setdefault((r["blocks"], r["work_ns"]), {})[r["mode"]] = r
     for (blocks, work), m in by.items():
-        def us(mode, key="us_per_added_kernel"):
-            return f"{m[mode][key]:.2f}" if mode in m else ""
-        ratio = (f"{m['pdl']['us_per_added_kernel'] / m['flag']['us_per_added_kernel']:.3f}x"
-                 if {"pdl", "flag"} <= m.keys() else "")
+        cells = [f"{m[mode]['boundary_us']:.2f}" if mode in m else "" for mode in modes]
+        flags = [r["us_per_added_kernel"] for mode, r in m.items() if mode.startswith("flag")]
+        ratio = f"{m['pdl']['us_per_added_kernel'] / min(flags):.3f}x" if "pdl" in m and flags else ""
         errors = sum(r["errors"] for r in m.values())
-        lines.append(f"| {blocks} | {work / 1000:g} | {us('plain')} | {us('pdl')} | {us('flag')} | "
-                     f"{us('pdl', 'boundary_us')} | {us('flag', 'boundary_us')} | {ratio} | {errors} |")
+        lines.append(f"| {blocks} | {work / 1000:g} | " + " | ".join(cells) + f" | {ratio} | {errors} |")
     return "\n".join(lines) + "\n"
 
 

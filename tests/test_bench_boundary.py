@@ -24,14 +24,19 @@ def test_counts_are_comma_separated_non_negative_integers():
             boundary.counts(bad)
 
 
-def test_the_table_sets_each_mode_side_by_side_with_the_flag_chain_against_pdl():
+def test_the_table_sets_each_mode_side_by_side_with_the_best_flag_chain_against_pdl():
     rows = [{"mode": m, "blocks": 132, "work_ns": 2000, "us_per_kernel": us + 0.1, "us_per_added_kernel": us,
-             "boundary_us": us - 2, "errors": 0, "replays": 8}
-            for m, us in (("plain", 6.0), ("pdl", 4.0), ("flag", 3.2))]
+             "boundary_us": us - 2, "errors": e, "replays": 8}
+            for m, us, e in (("plain", 6.0, 0), ("pdl", 4.0, 0), ("flag", 10.0, 0), ("flag_pad", 9.0, 0),
+                             ("flag_late", 3.2, 1), ("flag_late_pad", 3.5, 0))]
     md = boundary.table({"device": "GPU X", "command": "python -P bench/boundary.py", "kernels": 64, "reps": 3,
                          "rows": rows})
     assert "GPU X" in md
-    assert "| 132 | 2 | 6.00 | 4.00 | 3.20 | 2.00 | 1.20 | 1.250x | 0 |" in md
+    assert "| blocks | busy us | plain | pdl | flag | flag_pad | flag_late | flag_late_pad | best flag vs pdl |" in md
+    assert "| 132 | 2 | 4.00 | 2.00 | 8.00 | 7.00 | 1.20 | 1.50 | 1.250x | 1 |" in md
+    # a run without the flag modes (before sm_90: plain only) has no empty columns and no ratio
+    md = boundary.table({"device": "GPU Y", "command": "c", "kernels": 64, "reps": 3, "rows": rows[:1]})
+    assert "| blocks | busy us | plain | best flag vs pdl | errors |" in md and "| 132 | 2 | 4.00 |  | 0 |" in md
 
 
 def test_bad_options_stop_before_any_build():
@@ -61,7 +66,7 @@ def test_the_benchmark_runs_a_tiny_chain_on_the_gpu(tmp_path):
                           cwd=ROOT, timeout=900, env={**os.environ})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.with_name("boundary.json").read_text())
-    modes = ("plain", "pdl", "flag") if torch.cuda.get_device_capability(0) >= (9, 0) else ("plain",)
+    modes = boundary.MODES if torch.cuda.get_device_capability(0) >= (9, 0) else ("plain",)
     assert sorted((r["blocks"], r["work_ns"], r["mode"]) for r in result["rows"]) == sorted(
         (b, w, m) for b in (2, 300) for w in (0, 1000) for m in modes)
     for r in result["rows"]:

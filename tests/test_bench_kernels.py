@@ -135,8 +135,10 @@ AB_BUILDS = {
                 "-DAWQE_PDL_LATE", "-DAWQE_REGISTER_STREAM", "-DAWQE_MIN_BLOCKS=3 -DAWQE_WARP_BUDGET=24",
                 "-DAWQE_DEPTH=3 -DAWQE_DEEP_WARPS=4", "-DAWQE_STAGE=8", "-DAWQE_PROBE_PLACEMENT -DAWQE_SPREAD",
                 "-DAWQE_PROBE_STREAM_ONLY", "-DAWQE_PROBE_NO_X", "-DAWQE_FLAG_CHAIN",
-                "-DAWQE_FLAG_CHAIN -DAWQE_BULK_STREAM -DAWQE_SPREAD"],
-    "decode.cu": ["-DAWQE_ATTN_WAIT_FIRST", "-DAWQE_FLAG_CHAIN"],
+                "-DAWQE_FLAG_CHAIN -DAWQE_BULK_STREAM -DAWQE_SPREAD",
+                "-DAWQE_FLAG_CHAIN -DAWQE_CHAIN_LATE -DAWQE_CHAIN_PAD"],
+    "decode.cu": ["-DAWQE_ATTN_WAIT_FIRST", "-DAWQE_FLAG_CHAIN",
+                  "-DAWQE_FLAG_CHAIN -DAWQE_CHAIN_LATE -DAWQE_CHAIN_PAD"],
 }
 
 
@@ -159,3 +161,17 @@ def test_a_flag_chain_build_refuses_the_attention_diagnostic_that_waits_twice(tm
                            str(plugins / "kernels" / "decode.cu"), "-o", str(tmp_path / "k.o")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "AWQE_ATTN_WAIT_FIRST waits twice" in proc.stderr
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc (CUDA toolkit) to compile the kernels")
+@pytest.mark.parametrize("flags,message", [("-DAWQE_CHAIN_PAD", "build them with -DAWQE_FLAG_CHAIN"),
+                                           ("-DAWQE_FLAG_CHAIN -DAWQE_CHAIN_LATE -DAWQE_PDL_LATE",
+                                            "each move the trigger")])
+def test_the_chain_variants_refuse_a_build_they_would_not_change(flags, message, tmp_path):
+    """r24's -DAWQE_CHAIN_PAD / -DAWQE_CHAIN_LATE without the chain would build the default silently; with the other
+    late trigger, two triggers."""
+    plugins = ROOT / "plugins"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", *flags.split(), "-I", str(plugins / "include"), "-I",
+                           str(plugins / "kernels"), "-E", str(plugins / "kernels" / "gemm.cu"), "-o",
+                           str(tmp_path / "k.ii")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <vector>
 
 #include "awq_edge_kernels.h"
 #include "decode.cuh"
@@ -153,9 +154,13 @@ awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* 
 std::atomic<int> g_pdl_switch{1};
 
 // r23's flag chain (pdl.cuh): the chain open on this thread, one stream at a time, and each device's counters
-// (kMaxChain done counters, then the timeout count). Chains share their device's counters, so two must not run on
-// the device at once. A chain longer than kMaxChain closes itself (later launches wait as usual).
+// (kMaxChain done counters awqe::chain_stride() words apart, then the timeout count). Chains share their device's
+// counters, so two must not run on the device at once. A chain longer than kMaxChain closes itself (later launches
+// wait as usual).
 constexpr int kMaxChain = 4096;
+size_t chain_words() { return (size_t)kMaxChain * awqe::chain_stride() + 1; }  // the counters and the timeout count
+unsigned* chain_counter(unsigned* counters, int i) { return counters + (size_t)i * awqe::chain_stride(); }
+unsigned* chain_timeout_count(unsigned* counters) { return counters + chain_words() - 1; }
 struct ChainState {
     cudaStream_t stream = nullptr;
     bool open = false, linked = false;
@@ -171,7 +176,8 @@ cudaError_t close_chain(ChainState& s) {
     s.open = false;
     s.last_length = s.index;
     const int first = s.index >= 2 ? s.index - 2 : 0, count = s.index - first;
-    return count ? awqe::launch_chain_reset(g_chain_counters[s.device] + first, count, s.stream) : cudaSuccess;
+    return count ? awqe::launch_chain_reset(chain_counter(g_chain_counters[s.device], first), count, s.stream)
+                 : cudaSuccess;
 }
 
 // The current device's chain counters once the device is idle (the chains run on the caller's streams); null in a
@@ -192,13 +198,13 @@ awqe::ChainLink awqe::chain_next(cudaStream_t stream, unsigned blocks) {
     if (!s.open || stream != s.stream || s.index >= kMaxChain) return c;
     unsigned* counters = g_chain_counters[s.device];
     const int i = s.index++;
-    c.done = counters + i;
-    c.timeouts = counters + kMaxChain;
+    c.done = chain_counter(counters, i);
+    c.timeouts = chain_timeout_count(counters);
     if (i > 0) {
-        c.wait = counters + i - 1;
+        c.wait = chain_counter(counters, i - 1);
         c.wait_for = s.prev_blocks;
     }
-    if (i >= 2) c.reset0 = counters + i - 2;  // launch i - 1's blocks have all passed their wait on it
+    if (i >= 2) c.reset0 = chain_counter(counters, i - 2);  // launch i - 1's blocks have all passed their wait on it
     s.prev_blocks = blocks;
     s.linked = true;
     return c;
@@ -314,7 +320,7 @@ awqe_status awqe_chain_begin(cudaStream_t stream) {
             return fail(AWQE_ERR_INVALID_ARGUMENT, "the first flag chain on a device must begin outside a stream "
                                                    "capture (it allocates the chain's counters)");
         unsigned* counters = nullptr;
-        const size_t bytes = sizeof(unsigned) * (kMaxChain + 1);
+        const size_t bytes = sizeof(unsigned) * chain_words();
         if (awqe_status st = cuda_status(cudaMalloc(reinterpret_cast<void**>(&counters), bytes), "cudaMalloc"))
             return st;
         if (awqe_status st = cuda_status(cudaMemset(counters, 0, bytes), "cudaMemset")) return st;
@@ -339,15 +345,18 @@ int awqe_chain_launches(void) { return g_chain.last_length; }
 int awqe_chain_timeouts(void) {
     unsigned* counters = idle_chain_counters();
     unsigned n = 0;
-    if (!counters || cudaMemcpy(&n, counters + kMaxChain, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
-    if (n && cudaMemset(counters, 0, sizeof(unsigned) * (kMaxChain + 1)) != cudaSuccess) return -1;
+    if (!counters || cudaMemcpy(&n, chain_timeout_count(counters), sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess)
+        return -1;
+    if (n && cudaMemset(counters, 0, sizeof(unsigned) * chain_words()) != cudaSuccess) return -1;
     return (int)n;
 }
 
 int awqe_chain_dirty(void) {
     unsigned* counters = idle_chain_counters();
-    static thread_local unsigned host[kMaxChain];
-    if (!counters || cudaMemcpy(host, counters, sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    if (!counters) return -1;
+    std::vector<unsigned> host(chain_words() - 1);  // the counters and the padding between them, not the timeouts
+    if (cudaMemcpy(host.data(), counters, sizeof(unsigned) * host.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
+        return -1;
     int n = 0;
     for (unsigned v : host) n += v != 0;
     return n;

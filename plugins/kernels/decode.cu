@@ -288,7 +288,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
                         int max_len, int window, int max_splits, float scale, const __half* __restrict__ q_norm,
                         const __half* __restrict__ k_norm, float norm_eps, float softcap AWQE_CHAIN_PARAM) {
     constexpr int D = 32 * E;
-    pdl_launch_dependents();
+    AWQE_CHAIN_ENTRY_TRIGGER(chain);
 #ifdef AWQE_ATTN_WAIT_FIRST  // diagnostic build: every read after the wait (bench/NOTES.md, r7b)
     pdl_wait();
 #endif

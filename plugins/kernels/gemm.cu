@@ -563,7 +563,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
     // streamed its share, not at entry, so its blocks find the SMs as this kernel leaves them rather than wherever
     // a slot is free while it runs (an even placement, at the cost of the next prologue's overlap).
 #if !defined(AWQE_PDL_LATE)
-    pdl_launch_dependents();
+    AWQE_CHAIN_ENTRY_TRIGGER(a.chain);
 #endif
     AWQE_CHAIN_WAIT(a.chain);
 #if defined(AWQE_PROBE_PLACEMENT)
@@ -802,11 +802,19 @@ bool flag_chain_built() {
 #endif
 }
 
+int chain_stride() {
+#if defined(AWQE_FLAG_CHAIN)
+    return kChainStride;
+#else
+    return 1;
+#endif
+}
+
 #if defined(AWQE_FLAG_CHAIN)
 namespace {
 __global__ void chain_reset_kernel(unsigned* counters, int count) {
     pdl_wait();  // the chain's last launch has completed: every chained block has passed its wait
-    if ((int)threadIdx.x < count) counters[threadIdx.x] = 0;
+    if ((int)threadIdx.x < count) counters[threadIdx.x * kChainStride] = 0;
     __syncwarp();
     pdl_launch_dependents();  // only now: a chain's first launch after it may count into these at once
 }

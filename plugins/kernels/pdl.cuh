@@ -84,8 +84,24 @@ cudaError_t launch_kernel(bool programmatic, void (*kernel)(KernelArgs...), dim3
 #endif
 }
 
+#if (defined(AWQE_CHAIN_PAD) || defined(AWQE_CHAIN_LATE)) && !defined(AWQE_FLAG_CHAIN)
+#error "AWQE_CHAIN_PAD and AWQE_CHAIN_LATE change the flag chain: build them with -DAWQE_FLAG_CHAIN"
+#endif
 #if defined(AWQE_FLAG_CHAIN)
 constexpr unsigned long long kChainSpinNs = 200000000ull;  // 0.2 s
+// r24's A/B flags, after r22/r23 measured the chain slower (bench/NOTES.md, "Outcomes of r21, r22, r23"):
+// -DAWQE_CHAIN_PAD puts each counter on its own 128-byte line (api.cpp spaces them chain_stride() words apart);
+// -DAWQE_CHAIN_LATE lets a chained launch's dependents in only once its blocks have seen the launch before done
+// (AWQE_CHAIN_ENTRY_TRIGGER does nothing for a chained launch, chain_wait triggers after its barrier), so only the
+// launch after the running one is resident and polling, not every launch that fits.
+#if defined(AWQE_CHAIN_PAD)
+constexpr int kChainStride = 32;
+#else
+constexpr int kChainStride = 1;
+#endif
+#if defined(AWQE_CHAIN_LATE) && defined(AWQE_PDL_LATE)
+#error "AWQE_CHAIN_LATE and AWQE_PDL_LATE each move the trigger; build one of them"
+#endif
 
 __device__ __forceinline__ unsigned chain_load_relaxed(const unsigned* p) {
     unsigned v;
@@ -114,6 +130,9 @@ __device__ __forceinline__ void chain_wait(const ChainLink& c) {
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
     }
     if (c.wait) __syncthreads();
+#if defined(AWQE_CHAIN_LATE)
+    if (c.wait) pdl_launch_dependents();
+#endif
     if (c.reset0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
         atomicExch(c.reset0, 0u);
 }
@@ -140,6 +159,14 @@ __device__ __forceinline__ void chain_signal_warp(const ChainLink& c) {
 
 // What a kernel that may be chained calls: with -DAWQE_FLAG_CHAIN its link's wait and signals; otherwise pdl_wait()
 // and nothing (the link is not even a kernel argument there, so the default build's code stays as it was).
+#if defined(AWQE_FLAG_CHAIN) && defined(AWQE_CHAIN_LATE)
+#define AWQE_CHAIN_ENTRY_TRIGGER(link) \
+    do {                               \
+        if (!(link).wait) pdl_launch_dependents(); \
+    } while (0)
+#else
+#define AWQE_CHAIN_ENTRY_TRIGGER(link) pdl_launch_dependents()
+#endif
 #if defined(AWQE_FLAG_CHAIN)
 #define AWQE_CHAIN_WAIT(link) chain_wait(link)
 #define AWQE_CHAIN_SIGNAL_BLOCK(link) chain_signal_block(link)
