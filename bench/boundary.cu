@@ -2,7 +2,7 @@
 // r22). Built and run by bench/boundary.py; prints one JSON object.
 //
 // A chain of `kernels` launches of one kernel, `blocks` blocks of one warp each, each block busy for `work_ns`
-// (%globaltimer) after its dependency resolves, then writing a word the next launch checks. Three ways to resolve it:
+// (%globaltimer) after its dependency resolves, then writing a word the next launch checks. Ways to resolve it:
 //   plain: no launch attribute (the next kernel starts once this one has finished and flushed);
 //   pdl:   programmatic dependent launch, launch_dependents at entry, griddepcontrol.wait (the decode step today);
 //   flag:  the same launch, no griddepcontrol.wait: each block of launch k polls a counter (relaxed loads, a 32 ns
