@@ -113,6 +113,12 @@ __global__ void link(Chain c, int k, int kernels, int blocks, unsigned work_ns) 
     }
 }
 
+// The kernel of each mode, indexed by Mode.
+static void (*const kLinks[])(Chain, int, int, int, unsigned) = {link<kPlain>, link<kPdl>, link<kFlag>,
+                                                                  link<kFlagPad>, link<kFlagLate>, link<kFlagLatePad>};
+static_assert(sizeof(kLinks) / sizeof(kLinks[0]) == kModes, "a kernel for every mode");
+static_assert(sizeof(kModeNames) / sizeof(kModeNames[0]) == kModes, "a name for every mode");
+
 static void launch(int mode, bool programmatic, cudaStream_t s, Chain c, int k, int kernels, int blocks,
                    unsigned work_ns) {
     cudaLaunchConfig_t cfg = {};
@@ -124,12 +130,7 @@ static void launch(int mode, bool programmatic, cudaStream_t s, Chain c, int k, 
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = programmatic ? 1 : 0;
-    if (mode == kPlain) CHECK(cudaLaunchKernelEx(&cfg, link<kPlain>, c, k, kernels, blocks, work_ns));
-    if (mode == kPdl) CHECK(cudaLaunchKernelEx(&cfg, link<kPdl>, c, k, kernels, blocks, work_ns));
-    if (mode == kFlag) CHECK(cudaLaunchKernelEx(&cfg, link<kFlag>, c, k, kernels, blocks, work_ns));
-    if (mode == kFlagPad) CHECK(cudaLaunchKernelEx(&cfg, link<kFlagPad>, c, k, kernels, blocks, work_ns));
-    if (mode == kFlagLate) CHECK(cudaLaunchKernelEx(&cfg, link<kFlagLate>, c, k, kernels, blocks, work_ns));
-    if (mode == kFlagLatePad) CHECK(cudaLaunchKernelEx(&cfg, link<kFlagLatePad>, c, k, kernels, blocks, work_ns));
+    CHECK(cudaLaunchKernelEx(&cfg, kLinks[mode], c, k, kernels, blocks, work_ns));
 }
 
 static std::vector<int> parse_list(const char* s) {

@@ -162,7 +162,8 @@ __device__ __forceinline__ void chain_signal_warp(const ChainLink& c) {
 #if defined(AWQE_FLAG_CHAIN) && defined(AWQE_CHAIN_LATE)
 #define AWQE_CHAIN_ENTRY_TRIGGER(link) \
     do {                               \
-        if (!(link).wait) pdl_launch_dependents(); \
+        if (!(link).wait)              \
+            pdl_launch_dependents();   \
     } while (0)
 #else
 #define AWQE_CHAIN_ENTRY_TRIGGER(link) pdl_launch_dependents()
