@@ -7,7 +7,8 @@
 //   pdl:   programmatic dependent launch, launch_dependents at entry, griddepcontrol.wait (the decode step today);
 //   flag:  the same launch, no griddepcontrol.wait: each block of launch k polls a counter (relaxed loads, a 32 ns
 //          sleep, then one acquire fence) that every block of launch k - 1 adds to with one red.release.gpu after
-//          writing its word: as the decode kernels' -DAWQE_FLAG_CHAIN build does (plugins/kernels/pdl.cuh).
+//          writing its word: as r23's -DAWQE_FLAG_CHAIN build of the decode kernels did (rejected, removed after
+//          55fb286; bench/NOTES.md, "The flag chain leaves the tree").
 //   flag_pad, flag_late, flag_late_pad (r24, after r22 measured flag at 8-10 us a boundary): the counters 128 bytes
 //          apart instead of adjacent (pad), and launch_dependents after the poll instead of at entry (late, so only
 //          the launch after the running one is resident and polling, not every launch that fits).

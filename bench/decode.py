@@ -640,11 +640,6 @@ def breakdown_of(w: Weights, context: int) -> dict:
     ops.fold_norms = False
     res["full_step_unfolded_us"] = graph_time(dec._step) * 1e6
     ops.fold_norms = True
-    if ops.flag_chain:  # r23's A/B build: the step above chained its launches by counters; here by grid completion
-        ops.flag_chain = False
-        res["full_step_no_chain_us"] = graph_time(dec._step) * 1e6
-        ops.flag_chain = True
-        res["chain_timeouts"] = kernels.chain_timeouts(w.embed.device)
     res["context"] = context
     del dec
     free()

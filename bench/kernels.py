@@ -46,13 +46,11 @@ def build(arch: str) -> None:
     subprocess.run(["cmake", "--build", str(build_dir), "-j", "16"], check=True, stdout=subprocess.DEVNULL)
 
 
-def time_per_call(step, n_sets: int, min_calls: int = 32, reps: int = 20, chain: bool = False) -> float:
+def time_per_call(step, n_sets: int, min_calls: int = 32, reps: int = 20) -> float:
     """Median seconds per call of step(i), i cycling over n_sets, from CUDA events around graph replays.
 
     A graph of many calls keeps Python and launch overhead out of microsecond kernels; cycling over sets
-    larger than L2 makes every call read its weights from device memory. chain: the graph's calls in one flag
-    chain (a -DAWQE_FLAG_CHAIN library), each waiting for the one before by its counter instead of grid completion,
-    as the decode step's chained launches do; its closing reset kernel is in the graph and in the time.
+    larger than L2 makes every call read its weights from device memory.
     """
     calls = n_sets * math.ceil(min_calls / n_sets)
     side = torch.cuda.Stream()
@@ -63,12 +61,8 @@ def time_per_call(step, n_sets: int, min_calls: int = 32, reps: int = 20, chain:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        if chain:
-            kernels.chain_begin(torch.device("cuda"))
         for i in range(calls):
             step(i % n_sets)
-        if chain:
-            kernels.chain_end(torch.device("cuda"))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     graph.replay()
@@ -100,14 +94,13 @@ def read_bandwidth() -> float:
     return src.numel() * 2 / time_per_call(lambda i: src.sum(dtype=torch.float32), 1, min_calls=5)
 
 
-def launch_floor(chain: bool = False) -> float:
-    """Seconds per call of our kernel on a 16 x 64 weight: the fixed cost every call pays in a graph (chain: in a
-    flag chain)."""
+def launch_floor() -> float:
+    """Seconds per call of our kernel on a 16 x 64 weight: the fixed cost every call pays in a graph."""
     b, scales, zp = random_matmul_nbits(16, 64, 64)
     w = kernels.repack_matmul_nbits(b, scales, zp, 64, 64)
     x = torch.randn(1, 64, dtype=torch.float16, device="cuda")
     y = torch.empty(1, 16, dtype=torch.float16, device="cuda")
-    return time_per_call(lambda i: kernels.gemm(x, w, out=y), 1, chain=chain)
+    return time_per_call(lambda i: kernels.gemm(x, w, out=y), 1)
 
 
 def matmul_flops() -> float:
@@ -149,9 +142,8 @@ def check_shape(n: int, k: int, bs: int, gen: torch.Generator) -> dict:
     return errors
 
 
-def time_shape(n: int, k: int, l2: int, chain: bool = False) -> dict:
-    """Each kernel's seconds per call at every M; chain: ours at M = 1 also in a flag chain (ours_chained)."""
-    out = {"ours": {}, "ours_warps": {}, "ours_chained": {}, "torch_int4": {}, "cublas_f16": {}, "dequant_cublas": {}}
+def time_shape(n: int, k: int, l2: int) -> dict:
+    out = {"ours": {}, "ours_warps": {}, "torch_int4": {}, "cublas_f16": {}, "dequant_cublas": {}}
     # ours: repacked MatMulNBits weights
     sets = n_sets_for(matmul_nbits_bytes(n, k, GROUP), l2)
     packed = [kernels.repack_matmul_nbits(*random_matmul_nbits(n, k, GROUP), k, GROUP) for _ in range(sets)]
@@ -163,8 +155,6 @@ def time_shape(n: int, k: int, l2: int, chain: bool = False) -> dict:
         out["ours"][m] = by_warps[0]
         if len(by_warps) > 1:
             out["ours_warps"][m] = by_warps
-        if chain and m == 1:  # the library chains M = 1 launches only
-            out["ours_chained"][m] = time_per_call(lambda i: kernels.gemm(xs[i], packed[i], out=y), sets, chain=True)
     dense = torch.empty(n, k, dtype=torch.float16, device="cuda")
     for m in PREFILL_MS:
         xs = [torch.randn(m, k, dtype=torch.float16, device="cuda") for _ in range(sets)]
@@ -214,10 +204,6 @@ def summarize(n: int, k: int, timing: dict, copy_bw: float, tc_flops: float) -> 
             "speedup_vs_torch_int4": int4 / ours, "speedup_vs_cublas_f16": f16 / ours,
             "ours_by_warps_s": timing["ours_warps"].get(m),
         })
-        if m in timing["ours_chained"]:
-            chained = timing["ours_chained"][m]
-            rows[-1].update({"ours_chained_s": chained, "ours_chained_frac_of_copy": nbytes / chained / copy_bw,
-                             "chained_speedup": ours / chained})
     return rows
 
 
@@ -225,9 +211,6 @@ def print_table(result: dict) -> None:
     print(f"\n{result['label']} on {result['device']}: copy {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s "
           f"(read+write), read {result['read_bandwidth_Bps'] / 1e12:.2f} TB/s, fp16 matmul "
           f"{result['f16_matmul_flops'] / 1e12:.0f} TFLOP/s, launch floor {result['launch_floor_s'] * 1e6:.1f} us")
-    if result["launch_floor_chained_s"] is not None:
-        print(f"flag chain (M = 1, this library's -DAWQE_FLAG_CHAIN): launch floor "
-              f"{result['launch_floor_chained_s'] * 1e6:.1f} us; each shape's chained row follows its M = 1 row")
     print(f"{'N x K':>12} {'M':>3} {'floor us':>8} {'ours us':>8} {'GB/s':>6} {'%copy':>6} {'int4 us':>8} "
           f"{'x int4':>6} {'f16 us':>8} {'x f16':>6}  us by warps per tile (auto, 1, 2, 4, 8)")
     for s in result["shapes"]:
@@ -237,9 +220,6 @@ def print_table(result: dict) -> None:
                   f"{r['ours_GBps']:6.0f} {100 * r['ours_frac_of_copy']:5.0f}% {r['torch_int4_s'] * 1e6:8.1f} "
                   f"{r['speedup_vs_torch_int4']:6.2f} {r['cublas_f16_s'] * 1e6:8.1f} {r['speedup_vs_cublas_f16']:6.2f}"
                   f"  {sweep}")
-            if "ours_chained_s" in r:
-                print(f"{s['N']:>6}x{s['K']:<5} {r['M']:>3} chained {r['ours_chained_s'] * 1e6:8.1f} us "
-                      f"{100 * r['ours_chained_frac_of_copy']:5.0f}% of copy, {r['chained_speedup']:.3f}x unchained")
     print("prefill, us: slices of 16 rows / dequantise + fp16 cuBLAS / fp16 cuBLAS alone")
     for s in result["shapes"]:
         print(f"{s['N']:>6}x{s['K']:<5} " + "   ".join(
@@ -262,12 +242,10 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     copy_bw, tc_flops = copy_bandwidth(), matmul_flops()
-    chain = kernels.flag_chain_built(torch.device("cuda"))
     result = {
         "label": args.label, "device": props.name, "sm_count": props.multi_processor_count, "l2_bytes": l2,
         "torch": torch.__version__, "group_size": GROUP, "copy_bandwidth_Bps": copy_bw, "f16_matmul_flops": tc_flops,
         "read_bandwidth_Bps": read_bandwidth(), "launch_floor_s": launch_floor(),
-        "flag_chain": chain, "launch_floor_chained_s": launch_floor(chain=True) if chain else None,
         "timing": "median per call over 20 CUDA-event-timed graph replays, each of >= 32 calls cycling over "
                   "weight sets totalling >= 2.5x L2",
         "shapes": [], "command": " ".join(["python -P bench/kernels.py", *sys.argv[1:]]),
@@ -275,7 +253,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for n, k in args.shapes:
         errors = {bs: check_shape(n, k, bs, gen) for bs in kernels.BLOCK_SIZES}
-        timing = time_shape(n, k, l2, chain=chain)
+        timing = time_shape(n, k, l2)
         result["shapes"].append({
             "N": n, "K": k, "matmul_nbits_bytes": matmul_nbits_bytes(n, k, GROUP), "rel_error": errors,
             "rows": summarize(n, k, timing, copy_bw, tc_flops),
@@ -284,11 +262,6 @@ def main() -> None:
             "sets": {key: timing[key] for key in timing if key.endswith("_sets")},
         })
         print(f"{n}x{k} done, max rel error {max(max(e.values()) for e in errors.values()):.2e}", flush=True)
-    if chain:  # a chained wait that gave up ran its kernel early: the chained times would be wrong
-        result["chain_timeouts"] = kernels.chain_timeouts(torch.device("cuda"))
-        if result["chain_timeouts"]:
-            sys.exit(f"bench/kernels.py: {result['chain_timeouts']} chained waits timed out: the flag chain is broken; "
-                     "its times are not written")
     result["wall_s"] = time.time() - t0
     write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
     print_table(result)

@@ -97,22 +97,6 @@ def test_gemm_norm_refuses_an_unknown_gate_activation():
     assert "GELU" in lib.awqe_last_error().decode()
 
 
-@needs_library
-def test_flag_chains_are_refused_by_a_library_built_without_them():
-    """awqe_chain_begin fails before any CUDA call unless the library was built with -DAWQE_FLAG_CHAIN (r23's A/B
-    build, where on a GPU it opens a chain); closing no chain is fine; no chain has run, so no timeout count."""
-    lib = kernels.load_library()
-    status = lib.awqe_chain_begin(None)
-    if status == 0:  # a flag-chain build on a GPU
-        assert lib.awqe_chain_end(None) == 0 and lib.awqe_chain_timeouts() >= 0
-        return
-    if status == kernels.CUDA_ERROR and not torch.cuda.is_available():
-        pytest.skip("a flag-chain build opens a chain on a GPU only")
-    assert status == kernels.UNSUPPORTED, lib.awqe_last_error().decode()
-    assert "-DAWQE_FLAG_CHAIN" in lib.awqe_last_error().decode()
-    assert lib.awqe_chain_end(None) == 0 and lib.awqe_chain_timeouts() == -1
-
-
 GOOD_RESIDUAL_NORM = dict(y=ALIGNED, out_norm=ALIGNED, h=ALIGNED * 2, next_norm=ALIGNED, x=ALIGNED * 4, rows=2,
                           dim=640, eps=1e-6)
 

@@ -142,26 +142,6 @@ class EmulatedKernels:
     dense fp16 W [n, k]. Lets CudaOps' choices around the kernels run without a GPU."""
 
     GATES = kernels.GATES
-    CHAINED = ("gemm", "gemm_norm", "gemm_gated", "decode_attention")  # the launches that take a chain link
-
-    def __init__(self):
-        self.chain_open, self.chained = False, 0
-
-    def chain_begin(self, device):
-        assert not self.chain_open, "a chain opened inside a chain"
-        self.chain_open = True
-
-    def chain_end(self, device):
-        assert self.chain_open, "chain_end without chain_begin"
-        self.chain_open = False
-
-    def __getattribute__(self, name):  # inside a chain only the chained kernels may launch; count them
-        attr = object.__getattribute__(self, name)
-        if callable(attr) and not name.startswith("_") and not name.startswith("chain") and name != "sumsq_parts":
-            if object.__getattribute__(self, "chain_open"):
-                assert name in EmulatedKernels.CHAINED, f"{name} launched inside a flag chain"
-                object.__setattr__(self, "chained", object.__getattribute__(self, "chained") + 1)
-        return attr
 
     @staticmethod
     def _f16(*tensors):
@@ -176,7 +156,7 @@ class EmulatedKernels:
 
     def gemm(self, x, w, bias=None):
         self._f16(x, bias)
-        return EmulatedKernels.gemm_norm(self, x, w, bias)  # one launch: not counted again (__getattribute__)
+        return self.gemm_norm(x, w, bias)
 
     sumsq_parts = staticmethod(kernels.sumsq_parts)
 
@@ -205,7 +185,7 @@ class EmulatedKernels:
         return y if norm_weight is None else (y, norm_weight * y)
 
     def gemm_gated(self, x, w, bias=None, activation="silu"):
-        return EmulatedKernels.gemm_norm(self, x, w, bias, gated=True, activation=activation)
+        return self.gemm_norm(x, w, bias, gated=True, activation=activation)
 
     def residual_norm(self, y, out_norm, h, next_norm, eps):
         self._f16(y, out_norm, next_norm)
@@ -227,114 +207,23 @@ class EmulatedKernels:
                                                      softcap, q_norm, k_norm, eps))
 
 
-def emulated_weights(folder, monkeypatch):
-    """The checkpoint's weights on the CPU for CudaOps around EmulatedKernels: each linear "packed" as its dense fp16
-    W, and no attention workspace (the emulation needs none)."""
-    from awq_edge.runtime.cuda import DeviceLinear
-
-    weights = load_weights(folder, "cpu", torch.float16, packed=False, max_len=64)
-    for L in weights.layers:
-        L.qkv, L.o, L.gate_up, L.down = (DeviceLinear(x.n, x.k, packed=x.weight, bias=x.bias)
-                                         for x in (L.qkv, L.o, L.gate_up, L.down))
-    monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
-    return weights
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tmp_path, case, monkeypatch):
+    from awq_edge.runtime.cuda import DeviceLinear
+
     model, _ = write_checkpoint(tmp_path / "ck", **CASES[case])
     ref = hf_logits(model, PROMPT)
-    weights = emulated_weights(tmp_path / "ck", monkeypatch)
+    weights = load_weights(tmp_path / "ck", "cpu", torch.float16, packed=False, max_len=64)
+    as_packed = lambda lin: DeviceLinear(lin.n, lin.k, packed=lin.weight, bias=lin.bias)  # noqa: E731
+    for L in weights.layers:
+        L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
+    monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
     for fold, sums in ((True, False), (True, True), (False, False)):
         ops = CudaOps(weights, fold_norms=fold, norm_sums=sums)
         ops.k = EmulatedKernels()
         dec = CudaDecoder(weights, ops, use_graphs=False)
         steps = [dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]]
         np.testing.assert_allclose(np.stack(steps), ref[3:], rtol=0, atol=2e-2 * np.abs(ref).max())
-
-
-@pytest.mark.parametrize("case, options", [("llama", {}), ("qwen2_bias", {}), ("qwen3_qk_norms", {}),
-                                           ("phi3_fused", {}), ("gemma_gelu", {}), ("gemma2_softcaps", {}),
-                                           ("llama", {"norm_sums": True}), ("llama", {"dense_rows": 1}),
-                                           ("llama", {"fold_norms": False})])
-def test_a_flag_chain_holds_only_the_chained_kernels_and_changes_no_logit(tmp_path, case, options, monkeypatch):
-    """CudaOps.flag_chain (r23): each single-token step opens one chain from layer 0's attention to the last down
-    product holding nothing but the library's chained launches (5 a layer less layer 0's qkv), with no PyTorch op
-    that runs a kernel inside it (a launch the chain does not wait for); prompts and Gemma 2/3's float32 block open
-    none, nor do ops that would put another launch inside it (dense_rows 1: the dequantised cuBLAS path; unfolded
-    norms). Emulated on the CPU, where the chain changes no logit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    write_checkpoint(tmp_path / "ck", **CASES[case])
-    weights = emulated_weights(tmp_path / "ck", monkeypatch)
-    emulated = EmulatedKernels()
-    inside = []  # PyTorch ops run inside a chain outside the emulated kernels
-
-    class Ops(TorchDispatchMode):
-        depth = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if object.__getattribute__(emulated, "chain_open") and not Ops.depth:
-                inside.append(str(func.overloadpacket.__name__))
-            return func(*args, **(kwargs or {}))
-
-    for name in EmulatedKernels.CHAINED:  # the emulation's own PyTorch ops are the kernel's, not the step's
-        real = getattr(emulated, name)
-
-        def wrapped(*a, _real=real, **kw):
-            Ops.depth += 1
-            try:
-                return _real(*a, **kw)
-            finally:
-                Ops.depth -= 1
-        object.__setattr__(emulated, name, wrapped)
-    runs = {}
-    for chain in (False, True):
-        ops = CudaOps(weights, **options)
-        ops.k, ops.flag_chain = emulated, chain
-        dec = CudaDecoder(weights, ops, use_graphs=False)
-        object.__setattr__(emulated, "chained", 0)
-        with Ops():
-            runs[chain] = np.stack([dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]])
-        steps, layers = len(PROMPT) - 4, len(weights.layers)
-        chainable = not any(L.attn_out_norm is not None for L in weights.layers) and not (
-            options.get("dense_rows") == 1 or options.get("fold_norms") is False)
-        assert emulated.chained == (steps * (5 * layers - 1) if chain and chainable else 0)
-    assert not emulated.chain_open
-    allowed = {"empty", "view", "_unsafe_view", "slice", "select", "as_strided", "reshape", "alias", "detach", "t",
-               "expand", "empty_like", "empty_strided", "unsqueeze", "squeeze", "transpose"}  # no kernel among them
-    assert set(inside) <= allowed, sorted(set(inside) - allowed)
-    np.testing.assert_array_equal(runs[True], runs[False])
-
-
-@needs_library
-@needs_gpu
-@pytest.mark.parametrize("case, max_len", [("llama", 64), ("qwen3_qk_norms", 64), ("llama", 4096)])
-def test_a_flag_chain_build_decodes_as_without_its_chain(tmp_path, case, max_len):
-    """r23's A/B build (-DAWQE_FLAG_CHAIN): the same greedy tokens and, step by step, the same logits with the chain
-    as with grid-completion waits, eager and in a CUDA graph; each step's chain held its 5 x layers - 1 launches; no
-    chained wait gave up and every counter is back at zero. max_len 4096: attention grids of 128 splits a head, all
-    but one inactive, which signal without waiting."""
-    device = torch.device("cuda")
-    if not kernels.flag_chain_built(device):
-        pytest.skip(f"{kernels.library_path()} was built without -DAWQE_FLAG_CHAIN")
-    write_checkpoint(tmp_path / "ck", **CASES[case])
-    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=max_len)
-    kernels.chain_timeouts(device)
-    out, tokens = {}, {}
-    for chain in (False, True):
-        for graphs in (False, True):
-            dec = CudaDecoder(weights, CudaOps(weights, flag_chain=chain), use_graphs=graphs)
-            assert dec._chainable() == chain
-            out[chain, graphs] = np.stack([dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]])
-            if chain:
-                assert kernels.chain_launches() == 5 * len(weights.layers) - 1
-            dec.reset()
-            tokens[chain, graphs] = list(generate(dec, PROMPT, 24))
-    assert kernels.chain_timeouts(device) == 0 and kernels.chain_dirty(device) == 0
-    for key in out:
-        np.testing.assert_array_equal(out[key], out[False, False])
-        assert tokens[key] == tokens[False, False]
 
 
 # ---- On a GPU: every kernel against TorchOps in float32, on fresh random data with poisoned outputs ----

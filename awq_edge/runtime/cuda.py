@@ -315,25 +315,14 @@ class CudaOps(TorchOps):
     each block of the GEMV after it reads hidden / 16 floats for the row's mean instead of the whole row of h (the
     blocks of Llama-2-7B's gate/up read 11 MB of L2 for it). Off by default: on the H100 the step with the sums ran
     0.2-1.4% slower than with the rows read (bench/NOTES.md, r18); on for A/B timing.
-
-    flag_chain: single-token steps chain their launches by counters instead of grid completion (r23's A/B, a
-    library built with -DAWQE_FLAG_CHAIN); None: wherever the library has it.
     """
 
-    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = False,
-                 flag_chain: bool | None = None):
+    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = False):
         from awq_edge.runtime import kernels
 
         super().__init__(fold_norms)
         self.norm_sums = norm_sums
         self.k = kernels
-        device = weights.embed.device
-        built = device.type == "cuda" and flag_chain is not False and kernels.flag_chain_built(device)
-        if flag_chain and not built:
-            raise AwqEdgeError(f"flag_chain needs a kernel library built with -DAWQE_FLAG_CHAIN; "
-                               f"{kernels.library_path()} was built without",
-                               "build one with -DCMAKE_CUDA_FLAGS=-DAWQE_FLAG_CHAIN, or leave flag_chain off")
-        self.flag_chain = built if flag_chain is None else flag_chain
         d = weights.dims
         self.workspace = kernels.attention_workspace(d.heads, d.head_dim, weights.max_len, weights.embed.device)
         self.dense_rows = dense_rows  # prefill: from this many rows on, dequantise to fp16 and use cuBLAS
@@ -506,34 +495,15 @@ class CudaDecoder(PrefixCachedDecoder):
                 x = ops.residual_norm(ops.linear(act, L.down), L.mlp_out_norm, h, nxt, d.eps)
             return x
         g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
-        chain = past is None and self._chainable()
-        try:
-            for i, L in enumerate(w.layers):
-                qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
-                if chain and i == 0:  # from layer 0's attention to the last down product: our chained kernels only
-                    ops.k.chain_begin(qkv.device)
-                a = self._attend(i, L, qkv, positions, past)
-                h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
-                act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
-                                      activation=feats.activation)
-                nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
-                h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
-        finally:
-            if chain:  # also after an error: a chain left open would take in later launches of the library
-                ops.k.chain_end(h.device)
+        for i, L in enumerate(w.layers):
+            qkv = ops.norm_linear(h, L.input_norm, d.eps, L.qkv, prescaled=g)
+            a = self._attend(i, L, qkv, positions, past)
+            h, g = ops.residual_linear(a, L.o, h, next_norm=L.post_norm)
+            act = ops.norm_linear(h, L.post_norm, d.eps, L.gate_up, gated=True, prescaled=g,
+                                  activation=feats.activation)
+            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else None
+            h, g = ops.residual_linear(act, L.down, h, next_norm=nxt)
         return self._norm(h, w.norm)
-
-    def _chainable(self) -> bool:
-        """Whether a single-token step may chain its launches (CudaOps.flag_chain): only where every launch between
-        layer 0's attention and the last down product is one of the library's chained kernels (folded norms, gates
-        in the GEMV's epilogue, o and down without a bias of their own, every linear int4 and on the GEMV, not
-        dequantised for cuBLAS), since a launch of anything else inside a chain would not be waited for."""
-        ops, feats = self.ops, self.w.features
-        if not getattr(ops, "flag_chain", False) or self.sandwich or not ops.fold_norms or ops.dense_rows <= 1:
-            return False
-        return feats.activation in ops.k.GATES and all(
-            lin.packed is not None for L in self.w.layers for lin in (L.qkv, L.o, L.gate_up, L.down)) and all(
-            L.o.bias is None and L.down.bias is None for L in self.w.layers)
 
     def _attend(self, i, L: Layer, qkv, positions, past):
         """Attention of layer i from its qkv product: q/k norms, rotary embedding, cache write, attention."""

@@ -46,11 +46,6 @@ _SIGNATURES = {
     "awqe_set_programmatic_launch": ([_int], None),
     "awqe_silu_mul_f16": ([_vp, _vp, _int, _int, _vp], _int),
     "awqe_probe_placement": ([_vp, _int], _int),
-    "awqe_chain_begin": ([_vp], _int),
-    "awqe_chain_end": ([_vp], _int),
-    "awqe_chain_timeouts": ([], _int),
-    "awqe_chain_launches": ([], _int),
-    "awqe_chain_dirty": ([], _int),
 }
 
 
@@ -361,52 +356,6 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
 def set_programmatic_launch(enable: bool) -> None:
     """Programmatic dependent launch on sm_90+ (default on); off for A/B timing."""
     load_library().awqe_set_programmatic_launch(int(enable))
-
-
-def flag_chain_built(device: torch.device) -> bool:
-    """Whether the library was built with -DAWQE_FLAG_CHAIN (r23's A/B build, awq_edge_kernels.h's flag chains): a
-    chain opened and closed on `device`'s current stream succeeds. Its first call on a device allocates the chain's
-    counters, so it must not run inside a CUDA graph capture."""
-    lib = load_library()
-    with torch.cuda.device(device):
-        stream = _stream(device)
-        if lib.awqe_chain_begin(stream) != 0:
-            return False
-        check(lib, lib.awqe_chain_end(stream))
-    return True
-
-
-def chain_begin(device: torch.device) -> None:
-    """Open a flag chain on `device`'s current stream: this library's launches from here until chain_end (M <= 8
-    GEMMs and decode attention) wait on counters instead of grid completion; nothing else may launch on the stream
-    meanwhile, and only one chain may run on the device at a time."""
-    lib = load_library()
-    with torch.cuda.device(device):
-        check(lib, lib.awqe_chain_begin(_stream(device)))
-
-
-def chain_end(device: torch.device) -> None:
-    lib = load_library()
-    with torch.cuda.device(device):
-        check(lib, lib.awqe_chain_end(_stream(device)))
-
-
-def chain_launches() -> int:
-    """Launches of the last chain this thread closed; -1 before any."""
-    return load_library().awqe_chain_launches()
-
-
-def chain_timeouts(device: torch.device) -> int:
-    """Chained waits on `device` that gave up (results then wrong) since the last call; -1 where no chain has run.
-    Synchronises the device."""
-    with torch.cuda.device(device):
-        return load_library().awqe_chain_timeouts()
-
-
-def chain_dirty(device: torch.device) -> int:
-    """Chain counters on `device` not back at zero (0 once every chain has ended); synchronises the device."""
-    with torch.cuda.device(device):
-        return load_library().awqe_chain_dirty()
 
 
 PROBE_FIELDS = ("entry_ns", "released_ns", "done_ns", "sm", "wait_cycles", "done_cycles", "threads")

@@ -154,23 +154,6 @@ AWQE_API awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, c
  * that off, 1 back on (default). */
 AWQE_API void awqe_set_programmatic_launch(int enable);
 
-/* Flag chains (r23, for A/B timing; live only in a library built with -DAWQE_FLAG_CHAIN, else begin returns
- * AWQE_ERR_UNSUPPORTED): between awqe_chain_begin and awqe_chain_end on `stream`, this library's M <= 8 GEMMs and
- * decode attention wait for the launch before them by a counter its blocks increment, not by grid completion. Any
- * other launch of this library on that stream closes the chain; the caller must not launch anything else (another
- * library's kernels, copies) on that stream inside it. Closing launches a one-block kernel that clears the chain's
- * last counters. A device's chains share its counters: one chain at a time may run on a device (one decoder
- * stepping). The first begin on a device allocates the counters, so it must come outside a stream capture.
- * awqe_chain_launches: the launches of the last chain closed on this thread (-1: none). Both of the following
- * synchronise the device: awqe_chain_timeouts, the waits that gave up after 0.2 s since the last call (results then
- * wrong; the counters are zeroed), awqe_chain_dirty, the counters not zero (0 once every chain has ended); -1 where
- * no chain has run on the current device. */
-AWQE_API awqe_status awqe_chain_begin(cudaStream_t stream);
-AWQE_API awqe_status awqe_chain_end(cudaStream_t stream);
-AWQE_API int awqe_chain_launches(void);
-AWQE_API int awqe_chain_timeouts(void);
-AWQE_API int awqe_chain_dirty(void);
-
 /* A timing probe for benchmarks (bench/placement.py), live only in a library built with -DAWQE_PROBE_PLACEMENT:
  * copies, for blocks [0, max_blocks) of the last M <= 8 GEMM launched, 40-byte records (uint64 %globaltimer ns at
  * the block's entry, when its wait for the kernel before returned, and when its sums were done; uint32 SM, SM clock

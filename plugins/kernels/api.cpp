@@ -3,7 +3,6 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
-#include <vector>
 
 #include "awq_edge_kernels.h"
 #include "decode.cuh"
@@ -52,16 +51,10 @@ std::atomic<int> g_cc_major[64];
 std::atomic<int> g_smem_per_sm[64];
 std::atomic<int> g_smem_reserved[64];
 
-// The current device's index, within the 64 the per-device caches hold.
-awqe_status current_device(int* dev) {
-    if (awqe_status s = cuda_status(cudaGetDevice(dev), "cudaGetDevice")) return s;
-    if (*dev < 0 || *dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", *dev);
-    return AWQE_OK;
-}
-
 awqe_status device_info(awqe::Device* out) {
     int dev = 0;
-    if (awqe_status s = current_device(&dev)) return s;
+    if (awqe_status s = cuda_status(cudaGetDevice(&dev), "cudaGetDevice")) return s;
+    if (dev < 0 || dev >= 64) return fail(AWQE_ERR_UNSUPPORTED, "device index %d is beyond 63", dev);
     int n = g_sm_count[dev].load(std::memory_order_relaxed), major = g_cc_major[dev].load(std::memory_order_relaxed);
     int smem = g_smem_per_sm[dev].load(std::memory_order_relaxed);
     int reserved = g_smem_reserved[dev].load(std::memory_order_relaxed);
@@ -153,76 +146,7 @@ awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* 
 // Programmatic dependent launch: on by default where the device has it (compute capability >= 9.0).
 std::atomic<int> g_pdl_switch{1};
 
-// r23's flag chain (pdl.cuh): the chain open on this thread, one stream at a time, and each device's counters
-// (kMaxChain done counters awqe::chain_stride() words apart, then the timeout count). Chains share their device's
-// counters, so two must not run on the device at once. A chain longer than kMaxChain closes itself (later launches
-// wait as usual).
-constexpr int kMaxChain = 4096;
-size_t chain_words() { return (size_t)kMaxChain * awqe::chain_stride() + 1; }  // the counters and the timeout count
-unsigned* chain_counter(unsigned* counters, int i) { return counters + (size_t)i * awqe::chain_stride(); }
-unsigned* chain_timeout_count(unsigned* counters) { return counters + chain_words() - 1; }
-struct ChainState {
-    cudaStream_t stream = nullptr;
-    bool open = false, linked = false;
-    int index = 0, device = -1, last_length = -1;
-    unsigned prev_blocks = 0;
-};
-thread_local ChainState g_chain;
-unsigned* g_chain_counters[64] = {};
-
-// Closes the open chain and clears its last two counters (each earlier one was cleared by the launch two after it)
-// with a one-block kernel queued on its stream, which waits for the chain's last launch to complete.
-cudaError_t close_chain(ChainState& s) {
-    s.open = false;
-    s.last_length = s.index;
-    const int first = s.index >= 2 ? s.index - 2 : 0, count = s.index - first;
-    return count ? awqe::launch_chain_reset(chain_counter(g_chain_counters[s.device], first), count, s.stream)
-                 : cudaSuccess;
-}
-
-// The current device's chain counters once the device is idle (the chains run on the caller's streams); null in a
-// build without chains, before any chain on the device, or on a CUDA error.
-unsigned* idle_chain_counters() {
-    int dev = 0;
-    if (!awqe::flag_chain_built() || current_device(&dev) != AWQE_OK || g_chain_counters[dev] == nullptr ||
-        cudaDeviceSynchronize() != cudaSuccess)
-        return nullptr;
-    return g_chain_counters[dev];
-}
-
 }  // namespace
-
-awqe::ChainLink awqe::chain_next(cudaStream_t stream, unsigned blocks) {
-    ChainLink c;
-    ChainState& s = g_chain;
-    if (!s.open || stream != s.stream || s.index >= kMaxChain) return c;
-    unsigned* counters = g_chain_counters[s.device];
-    const int i = s.index++;
-    c.done = chain_counter(counters, i);
-    c.timeouts = chain_timeout_count(counters);
-    if (i > 0) {
-        c.wait = chain_counter(counters, i - 1);
-        c.wait_for = s.prev_blocks;
-    }
-    if (i >= 2) c.reset0 = chain_counter(counters, i - 2);  // launch i - 1's blocks have all passed their wait on it
-    s.prev_blocks = blocks;
-    s.linked = true;
-    return c;
-}
-
-void awqe::chain_launching(cudaStream_t stream) {
-    ChainState& s = g_chain;
-    if (s.linked) {
-        s.linked = false;
-        return;
-    }
-    if (s.open && stream == s.stream) close_chain(s);  // a launch that is not chained: the chain ends before it
-}
-
-void awqe::chain_launch_failed() {
-    ChainState& s = g_chain;
-    if (s.open) close_chain(s);  // the failed launch never counts; its successors must not wait for it
-}
 
 bool awqe::pdl_enabled() {
     awqe::Device dev{};
@@ -301,66 +225,6 @@ awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, const void
 }
 
 void awqe_set_programmatic_launch(int enable) { g_pdl_switch.store(enable ? 1 : 0, std::memory_order_relaxed); }
-
-awqe_status awqe_chain_begin(cudaStream_t stream) {
-    if (!awqe::flag_chain_built())
-        return fail(AWQE_ERR_UNSUPPORTED, "flag chains need a library built with -DAWQE_FLAG_CHAIN (an A/B build, "
-                                          "bench/NOTES.md r23); this one was built without");
-    ChainState& s = g_chain;
-    int dev = 0;
-    if (awqe_status st = current_device(&dev)) return st;
-    if (s.open && s.device != dev)
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "a flag chain is open on device %d; end it before one on device %d",
-                    s.device, dev);
-    if (g_chain_counters[dev] == nullptr) {  // allocated once a device, zeroed; never inside a stream capture
-        cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-        if (awqe_status st = cuda_status(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing"))
-            return st;
-        if (capturing != cudaStreamCaptureStatusNone)
-            return fail(AWQE_ERR_INVALID_ARGUMENT, "the first flag chain on a device must begin outside a stream "
-                                                   "capture (it allocates the chain's counters)");
-        unsigned* counters = nullptr;
-        const size_t bytes = sizeof(unsigned) * chain_words();
-        if (awqe_status st = cuda_status(cudaMalloc(reinterpret_cast<void**>(&counters), bytes), "cudaMalloc"))
-            return st;
-        if (awqe_status st = cuda_status(cudaMemset(counters, 0, bytes), "cudaMemset")) return st;
-        g_chain_counters[dev] = counters;
-    }
-    if (s.open) {
-        if (awqe_status st = cuda_status(close_chain(s), "chain reset launch")) return st;
-    }
-    s.open = true, s.linked = false, s.stream = stream, s.index = 0, s.prev_blocks = 0, s.device = dev;
-    return AWQE_OK;
-}
-
-awqe_status awqe_chain_end(cudaStream_t stream) {
-    ChainState& s = g_chain;
-    if (!s.open || s.stream != stream) return AWQE_OK;
-    return cuda_status(close_chain(s), "chain reset launch");
-}
-
-int awqe_chain_launches(void) { return g_chain.last_length; }
-
-// A count above zero also zeroes every counter, since a wait that gave up leaves late increments behind.
-int awqe_chain_timeouts(void) {
-    unsigned* counters = idle_chain_counters();
-    unsigned n = 0;
-    if (!counters || cudaMemcpy(&n, chain_timeout_count(counters), sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess)
-        return -1;
-    if (n && cudaMemset(counters, 0, sizeof(unsigned) * chain_words()) != cudaSuccess) return -1;
-    return (int)n;
-}
-
-int awqe_chain_dirty(void) {
-    unsigned* counters = idle_chain_counters();
-    if (!counters) return -1;
-    std::vector<unsigned> host(chain_words() - 1);  // the counters and the padding between them, not the timeouts
-    if (cudaMemcpy(host.data(), counters, sizeof(unsigned) * host.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
-        return -1;
-    int n = 0;
-    for (unsigned v : host) n += v != 0;
-    return n;
-}
 
 awqe_status awqe_gemm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null, void* y_f16, int M,
                           int N, int K, int block_size, void* workspace, size_t workspace_bytes,

@@ -266,19 +266,6 @@ __device__ __forceinline__ void load_rope(const float* cos_row, const float* sin
     }
 }
 
-// r23's flag chain (-DAWQE_FLAG_CHAIN, pdl.cuh): the attention kernel as a chained launch. Every block signals at
-// each of its exits (the inactive splits too, without waiting: they read nothing); the consumer counts the grid.
-#if defined(AWQE_FLAG_CHAIN)
-#if defined(AWQE_ATTN_WAIT_FIRST)
-#error "AWQE_ATTN_WAIT_FIRST waits twice; build it without AWQE_FLAG_CHAIN"
-#endif
-#define AWQE_CHAIN_PARAM , const ChainLink chain
-#else
-#define AWQE_CHAIN_PARAM
-#endif
-#define AWQE_WAIT() AWQE_CHAIN_WAIT(chain)
-#define AWQE_SIGNAL() AWQE_CHAIN_SIGNAL_BLOCK(chain)
-
 template <int E>  // E = head_dim / 32 values per lane
 __global__ void __launch_bounds__(kAttnThreads)
 decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
@@ -286,9 +273,9 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
                         __half* __restrict__ v_cache, __half* __restrict__ out, float* __restrict__ ws_o,
                         float2* __restrict__ ws_ml, unsigned* __restrict__ tickets, int n_heads, int n_kv,
                         int max_len, int window, int max_splits, float scale, const __half* __restrict__ q_norm,
-                        const __half* __restrict__ k_norm, float norm_eps, float softcap AWQE_CHAIN_PARAM) {
+                        const __half* __restrict__ k_norm, float norm_eps, float softcap) {
     constexpr int D = 32 * E;
-    AWQE_CHAIN_ENTRY_TRIGGER(chain);
+    pdl_launch_dependents();
 #ifdef AWQE_ATTN_WAIT_FIRST  // diagnostic build: every read after the wait (bench/NOTES.md, r7b)
     pdl_wait();
 #endif
@@ -297,19 +284,12 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
     const int head = blockIdx.x, split = blockIdx.y;
     const int pos = position[0];
     if (pos < 0 || pos >= max_len) {  // the host checks positions; never touch memory outside the cache
-        AWQE_WAIT();  // but complete after the kernel before, as always, so the chain of waits stays ordered
-        AWQE_SIGNAL();
+        pdl_wait();  // but complete after the kernel before, as always, so the chain of waits stays ordered
         return;
     }
     const int length = pos + 1;
     const int n_splits = (length + kSplitKeys - 1) / kSplitKeys;
-    if (split >= n_splits) {  // the active splits wait
-#if defined(AWQE_FLAG_CHAIN)
-        if (!chain.wait) pdl_wait();  // a chain's first launch: count into done[0] only once its reset is complete
-#endif
-        AWQE_SIGNAL();
-        return;
-    }
+    if (split >= n_splits) return;  // the active splits wait
     const int lo = window > 0 ? max(0, length - window) : 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = n_heads / n_kv, kvh = head / group;
@@ -333,7 +313,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
             for (int e = 0; e < E; ++e) kk[j][e] = vv[j][e] = 0.f;
         }
     }
-    AWQE_WAIT();  // qkv is written from here on
+    pdl_wait();  // qkv is written from here on
 
     float qv[E];
     rotate_head<E>(qkv + (size_t)head * D, q_norm, norm_eps, rc, rs, lane, qv);
@@ -421,10 +401,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
         else
             ws_o[slot * D + d] = o;
     }
-    if (n_splits == 1) {
-        AWQE_SIGNAL();
-        return;
-    }
+    if (n_splits == 1) return;
     if (threadIdx.x == 0) ws_ml[slot] = make_float2(bm, bl);
 
     // The last block of this head to get here merges every split (threadFenceReduction pattern).
@@ -432,10 +409,7 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(&tickets[head], 1u) == (unsigned)(n_splits - 1);
     __syncthreads();
-    if (!last) {
-        AWQE_SIGNAL();
-        return;
-    }
+    if (!last) return;
     __threadfence();
     // Every split's (max, sum) and output, kMergeBatch splits per round of loads (one memory latency per round,
     // not one per quantity), merged with a running max; thread d owns output values d, d + kAttnThreads, ...
@@ -480,7 +454,6 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
         if (d < D) out[(size_t)head * D + d] = __float2half_rn(run_o[q] * inv);
     }
     if (threadIdx.x == 0) tickets[head] = 0;  // ready for the next step
-    AWQE_SIGNAL();
 }
 
 // ---- SiLU-gated activation for prefill: out = fp16(silu(gate)) * up, gate_up rows alternating in blocks of 8
@@ -506,17 +479,11 @@ cudaError_t launch_attention_e(const void* qkv, const int* position, const float
     float* ws_o = static_cast<float*>(workspace);
     float2* ws_ml = reinterpret_cast<float2*>(ws_o + (size_t)n_heads * max_splits * 32 * E);
     unsigned* tickets = reinterpret_cast<unsigned*>(ws_ml + (size_t)n_heads * max_splits);
-#if defined(AWQE_FLAG_CHAIN)
-    const ChainLink chain = chain_next(stream, (unsigned)(n_heads * max_splits));
-#define AWQE_CHAIN_ARG , chain
-#else
-#define AWQE_CHAIN_ARG
-#endif
     return launch_pdl(decode_attention_kernel<E>, dim3(n_heads, max_splits), dim3(kAttnThreads), 0, stream,
                       static_cast<const __half*>(qkv), position, cos_t, sin_t, static_cast<__half*>(k_cache),
                       static_cast<__half*>(v_cache), static_cast<__half*>(out), ws_o, ws_ml, tickets, n_heads, n_kv,
                       max_len, window, max_splits, scale, static_cast<const __half*>(x.q_norm),
-                      static_cast<const __half*>(x.k_norm), x.norm_eps, x.softcap AWQE_CHAIN_ARG);
+                      static_cast<const __half*>(x.k_norm), x.norm_eps, x.softcap);
 }
 
 }  // namespace

@@ -436,9 +436,6 @@ struct GemmArgs : GemmFold {
     const uint4* weights;
     const uint2* params;
     int chunks, pblocks, mslices, per_warp;
-#if defined(AWQE_FLAG_CHAIN)
-    ChainLink chain;  // r23's A/B (pdl.cuh)
-#endif
 };
 
 // This lane's share of batch row m's sum of squares of h. From h itself: 16 vectors per lane at a time (8 for
@@ -563,9 +560,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
     // streamed its share, not at entry, so its blocks find the SMs as this kernel leaves them rather than wherever
     // a slot is free while it runs (an even placement, at the cost of the next prologue's overlap).
 #if !defined(AWQE_PDL_LATE)
-    AWQE_CHAIN_ENTRY_TRIGGER(a.chain);
+    pdl_launch_dependents();
 #endif
-    AWQE_CHAIN_WAIT(a.chain);
+    pdl_wait();
 #if defined(AWQE_PROBE_PLACEMENT)
     const unsigned long long probe_t1 = global_ns();
     const long long probe_c1 = clock64();
@@ -635,7 +632,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 const __half act = __float2half_rn(gate_activation(a.gated, __half2float(__float2half_rn(gv))));
                 a.y[(size_t)m * n_out + n] = __half_as_ushort(__hmul(act, __float2half_rn(uv)));
             }
-        AWQE_CHAIN_SIGNAL_WARP(a.chain);  // warp 0 only: the block's other warps have returned
         return;
     }
     // sumsq_out: this lane's squares of the y it writes (batch row 2t + (i % 2) of each n-tile), taken as written
@@ -669,7 +665,6 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 if (g == 0 && m < M) a.sumsq_out[(size_t)m * tiles + tile] = v;
             }
     }
-    AWQE_CHAIN_SIGNAL_WARP(a.chain);
 }
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
@@ -745,9 +740,6 @@ cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, const Dev
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dynamic);
         if (e != cudaSuccess) return e;
     }
-#if defined(AWQE_FLAG_CHAIN)
-    if (kProgrammatic<MT>) a.chain = chain_next(stream, (unsigned)blocks);  // a plain launch closes the chain
-#endif
     return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps), dynamic,
                          stream, a);
 }
@@ -791,43 +783,6 @@ int probe_placement(ProbeRecord* out, int max_blocks) {
 #else
     (void)out, (void)max_blocks;
     return -1;
-#endif
-}
-
-bool flag_chain_built() {
-#if defined(AWQE_FLAG_CHAIN)
-    return true;
-#else
-    return false;
-#endif
-}
-
-int chain_stride() {
-#if defined(AWQE_FLAG_CHAIN)
-    return kChainStride;
-#else
-    return 1;
-#endif
-}
-
-#if defined(AWQE_FLAG_CHAIN)
-namespace {
-__global__ void chain_reset_kernel(unsigned* counters, int count) {
-    pdl_wait();  // the chain's last launch has completed: every chained block has passed its wait
-    if ((int)threadIdx.x < count) counters[threadIdx.x * kChainStride] = 0;
-    __syncwarp();
-    pdl_launch_dependents();  // only now: a chain's first launch after it may count into these at once
-}
-}  // namespace
-#endif
-
-cudaError_t launch_chain_reset(unsigned* counters, int count, cudaStream_t stream) {
-#if defined(AWQE_FLAG_CHAIN)
-    if (count < 1 || count > 32) return cudaErrorInvalidValue;
-    return launch_pdl(chain_reset_kernel, dim3(1), dim3(32), 0, stream, counters, count);
-#else
-    (void)counters, (void)count, (void)stream;
-    return cudaErrorNotSupported;
 #endif
 }
 

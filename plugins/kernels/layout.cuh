@@ -95,12 +95,4 @@ constexpr int kProbeBlocks = 16384;
 // (not a probe build, or a CUDA error).
 int probe_placement(ProbeRecord* out, int max_blocks);
 
-// Whether this library was built with -DAWQE_FLAG_CHAIN (r23's A/B, pdl.cuh): its kernels take chain links.
-bool flag_chain_built();
-// Words from one chain counter to the next: 1, or 32 (a counter a 128-byte line) with -DAWQE_CHAIN_PAD (r24).
-int chain_stride();
-// Zeroes counters [0, count) (count <= 32, chain_stride() words apart) once the launch before it on the stream has
-// completed (flag-chain builds).
-cudaError_t launch_chain_reset(unsigned* counters, int count, cudaStream_t stream);
-
 }  // namespace awqe
