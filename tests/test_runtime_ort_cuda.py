@@ -8,7 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_export import PROMPT, write_checkpoint
+from conftest import bench_script
+from test_export import FAMILIES, PROMPT, write_checkpoint
 from test_runtime import forward_greedy, genai_greedy, save_byte_tokenizer
 
 import awq_edge
@@ -175,3 +176,57 @@ def test_the_default_cuda_graph_replays_the_eager_loops_steps(folders, capsys):
     assert b.graphs == 1 and a.tokens_out == b.tokens_out
     assert b.cuda_graph and "without a CUDA graph" not in capsys.readouterr().err  # it replayed, no fallback
     assert np.isfinite(b.steps).all() and np.abs(a.steps - b.steps).max() <= 1e-3 * np.abs(a.steps).max()
+
+
+# Issue 21: every other family's fp16 export on the GPU runtimes, as the Llama folder above runs there. What these
+# graphs add to Llama's (their op types): Mistral none (a window in GroupQueryAttention); Qwen2 Add (biases); Qwen3
+# and Phi-3 Split (q/k norms, fused projections); Gemma Gelu (tanh); Gemma 2/3 Add, ReduceMean, Sqrt, Reciprocal (the
+# float32 residual stream's norms), Tanh (soft-caps), Split, local and global layers.
+OTHER_FAMILIES = [f for f in FAMILIES if f != "llama"]
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    """family -> (its tiny checkpoint exported as the GPU's folder: exact, fp16; the float model), made on first use."""
+    made = {}
+
+    def folder(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            model, _ = write_checkpoint(root / "ck", family=family)
+            save_byte_tokenizer(root / "ck")
+            made[family] = export(root / "ck", root / "onnx", export_options("ort", exact=True, dtype="fp16")), model
+        return made[family]
+    return folder
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_every_familys_fp16_export_runs_on_the_cuda_provider(family_folders, family, tmp_path, capsys):
+    """Every MatMulNBits and attention node on the GPU (onnxruntime's profile), the logits of prompt and single steps
+    as PyTorch's, and our loop's greedy tokens the same replayed from its CUDA graph as eager."""
+    folder, model = family_folders(family)
+    placed = bench_script("onnx_gpu").placement(folder, "cuda", tmp_path)
+    assert placed["nodes"] > 0 and placed["cpu_nodes_matmul_attention"] == 0, placed
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    eager, graph = OrtDecoder(folder, provider="cuda", cuda_graph=False), OrtDecoder(folder, provider="cuda")
+    steps = np.concatenate([eager.forward(PROMPT[:5])] + [eager.forward([t]) for t in PROMPT[5:]])
+    assert np.isfinite(steps).all() and np.abs(steps - ref).max() < 2e-2 * np.abs(ref).max()
+    tokens = {}
+    for name, d in (("eager", eager), ("graph", graph)):
+        d.eos_ids = set()
+        tokens[name] = list(generate(d, PROMPT, 16))
+    assert graph.cuda_graph and graph.graphs == 1 and "without a CUDA graph" not in capsys.readouterr().err
+    assert len(tokens["eager"]) == 16 and tokens["graph"] == tokens["eager"]
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_onnxruntime_genai_cuda_runs_every_familys_folder_as_exported(family_folders, family):
+    """onnxruntime-genai-cuda's og.Model on the folder as written (the CUDA provider, its decode replayed as CUDA
+    graphs): the greedy tokens of our loop on the CUDA provider."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder, _ = family_folders(family)
+    theirs = genai_greedy(og.Model(og.Config(str(folder))), PROMPT, 12)
+    d = OrtDecoder(folder, provider="cuda")
+    d.eos_ids = set()
+    assert len(theirs) >= 8 and theirs == list(generate(d, PROMPT, len(theirs)))
