@@ -11,7 +11,7 @@ import torch
 from awq_edge.export.api import export
 from awq_edge.export.decoder import ExportOptions
 from conftest import chat_session
-from test_export import PROMPT, write_checkpoint
+from test_export import FAMILIES, PROMPT, write_checkpoint
 
 from awq_edge.cli import main
 from awq_edge.errors import AwqEdgeError
@@ -334,6 +334,22 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens_from_the_export(expo
     theirs = genai_greedy(og.Model(str(folder)), PROMPT, 16)
     ours = list(generate(OrtDecoder(folder), PROMPT, 16))
     assert len(theirs) >= 8 and theirs[: len(ours)] == ours
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_onnxruntime_genai_reads_every_familys_fp16_export_as_our_loop_does(tmp_path, family):
+    """The GPU's folder (exact, fp16) of each other family on onnxruntime-genai's CPU provider: our loop's greedy
+    tokens (tests/test_runtime_ort_cuda.py runs the same on CUDA, graphs on)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    write_checkpoint(tmp_path / "ck", family=family)
+    save_byte_tokenizer(tmp_path / "ck")
+    folder = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(dtype="fp16"))
+    config = og.Config(str(folder))
+    config.clear_providers()  # the folder names CUDA; this machine has none
+    theirs = genai_greedy(og.Model(config), PROMPT, 12)
+    d = OrtDecoder(folder)
+    d.eos_ids = set()
+    assert len(theirs) >= 8 and theirs == list(generate(d, PROMPT, len(theirs)))
 
 
 def test_generate_on_a_quantised_checkpoint_says_to_export_first(exported, capsys):
