@@ -328,6 +328,15 @@ def genai_greedy(model, prompt: list, n_new: int) -> list:
     return tokens
 
 
+def genai_and_ours(model, folder, provider: str = "cpu", n_new: int = 12) -> tuple[list, list]:
+    """onnxruntime-genai's greedy tokens after PROMPT (up to n_new) and our loop's as many on the same folder and
+    provider, not stopping at an end-of-sequence id."""
+    theirs = genai_greedy(model, PROMPT, n_new)
+    d = OrtDecoder(folder, provider=provider)
+    d.eos_ids = set()
+    return theirs, list(generate(d, PROMPT, len(theirs)))
+
+
 def test_onnxruntime_genai_generates_the_same_greedy_tokens_from_the_export(exported):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     folder = exported[0]["ort"]
@@ -346,10 +355,8 @@ def test_onnxruntime_genai_reads_every_familys_fp16_export_as_our_loop_does(tmp_
     folder = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(dtype="fp16"))
     config = og.Config(str(folder))
     config.clear_providers()  # the folder names CUDA; this machine has none
-    theirs = genai_greedy(og.Model(config), PROMPT, 12)
-    d = OrtDecoder(folder)
-    d.eos_ids = set()
-    assert len(theirs) >= 8 and theirs == list(generate(d, PROMPT, len(theirs)))
+    theirs, ours = genai_and_ours(og.Model(config), folder)
+    assert len(theirs) >= 8 and theirs == ours
 
 
 def test_generate_on_a_quantised_checkpoint_says_to_export_first(exported, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import bench_script
 from test_export import FAMILIES, PROMPT, write_checkpoint
-from test_runtime import forward_greedy, genai_greedy, save_byte_tokenizer
+from test_runtime import forward_greedy, genai_and_ours, save_byte_tokenizer
 
 import awq_edge
 from awq_edge.cli import main
@@ -91,10 +91,8 @@ def test_onnxruntime_genai_cuda_gives_our_backends_greedy_tokens(folders, name, 
         config.clear_providers()
         config.append_provider("cuda")
         config.set_provider_option("cuda", "enable_cuda_graph", "0")
-    theirs = genai_greedy(og.Model(config), PROMPT, 12)
-    d = OrtDecoder(folder, provider="cuda")
-    d.eos_ids = set()
-    assert len(theirs) >= 8 and theirs == list(generate(d, PROMPT, len(theirs)))
+    theirs, ours = genai_and_ours(og.Model(config), folder, "cuda")
+    assert len(theirs) >= 8 and theirs == ours
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +224,5 @@ def test_onnxruntime_genai_cuda_runs_every_familys_folder_as_exported(family_fol
     graphs): the greedy tokens of our loop on the CUDA provider."""
     og = pytest.importorskip("onnxruntime_genai")
     folder, _ = family_folders(family)
-    theirs = genai_greedy(og.Model(og.Config(str(folder))), PROMPT, 12)
-    d = OrtDecoder(folder, provider="cuda")
-    d.eos_ids = set()
-    assert len(theirs) >= 8 and theirs == list(generate(d, PROMPT, len(theirs)))
+    theirs, ours = genai_and_ours(og.Model(og.Config(str(folder))), folder, "cuda")
+    assert len(theirs) >= 8 and theirs == ours
