@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 from awq_edge.arch import Spec, describe, rope_tables  # noqa: E402
 from awq_edge.runtime import kernels  # noqa: E402
 from awq_edge.runtime.sampling import Sampling, next_token  # noqa: E402
-from awq_edge.runtime.cuda import (CudaDecoder, CudaOps, DeviceLinear, Layer, Prescaled, Weights,  # noqa: E402
-                                   features_of, load_weights)
+from awq_edge.runtime.cuda import (DEFAULT_MAX_LEN, CudaDecoder, CudaOps, DeviceLinear, Layer, Prescaled,  # noqa: E402
+                                   Weights, attention_span, features_of, load_weights)
 from bench.kernels import matmul_nbits_bytes  # noqa: E402
 
 GROUP = 128
@@ -262,9 +262,15 @@ def time_sampled(dec: CudaDecoder, prompt: list, new: int, repeats: int, on_devi
     return {"tok_s": statistics.median(rates), "tok_s_all": rates, "sampling": asdict(SAMPLED)}
 
 
-def time_ours(weights: Weights, prompt: list, new: int, repeats: int, ops=None) -> dict:
+def cache_len(max_positions: int, args, least: int) -> int:
+    """The KV cache's positions: --max-len, else what `awq-edge generate` allocates (DEFAULT_MAX_LEN, or the model's
+    maximum if smaller), at least `least`."""
+    return max(args.max_len or min(DEFAULT_MAX_LEN, max_positions), least)
+
+
+def time_ours(weights: Weights, prompt: list, new: int, repeats: int, ops=None, spans: bool = True) -> dict:
     torch.cuda.reset_peak_memory_stats()
-    dec = CudaDecoder(weights, ops or CudaOps(weights))
+    dec = CudaDecoder(weights, ops or CudaOps(weights), spans=spans)
     out = time_runtime(dec, prompt, new, repeats)
     out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     del dec
@@ -368,9 +374,9 @@ def _rounded(d: dict) -> dict:
 def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
     shape = SHAPES[name]
     prompt = torch.randint(0, shape["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    max_len = args.prompt + args.new
+    max_len = cache_len(shape["max_position_embeddings"], args, args.prompt + args.new)
     weights = random_weights(shape, max_len)
-    res["shape"] = shape
+    res["shape"], res["max_len"] = shape, max_len
     res["bytes_per_step"] = step_bytes(weights, args.prompt + args.new / 2)
     res["bandwidth_limit_tok_s"] = copy_bw / res["bytes_per_step"]["total"]
     res["ours"] = time_ours(weights, prompt, args.new, args.repeats)
@@ -379,6 +385,9 @@ def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
         res["ours_unfolded"] = time_ours(weights, prompt, args.new, args.repeats,
                                          CudaOps(weights, fold_norms=False))
         print(name, "ours_unfolded", res["ours_unfolded"], flush=True)
+    if "ours_fullspan" in args.variants:  # every step's attention launched over the whole cache, in one graph
+        res["ours_fullspan"] = time_ours(weights, prompt, args.new, args.repeats, spans=False)
+        print(name, "ours_fullspan", res["ours_fullspan"], flush=True)
     if "ours_sampled" in args.variants:  # sampling on the GPU against sampling from host logits, side by side
         dec = CudaDecoder(weights, CudaOps(weights))
         for key, on_device in (("ours_sampled", True), ("ours_sampled_host", False)):
@@ -509,8 +518,10 @@ def speed_prompt(ckpt: Path, vocab: int, n: int) -> tuple:
 def bench_real(name: str, ckpt: Path, float_dir: Path | None, args, copy_bw: float, res: dict) -> dict:
     """A real quantised checkpoint: parity, our speed, transformers' speed in fp16 and bf16."""
     config = json.loads((ckpt / "config.json").read_text())
-    max_len = max(args.prompt + args.new, args.parity + 128)  # room for a parity prompt and its tokens
+    max_len = cache_len(config.get("max_position_embeddings") or DEFAULT_MAX_LEN, args,
+                        max(args.prompt + args.new, args.parity + 128))  # room for a parity prompt and its tokens
     weights = load_weights(ckpt, "cuda", torch.float16, packed=True, max_len=max_len)
+    res["max_len"] = weights.max_len
     prompt, bos = speed_prompt(ckpt, weights.dims.vocab, args.prompt)
     res.update(model_type=config["model_type"], checkpoint_dir=str(ckpt), float_dir=float_dir and str(float_dir),
                checkpoint=config["quantization_config"], speed_prompt_bos=bos)
@@ -575,6 +586,7 @@ def breakdown_of(w: Weights, context: int) -> dict:
     dec = CudaDecoder(w, CudaOps(w))
     ops, d = dec.ops, w.dims
     dec.pos.fill_(context)
+    dec.span = attention_span(context + 1, dec.context_length)  # the attention launch a step at `context` makes
     h = torch.randn(1, d.hidden, dtype=torch.float16, device="cuda")
     x = torch.randn(1, d.hidden, dtype=torch.float16, device="cuda")
     qkv = torch.randn(1, w.layers[0].qkv.n, dtype=torch.float16, device="cuda")
@@ -640,10 +652,22 @@ def breakdown_of(w: Weights, context: int) -> dict:
     ops.fold_norms = False
     res["full_step_unfolded_us"] = graph_time(dec._step) * 1e6
     ops.fold_norms = True
-    res["context"] = context
+    res.update(fullspan_times(dec, qkv), context=context, span=dec.span)
     del dec
     free()
     return res
+
+
+def fullspan_times(dec: CudaDecoder, qkv) -> dict:
+    """The attention per layer and the whole step with each attention launch over the whole cache (as every step
+    ran before the spans), beside the span's own figures in the breakdown."""
+    span, dec.span = dec.span, None
+    L = dec.w.layers
+    out = {"attention_fullspan": graph_time(lambda: [dec._attend(i, layer, qkv, dec.pos, None)
+                                                      for i, layer in enumerate(L)]) / len(L) * 1e6,
+           "full_step_fullspan_us": graph_time(dec._step) * 1e6}
+    dec.span = span
+    return out
 
 
 def _sandwich_breakdown(dec: CudaDecoder, x, y, qkv, a, act, context: int) -> dict:
@@ -666,7 +690,7 @@ def _sandwich_breakdown(dec: CudaDecoder, x, y, qkv, a, act, context: int) -> di
     res["sum_per_layer"] = sum(res.values())
     res["lm_head_us"] = graph_time(lambda: dec._logits(x)) * 1e6  # the final norm is the last boundary's
     res["full_step_us"] = graph_time(dec._step) * 1e6
-    res["context"] = context
+    res.update(fullspan_times(dec, qkv), context=context, span=dec.span)
     del dec
     free()
     return res
@@ -708,13 +732,17 @@ def parse_args(argv=None):
                          "its float folder for the transformers baselines (default: the checkpoint dequantised, "
                          "the same shapes); repeat, or separate several with commas")
     ap.add_argument("--variants", default="ours,torch_int4,hf",
-                    help="comma list of: ours (always run), ours_unfolded, ours_sampled (sampling on the GPU and, "
+                    help="comma list of: ours (always run), ours_unfolded, ours_fullspan (every step's attention "
+                         "over the whole cache, one graph), ours_sampled (sampling on the GPU and, "
                          "beside it, from host logits) and torch_int4 (random-weight models only), hf (or one of "
                          "hf_fp16_eager, hf_bf16_eager, hf_fp16_compiled, ...)")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' compiled static-cache forward")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-len", type=int, default=0,
+                    help="KV cache positions (default: what `awq-edge generate` allocates, 4096 or the model's "
+                         "maximum if smaller; at least --prompt + --new)")
     ap.add_argument("--smollm2-ckpt", help="the same as --real smollm2=CKPT")
     ap.add_argument("--smollm2-float", help="with --smollm2-ckpt: the same as --real smollm2=CKPT,FLOAT")
     ap.add_argument("--parity", type=int, default=64, help="greedy tokens per parity prompt (0 = skip)")
@@ -724,6 +752,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.new < 2 or args.prompt < 1 or args.repeats < 1 or args.parity < 0:
         ap.error("--new must be at least 2, --prompt and --repeats at least 1, --parity at least 0")
+    if args.max_len and args.max_len < args.prompt + args.new:
+        ap.error(f"--max-len {args.max_len} holds fewer positions than --prompt + --new ({args.prompt + args.new})")
     args.variants = args.variants.split(",")
     if args.smollm2_float and not args.smollm2_ckpt:
         ap.error("--smollm2-float needs --smollm2-ckpt")

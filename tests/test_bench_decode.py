@@ -12,6 +12,13 @@ from awq_edge.runtime.cuda import CudaDecoder, TorchOps, load_weights
 decode = bench_script("decode")
 
 
+def test_the_cache_is_what_the_cli_allocates_unless_max_len_says_otherwise():
+    args = decode.parse_args([])
+    assert decode.cache_len(8192, args, 384) == 4096 and decode.cache_len(512, args, 384) == 512
+    assert decode.cache_len(256, args, 384) == 384  # at least the run's own tokens
+    assert decode.cache_len(8192, decode.parse_args(["--max-len", "384"]), 384) == 384
+
+
 def test_real_models_come_from_repeated_or_comma_separated_options_and_the_smollm2_alias(tmp_path):
     a, b, f = (tmp_path / n for n in "abf")
     for d in (a, b, f):
@@ -23,7 +30,8 @@ def test_real_models_come_from_repeated_or_comma_separated_options_and_the_smoll
     assert args.real == {"smollm2": (a, f)} and args.models == ["smollm2"]
     assert decode.parse_args(["--models", "llama2-7b,smollm2"]).real == {}  # smollm2 without a checkpoint: skipped
     for bad in (["--real", "x"], ["--real", f"x={tmp_path / 'none'}"], ["--models", "nope"],
-                ["--real", f"x={a},{f},{f}"], ["--real", f"x={a}", "--real", f"x={b}"], ["--smollm2-float", str(f)]):
+                ["--real", f"x={a},{f},{f}"], ["--real", f"x={a}", "--real", f"x={b}"], ["--smollm2-float", str(f)],
+                ["--max-len", "383"]):  # fewer positions than the default prompt and new tokens (384)
         with pytest.raises(SystemExit):
             decode.parse_args(bad)
 
@@ -62,17 +70,20 @@ def test_every_decode_variant_runs_on_a_tiny_random_shape_and_a_tiny_real_checkp
     proc = subprocess.run(
         [sys.executable, "-P", str(Path(decode.__file__)), "--models", "tiny,tiny-gemma3", "--real",
          f"real={tmp_path / 'ck'}",
-         "--variants", "ours,ours_unfolded,ours_sampled,torch_int4,hf", "--hf-compile", "--breakdown", "--prompt", "8", "--new",
-         "4", "--repeats", "1", "--parity", "4", "--out", str(out)], capture_output=True, text=True, timeout=900)
+         "--variants", "ours,ours_unfolded,ours_fullspan,ours_sampled,torch_int4,hf", "--hf-compile", "--breakdown",
+         "--prompt", "8", "--new", "4", "--repeats", "1", "--parity", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     models = json.loads(out.read_text())["models"]
     errors = {f"{m}.{k}": v for m, r in models.items() for k, v in r.items() if k.endswith("_error")}
     assert not errors, errors
     timed = {m: {k for k, v in r.items() if isinstance(v, dict) and v.get("tok_s", 0) > 0} for m, r in models.items()}
     for shape in ("tiny", "tiny-gemma3"):  # the Llama block and Gemma 3's (q/k norms, sandwich norms, GELU, windows)
-        assert timed[shape] == {"ours", "ours_unfolded", "ours_sampled", "ours_sampled_host", "torch_int4",
-                                "hf_fp16_static_eager", "hf_fp16_static_compiled"}, shape
+        assert timed[shape] == {"ours", "ours_unfolded", "ours_fullspan", "ours_sampled", "ours_sampled_host",
+                                "torch_int4", "hf_fp16_static_eager", "hf_fp16_static_compiled"}, shape
     assert {"ours", "hf_fp16_static_eager"} <= timed["real"]
     assert {"full_step_norm_rows_us", "full_step_norm_sums_us", "norm_rows", "norm_sums"} <= set(
         models["tiny"]["breakdown_us"])  # r18's A/B
     assert "full_step_us" in models["tiny"]["breakdown_us"] and "residual_norm_x2" in models["tiny-gemma3"]["breakdown_us"]
+    for shape in ("tiny", "tiny-gemma3"):  # the spans' A/B: the attention and the step over the whole cache too
+        assert {"attention_fullspan", "full_step_fullspan_us", "span"} <= set(models[shape]["breakdown_us"]), shape

@@ -137,9 +137,20 @@ def test_attention_with_head_norms_rejects_bad_arguments_before_any_cuda_call(q_
     lib = kernels.load_library()
     ws = lib.awqe_attention_workspace_bytes(8, 128, 512)
     status = lib.awqe_decode_attention_ex_f16(ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, 8, 2, 128,
-                                              512, 0, 0.088, q_norm, k_norm, eps, softcap, ALIGNED, ws, None)
+                                              512, 0, 0.088, q_norm, k_norm, eps, softcap, 0, ALIGNED, ws, None)
     assert status == kernels.INVALID_ARGUMENT
     assert fragment in lib.awqe_last_error().decode()
+
+
+@needs_library
+@pytest.mark.parametrize("span", [-1, 513])
+def test_attention_rejects_a_span_outside_the_cache_before_any_cuda_call(span):
+    lib = kernels.load_library()
+    ws = lib.awqe_attention_workspace_bytes(8, 128, 512)
+    status = lib.awqe_decode_attention_ex_f16(ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, ALIGNED, 8, 2, 128,
+                                              512, 0, 0.088, None, None, 0.0, 0.0, span, ALIGNED, ws, None)
+    assert status == kernels.INVALID_ARGUMENT
+    assert f"span must be 0 (all of max_len) or 1 .. max_len 512, got {span}" in lib.awqe_last_error().decode()
 
 
 @needs_library

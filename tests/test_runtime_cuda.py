@@ -14,7 +14,8 @@ from awq_edge.errors import AwqEdgeError
 from awq_edge.packing import to_matmul_nbits
 from awq_edge.quant import QConfig, dequantize, quantize
 from awq_edge.runtime import kernels
-from awq_edge.runtime.cuda import CudaDecoder, CudaOps, TorchOps, load_weights
+from awq_edge.runtime import cuda
+from awq_edge.runtime.cuda import CudaDecoder, CudaOps, TorchOps, attention_span, load_weights
 from awq_edge.runtime.generate import generate
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -200,9 +201,11 @@ class EmulatedKernels:
         return q_out.copy_(TorchOps().rope_kv(qkv, positions, cos, sin, k_cache, v_cache, q_out.shape[1]))
 
     def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, out, workspace, scale, window, q_norm=None,
-                         k_norm=None, eps=0.0, softcap=0.0):
+                         k_norm=None, eps=0.0, softcap=0.0, span=None):
         self._f16(qkv, k_cache, v_cache, out, q_norm, k_norm)
         n_heads = out.numel() // k_cache.shape[2]
+        if span is not None and int(position[0]) >= span:  # the kernel's launch does not reach the position: NaN
+            return out.fill_(float("nan"))
         return out.copy_(TorchOps().decode_attention(qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window,
                                                      softcap, q_norm, k_norm, eps))
 
@@ -218,12 +221,20 @@ def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tm
     for L in weights.layers:
         L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
     monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
+    monkeypatch.setattr(cuda, "MIN_SPAN", 2)  # the steps' spans 8, 16: the emulated kernel gives NaN past a span
     for fold, sums in ((True, False), (True, True), (False, False)):
         ops = CudaOps(weights, fold_norms=fold, norm_sums=sums)
         ops.k = EmulatedKernels()
         dec = CudaDecoder(weights, ops, use_graphs=False)
         steps = [dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]]
         np.testing.assert_allclose(np.stack(steps), ref[3:], rtol=0, atol=2e-2 * np.abs(ref).max())
+
+
+def test_attention_span_is_the_next_power_of_two_within_the_cache():
+    assert [attention_span(n, 4096) for n in (1, 128, 129, 256, 257, 4000, 4096)] == [128, 128, 256, 256, 512, 4096,
+                                                                                       4096]
+    assert [attention_span(n, 384) for n in (1, 200, 257, 384)] == [128, 256, 384, 384]
+    assert attention_span(30, 64) == 64  # a cache shorter than the least span
 
 
 # ---- On a GPU: every kernel against TorchOps in float32, on fresh random data with poisoned outputs ----
@@ -303,6 +314,51 @@ def test_decode_attention_kernel_matches_reference_and_reads_only_the_live_posit
     assert (kc[:, length - 1].float() - kr[:, length - 1]).abs().max().item() < 1e-2  # the new k, rotated
     assert torch.equal(vc[:, length - 1].float(), vr[:, length - 1])
     assert torch.isnan(kc[:, length:]).all()
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("length", [1, 33, 300])
+def test_decode_attention_over_a_span_equals_the_whole_cache_and_poisons_a_position_past_it(length):
+    heads, kv, d, max_len = 8, 2, 128, 640
+    kc, vc, kr, vr, qkv, cos, sin, pos = attention_case(gpu_case(length + 5), heads, kv, d, length, max_len, 2)
+    ws = kernels.attention_workspace(heads, d, max_len, "cuda")
+    outs = {}
+    short = [length - 1] if length > 1 else []  # a span the position is past
+    for span in [None, length, 512] + short + [None]:  # the last: the tickets are sound after a poisoned launch
+        out = torch.full((1, heads * d), 7.0, device="cuda", dtype=torch.half)
+        outs.setdefault(span, []).append(kernels.decode_attention(qkv, pos, cos, sin, kc, vc, out, ws, d ** -0.5,
+                                                                  span=span))
+    whole = outs[None][0]
+    assert torch.isfinite(whole).all()
+    # the same blocks do the same work whatever the span: the same bits
+    assert all(torch.equal(o, whole) for o in outs[None] + outs[length] + outs[512])
+    if short:
+        assert torch.isnan(outs[length - 1][0]).all(), "a position past the launch's span must give NaN"
+    with pytest.raises(AwqEdgeError, match="span 641 is outside"):
+        kernels.decode_attention(qkv, pos, cos, sin, kc, vc, whole.clone(), ws, d ** -0.5, span=max_len + 1)
+
+
+@needs_library
+@needs_gpu
+def test_a_graph_per_span_gives_the_tokens_and_logits_of_the_whole_cache_graph(tmp_path, monkeypatch):
+    """Greedy steps queued ahead through four spans (graphs captured between two queued replays), then single
+    steps through five, against one graph over the whole cache: the same tokens, and the same logits."""
+    monkeypatch.setattr(cuda, "MIN_SPAN", 8)
+    write_checkpoint(tmp_path / "ck")
+    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=100)
+    runs = {}
+    for spans in (True, False):
+        dec = CudaDecoder(weights, CudaOps(weights), spans=spans)
+        dec.eos_ids = set()
+        tokens = list(generate(dec, PROMPT, 100 - len(PROMPT)))
+        dec.reset()
+        seq = PROMPT + tokens[:-1]
+        logits = [dec.forward(seq[:4])[-1]] + [dec.forward([t])[-1] for t in seq[4:]]
+        runs[spans] = tokens, np.stack(logits), sorted(dec.graphs)
+    assert runs[True][0] == runs[False][0]
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+    assert runs[True][2] == [8, 16, 32, 64, 100] and runs[False][2] == [100]
 
 
 @needs_library

@@ -179,6 +179,18 @@ def load_weights(folder, device="cuda", dtype=torch.float16, packed: bool = True
     return Weights(d, embed, layers, norm(f.final_norm), head, cos, sin, features_of(spec))
 
 
+MIN_SPAN = 128  # the shortest attention span of a decode step's graph: 4 blocks a head
+
+
+def attention_span(length: int, max_len: int) -> int:
+    """The cache positions a single-token step's attention launch covers when it brings the context to `length`
+    tokens: the next power of two, at least MIN_SPAN, at most the cache. The kernel launches a block a head for each
+    32 of them and every block is scheduled, even those past the position, which return at once; so a step early in
+    a 4096-position cache launched 128 blocks a head where it needs a few. One CUDA graph per span: six for a
+    4096-position cache, each captured when a context first reaches it."""
+    return min(max_len, max(MIN_SPAN, 1 << (length - 1).bit_length()))
+
+
 def features_of(spec: Spec) -> Features:
     return Features(spec.activation, spec.query_scale, spec.attn_softcap, spec.logit_softcap, spec.embed_scale)
 
@@ -240,9 +252,9 @@ class TorchOps:
         return torch.einsum("kgt,ktd->kgd", p, v).reshape(1, -1).to(q.dtype)
 
     def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0,
-                         q_norm=None, k_norm=None, eps=0.0):
+                         q_norm=None, k_norm=None, eps=0.0, span=None):
         """One token: q/k norms (when given), rotary embedding, cache write, attention over positions 0 ..
-        position[0]; [1, H * D]."""
+        position[0]; [1, H * D]. span (the kernel's launch bound, see attention_span) changes nothing here."""
         if q_norm is not None:
             qkv = TorchOps.qk_norm(self, qkv, q_norm, k_norm, n_heads, k_cache.shape[0], eps)
         q = self.rope_kv(qkv, position, cos, sin, k_cache, v_cache, n_heads)
@@ -371,10 +383,10 @@ class CudaOps(TorchOps):
         return self.k.rope_kv(qkv, positions, cos, sin, q, k_cache, v_cache)
 
     def decode_attention(self, qkv, position, cos, sin, k_cache, v_cache, n_heads, scale, window, softcap=0.0,
-                         q_norm=None, k_norm=None, eps=0.0):
+                         q_norm=None, k_norm=None, eps=0.0, span=None):
         out = torch.empty(1, n_heads * k_cache.shape[2], dtype=qkv.dtype, device=qkv.device)
         return self.k.decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, self.workspace, scale, window,
-                                       q_norm, k_norm, eps, softcap)
+                                       q_norm, k_norm, eps, softcap, span)
 
     def gate_up_act(self, x, lin: DeviceLinear, activation: str = "silu"):
         if activation in self.k.GATES and lin.packed is not None and x.shape[0] < self.dense_rows:
@@ -438,11 +450,13 @@ class CudaDecoder(PrefixCachedDecoder):
 
     forward(ids) returns float32 logits [len(ids), vocab]; greedy_step(token) feeds one token and returns the
     argmax id without copying the logits to the host, greedy_tokens(token, n) runs n such steps queued ahead of
-    the host. With use_graphs, single-token steps replay one CUDA graph.
+    the host. With use_graphs, single-token steps replay a CUDA graph, one per attention span (attention_span;
+    spans=False: one graph whose attention covers the whole cache, for A/B timing).
     """
 
-    def __init__(self, weights: Weights, ops=None, eos_ids=(), use_graphs: bool | None = None):
+    def __init__(self, weights: Weights, ops=None, eos_ids=(), use_graphs: bool | None = None, spans: bool = True):
         self.w = weights
+        self.spans = spans  # False: every step's attention launch covers the whole cache (one graph)
         device = weights.embed.device
         self.ops = ops if ops is not None else CudaOps(weights)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
@@ -461,7 +475,9 @@ class CudaDecoder(PrefixCachedDecoder):
         self.ids = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.int32, device=device)
         self.eos_ids = set(eos_ids)
-        self.graph = None
+        self.graphs = {}  # attention span -> (CUDA graph of one step, its (logits, argmax))
+        self.span = None  # the attention span of the single-token step being run or captured
+        self._host = self._done = None
         self.reset()
 
     @classmethod
@@ -513,7 +529,7 @@ class CudaDecoder(PrefixCachedDecoder):
         window = d.window if L.window is None else L.window
         if past is None:  # one kernel: q/k norms, rotation, cache write, attention
             return ops.decode_attention(qkv, positions, cos, sin, kc, vc, d.heads, self.scale, window,
-                                        feats.attn_softcap, L.q_norm, L.k_norm, d.eps)
+                                        feats.attn_softcap, L.q_norm, L.k_norm, d.eps, self.span)
         if L.q_norm is not None:
             qkv = ops.qk_norm(qkv, L.q_norm, L.k_norm, d.heads, d.kv_heads, d.eps)
         q = ops.rope_kv(qkv, positions, cos, sin, kc, vc, d.heads)
@@ -539,21 +555,36 @@ class CudaDecoder(PrefixCachedDecoder):
             self.pos.add_(1)
         return logits, best
 
-    def _capture(self):
+    def _capture(self, span: int):
+        """The graph of one step whose attention covers `span` positions, from the buffers as the queued steps
+        leave them (it may be captured between two replays of another span's graph)."""
         ids, pos = self.ids.clone(), self.pos.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, workspaces; writes what the replay writes
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_out = self._step(advance=True)
+        self.span = span
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: cuBLAS handles, workspaces; writes what the replay writes
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._step(advance=True)
+        finally:
+            self.span = None
         self.ids.copy_(ids)
         self.pos.copy_(pos)
-        self._host = torch.zeros(2, dtype=torch.long, pin_memory=True)  # the last two steps' argmax, for the host
-        self._done = [torch.cuda.Event(), torch.cuda.Event()]
+        self.graphs[span] = graph, out
+        if self._host is None:
+            self._host = torch.zeros(2, dtype=torch.long, pin_memory=True)  # the last two steps' argmax, for the host
+            self._done = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def _graph(self, length: int):
+        """The graph and outputs of a step that brings the context to `length` tokens (captured on first use)."""
+        span = attention_span(length, self.context_length) if self.spans else self.context_length
+        if span not in self.graphs:
+            self._capture(span)
+        return self.graphs[span]
 
     def _check_room(self, n: int):
         total = len(self.tokens) + n
@@ -562,20 +593,22 @@ class CudaDecoder(PrefixCachedDecoder):
                                "shorten the prompt or lower --max-new-tokens")
 
     def _arm(self, token: int):
-        """Set the step's input buffers to `token` after the cached ones; capture the graph on first use."""
+        """Set the step's input buffers to `token` after the cached ones."""
         self.ids.fill_(int(token))
         self.pos.fill_(len(self.tokens))
-        if self.use_graphs and self.graph is None:
-            self._capture()
 
     def _one(self, token: int):
         self._check_room(1)
         self._arm(token)
         if self.use_graphs:
-            self.graph.replay()
-            out = self.graph_out
+            graph, out = self._graph(len(self.tokens) + 1)
+            graph.replay()
         else:
-            out = self._step()
+            self.span = attention_span(len(self.tokens) + 1, self.context_length) if self.spans else None
+            try:
+                out = self._step()
+            finally:
+                self.span = None
         self.tokens.append(int(token))
         return out
 
@@ -620,11 +653,12 @@ class CudaDecoder(PrefixCachedDecoder):
                 yield token
             return
         self._arm(token)
-        steps = min(n, room)
+        steps, past = min(n, room), len(self.tokens)
 
-        def launch(i):
-            self.graph.replay()
-            self._host[i % 2].copy_(self.graph_out[1][0], non_blocking=True)
+        def launch(i):  # step i brings the context to past + i + 1 tokens
+            graph, out = self._graph(past + i + 1)
+            graph.replay()
+            self._host[i % 2].copy_(out[1][0], non_blocking=True)
             self._done[i % 2].record()
 
         launch(0)

@@ -38,7 +38,7 @@ _SIGNATURES = {
     "awqe_decode_attention_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
                                    _vp, _size, _vp], _int),
     "awqe_decode_attention_ex_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
-                                      _vp, _vp, ctypes.c_float, ctypes.c_float, _vp, _size, _vp], _int),
+                                      _vp, _vp, ctypes.c_float, ctypes.c_float, _int, _vp, _size, _vp], _int),
     "awqe_residual_norm_f16": ([_vp, _vp, _vp, _vp, _vp, _int, _int, ctypes.c_float, _vp], _int),
     "awqe_gemm_gated_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp], _int),
     "awqe_gemm_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp, _vp, ctypes.c_float, _vp, _vp,
@@ -238,10 +238,13 @@ def attention_workspace(n_heads: int, head_dim: int, max_len: int, device) -> to
 def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor,
                      scale: float, window: int = 0, q_norm: torch.Tensor | None = None,
-                     k_norm: torch.Tensor | None = None, eps: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
+                     k_norm: torch.Tensor | None = None, eps: float = 0.0, softcap: float = 0.0,
+                     span: int | None = None) -> torch.Tensor:
     """One decode step: rotate q and k of qkv [1, (H + 2 KV) * D] at position[0] (int32 on the GPU), write k and v
     into the caches [KV, L, D], and out [1, H * D] = attention over positions 0 .. position[0]. q_norm and k_norm
-    ([D], both or neither): each head's RMSNorm before the rotation; softcap > 0: scores capped by tanh."""
+    ([D], both or neither): each head's RMSNorm before the rotation; softcap > 0: scores capped by tanh. span (None:
+    the cache's length L): the launch covers positions below it only, one block a head per 32 of them; a position at
+    or past it gives NaN."""
     _f16(qkv, k_cache, v_cache, out)
     n_kv, max_len, d = k_cache.shape
     n_heads = out.numel() // d
@@ -255,13 +258,16 @@ def decode_attention(qkv: torch.Tensor, position: torch.Tensor, cos: torch.Tenso
         _f16(q_norm, k_norm)
         _require(q_norm.numel() == d and k_norm.numel() == d, f"attention: q_norm and k_norm must be [{d}]",
                  "pass the per-head norm weights")
+    span = max_len if span is None else span
+    _require(1 <= span <= max_len, f"attention: span {span} is outside 1 .. the cache's {max_len} positions",
+             "pass a span past the step's position, at most the cache's length")
     _same_device(qkv, position, cos, sin, k_cache, v_cache, out, workspace, q_norm, k_norm)
     lib = load_library()
     with torch.cuda.device(qkv.device):
         check(lib, lib.awqe_decode_attention_ex_f16(
             qkv.data_ptr(), position.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), out.data_ptr(), n_heads, n_kv, d, max_len, window, scale, _ptr(q_norm), _ptr(k_norm),
-            eps, softcap, workspace.data_ptr(), workspace.numel() * 8, _stream(qkv.device)))
+            eps, softcap, span, workspace.data_ptr(), workspace.numel() * 8, _stream(qkv.device)))
     return out
 
 

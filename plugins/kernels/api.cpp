@@ -269,8 +269,8 @@ size_t awqe_attention_workspace_bytes(int n_heads, int head_dim, int max_len) {
 awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* position, const float* cos, const float* sin,
                                          void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int head_dim,
                                          int max_len, int window, float scale, const void* q_norm_or_null,
-                                         const void* k_norm_or_null, float norm_eps, float softcap, void* workspace,
-                                         size_t workspace_bytes, cudaStream_t stream) {
+                                         const void* k_norm_or_null, float norm_eps, float softcap, int span,
+                                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
     if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256)
         return fail(AWQE_ERR_UNSUPPORTED, "attention: head_dim must be 32, 64, 96, 128 or 256, got %d", head_dim);
     if (n_heads < 1 || n_kv < 1 || n_heads % n_kv || max_len < 1 || window < 0)
@@ -289,12 +289,15 @@ awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* positio
                     "a finite eps >= 0) or both be null");
     if (!(softcap >= 0.f) || !std::isfinite(softcap))
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: softcap must be finite and >= 0 (0: none)");
+    if (span < 0 || span > max_len)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: span must be 0 (all of max_len) or 1 .. max_len %d, got %d",
+                    max_len, span);
     const size_t need = awqe::attention_workspace_bytes(n_heads, head_dim, max_len);
     if (!workspace || !aligned(workspace, 8) || workspace_bytes < need)
         return fail(AWQE_ERR_INVALID_ARGUMENT, "attention: workspace must be 8-byte aligned and hold %zu bytes", need);
     awqe::AttentionExtras extras;
     extras.q_norm = q_norm_or_null, extras.k_norm = k_norm_or_null, extras.norm_eps = norm_eps;
-    extras.softcap = softcap;
+    extras.softcap = softcap, extras.span = span;
     return cuda_status(awqe::launch_decode_attention(qkv, position, cos, sin, k_cache, v_cache, out, n_heads, n_kv,
                                                      head_dim, max_len, window, scale, extras, workspace, stream),
                        "attention launch");
@@ -305,8 +308,8 @@ awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* position, 
                                       int max_len, int window, float scale, void* workspace, size_t workspace_bytes,
                                       cudaStream_t stream) {
     return awqe_decode_attention_ex_f16(qkv, position, cos, sin, k_cache, v_cache, out, n_heads, n_kv, head_dim,
-                                        max_len, window, scale, nullptr, nullptr, 0.f, 0.f, workspace, workspace_bytes,
-                                        stream);
+                                        max_len, window, scale, nullptr, nullptr, 0.f, 0.f, 0, workspace,
+                                        workspace_bytes, stream);
 }
 
 awqe_status awqe_residual_norm_f16(const void* y_or_null, const void* out_norm_or_null, float* h, const void* next_norm,

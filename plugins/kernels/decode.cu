@@ -272,8 +272,9 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
                         const float* __restrict__ cos_t, const float* __restrict__ sin_t, __half* __restrict__ k_cache,
                         __half* __restrict__ v_cache, __half* __restrict__ out, float* __restrict__ ws_o,
                         float2* __restrict__ ws_ml, unsigned* __restrict__ tickets, int n_heads, int n_kv,
-                        int max_len, int window, int max_splits, float scale, const __half* __restrict__ q_norm,
-                        const __half* __restrict__ k_norm, float norm_eps, float softcap) {
+                        int max_len, int span, int window, int max_splits, float scale,
+                        const __half* __restrict__ q_norm, const __half* __restrict__ k_norm, float norm_eps,
+                        float softcap) {
     constexpr int D = 32 * E;
     pdl_launch_dependents();
 #ifdef AWQE_ATTN_WAIT_FIRST  // diagnostic build: every read after the wait (bench/NOTES.md, r7b)
@@ -283,8 +284,10 @@ decode_attention_kernel(const __half* qkv, const int* __restrict__ position,
     // rope tables. So the cache rows' memory latency overlaps the qkv product still running before this kernel.
     const int head = blockIdx.x, split = blockIdx.y;
     const int pos = position[0];
-    if (pos < 0 || pos >= max_len) {  // the host checks positions; never touch memory outside the cache
+    if (pos < 0 || pos >= span) {  // the host checks positions; never touch memory outside the launch's span
         pdl_wait();  // but complete after the kernel before, as always, so the chain of waits stays ordered
+        if (split == 0)  // and poison the head's output, so a span too short for the position cannot pass unseen
+            for (int d = threadIdx.x; d < D; d += kAttnThreads) out[(size_t)head * D + d] = __float2half_rn(NAN);
         return;
     }
     const int length = pos + 1;
@@ -476,13 +479,17 @@ cudaError_t launch_attention_e(const void* qkv, const int* position, const float
                                void* k_cache, void* v_cache, void* out, int n_heads, int n_kv, int max_len, int window,
                                float scale, const AttentionExtras& x, void* workspace, cudaStream_t stream) {
     const int max_splits = (max_len + kSplitKeys - 1) / kSplitKeys;
+    // One block row per split of the span only: the blocks past the position's split return at once, but each is
+    // still scheduled before the next kernel may start (a 4096-position cache is 128 splits a head).
+    const int span = x.span > 0 && x.span < max_len ? x.span : max_len;
+    const int splits = (span + kSplitKeys - 1) / kSplitKeys;
     float* ws_o = static_cast<float*>(workspace);
     float2* ws_ml = reinterpret_cast<float2*>(ws_o + (size_t)n_heads * max_splits * 32 * E);
     unsigned* tickets = reinterpret_cast<unsigned*>(ws_ml + (size_t)n_heads * max_splits);
-    return launch_pdl(decode_attention_kernel<E>, dim3(n_heads, max_splits), dim3(kAttnThreads), 0, stream,
+    return launch_pdl(decode_attention_kernel<E>, dim3(n_heads, splits), dim3(kAttnThreads), 0, stream,
                       static_cast<const __half*>(qkv), position, cos_t, sin_t, static_cast<__half*>(k_cache),
                       static_cast<__half*>(v_cache), static_cast<__half*>(out), ws_o, ws_ml, tickets, n_heads, n_kv,
-                      max_len, window, max_splits, scale, static_cast<const __half*>(x.q_norm),
+                      max_len, span, window, max_splits, scale, static_cast<const __half*>(x.q_norm),
                       static_cast<const __half*>(x.k_norm), x.norm_eps, x.softcap);
 }
 

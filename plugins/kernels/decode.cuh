@@ -27,6 +27,7 @@ struct AttentionExtras {
     const void* k_norm = nullptr;
     float norm_eps = 0.f;
     float softcap = 0.f;
+    int span = 0;  // the positions the launch covers (grid rows), 0 or >= max_len: all of the cache
 };
 
 cudaError_t launch_decode_attention(const void* qkv, const int* position, const float* cos_t, const float* sin_t,
