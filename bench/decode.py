@@ -385,6 +385,11 @@ def bench_random(name: str, args, copy_bw: float, res: dict) -> dict:
         res["ours_unfolded"] = time_ours(weights, prompt, args.new, args.repeats,
                                          CudaOps(weights, fold_norms=False))
         print(name, "ours_unfolded", res["ours_unfolded"], flush=True)
+    if "ours_fold_boundaries" in args.variants and any(L.attn_out_norm is not None for L in weights.layers):
+        # Gemma 2/3: each block's boundary run by its output GEMV's last block (two launches a layer fewer)
+        res["ours_fold_boundaries"] = time_ours(weights, prompt, args.new, args.repeats,
+                                                CudaOps(weights, fold_boundaries=True))
+        print(name, "ours_fold_boundaries", res["ours_fold_boundaries"], flush=True)
     if "ours_fullspan" in args.variants:  # every step's attention launched over the whole cache, in one graph
         res["ours_fullspan"] = time_ours(weights, prompt, args.new, args.repeats, spans=False)
         print(name, "ours_fullspan", res["ours_fullspan"], flush=True)
@@ -690,6 +695,10 @@ def _sandwich_breakdown(dec: CudaDecoder, x, y, qkv, a, act, context: int) -> di
     res["sum_per_layer"] = sum(res.values())
     res["lm_head_us"] = graph_time(lambda: dec._logits(x)) * 1e6  # the final norm is the last boundary's
     res["full_step_us"] = graph_time(dec._step) * 1e6
+    was = ops.fold_boundaries, ops.ticket  # the step with each boundary in its product's last block
+    ops.fold_boundaries, ops.ticket = True, torch.zeros(1, dtype=torch.int32, device="cuda")
+    res["full_step_fold_boundaries_us"] = graph_time(dec._step) * 1e6
+    ops.fold_boundaries, ops.ticket = was
     res.update(fullspan_times(dec, qkv), context=context, span=dec.span)
     del dec
     free()
@@ -733,7 +742,8 @@ def parse_args(argv=None):
                          "the same shapes); repeat, or separate several with commas")
     ap.add_argument("--variants", default="ours,torch_int4,hf",
                     help="comma list of: ours (always run), ours_unfolded, ours_fullspan (every step's attention "
-                         "over the whole cache, one graph), ours_sampled (sampling on the GPU and, "
+                         "over the whole cache, one graph), ours_fold_boundaries (Gemma 2/3 shapes: each block "
+                         "boundary in its output GEMV), ours_sampled (sampling on the GPU and, "
                          "beside it, from host logits) and torch_int4 (random-weight models only), hf (or one of "
                          "hf_fp16_eager, hf_bf16_eager, hf_fp16_compiled, ...)")
     ap.add_argument("--hf-compile", action="store_true", help="also time transformers' compiled static-cache forward")

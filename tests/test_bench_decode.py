@@ -70,7 +70,8 @@ def test_every_decode_variant_runs_on_a_tiny_random_shape_and_a_tiny_real_checkp
     proc = subprocess.run(
         [sys.executable, "-P", str(Path(decode.__file__)), "--models", "tiny,tiny-gemma3", "--real",
          f"real={tmp_path / 'ck'}",
-         "--variants", "ours,ours_unfolded,ours_fullspan,ours_sampled,torch_int4,hf", "--hf-compile", "--breakdown",
+         "--variants", "ours,ours_unfolded,ours_fullspan,ours_fold_boundaries,ours_sampled,torch_int4,hf",
+         "--hf-compile", "--breakdown",
          "--prompt", "8", "--new", "4", "--repeats", "1", "--parity", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,11 +80,13 @@ def test_every_decode_variant_runs_on_a_tiny_random_shape_and_a_tiny_real_checkp
     assert not errors, errors
     timed = {m: {k for k, v in r.items() if isinstance(v, dict) and v.get("tok_s", 0) > 0} for m, r in models.items()}
     for shape in ("tiny", "tiny-gemma3"):  # the Llama block and Gemma 3's (q/k norms, sandwich norms, GELU, windows)
+        gemma = {"ours_fold_boundaries"} if shape == "tiny-gemma3" else set()  # a Gemma 2/3 block's variant
         assert timed[shape] == {"ours", "ours_unfolded", "ours_fullspan", "ours_sampled", "ours_sampled_host",
-                                "torch_int4", "hf_fp16_static_eager", "hf_fp16_static_compiled"}, shape
+                                "torch_int4", "hf_fp16_static_eager", "hf_fp16_static_compiled"} | gemma, shape
     assert {"ours", "hf_fp16_static_eager"} <= timed["real"]
     assert {"full_step_norm_rows_us", "full_step_norm_sums_us", "norm_rows", "norm_sums"} <= set(
         models["tiny"]["breakdown_us"])  # r18's A/B
     assert "full_step_us" in models["tiny"]["breakdown_us"] and "residual_norm_x2" in models["tiny-gemma3"]["breakdown_us"]
     for shape in ("tiny", "tiny-gemma3"):  # the spans' A/B: the attention and the step over the whole cache too
         assert {"attention_fullspan", "full_step_fullspan_us", "span"} <= set(models[shape]["breakdown_us"]), shape
+    assert "full_step_fold_boundaries_us" in models["tiny-gemma3"]["breakdown_us"]

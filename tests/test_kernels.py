@@ -97,6 +97,31 @@ def test_gemm_norm_refuses_an_unknown_gate_activation():
     assert "GELU" in lib.awqe_last_error().decode()
 
 
+GOOD_GEMM_BOUNDARY = dict(x=ALIGNED * 8, packed=ALIGNED * 16, bias=None, y=ALIGNED, N=640, K=1024, block_size=128,
+                          out_norm=ALIGNED * 2, h=ALIGNED * 4, next_norm=ALIGNED * 2, x_out=ALIGNED * 6, eps=1e-6,
+                          ticket=ALIGNED * 10)
+
+
+@needs_library
+@pytest.mark.parametrize("override, fragment", [
+    (dict(N=641), "must be even"),
+    (dict(eps=float("nan")), "finite"),
+    (dict(h=ALIGNED * 4 + 4), "8-byte aligned"),
+    (dict(ticket=None), "must be non-null"),
+    (dict(out_norm=ALIGNED * 2 + 2), "out_norm 4-byte aligned"),
+    (dict(x_out=ALIGNED + 4), "must not overlap"),   # inside y
+    (dict(h=ALIGNED + 8), "must not overlap"),       # inside y
+    (dict(x_out=ALIGNED * 8 + 64), "must not overlap"),  # inside x
+])
+def test_gemm_residual_norm_rejects_bad_arguments_before_any_cuda_call(override, fragment):
+    a = {**GOOD_GEMM_BOUNDARY, **override}
+    lib = kernels.load_library()
+    assert lib.awqe_gemm_residual_norm_f16(a["x"], a["packed"], a["bias"], a["y"], a["N"], a["K"], a["block_size"],
+                                           a["out_norm"], a["h"], a["next_norm"], a["x_out"], a["eps"], a["ticket"],
+                                           None) == kernels.INVALID_ARGUMENT
+    assert fragment in lib.awqe_last_error().decode()
+
+
 GOOD_RESIDUAL_NORM = dict(y=ALIGNED, out_norm=ALIGNED, h=ALIGNED * 2, next_norm=ALIGNED, x=ALIGNED * 4, rows=2,
                           dim=640, eps=1e-6)
 

@@ -193,6 +193,13 @@ class EmulatedKernels:
         assert h.dtype == torch.float32, "the residual stream must be float32"
         return TorchOps().residual_norm(y, out_norm, h, next_norm, eps)
 
+    calls = 0  # gemm_residual_norm's, so a test can see the fold was taken
+
+    def gemm_residual_norm(self, x, w, bias, out_norm, h, next_norm, eps, ticket):
+        assert x.shape[0] == 1 and ticket.dtype == torch.int32 and int(ticket) == 0, "one token, a zeroed ticket"
+        self.calls += 1
+        return self.residual_norm(self.gemm(x, w, bias), out_norm, h, next_norm, eps)
+
     def silu_mul(self, gate_up, out):
         return out.copy_(TorchOps().silu_mul(gate_up))
 
@@ -222,12 +229,16 @@ def test_cuda_ops_around_emulated_kernels_match_transformers_for_every_family(tm
         L.qkv, L.o, L.gate_up, L.down = (as_packed(x) for x in (L.qkv, L.o, L.gate_up, L.down))
     monkeypatch.setattr(kernels, "attention_workspace", lambda *args: None)
     monkeypatch.setattr(cuda, "MIN_SPAN", 2)  # the steps' spans 8, 16: the emulated kernel gives NaN past a span
-    for fold, sums in ((True, False), (True, True), (False, False)):
-        ops = CudaOps(weights, fold_norms=fold, norm_sums=sums)
+    for fold, sums, boundaries in ((True, False, False), (True, True, False), (False, False, False),
+                                   (True, False, True)):
+        ops = CudaOps(weights, fold_norms=fold, norm_sums=sums, fold_boundaries=boundaries)
         ops.k = EmulatedKernels()
         dec = CudaDecoder(weights, ops, use_graphs=False)
         steps = [dec.forward(PROMPT[:4])[-1]] + [dec.forward([t])[-1] for t in PROMPT[4:]]
         np.testing.assert_allclose(np.stack(steps), ref[3:], rtol=0, atol=2e-2 * np.abs(ref).max())
+        # the fold runs twice a layer in each single-token step of a Gemma 2/3 block, never in the prompt's
+        sandwich = weights.layers[0].attn_out_norm is not None
+        assert ops.k.calls == (2 * len(weights.layers) * (len(PROMPT) - 4) if boundaries and sandwich else 0)
 
 
 def test_attention_span_is_the_next_power_of_two_within_the_cache():
@@ -409,6 +420,49 @@ def test_residual_norm_kernel_matches_float64(rows, dim, block):
     assert torch.isfinite(out).all()
     assert ((h.double() - hd).abs().max() / hd.abs().max()).item() < 1e-6
     assert ((out.double() - ref).abs() <= 1e-3 * ref.abs() + 1e-4).all()  # one fp16 rounding
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("n, k, group", [(640, 1024, 128), (2560, 2048, 128), (3584, 14336, 128), (640, 576, 64),
+                                         (1152, 640, 32)])  # Gemma-3-270M's o and the 4B's; the 9B's down
+@pytest.mark.parametrize("block", ["normalised", "plain_add"])
+def test_gemm_residual_norm_equals_the_product_then_the_boundary_kernel(n, k, group, block):
+    """The boundary folded into the product (the last block to finish runs it) against the product and
+    residual_norm as two launches, on fresh random data with poisoned outputs, three times over (the ticket is back
+    at zero after each call)."""
+    gen = torch.Generator().manual_seed(n + k + group)
+    q, scales, zeros = quantize(torch.randn(n, k, generator=gen), QConfig(4, group, True))
+    nb = to_matmul_nbits(q, scales.half(), zeros, group, 4)
+    w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), k, group)
+    out_norm = (torch.rand(n, generator=gen) * 3).half().cuda() if block == "normalised" else None
+    nxt = (torch.rand(n, generator=gen) * 2 + 0.1).half().cuda()
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for step in range(3):
+        x = (torch.randn(1, k, generator=gen) * 0.5).half().cuda()
+        h = (torch.randn(1, n, generator=gen) * 300).cuda()
+        h_ref = h.clone()
+        ref = kernels.residual_norm(kernels.gemm(x, w), out_norm, h_ref, nxt, 1e-6)
+        out = kernels.gemm_residual_norm(x, w, None, out_norm, h, nxt, 1e-6, ticket)
+        assert torch.isfinite(out).all() and out.shape == (1, n) and int(ticket) == 0
+        # the same products; the boundary's sums in another order: float32 rounding on h, one fp16 step on x
+        assert ((h - h_ref).abs().max() / h_ref.abs().max()).item() < 1e-5
+        assert ((out.float() - ref.float()).abs() <= 2e-3 * ref.float().abs() + 1e-3).all()
+
+
+@needs_library
+@needs_gpu
+def test_gemm_residual_norm_rejects_a_prompt_and_a_stream_of_the_wrong_width():
+    q, scales, zeros = quantize(torch.randn(256, 128, generator=torch.Generator().manual_seed(0)),
+                                QConfig(4, 128, True))
+    nb = to_matmul_nbits(q, scales.half(), zeros, 128, 4)
+    w = kernels.repack_matmul_nbits(nb["B"].cuda(), nb["scales"].cuda(), nb["zero_points"].cuda(), 128, 128)
+    nxt, ticket = torch.ones(256, dtype=torch.half, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+    x = torch.zeros(2, 128, dtype=torch.half, device="cuda")
+    with pytest.raises(AwqEdgeError, match="one token"):
+        kernels.gemm_residual_norm(x, w, None, None, torch.zeros(1, 256, device="cuda"), nxt, 1e-6, ticket)
+    with pytest.raises(AwqEdgeError, match="h must be a contiguous fp32 CUDA tensor of 256"):
+        kernels.gemm_residual_norm(x[:1], w, None, None, torch.zeros(1, 128, device="cuda"), nxt, 1e-6, ticket)
 
 
 @needs_library
@@ -595,6 +649,34 @@ def test_cuda_decoder_matches_transformers_and_graph_replay_equals_eager(tmp_pat
     ref = hf_logits(model, PROMPT + runs[True][:-1])[len(PROMPT) - 1:]
     chosen = ref[np.arange(len(runs[True])), runs[True]]
     assert np.all((chosen == ref.max(-1)) | (ref.max(-1) - chosen < tol))
+
+
+@needs_library
+@needs_gpu
+@pytest.mark.parametrize("case", ["gemma2_softcaps", "gemma3_local_global"])
+def test_gemma_boundaries_folded_into_the_products_give_the_same_decoding(tmp_path, case):
+    """Gemma 2/3 with each block's boundary run by the output GEMV's last block (fold_boundaries): through the
+    CUDA graphs, the greedy tokens of the two-launch boundary and logits step by step within fp32 reordering."""
+    write_checkpoint(tmp_path / "ck", **CASES[case])
+    weights = load_weights(tmp_path / "ck", "cuda", torch.float16, packed=True, max_len=64)
+    decs = {fold: CudaDecoder(weights, CudaOps(weights, fold_boundaries=fold)) for fold in (False, True)}
+    tokens = {}
+    for fold, dec in decs.items():
+        dec.eos_ids = set()
+        tokens[fold] = list(generate(dec, PROMPT, 24))
+    seq = PROMPT + tokens[False][:-1]  # both decoders on the same tokens: logits step by step
+    logits = {}
+    for fold, dec in decs.items():
+        dec.reset()
+        logits[fold] = np.stack([dec.forward(seq[:4])[-1]] + [dec.forward([t])[-1] for t in seq[4:]])
+    tol = 2e-3 * np.abs(logits[False]).max()
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=tol)
+    # the same greedy tokens, unless they part where the two-launch step's top two are within that tolerance
+    ref = logits[False][len(PROMPT) - 4:]
+    differ = [i for i, (a, b) in enumerate(zip(tokens[False], tokens[True])) if a != b]
+    if differ:
+        top2 = np.sort(ref[differ[0]])[-2:]
+        assert top2[1] - top2[0] < tol, f"the tokens part at {differ[0]} without a near tie"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_gpu, needs_library])])

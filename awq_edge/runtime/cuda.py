@@ -294,6 +294,11 @@ class TorchOps:
             h.add_(y.float() if out_norm is None else out_norm.float() * (y.float() * self._rstd(y, eps)))
         return (next_norm.float() * (h * self._rstd(h, eps))).to(next_norm.dtype)
 
+    def linear_residual_norm(self, x, lin: DeviceLinear, out_norm, h, next_norm, eps):
+        """residual_norm(linear(x, lin), out_norm, h, next_norm, eps): a Gemma 2/3 block's output product and the
+        boundary after it."""
+        return self.residual_norm(self.linear(x, lin), out_norm, h, next_norm, eps)
+
     def residual_linear(self, x, lin: DeviceLinear, residual, next_norm=None):
         """(linear(x) + residual, and next_norm * that as the next norm_linear's `prescaled`, or None)."""
         h = self.linear(x, lin, residual=residual)
@@ -329,14 +334,19 @@ class CudaOps(TorchOps):
     0.2-1.4% slower than with the rows read (bench/NOTES.md, r18); on for A/B timing.
     """
 
-    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = False):
+    def __init__(self, weights: Weights, dense_rows: int = 64, fold_norms: bool = True, norm_sums: bool = False,
+                 fold_boundaries: bool = False):
         from awq_edge.runtime import kernels
 
         super().__init__(fold_norms)
         self.norm_sums = norm_sums
+        # Gemma 2/3: each block's output GEMV also runs the block boundary after it (gemm_residual_norm), two
+        # launches a layer fewer. Off until timed (bench/decode.py's ours_fold_boundaries, bench/NOTES.md r27).
+        self.fold_boundaries = fold_boundaries
         self.k = kernels
         d = weights.dims
         self.workspace = kernels.attention_workspace(d.heads, d.head_dim, weights.max_len, weights.embed.device)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=weights.embed.device) if fold_boundaries else None
         self.dense_rows = dense_rows  # prefill: from this many rows on, dequantise to fp16 and use cuBLAS
         self._scratch = None
 
@@ -395,6 +405,11 @@ class CudaOps(TorchOps):
 
     def residual_norm(self, y, out_norm, h, next_norm, eps):
         return self.k.residual_norm(y, out_norm, h, next_norm, eps)
+
+    def linear_residual_norm(self, x, lin: DeviceLinear, out_norm, h, next_norm, eps):
+        if self.fold_boundaries and lin.packed is not None and x.shape[0] == 1:
+            return self.k.gemm_residual_norm(x, lin.packed, lin.bias, out_norm, h, next_norm, eps, self.ticket)
+        return super().linear_residual_norm(x, lin, out_norm, h, next_norm, eps)
 
     def silu_mul(self, gate_up):
         out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype, device=gate_up.device)
@@ -505,10 +520,10 @@ class CudaDecoder(PrefixCachedDecoder):
             x = ops.residual_norm(None, None, h, w.layers[0].input_norm, d.eps)
             for i, L in enumerate(w.layers):
                 a = self._attend(i, L, ops.linear(x, L.qkv), positions, past)
-                x = ops.residual_norm(ops.linear(a, L.o), L.attn_out_norm, h, L.post_norm, d.eps)
+                x = ops.linear_residual_norm(a, L.o, L.attn_out_norm, h, L.post_norm, d.eps)
                 act = ops.gate_up_act(x, L.gate_up, feats.activation)
                 nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.norm
-                x = ops.residual_norm(ops.linear(act, L.down), L.mlp_out_norm, h, nxt, d.eps)
+                x = ops.linear_residual_norm(act, L.down, L.mlp_out_norm, h, nxt, d.eps)
             return x
         g = None  # norm weight * h for the next norm_linear when the ops fold norms (see TorchOps)
         for i, L in enumerate(w.layers):

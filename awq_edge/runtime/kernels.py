@@ -40,6 +40,8 @@ _SIGNATURES = {
     "awqe_decode_attention_ex_f16": ([_vp, _vp, _vp, _vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, ctypes.c_float,
                                       _vp, _vp, ctypes.c_float, ctypes.c_float, _int, _vp, _size, _vp], _int),
     "awqe_residual_norm_f16": ([_vp, _vp, _vp, _vp, _vp, _int, _int, ctypes.c_float, _vp], _int),
+    "awqe_gemm_residual_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _vp, _vp, _vp, _vp, ctypes.c_float, _vp,
+                                     _vp], _int),
     "awqe_gemm_gated_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _vp], _int),
     "awqe_gemm_norm_f16": ([_vp, _vp, _vp, _vp, _int, _int, _int, _int, _int, _vp, _vp, ctypes.c_float, _vp, _vp,
                             _vp, _vp], _int),
@@ -357,6 +359,37 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
                                           _ptr(norm_out) if norm_weight is not None else None, _ptr(sumsq_out),
                                           _stream(x.device)))
     return out if norm_weight is None else (out, norm_out)
+
+
+def gemm_residual_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None, out_norm: torch.Tensor | None,
+                       h: torch.Tensor, next_norm: torch.Tensor, eps: float, ticket: torch.Tensor) -> torch.Tensor:
+    """One token's product y = x @ W^T (+ bias) and Gemma 2/3's block boundary after it in one launch: h (fp32
+    [1, n], in place) += out_norm * rmsnorm(y) (out_norm None: + y), then returns fp16 next_norm * rmsnorm(h), as
+    residual_norm(gemm(x, w, bias), out_norm, h, next_norm, eps) computes it up to the order of the fp32 sums.
+    ticket: int32 [1] on the GPU, zero before the first call (each call leaves it at zero), one per stream."""
+    x2, bias = _gemm_inputs(x, w, bias)
+    _require(x2.shape[0] == 1, f"gemm_residual_norm takes one token, got {x2.shape[0]} rows",
+             "run gemm then residual_norm for a prompt")
+    _require(h.is_cuda and h.dtype == torch.float32 and h.is_contiguous() and h.numel() == w.n,
+             f"gemm_residual_norm: h must be a contiguous fp32 CUDA tensor of {w.n} values, got {h.dtype} "
+             f"{tuple(h.shape)}", "keep the residual stream in float32 on the GPU")
+    _require(ticket.is_cuda and ticket.dtype == torch.int32 and ticket.numel() == 1,
+             "gemm_residual_norm: ticket must be one int32 on the GPU", "allocate torch.zeros(1, dtype=torch.int32)")
+    _f16(next_norm)
+    _require(next_norm.numel() == w.n, f"gemm_residual_norm: next_norm must be [{w.n}]", "pass the layer's norm")
+    if out_norm is not None:
+        _f16(out_norm)
+        _require(out_norm.numel() == w.n, f"gemm_residual_norm: out_norm must be [{w.n}]", "pass the layer's norm")
+    _same_device(x2, h, next_norm, out_norm, ticket)
+    y = torch.empty(1, w.n, dtype=torch.float16, device=x.device)
+    out = torch.empty(1, w.n, dtype=torch.float16, device=x.device)
+    lib = load_library()
+    with torch.cuda.device(x.device):
+        check(lib, lib.awqe_gemm_residual_norm_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), y.data_ptr(), w.n,
+                                                   w.k, w.block_size, _ptr(out_norm), h.data_ptr(),
+                                                   next_norm.data_ptr(), out.data_ptr(), eps, ticket.data_ptr(),
+                                                   _stream(x.device)))
+    return out.view(*h.shape)
 
 
 def set_programmatic_launch(enable: bool) -> None:

@@ -153,6 +153,19 @@ AWQE_API awqe_status awqe_gemm_norm_f16(const void* x_f16, const void* packed, c
                                         float eps, const void* norm_weight_or_null, void* norm_out_or_null,
                                         float* sumsq_out_or_null, cudaStream_t stream);
 
+/* One token's product followed by Gemma 2/3's block boundary (awqe_residual_norm_f16) in one launch: y [1, N] =
+ * x [1, K] @ W^T (+ bias), then the block that finishes last updates h [N] (float32, in place) += out_norm *
+ * (y * rsqrt(mean(y^2) + eps)) (out_norm NULL: h += y) and writes x_out [N] = fp16(next_norm * (h *
+ * rsqrt(mean(h^2) + eps))): the boundary's own launch and its wait go. ticket: one unsigned in device memory,
+ * zero before the first call; each call leaves it at zero; calls that may run at once need their own. N even; y,
+ * next_norm, out_norm, x_out and ticket 4-byte aligned, h 8-byte aligned; x_out, y and h do not overlap each
+ * other or x. Otherwise as awqe_gemm_f16 with M = 1. Equals awqe_gemm_f16 then awqe_residual_norm_f16 up to the
+ * order of the fp32 sums. */
+AWQE_API awqe_status awqe_gemm_residual_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
+                                                 void* y_f16, int N, int K, int block_size,
+                                                 const void* out_norm_or_null, float* h, const void* next_norm,
+                                                 void* x_out, float eps, unsigned* ticket, cudaStream_t stream);
+
 /* Kernels of this library launch with programmatic dependent launch on compute capability 9.0 and newer, so each
  * overlaps the tail of the kernel before it (also inside CUDA graphs); GEMMs with M > 8 launch plainly. 0 turns
  * that off, 1 back on (default). */

@@ -83,7 +83,8 @@ awqe_status device_info(awqe::Device* out) {
 }
 
 // The checks and launch every GEMM entry point shares; gated and the norm folds add their own rules.
-awqe_status run_gemm(awqe::GemmFold f, int block_size, int warps_per_tile, cudaStream_t stream) {
+awqe_status run_gemm(awqe::GemmFold f, int block_size, int warps_per_tile, cudaStream_t stream,
+                     const awqe::BoundaryFold* bnd = nullptr) {
     const int M = f.M, N = f.N, K = f.K;
     if (awqe_status s = check_shape(N, K, block_size)) return s;
     if (f.gated && N % 16) return fail(AWQE_ERR_INVALID_ARGUMENT, "gated gemm: N must be a multiple of 16, got %d", N);
@@ -129,8 +130,8 @@ awqe_status run_gemm(awqe::GemmFold f, int block_size, int warps_per_tile, cudaS
     if (M == 0) return AWQE_OK;
     awqe::Device dev{};
     if (awqe_status s = device_info(&dev)) return s;
-    return cuda_status(awqe::launch_gemm(f, block_size, warps_per_tile, dev, stream),
-                       f.gated ? "gated gemm launch" : "gemm launch");
+    return cuda_status(awqe::launch_gemm(f, block_size, warps_per_tile, dev, stream, bnd),
+                       f.gated ? "gated gemm launch" : bnd ? "gemm_residual_norm launch" : "gemm launch");
 }
 
 awqe::GemmFold plain(const void* x, const void* packed, const void* bias, void* y, int M, int N, int K, int gated) {
@@ -329,6 +330,29 @@ awqe_status awqe_residual_norm_f16(const void* y_or_null, const void* out_norm_o
     if (rows == 0) return AWQE_OK;
     return cuda_status(awqe::launch_residual_norm(y_or_null, out_norm_or_null, h, next_norm, x, rows, dim, eps, stream),
                        "residual_norm launch");
+}
+
+awqe_status awqe_gemm_residual_norm_f16(const void* x_f16, const void* packed, const void* bias_f16_or_null,
+                                        void* y_f16, int N, int K, int block_size, const void* out_norm_or_null,
+                                        float* h, const void* next_norm, void* x_out, float eps, unsigned* ticket,
+                                        cudaStream_t stream) {
+    if (N < 2 || N % 2)
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "gemm_residual_norm: N (the stream's width) must be even, got %d", N);
+    if (!(eps >= 0.f) || !std::isfinite(eps))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "gemm_residual_norm: eps must be finite and >= 0");
+    if (!h || !next_norm || !x_out || !ticket || !aligned(h, 8) || !aligned(next_norm, 4) || !aligned(x_out, 4) ||
+        !aligned(ticket, 4) || (y_f16 && !aligned(y_f16, 4)) || (out_norm_or_null && !aligned(out_norm_or_null, 4)))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "gemm_residual_norm: h (8-byte aligned), next_norm, x_out, ticket and y "
+                    "(4-byte aligned) must be non-null, out_norm 4-byte aligned where given");
+    const size_t n = (size_t)N;
+    if (overlap(x_out, 2 * n, y_f16, 2 * n) || overlap(x_out, 2 * n, h, 4 * n) || overlap(y_f16, 2 * n, h, 4 * n) ||
+        overlap(x_out, 2 * n, x_f16, 2 * (size_t)K))
+        return fail(AWQE_ERR_INVALID_ARGUMENT, "gemm_residual_norm: x_out, y and h must not overlap each other or x");
+    awqe::GemmFold f = plain(x_f16, packed, bias_f16_or_null, y_f16, 1, N, K, 0);
+    f.eps = eps;
+    const awqe::BoundaryFold bnd{h, static_cast<const uint16_t*>(out_norm_or_null),
+                                 static_cast<const uint16_t*>(next_norm), static_cast<uint16_t*>(x_out), ticket};
+    return run_gemm(f, block_size, 0, stream, &bnd);
 }
 
 awqe_status awqe_silu_mul_f16(const void* gate_up, void* out, int M, int inter, cudaStream_t stream) {

@@ -519,8 +519,68 @@ __device__ __forceinline__ float gate_activation(int kind, float x) {
 #ifndef AWQE_MIN_BLOCKS
 #define AWQE_MIN_BLOCKS 1
 #endif
-template <int MT, int BS, int kDepth>
-__global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1) gemm_kernel(const GemmArgs a) {
+// Gemma 2/3's block boundary after the product (BoundaryFold), by the block that finishes last: every thread of
+// it, each on its own values, two block sums. The same arithmetic as residual_norm_kernel (decode.cu), summed in
+// another order. y is read from L2: the other blocks wrote it.
+__device__ __forceinline__ float boundary_sum(float v, float* part) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    __syncthreads();  // part may hold the last sum's values
+    if ((threadIdx.x & 31) == 0) part[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int w = 0; w < nwarps; ++w) t += part[w];
+    return t;
+}
+
+__device__ void fold_boundary(const GemmArgs& a, const BoundaryFold& b) {
+    __shared__ float part[kMaxWarps];
+    __shared__ bool last;
+    __threadfence();  // this block's y before its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(b.ticket, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int n2 = a.N / 2;
+    const float n = (float)a.N;
+    const __half2* y = reinterpret_cast<const __half2*>(a.y);
+    const __half2* out_w = reinterpret_cast<const __half2*>(b.out_w);
+    const __half2* next_w = reinterpret_cast<const __half2*>(b.next_w);
+    float2* h = reinterpret_cast<float2*>(b.h);
+    __half2* x = reinterpret_cast<__half2*>(b.x);
+    float r = 1.f;
+    if (out_w) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+            const float2 u = __half22float2(__ldcg(y + i));
+            ss += u.x * u.x + u.y * u.y;
+        }
+        r = rsqrtf(boundary_sum(ss, part) / n + a.eps);
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n2; i += blockDim.x) {  // each thread re-reads only the h it wrote
+        const float2 u = __half22float2(__ldcg(y + i));
+        float2 hv = __ldcg(h + i);
+        const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
+        hv.x += out_w ? w.x * (u.x * r) : u.x;
+        hv.y += out_w ? w.y * (u.y * r) : u.y;
+        h[i] = hv;
+        ss += hv.x * hv.x + hv.y * hv.y;
+    }
+    const float r2 = rsqrtf(boundary_sum(ss, part) / n + a.eps);
+    for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+        const float2 hv = h[i], w = __half22float2(next_w[i]);
+        x[i] = __floats2half2_rn(w.x * (hv.x * r2), w.y * (hv.y * r2));
+    }
+    if (threadIdx.x == 0) *b.ticket = 0;  // ready for the next launch
+}
+
+// The product's body, inlined into the two kernels below. kBnd: with the block boundary b after it, where every
+// warp of the block stays for it.
+template <int MT, int BS, int kDepth, bool kBnd>
+__device__ __forceinline__ void gemm_body(const GemmArgs& a, const BoundaryFold& b) {
     extern __shared__ uint4 smem[];
     const int tile = blockIdx.x / a.mslices, m0 = (blockIdx.x % a.mslices) * 8 * MT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -595,7 +655,10 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
 #pragma unroll
             for (int i = 0; i < 4; ++i) mine[j * 4 + i] = acc[j][i];
         __syncthreads();
-        if (warp != 0) return;
+        if (warp != 0) {
+            if constexpr (kBnd) fold_boundary(a, b);  // the same barriers as warp 0's call below
+            return;
+        }
         for (int o = 1; o < nwarps; ++o) {
             const float* theirs = partial + (o * 32 + lane) * (MT * 4);
 #pragma unroll
@@ -665,6 +728,20 @@ __global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
                 if (g == 0 && m < M) a.sumsq_out[(size_t)m * tiles + tile] = v;
             }
     }
+    if constexpr (kBnd) fold_boundary(a, b);
+}
+
+template <int MT, int BS, int kDepth>
+__global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1) gemm_kernel(const GemmArgs a) {
+    gemm_body<MT, BS, kDepth, false>(a, BoundaryFold{});
+}
+
+// The boundary's own kernel, so that the products without it keep their argument (a larger one changed their
+// code: 2-8 registers either way).
+template <int MT, int BS, int kDepth>
+__global__ void __launch_bounds__(32 * kMaxWarps, MT == 1 ? AWQE_MIN_BLOCKS : 1)
+gemm_boundary_kernel(const GemmArgs a, const BoundaryFold b) {
+    gemm_body<MT, BS, kDepth, true>(a, b);
 }
 
 // The most warps per tile (a power of two) that keeps the grid within about 16 warps per SM, so that all
@@ -705,15 +782,24 @@ constexpr int kDeep = AWQE_DEPTH, kShallow = 2, kDeepWarps = AWQE_DEEP_WARPS;
 static_assert(kDeepWarps >= 2 && kDeepWarps <= kMaxWarps && (kDeepWarps & (kDeepWarps - 1)) == 0,
               "AWQE_DEEP_WARPS: a power of two from 2 (the default) to 8");
 
+// bnd non-null: gemm_boundary_kernel (M = 1).
 template <int MT, int BS, int kDepth>
-cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, const Device& dev, cudaStream_t stream) {
+cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, const Device& dev, cudaStream_t stream,
+                   const BoundaryFold* bnd) {
+    if (MT != 1 && bnd) return cudaErrorInvalidValue;  // unreachable: the C ABI admits the boundary at M = 1 only
+    const void* kernel = reinterpret_cast<const void*>(gemm_kernel<MT, BS, kDepth>);
+    if constexpr (MT == 1)
+        if (bnd) kernel = reinterpret_cast<const void*>(gemm_boundary_kernel<MT, BS, kDepth>);
     const size_t partial = warps > 1 ? (size_t)warps * 32 * MT * 4 * sizeof(float) : 0;
     const size_t ring = async_copy ? (size_t)warps * kDepth * stage_vectors<BS>() * sizeof(uint4) : 0;
-#if defined(AWQE_BULK_STREAM)  // the static mbarriers count towards the 48 KB a launch gets without opting in
-    constexpr size_t kStatic = sizeof(unsigned long long) * kMaxWarps * kDepth;
+    // static shared memory counts towards the 48 KB a launch gets without opting in: the bulk build's mbarriers,
+    // fold_boundary's sums
+#if defined(AWQE_BULK_STREAM)
+    constexpr size_t kBulkStatic = sizeof(unsigned long long) * kMaxWarps * kDepth;
 #else
-    constexpr size_t kStatic = 0;
+    constexpr size_t kBulkStatic = 0;
 #endif
+    const size_t kStatic = kBulkStatic + (bnd ? 64 : 0);
     size_t dynamic = ring + partial;
 #if defined(AWQE_SPREAD)
     // -DAWQE_SPREAD (for A/B timing, bench/NOTES.md r19): each block asks for enough shared memory that a SM holds
@@ -728,24 +814,27 @@ cudaError_t launch(GemmArgs a, int blocks, int warps, bool async_copy, const Dev
         const size_t share = (size_t)dev.smem_per_sm / per_sm / 128 * 128, reserved = dev.smem_reserved;
         if (share > reserved + kStatic + dynamic) {
             dynamic = share - reserved - kStatic;
-            const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
-                                                       cudaFuncAttributePreferredSharedMemoryCarveout,
+            const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                        cudaSharedmemCarveoutMaxShared);
             if (e != cudaSuccess) return e;
         }
     }
 #endif
     if (dynamic + kStatic > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(gemm_kernel<MT, BS, kDepth>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dynamic);
+        const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dynamic);
         if (e != cudaSuccess) return e;
     }
+    if constexpr (MT == 1)
+        if (bnd)
+            return launch_kernel(kProgrammatic<MT>, gemm_boundary_kernel<MT, BS, kDepth>, dim3(blocks),
+                                 dim3(32 * warps), dynamic, stream, a, *bnd);
     return launch_kernel(kProgrammatic<MT>, gemm_kernel<MT, BS, kDepth>, dim3(blocks), dim3(32 * warps), dynamic,
                          stream, a);
 }
 
 template <int MT, int BS>
-cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaStream_t stream) {
+cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaStream_t stream,
+                         const BoundaryFold* bnd) {
     const Layout l = make_layout(f.N, f.K, BS);
     GemmArgs a{f};
     a.weights = static_cast<const uint4*>(f.packed);
@@ -756,16 +845,17 @@ cudaError_t launch_shape(const GemmFold& f, int warps, const Device& dev, cudaSt
     if (warps == 0) warps = choose_warps(blocks, l.chunks, dev.sm_count, MT == 1 ? kMaxWarps : 4);
     a.per_warp = ((l.chunks + warps - 1) / warps + 1) / 2 * 2;
     const bool async_copy = kAsyncBuild && dev.major >= 8;
-    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, dev, stream);
-    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, dev, stream);
+    if (warps <= kDeepWarps) return launch<MT, BS, kDeep>(a, blocks, warps, async_copy, dev, stream, bnd);
+    return launch<MT, BS, kShallow>(a, blocks, warps, async_copy, dev, stream, bnd);
 }
 
 template <int MT>
-cudaError_t launch_mt(const GemmFold& f, int block_size, int warps, const Device& dev, cudaStream_t stream) {
+cudaError_t launch_mt(const GemmFold& f, int block_size, int warps, const Device& dev, cudaStream_t stream,
+                      const BoundaryFold* bnd) {
     switch (block_size) {
-        case 32: return launch_shape<MT, 32>(f, warps, dev, stream);
-        case 64: return launch_shape<MT, 64>(f, warps, dev, stream);
-        default: return launch_shape<MT, 128>(f, warps, dev, stream);
+        case 32: return launch_shape<MT, 32>(f, warps, dev, stream, bnd);
+        case 64: return launch_shape<MT, 64>(f, warps, dev, stream, bnd);
+        default: return launch_shape<MT, 128>(f, warps, dev, stream, bnd);
     }
 }
 
@@ -786,12 +876,12 @@ int probe_placement(ProbeRecord* out, int max_blocks) {
 #endif
 }
 
-cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev,
-                        cudaStream_t stream) {
+cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev, cudaStream_t stream,
+                        const BoundaryFold* bnd) {
     // One mma n-tile covers M <= 8; beyond, two n-tiles per pass, and larger M in slices of 16 rows whose
     // blocks for one tile run side by side, so the weights' repeat reads come from L2.
-    if (f.M <= 8) return launch_mt<1>(f, block_size, warps_per_tile, dev, stream);
-    return launch_mt<2>(f, block_size, warps_per_tile, dev, stream);
+    if (f.M <= 8) return launch_mt<1>(f, block_size, warps_per_tile, dev, stream, bnd);
+    return launch_mt<2>(f, block_size, warps_per_tile, dev, stream, nullptr);  // bnd: M = 1 only (the C ABI)
 }
 
 }  // namespace awqe

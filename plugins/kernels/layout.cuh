@@ -81,7 +81,21 @@ struct GemmFold {
     float* sumsq_out;
 };
 
-cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev, cudaStream_t stream);
+// Gemma 2/3's block boundary after a product (M = 1, not with gated or GemmFold's outputs): the last block to finish
+// (ticket: zero before, left at zero) updates the float32 stream h [N] += out_w * rmsnorm(y) (out_w null: += y) and
+// writes x [N] = fp16(next_w * rmsnorm(h)), with GemmFold::eps, as residual_norm_kernel (decode.cu) does as a
+// kernel of its own. Kept apart from GemmFold so that the other products' kernel arguments stay as they were.
+struct BoundaryFold {
+    float* h;
+    const uint16_t* out_w;
+    const uint16_t* next_w;
+    uint16_t* x;
+    unsigned* ticket;
+};
+
+// bnd non-null: the product with the boundary after it.
+cudaError_t launch_gemm(const GemmFold& f, int block_size, int warps_per_tile, const Device& dev, cudaStream_t stream,
+                        const BoundaryFold* bnd = nullptr);
 
 // What a -DAWQE_PROBE_PLACEMENT build's M <= 8 GEMV records per block (gemm.cu; 40 bytes, the C API's layout):
 // %globaltimer at entry, when the PDL wait returned and when the tile's sums were done; the SM; the SM's clock
