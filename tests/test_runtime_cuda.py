@@ -425,7 +425,9 @@ def test_residual_norm_kernel_matches_float64(rows, dim, block):
 @needs_library
 @needs_gpu
 @pytest.mark.parametrize("n, k, group", [(640, 1024, 128), (2560, 2048, 128), (3584, 14336, 128), (640, 576, 64),
-                                         (1152, 640, 32)])  # Gemma-3-270M's o and the 4B's; the 9B's down
+                                         (1152, 640, 32), (640, 256, 128)])
+# Gemma-3-270M's o, the 4B's o, the 9B's down; groups of 64 and 32; the last two with the row through memory (2
+# warps a tile and 576 pairs; one warp) where the others hold it in registers
 @pytest.mark.parametrize("block", ["normalised", "plain_add"])
 def test_gemm_residual_norm_equals_the_product_then_the_boundary_kernel(n, k, group, block):
     """The boundary folded into the product (the last block to finish runs it) against the product and
@@ -442,8 +444,11 @@ def test_gemm_residual_norm_equals_the_product_then_the_boundary_kernel(n, k, gr
         x = (torch.randn(1, k, generator=gen) * 0.5).half().cuda()
         h = (torch.randn(1, n, generator=gen) * 300).cuda()
         h_ref = h.clone()
-        ref = kernels.residual_norm(kernels.gemm(x, w), out_norm, h_ref, nxt, 1e-6)
-        out = kernels.gemm_residual_norm(x, w, None, out_norm, h, nxt, 1e-6, ticket)
+        y, out = (torch.full((1, n), float("nan"), dtype=torch.half, device="cuda") for _ in range(2))  # poisoned
+        kernels.gemm_residual_norm(x, w, None, out_norm, h, nxt, 1e-6, ticket, y=y, out=out)
+        y_ref = kernels.gemm(x, w)
+        ref = kernels.residual_norm(y_ref, out_norm, h_ref, nxt, 1e-6)
+        assert torch.equal(y, y_ref), "the product is the plain GEMV's, bit for bit"
         assert torch.isfinite(out).all() and out.shape == (1, n) and int(ticket) == 0
         # the same products; the boundary's sums in another order: float32 rounding on h, one fp16 step on x
         assert ((h - h_ref).abs().max() / h_ref.abs().max()).item() < 1e-5

@@ -362,11 +362,13 @@ def gemm_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, 
 
 
 def gemm_residual_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None, out_norm: torch.Tensor | None,
-                       h: torch.Tensor, next_norm: torch.Tensor, eps: float, ticket: torch.Tensor) -> torch.Tensor:
+                       h: torch.Tensor, next_norm: torch.Tensor, eps: float, ticket: torch.Tensor,
+                       y: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One token's product y = x @ W^T (+ bias) and Gemma 2/3's block boundary after it in one launch: h (fp32
     [1, n], in place) += out_norm * rmsnorm(y) (out_norm None: + y), then returns fp16 next_norm * rmsnorm(h), as
     residual_norm(gemm(x, w, bias), out_norm, h, next_norm, eps) computes it up to the order of the fp32 sums.
-    ticket: int32 [1] on the GPU, zero before the first call (each call leaves it at zero), one per stream."""
+    ticket: int32 [1] on the GPU, zero before the first call (each call leaves it at zero), one per stream. y and out
+    (fp16 [1, n], allocated when not given): the product and the returned next input."""
     x2, bias = _gemm_inputs(x, w, bias)
     _require(x2.shape[0] == 1, f"gemm_residual_norm takes one token, got {x2.shape[0]} rows",
              "run gemm then residual_norm for a prompt")
@@ -381,8 +383,11 @@ def gemm_residual_norm(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None
         _f16(out_norm)
         _require(out_norm.numel() == w.n, f"gemm_residual_norm: out_norm must be [{w.n}]", "pass the layer's norm")
     _same_device(x2, h, next_norm, out_norm, ticket)
-    y = torch.empty(1, w.n, dtype=torch.float16, device=x.device)
-    out = torch.empty(1, w.n, dtype=torch.float16, device=x.device)
+    y = torch.empty(1, w.n, dtype=torch.float16, device=x.device) if y is None else y
+    out = torch.empty(1, w.n, dtype=torch.float16, device=x.device) if out is None else out
+    _f16(y, out)
+    _require(y.numel() == w.n and out.numel() == w.n, f"gemm_residual_norm: y and out must hold {w.n} values",
+             "let gemm_residual_norm allocate them")
     lib = load_library()
     with torch.cuda.device(x.device):
         check(lib, lib.awqe_gemm_residual_norm_f16(x2.data_ptr(), w.data.data_ptr(), _ptr(bias), y.data_ptr(), w.n,

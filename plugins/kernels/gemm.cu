@@ -522,13 +522,18 @@ __device__ __forceinline__ float gate_activation(int kind, float x) {
 // Gemma 2/3's block boundary after the product (BoundaryFold), by the block that finishes last: every thread of
 // it, each on its own values, two block sums. The same arithmetic as residual_norm_kernel (decode.cu), summed in
 // another order. y is read from L2: the other blocks wrote it.
+// The block's barrier where warps reach it from different places: warp 0 calls fold_boundary after its epilogue,
+// the other warps where they used to return. barrier.sync without .aligned admits that (__syncthreads is the
+// .aligned form, which asks every thread to execute the same instruction).
+__device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
 __device__ __forceinline__ float boundary_sum(float v, float* part) {
 #pragma unroll
     for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    __syncthreads();  // part may hold the last sum's values
+    block_barrier();  // part may hold the last sum's values
     if ((threadIdx.x & 31) == 0) part[warp] = v;
-    __syncthreads();
+    block_barrier();
     float t = 0.f;
     for (int w = 0; w < nwarps; ++w) t += part[w];
     return t;
@@ -538,9 +543,9 @@ __device__ void fold_boundary(const GemmArgs& a, const BoundaryFold& b) {
     __shared__ float part[kMaxWarps];
     __shared__ bool last;
     __threadfence();  // this block's y before its ticket
-    __syncthreads();
+    block_barrier();
     if (threadIdx.x == 0) last = atomicAdd(b.ticket, 1u) == gridDim.x - 1;
-    __syncthreads();
+    block_barrier();
     if (!last) return;
     __threadfence();
     const int n2 = a.N / 2;
@@ -705,7 +710,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a, const BoundaryFold&
         }
     }
 #if defined(AWQE_PROBE_PLACEMENT)
-    if (MT == 1 && lane == 0 && blockIdx.x < kProbeBlocks)  // warp 0: the others have returned
+    if (MT == 1 && lane == 0 && blockIdx.x < kProbeBlocks)  // warp 0 (the others are in fold_boundary or gone)
         g_probe[blockIdx.x] = ProbeRecord{probe_t0, probe_t1, global_ns(), sm_id(), (unsigned)(probe_c1 - probe_c0),
                                           (unsigned)(clock64() - probe_c0), (unsigned)blockDim.x};
 #endif
