@@ -105,9 +105,9 @@ AWQE_API awqe_status awqe_decode_attention_f16(const void* qkv, const int32_t* p
  * awqe_rmsnorm_f16 rounds (norm_eps finite, >= 0); softcap > 0 (finite) caps the scaled scores at
  * softcap * tanh(score / softcap) (Gemma 2). span (1 .. max_len, or 0 for max_len) bounds the positions this launch
  * covers: it launches one block per head and 32 positions of the span, so a step early in a long cache does not
- * schedule the blocks of positions it cannot reach; a position at or past span, or negative, writes NaN to out. A CUDA graph
- * replayed over several steps needs a span past the last step's position (awq_edge's decoder captures one graph per
- * power-of-two span). */
+ * schedule the blocks of positions it cannot reach; a position at or past span, or negative, writes NaN to out. A
+ * CUDA graph replayed over several steps needs a span past the last step's position (awq_edge's decoder captures
+ * one graph per power-of-two span). */
 AWQE_API awqe_status awqe_decode_attention_ex_f16(const void* qkv, const int32_t* position, const float* cos,
                                                   const float* sin, void* k_cache, void* v_cache, void* out,
                                                   int n_heads, int n_kv, int head_dim, int max_len, int window,

@@ -348,12 +348,13 @@ awqe_status awqe_gemm_residual_norm_f16(const void* x_f16, const void* packed, c
                     "(4-byte aligned) must be non-null, out_norm 4-byte aligned where given");
     const size_t n = (size_t)N;
     if (overlap(x_out, 2 * n, y_f16, 2 * n) || overlap(x_out, 2 * n, h, 4 * n) || overlap(y_f16, 2 * n, h, 4 * n) ||
-        overlap(x_out, 2 * n, x_f16, 2 * (size_t)K) || overlap(ticket, 4, y_f16, 2 * n) || overlap(ticket, 4, h, 4 * n) ||
+        overlap(x_out, 2 * n, x_f16, 2 * (size_t)K) || overlap(ticket, 4, y_f16, 2 * n) ||
+        overlap(ticket, 4, h, 4 * n) ||
         overlap(ticket, 4, x_out, 2 * n) || overlap(x_out, 2 * n, next_norm, 2 * n) ||
         overlap(x_out, 2 * n, out_norm_or_null, 2 * n) || overlap(h, 4 * n, next_norm, 2 * n) ||
         overlap(h, 4 * n, out_norm_or_null, 2 * n))
-        return fail(AWQE_ERR_INVALID_ARGUMENT, "gemm_residual_norm: x_out, y, h and ticket must not overlap each other, "
-                    "x or the norms");
+        return fail(AWQE_ERR_INVALID_ARGUMENT,
+                    "gemm_residual_norm: x_out, y, h and ticket must not overlap each other, x or the norms");
     awqe::GemmFold f = plain(x_f16, packed, bias_f16_or_null, y_f16, 1, N, K, 0);
     f.eps = eps;
     const awqe::BoundaryFold bnd{h, static_cast<const uint16_t*>(out_norm_or_null),
