@@ -6,6 +6,7 @@
 
 #include <cfloat>
 
+#include "boundary.cuh"
 #include "decode.cuh"
 #include "pdl.cuh"
 
@@ -76,102 +77,18 @@ rmsnorm_kernel(const __half2* x, const __half2* __restrict__ w, __half2* __restr
 // product's input norm, in one pass (the stream and the output are read once) ----
 
 constexpr int kResThreads = 512;
-constexpr int kResHeld = 8;  // float2 of h (and of y) a thread keeps in registers: rows up to 8192 values
-
-// The sum of v over the block; `partial` holds kResThreads / 32 floats and may be reused right after.
-__device__ __forceinline__ float block_sum(float v, float* partial) {
-    v = warp_sum(v);
-    __syncthreads();  // an earlier call's readers are done with `partial`
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < kResThreads / 32; ++i) total += partial[i];
-    return total;
-}
 
 // h += out_w * (y * rsqrt(mean(y^2) + eps)) (out_w null: h += y; y null: h as it is), then
-// x = fp16(next_w * (h * rsqrt(mean(h^2) + eps))). Rows of up to 2 * kResThreads * kResHeld values stay in
-// registers; longer rows go through memory twice.
+// x = fp16(next_w * (h * rsqrt(mean(h^2) + eps))), a row a block (boundary.cuh). Rows of up to 2 * kResThreads * 8
+// values stay in registers; longer rows go through memory twice.
 __global__ void __launch_bounds__(kResThreads)
 residual_norm_kernel(const __half2* y, const __half2* __restrict__ out_w, float2* h,
                      const __half2* __restrict__ next_w, __half2* x, int dim2, float eps) {
     __shared__ float partial[kResThreads / 32];
     pdl_launch_dependents();
     pdl_wait();
-    const size_t base = (size_t)blockIdx.x * dim2;
-    float2* hr = h + base;  // y, h and x are written by kernels before this one: plain loads (pdl.cuh)
-    const __half2* yr = y ? y + base : nullptr;
-    __half2* xr = x + base;
-    const float n = 2.f * dim2;
-    if (dim2 <= kResThreads * kResHeld) {
-        float2 hv[kResHeld], yv[kResHeld];
-        float ss = 0.f;
-#pragma unroll
-        for (int j = 0; j < kResHeld; ++j) {  // every load before any use: one memory latency
-            const int i = threadIdx.x + j * kResThreads;
-            hv[j] = i < dim2 ? hr[i] : make_float2(0.f, 0.f);
-            yv[j] = yr && i < dim2 ? __half22float2(yr[i]) : make_float2(0.f, 0.f);
-        }
-        if (yr) {
-            float r = 1.f;
-            if (out_w) {
-#pragma unroll
-                for (int j = 0; j < kResHeld; ++j) ss += yv[j].x * yv[j].x + yv[j].y * yv[j].y;
-                r = rsqrtf(block_sum(ss, partial) / n + eps);
-            }
-#pragma unroll
-            for (int j = 0; j < kResHeld; ++j) {
-                const int i = threadIdx.x + j * kResThreads;
-                if (i >= dim2) continue;
-                const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
-                hv[j].x += out_w ? w.x * (yv[j].x * r) : yv[j].x;
-                hv[j].y += out_w ? w.y * (yv[j].y * r) : yv[j].y;
-                hr[i] = hv[j];
-            }
-        }
-        ss = 0.f;
-#pragma unroll
-        for (int j = 0; j < kResHeld; ++j) ss += hv[j].x * hv[j].x + hv[j].y * hv[j].y;
-        const float r = rsqrtf(block_sum(ss, partial) / n + eps);
-#pragma unroll
-        for (int j = 0; j < kResHeld; ++j) {
-            const int i = threadIdx.x + j * kResThreads;
-            if (i >= dim2) continue;
-            const float2 w = __half22float2(next_w[i]);
-            xr[i] = __floats2half2_rn(w.x * (hv[j].x * r), w.y * (hv[j].y * r));
-        }
-        return;
-    }
-    float ss = 0.f;
-    if (yr) {
-        float r = 1.f;
-        if (out_w) {
-            for (int i = threadIdx.x; i < dim2; i += kResThreads) {
-                const float2 u = __half22float2(yr[i]);
-                ss += u.x * u.x + u.y * u.y;
-            }
-            r = rsqrtf(block_sum(ss, partial) / n + eps);
-        }
-        for (int i = threadIdx.x; i < dim2; i += kResThreads) {  // each thread re-reads only what it wrote
-            const float2 u = __half22float2(yr[i]);
-            const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
-            float2 v = hr[i];
-            v.x += out_w ? w.x * (u.x * r) : u.x;
-            v.y += out_w ? w.y * (u.y * r) : u.y;
-            hr[i] = v;
-        }
-    }
-    ss = 0.f;
-    for (int i = threadIdx.x; i < dim2; i += kResThreads) {
-        const float2 v = hr[i];
-        ss += v.x * v.x + v.y * v.y;
-    }
-    const float r = rsqrtf(block_sum(ss, partial) / n + eps);
-    for (int i = threadIdx.x; i < dim2; i += kResThreads) {
-        const float2 v = hr[i], w = __half22float2(next_w[i]);
-        xr[i] = __floats2half2_rn(w.x * (v.x * r), w.y * (v.y * r));
-    }
+    const size_t base = (size_t)blockIdx.x * dim2;  // y, h and x are written by kernels before this one: plain loads
+    boundary_row<kResThreads, false>(y ? y + base : nullptr, out_w, h + base, next_w, x + base, dim2, eps, partial);
 }
 
 // ---- Rotary embedding (half-split, as Llama/NeoX) and the cache write ----

@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "boundary.cuh"
 #include "layout.cuh"
 #include "pdl.cuh"
 
@@ -519,26 +520,9 @@ __device__ __forceinline__ float gate_activation(int kind, float x) {
 #ifndef AWQE_MIN_BLOCKS
 #define AWQE_MIN_BLOCKS 1
 #endif
-// Gemma 2/3's block boundary after the product (BoundaryFold), by the block that finishes last: every thread of
-// it, each on its own values, two block sums. The same arithmetic as residual_norm_kernel (decode.cu), summed in
-// another order. y is read from L2: the other blocks wrote it.
-// The block's barrier where warps reach it from different places: warp 0 calls fold_boundary after its epilogue,
-// the other warps where they used to return. barrier.sync without .aligned admits that (__syncthreads is the
-// .aligned form, which asks every thread to execute the same instruction).
-__device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
-
-__device__ __forceinline__ float boundary_sum(float v, float* part) {
-#pragma unroll
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    block_barrier();  // part may hold the last sum's values
-    if ((threadIdx.x & 31) == 0) part[warp] = v;
-    block_barrier();
-    float t = 0.f;
-    for (int w = 0; w < nwarps; ++w) t += part[w];
-    return t;
-}
-
+// Gemma 2/3's block boundary after the product (BoundaryFold), by the block that finishes last: boundary_row
+// (boundary.cuh, residual_norm_kernel's too) over every thread of it, y and h read from L2 (the other blocks wrote
+// y). Its barriers are block_barrier's: warp 0 comes here after its epilogue, the other warps where they returned.
 __device__ void fold_boundary(const GemmArgs& a, const BoundaryFold& b) {
     __shared__ float part[kMaxWarps];
     __shared__ bool last;
@@ -548,74 +532,9 @@ __device__ void fold_boundary(const GemmArgs& a, const BoundaryFold& b) {
     block_barrier();
     if (!last) return;
     __threadfence();
-    const int n2 = a.N / 2;
-    const float n = (float)a.N;
-    const __half2* y = reinterpret_cast<const __half2*>(a.y);
-    const __half2* out_w = reinterpret_cast<const __half2*>(b.out_w);
-    const __half2* next_w = reinterpret_cast<const __half2*>(b.next_w);
-    float2* h = reinterpret_cast<float2*>(b.h);
-    __half2* x = reinterpret_cast<__half2*>(b.x);
-    const int nt = blockDim.x;
-    constexpr int kHeld = 8;  // pairs a thread holds: a row of 8 * 2 * 256 = 4096 values in one block of 8 warps
-    if (n2 <= kHeld * nt) {  // every load before any use (one memory latency), the row in registers
-        float2 u[kHeld], hv[kHeld];
-#pragma unroll
-        for (int j = 0; j < kHeld; ++j) {
-            const int i = threadIdx.x + j * nt;
-            u[j] = i < n2 ? __half22float2(__ldcg(y + i)) : make_float2(0.f, 0.f);
-            hv[j] = i < n2 ? __ldcg(h + i) : make_float2(0.f, 0.f);
-        }
-        float r = 1.f, ss = 0.f;
-        if (out_w) {
-#pragma unroll
-            for (int j = 0; j < kHeld; ++j) ss += u[j].x * u[j].x + u[j].y * u[j].y;
-            r = rsqrtf(boundary_sum(ss, part) / n + a.eps);
-        }
-        ss = 0.f;
-#pragma unroll
-        for (int j = 0; j < kHeld; ++j) {
-            const int i = threadIdx.x + j * nt;
-            if (i >= n2) continue;
-            const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
-            hv[j].x += out_w ? w.x * (u[j].x * r) : u[j].x;
-            hv[j].y += out_w ? w.y * (u[j].y * r) : u[j].y;
-            h[i] = hv[j];
-            ss += hv[j].x * hv[j].x + hv[j].y * hv[j].y;
-        }
-        const float r2 = rsqrtf(boundary_sum(ss, part) / n + a.eps);
-#pragma unroll
-        for (int j = 0; j < kHeld; ++j) {
-            const int i = threadIdx.x + j * nt;
-            if (i >= n2) continue;
-            const float2 w = __half22float2(next_w[i]);
-            x[i] = __floats2half2_rn(w.x * (hv[j].x * r2), w.y * (hv[j].y * r2));
-        }
-    } else {  // longer rows, or blocks of few warps: through memory, a pass each
-        float r = 1.f;
-        if (out_w) {
-            float ss = 0.f;
-            for (int i = threadIdx.x; i < n2; i += nt) {
-                const float2 u = __half22float2(__ldcg(y + i));
-                ss += u.x * u.x + u.y * u.y;
-            }
-            r = rsqrtf(boundary_sum(ss, part) / n + a.eps);
-        }
-        float ss = 0.f;
-        for (int i = threadIdx.x; i < n2; i += nt) {  // each thread re-reads only the h it wrote
-            const float2 u = __half22float2(__ldcg(y + i));
-            float2 hv = __ldcg(h + i);
-            const float2 w = out_w ? __half22float2(out_w[i]) : make_float2(1.f, 1.f);
-            hv.x += out_w ? w.x * (u.x * r) : u.x;
-            hv.y += out_w ? w.y * (u.y * r) : u.y;
-            h[i] = hv;
-            ss += hv.x * hv.x + hv.y * hv.y;
-        }
-        const float r2 = rsqrtf(boundary_sum(ss, part) / n + a.eps);
-        for (int i = threadIdx.x; i < n2; i += nt) {
-            const float2 hv = h[i], w = __half22float2(next_w[i]);
-            x[i] = __floats2half2_rn(w.x * (hv.x * r2), w.y * (hv.y * r2));
-        }
-    }
+    boundary_row<0, true>(reinterpret_cast<const __half2*>(a.y), reinterpret_cast<const __half2*>(b.out_w),
+                          reinterpret_cast<float2*>(b.h), reinterpret_cast<const __half2*>(b.next_w),
+                          reinterpret_cast<__half2*>(b.x), a.N / 2, a.eps, part);
     if (threadIdx.x == 0) *b.ticket = 0;  // ready for the next launch
 }
 
